@@ -1,0 +1,108 @@
+"""One settings object for every fmstream command and service.
+
+Every field reads an environment variable ``FMSTREAM_<FIELD>`` (case-insensitive), so the same
+code points at a local broker started by ``fmstream up`` or at any external Kafka and Redis.
+Build it once at the entry point and pass it down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Addresses, topic names, intervals and model hyper-parameters (env prefix ``FMSTREAM_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FMSTREAM_", extra="forbid", frozen=True)
+
+    # --- infrastructure -------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_prefix: str = Field("fm:", description="prefix of every Redis key fmstream writes")
+    run_dir: Path = Field(Path(".fmstream"), description="local services' data, logs and pids")
+    kafka_port: int = Field(9092, description="port of the local broker started by `up`")
+    kafka_controller_port: int = Field(9093, description="KRaft controller port of `up`'s broker")
+    redis_port: int = Field(6379, description="port of the local Redis started by `up`")
+    kafka_libs: Path = Field(
+        Path("infra/kafka/target/libs"), description="folder of the Kafka jars (make kafka)"
+    )
+    kafka_heap: str = Field("512m", description="max heap of the local broker")
+
+    # --- topics ---------------------------------------------------------------------------
+    topic_events: str = "fm.events"
+    topic_users: str = "fm.users"
+    topic_items: str = "fm.items"
+    topic_requests: str = "fm.requests"
+    topic_responses: str = "fm.responses"
+    topic_dlq: str = "fm.dlq"
+    partitions_events: int = Field(6, ge=1)
+    partitions_requests: int = Field(6, ge=1)
+    partitions_profiles: int = Field(3, ge=1)
+    partitions_responses: int = Field(6, ge=1)
+    partitions_dlq: int = Field(1, ge=1)
+    max_message_bytes: int = Field(65536, description="larger messages are dead-lettered")
+
+    # --- consumer groups ------------------------------------------------------------------
+    trainer_group: str = "fmstream-trainer"
+    serving_group: str = "fmstream-serving"
+
+    # --- model ----------------------------------------------------------------------------
+    schema_path: Path | None = Field(None, description="feature schema TOML (default: ids only)")
+    dim: int = Field(32, ge=1, le=1024, description="latent factors per feature")
+    lr: float = Field(0.05, gt=0, description="Adagrad learning rate")
+    l2: float = Field(1e-5, ge=0, description="L2 on the rows a batch touches")
+    loss: Literal["logistic", "bpr", "hinge"] = "logistic"
+    negatives: int = Field(4, ge=0, description="sampled negatives per positive")
+    neg_sampling: Literal["uniform", "popularity"] = "popularity"
+    neg_alpha: float = Field(0.75, ge=0, description="popularity exponent of negative sampling")
+    seed: int = 0
+    threads: int = Field(1, ge=1, description="torch/faiss intra-op threads per process")
+
+    # --- trainer --------------------------------------------------------------------------
+    max_poll_records: int = Field(2048, ge=1)
+    checkpoint_dir: Path = Field(Path(".fmstream/checkpoints"))
+    checkpoint_every_events: int = Field(50_000, ge=1)
+    checkpoint_every_s: float = Field(10.0, gt=0)
+    history_len: int = Field(50, ge=1, description="recent items kept per user in Redis")
+    trainer_metrics_port: int = Field(0, description="Prometheus port of the trainer (0 = off)")
+
+    # --- publisher ------------------------------------------------------------------------
+    publish_active_s: float = Field(1.0, gt=0, description="cadence of active users' vectors")
+    publish_all_s: float = Field(60.0, gt=0, description="every user refreshed within this")
+    publish_items_s: float = Field(1.0, gt=0, description="cadence of item index snapshots")
+    offline_i2i_s: float = Field(60.0, gt=0, description="cadence of the offline i2i table")
+    offline_i2i_k: int = Field(20, ge=1)
+    keep_versions: int = Field(3, ge=1, description="item snapshots kept besides the current")
+
+    # --- serving --------------------------------------------------------------------------
+    index_kind: Literal["flat", "hnsw"] = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    max_k: int = Field(1000, ge=1)
+    worker_metrics_port: int = Field(0, description="Prometheus port of a worker (0 = off)")
+    swap_poll_s: float = Field(0.2, gt=0, description="how often a worker looks for a snapshot")
+
+    def redis_key(self, *parts: str | int) -> str:
+        """A Redis key under this deployment's prefix, e.g. ``fm:user:196``."""
+        return self.redis_prefix + ":".join(str(p) for p in parts)
+
+    @property
+    def topic_partitions(self) -> dict[str, int]:
+        """Every topic of the contract with its partition count."""
+        return {
+            self.topic_events: self.partitions_events,
+            self.topic_users: self.partitions_profiles,
+            self.topic_items: self.partitions_profiles,
+            self.topic_requests: self.partitions_requests,
+            self.topic_responses: self.partitions_responses,
+            self.topic_dlq: self.partitions_dlq,
+        }
+
+    @property
+    def compacted_topics(self) -> set[str]:
+        """Profile topics are upserts keyed by id: log compaction keeps the newest."""
+        return {self.topic_users, self.topic_items}
