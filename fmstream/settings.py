@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     )
     kafka_heap: str = Field("512m", description="max heap of the local broker")
 
+    movielens: Path | None = Field(
+        None, description="MovieLens folder the demo replays (else a synthetic stream)"
+    )
+
     # --- topics ---------------------------------------------------------------------------
     topic_events: str = "fm.events"
     topic_users: str = "fm.users"

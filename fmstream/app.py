@@ -1,0 +1,86 @@
+"""Wiring: builds the trainer (with its publisher) and the serving worker from one Settings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from fmstream.settings import Settings
+from model.online import OnlineFM, TrainConfig
+from model.schema import FeatureSchema
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads(settings: Settings) -> None:
+    """One intra-op thread per process by default: two fought each other on 2 cores."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    faiss.omp_set_num_threads(settings.threads)
+
+
+def feature_schema(settings: Settings) -> FeatureSchema:
+    """The schema file named by the settings, or ids only."""
+    if settings.schema_path is None:
+        return FeatureSchema.ids_only()
+    return FeatureSchema.load(settings.schema_path)
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    return TrainConfig(
+        dim=settings.dim, lr=settings.lr, l2=settings.l2, loss=settings.loss,
+        negatives=settings.negatives, neg_sampling=settings.neg_sampling,
+        neg_alpha=settings.neg_alpha, seed=settings.seed,
+    )
+
+
+def new_model(settings: Settings) -> OnlineFM:
+    return OnlineFM(feature_schema(settings), train_config(settings))
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=10,
+                                health_check_interval=10, retry_on_timeout=True)
+
+
+def run_trainer(
+    settings: Settings, stop: threading.Event, *, idle_exit_s: float | None = None
+):
+    """Take the trainer lease (standby until free), then train and publish until ``stop``."""
+    from serving.lease import Lease
+    from serving.publisher import Publisher
+    from serving.store import VectorStore
+    from stream.consume import make_producer
+    from stream.trainer import Trainer
+
+    client = redis_client(settings)
+    lease = Lease(client, settings.redis_key("trainer", "lease"))
+    if not lease.acquire(stop):
+        return None
+    store = VectorStore(client, settings)
+    producer = make_producer(settings)
+    try:
+        trainer = Trainer(settings, dead_letter_producer=producer, renew_lease=lease.renew,
+                          new_model=lambda: new_model(settings))
+        publisher = Publisher(settings, store, trainer.model)
+        trainer.sink = publisher
+        progress = trainer.run(stop, idle_exit_s=idle_exit_s)
+        publisher.publish_all()
+        return progress
+    finally:
+        producer.close()
+        lease.release()
+
+
+def run_worker(settings: Settings, stop: threading.Event,
+               ready: threading.Event | None = None) -> None:
+    """Serve requests until ``stop``."""
+    from serving.store import VectorStore
+    from serving.worker import Worker
+
+    worker = Worker(settings, VectorStore(redis_client(settings), settings))
+    worker.run(stop, ready=ready)

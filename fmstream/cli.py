@@ -1,0 +1,235 @@
+"""The ``fmstream`` command: a thin shell over services, trainer, worker, replay, query and lag.
+
+Every setting comes from ``FMSTREAM_*`` environment variables (see ``fmstream --help``); the
+few flags below override them for one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from fmstream.settings import Settings
+
+
+def _settings_epilog() -> str:
+    lines = ["settings (environment variables, defaults):"]
+    for name, f in Settings.model_fields.items():
+        default = f.default if f.default is not None else "-"
+        desc = f" — {f.description}" if f.description else ""
+        lines.append(f"  FMSTREAM_{name.upper()}={default}{desc}")
+    return "\n".join(lines)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream import services
+
+    result = services.up(settings)
+    print(f"kafka {settings.kafka_bootstrap}  redis {settings.redis_url}  ({result})")
+    return 0
+
+
+def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream import services
+
+    services.down(settings)
+    return 0
+
+
+def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream import services
+
+    services.ensure_topics(settings)
+    return 0
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream.app import configure_threads, run_trainer
+
+    configure_threads(settings)
+    progress = run_trainer(settings, _stop_on_signals(), idle_exit_s=args.idle_exit)
+    if progress is not None:
+        print(f"applied {progress.events_applied} events, {progress.dead_letters} dead letters")
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream.app import configure_threads, run_worker
+
+    configure_threads(settings)
+    run_worker(settings, _stop_on_signals())
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from stream.consume import make_producer
+    from stream.replay import produce_events, produce_profiles
+
+    if args.movielens:
+        from stream.movielens import load_movielens
+
+        data = load_movielens(args.movielens)
+        events = data.events()
+        total = len(data.ratings) if args.events is None else min(args.events, len(data.ratings))
+        events = (e for _, e in zip(range(total), events, strict=False))
+    else:
+        from stream.synthetic import SyntheticStream
+
+        data = SyntheticStream(users=args.users, items=args.items, clusters=args.clusters,
+                               seed=settings.seed)
+        total = args.events or 50_000
+        events = data.events(total)
+    producer = make_producer(settings)
+    try:
+        if not args.no_profiles:
+            n_users, n_items = produce_profiles(producer, settings, data.user_profiles(),
+                                                data.item_profiles())
+            print(f"profiles: {n_users} users, {n_items} items")
+        with Progress() as bar:
+            task = bar.add_task("replaying events", total=total)
+            n = produce_events(producer, settings, events, rate=args.rate,
+                               progress=lambda k: bar.advance(task, k))
+        print(f"produced {n} events to {settings.topic_events}")
+    finally:
+        producer.close()
+    return 0
+
+
+def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+    from rich.console import Console
+    from rich.table import Table
+
+    from serving.client import FmClient
+
+    req: dict = {"type": args.type, "k": args.k, "exclude_seen": args.exclude_seen}
+    if args.user:
+        req["user_id"] = args.user
+    if args.item:
+        req["item_id"] = args.item
+    if args.items:
+        req["item_ids"] = args.items.split(",")
+    if args.offline:
+        req["source"] = "offline"
+    if args.context:
+        req["context"] = orjson.loads(args.context)
+    with FmClient(settings) as client:
+        resp = client.request(req, timeout=args.timeout)
+    if args.json:
+        print(orjson.dumps(resp.model_dump(mode="json")).decode())
+        return 1 if resp.error else 0
+    if resp.error:
+        print(f"error {resp.error.code}: {resp.error.message}", file=sys.stderr)
+        return 1
+    table = Table(title=f"{args.type} (model v{resp.model_version})"
+                  + (f" fallback={resp.fallback}" if resp.fallback else ""))
+    table.add_column("#", justify="right")
+    table.add_column("item_id")
+    table.add_column("score", justify="right")
+    for n, item in enumerate(resp.items, 1):
+        table.add_row(str(n), item.item_id, f"{item.score:.4f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream.monitor import lag_command
+
+    return lag_command(settings, args)
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from fmstream.demo import run_demo
+
+    return run_demo(settings, events=args.events)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="fmstream", description=__doc__, epilog=_settings_epilog(), formatter_class=fmt
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=_settings_epilog(),
+                           formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    add("up", cmd_up, "start local Kafka (KRaft) and Redis and create the topics")
+    add("down", cmd_down, "stop the local services that `up` started")
+    add("topics", cmd_topics, "create the contract's topics on the configured Kafka")
+    p = add("train", cmd_train, "consume events and profiles, train the FM, publish vectors")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="S",
+                   help="exit after S seconds without new records (default: run forever)")
+    add("serve", cmd_serve, "answer requests from the request topic (one worker)")
+    p = add("replay", cmd_replay, "produce profiles and events (synthetic or MovieLens)")
+    p.add_argument("--movielens", metavar="PATH", help="ml-100k or ml-1m folder")
+    p.add_argument("--events", type=int, default=None, help="events to send (synthetic: 50000)")
+    p.add_argument("--rate", type=float, default=None, help="events/s (default: as fast as can)")
+    p.add_argument("--users", type=int, default=1000, help="synthetic users")
+    p.add_argument("--items", type=int, default=500, help="synthetic items")
+    p.add_argument("--clusters", type=int, default=10, help="synthetic planted clusters")
+    p.add_argument("--no-profiles", action="store_true", help="send events only")
+    p = add("query", cmd_query, "ask one question through the request topic")
+    p.add_argument("type", choices=["u2i", "i2i", "i2i_history", "rank"])
+    p.add_argument("--user")
+    p.add_argument("--item")
+    p.add_argument("--items", help="comma-separated item ids (rank)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--exclude-seen", action="store_true")
+    p.add_argument("--offline", action="store_true", help="i2i from the precomputed table")
+    p.add_argument("--context", help='request context as JSON, e.g. \'{"hour": "14"}\'')
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="print the raw response")
+    p = add("lag", cmd_lag, "consumer lag, freshness, publish ages and model versions")
+    p.add_argument("--watch", action="store_true", help="refresh in place")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--max-lag", type=int, default=None,
+                   help="exit 2 when any group's total lag exceeds this")
+    p.add_argument("--max-age", type=float, default=None,
+                   help="exit 2 when freshness or publish age exceeds this many seconds")
+    p = add("demo", cmd_demo, "the whole loop: up, train, serve, replay, query, lag, down")
+    p.add_argument("--events", type=int, default=None, help="synthetic events (default 30000)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(args.verbose)
+    settings = Settings()
+    return args.func(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""A small, pickle-free container for a JSON header plus named numpy arrays, sealed by sha256.
+
+Sealed layout (little endian)::
+
+    magic (8 bytes) | version (u32) | payload length (u64) | sha256(payload) (32 bytes) | payload
+    payload = header length (u64) | header JSON (UTF-8) | array bytes (each 8-byte aligned)
+
+The header's ``"arrays"`` entry lists ``name, dtype, shape, offset, nbytes`` of each array.
+Nothing is executed on load (no pickle), so a hostile or damaged blob can only fail to parse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+_PREFIX = struct.Struct("<8sIQ32s")
+PREFIX_SIZE = _PREFIX.size
+_ALLOWED_DTYPES = {"<f4", "<f8", "<i2", "<i4", "<i8", "|u1", "|b1", "<u4", "<u8"}
+
+
+class CodecError(ValueError):
+    """The blob is not a valid sealed container; the message says what is wrong."""
+
+
+def pack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise a JSON-able header and named arrays into one payload."""
+    manifest = []
+    chunks: list[bytes] = []
+    offset = 0
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        raw = a.tobytes()
+        manifest.append(
+            {
+                "name": name,
+                "dtype": a.dtype.str,
+                "shape": list(a.shape),
+                "offset": offset,
+                "nbytes": len(raw),
+            }
+        )
+        pad = (-len(raw)) % 8
+        chunks.append(raw + b"\0" * pad)
+        offset += len(raw) + pad
+    head = json.dumps({**header, "arrays": manifest}, separators=(",", ":")).encode("utf-8")
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def unpack(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Inverse of :func:`pack`; arrays are fresh writable copies."""
+    mv = memoryview(payload)
+    if len(mv) < 8:
+        raise CodecError(f"payload of {len(mv)} bytes is shorter than its 8-byte header length")
+    (hlen,) = struct.unpack_from("<Q", mv, 0)
+    if 8 + hlen > len(mv):
+        raise CodecError(f"header length {hlen} runs past the payload end ({len(mv)} bytes)")
+    try:
+        header = json.loads(bytes(mv[8 : 8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise CodecError("header is not an object with an 'arrays' list")
+    base = 8 + hlen
+    arrays: dict[str, np.ndarray] = {}
+    for entry in header.pop("arrays"):
+        try:
+            name, dtype, shape = entry["name"], entry["dtype"], tuple(entry["shape"])
+            off, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CodecError(f"bad array entry {entry!r}") from exc
+        if dtype not in _ALLOWED_DTYPES:
+            raise CodecError(f"array {name!r}: unsupported dtype {dtype!r}")
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count < 0 or count * dt.itemsize != nbytes or off < 0:
+            raise CodecError(f"array {name!r}: shape {shape} does not match {nbytes} bytes")
+        if base + off + nbytes > len(mv):
+            raise CodecError(f"array {name!r} runs past the payload end")
+        arrays[name] = (
+            np.frombuffer(mv, dtype=dt, count=count, offset=base + off).reshape(shape).copy()
+        )
+    return header, arrays
+
+
+def seal(magic: bytes, version: int, payload: bytes) -> bytes:
+    """Prefix a payload with magic, version, length and its sha256."""
+    if len(magic) != 8:
+        raise ValueError("magic must be 8 bytes")
+    digest = hashlib.sha256(payload).digest()
+    return _PREFIX.pack(magic, version, len(payload), digest) + payload
+
+
+def unseal(magic: bytes, versions: tuple[int, ...], blob: bytes | memoryview) -> memoryview:
+    """Check magic, version, length and checksum; return the payload.
+
+    Raises:
+        CodecError: wrong magic (not this kind of file), unknown version, truncated or
+            over-long data, or checksum mismatch (corruption).
+    """
+    mv = memoryview(blob)
+    if len(mv) < PREFIX_SIZE:
+        raise CodecError(f"truncated: {len(mv)} bytes, shorter than the {PREFIX_SIZE}-byte header")
+    got_magic, version, length, digest = _PREFIX.unpack_from(mv, 0)
+    if got_magic != magic:
+        raise CodecError(f"bad magic {got_magic!r}, expected {magic!r}: not this kind of data")
+    if version not in versions:
+        raise CodecError(f"unsupported format version {version}; this code reads {versions}")
+    have = len(mv) - PREFIX_SIZE
+    if have < length:
+        raise CodecError(f"truncated: header promises {length} payload bytes, found {have}")
+    if have > length:
+        raise CodecError(f"{have - length} unexpected trailing bytes after the payload")
+    payload = mv[PREFIX_SIZE:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CodecError("checksum mismatch: the payload is corrupt (sha256 differs)")
+    return payload

@@ -1,0 +1,650 @@
+"""The online FM: profiles, mini-batch training with sampled negatives, scoring, vectors.
+
+Typical use (the trainer)::
+
+    fm = OnlineFM(FeatureSchema.load("config/movielens.toml"), TrainConfig())
+    fm.upsert_users(["196"], [{"gender": "M", "age": 49, "occupation": "writer"}])
+    fm.upsert_items(["242"], [{"genres": ["Comedy"], "year": 1997}])
+    loss = fm.learn_many(["196"], ["242"], ts=np.array([881250949.0]))
+    ids, E_item = fm.item_vectors()           # -> Faiss
+    E_user = fm.user_vectors(["196"])         # -> Redis
+
+Not thread-safe: call it from one thread (or under one lock). Torch runs on the calling thread's
+intra-op pool; set ``torch.set_num_threads(1)`` at the entry point on small shared machines
+(see ``bench/train_throughput.py`` for the measured 1-vs-2 thread numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from model import fm as fmath
+from model.compose import ContextTable, aggregate, compose_item, compose_user
+from model.errors import ConfigError, FeatureError, InputError
+from model.features import PAD, Catalog, FeatureSpace, canon
+from model.optim import EPS, RowTable
+from model.sampler import NegativeSampler
+from model.schema import FeatureSchema
+
+_CHUNK = 32768  # entities per chunk when composing all item vectors
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the online FM (defaults tuned on MovieLens-100k, bench/quality.py).
+
+    Attributes:
+        dim: latent factors per feature row.
+        lr: row-wise Adagrad learning rate.
+        l2: L2 strength, applied once per batch to each row the batch touches.
+        loss: ``logistic`` (explicit 0/1 labels + sampled negatives as 0), ``bpr`` or ``hinge``
+            (pairwise: each positive against its sampled negatives; label-0 events are skipped).
+        negatives: sampled negatives per positive event.
+        neg_sampling: ``uniform`` over known items or ``popularity`` ((count+1)^neg_alpha).
+        neg_alpha: popularity exponent (0 = uniform, 1 = proportional).
+        seed: seeds row initialisation and negative sampling (training is reproducible on a
+            fixed thread count).
+        init_std: standard deviation of new latent vectors (first-order weights start at 0).
+        hinge_margin: margin of the hinge loss.
+    """
+
+    dim: int = 32
+    lr: float = 0.05
+    l2: float = 1e-5
+    loss: Literal["logistic", "bpr", "hinge"] = "logistic"
+    negatives: int = 4
+    neg_sampling: Literal["uniform", "popularity"] = "popularity"
+    neg_alpha: float = 0.75
+    seed: int = 0
+    init_std: float = 0.01
+    hinge_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(what: str, got: Any) -> ConfigError:
+            return ConfigError(f"TrainConfig.{what}, got {got!r}")
+
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise bad("dim must be an integer >= 1", self.dim)
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr must be a finite number > 0", self.lr)
+        if not (isinstance(self.l2, int | float) and math.isfinite(self.l2) and self.l2 >= 0):
+            raise bad("l2 must be a finite number >= 0", self.l2)
+        if self.loss not in ("logistic", "bpr", "hinge"):
+            raise bad("loss must be 'logistic', 'bpr' or 'hinge'", self.loss)
+        if (
+            isinstance(self.negatives, bool)
+            or not isinstance(self.negatives, int)
+            or (self.negatives < 0)
+        ):
+            raise bad("negatives must be an integer >= 0", self.negatives)
+        if self.loss != "logistic" and self.negatives < 1:
+            raise bad(f"negatives must be >= 1 for the pairwise loss {self.loss!r}", self.negatives)
+        if self.neg_sampling not in ("uniform", "popularity"):
+            raise bad("neg_sampling must be 'uniform' or 'popularity'", self.neg_sampling)
+        if not (
+            isinstance(self.neg_alpha, int | float)
+            and math.isfinite(self.neg_alpha)
+            and self.neg_alpha >= 0
+        ):
+            raise bad("neg_alpha must be a finite number >= 0", self.neg_alpha)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed must be an integer >= 0", self.seed)
+        if not (
+            isinstance(self.init_std, int | float)
+            and math.isfinite(self.init_std)
+            and self.init_std >= 0
+        ):
+            raise bad("init_std must be a finite number >= 0", self.init_std)
+        if not (
+            isinstance(self.hinge_margin, int | float)
+            and math.isfinite(self.hinge_margin)
+            and self.hinge_margin > 0
+        ):
+            raise bad("hinge_margin must be a finite number > 0", self.hinge_margin)
+
+
+class OnlineFM:
+    """One Factorization Machine trained online from mini-batches of events.
+
+    Users and items become *known* when they appear in an event or a profile upsert. Feature
+    values get rows as described in :mod:`model.features` (fallback, admission, expiry).
+    """
+
+    def __init__(
+        self, schema: FeatureSchema | None = None, config: TrainConfig | None = None
+    ) -> None:
+        self.schema: FeatureSchema = FeatureSchema.ids_only() if schema is None else schema
+        self.config: TrainConfig = TrainConfig() if config is None else config
+        if not isinstance(self.schema, FeatureSchema):
+            raise ConfigError(f"schema must be a FeatureSchema, got {type(schema).__name__}")
+        if not isinstance(self.config, TrainConfig):
+            raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
+        seeds = np.random.SeedSequence(self.config.seed).spawn(2)
+        self._table = RowTable(
+            self.config.dim, self.config.init_std, np.random.default_rng(seeds[0])
+        )
+        self._space = FeatureSpace(self.schema, self._table)
+        self._users = Catalog("user", self._space)
+        self._items = Catalog("item", self._space)
+        self._sampler = NegativeSampler(
+            self.config.neg_sampling, self.config.neg_alpha, np.random.default_rng(seeds[1])
+        )
+        self._w0 = 0.0
+        self._w0_acc = 0.0
+        self.n_updates = 0
+        self._side_fields = {
+            side: [f.name for f in self.schema.fields_of(side) if not f.is_id]
+            for side in ("user", "item", "context")
+        }
+        self._has_context = bool(self._side_fields["context"])
+
+    # ------------------------------------------------------------------------ profiles
+    def upsert_users(
+        self, user_ids: Sequence[str], features: Sequence[Mapping[str, Any]], merge: bool = False
+    ) -> None:
+        """Set user profiles (replace; ``merge=True`` updates only the given fields).
+
+        Fields that are not user fields of the schema are ignored; ``None`` removes a field.
+        The whole batch is validated before anything changes.
+
+        Raises:
+            FeatureError: a profile value of the wrong type (nothing is changed).
+        """
+        self._upsert(self._users, "user", user_ids, features, merge)
+
+    def upsert_items(
+        self, item_ids: Sequence[str], features: Sequence[Mapping[str, Any]], merge: bool = False
+    ) -> None:
+        """Set item profiles; same rules as :meth:`upsert_users`."""
+        self._upsert(self._items, "item", item_ids, features, merge)
+
+    def _upsert(
+        self,
+        catalog: Catalog,
+        side: str,
+        ids: Sequence[str],
+        features: Sequence[Mapping[str, Any]],
+        merge: bool,
+    ) -> None:
+        if len(ids) != len(features):
+            raise InputError(f"upsert_{side}s: {len(ids)} ids but {len(features)} feature dicts")
+        names = self._side_fields[side]
+        final: dict[str, dict[str, Any]] = {}
+        for j, (u, feats) in enumerate(zip(ids, features, strict=True)):
+            if feats is None:
+                feats = {}
+            if not isinstance(feats, Mapping):
+                raise FeatureError(
+                    f"{side} {u!r} (#{j}): expected a mapping of field -> value, got "
+                    f"{type(feats).__name__}"
+                )
+            uid = u if type(u) is str else canon(u)
+            given = {k: _plain(feats[k]) for k in names if k in feats}
+            if merge:
+                base = final.get(uid)
+                if base is None:
+                    e = catalog.index.get(uid)
+                    base = dict(catalog.profiles[e]) if e is not None else {}
+                base.update(given)
+                given = base
+            final[uid] = {k: v for k, v in given.items() if v is not None}
+        uids = list(final)
+        raws = list(final.values())
+        keys, weights = self._space.encode(side, raws, create=True)  # validates first
+        ents = catalog.ensure(uids)
+        catalog.set_profiles(ents, keys.astype(np.int32), weights, raws)
+
+    # ------------------------------------------------------------------------ training
+    def learn_many(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        labels: np.ndarray | None = None,
+        contexts: Sequence[Mapping[str, Any] | None] | None = None,
+        ts: np.ndarray | float | None = None,
+    ) -> float:
+        """Apply one mini-batch of events; returns the mean loss of the batch.
+
+        Args:
+            user_ids, item_ids: the events' ids (unknown ids become known, empty profile).
+            labels: 1 = positive, 0 = explicit negative (default all 1). Each positive gets
+                ``config.negatives`` sampled negative items.
+            contexts: per-event context feature dicts (or None).
+            ts: event times in seconds (array or one number; default ``time.time()``);
+                they drive admission-free expiry clocks.
+
+        Raises:
+            InputError: lengths differ, labels outside [0, 1], non-finite ts.
+            FeatureError: a context value of the wrong type (nothing is changed).
+        """
+        b = len(user_ids)
+        if len(item_ids) != b:
+            raise InputError(f"learn_many: {b} user ids but {len(item_ids)} item ids")
+        if labels is None:
+            y = np.ones(b, dtype=np.float32)
+        else:
+            y = np.asarray(labels, dtype=np.float32).reshape(-1)
+            if y.size != b:
+                raise InputError(f"learn_many: {b} events but {y.size} labels")
+            if not np.all((y >= 0.0) & (y <= 1.0)):
+                raise InputError("learn_many: labels must lie in [0, 1] (1 = positive)")
+        if ts is None:
+            t = np.full(b, time.time(), dtype=np.float64)
+        else:
+            t = np.broadcast_to(np.asarray(ts, dtype=np.float64), (b,))
+            if b and not np.all(np.isfinite(t)):
+                raise InputError("learn_many: ts must be finite seconds since the epoch")
+        if contexts is not None and len(contexts) != b:
+            raise InputError(f"learn_many: {b} events but {len(contexts)} contexts")
+        if b == 0:
+            return 0.0
+        space = self._space
+        if self._has_context and contexts is not None:
+            ck, cw = space.encode("context", contexts, create=True)
+        else:
+            ck, cw = np.zeros((b, 0), dtype=np.int64), np.zeros((b, 0), dtype=np.float32)
+        ue = self._users.ensure(user_ids)
+        ie = self._items.ensure(item_ids)
+        uk, _ = self._users.keys_of(ue)
+        ik, _ = self._items.keys_of(ie)
+        space.observe(np.concatenate([uk.ravel(), ik.ravel(), ck.ravel()]), float(t.max()))
+        space.maybe_expire()
+        pos = np.flatnonzero(y >= 0.5)
+        np.add.at(self._items.counts, ie[pos], 1)
+        np.add.at(self._users.counts, ue[pos], 1)
+        k = self.config.negatives
+        neg, valid = self._sampler.sample(self._items.counts, self._items.n, ie[pos], k)
+        loss = self._step(ue, ie, y, ck, cw, pos, neg, valid)
+        self.n_updates += b
+        return loss
+
+    def _step(
+        self,
+        ue: np.ndarray,
+        ie: np.ndarray,
+        y: np.ndarray,
+        ck: np.ndarray,
+        cw: np.ndarray,
+        pos: np.ndarray,
+        neg: np.ndarray,
+        valid: np.ndarray,
+    ) -> float:
+        cfg = self.config
+        b = ue.size
+        k = neg.shape[1]
+        uu, u_inv = np.unique(ue, return_inverse=True)
+        ii, i_inv = np.unique(np.concatenate([ie, neg.ravel()]), return_inverse=True)
+        ukeys, uw = self._users.keys_of(uu)
+        ikeys, iw = self._items.keys_of(ii)
+        key_row = self._space.key_row
+        parts = [key_row[ukeys].ravel(), key_row[ikeys].ravel()]
+        if ck.shape[1]:
+            parts.append(key_row[ck].ravel())
+        uniq, inv = self._table.unique(np.concatenate(parts))
+        vals = self._table.params[uniq]
+        s = torch.from_numpy(vals).requires_grad_(True)
+        w0 = torch.tensor(self._w0, dtype=torch.float32, requires_grad=True)
+        nu_flat, ni_flat = ukeys.size, ikeys.size
+        lu = torch.from_numpy(inv[:nu_flat].reshape(ukeys.shape))
+        li = torch.from_numpy(inv[nu_flat : nu_flat + ni_flat].reshape(ikeys.shape))
+        lin_u, vec_u = fmath.side_terms(s, lu, torch.from_numpy(uw))
+        lin_i, vec_i = fmath.side_terms(s, li, torch.from_numpy(iw))
+        lin_c = vec_c = None
+        if ck.shape[1]:
+            lc = torch.from_numpy(inv[nu_flat + ni_flat :].reshape(ck.shape))
+            lin_c, vec_c = fmath.side_terms(s, lc, torch.from_numpy(cw))
+
+        # examples: every event, then the sampled negatives of the positive events
+        vmask = valid.ravel()
+        neg_u = np.repeat(u_inv[pos], k)[vmask]
+        neg_i = i_inv[b:][vmask]
+        neg_c = np.repeat(pos, k)[vmask]
+        n_neg = neg_u.size
+        if cfg.loss == "logistic":
+            a = np.concatenate([u_inv, neg_u])
+            bi = np.concatenate([i_inv[:b], neg_i])
+            c = np.concatenate([np.arange(b), neg_c])
+        else:
+            a = np.concatenate([u_inv[pos], neg_u])
+            bi = np.concatenate([i_inv[:b][pos], neg_i])
+            c = np.concatenate([pos, neg_c])
+        at, bt, ct = torch.from_numpy(a), torch.from_numpy(bi), torch.from_numpy(c)
+        logits = fmath.combine(
+            w0,
+            lin_u[at],
+            vec_u[at],
+            lin_i[bt],
+            vec_i[bt],
+            None if lin_c is None else lin_c[ct],
+            None if vec_c is None else vec_c[ct],
+        )
+        if cfg.loss == "logistic":
+            labels = torch.from_numpy(np.concatenate([y, np.zeros(n_neg, dtype=np.float32)]))
+            total = fmath.logistic_loss(logits, labels)
+            count = logits.shape[0]
+        else:
+            n_pos = pos.size
+            owner = np.repeat(np.arange(n_pos), k)[vmask]
+            diff = logits[:n_pos][torch.from_numpy(owner)] - logits[n_pos:]
+            if cfg.loss == "bpr":
+                total = fmath.bpr_loss(diff)
+            else:
+                total = fmath.hinge_loss(diff, cfg.hinge_margin)
+            count = diff.shape[0]
+        if count == 0:
+            return 0.0
+        total.backward()
+        grad = s.grad.numpy() if s.grad is not None else np.zeros_like(vals)
+        self._table.adagrad_step(uniq, vals, grad, cfg.lr, cfg.l2)
+        if w0.grad is not None:
+            g0 = float(w0.grad)
+            self._w0_acc += g0 * g0
+            self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)
+        return float(total.detach()) / count
+
+    def expire(self, now: float | None = None) -> int:
+        """Sweep expired values now (``learn_many`` also sweeps on its own); rows freed."""
+        return self._space.expire(self._space.watermark if now is None else float(now))
+
+    # ------------------------------------------------------------------------ scoring
+    def _rows_params(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._space.key_row[keys]
+        p = self._table.params[rows]
+        return p[..., 0], p[..., 1:]
+
+    def _side(
+        self, keys: np.ndarray, weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w, v = self._rows_params(keys)
+        return aggregate(w, v, weights)
+
+    def _context_terms(
+        self, contexts: Sequence[Mapping[str, Any] | None] | None, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        d = self.config.dim
+        if not self._has_context or contexts is None:
+            return np.zeros(n), np.zeros((n, d))
+        if len(contexts) != n:
+            raise InputError(f"{n} pairs but {len(contexts)} contexts")
+        ck, cw = self._space.encode("context", contexts, create=False)
+        if ck.shape[1] == 0:
+            return np.zeros(n), np.zeros((n, d))
+        lin, cross, vec = self._side(ck, cw)
+        return lin + cross, vec
+
+    def score(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        contexts: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> np.ndarray:
+        """Full FM logits (with ``w0`` and context) of ``(user_ids[j], item_ids[j])`` pairs.
+
+        Never mutates the model: unknown ids and values use their fallback rows.
+        """
+        n = len(user_ids)
+        if len(item_ids) != n:
+            raise InputError(f"score: {n} user ids but {len(item_ids)} item ids")
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        uk, uw = self._users.keys_of_ids(user_ids)
+        ik, iw = self._items.keys_of_ids(item_ids)
+        lu, cu, vu = self._side(uk, uw)
+        li, ci, vi = self._side(ik, iw)
+        lc, vc = self._context_terms(contexts, n)
+        y = (
+            self._w0
+            + lu
+            + cu
+            + li
+            + ci
+            + lc
+            + np.einsum("nd,nd->n", vu, vi)
+            + np.einsum("nd,nd->n", vu + vi, vc)
+        )
+        return y.astype(np.float32)
+
+    def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
+        """``E_user = [1, W_u + cross_u, V_u]`` float32 ``(n, dim + 2)``.
+
+        An unknown id gets the id fallback row (or its hash bucket) and no profile; a user
+        known only from a profile gets the fallback id row plus its profile rows (cold start).
+        """
+        if len(user_ids) == 0:
+            return np.zeros((0, self.config.dim + 2), dtype=np.float32)
+        keys, weights = self._users.keys_of_ids(user_ids)
+        return compose_user(*self._side(keys, weights))
+
+    def item_vectors(self, item_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """``(ids, E_item)`` for the given ids, or for every known item (catalog order)."""
+        d2 = self.config.dim + 2
+        if item_ids is not None:
+            ids = [u if type(u) is str else canon(u) for u in item_ids]
+            if not ids:
+                return ids, np.zeros((0, d2), dtype=np.float32)
+            keys, weights = self._items.keys_of_ids(ids)
+            return ids, compose_item(*self._side(keys, weights))
+        n = self._items.n
+        out = np.empty((n, d2), dtype=np.float32)
+        for lo in range(0, n, _CHUNK):
+            ents = np.arange(lo, min(n, lo + _CHUNK))
+            keys, weights = self._items.keys_of(ents)
+            out[lo : lo + ents.size] = compose_item(*self._side(keys, weights))
+        return list(self._items.ids), out
+
+    def context_table(self) -> ContextTable:
+        """Snapshot of the context fields (rows copied) for serving workers."""
+        space = self._space
+        ctx = [(i, f) for i, f in enumerate(space.specs) if f.side == "context"]
+        rows: list[int] = [PAD]
+        vocabs: list[dict[str, int] | None] = []
+        fallback: list[int] = []
+        base: list[int] = []
+        for i, spec in ctx:
+            if spec.has_fixed_rows:
+                base.append(len(rows))
+                fallback.append(-1)
+                vocabs.append(None)
+                first = int(space.base_key[i])
+                rows.extend(space.key_row[first : first + spec.n_fixed_rows].tolist())
+            else:
+                base.append(-1)
+                fallback.append(len(rows))
+                rows.append(int(space.key_row[space.fallback_key[i]]))
+                vocab = space.vocab[i] or {}
+                local: dict[str, int] = {}
+                for value, key in vocab.items():
+                    local[value] = len(rows)
+                    rows.append(int(space.key_row[key]))
+                vocabs.append(local)
+        p = self._table.params[np.asarray(rows, dtype=np.int64)]
+        return ContextTable(
+            fields=tuple(f for _, f in ctx),
+            dim=self.config.dim,
+            vocabs=vocabs,
+            fallback=fallback,
+            base=base,
+            w=p[:, 0].copy(),
+            v=p[:, 1:].copy(),
+        )
+
+    # ------------------------------------------------------------------------ catalog
+    @property
+    def bias(self) -> float:
+        """The global bias ``w0`` (left out of the composed vectors)."""
+        return float(self._w0)
+
+    def known_users(self) -> list[str]:
+        return list(self._users.ids)
+
+    def known_items(self) -> list[str]:
+        return list(self._items.ids)
+
+    def has_user(self, user_id: str) -> bool:
+        return (user_id if type(user_id) is str else canon(user_id)) in self._users.index
+
+    def has_item(self, item_id: str) -> bool:
+        return (item_id if type(item_id) is str else canon(item_id)) in self._items.index
+
+    def item_counts(self) -> tuple[list[str], np.ndarray]:
+        """``(ids, positive counts int64)`` of every known item (popularity fallback)."""
+        return list(self._items.ids), self._items.counts[: self._items.n].copy()
+
+    def user_profile(self, user_id: str) -> dict[str, Any] | None:
+        """The stored profile of a known user (a copy), None if unknown."""
+        e = self._users.index.get(user_id)
+        return None if e is None else dict(self._users.profiles[e])
+
+    def item_profile(self, item_id: str) -> dict[str, Any] | None:
+        e = self._items.index.get(item_id)
+        return None if e is None else dict(self._items.profiles[e])
+
+    def stats(self) -> dict[str, float]:
+        """Sizes and counters for metrics: entities, keys, rows, admissions, expiries, bytes."""
+        return {
+            "users": self._users.n,
+            "items": self._items.n,
+            "keys": self._space.n_keys,
+            "rows_live": self._table.n_live,
+            "rows_capacity": self._table.capacity,
+            "admitted": self._space.n_admitted,
+            "expired": self._space.n_expired,
+            "updates": self.n_updates,
+            "array_bytes": self._table.nbytes()
+            + self._space.nbytes()
+            + self._users.nbytes()
+            + self._items.nbytes(),
+        }
+
+    # ------------------------------------------------------------------------ state
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything needed to rebuild this model: JSON-able header and named arrays."""
+        t, sp, us, it = self._table, self._space, self._users, self._items
+        header: dict[str, Any] = {
+            "schema": self.schema.to_dict(),
+            "config": asdict(self.config),
+            "w0": self._w0,
+            "w0_acc": self._w0_acc,
+            "n_updates": self.n_updates,
+            "table": {"n_rows": t.n_rows, "rng": t.rng.bit_generator.state},
+            "space": {
+                "n_keys": sp.n_keys,
+                "vocab": [None if v is None else list(v.items()) for v in sp.vocab],
+                "watermark": _finite_or_none(sp.watermark),
+                "last_sweep": _finite_or_none(sp.last_sweep),
+                "n_expired": sp.n_expired,
+                "n_admitted": sp.n_admitted,
+            },
+            "users": {"ids": us.ids, "profiles": us.profiles},
+            "items": {"ids": it.ids, "profiles": it.profiles},
+            "sampler": {
+                "since_rebuild": self._sampler.since_rebuild,
+                "rng": self._sampler.rng.bit_generator.state,
+            },
+        }
+        arrays: dict[str, np.ndarray] = {
+            "params": t.params[: t.n_rows],
+            "acc": t.acc[: t.n_rows],
+            "free": np.asarray(t.free, dtype=np.int64),
+            "key_row": sp.key_row[: sp.n_keys],
+            "key_count": sp.key_count[: sp.n_keys],
+            "key_field": sp.key_field[: sp.n_keys],
+            "sampler_cdf": self._sampler.cdf,
+        }
+        if sp.key_last is not None:
+            arrays["key_last"] = sp.key_last[: sp.n_keys]
+        for name, cat in (("user", us), ("item", it)):
+            arrays[f"{name}_ent_key"] = cat.ent_key[: cat.n]
+            arrays[f"{name}_counts"] = cat.counts[: cat.n]
+            arrays[f"{name}_prof_keys"] = cat.prof_keys[: cat.n]
+            arrays[f"{name}_prof_w"] = cat.prof_w[: cat.n]
+        return header, arrays
+
+    @classmethod
+    def from_state(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> OnlineFM:
+        """Inverse of :meth:`state` (raises KeyError/ValueError/ModelError on bad input)."""
+        schema = FeatureSchema.from_dict(header["schema"])
+        model = cls(schema, TrainConfig(**header["config"]))
+        t, sp = model._table, model._space
+        n_rows = int(header["table"]["n_rows"])
+        params, acc = arrays["params"], arrays["acc"]
+        if params.shape != (n_rows, model.config.dim + 1) or acc.shape != (n_rows, 2):
+            raise ValueError(f"parameter table shape {params.shape} does not match header")
+        if n_rows < sp.first_dynamic_row:
+            raise ValueError("parameter table is smaller than the schema's fixed rows")
+        t.n_rows = 0
+        t._grow(max(n_rows, 16))
+        t.params[:n_rows] = params
+        t.acc[:n_rows] = acc
+        t.n_rows = n_rows
+        t.free = [int(r) for r in arrays["free"]]
+        t.rng.bit_generator.state = header["table"]["rng"]
+        hs = header["space"]
+        n_keys = int(hs["n_keys"])
+        if n_keys < sp.first_dynamic_key or arrays["key_row"].shape != (n_keys,):
+            raise ValueError("key arrays do not match the schema")
+        if n_keys > sp.n_keys:
+            sp._new_keys(-1, n_keys - sp.n_keys)
+        sp.key_row[:n_keys] = arrays["key_row"]
+        sp.key_count[:n_keys] = arrays["key_count"]
+        sp.key_field[:n_keys] = arrays["key_field"]
+        if sp.key_last is not None:
+            sp.key_last[:n_keys] = arrays["key_last"]
+        if np.any(sp.key_row[:n_keys] >= n_rows) or np.any(sp.key_row[:n_keys] < 0):
+            raise ValueError("a key points outside the parameter table")
+        sp.vocab = [None if v is None else {str(a): int(b) for a, b in v} for v in hs["vocab"]]
+        if len(sp.vocab) != len(sp.specs):
+            raise ValueError("vocabularies do not match the schema's fields")
+        sp.watermark = -math.inf if hs["watermark"] is None else float(hs["watermark"])
+        sp.last_sweep = -math.inf if hs["last_sweep"] is None else float(hs["last_sweep"])
+        sp.n_expired = int(hs["n_expired"])
+        sp.n_admitted = int(hs["n_admitted"])
+        for name, cat in (("user", model._users), ("item", model._items)):
+            ids = [str(x) for x in header[f"{name}s"]["ids"]]
+            profiles = [dict(p) for p in header[f"{name}s"]["profiles"]]
+            n = len(ids)
+            if len(profiles) != n or arrays[f"{name}_ent_key"].shape != (n,):
+                raise ValueError(f"{name} catalog arrays do not match its ids")
+            pk = arrays[f"{name}_prof_keys"]
+            cat._reserve(max(n, 16), pk.shape[1])
+            cat.ent_key[:n] = arrays[f"{name}_ent_key"]
+            cat.counts[:n] = arrays[f"{name}_counts"]
+            cat.prof_keys[:n, : pk.shape[1]] = pk
+            cat.prof_w[:n, : pk.shape[1]] = arrays[f"{name}_prof_w"]
+            cat.ids = ids
+            cat.profiles = profiles
+            cat.index = {u: j for j, u in enumerate(ids)}
+            cat.n = n
+            if np.any(cat.ent_key[:n] >= n_keys) or np.any(pk >= n_keys):
+                raise ValueError(f"{name} catalog points at unknown keys")
+        model._sampler.cdf = np.asarray(arrays["sampler_cdf"], dtype=np.float64)
+        model._sampler.since_rebuild = int(header["sampler"]["since_rebuild"])
+        model._sampler.rng.bit_generator.state = header["sampler"]["rng"]
+        model._w0 = float(header["w0"])
+        model._w0_acc = float(header["w0_acc"])
+        model.n_updates = int(header["n_updates"])
+        return model
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _plain(v: Any) -> Any:
+    """JSON-safe copy of a profile value (numpy scalars -> Python, tuples/sets -> lists)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, set | frozenset):  # sets have no stable order: sort for determinism
+        return sorted((_plain(x) for x in v), key=lambda x: (type(x).__name__, str(x)))
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v

@@ -1,0 +1,134 @@
+"""Parameter rows and the row-wise Adagrad optimiser, on plain arrays that grow online.
+
+Every feature value that owns a row has ``[w | v_1 .. v_d]`` (float32, ``d + 1`` numbers) in
+:attr:`RowTable.params` and two float32 accumulators in :attr:`RowTable.acc`: one for ``w`` and
+one shared by the ``d`` latent numbers (TorchRec/FBGEMM "row-wise Adagrad": the mean of the
+squared gradient over the row). That keeps optimiser state at 8 bytes per row instead of
+``4 (d + 1)``. Capacity doubles when full, so growth costs amortised O(1) per new row and no
+event ever copies the whole table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-8
+
+
+class RowTable:
+    """Growable ``(capacity, dim + 1)`` float32 parameter table plus row-wise Adagrad state.
+
+    Row 0 is the padding row: all zeros, never updated (``weight 0`` entries point at it).
+    """
+
+    def __init__(
+        self, dim: int, init_std: float, rng: np.random.Generator, capacity: int = 1024
+    ) -> None:
+        self.dim = int(dim)
+        self.init_std = float(init_std)
+        self.rng = rng
+        cap = max(int(capacity), 16)
+        self.params = np.zeros((cap, self.dim + 1), dtype=np.float32)
+        self.acc = np.zeros((cap, 2), dtype=np.float32)
+        self.n_rows = 0
+        self.free: list[int] = []
+        self._scratch = np.zeros(cap, dtype=np.int32)
+        self.alloc(1)  # row 0: padding
+        self.params[0] = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.params.shape[0])
+
+    @property
+    def n_live(self) -> int:
+        """Rows in use (allocated minus freed)."""
+        return self.n_rows - len(self.free)
+
+    def _grow(self, need: int) -> None:
+        cap = self.capacity
+        if need <= cap:
+            return
+        new_cap = cap
+        while new_cap < need:
+            new_cap *= 2
+        params = np.zeros((new_cap, self.dim + 1), dtype=np.float32)
+        params[: self.n_rows] = self.params[: self.n_rows]
+        acc = np.zeros((new_cap, 2), dtype=np.float32)
+        acc[: self.n_rows] = self.acc[: self.n_rows]
+        self.params, self.acc = params, acc
+        self._scratch = np.zeros(new_cap, dtype=np.int32)
+
+    def alloc(self, n: int) -> np.ndarray:
+        """``n`` fresh rows (freed rows first, then new ones), reset to their initial values."""
+        n = int(n)
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        take = min(n, len(self.free))
+        reused = self.free[len(self.free) - take :]
+        del self.free[len(self.free) - take :]
+        fresh = n - take
+        self._grow(self.n_rows + fresh)
+        rows = np.empty(n, dtype=np.int64)
+        rows[:take] = reused
+        rows[take:] = np.arange(self.n_rows, self.n_rows + fresh)
+        self.n_rows += fresh
+        self.reset(rows)
+        return rows
+
+    def release(self, rows: np.ndarray) -> None:
+        """Give rows back; they are reset when handed out again."""
+        self.free.extend(int(r) for r in rows)
+
+    def reset(self, rows: np.ndarray) -> None:
+        """``w = 0``, ``v ~ N(0, init_std)``, accumulators 0."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.params[rows, 0] = 0.0
+        self.params[rows, 1:] = self.rng.normal(0.0, self.init_std, (rows.size, self.dim)).astype(
+            np.float32
+        )
+        self.acc[rows] = 0.0
+
+    def unique(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(uniq, inverse)`` of a flat int array in O(n), no sort: ``uniq[inverse] == rows``.
+
+        Uses a scratch array the size of the table; the order of ``uniq`` is deterministic.
+        """
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        n = rows.size
+        scratch = self._scratch
+        pos = np.arange(n, dtype=np.int32)
+        scratch[rows] = pos  # the last occurrence of each row wins
+        uniq = rows[scratch[rows] == pos]
+        scratch[uniq] = np.arange(uniq.size, dtype=np.int32)
+        inverse = scratch[rows].astype(np.int64)
+        return uniq, inverse
+
+    def adagrad_step(
+        self, rows: np.ndarray, values: np.ndarray, grad: np.ndarray, lr: float, l2: float
+    ) -> None:
+        """Row-wise Adagrad on unique ``rows`` whose current values are ``values``.
+
+        ``grad`` is the summed loss gradient of each row; L2 (``l2 * row``) is added once per
+        row per batch (lazy L2 on the touched rows only).
+        """
+        g = grad if l2 == 0.0 else grad + np.float32(l2) * values
+        gw = g[:, 0]
+        gv = g[:, 1:]
+        acc = self.acc[rows]
+        acc[:, 0] += gw * gw
+        acc[:, 1] += np.einsum("ij,ij->i", gv, gv) / np.float32(self.dim)
+        self.acc[rows] = acc
+        step = np.sqrt(acc)
+        step += np.float32(EPS)
+        np.divide(np.float32(lr), step, out=step)
+        new = values.copy()
+        new[:, 0] -= gw * step[:, 0]
+        new[:, 1:] -= gv * step[:, 1:2]
+        self.params[rows] = new
+        self.params[0] = 0.0  # padding stays zero
+        self.acc[0] = 0.0
+
+    def nbytes(self) -> int:
+        """Bytes held by parameters, accumulators and the scratch array (capacity, not use)."""
+        return int(self.params.nbytes + self.acc.nbytes + self._scratch.nbytes)

@@ -1,0 +1,80 @@
+"""Negative sampling over the item catalog: uniform or popularity^α, never the positive itself.
+
+Popularity weights are ``(count + 1) ** alpha`` where ``count`` is the item's online number of
+positive events (the +1 lets never-clicked items be sampled; ``alpha = 0`` is uniform). The
+cumulative distribution is cached and rebuilt after ``max(1024, n_items // 8)`` positives (or
+when the catalog grew by an eighth), so a rebuild costs amortised O(1) per event; until then new
+items and new counts are not yet reflected (staleness of at most that many events).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_MAX_REDRAWS = 8
+
+
+class NegativeSampler:
+    """Draws negative item entity indices for positive events."""
+
+    def __init__(self, mode: str, alpha: float, rng: np.random.Generator) -> None:
+        if mode not in ("uniform", "popularity"):
+            raise ValueError(f"neg_sampling must be 'uniform' or 'popularity', got {mode!r}")
+        self.mode = mode
+        self.alpha = float(alpha)
+        self.rng = rng
+        self.cdf = np.zeros(0, dtype=np.float64)
+        self.since_rebuild = 0
+
+    def _refresh(self, counts: np.ndarray, n_items: int, n_pos: int) -> None:
+        self.since_rebuild += n_pos
+        size = self.cdf.size
+        stale = self.since_rebuild >= max(1024, n_items // 8)
+        grown = n_items > size + max(size // 8, 0) or size == 0
+        if stale or grown:
+            weights = np.power(counts[:n_items].astype(np.float64) + 1.0, self.alpha)
+            self.cdf = np.cumsum(weights)
+            self.since_rebuild = 0
+
+    def sample(
+        self, counts: np.ndarray, n_items: int, positives: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(negatives (B, k) int64, valid (B, k) bool)`` for positive item indices ``(B,)``.
+
+        A negative never equals its row's positive; with a single known item no valid negative
+        exists and ``valid`` is all False.
+        """
+        b = positives.size
+        if k <= 0 or b == 0 or n_items < 2:
+            return np.zeros((b, max(k, 0)), dtype=np.int64), np.zeros((b, max(k, 0)), dtype=bool)
+        if self.mode == "uniform":
+            neg = self.rng.integers(0, n_items, size=(b, k))
+        else:
+            self._refresh(counts, n_items, b)
+            neg = self._draw((b, k))
+        pos = positives.reshape(b, 1)
+        for _ in range(_MAX_REDRAWS):
+            clash = neg == pos
+            if not clash.any():
+                break
+            rows, cols = np.nonzero(clash)
+            if self.mode == "uniform":
+                neg[rows, cols] = self.rng.integers(0, n_items, size=rows.size)
+            else:
+                neg[rows, cols] = self._draw((rows.size,))
+        clash = neg == pos
+        if clash.any():  # a dominant item keeps hitting its own positive: shift uniformly
+            rows, cols = np.nonzero(clash)
+            shift = self.rng.integers(1, n_items, size=rows.size)
+            neg[rows, cols] = (pos[rows, 0] + shift) % n_items
+        return neg.astype(np.int64, copy=False), np.ones((b, k), dtype=bool)
+
+    def _draw(self, shape: tuple[int, ...]) -> np.ndarray:
+        total = self.cdf[-1]
+        u = self.rng.random(shape) * total
+        return np.minimum(np.searchsorted(self.cdf, u, side="right"), self.cdf.size - 1)
+
+    def state(self) -> dict[str, Any]:
+        return {"mode": self.mode, "alpha": self.alpha, "since_rebuild": self.since_rebuild}

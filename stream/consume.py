@@ -1,0 +1,147 @@
+"""Kafka in and out: client factories, batch decoding, and the dead-letter sink.
+
+A consumer never blocks on one message: a polled batch is decoded and validated as a batch,
+what fails goes to the dead-letter topic with the reason and its source position, and the rest
+is returned for the caller to apply.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from pydantic import BaseModel, ValidationError
+
+from fmstream.settings import Settings
+from stream.schemas import DeadLetter, DecodeError, describe_validation_error, dumps, loads_object
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def make_producer(settings: Settings, **overrides) -> KafkaProducer:
+    """An idempotent producer (acks=all) with a short linger so batches form under load."""
+    config = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        retries=2**31 - 1,
+        max_in_flight_requests_per_connection=5,
+        client_id="fmstream",
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(settings: Settings, group_id: str | None, **overrides) -> KafkaConsumer:
+    """A consumer with auto-commit off; the caller commits after its own bookkeeping."""
+    config = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_poll_records,
+        fetch_max_wait_ms=100,
+        client_id="fmstream",
+    )
+    config.update(overrides)
+    return KafkaConsumer(**config)
+
+
+@dataclass(frozen=True)
+class Decoded(Generic[M]):
+    """A validated message with the record it came from."""
+
+    message: M
+    record: ConsumerRecord
+
+
+class DeadLetters:
+    """Sends unusable messages to the dead-letter topic; :meth:`flush` waits for the broker's ack."""
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._pending: list = []
+        self.count = 0
+
+    def send(self, record: ConsumerRecord, stage: str, error: BaseException, reason: str) -> None:
+        """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
+        key = record.key.decode("utf-8", "replace") if record.key else None
+        letter = DeadLetter(
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            source_timestamp_ms=record.timestamp,
+            stage=stage,
+            error_class=type(error).__name__,
+            reason=reason[:2000],
+            key=key,
+            value_b64=base64.b64encode(record.value or b"").decode("ascii"),
+        )
+        self._pending.append(self._producer.send(self._topic, key=record.key, value=dumps(letter)))
+        self.count += 1
+        log.warning(
+            "dead letter %s[%d]@%d (%s): %s",
+            record.topic, record.partition, record.offset, stage, reason[:200],
+        )
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until every queued dead letter is acknowledged (raises if one failed)."""
+        if not self._pending:
+            return
+        self._producer.flush(timeout=timeout)
+        for future in self._pending:
+            future.get(timeout=timeout)
+        self._pending.clear()
+
+
+def decode_records(
+    records: Iterable[ConsumerRecord],
+    model: type[M],
+    dead_letters: DeadLetters,
+    *,
+    max_bytes: int,
+) -> list[Decoded[M]]:
+    """Decode and validate ``records`` as ``model``; dead-letter the ones that fail."""
+    out: list[Decoded[M]] = []
+    for record in records:
+        size = len(record.value or b"")
+        if size > max_bytes:
+            dead_letters.send(
+                record, "decode", DecodeError("oversized"),
+                f"message of {size} bytes exceeds the limit of {max_bytes} bytes",
+            )
+            continue
+        try:
+            obj = loads_object(record.value)
+        except DecodeError as exc:
+            dead_letters.send(record, "decode", exc, str(exc))
+            continue
+        try:
+            message = model.model_validate(obj)
+        except ValidationError as exc:
+            dead_letters.send(record, "validate", exc, describe_validation_error(exc))
+            continue
+        out.append(Decoded(message, record))
+    return out
+
+
+def flatten(polled: dict) -> list[ConsumerRecord]:
+    """The records of one ``poll()`` result in partition order."""
+    return [r for batch in polled.values() for r in batch]
+
+
+def produce_json(
+    producer: KafkaProducer, topic: str, messages: Sequence[dict], key_field: str
+) -> None:
+    """Send JSON messages keyed by ``message[key_field]`` (no flush)."""
+    for message in messages:
+        producer.send(topic, key=str(message[key_field]).encode(), value=dumps(message))

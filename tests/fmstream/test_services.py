@@ -1,0 +1,155 @@
+"""Local services: topics, idempotent `up`, a foreign client, restarts that keep data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from fmstream import services as svc
+from fmstream.settings import Settings
+from tests.kafka_helpers import KafkaIO
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((svc.LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _kcat() -> str:
+    found = shutil.which("kcat")
+    if found is None:
+        pytest.fail("kcat is not installed: run `make redis` (installs redis-server and kcat)")
+    return found
+
+
+# --- without services: errors say what to do ------------------------------------------------
+
+
+def test_wait_redis_times_out_naming_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "redis.log"
+    with pytest.raises(svc.ServiceTimeoutError, match=str(log)):
+        svc.wait_redis(f"redis://127.0.0.1:{_free_port()}/0", timeout_s=0.3, log_file=log)
+
+
+def test_ensure_topics_without_broker_says_how_to_start_one(tmp_path: Path) -> None:
+    nowhere = Settings(run_dir=tmp_path, kafka_bootstrap=f"127.0.0.1:{_free_port()}")
+    with pytest.raises(svc.KafkaUnavailableError, match="fmstream up"):
+        svc.ensure_topics(nowhere, timeout_s=1.0)
+
+
+def test_start_redis_refuses_a_port_held_by_another_process(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind((svc.LOOPBACK, 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        taken = Settings(run_dir=tmp_path, redis_port=port)
+        with pytest.raises(svc.PortInUseError, match="FMSTREAM_REDIS_PORT"):
+            svc.start_redis(taken, timeout_s=2.0)
+    assert not (tmp_path / "redis" / "redis.pid").exists()
+
+
+# --- against the session's services ---------------------------------------------------------
+
+
+def test_topics_have_their_partition_counts_and_profiles_are_compacted(settings: Settings) -> None:
+    names = list(settings.topic_partitions)
+    with svc.kafka_admin(settings.kafka_bootstrap) as admin:
+        described = {t["name"]: t for t in admin.describe_topics(names)}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, n, ["cleanup.policy"]) for n in names]
+        configs = admin.describe_configs(resources, config_filter="all")["topic"]
+    for name, partitions in settings.topic_partitions.items():
+        assert len(described[name]["partitions"]) == partitions, name
+        policy = configs[name]["cleanup.policy"]["value"]
+        assert policy == ("compact" if name in settings.compacted_topics else "delete"), name
+
+
+def test_ensure_topics_is_idempotent(settings: Settings) -> None:
+    assert svc.ensure_topics(settings) == []
+
+
+def test_up_twice_reuses_what_is_running(services: Settings) -> None:
+    before = svc.status(services)
+    assert svc.up(services) == {"kafka": "reused", "redis": "reused", "topics": "present"}
+    assert svc.status(services) == before
+    assert before["kafka"].startswith("running (pid")
+
+
+def test_down_stops_only_what_its_run_dir_started(services: Settings, tmp_path: Path) -> None:
+    elsewhere = services.model_copy(update={"run_dir": tmp_path})
+    assert svc.down(elsewhere) == {"kafka": "not running", "redis": "not running"}
+    assert svc.port_open(services.kafka_port) and svc.port_open(services.redis_port)
+
+
+def test_kcat_sees_the_broker_and_exchanges_messages(settings: Settings, kafka_io: KafkaIO) -> None:
+    kcat, bootstrap = _kcat(), settings.kafka_bootstrap
+    listing = subprocess.run(
+        [kcat, "-b", bootstrap, "-L", "-J"], capture_output=True, text=True, timeout=30, check=True
+    )
+    metadata = json.loads(listing.stdout)
+    assert len(metadata["brokers"]) == 1
+    partitions = {t["topic"]: len(t["partitions"]) for t in metadata["topics"]}
+    for name, count in settings.topic_partitions.items():
+        assert partitions[name] == count
+
+    # kcat produces, kafka-python reads; kafka-python produces, kcat reads.
+    subprocess.run(
+        [kcat, "-b", bootstrap, "-P", "-t", settings.topic_dlq, "-K", ":"],
+        input="k1:from-kcat\n",
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    records = kafka_io.consume_until(settings.topic_dlq, lambda rs: len(rs) >= 1)
+    assert [(r.key, r.value) for r in records] == [(b"k1", b"from-kcat")]
+    kafka_io.produce(settings.topic_dlq, [(b"k2", b"from-python")])
+    read = subprocess.run(
+        [
+            kcat,
+            "-b",
+            bootstrap,
+            "-C",
+            "-t",
+            settings.topic_dlq,
+            "-o",
+            "beginning",
+            "-e",
+            "-f",
+            "%k=%s\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert read.stdout.splitlines() == ["k1=from-kcat", "k2=from-python"]
+
+
+def test_redis_restart_keeps_data(
+    services: Settings, settings: Settings, redis_client: redis.Redis
+) -> None:
+    key = settings.redis_key("restart")
+    redis_client.set(key, b"kept")
+    assert svc.stop_redis(services)
+    assert not svc.port_open(services.redis_port)
+    svc.start_redis(services)
+    assert redis_client.get(key) == b"kept"  # the same client reconnects
+
+
+def test_kafka_restart_keeps_messages(
+    services: Settings, settings: Settings, kafka_io: KafkaIO
+) -> None:
+    kafka_io.produce(settings.topic_events, [(b"u1", b"before-restart")])
+    first = svc.status(services)["kafka"]
+    svc.restart_kafka(services)
+    assert svc.status(services)["kafka"] != first  # a new pid
+    kafka_io.produce(settings.topic_events, [(b"u1", b"after-restart")])
+    values = [r.value for r in kafka_io.consume_all(settings.topic_events)]
+    assert values == [b"before-restart", b"after-restart"]

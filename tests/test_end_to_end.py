@@ -1,0 +1,121 @@
+"""The whole loop on the real Kafka and Redis: events in, trainer, publisher, worker, answers out,
+from our client and from kcat (a Kafka client we did not write)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from fmstream.app import run_trainer, run_worker
+from fmstream.settings import Settings
+from serving.client import FmClient
+from stream.consume import make_producer
+from stream.replay import produce_events, produce_profiles
+from stream.synthetic import SyntheticStream
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAM = SyntheticStream(users=300, items=200, clusters=5, seed=3)
+
+
+@pytest.fixture
+def loop(settings: Settings) -> Iterator[Settings]:
+    """Trainer and worker running in threads on this test's topics."""
+    settings = settings.model_copy(update={
+        "dim": 16, "schema_path": ROOT / "config" / "synthetic.toml",
+        "publish_items_s": 0.5, "publish_active_s": 0.2, "checkpoint_every_s": 1.0,
+    })
+    stop = threading.Event()
+    ready = threading.Event()
+    threads = [
+        threading.Thread(target=run_trainer, args=(settings, stop), daemon=True),
+        threading.Thread(target=run_worker, args=(settings, stop, ready), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    assert ready.wait(60), "the worker got no partitions of the request topic"
+    yield settings
+    stop.set()
+    for t in threads:
+        t.join(60)
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
+    settings = loop
+    producer = make_producer(settings)
+    produce_profiles(producer, settings, STREAM.user_profiles(), STREAM.item_profiles())
+    produce_events(producer, settings, STREAM.events(20_000))
+    producer.send(settings.topic_events, key=b"u1", value=b"{malformed")
+    producer.close()
+
+    users = [f"u{n}" for n in range(0, 300, 15)]
+    with FmClient(settings) as client:
+        def trained():
+            r = client.request({"type": "u2i", "user_id": users[0], "k": 10}, timeout=10)
+            return r if r.error is None and r.model_version and r.model_version > 3 else None
+
+        _wait_for(trained, 120, "a trained model to be served")
+        time.sleep(3)  # let the trainer finish the stream and publish
+        responses = client.request_many(
+            [{"type": "u2i", "user_id": u, "k": 10} for u in users], timeout=20)
+    same = total = 0
+    for u, resp in zip(users, responses, strict=True):
+        assert resp is not None and resp.error is None, resp
+        assert len(resp.items) == 10
+        total += 10
+        same += sum(STREAM.item_cluster(i.item_id) == STREAM.user_cluster(u) for i in resp.items)
+    # chance is 1/5; a model that learned the planted structure is far above it
+    assert same / total > 0.6, f"only {same}/{total} recommendations from the user's cluster"
+
+
+def _kcat(*args: str, data: bytes | None = None, timeout: float = 30) -> bytes:
+    return subprocess.run(["kcat", *args], input=data, capture_output=True, check=True,
+                          timeout=timeout).stdout
+
+
+def test_kcat_events_and_requests_are_answered(loop: Settings) -> None:
+    settings = loop
+    b = settings.kafka_bootstrap
+    lines = [orjson.dumps({"user_id": f"k{n % 7}", "item_id": f"x{n % 11}", "label": 1,
+                           "ts": 1.7e9 + n, "context": {"hour": "14"}}) for n in range(300)]
+    payload = b"".join(f"k{n % 7}|".encode() + line + b"\n" for n, line in enumerate(lines))
+    _kcat("-b", b, "-P", "-t", settings.topic_events, "-K", "|", data=payload)
+
+    rid = f"kcat-{uuid.uuid4().hex[:8]}"
+    request = orjson.dumps({"request_id": rid, "type": "u2i", "user_id": "k3", "k": 5})
+
+    def answered():
+        _kcat("-b", b, "-P", "-t", settings.topic_requests, "-k", rid, data=request + b"\n")
+        out = _kcat("-b", b, "-C", "-t", settings.topic_responses, "-o", "beginning", "-e",
+                    "-f", "%k\t%s\n")
+        for line in out.decode().splitlines():
+            key, _, body = line.partition("\t")
+            if key == rid:
+                resp = orjson.loads(body)
+                if resp["error"] is None and resp.get("fallback") is None:
+                    return resp
+        return None
+
+    resp = _wait_for(answered, 90, "kcat's request to be answered")
+    assert resp["request_id"] == rid
+    assert len(resp["items"]) == 5
+    assert all(i["item_id"].startswith("x") for i in resp["items"])
+    assert resp["model_version"] >= 1
