@@ -46,6 +46,10 @@ LOOPBACK = "127.0.0.1"
 
 State = Literal["started", "reused"]
 
+# What /proc/<pid>/cmdline of our processes contains (guards against a recycled pid).
+_KAFKA_MARKER = "kafka.Kafka"
+_REDIS_MARKER = "redis-server"  # redis rewrites its title to "redis-server 127.0.0.1:PORT"
+
 # Processes started by this Python process, kept so that they can be reaped (an exited child
 # stays a zombie that `kill(pid, 0)` still finds) and so Popen never warns they are running.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -493,7 +497,7 @@ def start_kafka(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
         MissingDependencyError, ServiceStartError, ServiceTimeoutError.
     """
     pid_file = _kafka_pid_file(settings)
-    pid = _owned_pid(pid_file, "kafka.Kafka")
+    pid = _owned_pid(pid_file, _KAFKA_MARKER)
     if pid is not None:
         wait_kafka(
             _local_bootstrap(settings),
@@ -547,7 +551,7 @@ def stop_kafka(
     Returns:
         Whether a broker was stopped.
     """
-    return _stop_pid("Kafka", _kafka_pid_file(settings), "kafka.Kafka", timeout_s, kill)
+    return _stop_pid("Kafka", _kafka_pid_file(settings), _KAFKA_MARKER, timeout_s, kill)
 
 
 def restart_kafka(settings: Settings, *, kill: bool = False) -> int:
@@ -639,7 +643,7 @@ def start_redis(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
         PortInUseError, MissingDependencyError, ServiceStartError, ServiceTimeoutError.
     """
     pid_file = _redis_pid_file(settings)
-    pid = _owned_pid(pid_file, "redis-server")
+    pid = _owned_pid(pid_file, _REDIS_MARKER)
     if pid is not None:
         wait_redis(
             _redis_url(settings), timeout_s=timeout_s, pid=pid, log_file=redis_log_file(settings)
@@ -688,7 +692,7 @@ def stop_redis(
     Returns:
         Whether a server was stopped.
     """
-    return _stop_pid("Redis", _redis_pid_file(settings), "redis-server", timeout_s, kill)
+    return _stop_pid("Redis", _redis_pid_file(settings), _REDIS_MARKER, timeout_s, kill)
 
 
 def restart_redis(settings: Settings, *, kill: bool = False) -> int:
@@ -818,9 +822,8 @@ def _warn_if_elsewhere(settings: Settings) -> None:
 
 
 def _ensure_kafka(settings: Settings, timeout_s: float) -> State:
-    if _owned_pid(_kafka_pid_file(settings), "kafka.Kafka") is None and port_open(
-        settings.kafka_port
-    ):
+    ours = _owned_pid(_kafka_pid_file(settings), _KAFKA_MARKER)
+    if ours is None and port_open(settings.kafka_port):
         try:
             wait_kafka(_local_bootstrap(settings), timeout_s=min(timeout_s, 15.0))
         except ServiceTimeoutError:
@@ -830,15 +833,13 @@ def _ensure_kafka(settings: Settings, timeout_s: float) -> State:
             ) from None
         logger.info("reusing the Kafka broker already on %s", _local_bootstrap(settings))
         return "reused"
-    had = _owned_pid(_kafka_pid_file(settings), "kafka.Kafka")
-    start_kafka(settings, timeout_s=timeout_s)
-    return "reused" if had is not None else "started"
+    start_kafka(settings, timeout_s=timeout_s)  # when ours runs: only waits until it is ready
+    return "started" if ours is None else "reused"
 
 
 def _ensure_redis(settings: Settings, timeout_s: float) -> State:
-    if _owned_pid(_redis_pid_file(settings), "redis-server") is None and port_open(
-        settings.redis_port
-    ):
+    ours = _owned_pid(_redis_pid_file(settings), _REDIS_MARKER)
+    if ours is None and port_open(settings.redis_port):
         try:
             wait_redis(_redis_url(settings), timeout_s=min(timeout_s, 10.0))
         except ServiceTimeoutError:
@@ -848,9 +849,8 @@ def _ensure_redis(settings: Settings, timeout_s: float) -> State:
             ) from None
         logger.info("reusing the Redis already on port %s", settings.redis_port)
         return "reused"
-    had = _owned_pid(_redis_pid_file(settings), "redis-server")
     start_redis(settings, timeout_s=timeout_s)
-    return "reused" if had is not None else "started"
+    return "started" if ours is None else "reused"
 
 
 def up(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> dict[str, str]:
@@ -887,13 +887,13 @@ def wait_ready(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> Non
     wait_redis(
         settings.redis_url,
         timeout_s=timeout_s,
-        pid=_owned_pid(_redis_pid_file(settings), "redis-server"),
+        pid=_owned_pid(_redis_pid_file(settings), _REDIS_MARKER),
         log_file=redis_log_file(settings),
     )
     wait_kafka(
         settings.kafka_bootstrap,
         timeout_s=max(1.0, deadline - time.monotonic()),
-        pid=_owned_pid(_kafka_pid_file(settings), "kafka.Kafka"),
+        pid=_owned_pid(_kafka_pid_file(settings), _KAFKA_MARKER),
         log_file=kafka_log_file(settings),
     )
 
@@ -916,8 +916,8 @@ def status(settings: Settings) -> dict[str, str]:
     """One line per service: started here (pid), answering (not started here), or down."""
     out: dict[str, str] = {}
     checks = (
-        ("kafka", _kafka_pid_file(settings), "kafka.Kafka", settings.kafka_port),
-        ("redis", _redis_pid_file(settings), "redis-server", settings.redis_port),
+        ("kafka", _kafka_pid_file(settings), _KAFKA_MARKER, settings.kafka_port),
+        ("redis", _redis_pid_file(settings), _REDIS_MARKER, settings.redis_port),
     )
     for name, pid_file, marker, port in checks:
         pid = _owned_pid(pid_file, marker)
