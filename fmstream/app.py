@@ -55,32 +55,44 @@ def run_trainer(
     from serving.publisher import Publisher
     from serving.store import VectorStore
     from stream.consume import make_producer
+    from stream.metrics import serve_trainer_metrics
+    from stream.resilience import lease_client
     from stream.trainer import Trainer
 
     client = redis_client(settings)
-    lease = Lease(client, settings.redis_key("trainer", "lease"))
+    # Its own client with short timeouts: a hung Redis must not stall renewals past the TTL.
+    lease = Lease(lease_client(settings), settings.redis_key("trainer", "lease"))
     if not lease.acquire(stop):
         return None
     store = VectorStore(client, settings)
     producer = make_producer(settings)
     try:
-        trainer = Trainer(settings, dead_letter_producer=producer, renew_lease=lease.renew,
+        trainer = Trainer(settings, dead_letter_producer=producer, lease=lease,
                           new_model=lambda: new_model(settings))
         publisher = Publisher(settings, store, trainer.model)
         trainer.sink = publisher
-        progress = trainer.run(stop, idle_exit_s=idle_exit_s)
-        publisher.publish_all()
+        with serve_trainer_metrics(settings, trainer, publisher):
+            progress = trainer.run(stop, idle_exit_s=idle_exit_s)
+        try:
+            publisher.publish_all()
+        except redis.RedisError as exc:  # the checkpoint is written; the next trainer publishes
+            log.warning("final publish skipped, Redis unavailable: %r", exc)
         return progress
     finally:
         producer.close()
-        lease.release()
+        try:
+            lease.release()
+        except redis.RedisError as exc:  # it expires by itself after its TTL
+            log.warning("could not release the trainer lease: %r", exc)
 
 
 def run_worker(settings: Settings, stop: threading.Event,
                ready: threading.Event | None = None) -> None:
     """Serve requests until ``stop``."""
+    from serving.metrics import serve_worker_metrics
     from serving.store import VectorStore
     from serving.worker import Worker
 
     worker = Worker(settings, VectorStore(redis_client(settings), settings))
-    worker.run(stop, ready=ready)
+    with serve_worker_metrics(settings, worker):
+        worker.run(stop, ready=ready)

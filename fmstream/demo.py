@@ -44,12 +44,15 @@ def _wait_caught_up(settings: Settings, produced: int, timeout: float = 300.0) -
             version = report.status.get("model_version")
             served = set(report.workers.values())
             applied = int(float(report.status.get("events_applied", 0) or 0))
-            status.update(f"trainer lag {lag}, applied {applied}/{produced}, "
-                          f"model v{version}, workers serve {sorted(served) or '-'}")
+            line = (f"trainer lag {lag}, applied {applied}/{produced}, "
+                    f"model v{version}, workers serve {sorted(served) or '-'}")
+            status.update(line)
+            if not console.is_terminal:
+                console.print(line)
             if lag == 0 and applied >= produced and version and served \
                     and min(served) >= int(version):
                 return
-            time.sleep(1.0)
+            time.sleep(1.0 if console.is_terminal else 3.0)
     raise TimeoutError("the trainer/worker did not catch up in time; see .fmstream/logs")
 
 
@@ -138,5 +141,9 @@ def run_demo(settings: Settings, *, events: int | None = None) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        services.down(settings)
+        # stop only what this demo started; services someone else started keep running
+        if started.get("kafka") == "started":
+            services.stop_kafka(settings)
+        if started.get("redis") == "started":
+            services.stop_redis(settings)
         console.rule("demo done")

@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     max_k: int = Field(1000, ge=1)
     worker_metrics_port: int = Field(0, description="Prometheus port of a worker (0 = off)")
     swap_poll_s: float = Field(0.2, gt=0, description="how often a worker looks for a snapshot")
+    worker_session_timeout_ms: int = Field(
+        10_000, ge=1000, description="a dead worker's partitions move after this long"
+    )
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``FMSTREAM_*`` variables, to start another process with them."""
+        return {
+            f"FMSTREAM_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
 
     def redis_key(self, *parts: str | int) -> str:
         """A Redis key under this deployment's prefix, e.g. ``fm:user:196``."""

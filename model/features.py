@@ -312,7 +312,7 @@ class FeatureSpace:
         fidx = [i for i, f in enumerate(self.specs) if f.side == side and not f.is_id]
         n = len(dicts)
         for j, d in enumerate(dicts):
-            if d is not None and not isinstance(d, Mapping):
+            if d is not None and type(d) is not dict and not isinstance(d, Mapping):
                 raise FeatureError(
                     f"{side} features #{j}: expected a mapping of field -> value, got "
                     f"{type(d).__name__} {d!r}"
@@ -346,23 +346,32 @@ class FeatureSpace:
         own = (keys >= self.first_dynamic_key) & (self.key_row[keys] >= self.first_dynamic_row)
         return (fixed & (keys != PAD)) | own
 
-    def observe(self, keys: np.ndarray, now: float) -> int:
+    def observe(self, keys: np.ndarray, now: float, mult: np.ndarray | None = None) -> int:
         """Count sightings of ``keys`` (flat, padding allowed) at event time ``now``.
 
-        Values reaching their field's ``min_count`` get a fresh row. Returns rows admitted.
+        ``mult`` gives how many sightings each entry stands for (default 1). Values reaching
+        their field's ``min_count`` get a fresh row. Returns the number of rows admitted.
         """
-        keys = keys[keys >= self.first_dynamic_key]
         if now > self.watermark:
             self.watermark = now
+        sel = keys >= self.first_dynamic_key
+        keys = keys[sel]
         if keys.size == 0:
             return 0
         if self.key_last is not None:
             self.key_last[keys] = now
-        pend = keys[self.key_row[keys] < self.first_dynamic_row]
-        if pend.size == 0:
+        pending = self.key_row[keys] < self.first_dynamic_row
+        if not pending.any():
             return 0
-        uniq, counts = np.unique(pend, return_counts=True)
-        total = np.minimum(self.key_count[uniq].astype(np.int64) + counts, 2**31 - 1)
+        pend = keys[pending]
+        uniq, inverse = np.unique(pend, return_inverse=True)
+        if mult is None:
+            counts = np.bincount(inverse, minlength=uniq.size)
+        else:
+            counts = np.bincount(inverse, weights=mult[sel][pending], minlength=uniq.size)
+        total = np.minimum(
+            self.key_count[uniq].astype(np.int64) + counts.astype(np.int64), 2**31 - 1
+        )
         self.key_count[uniq] = total
         ok = uniq[total >= self.min_count[self.key_field[uniq]]]
         if ok.size:

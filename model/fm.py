@@ -101,6 +101,33 @@ def side_terms(
     return agg[:, 0] + 0.5 * ((vec * vec).sum(dim=1) - s2), vec
 
 
+def entity_terms(table: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-entity FM terms ``[W − ½ Σ x²|v|², V]`` as ``(n, d + 1)``.
+
+    With these, the FM over any set of entities ``s`` (user, item, context) is
+    ``y = w0 + Σ_s q_s + ½ |Σ_s V_s|²`` (see :func:`example_logits`), which equals the full
+    O(k·n) formula over the union of their features.
+    """
+    agg = WeightedBag.apply(table, idx, x)  # [Σ x w | Σ x v]
+    v = table[:, 1:]
+    sq = (v * v).sum(dim=1, keepdim=True)
+    s2 = WeightedBag.apply(sq, idx, x * x)  # Σ x² |v|², (n, 1)
+    return torch.cat([agg[:, :1] - 0.5 * s2, agg[:, 1:]], dim=1)
+
+
+def example_logits(w0: torch.Tensor, ent: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """FM logits of examples made of entities: ``w0 + Σ q + ½ |Σ V|²``.
+
+    Args:
+        ent: ``(m, d + 1)`` from :func:`entity_terms`.
+        members: ``(n, s)`` int64 rows of ``ent`` forming each example (user, item, context).
+    """
+    ones = torch.ones(members.shape, dtype=ent.dtype)
+    agg = WeightedBag.apply(ent, members, ones)
+    vec = agg[:, 1:]
+    return w0 + agg[:, 0] + 0.5 * (vec * vec).sum(dim=1)
+
+
 def side_terms_reference(
     table: torch.Tensor, idx: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

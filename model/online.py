@@ -31,7 +31,7 @@ from model.errors import ConfigError, FeatureError, InputError
 from model.features import PAD, Catalog, FeatureSpace, canon
 from model.optim import EPS, RowTable
 from model.sampler import NegativeSampler
-from model.schema import FeatureSchema
+from model.schema import FeatureSchema, FieldSpec
 
 _CHUNK = 32768  # entities per chunk when composing all item vectors
 
@@ -252,22 +252,37 @@ class OnlineFM:
             ck, cw = np.zeros((b, 0), dtype=np.int64), np.zeros((b, 0), dtype=np.float32)
         ue = self._users.ensure(user_ids)
         ie = self._items.ensure(item_ids)
-        uk, _ = self._users.keys_of(ue)
-        ik, _ = self._items.keys_of(ie)
-        space.observe(np.concatenate([uk.ravel(), ik.ravel(), ck.ravel()]), float(t.max()))
+        uu, u_inv, u_cnt = np.unique(ue, return_inverse=True, return_counts=True)
+        iu, i_cnt = np.unique(ie, return_counts=True)
+        ukeys, uw = self._users.keys_of(uu)
+        ikeys_ev, _ = self._items.keys_of(iu)
+        # sightings: every key of every event (entity keys weighted by occurrences)
+        space.observe(
+            np.concatenate([ukeys.ravel(), ikeys_ev.ravel(), ck.ravel()]),
+            float(t.max()),
+            np.concatenate(
+                [
+                    np.repeat(u_cnt, ukeys.shape[1]),
+                    np.repeat(i_cnt, ikeys_ev.shape[1]),
+                    np.ones(ck.size, dtype=np.int64),
+                ]
+            ),
+        )
         space.maybe_expire()
         pos = np.flatnonzero(y >= 0.5)
         np.add.at(self._items.counts, ie[pos], 1)
         np.add.at(self._users.counts, ue[pos], 1)
         k = self.config.negatives
         neg, valid = self._sampler.sample(self._items.counts, self._items.n, ie[pos], k)
-        loss = self._step(ue, ie, y, ck, cw, pos, neg, valid)
+        loss = self._step(ukeys, uw, u_inv, ie, y, ck, cw, pos, neg, valid)
         self.n_updates += b
         return loss
 
     def _step(
         self,
-        ue: np.ndarray,
+        ukeys: np.ndarray,
+        uw: np.ndarray,
+        u_inv: np.ndarray,
         ie: np.ndarray,
         y: np.ndarray,
         ck: np.ndarray,
@@ -276,63 +291,59 @@ class OnlineFM:
         neg: np.ndarray,
         valid: np.ndarray,
     ) -> float:
+        """One optimiser step on the events and their sampled negatives.
+
+        Two levels, both O(k·n): per unique entity (and per event context) ``[W − ½Σx²|v|², V]``
+        from its feature rows, then per example the FM over its 2-3 entity terms:
+        ``y = w0 + Σ_s q_s + ½|Σ_s V_s|²`` (see :func:`model.fm.entity_terms`).
+        """
         cfg = self.config
-        b = ue.size
+        b = ie.size
         k = neg.shape[1]
-        uu, u_inv = np.unique(ue, return_inverse=True)
         ii, i_inv = np.unique(np.concatenate([ie, neg.ravel()]), return_inverse=True)
-        ukeys, uw = self._users.keys_of(uu)
         ikeys, iw = self._items.keys_of(ii)
-        key_row = self._space.key_row
-        parts = [key_row[ukeys].ravel(), key_row[ikeys].ravel()]
-        if ck.shape[1]:
-            parts.append(key_row[ck].ravel())
-        uniq, inv = self._table.unique(np.concatenate(parts))
+        nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
+        width = max(ukeys.shape[1], ikeys.shape[1], ck.shape[1])
+        keys = np.zeros((nu + ni + nc, width), dtype=np.int64)
+        x = np.zeros((nu + ni + nc, width), dtype=np.float32)
+        keys[:nu, : ukeys.shape[1]] = ukeys
+        x[:nu, : ukeys.shape[1]] = uw
+        keys[nu : nu + ni, : ikeys.shape[1]] = ikeys
+        x[nu : nu + ni, : ikeys.shape[1]] = iw
+        if nc:
+            keys[nu + ni :, : ck.shape[1]] = ck
+            x[nu + ni :, : ck.shape[1]] = cw
+        uniq, inv = self._table.unique(self._space.key_row[keys])
         vals = self._table.params[uniq]
         s = torch.from_numpy(vals).requires_grad_(True)
         w0 = torch.tensor(self._w0, dtype=torch.float32, requires_grad=True)
-        nu_flat, ni_flat = ukeys.size, ikeys.size
-        lu = torch.from_numpy(inv[:nu_flat].reshape(ukeys.shape))
-        li = torch.from_numpy(inv[nu_flat : nu_flat + ni_flat].reshape(ikeys.shape))
-        lin_u, vec_u = fmath.side_terms(s, lu, torch.from_numpy(uw))
-        lin_i, vec_i = fmath.side_terms(s, li, torch.from_numpy(iw))
-        lin_c = vec_c = None
-        if ck.shape[1]:
-            lc = torch.from_numpy(inv[nu_flat + ni_flat :].reshape(ck.shape))
-            lin_c, vec_c = fmath.side_terms(s, lc, torch.from_numpy(cw))
+        ent = fmath.entity_terms(s, torch.from_numpy(inv.reshape(keys.shape)), torch.from_numpy(x))
 
         # examples: every event, then the sampled negatives of the positive events
         vmask = valid.ravel()
         neg_u = np.repeat(u_inv[pos], k)[vmask]
         neg_i = i_inv[b:][vmask]
         neg_c = np.repeat(pos, k)[vmask]
-        n_neg = neg_u.size
         if cfg.loss == "logistic":
-            a = np.concatenate([u_inv, neg_u])
-            bi = np.concatenate([i_inv[:b], neg_i])
-            c = np.concatenate([np.arange(b), neg_c])
+            cols = [np.concatenate([u_inv, neg_u]), nu + np.concatenate([i_inv[:b], neg_i])]
+            if nc:
+                cols.append(nu + ni + np.concatenate([np.arange(b), neg_c]))
         else:
-            a = np.concatenate([u_inv[pos], neg_u])
-            bi = np.concatenate([i_inv[:b][pos], neg_i])
-            c = np.concatenate([pos, neg_c])
-        at, bt, ct = torch.from_numpy(a), torch.from_numpy(bi), torch.from_numpy(c)
-        logits = fmath.combine(
-            w0,
-            lin_u[at],
-            vec_u[at],
-            lin_i[bt],
-            vec_i[bt],
-            None if lin_c is None else lin_c[ct],
-            None if vec_c is None else vec_c[ct],
-        )
+            cols = [
+                np.concatenate([u_inv[pos], neg_u]),
+                nu + np.concatenate([i_inv[:b][pos], neg_i]),
+            ]
+            if nc:
+                cols.append(nu + ni + np.concatenate([pos, neg_c]))
+        logits = fmath.example_logits(w0, ent, torch.from_numpy(np.stack(cols, axis=1)))
         if cfg.loss == "logistic":
-            labels = torch.from_numpy(np.concatenate([y, np.zeros(n_neg, dtype=np.float32)]))
-            total = fmath.logistic_loss(logits, labels)
+            labels = np.concatenate([y, np.zeros(neg_u.size, dtype=np.float32)])
+            total = fmath.logistic_loss(logits, torch.from_numpy(labels))
             count = logits.shape[0]
         else:
             n_pos = pos.size
-            owner = np.repeat(np.arange(n_pos), k)[vmask]
-            diff = logits[:n_pos][torch.from_numpy(owner)] - logits[n_pos:]
+            owner = torch.from_numpy(np.repeat(np.arange(n_pos), k)[vmask])
+            diff = torch.index_select(logits[:n_pos], 0, owner) - logits[n_pos:]
             if cfg.loss == "bpr":
                 total = fmath.bpr_loss(diff)
             else:
@@ -528,7 +539,7 @@ class OnlineFM:
         """Everything needed to rebuild this model: JSON-able header and named arrays."""
         t, sp, us, it = self._table, self._space, self._users, self._items
         header: dict[str, Any] = {
-            "schema": self.schema.to_dict(),
+            "schema": [f.to_dict() for f in self.schema.fields],
             "config": asdict(self.config),
             "w0": self._w0,
             "w0_acc": self._w0_acc,
@@ -570,7 +581,11 @@ class OnlineFM:
     @classmethod
     def from_state(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> OnlineFM:
         """Inverse of :meth:`state` (raises KeyError/ValueError/ModelError on bad input)."""
-        schema = FeatureSchema.from_dict(header["schema"])
+        schema = FeatureSchema(
+            tuple(
+                FieldSpec(**{**f, "boundaries": tuple(f["boundaries"])}) for f in header["schema"]
+            )
+        )
         model = cls(schema, TrainConfig(**header["config"]))
         t, sp = model._table, model._space
         n_rows = int(header["table"]["n_rows"])

@@ -159,7 +159,11 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class FeatureSchema:
-    """The ordered fields of the FM; ``user_id`` and ``item_id`` are always present."""
+    """The fields of the FM; ``user_id`` and ``item_id`` are always present.
+
+    Fields are kept in a canonical order: user fields (``user_id`` first), item fields
+    (``item_id`` first), then context fields, each side in the order given.
+    """
 
     fields: tuple[FieldSpec, ...] = field(default_factory=tuple)
 
@@ -176,6 +180,10 @@ class FeatureSchema:
             fields = (FieldSpec(ITEM_ID, "item"), *fields)
         if USER_ID not in names:
             fields = (FieldSpec(USER_ID, "user"), *fields)
+        # canonical order (user, item, context; the id first on its side; otherwise as given):
+        # the layout of rows follows it, so equal schemas always build identical models
+        rank = {side: j for j, side in enumerate(SIDES)}
+        fields = tuple(sorted(fields, key=lambda f: (rank.get(f.side, 9), not f.is_id)))
         object.__setattr__(self, "fields", fields)
 
     @classmethod

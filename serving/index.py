@@ -94,6 +94,12 @@ def _empty_result(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _pad(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Normalise faiss' "missing" markers (-1, -FLT_MAX) to (-1, -inf) and pad to width k."""
     n, got = rows.shape
+    if got == k:  # the common case: no copy
+        missing = rows < 0
+        if missing.any():
+            scores = scores.copy()
+            scores[missing] = -np.inf
+        return scores, rows
     out_scores, out_rows = _empty_result(n, k)
     width = min(got, k)
     out_rows[:, :width] = rows[:, :width]
@@ -202,6 +208,7 @@ class HnswIndex(ItemIndex):
         self.ef_search = int(ef_search)
         self.ef_construction = int(ef_construction)
         self.overfetch = float(overfetch)
+        self._param_cache: dict[int, faiss.SearchParametersHNSW] = {}
         self._index = faiss.IndexHNSWFlat(xb.shape[1], self.m, faiss.METRIC_INNER_PRODUCT)
         self._index.hnsw.efConstruction = self.ef_construction
         started = time.perf_counter()
@@ -221,10 +228,19 @@ class HnswIndex(ItemIndex):
     def dim(self) -> int:
         return int(self._index.d)
 
+    def _params(self, ef: int) -> faiss.SearchParametersHNSW:
+        """Per-call search parameters (cached by efSearch): no shared mutable ``efSearch``
+        on the index, so concurrent searches with different widths are safe."""
+        params = self._param_cache.get(ef)
+        if params is None:
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+            if len(self._param_cache) < 64:
+                self._param_cache[ef] = params
+        return params
+
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         fetch = min(self.ntotal, max(k, int(np.ceil(k * self.overfetch))))
-        # Per-call parameters: no shared mutable efSearch, so concurrent searches are safe.
-        params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, fetch))
+        params = self._params(max(self.ef_search, fetch))
         _, cand = self._index.search(queries, fetch, params=params)
         return rescore(queries, self._vectors, cand.astype(np.int64, copy=False), k)
 
@@ -237,13 +253,18 @@ def rescore(
     Ties are broken by the lower row, so results are deterministic. ``-1`` candidates are missing.
     """
     valid = candidates >= 0
-    safe = np.where(valid, candidates, 0)
-    scores = np.einsum("nd,nkd->nk", queries, vectors[safe], optimize=False).astype(np.float32)
-    scores[~valid] = -np.inf
-    # lexsort: last key is primary -> by score descending, then row ascending.
-    order = np.lexsort((np.where(valid, safe, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
-    rows = np.take_along_axis(np.where(valid, candidates, -1), order, axis=1)
-    return np.take_along_axis(scores, order, axis=1), rows
+    all_valid = bool(valid.all())
+    safe = candidates if all_valid else np.where(valid, candidates, 0)
+    scores = np.einsum("nd,nkd->nk", queries, vectors[safe]).astype(np.float32, copy=False)
+    tie = safe
+    if not all_valid:
+        scores[~valid] = -np.inf
+        tie = np.where(valid, safe, np.iinfo(np.int64).max)
+    # lexsort: the last key is primary -> by score descending, then by row ascending.
+    order = np.lexsort((tie, -scores), axis=1)[:, :k]
+    at = np.arange(len(order))[:, None]
+    rows = candidates[at, order] if all_valid else np.where(valid, candidates, -1)[at, order]
+    return scores[at, order], rows
 
 
 def build_index(

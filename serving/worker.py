@@ -87,6 +87,7 @@ class Worker:
         self._swap_lock = threading.Lock()
         self.swaps = 0
         self.answered = 0
+        self.metrics = None  # a serving.metrics.WorkerMetrics while /metrics is served
 
     # --- hot swap --------------------------------------------------------------------------
 
@@ -129,7 +130,10 @@ class Worker:
         producer = make_producer(self.settings, linger_ms=0)
         consumer = make_consumer(self.settings, self.settings.serving_group,
                                  fetch_max_wait_ms=5, auto_offset_reset="latest",
-                                 max_poll_records=512)
+                                 max_poll_records=512,
+                                 session_timeout_ms=self.settings.worker_session_timeout_ms,
+                                 heartbeat_interval_ms=max(
+                                     300, self.settings.worker_session_timeout_ms // 4))
         consumer.subscribe([self.settings.topic_requests])
         dead = DeadLetters(producer, self.settings.topic_dlq)
         try:
@@ -139,12 +143,17 @@ class Worker:
                     ready.set()
                 if not records:
                     continue
-                for pending in self.handle(records, dead):
+                t0 = time.perf_counter()
+                pendings = self.handle(records, dead)
+                for pending in pendings:
                     producer.send(pending.reply_to, key=pending.request.request_id.encode(),
                                   value=dumps(pending.response))
                 producer.flush()
                 dead.flush()
                 consumer.commit()
+                if self.metrics is not None:
+                    self.metrics.batch_answered(records, pendings, dead.count,
+                                                time.perf_counter() - t0)
         finally:
             consumer.close(autocommit=False)
             producer.close()

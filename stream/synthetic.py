@@ -8,6 +8,7 @@ Profiles carry the cluster as a feature (``segment`` for users, ``category`` for
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ class SyntheticStream:
     clusters: int = 10
     affinity: float = 0.9
     seed: int = 0
-    start_ts: float = 1_700_000_000.0
+    start_ts: float | None = None  # event time of the first event; None: the last one is now
     events_per_s: float = 100.0
 
     def user_cluster(self, user_id: str) -> int:
@@ -47,6 +48,8 @@ class SyntheticStream:
     def events(self, n: int, *, chunk: int = 4096) -> Iterator[dict]:
         """``n`` ``fm.events`` messages, generated in vectorised chunks."""
         rng = np.random.default_rng(self.seed)
+        # default: the stream ends now, so event-time freshness reads sensibly after a replay
+        start = time.time() - n / self.events_per_s if self.start_ts is None else self.start_ts
         c = self.clusters
         per_cluster = -(-self.items // c)
         done = 0
@@ -64,7 +67,7 @@ class SyntheticStream:
                     "user_id": f"u{users[j]}",
                     "item_id": f"i{items[j]}",
                     "label": 1,
-                    "ts": self.start_ts + (done + j) / self.events_per_s,
+                    "ts": start + (done + j) / self.events_per_s,
                     "context": {"hour": str(hours[j])},
                 }
             done += size

@@ -2,10 +2,16 @@
 
 Guarantees (see README "Trainer guarantees"):
 - Each poll is decoded as a batch; unusable messages go to the dead-letter topic (acknowledged
-  before any checkpoint covers their offsets) and the valid ones around them are applied.
+  before any checkpoint covers their offsets) and the valid ones around them are applied. A
+  message the model rejects (stage ``apply``) is isolated by bisecting its batch.
 - Kafka positions live inside the model checkpoint. On start the newest valid checkpoint is
   restored and every partition is sought to its stored position, so an event is applied once
   even across kill -9. Group commits follow checkpoints (for lag monitoring) and never lead them.
+- One trainer per model holds the Redis lease (:mod:`stream.resilience` has the rules for Redis
+  outages). Because only the lease holder consumes, the trainer assigns itself every partition of
+  its topics instead of joining a group rebalance: a restart after kill -9 resumes at once instead
+  of waiting out the dead member's session. The group id names the committed offsets that
+  ``fmstream lag`` reads.
 """
 
 from __future__ import annotations
@@ -16,21 +22,30 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from kafka import ConsumerRebalanceListener
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from fmstream.settings import Settings
-from model.checkpoint import latest_checkpoint, save_checkpoint
-from model.errors import ModelError
+from model.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
+from model.errors import CheckpointError, ModelError
 from model.online import OnlineFM
-from stream.consume import DeadLetters, Decoded, decode_records, flatten, make_consumer
+from stream.consume import Decoded, decode_records, flatten, make_consumer
+from stream.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
 from stream.schemas import Event, ItemProfile, UserProfile
 
 log = logging.getLogger(__name__)
+
+ASSIGNMENT_REFRESH_S = 30.0
+"""How often the trainer looks for partitions added to its topics."""
+CHECKPOINT_RETRY_S = 1.0
+"""Wait before retrying a checkpoint that could not be written (broker or lease unconfirmed)."""
+PHASES = ("poll", "decode", "update", "publish", "checkpoint")
+"""The phases of :attr:`Trainer.timings` (cumulative seconds)."""
 
 
 class EventSink(Protocol):
@@ -80,14 +95,29 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def merge_profile(stored: dict | None, inline: dict | None) -> dict | None:
-    """Profile fields riding on an event update the stored profile; the event's fields win."""
+    """The profile after an event that carries profile fields inline (``"user": {...}``).
+
+    Inline fields update the stored profile field by field and the event's values win: the event
+    is the newer statement about the user or item. Fields the event does not mention keep their
+    stored values. Returns None when the event carries no profile fields (nothing to upsert).
+    """
     if not inline:
         return None
     return {**(stored or {}), **inline}
 
 
 class Trainer:
-    """Consumes events and profiles, updates the FM, checkpoints with the Kafka positions."""
+    """Consumes events and profiles, updates the FM, checkpoints with the Kafka positions.
+
+    Args:
+        settings: topics, group, checkpoint cadence and folder, message size limit.
+        dead_letter_producer: an idempotent producer (acks=all) for the dead-letter topic.
+        sink: the publisher (may also be set later through :attr:`sink`); Redis errors it raises
+            pause publishing, never training.
+        lease: the trainer lease (``serving.lease.Lease``), held by the caller; renewed here.
+        renew_lease: instead of ``lease``, a bare renew callable (tests; TTL ``lease_ttl_s``).
+        new_model: builds the model when there is no checkpoint.
+    """
 
     def __init__(
         self,
@@ -95,13 +125,18 @@ class Trainer:
         *,
         dead_letter_producer,
         sink: EventSink | None = None,
+        lease=None,
         renew_lease: Callable[[], None] | None = None,
+        lease_ttl_s: float = 15.0,
         new_model: Callable[[], OnlineFM],
     ) -> None:
         self.settings = settings
+        self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._sink: GuardedSink | None = None
         self.sink = sink
-        self._renew_lease = renew_lease or (lambda: None)
-        restored = latest_checkpoint(settings.checkpoint_dir)
+        self.metrics = None  # a stream.metrics.TrainerMetrics while /metrics is served
+        self._own_checkpoint: str | None = None
+        restored = self._restore()
         if restored is None:
             self.model = new_model()
             self.progress = Progress()
@@ -109,51 +144,139 @@ class Trainer:
         else:
             self.model, meta = restored
             self.progress = Progress.from_metadata(meta)
-            log.info("restored checkpoint: %d events applied", self.progress.events_applied)
-        self.dead_letters = DeadLetters(dead_letter_producer, settings.topic_dlq)
+            log.info("restored checkpoint %s: %d events applied", self._own_checkpoint,
+                     self.progress.events_applied)
+        if lease is not None:
+            # Lease keeps its TTL private; read it so the keeper never outlives the real lease.
+            ttl_s = getattr(lease, "ttl_s", None) or lease._ttl_ms / 1000.0
+            self.lease = LeaseKeeper(lease.renew, ttl_s, try_acquire=lease.try_acquire,
+                                     may_reacquire=self._newest_checkpoint_is_ours)
+        else:
+            self.lease = LeaseKeeper(renew_lease or (lambda: None), lease_ttl_s)
+        self.dead_letters = DeadLetterOutbox(dead_letter_producer, settings.topic_dlq)
         self._dead_letters_restored = self.progress.dead_letters
-        self.consumer = make_consumer(settings, settings.trainer_group)
         self.topics = (settings.topic_users, settings.topic_items, settings.topic_events)
-        self.consumer.subscribe(list(self.topics), listener=_SeekToCheckpoint(self))
+        self.consumer = make_consumer(settings, settings.trainer_group)
+        self._assigned: set[TopicPartition] = set()
+        self._assigned_at = 0.0
+        self.refresh_assignment()
+        self.paused = False  # True while the lease is not provably ours (Redis outage)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        self._checkpoint_retry_at = 0.0
+
+    @property
+    def sink(self) -> GuardedSink | None:
+        """The publisher, wrapped so that Redis outages pause publishing but not training."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: EventSink | None) -> None:
+        self._sink = None if sink is None else (
+            sink if isinstance(sink, GuardedSink) else GuardedSink(sink))
+
+    def _restore(self) -> tuple[OnlineFM, dict[str, Any]] | None:
+        """The newest checkpoint that loads (corrupt ones are skipped and logged)."""
+        for path in reversed(checkpoint_files(self.settings.checkpoint_dir)):
+            try:
+                restored = load_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("skipping unusable checkpoint %s: %s", path, exc)
+                continue
+            self._own_checkpoint = path.name
+            return restored
+        return None
+
+    def _newest_checkpoint_is_ours(self) -> bool:
+        """Nobody else wrote a checkpoint since our last one (safe to re-take an expired lease)."""
+        files = checkpoint_files(Path(self.settings.checkpoint_dir))
+        return (files[-1].name if files else None) == self._own_checkpoint
+
+    # --- partitions -----------------------------------------------------------------------
+
+    def refresh_assignment(self) -> None:
+        """Assign every partition of the trainer's topics; new ones start at the checkpoint."""
+        self._assigned_at = time.monotonic()
+        found = set(self._assigned)
+        for topic in self.topics:
+            parts = self.consumer.partitions_for_topic(topic)
+            if not parts:
+                log.warning("topic %s has no partitions (yet); looking again in %.0f s",
+                            topic, ASSIGNMENT_REFRESH_S)
+            found.update(TopicPartition(topic, p) for p in parts or ())
+        new = sorted(found - self._assigned)
+        if not new:
+            return
+        self.consumer.assign(sorted(found))
+        self._assigned = found
+        self.seek_assigned(new)
+        log.info("assigned %d partitions (%d new)", len(found), len(new))
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> Progress:
-        """Train until ``stop`` is set (or nothing arrives for ``idle_exit_s``), then checkpoint."""
+        """Train until ``stop`` is set (or nothing arrives for ``idle_exit_s``), then checkpoint.
+
+        Raises:
+            LeaseLost: another trainer holds the lease; nothing was written after that.
+        """
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
                 n = self.step()
                 now = time.monotonic()
-                if n:
+                if n or self.paused:
                     idle_since = now
                 elif idle_exit_s is not None and now - idle_since > idle_exit_s:
                     break
-            self.checkpoint()
+            if not self.checkpoint(final=True):
+                log.error("stopping without a final checkpoint: the events since the last one "
+                          "will be applied again by the next trainer (exactly once in its model)")
         finally:
             self.consumer.close(autocommit=False)
         return self.progress
 
     def step(self, timeout_ms: int = 200) -> int:
         """One poll: decode, apply, maybe checkpoint and publish. Returns records consumed."""
-        self._renew_lease()
+        if not self.lease.keep():
+            # Not provably ours any more (Redis away past the TTL): consume nothing, write nothing.
+            if not self.paused:
+                log.warning("trainer lease unconfirmed for its whole TTL: pausing until Redis "
+                            "answers")
+            self.paused = True
+            time.sleep(min(0.2, timeout_ms / 1000))
+            return 0
+        self.paused = False
+        if time.monotonic() - self._assigned_at >= ASSIGNMENT_REFRESH_S:
+            self.refresh_assignment()
+        t0 = time.perf_counter()
         records = flatten(self.consumer.poll(timeout_ms=timeout_ms))
+        self.timings["poll"] += time.perf_counter() - t0
         if records:
+            t0 = time.perf_counter()
             self.apply_records(records)
-        due = self._since_checkpoint >= self.settings.checkpoint_every_events or (
-            self._since_checkpoint and time.monotonic() - self._last_checkpoint
-            >= self.settings.checkpoint_every_s
-        )
-        if due:
+            if self.metrics is not None:
+                self.metrics.batch_applied(self, records, time.perf_counter() - t0)
+        if self._checkpoint_due():
             self.checkpoint()
-        if self.sink is not None:
-            self.sink.tick(time.time())
+        if self._sink is not None:
+            t0 = time.perf_counter()
+            self._sink.tick(time.time())
+            self.timings["publish"] += time.perf_counter() - t0
         return len(records)
+
+    def _checkpoint_due(self) -> bool:
+        if not self._since_checkpoint:
+            return False
+        now = time.monotonic()
+        if now < self._checkpoint_retry_at:
+            return False
+        return (self._since_checkpoint >= self.settings.checkpoint_every_events
+                or now - self._last_checkpoint >= self.settings.checkpoint_every_s)
 
     def apply_records(self, records: list[ConsumerRecord]) -> None:
         """Apply one polled batch: profiles first, then events as one model update."""
+        t0 = time.perf_counter()
         by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
         for r in records:
             by_topic[r.topic].append(r)
@@ -164,14 +287,10 @@ class Trainer:
                                self.dead_letters, max_bytes=limit)
         events = decode_records(by_topic[self.settings.topic_events], Event,
                                 self.dead_letters, max_bytes=limit)
-        if users:
-            ids = [d.message.user_id for d in users]
-            self.model.upsert_users(ids, [d.message.features for d in users])
-            if self.sink is not None:
-                self.sink.profiles_changed(ids)
-        if items:
-            self.model.upsert_items([d.message.item_id for d in items],
-                                    [d.message.features for d in items])
+        t1 = time.perf_counter()
+        self.timings["decode"] += t1 - t0
+        users = self._apply_profiles(users, self.model.upsert_users, "user_id")
+        items = self._apply_profiles(items, self.model.upsert_items, "item_id")
         applied = self._apply_events(events)
         for r in records:
             self.progress.positions[tp_key(r.topic, r.partition)] = r.offset + 1
@@ -180,27 +299,52 @@ class Trainer:
             self.progress.applied[key] = self.progress.applied.get(key, 0) + 1
         self.progress.dead_letters = self._dead_letters_restored + self.dead_letters.count
         self._since_checkpoint += len(records)
-        if applied and self.sink is not None:
-            self.sink.applied([d.message for d in applied])
+        t2 = time.perf_counter()
+        self.timings["update"] += t2 - t1
+        if self._sink is not None:
+            if users:
+                self._sink.profiles_changed([d.message.user_id for d in users])
+            if applied:
+                self._sink.applied([d.message for d in applied])
+            self.timings["publish"] += time.perf_counter() - t2
+
+    def _apply_profiles(self, decoded: list[Decoded], upsert, id_field: str) -> list[Decoded]:
+        """Upsert profiles; a profile the model rejects is dead-lettered (stage ``apply``)."""
+        return self._isolating(
+            decoded,
+            lambda ds: upsert([getattr(d.message, id_field) for d in ds],
+                              [d.message.features for d in ds]),
+        )
 
     def _apply_events(self, events: list[Decoded[Event]]) -> list[Decoded[Event]]:
-        """Update the model with ``events``; isolate and dead-letter any the model rejects."""
-        if not events:
+        """Update the model with ``events`` (inline profiles first) as one mini-batch."""
+
+        def apply(ds: list[Decoded[Event]]) -> None:
+            messages = [d.message for d in ds]
+            self._upsert_inline_profiles(messages)
+            self._learn(messages)
+
+        return self._isolating(events, apply)
+
+    def _isolating(self, decoded: list[Decoded], apply: Callable[[list[Decoded]], None]
+                   ) -> list[Decoded]:
+        """``apply(decoded)``; if the model rejects the batch, bisect it to find the bad messages.
+
+        The model validates a whole batch before changing anything, so a rejected batch left no
+        trace; halves are applied in order, each bad message is dead-lettered (stage ``apply``).
+        Cost: about ``2 * bad * log2(batch)`` extra calls, not one per message.
+        """
+        if not decoded:
             return []
-        self._upsert_inline_profiles([d.message for d in events])
         try:
-            self._learn([d.message for d in events])
-            return events
-        except ModelError:
-            log.exception("batch of %d rejected by the model; applying one by one", len(events))
-        good = []
-        for d in events:
-            try:
-                self._learn([d.message])
-                good.append(d)
-            except ModelError as exc:
-                self.dead_letters.send(d.record, "apply", exc, str(exc))
-        return good
+            apply(decoded)
+            return decoded
+        except ModelError as exc:
+            if len(decoded) == 1:
+                self.dead_letters.send(decoded[0].record, "apply", exc, str(exc))
+                return []
+        mid = len(decoded) // 2
+        return self._isolating(decoded[:mid], apply) + self._isolating(decoded[mid:], apply)
 
     def _upsert_inline_profiles(self, events: Sequence[Event]) -> None:
         for side, attr, upsert, profile_of in (
@@ -232,30 +376,61 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
 
-    def checkpoint(self) -> None:
-        """Write model + positions atomically, then commit the same positions to the group."""
-        self.dead_letters.flush()  # a dead letter is acked before a checkpoint covers it
-        self._renew_lease()  # never write after losing the lease to another trainer
-        save_checkpoint(self.settings.checkpoint_dir, self.model, self.progress.to_metadata())
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
+    def checkpoint(self, *, final: bool = False) -> bool:
+        """Write model + positions atomically, then commit the same positions to the group.
+
+        Nothing is written (returns False, retried later) while a dead letter it would cover is
+        not acknowledged (broker away) or while the lease is not provably ours (Redis away past
+        the TTL). ``final``: the checkpoint at shutdown; waits longer and commits synchronously.
+
+        Raises:
+            LeaseLost: another trainer holds the lease (write nothing more, stop).
+        """
+        t0 = time.perf_counter()
+        try:
+            if not self.dead_letters.flush(timeout=30.0 if final else 5.0):
+                log.warning("checkpoint deferred: %d dead letters not acknowledged by the broker",
+                            self.dead_letters.pending)
+                return self._defer_checkpoint()
+            if not self.lease.keep(force=True):  # never write after the lease may have passed on
+                log.warning("checkpoint deferred: the trainer lease is not provably ours")
+                return self._defer_checkpoint()
+            path = save_checkpoint(self.settings.checkpoint_dir, self.model,
+                                   self.progress.to_metadata())
+            self._own_checkpoint = path.name
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+            self._commit(final)
+            if self._sink is not None:
+                self._sink.checkpointed(self.progress)
+            return True
+        finally:
+            self.timings["checkpoint"] += time.perf_counter() - t0
+
+    def _defer_checkpoint(self) -> bool:
+        self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S
+        return False
+
+    def _commit(self, final: bool) -> None:
+        """Commit the checkpointed positions for lag monitoring (the checkpoint is authoritative)."""
         offsets = {}
-        assigned = self.consumer.assignment()
         for key, pos in self.progress.positions.items():
             topic, part = key.rsplit("|", 1)
             tp = TopicPartition(topic, int(part))
-            if tp in assigned:
+            if tp in self._assigned:
                 offsets[tp] = OffsetAndMetadata(pos, "", -1)
-        if offsets:
-            try:
-                self.consumer.commit(offsets)
-            except Exception as exc:  # the checkpoint is authoritative; a failed commit only delays lag
-                log.warning("group commit failed (checkpoint is safe): %s", exc)
-        if self.sink is not None:
-            self.sink.checkpointed(self.progress)
+        if not offsets:
+            return
+        try:
+            if final:
+                self.consumer.commit(offsets, timeout_ms=10_000)
+            else:  # never stall training on a slow coordinator
+                self.consumer.commit_async(offsets, callback=_log_commit_failure)
+        except KafkaError as exc:
+            log.warning("group commit failed (the checkpoint is safe): %r", exc)
 
     def seek_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        """Position newly assigned partitions at the checkpoint (or the beginning)."""
+        """Position ``assigned`` partitions at the checkpoint (or the beginning)."""
         for tp in assigned:
             pos = self.progress.positions.get(tp_key(tp.topic, tp.partition))
             if pos is None:
@@ -264,13 +439,6 @@ class Trainer:
                 self.consumer.seek(tp, pos)
 
 
-class _SeekToCheckpoint(ConsumerRebalanceListener):
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    def on_partitions_revoked(self, revoked) -> None:
-        if revoked:
-            self.trainer.checkpoint()
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.trainer.seek_assigned(list(assigned))
+def _log_commit_failure(offsets, response) -> None:
+    if isinstance(response, Exception):
+        log.warning("group commit failed (the checkpoint is safe): %r", response)

@@ -1,0 +1,293 @@
+"""What keeps the trainer going through outages: the lease keeper, the dead-letter outbox and the
+guarded sink.
+
+The trainer's rules (README "Trainer guarantees"):
+
+- **Lease.** The Redis lease (``serving/lease.py``) says which trainer may write checkpoints. The
+  trainer renews it about once a second. A renewal that *succeeded*, sent at time ``t``, proves
+  the lease is ours until ``t + ttl``: nobody else can take it before it expires. So during a
+  Redis outage the trainer keeps training and checkpointing until ``t + ttl - margin``; past that
+  it pauses (no polls, no dead letters, no checkpoints) and retries Redis. When Redis answers:
+  the lease still ours, or free again with the newest checkpoint on disk still our own, means
+  carry on; anyone else holding it raises :class:`~serving.lease.LeaseLost` and the trainer
+  stops without writing. Checkpoints hold the model and its Kafka positions together, so even a
+  stale writer could not make an event count twice; the lease keeps two trainers from wasting
+  work, duplicating dead letters and publishing over each other.
+- **Dead letters.** A dead letter is kept by :class:`DeadLetterOutbox` until the broker
+  acknowledged it, and re-sent if its delivery failed (a broker outage longer than the
+  producer's delivery timeout); a checkpoint is written only after every dead letter it covers
+  is acknowledged.
+- **Publishing.** Redis errors from the publisher never stop training: :class:`GuardedSink`
+  skips publishing while Redis is down (backing off), keeps the applied events whose history
+  write failed (bounded) and replays them when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from kafka import KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+
+from serving.lease import LeaseLost
+from stream.schemas import DeadLetter, dumps
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class LeaseKeeper:
+    """Renews the trainer lease and tells whether the trainer may still consume and checkpoint.
+
+    Args:
+        renew: extends the lease; raises :class:`LeaseLost` when someone else holds it and
+            ``redis.RedisError`` when Redis cannot be reached.
+        ttl_s: the lease's time to live.
+        try_acquire: takes the lease if it is free (used after it expired during an outage).
+        may_reacquire: whether re-taking a lease that expired is safe (the trainer checks that
+            the newest checkpoint on disk is still its own: nobody trained in between).
+        renew_every_s: renewal cadence (a Redis round trip each).
+        margin_s: safety margin subtracted from the TTL (clock drift, a slow checkpoint write).
+    """
+
+    def __init__(
+        self,
+        renew: Callable[[], Any],
+        ttl_s: float,
+        *,
+        try_acquire: Callable[[], bool] | None = None,
+        may_reacquire: Callable[[], bool] = lambda: True,
+        renew_every_s: float = 1.0,
+        margin_s: float = 2.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._renew = renew
+        self._try_acquire = try_acquire
+        self._may_reacquire = may_reacquire
+        self.ttl_s = ttl_s
+        self._every = min(renew_every_s, ttl_s / 4)
+        self._margin = min(margin_s, ttl_s / 4)
+        self._clock = clock
+        now = clock()
+        self._proven_at = now  # send time of the last successful renewal (acquire counts)
+        self._tried_at = now
+        self.down_since: float | None = None  # when Redis stopped answering (None: it answers)
+
+    @property
+    def valid(self) -> bool:
+        """Whether the lease is provably ours now (last successful renewal + TTL - margin)."""
+        return self._clock() < self._proven_at + self.ttl_s - self._margin
+
+    def keep(self, force: bool = False) -> bool:
+        """Renew when due (or ``force``); returns :attr:`valid`.
+
+        Raises:
+            LeaseLost: another instance holds the lease (stop without writing anything).
+        """
+        now = self._clock()
+        if force or now - self._tried_at >= self._every:
+            self._tried_at = now
+            self._attempt(now)
+        return self.valid
+
+    def _attempt(self, sent_at: float) -> None:
+        try:
+            try:
+                self._renew()
+            except LeaseLost:
+                if self._try_acquire is None or not self._may_reacquire():
+                    raise
+                if not self._try_acquire():
+                    raise
+                log.warning("trainer lease had expired (Redis outage?); took it again")
+        except redis.RedisError as exc:
+            if self.down_since is None:
+                self.down_since = sent_at
+                log.warning("cannot renew the trainer lease (%r); training on while it is "
+                            "provably ours (%.1f s left)", exc, self.remaining_s())
+            return
+        if self.down_since is not None:
+            log.warning("Redis answers again after %.1f s; lease renewed",
+                        sent_at - self.down_since)
+            self.down_since = None
+        self._proven_at = sent_at
+
+    def remaining_s(self) -> float:
+        """Seconds the lease is still provably ours (negative: expired, or maybe someone's)."""
+        return self._proven_at + self.ttl_s - self._margin - self._clock()
+
+
+class DeadLetterOutbox:
+    """The dead-letter sink of the trainer: a letter stays here until the broker acked it.
+
+    Same interface as :class:`stream.consume.DeadLetters` (``send``, ``flush``, ``count``), but
+    :meth:`flush` returns False instead of raising when the broker is away, and re-sends any
+    letter whose delivery failed, so a checkpoint never covers an unacknowledged dead letter.
+    """
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._pending: list[list[Any]] = []  # [key, value, future | None]
+        self.count = 0
+        try:  # learn the topic's partitions now, so send() never blocks on metadata later
+            producer.partitions_for(topic)
+        except KafkaError as exc:
+            log.warning("no metadata for the dead-letter topic %s yet: %r", topic, exc)
+
+    def send(self, record: ConsumerRecord, stage: str, error: BaseException, reason: str) -> None:
+        """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
+        key = record.key.decode("utf-8", "replace") if record.key else None
+        letter = DeadLetter(
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            source_timestamp_ms=record.timestamp,
+            stage=stage,  # type: ignore[arg-type]
+            error_class=type(error).__name__,
+            reason=reason[:2000],
+            key=key,
+            value_b64=base64.b64encode(record.value or b"").decode("ascii"),
+        )
+        entry = [record.key, dumps(letter), None]
+        self._send(entry)
+        self._pending.append(entry)
+        self.count += 1
+        log.warning("dead letter %s[%d]@%d (%s): %s",
+                    record.topic, record.partition, record.offset, stage, reason[:200])
+
+    def _send(self, entry: list[Any]) -> None:
+        try:
+            entry[2] = self._producer.send(self._topic, key=entry[0], value=entry[1])
+        except KafkaError as exc:  # e.g. metadata unavailable: keep it, flush() re-sends
+            log.warning("dead letter not sent yet (%r); will retry", exc)
+            entry[2] = None
+
+    @property
+    def pending(self) -> int:
+        """Dead letters not yet acknowledged by the broker."""
+        return len(self._pending)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued letter is acknowledged; False if not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            for entry in self._pending:
+                future = entry[2]
+                if future is None or future.failed():
+                    if future is not None:
+                        log.warning("dead letter delivery failed (%r); re-sending",
+                                    future.exception)
+                    self._send(entry)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                self._producer.flush(timeout=left)
+            except KafkaError:
+                return False
+            self._pending = [e for e in self._pending if not (e[2] is not None
+                                                              and e[2].succeeded())]
+            if self._pending and time.monotonic() < deadline:
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return True
+
+
+class GuardedSink:
+    """Wraps the publisher so that a Redis outage pauses publishing instead of training.
+
+    After a Redis error the sink is *down* for ``backoff_s`` (doubling up to ``max_backoff_s``):
+    ticks are skipped and applied events are queued (at most ``max_queued`` events; the oldest
+    are dropped beyond that, with a warning). The first call after the backoff tries again; when
+    it works the queued events are handed to the sink first, in order.
+    """
+
+    def __init__(self, sink: Any, *, backoff_s: float = 0.5, max_backoff_s: float = 5.0,
+                 max_queued: int = 200_000, clock: Clock = time.monotonic) -> None:
+        self.sink = sink
+        self._backoff0 = backoff_s
+        self._backoff = backoff_s
+        self._max_backoff = max_backoff_s
+        self._clock = clock
+        self._retry_at = 0.0
+        self._queued: deque[Sequence[Any]] = deque()
+        self._n_queued = 0
+        self._max_queued = max_queued
+        self.dropped = 0
+        self.down_since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> bool:
+        now = self._clock()
+        if self.down_since is not None and now < self._retry_at:
+            return False
+        try:
+            if self._queued:
+                self._drain()
+            fn(*args)
+        except redis.RedisError as exc:
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("publisher: Redis unavailable (%r) in %s; training goes on, "
+                            "publishing resumes when Redis answers", exc, what)
+            else:
+                self._backoff = min(self._backoff * 2, self._max_backoff)
+            self._retry_at = now + self._backoff
+            return False
+        if self.down_since is not None:
+            log.warning("publisher: Redis answers again after %.1f s", now - self.down_since)
+            self.down_since = None
+            self._backoff = self._backoff0
+        return True
+
+    def _drain(self) -> None:
+        while self._queued:
+            batch = self._queued[0]
+            self.sink.applied(batch)
+            self._queued.popleft()
+            self._n_queued -= len(batch)
+
+    def _queue(self, events: Sequence[Any]) -> None:
+        self._queued.append(events)
+        self._n_queued += len(events)
+        while self._n_queued > self._max_queued and len(self._queued) > 1:
+            old = self._queued.popleft()
+            self._n_queued -= len(old)
+            self.dropped += len(old)
+            log.warning("publisher: dropped the history of %d events queued during the Redis "
+                        "outage (over %d queued)", len(old), self._max_queued)
+
+    def applied(self, events: Sequence[Any]) -> None:
+        if not self._call("applied", self.sink.applied, events):
+            self._queue(events)
+
+    def profiles_changed(self, user_ids: Sequence[str]) -> None:
+        # In memory only in the publisher; never lose it to an outage.
+        self.sink.profiles_changed(user_ids)
+
+    def checkpointed(self, progress: Any) -> None:
+        self._call("checkpointed", self.sink.checkpointed, progress)
+
+    def tick(self, now: float) -> None:
+        self._call("tick", self.sink.tick, now)
+
+
+def lease_client(settings: Any, timeout_s: float = 2.0) -> redis.Redis:
+    """A Redis client for the lease: short timeouts, one retry, so that a Redis that hangs
+    (rather than refuses) cannot hold a renewal for longer than a few seconds of the TTL."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))

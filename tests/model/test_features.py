@@ -1,0 +1,216 @@
+"""Encoding and online vocabularies: tokens, growth, fallback rows, admission, expiry."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from model import FeatureError, FeatureSchema, OnlineFM, TrainConfig
+from model.features import FeatureSpace, bucketize, canon, stable_hash, tokenize_column
+from model.optim import RowTable
+from model.schema import FieldSpec
+
+
+def _fm(schema: FeatureSchema, **kw) -> OnlineFM:
+    return OnlineFM(schema, TrainConfig(**{"dim": 4, "negatives": 1, **kw}))
+
+
+def _row(fm: OnlineFM, field: str, value: str) -> int:
+    sp = fm._space
+    i = sp.index_of[field]
+    key = sp.vocab[i].get(value, int(sp.fallback_key[i]))
+    return int(sp.key_row[key])
+
+
+def _fallback_row(fm: OnlineFM, field: str) -> int:
+    return int(fm._space.fallback_row[fm._space.index_of[field]])
+
+
+def test_canon_and_hash_are_stable() -> None:
+    assert canon("x") == "x"
+    assert canon(3) == "3" and canon(3.0) == "3" and canon(2.5) == "2.5"
+    assert canon(True) == "true" and canon(np.int64(7)) == "7"
+    with pytest.raises(FeatureError):
+        canon([1])
+    # blake2b: the same bucket in every process (not Python's salted hash)
+    digest = hashlib.blake2b(b"hello", digest_size=8).digest()
+    assert stable_hash("hello", 1000) == int.from_bytes(digest, "little") % 1000 == 191
+    assert stable_hash("94110", 200) == 68  # pinned: changing the hash remaps every model
+    assert 0 <= stable_hash("zip-94110", 7) < 7
+
+
+def test_bucketize_edges() -> None:
+    b = (18.0, 25.0)
+    assert bucketize(b, np.array([-1, 17.9, 18, 24.9, 25, 99])).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_tokenize_kinds_and_errors() -> None:
+    multi = FieldSpec("g", "item", "multi")
+    assert tokenize_column(multi, [["a", "b", "a"], "c", [], None, [1, 2.0]]) == [
+        ["a", "b"], ["c"], None, None, ["1", "2"]]
+    num = FieldSpec("age", "user", "numeric", boundaries=(10.0, 20.0))
+    assert tokenize_column(num, [5, "15", None, float("nan"), 25.0]) == [0, 1, None, None, 2]
+    with pytest.raises(FeatureError, match="age"):
+        tokenize_column(num, ["old"])
+    cat = FieldSpec("c", "user")
+    with pytest.raises(FeatureError, match="multi"):
+        tokenize_column(cat, [["a"]])
+    hashed = FieldSpec("z", "user", hash_buckets=5)
+    assert tokenize_column(hashed, ["abc"]) == [stable_hash("abc", 5)]
+
+
+def test_multi_values_weigh_one_over_n() -> None:
+    schema = FeatureSchema.from_dict({"item": {"genres": {"kind": "multi"}}})
+    fm = _fm(schema)
+    fm.upsert_items(["i1", "i2"], [{"genres": ["a", "b", "c", "a"]}, {"genres": "solo"}])
+    keys, w = fm._items.keys_of(np.array([0, 1]))
+    assert w[0].tolist() == pytest.approx([1.0, 1 / 3, 1 / 3, 1 / 3])
+    assert w[1].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
+    assert keys[1, 2] == 0  # padding
+
+
+def test_new_value_mid_stream_gets_its_own_row() -> None:
+    schema = FeatureSchema.from_dict({"context": {"hour": {}}})
+    fm = _fm(schema)
+    fm.learn_many(["u1"], ["i1"], contexts=[{"hour": "1"}], ts=[1.0])
+    assert _row(fm, "hour", "1") != _fallback_row(fm, "hour")
+    assert _row(fm, "hour", "2") == _fallback_row(fm, "hour")  # unseen
+    before = fm.score(["u1"], ["i1"], [{"hour": "2"}])
+    fm.score(["u1"], ["i1"], [{"hour": "3"}])  # scoring never creates anything
+    assert "3" not in fm._space.vocab[fm._space.index_of["hour"]]
+    fm.learn_many(["u2"], ["i2"], contexts=[{"hour": "2"}], ts=[2.0])
+    r2 = _row(fm, "hour", "2")
+    assert r2 not in (_fallback_row(fm, "hour"), _row(fm, "hour", "1"))
+    assert fm.has_user("u2") and fm.has_item("i2")
+    assert before.shape == (1,)
+
+
+def test_growth_is_amortised_by_doubling() -> None:
+    fm = _fm(FeatureSchema.ids_only(), negatives=0)
+    caps = set()
+    for start in range(0, 6000, 500):
+        ids = [f"u{j}" for j in range(start, start + 500)]
+        fm.learn_many(ids, ids, ts=np.full(500, 1.0))
+        caps.add(fm._table.capacity)
+    # 12000 new rows over 12 batches: only a handful of reallocations, each a doubling
+    assert all(b == 2 * a for a, b in zip(sorted(caps), sorted(caps)[1:], strict=False))
+    assert len(caps) <= 5
+    assert fm._table.n_live >= 12000
+
+
+def test_admission_after_min_count_sightings() -> None:
+    schema = FeatureSchema.from_dict({"user": {"user_id": {"min_count": 3}, "city": {"min_count": 2}}})
+    fm = _fm(schema)
+    fm.upsert_users(["a"], [{"city": "paris"}])
+    fb_user = _fallback_row(fm, "user_id")
+    sp = fm._space
+    key_a = int(fm._users.ent_key[fm._users.index["a"]])
+    for k in range(2):
+        fm.learn_many(["a"], ["i"], ts=[float(k)])
+        assert sp.key_row[key_a] == fb_user  # 1, 2 sightings: still the fallback
+    assert _row(fm, "city", "paris") != _fallback_row(fm, "city")  # admitted at 2 sightings
+    fm.learn_many(["a"], ["i"], ts=[3.0])
+    assert sp.key_row[key_a] != fb_user  # third sighting: its own row
+    # sightings within one batch count too
+    fm.learn_many(["b", "b", "b"], ["i", "i", "i"], ts=[4.0, 4.0, 4.0])
+    key_b = int(fm._users.ent_key[fm._users.index["b"]])
+    assert sp.key_row[key_b] != fb_user
+
+
+def test_unadmitted_values_share_the_learned_fallback() -> None:
+    schema = FeatureSchema.from_dict({"user": {"user_id": {"min_count": 1000}}})
+    fm = _fm(schema, lr=0.1)
+    fb = _fallback_row(fm, "user_id")
+    before = fm._table.params[fb].copy()
+    fm.learn_many([f"u{j}" for j in range(50)], ["i"] * 50, ts=np.ones(50))
+    assert not np.array_equal(before, fm._table.params[fb])  # trained by unadmitted users
+    e = fm.user_vectors(["u1", "u2", "never-seen"])
+    assert np.array_equal(e[0], e[1]) and np.array_equal(e[0], e[2])
+
+
+def test_expiry_reuses_and_resets_rows() -> None:
+    schema = FeatureSchema.from_dict({"user": {"user_id": {"expire_after_s": 100.0}}})
+    fm = _fm(schema, lr=0.5)
+    sp, table = fm._space, fm._table
+    fm.learn_many(["old"], ["i"], ts=[0.0])
+    key_old = int(fm._users.ent_key[fm._users.index["old"]])
+    row_old = int(sp.key_row[key_old])
+    assert row_old != _fallback_row(fm, "user_id")
+    for t in range(1, 5):  # train the row a little
+        fm.learn_many(["old"], ["i"], ts=[float(t)])
+    trained = table.params[row_old].copy()
+    # "i" keeps being seen, "old" does not: after > 100 s it expires and its row is freed
+    fm.learn_many(["other"], ["i"], ts=[200.0])
+    assert sp.key_row[key_old] == _fallback_row(fm, "user_id")
+    assert sp.n_expired >= 1
+    assert fm.has_user("old")  # the catalog keeps the user; only the row went back
+    # the freed row is handed to the next new value, reset (w = 0, fresh v, zero accumulators)
+    n_rows = table.n_rows
+    fm.learn_many(["newcomer"], ["i"], ts=[201.0])
+    key_new = int(fm._users.ent_key[fm._users.index["newcomer"]])
+    assert int(sp.key_row[key_new]) == row_old
+    assert table.n_rows == n_rows  # no new row allocated
+    assert not np.array_equal(table.params[row_old], trained)
+    # "old" comes back: admitted again with a fresh row
+    fm.learn_many(["old"], ["i"], ts=[202.0])
+    assert sp.key_row[key_old] != _fallback_row(fm, "user_id")
+
+
+def test_hashed_and_numeric_fields_have_fixed_rows() -> None:
+    schema = FeatureSchema.from_dict(
+        {"user": {"zip": {"hash_buckets": 4}, "age": {"kind": "numeric", "boundaries": [30]}}}
+    )
+    fm = _fm(schema)
+    n0 = fm._table.n_rows
+    fm.upsert_users([f"u{j}" for j in range(20)], [{"zip": f"z{j}", "age": j * 3} for j in range(20)])
+    assert fm._table.n_rows == n0  # no rows for profiles; only events admit ids
+    keys, _ = fm._users.keys_of(np.arange(20))
+    zips = {int(k) for k in keys[:, 1:].ravel()} - {0}
+    base_zip = int(fm._space.base_key[fm._space.index_of["zip"]])
+    base_age = int(fm._space.base_key[fm._space.index_of["age"]])
+    assert zips <= set(range(base_zip, base_zip + 4)) | {base_age, base_age + 1}
+
+
+def test_hashed_ids_need_no_vocabulary() -> None:
+    schema = FeatureSchema.from_dict({"user": {"user_id": {"hash_buckets": 16}}})
+    fm = _fm(schema)
+    fm.learn_many(["a", "b"], ["i", "j"], ts=[1.0, 2.0])
+    e1 = fm.user_vectors(["zzz"])  # unknown, hashed: its bucket, deterministic
+    e2 = fm.user_vectors(["zzz"])
+    assert np.array_equal(e1, e2)
+
+
+def test_bad_profile_changes_nothing() -> None:
+    schema = FeatureSchema.from_dict({"user": {"age": {"kind": "numeric", "boundaries": [1]},
+                                               "city": {}}})
+    fm = _fm(schema)
+    n_keys = fm._space.n_keys
+    with pytest.raises(FeatureError, match="age"):
+        fm.upsert_users(["a", "b"], [{"city": "new-city"}, {"age": "not a number"}])
+    assert fm._space.n_keys == n_keys
+    assert not fm.has_user("a")
+    with pytest.raises(FeatureError):
+        fm.upsert_users(["a"], ["not a dict"])  # type: ignore[list-item]
+
+
+def test_profile_replace_merge_and_unknown_fields() -> None:
+    schema = FeatureSchema.from_dict({"user": {"gender": {}, "city": {}}})
+    fm = _fm(schema)
+    fm.upsert_users(["a"], [{"gender": "F", "city": "rome", "shoe": 42}])
+    assert fm.user_profile("a") == {"gender": "F", "city": "rome"}  # unknown field ignored
+    fm.upsert_users(["a"], [{"city": "oslo"}], merge=True)
+    assert fm.user_profile("a") == {"gender": "F", "city": "oslo"}
+    fm.upsert_users(["a"], [{"city": "lima"}])  # replace
+    assert fm.user_profile("a") == {"city": "lima"}
+    fm.upsert_users(["a", "a"], [{"gender": "M"}, {"city": None}], merge=True)
+    assert fm.user_profile("a") == {"gender": "M"}  # in order; None removes a field
+
+
+def test_feature_space_is_independent_of_rows() -> None:
+    table = RowTable(2, 0.1, np.random.default_rng(0))
+    space = FeatureSpace(FeatureSchema.from_dict({"user": {"c": {}}}), table)
+    keys, w = space.encode("user", [{"c": "x"}, {"c": "x"}, {}], create=True)
+    assert keys[0, 0] == keys[1, 0] and keys.shape == (3, 1) and w[2, 0] == 0.0
+    assert not space.is_admitted(keys[:1, 0]).any()

@@ -1,0 +1,181 @@
+"""Online training: loss goes down, planted clusters are learned, negatives are never the
+positive, seeds make runs reproducible, inputs are validated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from model import ConfigError, FeatureSchema, InputError, OnlineFM, TrainConfig
+from model.sampler import NegativeSampler
+
+SYN = FeatureSchema.from_dict(
+    {"user": {"segment": {}}, "item": {"category": {}}, "context": {"hour": {}}}
+)
+CLUSTERS = 4
+
+
+def planted(n_users: int = 120, n_items: int = 80, n_events: int = 12_000, seed: int = 0):
+    """Users of segment c click items of category c (90%) or anything (10%)."""
+    rng = np.random.default_rng(seed)
+    useg = rng.integers(0, CLUSTERS, n_users)
+    icat = np.arange(n_items) % CLUSTERS
+    by_cat = [np.flatnonzero(icat == c) for c in range(CLUSTERS)]
+    u = rng.integers(0, n_users, n_events)
+    on = rng.random(n_events) < 0.9
+    i = np.where(on, [rng.choice(by_cat[useg[x]]) for x in u], rng.integers(0, n_items, n_events))
+    users = [f"u{x}" for x in range(n_users)]
+    items = [f"i{x}" for x in range(n_items)]
+    return users, items, useg, icat, u, i
+
+
+def train_planted(config: TrainConfig, schema: FeatureSchema = SYN, with_profiles: bool = True):
+    users, items, useg, icat, u, i = planted()
+    fm = OnlineFM(schema, config)
+    if with_profiles:
+        fm.upsert_users(users, [{"segment": f"s{s}"} for s in useg])
+        fm.upsert_items(items, [{"category": f"c{c}"} for c in icat])
+    losses = []
+    for lo in range(0, len(u), 256):
+        sl = slice(lo, lo + 256)
+        losses.append(fm.learn_many([users[x] for x in u[sl]], [items[x] for x in i[sl]],
+                                    ts=np.full(len(u[sl]), float(lo))))
+    return fm, users, items, useg, icat, losses
+
+
+def cluster_precision(fm: OnlineFM, users, items, useg, icat) -> float:
+    eu = fm.user_vectors(users)
+    ids, ei = fm.item_vectors(items)
+    top = np.argsort(-(eu @ ei.T), axis=1)[:, :10]
+    return float((icat[top] == useg[:, None]).mean())
+
+
+@pytest.mark.parametrize("loss", ["logistic", "bpr", "hinge"])
+def test_learns_planted_clusters(loss: str) -> None:
+    cfg = TrainConfig(dim=8, loss=loss, seed=1)
+    fm, users, items, useg, icat, losses = train_planted(cfg)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
+    assert cluster_precision(fm, users, items, useg, icat) > 0.8
+
+
+def test_learns_planted_clusters_from_ids_alone() -> None:
+    cfg = TrainConfig(dim=8, seed=2)
+    fm, users, items, useg, icat, _ = train_planted(cfg, FeatureSchema.ids_only(), False)
+    assert cluster_precision(fm, users, items, useg, icat) > 0.8
+
+
+def test_cold_user_gets_cluster_from_profile() -> None:
+    fm, users, items, useg, icat, _ = train_planted(TrainConfig(dim=8, seed=3))
+    fm.upsert_users(["newbie"], [{"segment": "s2"}])
+    ids, ei = fm.item_vectors(items)
+    top = np.argsort(-(fm.user_vectors(["newbie"]) @ ei.T)[0])[:10]
+    assert (icat[top] == 2).mean() >= 0.8
+
+
+@given(st.integers(2, 40), st.integers(1, 64), st.integers(1, 8), st.sampled_from(
+    ["uniform", "popularity"]), st.integers(0, 10_000), st.floats(0, 3))
+def test_negatives_never_equal_the_positive(n_items, b, k, mode, seed, alpha) -> None:
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(n_items, dtype=np.int64)
+    counts[0] = 10**6  # a dominant item: popularity keeps drawing it
+    s = NegativeSampler(mode, alpha, rng)
+    pos = rng.integers(0, n_items, b)
+    pos[0] = 0
+    neg, valid = s.sample(counts, n_items, pos, k)
+    assert neg.shape == (b, k) and valid.all()
+    assert (neg != pos[:, None]).all()
+    assert ((neg >= 0) & (neg < n_items)).all()
+
+
+def test_single_item_catalog_has_no_negatives() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4, negatives=3))
+    loss = fm.learn_many(["u"], ["only"], ts=[1.0])
+    assert np.isfinite(loss)
+
+
+def test_popularity_sampling_follows_counts() -> None:
+    rng = np.random.default_rng(0)
+    counts = np.array([0, 0, 999, 99], dtype=np.int64)
+    s = NegativeSampler("popularity", 1.0, rng)
+    neg, _ = s.sample(counts, 4, np.full(20_000, 0), 1)
+    freq = np.bincount(neg.ravel(), minlength=4) / neg.size
+    want = (counts + 1.0)[1:] / (counts + 1.0)[1:].sum()
+    assert np.allclose(freq[1:], want, atol=0.02)
+
+
+def _run(seed: int) -> OnlineFM:
+    fm, *_ = train_planted(TrainConfig(dim=4, seed=seed))
+    return fm
+
+
+def test_seeded_training_is_reproducible() -> None:
+    a, b, c = _run(5), _run(5), _run(6)
+    n = a._table.n_rows
+    assert np.array_equal(a._table.params[:n], b._table.params[:n])
+    assert np.array_equal(a._table.acc[:n], b._table.acc[:n])
+    assert a.bias == b.bias
+    assert not np.array_equal(a._table.params[:n], c._table.params[: c._table.n_rows][:n])
+
+
+def test_explicit_negatives_push_scores_down() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4, negatives=0, lr=0.1))
+    for _ in range(50):
+        fm.learn_many(["u", "u"], ["good", "bad"], labels=np.array([1, 0]), ts=[1.0, 1.0])
+    good, bad = fm.score(["u", "u"], ["good", "bad"])
+    assert good > 1.0 > -1.0 > bad
+
+
+def test_pairwise_losses_skip_explicit_negatives() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4, loss="bpr", negatives=2))
+    fm.learn_many(["u", "v"], ["a", "b"], ts=[0.0, 0.0])
+    loss = fm.learn_many(["u"], ["b"], labels=np.array([0.0]), ts=[1.0])
+    assert loss == 0.0
+    assert fm.n_updates == 3
+
+
+def test_counts_catalog_and_updates() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4))
+    fm.learn_many(["u1", "u2", "u1"], ["a", "b", "a"], labels=np.array([1, 1, 0]), ts=[1, 2, 3])
+    ids, counts = fm.item_counts()
+    assert dict(zip(ids, counts.tolist(), strict=True)) == {"a": 1, "b": 1}
+    assert fm.known_users() == ["u1", "u2"] and fm.has_user("u1") and not fm.has_user("x")
+    assert fm.known_items() == ["a", "b"] and fm.has_item("b")
+    assert fm.n_updates == 3
+    before = fm.stats()
+    fm.score(["ghost"], ["phantom"])  # scoring never mutates
+    fm.user_vectors(["ghost"])
+    assert fm.stats() == before and not fm.has_user("ghost")
+
+
+def test_numeric_ids_are_stringified() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4))
+    fm.learn_many([196], [242], ts=[1.0])  # type: ignore[list-item]
+    assert fm.has_user("196") and fm.has_item("242") and fm.has_user(196)  # type: ignore[arg-type]
+
+
+def test_input_validation() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4))
+    with pytest.raises(InputError, match="item ids"):
+        fm.learn_many(["u"], ["a", "b"])
+    with pytest.raises(InputError, match="labels"):
+        fm.learn_many(["u"], ["a"], labels=np.array([2.0]))
+    with pytest.raises(InputError, match="contexts"):
+        fm.learn_many(["u"], ["a"], contexts=[{}, {}])
+    with pytest.raises(InputError, match="ts"):
+        fm.learn_many(["u"], ["a"], ts=[float("nan")])
+    assert fm.learn_many([], []) == 0.0
+    assert not fm.has_user("u")  # nothing was applied
+    with pytest.raises(ConfigError, match="dim"):
+        TrainConfig(dim=0)
+    with pytest.raises(ConfigError, match="negatives"):
+        TrainConfig(loss="bpr", negatives=0)
+    with pytest.raises(ConfigError, match="loss"):
+        TrainConfig(loss="mse")  # type: ignore[arg-type]
+
+
+def test_default_ts_is_now() -> None:
+    fm = OnlineFM(config=TrainConfig(dim=4))
+    fm.learn_many(["u"], ["a"])
+    assert fm._space.watermark > 1.6e9
