@@ -218,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sizes = [100_000] if args.quick else args.sizes
+    load_before = os.getloadavg()[0]
     configure_faiss(1)
     rows: list[Row] = []
     summary: dict[str, float] = {}
@@ -238,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{args.min_recall} is efSearch={summary['ann_ef']:.0f}; HNSW build "
              f"{summary['hnsw_build_s']:.1f}s (one thread). FM-like seeded vectors "
              "(low-rank clusters, log-normal norms, augmented bias columns); recall against the "
-             "exact flat index, ties tolerated.")
+             "exact flat index, ties tolerated. 1-minute load average "
+             f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other processes on "
+             "the box inflate latency and p99).")
     print(notes)
     if not args.no_record:
         title = "Item index: flat vs HNSW" + (" (--quick)" if args.quick else "")

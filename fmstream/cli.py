@@ -213,12 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw response")
     p = add("lag", cmd_lag, "consumer lag, freshness, publish ages and model versions")
     p.add_argument("--watch", action="store_true", help="refresh in place")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="seconds between refreshes (default 2; --window samples >= 10 times)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--max-lag", type=int, default=None,
                    help="exit 2 when any group's total lag exceeds this")
     p.add_argument("--max-age", type=float, default=None,
                    help="exit 2 when freshness or publish age exceeds this many seconds")
+    p.add_argument("--window", type=float, default=0.0, metavar="S",
+                   help="sample S seconds, then report with each group's health (Burrow's "
+                        "rules; default 0: one reading; --watch: a rolling 60 s)")
+    p.add_argument("--fail-on", choices=["WARN", "STOP", "STALL", "REWIND"], default=None,
+                   help="exit 2 when a group's health is this or worse (default: never)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw lag and freshness over the window (default window 60 s; "
+                        "needs fmstream[plot])")
     p = add("demo", cmd_demo, "the whole loop: up, train, serve, replay, query, lag, down")
     p.add_argument("--events", type=int, default=None, help="synthetic events (default 30000)")
     return parser

@@ -247,7 +247,7 @@ class FeatureSpace:
         """
         spec = self.specs[field_idx]
         n = len(tokens)
-        if spec.kind != "multi":
+        if spec.kind not in ("multi", "history"):
             keys = np.zeros((n, 1), dtype=np.int64)
             if spec.has_fixed_rows:
                 base = int(self.base_key[field_idx])
@@ -309,7 +309,7 @@ class FeatureSpace:
         Every value is validated before any key is created, so a :class:`FeatureError` leaves
         the vocabularies untouched. Rows are left-packed (padding last), ``L`` the widest row.
         """
-        fidx = [i for i, f in enumerate(self.specs) if f.side == side and not f.is_id]
+        fidx = [i for i, f in enumerate(self.specs) if f.side == side and f.from_profile]
         n = len(dicts)
         for j, d in enumerate(dicts):
             if d is not None and type(d) is not dict and not isinstance(d, Mapping):
@@ -441,6 +441,17 @@ class Catalog:
         self.prof_keys = np.zeros((cap, 0), dtype=np.int32)
         self.prof_w = np.zeros((cap, 0), dtype=np.float32)
         self.n = 0
+        # history fields: users keep ring buffers of item keys; items cache their history keys
+        self.hist_fields = [i for i, f in enumerate(space.specs) if f.is_history]
+        self.hist_keys: dict[int, np.ndarray] = {}
+        self.hist_n: dict[int, np.ndarray] = {}
+        self.hist_key_of_item: dict[int, np.ndarray] = {}
+        for f in self.hist_fields:
+            if side == "user":
+                self.hist_keys[f] = np.zeros((cap, space.specs[f].history_len), dtype=np.int32)
+                self.hist_n[f] = np.zeros(cap, dtype=np.int64)
+            else:
+                self.hist_key_of_item[f] = np.zeros(cap, dtype=np.int32)
 
     def __len__(self) -> int:
         return self.n
@@ -453,6 +464,9 @@ class Catalog:
         if new_cap != cap:
             self.ent_key = _grown(self.ent_key, new_cap, 0)
             self.counts = _grown(self.counts, new_cap, 0)
+            for d in (self.hist_keys, self.hist_n, self.hist_key_of_item):
+                for f in d:
+                    d[f] = _grown(d[f], new_cap, 0)
         if new_cap != cap or width > self.prof_keys.shape[1]:
             w = max(width, self.prof_keys.shape[1])
             pk = np.zeros((new_cap, w), dtype=np.int32)
@@ -527,17 +541,65 @@ class Catalog:
             self.profiles[e] = d
 
     def keys_of(self, ents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(keys, weights)`` of known entities: the id key first, then the profile."""
+        """``(keys, weights)`` of known entities: the id key, the profile, then histories."""
         n = ents.size
         width = self.prof_keys.shape[1]
-        keys = np.empty((n, 1 + width), dtype=np.int64)
-        weights = np.empty((n, 1 + width), dtype=np.float32)
+        hist = sum(a.shape[1] for a in self.hist_keys.values())
+        keys = np.empty((n, 1 + width + hist), dtype=np.int64)
+        weights = np.empty((n, 1 + width + hist), dtype=np.float32)
         keys[:, 0] = self.ent_key[ents]
         weights[:, 0] = 1.0
         if width:
-            keys[:, 1:] = self.prof_keys[ents]
-            weights[:, 1:] = self.prof_w[ents]
+            keys[:, 1 : 1 + width] = self.prof_keys[ents]
+            weights[:, 1 : 1 + width] = self.prof_w[ents]
+        col = 1 + width
+        for f, ring in self.hist_keys.items():
+            h = ring.shape[1]
+            filled = np.minimum(self.hist_n[f][ents], h)
+            keys[:, col : col + h] = ring[ents]
+            valid = np.arange(h)[None, :] < filled[:, None]
+            weights[:, col : col + h] = np.where(valid, 1.0 / np.maximum(filled, 1)[:, None], 0.0)
+            col += h
         return keys, weights
+
+    def history_keys(self, field_idx: int, ents: np.ndarray) -> np.ndarray:
+        """Keys of items (entity indices of this item catalog) as values of a history field."""
+        cache = self.hist_key_of_item[field_idx]
+        keys = cache[ents].astype(np.int64)
+        missing = np.flatnonzero(keys == PAD)
+        if missing.size:
+            spec = self.space.specs[field_idx]
+            vocab = self.space.vocab[field_idx]
+            for j in missing.tolist():
+                e = int(ents[j])
+                if cache[e] == PAD:
+                    item_id = self.ids[e]
+                    if spec.hash_buckets:
+                        k = int(self.space.base_key[field_idx]) + stable_hash(
+                            item_id, spec.hash_buckets
+                        )
+                    else:
+                        assert vocab is not None
+                        k = vocab.get(item_id)
+                        if k is None:
+                            k = int(self.space.new_dynamic_keys(field_idx, 1)[0])
+                            vocab[item_id] = k
+                    cache[e] = k
+                keys[j] = cache[e]
+        return keys
+
+    def append_history(self, field_idx: int, ents: np.ndarray, keys: np.ndarray) -> None:
+        """Append item keys to users' history rings, in event order (oldest drop out)."""
+        ring, count = self.hist_keys[field_idx], self.hist_n[field_idx]
+        h = ring.shape[1]
+        order = np.argsort(ents, kind="stable")
+        e, k = ents[order], keys[order]
+        uniq, start, per = np.unique(e, return_index=True, return_counts=True)
+        rank = np.arange(e.size) - np.repeat(start, per)  # position among this user's events
+        last = rank >= np.repeat(per, per) - h  # only the newest h of a burst survive
+        slot = (count[e] + rank) % h
+        ring[e[last], slot[last]] = k[last]
+        count[uniq] += per
 
     def keys_of_ids(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`keys_of` for any ids: unknown ids get the id fallback / hash bucket key."""

@@ -140,7 +140,7 @@ class OnlineFM:
         self._w0_acc = 0.0
         self.n_updates = 0
         self._side_fields = {
-            side: [f.name for f in self.schema.fields_of(side) if not f.is_id]
+            side: [f.name for f in self.schema.fields_of(side) if f.from_profile]
             for side in ("user", "item", "context")
         }
         self._has_context = bool(self._side_fields["context"])
@@ -275,6 +275,14 @@ class OnlineFM:
         k = self.config.negatives
         neg, valid = self._sampler.sample(self._items.counts, self._items.n, ie[pos], k)
         loss = self._step(ukeys, uw, u_inv, ie, y, ck, cw, pos, neg, valid)
+        if self._users.hist_fields and pos.size:
+            # after the step, so an event never sees its own item in the user's history
+            appended = []
+            for f in self._users.hist_fields:
+                hk = self._items.history_keys(f, ie[pos])
+                self._users.append_history(f, ue[pos], hk)
+                appended.append(hk)
+            space.observe(np.concatenate(appended), float(t.max()))  # a click is a sighting
         self.n_updates += b
         return loss
 
@@ -513,6 +521,27 @@ class OnlineFM:
         e = self._users.index.get(user_id)
         return None if e is None else dict(self._users.profiles[e])
 
+    def user_history(self, user_id: str) -> dict[str, list[str]]:
+        """Item keys' values kept by each history field for a user, oldest first (a copy)."""
+        e = self._users.index.get(user_id)
+        out: dict[str, list[str]] = {}
+        for f in self._users.hist_fields:
+            spec = self._space.specs[f]
+            if e is None:
+                out[spec.name] = []
+                continue
+            n = int(self._users.hist_n[f][e])
+            h = spec.history_len
+            ring = self._users.hist_keys[f][e]
+            order = [(n - m + j) % h for j in range(m)] if (m := min(n, h)) else []
+            if spec.hash_buckets:
+                base = int(self._space.base_key[f])
+                out[spec.name] = [f"#{int(ring[j]) - base}" for j in order]
+            else:
+                names = {k: v for v, k in (self._space.vocab[f] or {}).items()}
+                out[spec.name] = [names.get(int(ring[j]), "?") for j in order]
+        return out
+
     def item_profile(self, item_id: str) -> dict[str, Any] | None:
         e = self._items.index.get(item_id)
         return None if e is None else dict(self._items.profiles[e])
@@ -576,6 +605,13 @@ class OnlineFM:
             arrays[f"{name}_counts"] = cat.counts[: cat.n]
             arrays[f"{name}_prof_keys"] = cat.prof_keys[: cat.n]
             arrays[f"{name}_prof_w"] = cat.prof_w[: cat.n]
+            for f in cat.hist_fields:
+                fname = sp.specs[f].name
+                if name == "user":
+                    arrays[f"user_hist_keys.{fname}"] = cat.hist_keys[f][: cat.n]
+                    arrays[f"user_hist_n.{fname}"] = cat.hist_n[f][: cat.n]
+                else:
+                    arrays[f"item_hist_key.{fname}"] = cat.hist_key_of_item[f][: cat.n]
         return header, arrays
 
     @classmethod
@@ -637,6 +673,15 @@ class OnlineFM:
             cat.profiles = profiles
             cat.index = {u: j for j, u in enumerate(ids)}
             cat.n = n
+            for f in cat.hist_fields:
+                fname = sp.specs[f].name
+                if name == "user":
+                    cat.hist_keys[f][:n] = arrays[f"user_hist_keys.{fname}"]
+                    cat.hist_n[f][:n] = arrays[f"user_hist_n.{fname}"]
+                    if np.any(cat.hist_keys[f][:n] >= n_keys):
+                        raise ValueError(f"history {fname!r} points at unknown keys")
+                else:
+                    cat.hist_key_of_item[f][:n] = arrays[f"item_hist_key.{fname}"]
             if np.any(cat.ent_key[:n] >= n_keys) or np.any(pk >= n_keys):
                 raise ValueError(f"{name} catalog points at unknown keys")
         model._sampler.cdf = np.asarray(arrays["sampler_cdf"], dtype=np.float64)

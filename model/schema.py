@@ -10,6 +10,9 @@ A schema is a TOML file with one table per field, grouped by side::
     hash_buckets = 1000           # stable blake2b hash into 1000 rows, no vocabulary
     [item.genres]
     kind = "multi"                # a list; each of its n values weighs 1/n
+    [user.recent_items]
+    kind = "history"              # kept by the model: the user's last 20 positive item ids
+    history_len = 20              # (each weighs 1/n like a multi-valued field)
     [context.hour]
     [user.user_id]                # optional: tune the id fields themselves
     min_count = 2
@@ -32,14 +35,14 @@ from typing import Any, Literal
 from model.errors import SchemaError
 
 Side = Literal["user", "item", "context"]
-Kind = Literal["categorical", "multi", "numeric"]
+Kind = Literal["categorical", "multi", "numeric", "history"]
 
 SIDES: tuple[str, ...] = ("user", "item", "context")
-KINDS: tuple[str, ...] = ("categorical", "multi", "numeric")
+KINDS: tuple[str, ...] = ("categorical", "multi", "numeric", "history")
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_SPEC_KEYS = ("kind", "boundaries", "hash_buckets", "min_count", "expire_after_s")
+_SPEC_KEYS = ("kind", "boundaries", "hash_buckets", "min_count", "expire_after_s", "history_len")
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,11 @@ class FieldSpec:
     Attributes:
         name: unique field name (the key in profile / context dicts).
         side: ``user``, ``item`` or ``context``.
-        kind: ``categorical`` (one value), ``multi`` (a list of values, each weighted ``1/n``)
-            or ``numeric`` (a number, bucketised by ``boundaries``).
+        kind: ``categorical`` (one value), ``multi`` (a list of values, each weighted ``1/n``),
+            ``numeric`` (a number, bucketised by ``boundaries``) or ``history`` (user side
+            only: the model itself keeps the ids of the user's last ``history_len`` positive
+            items, appended after each training batch; weighted ``1/n`` like ``multi``; its
+            rows are separate from the ``item_id`` rows, FISM/SVD++ style).
         boundaries: strictly increasing bucket edges of a numeric field; ``len+1`` buckets,
             bucket ``i`` holds ``boundaries[i-1] <= x < boundaries[i]``.
         hash_buckets: ``> 0`` hashes values (blake2b, stable across processes) into this many
@@ -59,6 +65,7 @@ class FieldSpec:
             until then it uses the field's learned fallback row.
         expire_after_s: a value not seen for this long (event time) loses its row, which is
             reset and reused; it must then be admitted again.
+        history_len: items kept by a ``history`` field (ignored by other kinds).
     """
 
     name: str
@@ -68,6 +75,7 @@ class FieldSpec:
     hash_buckets: int = 0
     min_count: int = 1
     expire_after_s: float | None = None
+    history_len: int = 20
 
     def __post_init__(self) -> None:
         where = f"field {self.name!r}"
@@ -123,6 +131,16 @@ class FieldSpec:
                 f"{where}: min_count and expire_after_s need a vocabulary; "
                 "hashed and numeric fields have a fixed set of rows"
             )
+        if (
+            isinstance(self.history_len, bool)
+            or not isinstance(self.history_len, int)
+            or (self.history_len < 1)
+        ):
+            raise SchemaError(
+                f"{where}: history_len must be an integer >= 1, got {self.history_len!r}"
+            )
+        if self.kind == "history" and self.side != "user":
+            raise SchemaError(f"{where}: a history field belongs to side 'user', got {self.side!r}")
         if self.name == USER_ID and (self.side != "user" or self.kind != "categorical"):
             raise SchemaError(f"{where}: user_id must be a categorical field of side 'user'")
         if self.name == ITEM_ID and (self.side != "item" or self.kind != "categorical"):
@@ -144,6 +162,15 @@ class FieldSpec:
     def is_id(self) -> bool:
         return self.name in (USER_ID, ITEM_ID)
 
+    @property
+    def is_history(self) -> bool:
+        return self.kind == "history"
+
+    @property
+    def from_profile(self) -> bool:
+        """Values come from profile / context dicts (not ids, not model-kept history)."""
+        return not self.is_id and not self.is_history
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/TOML friendly) with every attribute."""
         return {
@@ -154,6 +181,7 @@ class FieldSpec:
             "hash_buckets": self.hash_buckets,
             "min_count": self.min_count,
             "expire_after_s": self.expire_after_s,
+            "history_len": self.history_len,
         }
 
 
@@ -264,6 +292,8 @@ class FeatureSchema:
                 attrs["min_count"] = f.min_count
             if f.expire_after_s is not None:
                 attrs["expire_after_s"] = f.expire_after_s
+            if f.kind == "history":
+                attrs["history_len"] = f.history_len
             out.setdefault(f.side, {})[f.name] = attrs
         return out
 

@@ -69,7 +69,8 @@ class LagReader:
     def __init__(self, bootstrap: str, *, admin: KafkaAdminClient | None = None) -> None:
         self._own_admin = admin is None
         self.admin = admin or KafkaAdminClient(
-            bootstrap_servers=bootstrap, client_id="fmstream-lag", request_timeout_ms=10_000
+            bootstrap_servers=bootstrap, client_id="fmstream-lag", request_timeout_ms=10_000,
+            bootstrap_timeout_ms=10_000,
         )
         self._partitions: dict[str, tuple[float, list[int]]] = {}
 

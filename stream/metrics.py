@@ -80,17 +80,17 @@ class GroupLagCollector(Collector):
         bootstrap: Kafka bootstrap servers.
         group: the consumer group.
         topics: the topics the group consumes.
-        interval_s: seconds between refreshes.
+        interval_s: seconds between refreshes (default :data:`LAG_REFRESH_S`).
     """
 
     def __init__(
         self, bootstrap: str, group: str, topics: Sequence[str], *,
-        interval_s: float = LAG_REFRESH_S,
+        interval_s: float | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.group = group
         self.topics = list(topics)
-        self.interval_s = interval_s
+        self.interval_s = LAG_REFRESH_S if interval_s is None else interval_s
         self.partitions: list[PartitionLag] = []
         self.refreshed_at: float | None = None
         self.errors = 0

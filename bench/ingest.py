@@ -1,0 +1,257 @@
+"""Ingest throughput: events/s from Kafka into the model, end to end, and where the time goes.
+
+One run, side by side on the same backlog of synthetic events (``stream/synthetic.py``):
+
+1. **produce** — a separate producer *process* fills the events topic (pre-encoded JSON,
+   idempotent, acks=all, batched): the rate a kafka-python producer reaches here.
+2. **bare consume** — a kafka-python consumer with the trainer's settings reads the whole topic
+   and does nothing else: the ceiling the client puts on any trainer written with it.
+3. **trainer** — the real :class:`stream.trainer.Trainer` with its publisher (Redis) and
+   checkpoints on (the configured cadence), from an empty model and an empty checkpoint folder,
+   until every event is applied and a final checkpoint is written. Its ``timings`` split the
+   wall time into poll / decode / update / publish / checkpoint.
+
+Services: by default it starts its own Kafka and Redis with ``fmstream.services.up`` under a
+temporary run dir on free ports, and stops them at the end; ``--reuse`` points at the services
+named by the ``FMSTREAM_*`` variables instead (topics are unique per run and deleted after).
+
+Run: ``.venv/bin/python bench/ingest.py [--events 200000] [--dim 32] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from queue import Empty
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import print_table, record, summary_line  # noqa: E402
+from fmstream import services  # noqa: E402
+from fmstream.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _fill(settings_json: str, n: int, seed: int, out: mp.Queue) -> None:
+    """The producer process: encode ``n`` events, then time producing them."""
+    import orjson
+
+    from stream.consume import make_producer
+    from stream.synthetic import SyntheticStream
+
+    settings = Settings.model_validate_json(settings_json)
+    stream = SyntheticStream(users=100_000, items=20_000, clusters=50, seed=seed)
+    pairs = [(e["user_id"].encode(), orjson.dumps(e)) for e in stream.events(n)]
+    producer = make_producer(settings, linger_ms=20, batch_size=512 * 1024)
+    t0 = time.perf_counter()
+    for key, value in pairs:
+        producer.send(settings.topic_events, key=key, value=value)
+    producer.flush(timeout=300)
+    elapsed = time.perf_counter() - t0
+    producer.close()
+    out.put((n, elapsed, sum(len(v) for _, v in pairs)))
+
+
+def bare_consume(settings: Settings, n: int) -> float:
+    """Seconds for a kafka-python consumer (the trainer's config) to read ``n`` records."""
+    from kafka import TopicPartition
+
+    from stream.consume import make_consumer
+
+    consumer = make_consumer(settings, None)
+    tps = [TopicPartition(settings.topic_events, p)
+           for p in sorted(consumer.partitions_for_topic(settings.topic_events))]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        for batch in consumer.poll(timeout_ms=500).values():
+            got += len(batch)
+    elapsed = time.perf_counter() - t0
+    consumer.close(autocommit=False)
+    return elapsed
+
+
+def run_trainer_once(settings: Settings, n: int) -> tuple[float, float, dict[str, float], int]:
+    """The trainer from scratch until ``n`` events are applied and checkpointed.
+
+    Returns:
+        (startup seconds, loop seconds incl. the final checkpoint, timings, checkpoints written)
+    """
+    import redis
+
+    from fmstream.app import new_model, redis_client
+    from serving.publisher import Publisher
+    from serving.store import VectorStore
+    from stream.consume import make_producer
+    from stream.trainer import Trainer
+
+    t0 = time.perf_counter()
+    client = redis_client(settings)
+    producer = make_producer(settings)
+    trainer = Trainer(settings, dead_letter_producer=producer,
+                      new_model=lambda: new_model(settings))
+    trainer.sink = Publisher(settings, VectorStore(client, settings), trainer.model)
+    checkpoints = 0
+    original = trainer.checkpoint
+
+    def counting_checkpoint(**kw):
+        nonlocal checkpoints
+        ok = original(**kw)
+        checkpoints += bool(ok)
+        return ok
+
+    trainer.checkpoint = counting_checkpoint  # type: ignore[method-assign]
+    t1 = time.perf_counter()
+    try:
+        while trainer.progress.events_applied < n:
+            trainer.step()
+        trainer.checkpoint(final=True)
+        t2 = time.perf_counter()
+    finally:
+        trainer.consumer.close(autocommit=False)
+        producer.close()
+        try:
+            client.close()
+        except redis.RedisError:
+            pass
+    return t1 - t0, t2 - t1, dict(trainer.timings), checkpoints
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--max-poll-records", type=int, default=None,
+                    help="default: the settings' value")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the Kafka/Redis of the FMSTREAM_* variables (else start own)")
+    ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
+    ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = ap.parse_args()
+    n = 20_000 if args.quick else args.events
+
+    import torch
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="fmstream-bench-"))
+    if args.reuse:
+        base = Settings()
+    else:
+        ports = {"kafka_port": _free_port(), "kafka_controller_port": _free_port(),
+                 "redis_port": _free_port()}
+        base = Settings(
+            run_dir=tmp / "services", kafka_libs=ROOT / "infra" / "kafka" / "target" / "libs",
+            kafka_bootstrap=f"127.0.0.1:{ports['kafka_port']}",
+            redis_url=f"redis://127.0.0.1:{ports['redis_port']}/0", **ports,
+        )
+    run = uuid.uuid4().hex[:8]
+    update: dict[str, object] = {
+        f"topic_{f}": f"bench.{f}.{run}"
+        for f in ("events", "users", "items", "requests", "responses", "dlq")
+    }
+    update.update(trainer_group=f"bench-trainer-{run}", redis_prefix=f"fmbench:{run}:",
+                  checkpoint_dir=tmp / "checkpoints", dim=args.dim,
+                  partitions_events=args.partitions)
+    if args.max_poll_records:
+        update["max_poll_records"] = args.max_poll_records
+    settings = base.model_copy(update=update)
+    started = None
+    try:
+        if args.reuse:
+            services.ensure_topics(settings)
+        else:
+            started = services.up(settings)
+        print(f"services: {started or 'reused'}; {n} events, dim {args.dim}, "
+              f"{args.partitions} partitions, max_poll_records {settings.max_poll_records}, "
+              f"checkpoint every {settings.checkpoint_every_events} events / "
+              f"{settings.checkpoint_every_s} s", flush=True)
+
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        proc = mp.get_context("spawn").Process(
+            target=_fill, args=(settings.model_dump_json(), n, 0, queue))
+        proc.start()
+        while True:  # the producer process reports once; fail fast if it died instead
+            try:
+                produced, produce_s, nbytes = queue.get(timeout=1.0)
+                break
+            except Empty:
+                if not proc.is_alive():
+                    raise SystemExit(f"producer process failed (exit {proc.exitcode})") from None
+        proc.join(60)
+        print(f"produced {produced} events ({nbytes / produced:.0f} B each) in {produce_s:.1f} s",
+              flush=True)
+
+        bare_s = bare_consume(settings, n)
+        print(f"bare kafka-python consume: {n / bare_s:,.0f} events/s", flush=True)
+        load_before = os.getloadavg()[0]
+        startup_s, loop_s, timings, checkpoints = run_trainer_once(settings, n)
+        load_after = os.getloadavg()[0]
+    finally:
+        _cleanup(settings, own_services=started is not None)
+
+    eps = n / loop_s
+    other = loop_s - sum(timings.values())
+    rows = [["produce (separate process)", f"{produce_s:.2f}", "", f"{n / produce_s:,.0f}"],
+            ["bare consume (kafka-python)", f"{bare_s:.2f}", "", f"{n / bare_s:,.0f}"],
+            ["trainer end to end", f"{loop_s:.2f}", "100%", f"{eps:,.0f}"]]
+    for phase, secs in [*timings.items(), ("other (loop, bookkeeping)", other)]:
+        rows.append([f"  trainer: {phase}", f"{secs:.2f}", f"{secs / loop_s:.0%}",
+                     f"{n / secs:,.0f}" if secs > 0 else "-"])
+    columns = ["stage", "seconds", "share of trainer", "events/s"]
+    print_table(f"ingest: {n} events, dim {args.dim}", columns, rows)
+    summary = summary_line(
+        events=n, dim=args.dim, partitions=args.partitions,
+        max_poll_records=settings.max_poll_records, checkpoints=checkpoints,
+        produce_per_s=n / produce_s, bare_consume_per_s=n / bare_s,
+        poll_us=timings["poll"] / n * 1e6, decode_us=timings["decode"] / n * 1e6,
+        update_us=timings["update"] / n * 1e6, publish_us=timings["publish"] / n * 1e6,
+        checkpoint_s=timings["checkpoint"], startup_s=startup_s,
+        loadavg=f"{load_before:.1f}-{load_after:.1f}", events_per_s=eps,
+    )
+    notes = (
+        "Trainer = the real Trainer + Publisher (Redis) with checkpoints on, from an empty "
+        "model; poll = time inside kafka-python's poll (fetch + record parsing); decode = "
+        "orjson + pydantic validation; update = model update incl. bookkeeping; publish = "
+        "history writes and publisher ticks. Bare consume reads the same topic with the "
+        f"same consumer settings and does nothing else. loadavg = 1-min load before/after "
+        f"the trainer run on {os.cpu_count()} cores (other processes share the machine)."
+    )
+    if not args.no_record:
+        record("ingest", columns, rows, summary, notes)
+    print(summary)
+
+
+def _cleanup(settings: Settings, *, own_services: bool) -> None:
+    shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
+    if own_services:
+        services.down(settings)
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+        return
+    try:
+        with services.kafka_admin(settings.kafka_bootstrap) as admin:
+            present = set(admin.list_topics())
+            admin.delete_topics([t for t in settings.topic_partitions if t in present])
+    except Exception as exc:  # noqa: BLE001 - best effort
+        print(f"could not delete the bench topics: {exc!r}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
