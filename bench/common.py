@@ -80,8 +80,9 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join([head, sep, *body])
 
 
-def record(name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], summary: str,
-           notes: str = "") -> None:
+def record(
+    name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], summary: str, notes: str = ""
+) -> None:
     """Append one dated result section (machine details, table, summary line) to RESULTS.md."""
     m = machine()
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -151,8 +152,7 @@ def read_movielens(path: str | Path) -> MovieLens:
             if not line.strip():
                 continue
             uid, age, gender, occ, zipc = line.split("|")
-            users_p[uid] = {"gender": gender, "age": int(age), "occupation": occ,
-                            "zip": zipc[:3]}
+            users_p[uid] = {"gender": gender, "age": int(age), "occupation": occ, "zip": zipc[:3]}
         genre_names = []
         if (p / "u.genre").exists():
             for line in (p / "u.genre").read_text(encoding="latin-1").splitlines():
@@ -171,16 +171,18 @@ def read_movielens(path: str | Path) -> MovieLens:
                 prof["year"] = y
             items_p[parts[0]] = prof
     elif (p / "ratings.dat").exists():
-        rows = [line.split("::") for line in
-                (p / "ratings.dat").read_text(encoding="latin-1").splitlines() if line]
+        rows = [
+            line.split("::")
+            for line in (p / "ratings.dat").read_text(encoding="latin-1").splitlines()
+            if line
+        ]
         raw = np.array(rows, dtype=np.int64)
         u, i, r, t = raw[:, 0], raw[:, 1], raw[:, 2], raw[:, 3]
         for line in (p / "users.dat").read_text(encoding="latin-1").splitlines():
             if not line.strip():
                 continue
             uid, gender, age, occ, zipc = line.split("::")
-            users_p[uid] = {"gender": gender, "age": int(age), "occupation": occ,
-                            "zip": zipc[:3]}
+            users_p[uid] = {"gender": gender, "age": int(age), "occupation": occ, "zip": zipc[:3]}
         for line in (p / "movies.dat").read_text(encoding="latin-1").splitlines():
             if not line.strip():
                 continue
@@ -194,9 +196,12 @@ def read_movielens(path: str | Path) -> MovieLens:
         raise SystemExit(f"{p}: expected ml-100k (u.data) or ml-1m (ratings.dat) files")
     order = np.argsort(t, kind="stable")
     return MovieLens(
-        users=u[order].astype(str), items=i[order].astype(str),
-        ratings=r[order].astype(np.float64), ts=t[order].astype(np.float64),
-        user_profiles=users_p, item_profiles=items_p,
+        users=u[order].astype(str),
+        items=i[order].astype(str),
+        ratings=r[order].astype(np.float64),
+        ts=t[order].astype(np.float64),
+        user_profiles=users_p,
+        item_profiles=items_p,
     )
 
 
@@ -221,12 +226,16 @@ def synthetic_profiles(n_users: int, n_items: int, seed: int = 0) -> SyntheticPr
     occ = rng.integers(0, 21, n_users)
     gender = rng.integers(0, 2, n_users)
     age = rng.integers(10, 70, n_users)
-    user_feats = [{"gender": "MF"[g], "age": int(a), "occupation": f"occ{o}"}
-                  for g, a, o in zip(gender, age, occ, strict=True)]
+    user_feats = [
+        {"gender": "MF"[g], "age": int(a), "occupation": f"occ{o}"}
+        for g, a, o in zip(gender, age, occ, strict=True)
+    ]
     n_gen = rng.integers(1, 4, n_items)
     year = rng.integers(1930, 2000, n_items)
-    item_feats = [{"genres": list(rng.choice(GENRES, size=k, replace=False)), "year": int(y)}
-                  for k, y in zip(n_gen, year, strict=True)]
+    item_feats = [
+        {"genres": list(rng.choice(GENRES, size=k, replace=False)), "year": int(y)}
+        for k, y in zip(n_gen, year, strict=True)
+    ]
     pop = 1.0 / np.arange(1, n_items + 1) ** 0.9
     pop = rng.permutation(pop / pop.sum())
     return SyntheticProfiles(user_ids, item_ids, user_feats, item_feats, pop)

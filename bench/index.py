@@ -44,17 +44,30 @@ from serving.index import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 ANCHOR = "quoted anchor: a distributed Faiss serving 1M items x 300 dims at ~600 QPS, 13 ms"
-TARGETS = "targets at 1M x 66, 2 cores: exact >= 150 QPS (batch 64); ANN >= 3,000 QPS (batch 1) " \
+TARGETS = (
+    "targets at 1M x 66, 2 cores: exact >= 150 QPS (batch 64); ANN >= 3,000 QPS (batch 1) "
     "with recall@10 >= 0.95"
-COLUMNS = ["items", "dim", "index", "params", "batch", "QPS", "p50 ms", "p99 ms", "recall@10",
-           "build s"]
+)
+COLUMNS = [
+    "items",
+    "dim",
+    "index",
+    "params",
+    "batch",
+    "QPS",
+    "p50 ms",
+    "p99 ms",
+    "recall@10",
+    "build s",
+]
 
 
 # --- data ----------------------------------------------------------------------------------
 
 
-def fm_like_vectors(n: int, dim: int, seed: int, *, query: bool = False,
-                    rank: int = 8, clusters: int = 32) -> np.ndarray:
+def fm_like_vectors(
+    n: int, dim: int, seed: int, *, query: bool = False, rank: int = 8, clusters: int = 32
+) -> np.ndarray:
     """Seeded FM-like vectors with exact ground truth available by brute force.
 
     Factors come from a low-rank cluster model (items of a genre share directions) scaled by a
@@ -101,9 +114,12 @@ class Row:
     build_s: float | None
 
 
-def time_search(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
-                queries: np.ndarray, batch: int, k: int) -> tuple[float, float, float, np.ndarray,
-                                                                   np.ndarray]:
+def time_search(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    queries: np.ndarray,
+    batch: int,
+    k: int,
+) -> tuple[float, float, float, np.ndarray, np.ndarray]:
     """Search ``queries`` in batches; returns QPS, p50 and p99 ms per call, scores and rows."""
     warm = min(len(queries), max(batch, 8))
     search(queries[:warm], k)
@@ -118,8 +134,13 @@ def time_search(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray
         rows.append(r)
     total = time.perf_counter() - started
     ms = np.array(lat) * 1e3
-    return (len(queries) / total, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-            np.concatenate(scores), np.concatenate(rows))
+    return (
+        len(queries) / total,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        np.concatenate(scores),
+        np.concatenate(rows),
+    )
 
 
 def bench_size(n: int, dim: int, args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
@@ -144,8 +165,9 @@ def bench_size(n: int, dim: int, args: argparse.Namespace) -> tuple[list[Row], d
         rows.append(Row(n, dim, "flat", "faiss default BLAS thr.", 64, qps, p50, p99, 1.0, None))
         configure_faiss(1, blas_threshold=DEFAULT_BLAS_THRESHOLD)
     del flat
-    hnsw = HnswIndex(xb, m=args.hnsw_m, ef_search=args.ef_search[0],
-                     ef_construction=args.ef_construction)
+    hnsw = HnswIndex(
+        xb, m=args.hnsw_m, ef_search=args.ef_search[0], ef_construction=args.ef_construction
+    )
     build_s = hnsw.build_seconds
     logger.info("HNSW M=%d over %d x %d built in %.1fs", args.hnsw_m, n, dim, build_s)
     best: tuple[int, float, float] | None = None
@@ -155,17 +177,28 @@ def bench_size(n: int, dim: int, args: argparse.Namespace) -> tuple[list[Row], d
         for batch in (1, 64):
             qps, p50, p99, scores, got = time_search(index.search, xq, batch, k)
             recall = recall_at_k(got, gt_rows, scores, gt_scores)
-            rows.append(Row(n, dim, "hnsw", f"M={args.hnsw_m} efC={args.ef_construction} ef={ef}",
-                            batch, qps, p50, p99,
-                            recall, build_s))
+            rows.append(
+                Row(
+                    n,
+                    dim,
+                    "hnsw",
+                    f"M={args.hnsw_m} efC={args.ef_construction} ef={ef}",
+                    batch,
+                    qps,
+                    p50,
+                    p99,
+                    recall,
+                    build_s,
+                )
+            )
             if batch == 1 and recall >= args.min_recall and (best is None or qps > best[1]):
                 best = (ef, qps, recall)
     if best is None:  # nothing reaches the recall floor: report the most accurate setting
-        top = max((r for r in rows if r.index == "hnsw" and r.batch == 1),
-                  key=lambda r: r.recall10 or 0.0)
+        top = max(
+            (r for r in rows if r.index == "hnsw" and r.batch == 1), key=lambda r: r.recall10 or 0.0
+        )
         best = (int(top.params.split("ef=")[1]), top.qps, top.recall10 or 0.0)
-    summary.update(ann_ef=best[0], ann_qps_b1=best[1], ann_recall10=best[2],
-                   hnsw_build_s=build_s)
+    summary.update(ann_ef=best[0], ann_qps_b1=best[1], ann_recall10=best[2], hnsw_build_s=build_s)
     return rows, summary
 
 
@@ -176,22 +209,33 @@ def table_rows(rows: Sequence[Row]) -> list[list[str]]:
     """Formatted cells of the rows, then the quoted anchor."""
     out = []
     for r in rows:
-        out.append([
-            f"{r.items:,}", str(r.dim), r.index, r.params, str(r.batch), f"{r.qps:,.0f}",
-            f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}",
-            f"{r.recall10:.3f}" if r.recall10 is not None else "",
-            f"{r.build_s:.1f}" if r.build_s is not None else "",
-        ])
-    out.append(["1,000,000", "300", "anchor (quoted)", "distributed Faiss", "", "~600", "13", "",
-                "", ""])
+        out.append(
+            [
+                f"{r.items:,}",
+                str(r.dim),
+                r.index,
+                r.params,
+                str(r.batch),
+                f"{r.qps:,.0f}",
+                f"{r.p50_ms:.3f}",
+                f"{r.p99_ms:.3f}",
+                f"{r.recall10:.3f}" if r.recall10 is not None else "",
+                f"{r.build_s:.1f}" if r.build_s is not None else "",
+            ]
+        )
+    out.append(
+        ["1,000,000", "300", "anchor (quoted)", "distributed Faiss", "", "~600", "13", "", "", ""]
+    )
     return out
 
 
 def faiss_details() -> str:
     """What bench.common's machine line does not say: faiss version, threads, BLAS core type."""
-    return (f"faiss {faiss.__version__}, faiss threads 1, BLAS threshold "
-            f"{DEFAULT_BLAS_THRESHOLD}, OPENBLAS_CORETYPE="
-            f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    return (
+        f"faiss {faiss.__version__}, faiss threads 1, BLAS threshold "
+        f"{DEFAULT_BLAS_THRESHOLD}, OPENBLAS_CORETYPE="
+        f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,16 +247,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[34, 66])
     parser.add_argument("--queries", type=int, default=2048, help="queries per measurement")
-    parser.add_argument("--flat-b1-queries", type=int, default=256,
-                        help="single queries timed on the (slow) exact index")
+    parser.add_argument(
+        "--flat-b1-queries",
+        type=int,
+        default=256,
+        help="single queries timed on the (slow) exact index",
+    )
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[32, 48, 64, 128])
-    parser.add_argument("--min-recall", type=float, default=0.95,
-                        help="recall floor when choosing the efSearch of the summary line")
-    parser.add_argument("--compare-blas", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time batch-64 flat search at faiss' default BLAS threshold")
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=0.95,
+        help="recall floor when choosing the efSearch of the summary line",
+    )
+    parser.add_argument(
+        "--compare-blas",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time batch-64 flat search at faiss' default BLAS threshold",
+    )
     parser.add_argument("--default-blas-batches", type=int, default=8)
     parser.add_argument("--no-record", action="store_true", help="do not append RESULTS.md")
     args = parser.parse_args(argv)
@@ -232,16 +288,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     n, dim = sizes[-1], args.dims[-1]
     cells = table_rows(rows)
     print_table(f"Item index: flat vs HNSW, k={args.k}, one thread", COLUMNS, cells)
-    last = (f"flat_qps_b64={summary['flat_qps_b64']:.0f} ann_qps_b1={summary['ann_qps_b1']:.0f} "
-            f"ann_recall10={summary['ann_recall10']:.3f}")
-    notes = (f"{faiss_details()}.\n\n{ANCHOR}.\n{TARGETS}.\n"
-             f"Summary at {n:,} x {dim}: the fastest batch-1 HNSW setting with recall@10 >= "
-             f"{args.min_recall} is efSearch={summary['ann_ef']:.0f}; HNSW build "
-             f"{summary['hnsw_build_s']:.1f}s (one thread). FM-like seeded vectors "
-             "(low-rank clusters, log-normal norms, augmented bias columns); recall against the "
-             "exact flat index, ties tolerated. 1-minute load average "
-             f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other processes on "
-             "the box inflate latency and p99).")
+    last = (
+        f"flat_qps_b64={summary['flat_qps_b64']:.0f} ann_qps_b1={summary['ann_qps_b1']:.0f} "
+        f"ann_recall10={summary['ann_recall10']:.3f}"
+    )
+    notes = (
+        f"{faiss_details()}.\n\n{ANCHOR}.\n{TARGETS}.\n"
+        f"Summary at {n:,} x {dim}: the fastest batch-1 HNSW setting with recall@10 >= "
+        f"{args.min_recall} is efSearch={summary['ann_ef']:.0f}; HNSW build "
+        f"{summary['hnsw_build_s']:.1f}s (one thread). FM-like seeded vectors "
+        "(low-rank clusters, log-normal norms, augmented bias columns); recall against the "
+        "exact flat index, ties tolerated. 1-minute load average "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other processes on "
+        "the box inflate latency and p99)."
+    )
     print(notes)
     if not args.no_record:
         title = "Item index: flat vs HNSW" + (" (--quick)" if args.quick else "")

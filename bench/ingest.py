@@ -67,15 +67,17 @@ def _fill(settings_json: str, n: int, seed: int, out: mp.Queue) -> None:
     out.put((n, elapsed, sum(len(v) for _, v in pairs)))
 
 
-def bare_consume(settings: Settings, n: int) -> float:
+def bare_consume(settings: Settings, n: int, **overrides: object) -> float:
     """Seconds for a kafka-python consumer (the trainer's config) to read ``n`` records."""
     from kafka import TopicPartition
 
     from stream.consume import make_consumer
 
-    consumer = make_consumer(settings, None)
-    tps = [TopicPartition(settings.topic_events, p)
-           for p in sorted(consumer.partitions_for_topic(settings.topic_events))]
+    consumer = make_consumer(settings, None, **overrides)
+    tps = [
+        TopicPartition(settings.topic_events, p)
+        for p in sorted(consumer.partitions_for_topic(settings.topic_events))
+    ]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     got = 0
@@ -88,8 +90,39 @@ def bare_consume(settings: Settings, n: int) -> float:
     return elapsed
 
 
-def run_trainer_once(settings: Settings, n: int) -> tuple[float, float, dict[str, float], int]:
+def bare_consume_confluent(settings: Settings, n: int) -> float | None:
+    """The same bare read with confluent-kafka (librdkafka), if installed: the peer client."""
+    try:
+        from confluent_kafka import Consumer, TopicPartition
+    except ImportError:
+        return None
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"bench-peer-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    meta = consumer.list_topics(settings.topic_events, timeout=10)
+    parts = sorted(meta.topics[settings.topic_events].partitions)
+    consumer.assign([TopicPartition(settings.topic_events, p, 0) for p in parts])
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        batch = consumer.consume(num_messages=settings.max_poll_records, timeout=0.5)
+        got += sum(1 for m in batch if m.error() is None)
+    elapsed = time.perf_counter() - t0
+    consumer.close()
+    return elapsed
+
+
+def run_trainer_once(
+    settings: Settings, n: int, *, publish: bool = True
+) -> tuple[float, float, dict[str, float], int]:
     """The trainer from scratch until ``n`` events are applied and checkpointed.
+
+    ``publish``: with the publisher (Redis history, vectors, snapshots) as in production.
 
     Returns:
         (startup seconds, loop seconds incl. the final checkpoint, timings, checkpoints written)
@@ -105,9 +138,11 @@ def run_trainer_once(settings: Settings, n: int) -> tuple[float, float, dict[str
     t0 = time.perf_counter()
     client = redis_client(settings)
     producer = make_producer(settings)
-    trainer = Trainer(settings, dead_letter_producer=producer,
-                      new_model=lambda: new_model(settings))
-    trainer.sink = Publisher(settings, VectorStore(client, settings), trainer.model)
+    trainer = Trainer(
+        settings, dead_letter_producer=producer, new_model=lambda: new_model(settings)
+    )
+    if publish:
+        trainer.sink = Publisher(settings, VectorStore(client, settings), trainer.model)
     checkpoints = 0
     original = trainer.checkpoint
 
@@ -139,10 +174,14 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--partitions", type=int, default=6)
-    ap.add_argument("--max-poll-records", type=int, default=None,
-                    help="default: the settings' value")
-    ap.add_argument("--reuse", action="store_true",
-                    help="use the Kafka/Redis of the FMSTREAM_* variables (else start own)")
+    ap.add_argument(
+        "--max-poll-records", type=int, default=None, help="default: the settings' value"
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the Kafka/Redis of the FMSTREAM_* variables (else start own)",
+    )
     ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
@@ -155,21 +194,30 @@ def main() -> None:
     if args.reuse:
         base = Settings()
     else:
-        ports = {"kafka_port": _free_port(), "kafka_controller_port": _free_port(),
-                 "redis_port": _free_port()}
+        ports = {
+            "kafka_port": _free_port(),
+            "kafka_controller_port": _free_port(),
+            "redis_port": _free_port(),
+        }
         base = Settings(
-            run_dir=tmp / "services", kafka_libs=ROOT / "infra" / "kafka" / "target" / "libs",
+            run_dir=tmp / "services",
+            kafka_libs=ROOT / "infra" / "kafka" / "target" / "libs",
             kafka_bootstrap=f"127.0.0.1:{ports['kafka_port']}",
-            redis_url=f"redis://127.0.0.1:{ports['redis_port']}/0", **ports,
+            redis_url=f"redis://127.0.0.1:{ports['redis_port']}/0",
+            **ports,
         )
     run = uuid.uuid4().hex[:8]
     update: dict[str, object] = {
         f"topic_{f}": f"bench.{f}.{run}"
         for f in ("events", "users", "items", "requests", "responses", "dlq")
     }
-    update.update(trainer_group=f"bench-trainer-{run}", redis_prefix=f"fmbench:{run}:",
-                  checkpoint_dir=tmp / "checkpoints", dim=args.dim,
-                  partitions_events=args.partitions)
+    update.update(
+        trainer_group=f"bench-trainer-{run}",
+        redis_prefix=f"fmbench:{run}:",
+        checkpoint_dir=tmp / "checkpoints",
+        dim=args.dim,
+        partitions_events=args.partitions,
+    )
     if args.max_poll_records:
         update["max_poll_records"] = args.max_poll_records
     settings = base.model_copy(update=update)
@@ -179,14 +227,18 @@ def main() -> None:
             services.ensure_topics(settings)
         else:
             started = services.up(settings)
-        print(f"services: {started or 'reused'}; {n} events, dim {args.dim}, "
-              f"{args.partitions} partitions, max_poll_records {settings.max_poll_records}, "
-              f"checkpoint every {settings.checkpoint_every_events} events / "
-              f"{settings.checkpoint_every_s} s", flush=True)
+        print(
+            f"services: {started or 'reused'}; {n} events, dim {args.dim}, "
+            f"{args.partitions} partitions, max_poll_records {settings.max_poll_records}, "
+            f"checkpoint every {settings.checkpoint_every_events} events / "
+            f"{settings.checkpoint_every_s} s",
+            flush=True,
+        )
 
         queue: mp.Queue = mp.get_context("spawn").Queue()
         proc = mp.get_context("spawn").Process(
-            target=_fill, args=(settings.model_dump_json(), n, 0, queue))
+            target=_fill, args=(settings.model_dump_json(), n, 0, queue)
+        )
         proc.start()
         while True:  # the producer process reports once; fail fast if it died instead
             try:
@@ -196,11 +248,33 @@ def main() -> None:
                 if not proc.is_alive():
                     raise SystemExit(f"producer process failed (exit {proc.exitcode})") from None
         proc.join(60)
-        print(f"produced {produced} events ({nbytes / produced:.0f} B each) in {produce_s:.1f} s",
-              flush=True)
+        print(
+            f"produced {produced} events ({nbytes / produced:.0f} B each) in {produce_s:.1f} s",
+            flush=True,
+        )
 
         bare_s = bare_consume(settings, n)
         print(f"bare kafka-python consume: {n / bare_s:,.0f} events/s", flush=True)
+        nocrc_s = bare_consume(settings, n, check_crcs=False)
+        print(f"bare consume, CRC checks off: {n / nocrc_s:,.0f} events/s", flush=True)
+        peer_s = bare_consume_confluent(settings, n)
+        if peer_s is not None:
+            print(f"bare consume, confluent-kafka: {n / peer_s:,.0f} events/s", flush=True)
+        core = run_trainer_once(
+            settings.model_copy(
+                update={
+                    "checkpoint_dir": tmp / "checkpoints-core",
+                    "trainer_group": settings.trainer_group + "-core",
+                }
+            ),
+            n,
+            publish=False,
+        )
+        print(
+            f"trainer without publisher: {n / core[1]:,.0f} events/s; seconds by phase "
+            + ", ".join(f"{k} {v:.2f}" for k, v in core[2].items()),
+            flush=True,
+        )
         load_before = os.getloadavg()[0]
         startup_s, loop_s, timings, checkpoints = run_trainer_once(settings, n)
         load_after = os.getloadavg()[0]
@@ -208,31 +282,67 @@ def main() -> None:
         _cleanup(settings, own_services=started is not None)
 
     eps = n / loop_s
+    from kafka.record import util as record_util
+
+    crc = "crc32c-C" if getattr(record_util, "crc32c_c", None) is not None else "pure-python"
     other = loop_s - sum(timings.values())
-    rows = [["produce (separate process)", f"{produce_s:.2f}", "", f"{n / produce_s:,.0f}"],
-            ["bare consume (kafka-python)", f"{bare_s:.2f}", "", f"{n / bare_s:,.0f}"],
-            ["trainer end to end", f"{loop_s:.2f}", "100%", f"{eps:,.0f}"]]
+    rows = [
+        ["produce (separate process)", f"{produce_s:.2f}", "", f"{n / produce_s:,.0f}"],
+        ["bare consume (kafka-python)", f"{bare_s:.2f}", "", f"{n / bare_s:,.0f}"],
+        ["bare consume, check_crcs=False", f"{nocrc_s:.2f}", "", f"{n / nocrc_s:,.0f}"],
+        [
+            "bare consume, confluent-kafka (peer)",
+            f"{peer_s:.2f}" if peer_s else "not installed",
+            "",
+            f"{n / peer_s:,.0f}" if peer_s else "-",
+        ],
+        ["trainer without publisher", f"{core[1]:.2f}", "", f"{n / core[1]:,.0f}"],
+        ["trainer end to end (with publisher)", f"{loop_s:.2f}", "100%", f"{eps:,.0f}"],
+    ]
     for phase, secs in [*timings.items(), ("other (loop, bookkeeping)", other)]:
-        rows.append([f"  trainer: {phase}", f"{secs:.2f}", f"{secs / loop_s:.0%}",
-                     f"{n / secs:,.0f}" if secs > 0 else "-"])
+        rows.append(
+            [
+                f"  trainer: {phase}",
+                f"{secs:.2f}",
+                f"{secs / loop_s:.0%}",
+                f"{n / secs:,.0f}" if secs > 0 else "-",
+            ]
+        )
     columns = ["stage", "seconds", "share of trainer", "events/s"]
-    print_table(f"ingest: {n} events, dim {args.dim}", columns, rows)
+    print_table(f"ingest: {n} events, dim {args.dim}, CRC32C {crc}", columns, rows)
     summary = summary_line(
-        events=n, dim=args.dim, partitions=args.partitions,
-        max_poll_records=settings.max_poll_records, checkpoints=checkpoints,
-        produce_per_s=n / produce_s, bare_consume_per_s=n / bare_s,
-        poll_us=timings["poll"] / n * 1e6, decode_us=timings["decode"] / n * 1e6,
-        update_us=timings["update"] / n * 1e6, publish_us=timings["publish"] / n * 1e6,
-        checkpoint_s=timings["checkpoint"], startup_s=startup_s,
-        loadavg=f"{load_before:.1f}-{load_after:.1f}", events_per_s=eps,
+        events=n,
+        dim=args.dim,
+        partitions=args.partitions,
+        max_poll_records=settings.max_poll_records,
+        checkpoints=checkpoints,
+        produce_per_s=n / produce_s,
+        bare_consume_per_s=n / bare_s,
+        bare_consume_nocrc_per_s=n / nocrc_s,
+        bare_consume_confluent_per_s=n / peer_s if peer_s else "n/a",
+        trainer_no_publisher_per_s=n / core[1],
+        poll_us=timings["poll"] / n * 1e6,
+        decode_us=timings["decode"] / n * 1e6,
+        update_us=timings["update"] / n * 1e6,
+        publish_us=timings["publish"] / n * 1e6,
+        checkpoint_s=timings["checkpoint"],
+        startup_s=startup_s,
+        crc32c=crc,
+        loadavg=f"{load_before:.1f}-{load_after:.1f}",
+        events_per_s=eps,
     )
     notes = (
         "Trainer = the real Trainer + Publisher (Redis) with checkpoints on, from an empty "
         "model; poll = time inside kafka-python's poll (fetch + record parsing); decode = "
-        "orjson + pydantic validation; update = model update incl. bookkeeping; publish = "
+        "orjson + the plain-event check (pydantic for anything unusual); update = model "
+        "update incl. bookkeeping; publish = "
         "history writes and publisher ticks. Bare consume reads the same topic with the "
         f"same consumer settings and does nothing else. loadavg = 1-min load before/after "
-        f"the trainer run on {os.cpu_count()} cores (other processes share the machine)."
+        f"the trainer run on {os.cpu_count()} cores (other processes share the machine). "
+        "kafka-python 3 fetches on a background IO thread, so the phases are the trainer "
+        "thread's wall time; fetch work overlapping its Redis waits is not in `poll`. "
+        f"CRC32C of fetched batches: {crc} (kafka-python uses the `crc32c` package when "
+        "installed)."
     )
     if not args.no_record:
         record("ingest", columns, rows, summary, notes)

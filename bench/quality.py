@@ -1,15 +1,21 @@
 """Recommendation quality on MovieLens, prequential, side by side with online popularity.
 
 Protocol:
-* positives = ratings >= 4, in time order (ties keep file order);
+* the stream is every rating in time order (ties keep file order) with label = rating >= 4:
+  positives are the evaluated events; low ratings are explicit negatives (the FM sees them;
+  with the default BPR loss they are not trained on) and count as interactions to exclude.
+  ``--positives-only`` streams the positives alone;
 * all user and item profiles are upserted first (like compacted profile topics consumed before
   events), so a user's profile is known when the user first appears (cold start);
-* the first 80% of the positives warm the model in one pass of mini-batches (``--batch``);
-* the last 20% are processed in chunks of ``--chunk`` events (default 256): for every event of
-  the chunk, top-10 items for its user are recommended by the *current* model (the state before
-  the chunk) excluding items the user interacted with before the event, THEN the chunk is
-  learned. The popularity recommender follows the same protocol with its counts;
-* an event is *warm* when its user has a positive before it, *cold* otherwise;
+* the stream up to the first 80% of the positives warms the model in one pass of mini-batches
+  (``--batch``, default 64);
+* the rest is processed in chunks of ``--chunk`` positives (default 1: exact prequential): for
+  every positive of the chunk, top-10 items for its user are recommended by the model as it was
+  before the chunk, excluding items the user interacted with before the event, THEN the chunk
+  (with the negatives inside it) is learned. The online popularity recommender (positive counts
+  so far) follows the same protocol;
+* an event is *warm* when its user has an interaction before it, *cold* otherwise (the profile
+  is known: all profiles were upserted first);
 * HR@10 = share of events whose item is in the top-10; NDCG@10 = 1/log2(2 + rank) on a hit.
 
 Recommendations use the folded vectors exactly as serving does: ``q = context_query(E_user, ctx)``
@@ -87,9 +93,19 @@ def rank_of(top: np.ndarray, target: int) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
-def evaluate(ml: MovieLens, config: TrainConfig, schema: FeatureSchema, *, warm_frac: float = 0.8,
-             batch: int = 256, chunk: int = 256, k: int = 10, use_context: bool = True,
-             all_ratings: bool = True, log: bool = False) -> dict[str, Any]:
+def evaluate(
+    ml: MovieLens,
+    config: TrainConfig,
+    schema: FeatureSchema,
+    *,
+    warm_frac: float = 0.8,
+    batch: int = 64,
+    chunk: int = 1,
+    k: int = 10,
+    use_context: bool = True,
+    all_ratings: bool = True,
+    log: bool = False,
+) -> dict[str, Any]:
     """Run the prequential protocol; returns metrics for the FM and popularity.
 
     With ``all_ratings`` the stream holds every rating (label = rating >= 4; low ratings are
@@ -114,8 +130,13 @@ def evaluate(ml: MovieLens, config: TrainConfig, schema: FeatureSchema, *, warm_
     t0 = time.perf_counter()
     for lo in range(0, split, batch):
         hi = min(split, lo + batch)
-        fm.learn_many(users[lo:hi].tolist(), items[lo:hi].tolist(), label[lo:hi],
-                      contexts=ctx_all[lo:hi], ts=ts[lo:hi])
+        fm.learn_many(
+            users[lo:hi].tolist(),
+            items[lo:hi].tolist(),
+            label[lo:hi],
+            contexts=ctx_all[lo:hi],
+            ts=ts[lo:hi],
+        )
     for u, i, y in zip(users[:split].tolist(), items[:split].tolist(), label[:split], strict=True):
         hist.setdefault(u, []).append(i)
         if y > 0:
@@ -156,58 +177,106 @@ def evaluate(ml: MovieLens, config: TrainConfig, schema: FeatureSchema, *, warm_
         for i, y in zip(ci, cy, strict=True):
             if y > 0:
                 pop[i] = pop.get(i, 0) + 1
-        if log and (lo - split) // max(hi - lo, 1) % 10 == 0:
-            print(f"  {n_eval_pos} eval positives, fm warm HR@10 {res['fm']['warm'].hr:.4f}",
-                  file=sys.stderr)
+        if log and n_eval_pos // chunk % max(1, 2000 // chunk) == 0:
+            print(
+                f"  {n_eval_pos} eval positives, fm warm HR@10 {res['fm']['warm'].hr:.4f}",
+                file=sys.stderr,
+            )
         lo = hi
     return {
-        "res": res, "n_pos": int(pos_idx.size), "n_warmup": int(np.searchsorted(pos_idx, split)),
-        "n_eval": n_eval_pos, "warm_s": warm_s, "eval_s": time.perf_counter() - t1,
+        "res": res,
+        "n_pos": int(pos_idx.size),
+        "n_warmup": int(np.searchsorted(pos_idx, split)),
+        "n_eval": n_eval_pos,
+        "warm_s": warm_s,
+        "eval_s": time.perf_counter() - t1,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--movielens", required=True, help="folder of ml-100k or ml-1m files")
-    ap.add_argument("--schema", default="movielens",
-                    help="'movielens' (config/movielens.toml), 'ids', or a TOML path")
-    ap.add_argument("--batch", type=int, default=256, help="warm-up mini-batch size")
-    ap.add_argument("--chunk", type=int, default=256, help="eval events per recommend/learn step")
+    ap.add_argument(
+        "--schema",
+        default="movielens",
+        help="'movielens' (config/movielens.toml), 'ids', or a TOML path",
+    )
+    ap.add_argument("--batch", type=int, default=64, help="warm-up mini-batch size (events)")
+    ap.add_argument(
+        "--chunk", type=int, default=1, help="evaluated positives per recommend-then-learn step"
+    )
     ap.add_argument("--no-context", action="store_true", help="recommend without the hour")
+    ap.add_argument(
+        "--positives-only",
+        action="store_true",
+        help="stream only ratings >= 4 (no explicit negatives)",
+    )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                        default=getattr(defaults, f.name),
-                        help=f"TrainConfig.{f.name} (default {getattr(defaults, f.name)})")
+        ap.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+            help=f"TrainConfig.{f.name} (default {getattr(defaults, f.name)})",
+        )
     args = ap.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     path = SCHEMAS.get(args.schema, args.schema)
     schema = FeatureSchema.ids_only() if path is None else FeatureSchema.load(path)
     ml = read_movielens(args.movielens)
-    out = evaluate(ml, config, schema, batch=args.batch, chunk=args.chunk,
-                   use_context=not args.no_context, log=True)
+    out = evaluate(
+        ml,
+        config,
+        schema,
+        batch=args.batch,
+        chunk=args.chunk,
+        use_context=not args.no_context,
+        all_ratings=not args.positives_only,
+        log=True,
+    )
     res = out["res"]
     rows = []
     for kind in ("warm", "cold"):
         f, p = res["fm"][kind], res["pop"][kind]
-        rows.append((kind, f.n, f"{f.hr:.4f}", f"{f.ndcg10:.4f}", f"{p.hr:.4f}", f"{p.ndcg10:.4f}",
-                     f"{f.hr / max(p.hr, 1e-12):.2f}x"))
-    columns = ("users", "events", "FM HR@10", "FM NDCG@10", "pop HR@10", "pop NDCG@10",
-               "FM/pop HR")
-    print_table(f"prequential top-10 on {Path(args.movielens).name} "
-                f"({out['n_warmup']} warm-up + {out['n_eval']} evaluated positives)", columns, rows)
+        rows.append(
+            (
+                kind,
+                f.n,
+                f"{f.hr:.4f}",
+                f"{f.ndcg10:.4f}",
+                f"{p.hr:.4f}",
+                f"{p.ndcg10:.4f}",
+                f"{f.hr / max(p.hr, 1e-12):.2f}x",
+            )
+        )
+    columns = ("users", "events", "FM HR@10", "FM NDCG@10", "pop HR@10", "pop NDCG@10", "FM/pop HR")
+    print_table(
+        f"prequential top-10 on {Path(args.movielens).name} "
+        f"({out['n_warmup']} warm-up + {out['n_eval']} evaluated positives)",
+        columns,
+        rows,
+    )
     cfg = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     summary = summary_line(
-        warm_hr10=res["fm"]["warm"].hr, cold_hr10=res["fm"]["cold"].hr,
-        pop_warm_hr10=res["pop"]["warm"].hr, pop_cold_hr10=res["pop"]["cold"].hr,
-        warm_ndcg10=res["fm"]["warm"].ndcg10, cold_ndcg10=res["fm"]["cold"].ndcg10,
-        pop_warm_ndcg10=res["pop"]["warm"].ndcg10, pop_cold_ndcg10=res["pop"]["cold"].ndcg10,
+        warm_hr10=res["fm"]["warm"].hr,
+        cold_hr10=res["fm"]["cold"].hr,
+        pop_warm_hr10=res["pop"]["warm"].hr,
+        pop_cold_hr10=res["pop"]["cold"].hr,
+        warm_ndcg10=res["fm"]["warm"].ndcg10,
+        cold_ndcg10=res["fm"]["cold"].ndcg10,
+        pop_warm_ndcg10=res["pop"]["warm"].ndcg10,
+        pop_cold_ndcg10=res["pop"]["cold"].ndcg10,
         warm_ratio=res["fm"]["warm"].hr / max(res["pop"]["warm"].hr, 1e-12),
-        warm_events=res["fm"]["warm"].n, cold_events=res["fm"]["cold"].n,
+        warm_events=res["fm"]["warm"].n,
+        cold_events=res["fm"]["cold"].n,
     )
-    notes = (f"Config: {cfg}; schema={args.schema}; warm-up batch={args.batch}; eval chunk="
-             f"{args.chunk} (recommend for the whole chunk, then learn it); context="
-             f"{not args.no_context}; warm-up {out['warm_s']:.1f}s, eval {out['eval_s']:.1f}s.")
+    notes = (
+        f"Config: {cfg}; schema={args.schema}; stream="
+        f"{'positives only' if args.positives_only else 'all ratings (label = rating>=4)'}"
+        f"; warm-up batch={args.batch}; eval chunk={args.chunk} positives (recommend for "
+        f"the whole chunk, then learn it); context={not args.no_context}; warm-up "
+        f"{out['warm_s']:.1f}s, eval {out['eval_s']:.1f}s."
+    )
     record("quality", columns, rows, summary, notes)
     print(notes)
     print(summary)

@@ -11,9 +11,10 @@ cores, which is where the time goes. The client is lean on purpose (pre-encoded 
 replies matched by key) so that it costs less than ``FmClient``; its cost is reported.
 
 Prints a table, appends it with the machine to ``bench/RESULTS.md``; the last line is
-``rps=... p50_ms=... p99_ms=...`` for 100k items and 1 worker (target: >= 2,000 requests/s per
-worker with p99 <= 50 ms). ``--profile`` runs the first worker under cProfile and prints its top
-functions. Runs in about 3 minutes.
+``rps=... p50_ms=... p99_ms=... inflight=...`` for 100k items and 1 worker: the in-flight level
+with the most requests/s whose p99 meets the target, else the one with the most requests/s
+(target: >= 2,000 requests/s per worker with p99 <= 50 ms). ``--profile`` runs the first worker
+under cProfile and prints its top functions. Runs in about 3-4 minutes.
 """
 
 from __future__ import annotations
@@ -52,9 +53,24 @@ from serving.store import VectorStore  # noqa: E402
 log = logging.getLogger("bench.serve")
 
 TARGET = "target at 100k items: >= 2,000 requests/s per worker with p99 <= 50 ms"
-COLUMNS = ["items", "workers", "in flight", "requests", "errors", "req/s", "p50 ms", "p99 ms",
-           "max ms", "cpu ms/req: workers", "client", "broker", "redis", "idle"]
+COLUMNS = [
+    "items",
+    "workers",
+    "in flight",
+    "requests",
+    "errors",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "cpu ms/req: workers",
+    "client",
+    "broker",
+    "redis",
+    "idle",
+]
 TICKS = os.sysconf("SC_CLK_TCK")
+P99_TARGET_MS = 50.0
 
 
 def _free_port() -> int:
@@ -63,8 +79,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bench_settings(run_dir: Path, ports: tuple[int, int, int] = (51092, 51093, 51379),
-                   **update) -> Settings:
+def bench_settings(
+    run_dir: Path, ports: tuple[int, int, int] = (51092, 51093, 51379), **update
+) -> Settings:
     """Private services on their own run dir and ports, never a stack someone else runs.
 
     ``ports`` (kafka, controller, redis) are used when all are free, else free ones are picked:
@@ -123,8 +140,9 @@ def start_worker(settings: Settings, log_path: Path, profile: Path | None) -> su
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
     cmd += ["-m", "fmstream.cli", "-v", "serve"]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_path.open("wb"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
 
 
 def stop_workers(workers: list[subprocess.Popen]) -> None:
@@ -150,11 +168,20 @@ class LoadClient:
         self.users = users
         self.k = k
         self.rng = np.random.default_rng(seed)
-        self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                      linger_ms=0, client_id="bench-client")
-        self.consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                                      enable_auto_commit=False, fetch_max_wait_ms=10,
-                                      fetch_min_bytes=1, client_id="bench-client")
+        self.producer = KafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            linger_ms=0,
+            client_id="bench-client",
+        )
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            fetch_min_bytes=1,
+            client_id="bench-client",
+        )
         parts = self.consumer.partitions_for_topic(settings.topic_responses)
         tps = [TopicPartition(settings.topic_responses, p) for p in sorted(parts)]
         self.consumer.assign(tps)
@@ -169,7 +196,10 @@ class LoadClient:
         rid = f"{self.prefix}-{self.n}"
         user = int(self.rng.integers(self.users))
         value = b'{"request_id":"%s","type":"u2i","user_id":"u%d","k":%d}' % (
-            rid.encode(), user, self.k)
+            rid.encode(),
+            user,
+            self.k,
+        )
         key = rid.encode()
         inflight[key] = time.perf_counter()
         self.producer.send(self.settings.topic_requests, key=key, value=value)
@@ -186,7 +216,8 @@ class LoadClient:
                 break
             while len(inflight) < inflight_n:
                 self._send(inflight)
-            for records in self.consumer.poll(timeout_ms=5).values():
+            # returns as soon as replies arrive; a long timeout only saves idle polling
+            for records in self.consumer.poll(timeout_ms=50).values():
                 done = time.perf_counter()
                 for r in records:
                     sent = inflight.pop(r.key, None)
@@ -198,6 +229,17 @@ class LoadClient:
                         if errors <= 3:
                             log.warning("error reply: %s", orjson.loads(r.value)["error"])
         return np.array(lat), errors, len(inflight)
+
+    def warm_up(self, inflight_n: int, timeout_s: float = 60.0) -> None:
+        """Until the group is settled: a 2 s run answers nearly all it sent (a request sent
+        before a worker has its partitions is never answered)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            lat, _, left = self.run(2.0, inflight_n)
+            if len(lat) >= 9 * left:
+                return
+            log.info("warming up: %d answered, %d unanswered", len(lat), left)
+        raise SystemExit(f"workers did not answer steadily within {timeout_s:.0f} s")
 
     def drain(self, seconds: float = 2.0) -> None:
         end = time.perf_counter() + seconds
@@ -230,18 +272,33 @@ class Result:
     idle: float
 
     def row(self) -> list[str]:
-        return [f"{self.items:,}", str(self.workers), str(self.inflight), f"{self.requests:,}",
-                str(self.errors), f"{self.rps:,.0f}", f"{self.p50_ms:.1f}", f"{self.p99_ms:.1f}",
-                f"{self.max_ms:.0f}", f"{self.cpu_workers:.3f}", f"{self.cpu_client:.3f}",
-                f"{self.cpu_broker:.3f}", f"{self.cpu_redis:.3f}", f"{self.idle:.0%}"]
+        return [
+            f"{self.items:,}",
+            str(self.workers),
+            str(self.inflight),
+            f"{self.requests:,}",
+            str(self.errors),
+            f"{self.rps:,.0f}",
+            f"{self.p50_ms:.1f}",
+            f"{self.p99_ms:.1f}",
+            f"{self.max_ms:.0f}",
+            f"{self.cpu_workers:.3f}",
+            f"{self.cpu_client:.3f}",
+            f"{self.cpu_broker:.3f}",
+            f"{self.cpu_redis:.3f}",
+            f"{self.idle:.0%}",
+        ]
 
 
-def wait_workers(store: VectorStore, workers: list[subprocess.Popen], version: int,
-                 timeout_s: float = 180) -> None:
+def wait_workers(
+    store: VectorStore, workers: list[subprocess.Popen], version: int, timeout_s: float = 180
+) -> None:
+    """Until each of these worker processes reports serving ``version`` (ids are host:pid)."""
     deadline = time.monotonic() + timeout_s
+    ids = {f"{socket.gethostname()}:{w.pid}" for w in workers}
     while True:
-        serving = [v for v in store.worker_versions().values() if v == version]
-        if len(serving) >= len(workers):
+        serving = {w for w, v in store.worker_versions().items() if v == version}
+        if ids <= serving:
             return
         for w in workers:
             if w.poll() is not None:
@@ -251,8 +308,15 @@ def wait_workers(store: VectorStore, workers: list[subprocess.Popen], version: i
         time.sleep(0.2)
 
 
-def measure(settings: Settings, client: LoadClient, pids: dict[str, list[int]], items: int,
-            workers: int, inflight: int, seconds: float) -> Result:
+def measure(
+    settings: Settings,
+    client: LoadClient,
+    pids: dict[str, list[int]],
+    items: int,
+    workers: int,
+    inflight: int,
+    seconds: float,
+) -> Result:
     before = {name: sum(cpu_seconds(p) for p in ps) for name, ps in pids.items()}
     busy0, idle0 = total_cpu_seconds()
     t0 = time.perf_counter()
@@ -265,11 +329,19 @@ def measure(settings: Settings, client: LoadClient, pids: dict[str, list[int]], 
     per_req = {name: (after[name] - before[name]) * 1000 / n for name in pids}
     ms = lat * 1000 if len(lat) else np.array([np.nan])
     return Result(
-        items=items, workers=workers, inflight=inflight, requests=len(lat), errors=errors,
-        rps=len(lat) / wall, p50_ms=float(np.percentile(ms, 50)),
-        p99_ms=float(np.percentile(ms, 99)), max_ms=float(ms.max()),
-        cpu_workers=per_req["workers"], cpu_client=per_req["client"],
-        cpu_broker=per_req["broker"], cpu_redis=per_req["redis"],
+        items=items,
+        workers=workers,
+        inflight=inflight,
+        requests=len(lat),
+        errors=errors,
+        rps=len(lat) / wall,
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
+        max_ms=float(ms.max()),
+        cpu_workers=per_req["workers"],
+        cpu_client=per_req["client"],
+        cpu_broker=per_req["broker"],
+        cpu_redis=per_req["redis"],
         idle=(idle1 - idle0) / max(1e-9, (busy1 - busy0) + (idle1 - idle0)),
     )
 
@@ -277,40 +349,115 @@ def measure(settings: Settings, client: LoadClient, pids: dict[str, list[int]], 
 def publish(store: VectorStore, items: int, users: int, dim: int, version: int) -> None:
     t0 = time.perf_counter()
     vectors = fm_like_vectors(items, dim, seed=1)
-    snapshot = ItemSnapshot(version=version, item_ids=[f"i{j}" for j in range(items)],
-                            vectors=vectors, bias=-1.0)
+    snapshot = ItemSnapshot(
+        version=version, item_ids=[f"i{j}" for j in range(items)], vectors=vectors, bias=-1.0
+    )
     store.put_item_snapshot(snapshot)
     user_ids = [f"u{j}" for j in range(users)]
     store.put_user_vectors(user_ids, fm_like_vectors(users, dim, seed=2, query=True), version)
-    log.info("published %d items x %d (v%d) and %d users in %.1fs", items, dim, version, users,
-             time.perf_counter() - t0)
+    log.info(
+        "published %d items x %d (v%d) and %d users in %.1fs",
+        items,
+        dim,
+        version,
+        users,
+        time.perf_counter() - t0,
+    )
 
 
-def print_profile(path: Path, top: int = 25) -> None:
+# (label, file suffix, function) whose cumulative time is reported; "minus" rows subtract
+PROFILE_PARTS = [
+    ("poll: fetch + unpack records (+ idle wait)", "kafka/consumer/group.py", "poll"),
+    ("decode requests (pydantic)", "serving/worker.py", "_decode"),
+    ("Redis: user vectors (+ histories)", "serving/worker.py", "__init__"),
+    ("faiss search", "serving/index.py", "_search"),
+    ("encode replies + producer.send", "serving/worker.py", "send"),
+    ("settle acks + commit offsets", "serving/worker.py", "settle"),
+    ("", "serving/worker.py", "commit"),
+]
+
+
+def profile_breakdown(path: Path) -> list[tuple[str, float]]:
+    """Seconds of the worker's request thread by part (cProfile cumulative times)."""
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+
+    def cum(suffix: str, func: str) -> float:
+        return sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(suffix) and fn == func)
+
+    total = cum("serving/worker.py", "run")
+    parts: list[tuple[str, float]] = []
+    for label, suffix, func in PROFILE_PARTS:
+        if label:
+            parts.append((label, cum(suffix, func)))
+        else:
+            parts[-1] = (parts[-1][0], parts[-1][1] + cum(suffix, func))
+    handle = cum("serving/worker.py", "handle")
+    inside = sum(v for label, v in parts[1:4])
+    parts.insert(4, ("rest of answering (numpy, exclusions, reply lists)", handle - inside))
+    parts.append(("other (loop, metrics, ...)", total - sum(v for _, v in parts)))
+    parts.append(("request thread total", total))
+    return parts
+
+
+def profile_pass(
+    base: Settings, store: VectorStore, run_dir: Path, version: int, args: argparse.Namespace
+) -> list[tuple[str, float]]:
+    """One worker under cProfile at 100k items: where its request thread spends the time."""
+    settings = base.model_copy(update={"serving_group": f"bench-profile-{uuid.uuid4().hex[:6]}"})
+    path = run_dir / "worker.prof"
+    workers = [start_worker(settings, run_dir / "worker-profiled.log", path)]
+    client = None
+    try:
+        wait_workers(store, workers, version)
+        client = LoadClient(settings, args.users, args.k)
+        client.warm_up(64)
+        lat, _, _ = client.run(args.seconds, 64)
+        log.info("profiled pass: %d answers in %.0f s", len(lat), args.seconds)
+    finally:
+        if client is not None:
+            client.close()
+        stop_workers(workers)
     if not path.exists():
-        print(f"(no profile written at {path})")
-        return
-    stats = pstats.Stats(str(path))
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
+        return []
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(20)
+    return profile_breakdown(path)
+
+
+def headline(results: list[Result]) -> dict[str, float | int]:
+    """100k items, 1 worker: the most requests/s with p99 within the target, else the most."""
+    rows = [r for r in results if r.items == 100_000 and r.workers == 1] or results
+    within = [r for r in rows if r.p99_ms <= P99_TARGET_MS]
+    best = max(within or rows, key=lambda r: r.rps)
+    return {
+        "rps": round(best.rps),
+        "p50_ms": round(best.p50_ms, 1),
+        "p99_ms": round(best.p99_ms, 1),
+        "inflight": best.inflight,
+    }
 
 
 # --- main ----------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--items", default="100000,1000000", help="item counts")
     parser.add_argument("--workers", default="1,2", help="worker process counts")
-    parser.add_argument("--inflight", default="64", help="requests kept in flight (list: sweep)")
+    parser.add_argument(
+        "--inflight", default="16,64,256", help="requests kept in flight (a list is swept)"
+    )
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=34, help="vector width (32 factors + 2)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per row")
-    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per row")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--profile", action="store_true",
-                        help="run the first worker of the first row under cProfile")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run one worker under cProfile (100k items, 64 in flight; "
+        "not in the table) and report where its time goes",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -320,50 +467,53 @@ def main(argv: list[str] | None = None) -> int:
     base = bench_settings(run_dir)
     started = time.perf_counter()
     results: list[Result] = []
-    profile_path = run_dir / "worker.prof"
+    breakdown: list[tuple[str, float]] = []
     ok = False
     try:
         log.info("services: %s", services.up(base))
-        pids = {"broker": [p for p in [service_pid(base, "kafka")] if p],
-                "redis": [p for p in [service_pid(base, "redis")] if p],
-                "client": [os.getpid()]}
+        pids = {
+            "broker": [p for p in [service_pid(base, "kafka")] if p],
+            "redis": [p for p in [service_pid(base, "redis")] if p],
+            "client": [os.getpid()],
+        }
         store = VectorStore.from_settings(base)
         version = 0
-        profiled = False
         for items in [int(x) for x in args.items.split(",")]:
             version += 1
             publish(store, items, args.users, args.dim, version)
             for n_workers in [int(x) for x in args.workers.split(",")]:
-                settings = base.model_copy(update={
-                    "serving_group": f"bench-serving-{items}-{n_workers}-{uuid.uuid4().hex[:6]}"})
-                workers = []
-                for j in range(n_workers):
-                    prof = profile_path if args.profile and not profiled and j == 0 else None
-                    workers.append(start_worker(settings, run_dir / f"worker-{items}-{j}.log",
-                                                prof))
-                profiled = profiled or args.profile
+                settings = base.model_copy(
+                    update={
+                        "serving_group": f"bench-serving-{items}-{n_workers}-{uuid.uuid4().hex[:6]}"
+                    }
+                )
+                workers = [
+                    start_worker(settings, run_dir / f"worker-{items}-{j}.log", None)
+                    for j in range(n_workers)
+                ]
                 client = None
                 try:
                     wait_workers(store, workers, version)
                     client = LoadClient(settings, args.users, args.k)
                     pids["workers"] = [w.pid for w in workers]
                     sweep = [int(x) for x in args.inflight.split(",")]
-                    client.run(args.warmup, sweep[0])  # group settled, caches warm
+                    client.warm_up(sweep[0])  # group settled, caches warm
                     client.drain(1.0)
                     for inflight in sweep:
-                        res = measure(settings, client, pids, items, n_workers, inflight,
-                                      args.seconds)
+                        res = measure(
+                            settings, client, pids, items, n_workers, inflight, args.seconds
+                        )
                         log.info("%s", res)
                         results.append(res)
                 finally:
                     if client is not None:
                         client.close()
                     stop_workers(workers)
+            if args.profile and items == 100_000:
+                breakdown = profile_pass(base, store, run_dir, version, args)
         ok = True
     finally:
         services.down(base)
-        if args.profile:
-            print_profile(profile_path)
         if ok:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
@@ -371,14 +521,29 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [r.row() for r in results]
     print_table("Serving through Kafka: u2i k=10, closed loop (" + TARGET + ")", COLUMNS, rows)
-    head = next((r for r in results if r.items == 100_000 and r.workers == 1), results[0])
-    summary = summary_line(rps=round(head.rps), p50_ms=round(head.p50_ms, 1),
-                           p99_ms=round(head.p99_ms, 1))
-    notes = (f"{TARGET}. Client: one process, closed loop, pre-encoded u2i requests; cpu ms/req "
-             "= CPU time each process spent per answered request while measured (2 cores "
-             f"shared by workers, client, broker and Redis). Wall time "
-             f"{time.perf_counter() - started:.0f} s. OPENBLAS_CORETYPE="
-             f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}.")
+    summary = summary_line(**headline(results))
+    notes = (
+        f"{TARGET}. Client: one process, closed loop, pre-encoded u2i requests; cpu ms/req "
+        "= CPU time each process spent per answered request while measured (2 cores "
+        f"shared by workers, client, broker and Redis). Wall time "
+        f"{time.perf_counter() - started:.0f} s. Load average at the end "
+        f"{os.getloadavg()[0]:.1f} (idle = share of the machine's CPU time left idle while "
+        "measured; other tenants may share it). OPENBLAS_CORETYPE="
+        f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}."
+    )
+    if breakdown:
+        total = breakdown[-1][1] or 1.0
+        print_table(
+            "Where one worker's request thread spends its time (cProfile, 100k items, "
+            "64 in flight)",
+            ["part", "seconds", "share"],
+            [[label, f"{sec:.2f}", f"{sec / total:.0%}"] for label, sec in breakdown],
+        )
+        notes += (
+            " Worker request thread under cProfile (100k items, 64 in flight): "
+            + "; ".join(f"{label} {sec / total:.0%}" for label, sec in breakdown[:-1])
+            + "."
+        )
     if not args.no_record:
         record("Serving (bench/serve.py)", COLUMNS, rows, summary, notes)
     print(summary)

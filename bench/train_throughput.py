@@ -9,7 +9,7 @@ Entities are registered and admitted in an untimed warm-up pass; the timed part 
 state of an online trainer (known ids, occasional new ones). Inputs (id lists, context dicts)
 are built before timing: decoding is the consumer's cost, measured elsewhere.
 
-Run: ``.venv/bin/python bench/train_throughput.py [--seconds 3] [--quick]``
+Run: ``.venv/bin/python bench/train_throughput.py [--seconds 3] [--quick] [--no-river]``
 """
 
 from __future__ import annotations
@@ -36,10 +36,15 @@ AGE = (18, 25, 35, 45, 50, 56)
 YEAR = (1950, 1970, 1980, 1990, 1995)
 SCHEMA = FeatureSchema.from_dict(
     {
-        "user": {"gender": {}, "age": {"kind": "numeric", "boundaries": list(AGE)},
-                 "occupation": {}},
-        "item": {"genres": {"kind": "multi"},
-                 "year": {"kind": "numeric", "boundaries": list(YEAR)}},
+        "user": {
+            "gender": {},
+            "age": {"kind": "numeric", "boundaries": list(AGE)},
+            "occupation": {},
+        },
+        "item": {
+            "genres": {"kind": "multi"},
+            "year": {"kind": "numeric", "boundaries": list(YEAR)},
+        },
         "context": {"hour": {}},
     }
 )
@@ -58,16 +63,21 @@ def batches(prof, u, i, h, b: int):
     out = []
     hours = [{"hour": str(x)} for x in range(24)]
     for lo in range(0, len(u) - b + 1, b):
-        out.append((
-            [prof.user_ids[j] for j in u[lo : lo + b]],
-            [prof.item_ids[j] for j in i[lo : lo + b]],
-            [hours[x] for x in h[lo : lo + b]],
-            np.full(b, 1.0e9 + lo),
-        ))
+        out.append(
+            (
+                [prof.user_ids[j] for j in u[lo : lo + b]],
+                [prof.item_ids[j] for j in i[lo : lo + b]],
+                [hours[x] for x in h[lo : lo + b]],
+                np.full(b, 1.0e9 + lo),
+            )
+        )
     return out
 
 
-def run_ours(prof, b: int, d: int, threads: int, seconds: float, warm_events: int) -> float:
+def run_ours(
+    prof, b: int, d: int, threads: int, seconds: float, warm_events: int
+) -> tuple[float, float]:
+    """(positive events per wall second, per CPU second of this process)."""
     torch.set_num_threads(threads)
     fm = OnlineFM(SCHEMA, TrainConfig(dim=d, negatives=NEG))
     fm.upsert_users(prof.user_ids, prof.user_feats)
@@ -80,13 +90,14 @@ def run_ours(prof, b: int, d: int, threads: int, seconds: float, warm_events: in
     todo = batches(prof, u, i, h, b)
     fm.learn_many(*todo[0][:2], contexts=todo[0][2], ts=todo[0][3])  # first-call effects
     done = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for users, items, ctx, ts in todo[1:]:
         fm.learn_many(users, items, contexts=ctx, ts=ts)
         done += len(users)
         if time.perf_counter() - t0 >= seconds:
             break
-    return done / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return done / wall, done / cpu
 
 
 def bucket(x: float, bounds) -> str:
@@ -96,16 +107,21 @@ def bucket(x: float, bounds) -> str:
 def river_x(prof, uj: int, ij: int, hour: int) -> dict:
     uf, itf = prof.user_feats[uj], prof.item_feats[ij]
     x = {
-        "user_id": prof.user_ids[uj], "gender": uf["gender"], "age": bucket(uf["age"], AGE),
-        "occupation": uf["occupation"], "item_id": prof.item_ids[ij],
-        "year": bucket(itf["year"], YEAR), "hour": str(hour),
+        "user_id": prof.user_ids[uj],
+        "gender": uf["gender"],
+        "age": bucket(uf["age"], AGE),
+        "occupation": uf["occupation"],
+        "item_id": prof.item_ids[ij],
+        "year": bucket(itf["year"], YEAR),
+        "hour": str(hour),
     }
     for g in itf["genres"]:
         x[f"genres_{g}"] = 1.0 / len(itf["genres"])
     return x
 
 
-def run_river(prof, d: int, calls: int, seconds: float) -> tuple[float, int]:
+def run_river(prof, d: int, calls: int, seconds: float) -> tuple[float, float, int]:
+    """(positive events per wall second, per CPU second, learn_one calls made)."""
     from river import facto
 
     model = facto.FMClassifier(n_factors=d, seed=0)
@@ -118,15 +134,22 @@ def run_river(prof, d: int, calls: int, seconds: float) -> tuple[float, int]:
         examples.append((river_x(prof, u[k], i[k], h[k]), True))
         for n in negs[k]:
             examples.append((river_x(prof, u[k], n, h[k]), False))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     done = 0
     for x, y in examples:
         model.learn_one(x, y)
         done += 1
         if done % 1000 == 0 and time.perf_counter() - t0 >= seconds:
             break
-    elapsed = time.perf_counter() - t0
-    return done / (1 + NEG) / elapsed, done
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return done / (1 + NEG) / wall, done / (1 + NEG) / cpu, done
+
+
+def load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 def main() -> None:
@@ -135,7 +158,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--river-calls", type=int, default=20_000, help="learn_one calls for River")
-    ap.add_argument("--quick", action="store_true", help="fewer configurations (smoke run)")
+    ap.add_argument("--no-river", action="store_true", help="skip River (not installed)")
+    ap.add_argument("--quick", action="store_true", help="only batch 1024, dim 32 (smoke run)")
     args = ap.parse_args()
 
     prof = synthetic_profiles(args.users, args.items, seed=0)
@@ -143,37 +167,64 @@ def main() -> None:
     configs = [(b, d) for d in (32, 64) for b in (256, 1024, 4096)]
     if args.quick:
         configs = [(1024, 32)]
+    load_before = load_average()
     rows = []
-    rates: dict[tuple[int, int, int], float] = {}
+    rates: dict[tuple[int, int, int], tuple[float, float]] = {}
     for b, d in configs:
         for threads in (1, 2) if (b, d) == (1024, 32) else (1,):
-            r = run_ours(prof, b, d, threads, args.seconds, warm)
-            rates[(b, d, threads)] = r
-            rows.append(("fmstream learn_many", b, d, threads, f"{r:,.0f}", ""))
+            rates[(b, d, threads)] = run_ours(prof, b, d, threads, args.seconds, warm)
     torch.set_num_threads(1)
-    river_rate, river_calls = run_river(prof, 32, args.river_calls, max(args.seconds * 3, 10))
-    rows.append(("river FMClassifier.learn_one", 1, 32, 1, f"{river_rate:,.0f}",
-                 f"{river_calls} learn_one calls"))
+    river = None
+    if not args.no_river:
+        river = run_river(prof, 32, args.river_calls, max(args.seconds * 3, 10))
+    threads = 1  # one intra-op thread per process: see the notes
     one, two = rates[(1024, 32, 1)], rates[(1024, 32, 2)]
-    threads = 1  # see notes: one thread per process is the safe default on 2 shared cores
     ours = rates[(1024, 32, threads)]
-    for r in rows:
-        if r[0].startswith("fmstream") and r[1] == 1024 and r[2] == 32 and r[3] == threads:
-            rows[rows.index(r)] = (*r[:5], f"{ours / river_rate:.0f}x River")
-    columns = ("trainer", "batch", "dim", "threads", "positive events/s", "note")
-    print_table(f"learn_many throughput ({NEG} negatives/positive, 8 fields)", columns, rows)
-    summary = summary_line(
-        events_per_s=ours, ratio_vs_river=ours / river_rate, river_events_per_s=river_rate,
-        threads=threads, events_per_s_2threads=two, events_per_s_1thread=one,
-        batch=1024, dim=32, negatives=NEG,
+    for (b, d, th), (wall, cpu) in rates.items():
+        note = ""
+        if (b, d, th) == (1024, 32, threads) and river:
+            note = f"{wall / river[0]:.0f}x River"
+        rows.append(("fmstream learn_many", b, d, th, f"{wall:,.0f}", f"{cpu:,.0f}", note))
+    if river:
+        rows.append(
+            (
+                "river FMClassifier.learn_one",
+                1,
+                32,
+                1,
+                f"{river[0]:,.0f}",
+                f"{river[1]:,.0f}",
+                f"{river[2]} learn_one calls",
+            )
+        )
+    columns = ("trainer", "batch", "dim", "threads", "pos. events/s (wall)", "per CPU-s", "note")
+    print_table(f"learn_many throughput ({NEG} negatives/positive, 8 fields, BPR)", columns, rows)
+    kv = {"events_per_s": ours[0]}
+    if river:
+        kv["ratio_vs_river"] = ours[0] / river[0]
+        kv["river_events_per_s"] = river[0]
+        kv["ratio_vs_river_cpu"] = ours[1] / river[1]
+    kv.update(
+        events_per_s_cpu=ours[1],
+        threads=threads,
+        events_per_s_1thread=one[0],
+        events_per_s_2threads=two[0],
+        batch=1024,
+        dim=32,
+        negatives=NEG,
+        loadavg=f"{load_before}->{load_average()}",
     )
+    summary = summary_line(**kv)
     notes = (
         f"Positive events/s; each positive also trains {NEG} sampled negatives (River gets the "
-        "same examples, one learn_one each). Threads: 1 thread is the default (2 threads "
-        f"measured {two:,.0f}/s vs {one:,.0f}/s with 1 here; with the other core busy two "
-        "threads collapse, see PERF-NOTES)."
+        "same examples, one learn_one each). 'per CPU-s' divides by this process's CPU time "
+        "(robust to other load on a shared machine). Threads: the trainer runs 1 intra-op "
+        f"thread (B=1024 D=32: 1 thread {one[0]:,.0f}/s, 2 threads {two[0]:,.0f}/s here; on a "
+        "2-core box with the other core busy two threads collapse, see PERF-NOTES). "
+        f"Load average before/after: {load_before}/{load_average()}."
     )
     record("train_throughput", columns, rows, summary, notes)
+    print(notes)
     print(summary)
 
 

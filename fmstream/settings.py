@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     # --- serving --------------------------------------------------------------------------
     index_kind: Literal["flat", "hnsw"] = "flat"
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search breadth (recall vs speed)")
     max_k: int = Field(1000, ge=1)
     worker_metrics_port: int = Field(0, description="Prometheus port of a worker (0 = off)")
     swap_poll_s: float = Field(0.2, gt=0, description="how often a worker looks for a snapshot")

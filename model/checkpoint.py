@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from model.codec import CodecError, pack, seal, unpack, unseal
+from model.codec import CodecError, pack_chunks, seal_prefix, unpack, unseal
 from model.errors import CheckpointError, ModelError
 from model.online import OnlineFM
 
@@ -69,19 +69,21 @@ def save_checkpoint(
     header, arrays = model.state()
     header = {"format": "fmstream-checkpoint", "model": header, "metadata": metadata}
     try:
-        payload = pack(header, arrays)
+        chunks = pack_chunks(header, arrays)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"cannot serialise the checkpoint (is metadata JSON?): {exc}"
         ) from exc
-    blob = seal(MAGIC, VERSION, payload)
+    prefix = seal_prefix(MAGIC, VERSION, chunks)
     existing = checkpoint_files(d)
     seq = int(_NAME_RE.match(existing[-1].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
     final = d / f"ckpt-{seq:012d}{SUFFIX}"
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
+            fh.write(prefix)
+            for c in chunks:
+                fh.write(c)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)

@@ -27,30 +27,37 @@ class CodecError(ValueError):
     """The blob is not a valid sealed container; the message says what is wrong."""
 
 
-def pack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """Serialise a JSON-able header and named arrays into one payload."""
+def pack_chunks(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[bytes | memoryview]:
+    """Serialise a JSON-able header and named arrays into payload pieces (no big copies)."""
     manifest = []
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     offset = 0
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        raw = a.tobytes()
+        raw = memoryview(a).cast("B") if a.size else memoryview(b"")
         manifest.append(
             {
                 "name": name,
                 "dtype": a.dtype.str,
                 "shape": list(a.shape),
                 "offset": offset,
-                "nbytes": len(raw),
+                "nbytes": raw.nbytes,
             }
         )
-        pad = (-len(raw)) % 8
-        chunks.append(raw + b"\0" * pad)
-        offset += len(raw) + pad
+        chunks.append(raw)
+        pad = (-raw.nbytes) % 8
+        if pad:
+            chunks.append(b"\0" * pad)
+        offset += raw.nbytes + pad
     head = json.dumps({**header, "arrays": manifest}, separators=(",", ":")).encode("utf-8")
-    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+    return [struct.pack("<Q", len(head)), head, *chunks]
+
+
+def pack(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise a JSON-able header and named arrays into one payload."""
+    return b"".join(pack_chunks(header, arrays))
 
 
 def unpack(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -91,10 +98,19 @@ def unpack(payload: bytes | memoryview) -> tuple[dict[str, Any], dict[str, np.nd
 
 def seal(magic: bytes, version: int, payload: bytes) -> bytes:
     """Prefix a payload with magic, version, length and its sha256."""
+    return seal_prefix(magic, version, [payload]) + payload
+
+
+def seal_prefix(magic: bytes, version: int, chunks: list[bytes | memoryview]) -> bytes:
+    """The sealed prefix of a payload given as pieces (write it, then the pieces)."""
     if len(magic) != 8:
         raise ValueError("magic must be 8 bytes")
-    digest = hashlib.sha256(payload).digest()
-    return _PREFIX.pack(magic, version, len(payload), digest) + payload
+    h = hashlib.sha256()
+    length = 0
+    for c in chunks:
+        h.update(c)
+        length += memoryview(c).nbytes
+    return _PREFIX.pack(magic, version, length, h.digest())
 
 
 def unseal(magic: bytes, versions: tuple[int, ...], blob: bytes | memoryview) -> memoryview:

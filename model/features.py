@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import methodcaller
 from typing import Any
 
 import numpy as np
@@ -115,7 +117,8 @@ def tokenize_column(spec: FieldSpec, values: Sequence[Any]) -> list[Any]:
         return out
     hb = spec.hash_buckets
     if spec.kind == "categorical":
-        if all(type(v) is str for v in values):
+        kinds = set(map(type, values))  # C-level scan; the usual case is all strings
+        if kinds <= {str, type(None)}:
             toks: list[Any] = list(values)
         else:
             toks = []
@@ -258,22 +261,21 @@ class FeatureSpace:
                 vocab = self.vocab[field_idx]
                 assert vocab is not None
                 get = vocab.get
-                ks = [get(t) for t in tokens] if tokens else []
+                col = np.fromiter(map(get, tokens, repeat(-1, n)), dtype=np.int64, count=n)
                 fb = int(self.fallback_key[field_idx])
-                for j, k in enumerate(ks):
-                    if k is None:
-                        t = tokens[j]
-                        if t is None:
-                            ks[j] = PAD
-                        elif create:
-                            k = get(t)
-                            if k is None:
-                                k = int(self._new_keys(field_idx, 1)[0])
-                                vocab[t] = k
-                            ks[j] = k
-                        else:
-                            ks[j] = fb
-                keys[:, 0] = ks
+                for j in np.flatnonzero(col < 0).tolist():  # missing or not in the vocabulary
+                    t = tokens[j]
+                    if t is None:
+                        col[j] = PAD
+                    elif create:
+                        k = get(t)
+                        if k is None:
+                            k = int(self._new_keys(field_idx, 1)[0])
+                            vocab[t] = k
+                        col[j] = k
+                    else:
+                        col[j] = fb
+                keys[:, 0] = col
             weights = (keys != PAD).astype(np.float32)
             return keys, weights
         width = max((len(t) for t in tokens if t is not None), default=0)
@@ -311,20 +313,20 @@ class FeatureSpace:
         """
         fidx = [i for i, f in enumerate(self.specs) if f.side == side and f.from_profile]
         n = len(dicts)
-        for j, d in enumerate(dicts):
-            if d is not None and type(d) is not dict and not isinstance(d, Mapping):
-                raise FeatureError(
-                    f"{side} features #{j}: expected a mapping of field -> value, got "
-                    f"{type(d).__name__} {d!r}"
-                )
+        if not set(map(type, dicts)) <= {dict}:  # C-level scan; the usual case is plain dicts
+            for j, d in enumerate(dicts):
+                if d is not None and not isinstance(d, Mapping):
+                    raise FeatureError(
+                        f"{side} features #{j}: expected a mapping of field -> value, got "
+                        f"{type(d).__name__} {d!r}"
+                    )
+            dicts = [_EMPTY if d is None else d for d in dicts]
         if not fidx or n == 0:
             return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
         columns = []
         for i in fidx:
-            name = self.specs[i].name
-            columns.append(
-                tokenize_column(self.specs[i], [None if d is None else d.get(name) for d in dicts])
-            )
+            getter = methodcaller("get", self.specs[i].name)
+            columns.append(tokenize_column(self.specs[i], list(map(getter, dicts))))
         parts_k, parts_w = [], []
         for i, toks in zip(fidx, columns, strict=True):
             k, w = self.map_tokens(i, toks, create)
@@ -478,32 +480,45 @@ class Catalog:
     def lookup(self, ids: Sequence[Any]) -> np.ndarray:
         """Entity indices (int64), -1 for unknown ids. Non-string ids are stringified."""
         get = self.index.get
-        try:
-            ents = [get(u, -1) for u in ids]
-        except TypeError:  # unhashable id
-            ents = [-1] * len(ids)
-        for j, e in enumerate(ents):
-            if e == -1 and type(ids[j]) is not str:
-                ents[j] = get(_id_str(ids[j]), -1)
-        return np.array(ents, dtype=np.int64)
+        n = len(ids)
+        try:  # C-level iteration: the per-event cost of a batch is one dict probe
+            ents = np.fromiter(map(get, ids, repeat(-1, n)), dtype=np.int64, count=n)
+        except TypeError:  # an unhashable id
+            ents = np.full(n, -1, dtype=np.int64)
+        for j in np.flatnonzero(ents < 0).tolist():
+            if type(ids[j]) is not str:
+                ents[j] = get(_id_str(ids[j]), -1)  # FeatureError for non-ids
+        return ents
 
     def ensure(self, ids: Sequence[Any]) -> np.ndarray:
         """Entity indices, registering unknown ids (empty profile, id not yet admitted)."""
+        ents, new = self.prepare(ids)
+        self.commit(new)
+        return ents
+
+    def prepare(self, ids: Sequence[Any]) -> tuple[np.ndarray, list[str]]:
+        """Entity indices with unknown ids numbered as if registered; nothing changes yet.
+
+        Raises:
+            FeatureError: an id that is neither a string nor a number.
+        """
         ents = self.lookup(ids)
         missing = np.flatnonzero(ents < 0)
-        if missing.size:
-            new: dict[str, int] = {}
-            for j in missing.tolist():
-                u = _id_str(ids[j])
-                e = self.index.get(u)
+        new: dict[str, int] = {}
+        for j in missing.tolist():
+            u = _id_str(ids[j])
+            e = self.index.get(u)
+            if e is None:
+                e = new.get(u)
                 if e is None:
-                    e = new.get(u)
-                    if e is None:
-                        e = self.n + len(new)
-                        new[u] = e
-                ents[j] = e
-            self._add(list(new))
-        return ents
+                    e = self.n + len(new)
+                    new[u] = e
+            ents[j] = e
+        return ents, list(new)
+
+    def commit(self, new_ids: list[str]) -> None:
+        """Register the ids :meth:`prepare` numbered (in that order)."""
+        self._add(new_ids)
 
     def _add(self, ids: list[str]) -> None:
         m = len(ids)

@@ -110,22 +110,25 @@ class RowTable:
         """Row-wise Adagrad on unique ``rows`` whose current values are ``values``.
 
         ``grad`` is the summed loss gradient of each row; L2 (``l2 * row``) is added once per
-        row per batch (lazy L2 on the touched rows only).
+        row per batch (lazy L2 on the touched rows only). ``values`` and ``grad`` are used as
+        scratch (overwritten).
         """
-        g = grad if l2 == 0.0 else grad + np.float32(l2) * values
+        g = grad
+        if l2 != 0.0:
+            g += np.float32(l2) * values
         gw = g[:, 0]
         gv = g[:, 1:]
         acc = self.acc[rows]
         acc[:, 0] += gw * gw
         acc[:, 1] += np.einsum("ij,ij->i", gv, gv) / np.float32(self.dim)
         self.acc[rows] = acc
-        step = np.sqrt(acc)
-        step += np.float32(EPS)
-        np.divide(np.float32(lr), step, out=step)
-        new = values.copy()
-        new[:, 0] -= gw * step[:, 0]
-        new[:, 1:] -= gv * step[:, 1:2]
-        self.params[rows] = new
+        scale = np.sqrt(acc)
+        scale += np.float32(EPS)
+        np.divide(np.float32(lr), scale, out=scale)
+        gw *= scale[:, 0]
+        gv *= scale[:, 1:2]
+        values -= g
+        self.params[rows] = values
         self.params[0] = 0.0  # padding stays zero
         self.acc[0] = 0.0
 

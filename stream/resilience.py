@@ -111,12 +111,17 @@ class LeaseKeeper:
         except redis.RedisError as exc:
             if self.down_since is None:
                 self.down_since = sent_at
-                log.warning("cannot renew the trainer lease (%r); training on while it is "
-                            "provably ours (%.1f s left)", exc, self.remaining_s())
+                log.warning(
+                    "cannot renew the trainer lease (%r); training on while it is "
+                    "provably ours (%.1f s left)",
+                    exc,
+                    self.remaining_s(),
+                )
             return
         if self.down_since is not None:
-            log.warning("Redis answers again after %.1f s; lease renewed",
-                        sent_at - self.down_since)
+            log.warning(
+                "Redis answers again after %.1f s; lease renewed", sent_at - self.down_since
+            )
             self.down_since = None
         self._proven_at = sent_at
 
@@ -161,8 +166,14 @@ class DeadLetterOutbox:
         self._send(entry)
         self._pending.append(entry)
         self.count += 1
-        log.warning("dead letter %s[%d]@%d (%s): %s",
-                    record.topic, record.partition, record.offset, stage, reason[:200])
+        log.warning(
+            "dead letter %s[%d]@%d (%s): %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            stage,
+            reason[:200],
+        )
 
     def _send(self, entry: list[Any]) -> None:
         try:
@@ -184,8 +195,9 @@ class DeadLetterOutbox:
                 future = entry[2]
                 if future is None or future.failed():
                     if future is not None:
-                        log.warning("dead letter delivery failed (%r); re-sending",
-                                    future.exception)
+                        log.warning(
+                            "dead letter delivery failed (%r); re-sending", future.exception
+                        )
                     self._send(entry)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -194,8 +206,9 @@ class DeadLetterOutbox:
                 self._producer.flush(timeout=left)
             except KafkaError:
                 return False
-            self._pending = [e for e in self._pending if not (e[2] is not None
-                                                              and e[2].succeeded())]
+            self._pending = [
+                e for e in self._pending if not (e[2] is not None and e[2].succeeded())
+            ]
             if self._pending and time.monotonic() < deadline:
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         return True
@@ -205,13 +218,21 @@ class GuardedSink:
     """Wraps the publisher so that a Redis outage pauses publishing instead of training.
 
     After a Redis error the sink is *down* for ``backoff_s`` (doubling up to ``max_backoff_s``):
-    ticks are skipped and applied events are queued (at most ``max_queued`` events; the oldest
-    are dropped beyond that, with a warning). The first call after the backoff tries again; when
-    it works the queued events are handed to the sink first, in order.
+    ticks are skipped, applied events are queued (at most ``max_queued`` events; the oldest are
+    dropped beyond that, with a warning) and the newest checkpoint report is kept. The first call
+    after the backoff tries again; when it works the queued events are handed to the sink first,
+    in order, then the kept checkpoint report.
     """
 
-    def __init__(self, sink: Any, *, backoff_s: float = 0.5, max_backoff_s: float = 5.0,
-                 max_queued: int = 200_000, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        sink: Any,
+        *,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 5.0,
+        max_queued: int = 200_000,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.sink = sink
         self._backoff0 = backoff_s
         self._backoff = backoff_s
@@ -220,6 +241,7 @@ class GuardedSink:
         self._retry_at = 0.0
         self._queued: deque[Sequence[Any]] = deque()
         self._n_queued = 0
+        self._checkpoint: Any = None  # the newest checkpoint report not yet delivered
         self._max_queued = max_queued
         self.dropped = 0
         self.down_since: float | None = None
@@ -235,12 +257,19 @@ class GuardedSink:
         try:
             if self._queued:
                 self._drain()
+            if self._checkpoint is not None and fn is not self.sink.checkpointed:
+                self.sink.checkpointed(self._checkpoint)
+                self._checkpoint = None
             fn(*args)
         except redis.RedisError as exc:
             if self.down_since is None:
                 self.down_since = now
-                log.warning("publisher: Redis unavailable (%r) in %s; training goes on, "
-                            "publishing resumes when Redis answers", exc, what)
+                log.warning(
+                    "publisher: Redis unavailable (%r) in %s; training goes on, "
+                    "publishing resumes when Redis answers",
+                    exc,
+                    what,
+                )
             else:
                 self._backoff = min(self._backoff * 2, self._max_backoff)
             self._retry_at = now + self._backoff
@@ -265,8 +294,12 @@ class GuardedSink:
             old = self._queued.popleft()
             self._n_queued -= len(old)
             self.dropped += len(old)
-            log.warning("publisher: dropped the history of %d events queued during the Redis "
-                        "outage (over %d queued)", len(old), self._max_queued)
+            log.warning(
+                "publisher: dropped the history of %d events queued during the Redis "
+                "outage (over %d queued)",
+                len(old),
+                self._max_queued,
+            )
 
     def applied(self, events: Sequence[Any]) -> None:
         if not self._call("applied", self.sink.applied, events):
@@ -277,7 +310,10 @@ class GuardedSink:
         self.sink.profiles_changed(user_ids)
 
     def checkpointed(self, progress: Any) -> None:
-        self._call("checkpointed", self.sink.checkpointed, progress)
+        # Only the newest report matters (a status hash): keep it until Redis answers.
+        self._checkpoint = progress
+        if self._call("checkpointed", self.sink.checkpointed, progress):
+            self._checkpoint = None
 
     def tick(self, now: float) -> None:
         self._call("tick", self.sink.tick, now)
@@ -289,5 +325,9 @@ def lease_client(settings: Any, timeout_s: float = 2.0) -> redis.Redis:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
-                                socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+    )

@@ -45,6 +45,8 @@ ASSIGNMENT_REFRESH_S = 30.0
 """How often the trainer looks for partitions added to its topics."""
 CHECKPOINT_RETRY_S = 1.0
 """Wait before retrying a checkpoint that could not be written (broker or lease unconfirmed)."""
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""Longest wait between reconnect attempts to the broker (kafka-python's default is 30 s)."""
 PHASES = ("poll", "decode", "update", "publish", "checkpoint")
 """The phases of :attr:`Trainer.timings` (cumulative seconds)."""
 
@@ -166,19 +168,30 @@ class Trainer:
         else:
             self.model, meta = restored
             self.progress = Progress.from_metadata(meta)
-            log.info("restored checkpoint %s: %d events applied", self._own_checkpoint,
-                     self.progress.events_applied)
+            log.info(
+                "restored checkpoint %s: %d events applied",
+                self._own_checkpoint,
+                self.progress.events_applied,
+            )
         if lease is not None:
             # Lease keeps its TTL private; read it so the keeper never outlives the real lease.
             ttl_s = getattr(lease, "ttl_s", None) or lease._ttl_ms / 1000.0
-            self.lease = LeaseKeeper(lease.renew, ttl_s, try_acquire=lease.try_acquire,
-                                     may_reacquire=self._newest_checkpoint_is_ours)
+            self.lease = LeaseKeeper(
+                lease.renew,
+                ttl_s,
+                try_acquire=lease.try_acquire,
+                may_reacquire=self._newest_checkpoint_is_ours,
+            )
         else:
             self.lease = LeaseKeeper(renew_lease or (lambda: None), lease_ttl_s)
         self.dead_letters = DeadLetterOutbox(dead_letter_producer, settings.topic_dlq)
         self._dead_letters_restored = self.progress.dead_letters
         self.topics = (settings.topic_users, settings.topic_items, settings.topic_events)
-        self.consumer = make_consumer(settings, settings.trainer_group)
+        # kafka-python backs reconnects off up to 30 s: after a broker outage the trainer would
+        # sit idle that long once the broker is back. 1 s, as the Java client's default.
+        self.consumer = make_consumer(
+            settings, settings.trainer_group, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS
+        )
         self._assigned: set[TopicPartition] = set()
         self._assigned_at = 0.0
         self.refresh_assignment()
@@ -194,8 +207,9 @@ class Trainer:
 
     @sink.setter
     def sink(self, sink: EventSink | None) -> None:
-        self._sink = None if sink is None else (
-            sink if isinstance(sink, GuardedSink) else GuardedSink(sink))
+        self._sink = (
+            None if sink is None else (sink if isinstance(sink, GuardedSink) else GuardedSink(sink))
+        )
 
     def _restore(self) -> tuple[OnlineFM, dict[str, Any]] | None:
         """The newest checkpoint that loads (corrupt ones are skipped and logged)."""
@@ -223,8 +237,11 @@ class Trainer:
         for topic in self.topics:
             parts = self.consumer.partitions_for_topic(topic)
             if not parts:
-                log.warning("topic %s has no partitions (yet); looking again in %.0f s",
-                            topic, ASSIGNMENT_REFRESH_S)
+                log.warning(
+                    "topic %s has no partitions (yet); looking again in %.0f s",
+                    topic,
+                    ASSIGNMENT_REFRESH_S,
+                )
             found.update(TopicPartition(topic, p) for p in parts or ())
         new = sorted(found - self._assigned)
         if not new:
@@ -252,13 +269,17 @@ class Trainer:
                 elif idle_exit_s is not None and now - idle_since > idle_exit_s:
                     break
             if not self.checkpoint(final=True):
-                log.error("stopping without a final checkpoint: the events since the last one "
-                          "will be applied again by the next trainer (exactly once in its model)")
+                log.error(
+                    "stopping without a final checkpoint: the events since the last one "
+                    "will be applied again by the next trainer (exactly once in its model)"
+                )
         finally:
             self.consumer.close(autocommit=False)
-            log.info("trainer stopped at %d events applied; seconds by phase: %s",
-                     self.progress.events_applied,
-                     ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+            log.info(
+                "trainer stopped at %d events applied; seconds by phase: %s",
+                self.progress.events_applied,
+                ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()),
+            )
         return self.progress
 
     def step(self, timeout_ms: int = 200) -> int:
@@ -266,8 +287,9 @@ class Trainer:
         if not self.lease.keep():
             # Not provably ours any more (Redis away past the TTL): consume nothing, write nothing.
             if not self.paused:
-                log.warning("trainer lease unconfirmed for its whole TTL: pausing until Redis "
-                            "answers")
+                log.warning(
+                    "trainer lease unconfirmed for its whole TTL: pausing until Redis answers"
+                )
             self.paused = True
             time.sleep(min(0.2, timeout_ms / 1000))
             return 0
@@ -296,8 +318,10 @@ class Trainer:
         now = time.monotonic()
         if now < self._checkpoint_retry_at:
             return False
-        return (self._since_checkpoint >= self.settings.checkpoint_every_events
-                or now - self._last_checkpoint >= self.settings.checkpoint_every_s)
+        return (
+            self._since_checkpoint >= self.settings.checkpoint_every_events
+            or now - self._last_checkpoint >= self.settings.checkpoint_every_s
+        )
 
     def apply_records(self, records: list[ConsumerRecord]) -> None:
         """Apply one polled batch: profiles first, then events as one model update."""
@@ -306,12 +330,15 @@ class Trainer:
         for r in records:
             by_topic[r.topic].append(r)
         limit = self.settings.max_message_bytes
-        users = decode_records(by_topic[self.settings.topic_users], UserProfile,
-                               self.dead_letters, max_bytes=limit)
-        items = decode_records(by_topic[self.settings.topic_items], ItemProfile,
-                               self.dead_letters, max_bytes=limit)
-        events = decode_events(by_topic[self.settings.topic_events], self.dead_letters,
-                               max_bytes=limit)
+        users = decode_records(
+            by_topic[self.settings.topic_users], UserProfile, self.dead_letters, max_bytes=limit
+        )
+        items = decode_records(
+            by_topic[self.settings.topic_items], ItemProfile, self.dead_letters, max_bytes=limit
+        )
+        events = decode_events(
+            by_topic[self.settings.topic_events], self.dead_letters, max_bytes=limit
+        )
         t1 = time.perf_counter()
         self.timings["decode"] += t1 - t0
         users = self._apply_profiles(users, self.model.upsert_users, "user_id")
@@ -337,8 +364,9 @@ class Trainer:
         """Upsert profiles; a profile the model rejects is dead-lettered (stage ``apply``)."""
         return self._isolating(
             decoded,
-            lambda ds: upsert([getattr(d.message, id_field) for d in ds],
-                              [d.message.features for d in ds]),
+            lambda ds: upsert(
+                [getattr(d.message, id_field) for d in ds], [d.message.features for d in ds]
+            ),
         )
 
     def _apply_events(self, events: list[Decoded[TrainEvent]]) -> list[Decoded[TrainEvent]]:
@@ -351,8 +379,9 @@ class Trainer:
 
         return self._isolating(events, apply)
 
-    def _isolating(self, decoded: list[Decoded], apply: Callable[[list[Decoded]], None]
-                   ) -> list[Decoded]:
+    def _isolating(
+        self, decoded: list[Decoded], apply: Callable[[list[Decoded]], None]
+    ) -> list[Decoded]:
         """``apply(decoded)``; if the model rejects the batch, bisect it to find the bad messages.
 
         The model validates a whole batch before changing anything, so a rejected batch left no
@@ -414,14 +443,17 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             if not self.dead_letters.flush(timeout=30.0 if final else 5.0):
-                log.warning("checkpoint deferred: %d dead letters not acknowledged by the broker",
-                            self.dead_letters.pending)
+                log.warning(
+                    "checkpoint deferred: %d dead letters not acknowledged by the broker",
+                    self.dead_letters.pending,
+                )
                 return self._defer_checkpoint()
             if not self.lease.keep(force=True):  # never write after the lease may have passed on
                 log.warning("checkpoint deferred: the trainer lease is not provably ours")
                 return self._defer_checkpoint()
-            path = save_checkpoint(self.settings.checkpoint_dir, self.model,
-                                   self.progress.to_metadata())
+            path = save_checkpoint(
+                self.settings.checkpoint_dir, self.model, self.progress.to_metadata()
+            )
             self._own_checkpoint = path.name
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
@@ -532,8 +564,10 @@ def decode_events(
         if event is not None:
             out.append(Decoded(event, record))
         else:
-            out.extend(Decoded(TrainEvent.from_event(d.message), record)
-                       for d in decode_records((record,), Event, dead_letters, max_bytes=max_bytes))
+            out.extend(
+                Decoded(TrainEvent.from_event(d.message), record)
+                for d in decode_records((record,), Event, dead_letters, max_bytes=max_bytes)
+            )
     return out
 
 

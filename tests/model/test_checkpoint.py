@@ -23,8 +23,12 @@ from model.checkpoint import checkpoint_files
 
 SCHEMA = FeatureSchema.from_dict(
     {
-        "user": {"user_id": {"min_count": 2, "expire_after_s": 500.0}, "gender": {},
-                 "zip": {"hash_buckets": 5}},
+        "user": {
+            "user_id": {"min_count": 2, "expire_after_s": 500.0},
+            "gender": {},
+            "zip": {"hash_buckets": 5},
+            "recent": {"kind": "history", "history_len": 4},
+        },
         "item": {"genres": {"kind": "multi"}, "year": {"kind": "numeric", "boundaries": [1990]}},
         "context": {"hour": {}},
     }
@@ -43,16 +47,21 @@ def _events(seed: int, n: int = 600, t0: float = 0.0):
 
 def _train(fm: OnlineFM, seed: int, t0: float = 0.0) -> list[float]:
     u, i, ctx, y, ts = _events(seed, t0=t0)
-    return [fm.learn_many(u[s:s + 64], i[s:s + 64], y[s:s + 64], ctx[s:s + 64], ts[s:s + 64])
-            for s in range(0, len(u), 64)]
+    return [
+        fm.learn_many(u[s : s + 64], i[s : s + 64], y[s : s + 64], ctx[s : s + 64], ts[s : s + 64])
+        for s in range(0, len(u), 64)
+    ]
 
 
 def _model() -> OnlineFM:
     fm = OnlineFM(SCHEMA, TrainConfig(dim=6, seed=3))
-    fm.upsert_users([f"u{j}" for j in range(30)],
-                    [{"gender": "MF"[j % 2], "zip": f"9{j}"} for j in range(30)])
-    fm.upsert_items([f"i{j}" for j in range(50)],
-                    [{"genres": ["a", "b", "c"][: 1 + j % 3], "year": 1980 + j} for j in range(50)])
+    fm.upsert_users(
+        [f"u{j}" for j in range(30)], [{"gender": "MF"[j % 2], "zip": f"9{j}"} for j in range(30)]
+    )
+    fm.upsert_items(
+        [f"i{j}" for j in range(50)],
+        [{"genres": ["a", "b", "c"][: 1 + j % 3], "year": 1980 + j} for j in range(50)],
+    )
     _train(fm, seed=1)
     return fm
 
@@ -63,8 +72,9 @@ def _probe(fm: OnlineFM) -> np.ndarray:
     pu = [u for u in users for _ in items]
     pi = items * len(users)
     ctx = [{"hour": str(j % 30)} for j in range(len(pu))]
-    return np.concatenate([fm.score(pu, pi, ctx), fm.user_vectors(users).ravel(),
-                           fm.item_vectors()[1].ravel()])
+    return np.concatenate(
+        [fm.score(pu, pi, ctx), fm.user_vectors(users).ravel(), fm.item_vectors()[1].ravel()]
+    )
 
 
 def test_round_trip_identical_scores_and_training(tmp_path: Path) -> None:
@@ -79,8 +89,11 @@ def test_round_trip_identical_scores_and_training(tmp_path: Path) -> None:
     assert back.known_users() == fm.known_users() and back.known_items() == fm.known_items()
     assert back.item_counts()[1].tolist() == fm.item_counts()[1].tolist()
     assert back.user_profile("u3") == fm.user_profile("u3")
+    assert back.user_history("u3") == fm.user_history("u3") and fm.user_history("u3")["recent"]
     assert back.stats() | {"rows_capacity": 0, "array_bytes": 0} == fm.stats() | {
-        "rows_capacity": 0, "array_bytes": 0}
+        "rows_capacity": 0,
+        "array_bytes": 0,
+    }
     # continued training is identical (RNGs, sampler, optimiser state, admission counts)
     l1 = _train(fm, seed=2, t0=700.0)
     l2 = _train(back, seed=2, t0=700.0)

@@ -29,6 +29,8 @@ SCHEMA = FeatureSchema.from_dict(
             "age": {"kind": "numeric", "boundaries": [18, 25, 35, 45]},
             "zip": {"hash_buckets": 7},
             "tags": {"kind": "multi", "min_count": 2},
+            "recent": {"kind": "history", "history_len": 3},
+            "recent_hashed": {"kind": "history", "history_len": 2, "hash_buckets": 4},
         },
         "item": {
             "genres": {"kind": "multi"},

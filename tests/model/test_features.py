@@ -49,7 +49,12 @@ def test_bucketize_edges() -> None:
 def test_tokenize_kinds_and_errors() -> None:
     multi = FieldSpec("g", "item", "multi")
     assert tokenize_column(multi, [["a", "b", "a"], "c", [], None, [1, 2.0]]) == [
-        ["a", "b"], ["c"], None, None, ["1", "2"]]
+        ["a", "b"],
+        ["c"],
+        None,
+        None,
+        ["1", "2"],
+    ]
     num = FieldSpec("age", "user", "numeric", boundaries=(10.0, 20.0))
     assert tokenize_column(num, [5, "15", None, float("nan"), 25.0]) == [0, 1, None, None, 2]
     with pytest.raises(FeatureError, match="age"):
@@ -88,7 +93,7 @@ def test_new_value_mid_stream_gets_its_own_row() -> None:
 
 
 def test_growth_is_amortised_by_doubling() -> None:
-    fm = _fm(FeatureSchema.ids_only(), negatives=0)
+    fm = _fm(FeatureSchema.ids_only(), loss="logistic", negatives=0)
     caps = set()
     for start in range(0, 6000, 500):
         ids = [f"u{j}" for j in range(start, start + 500)]
@@ -101,7 +106,9 @@ def test_growth_is_amortised_by_doubling() -> None:
 
 
 def test_admission_after_min_count_sightings() -> None:
-    schema = FeatureSchema.from_dict({"user": {"user_id": {"min_count": 3}, "city": {"min_count": 2}}})
+    schema = FeatureSchema.from_dict(
+        {"user": {"user_id": {"min_count": 3}, "city": {"min_count": 2}}}
+    )
     fm = _fm(schema)
     fm.upsert_users(["a"], [{"city": "paris"}])
     fb_user = _fallback_row(fm, "user_id")
@@ -124,7 +131,7 @@ def test_unadmitted_values_share_the_learned_fallback() -> None:
     fm = _fm(schema, lr=0.1)
     fb = _fallback_row(fm, "user_id")
     before = fm._table.params[fb].copy()
-    fm.learn_many([f"u{j}" for j in range(50)], ["i"] * 50, ts=np.ones(50))
+    fm.learn_many([f"u{j}" for j in range(50)], [f"i{j % 5}" for j in range(50)], ts=np.ones(50))
     assert not np.array_equal(before, fm._table.params[fb])  # trained by unadmitted users
     e = fm.user_vectors(["u1", "u2", "never-seen"])
     assert np.array_equal(e[0], e[1]) and np.array_equal(e[0], e[2])
@@ -164,7 +171,9 @@ def test_hashed_and_numeric_fields_have_fixed_rows() -> None:
     )
     fm = _fm(schema)
     n0 = fm._table.n_rows
-    fm.upsert_users([f"u{j}" for j in range(20)], [{"zip": f"z{j}", "age": j * 3} for j in range(20)])
+    fm.upsert_users(
+        [f"u{j}" for j in range(20)], [{"zip": f"z{j}", "age": j * 3} for j in range(20)]
+    )
     assert fm._table.n_rows == n0  # no rows for profiles; only events admit ids
     keys, _ = fm._users.keys_of(np.arange(20))
     zips = {int(k) for k in keys[:, 1:].ravel()} - {0}
@@ -183,8 +192,9 @@ def test_hashed_ids_need_no_vocabulary() -> None:
 
 
 def test_bad_profile_changes_nothing() -> None:
-    schema = FeatureSchema.from_dict({"user": {"age": {"kind": "numeric", "boundaries": [1]},
-                                               "city": {}}})
+    schema = FeatureSchema.from_dict(
+        {"user": {"age": {"kind": "numeric", "boundaries": [1]}, "city": {}}}
+    )
     fm = _fm(schema)
     n_keys = fm._space.n_keys
     with pytest.raises(FeatureError, match="age"):
@@ -214,3 +224,34 @@ def test_feature_space_is_independent_of_rows() -> None:
     keys, w = space.encode("user", [{"c": "x"}, {"c": "x"}, {}], create=True)
     assert keys[0, 0] == keys[1, 0] and keys.shape == (3, 1) and w[2, 0] == 0.0
     assert not space.is_admitted(keys[:1, 0]).any()
+
+
+def test_history_field_keeps_last_items_and_moves_the_user_at_once() -> None:
+    schema = FeatureSchema.from_dict(
+        {"user": {"user_id": {"min_count": 100}, "recent": {"kind": "history", "history_len": 3}}}
+    )
+    fm = _fm(schema, negatives=2)
+    fm.learn_many(["x", "x"], ["warm-a", "warm-b"], ts=[0.0, 0.0])  # a catalog to sample from
+    assert fm.user_history("x") == {"recent": ["warm-a", "warm-b"]}
+    before = fm.user_vectors(["u"])
+    fm.learn_many(["u"], ["a"], ts=[1.0])
+    # u's id is not admitted (min_count 100) but its history now holds "a" with its own row
+    assert fm.user_history("u") == {"recent": ["a"]}
+    assert not np.array_equal(before, fm.user_vectors(["u"]))
+    fm.learn_many(["u", "u", "u"], ["b", "c", "d"], ts=[2.0, 2.0, 2.0])
+    assert fm.user_history("u") == {"recent": ["b", "c", "d"]}  # oldest dropped
+    fm.learn_many(["u", "u"], ["e", "f"], labels=np.array([1.0, 0.0]), ts=[3.0, 3.0])
+    assert fm.user_history("u") == {"recent": ["c", "d", "e"]}  # explicit negatives not kept
+    keys, w = fm._users.keys_of(np.array([fm._users.index["u"]]))
+    assert w[0, -3:].tolist() == pytest.approx([1 / 3] * 3)
+    assert fm.user_history("nobody") == {"recent": []}
+    # profiles cannot overwrite the model-kept history
+    fm.upsert_users(["u"], [{"recent": ["zzz"]}])
+    assert fm.user_history("u") == {"recent": ["c", "d", "e"]}
+
+
+def test_history_of_one_batch_excludes_its_own_item() -> None:
+    schema = FeatureSchema.from_dict({"user": {"recent": {"kind": "history", "history_len": 5}}})
+    fm = _fm(schema)
+    fm.learn_many(["u"] * 7, [f"i{j}" for j in range(7)], ts=np.zeros(7))
+    assert fm.user_history("u") == {"recent": ["i2", "i3", "i4", "i5", "i6"]}

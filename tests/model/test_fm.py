@@ -46,8 +46,13 @@ def _table_and_index(seed: int, u: int, n: int, length: int, d: int):
     return table, idx, x
 
 
-@given(st.integers(0, 10_000), st.integers(1, 30), st.integers(1, 12), st.integers(1, 6),
-       st.integers(1, 8))
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 30),
+    st.integers(1, 12),
+    st.integers(1, 6),
+    st.integers(1, 8),
+)
 def test_side_terms_match_reference_values_and_gradients(seed, u, n, length, d) -> None:
     table, idx, x = _table_and_index(seed, u, n, length, d)
     t1 = table.clone().requires_grad_(True)

@@ -40,8 +40,13 @@ def train_planted(config: TrainConfig, schema: FeatureSchema = SYN, with_profile
     losses = []
     for lo in range(0, len(u), 256):
         sl = slice(lo, lo + 256)
-        losses.append(fm.learn_many([users[x] for x in u[sl]], [items[x] for x in i[sl]],
-                                    ts=np.full(len(u[sl]), float(lo))))
+        losses.append(
+            fm.learn_many(
+                [users[x] for x in u[sl]],
+                [items[x] for x in i[sl]],
+                ts=np.full(len(u[sl]), float(lo)),
+            )
+        )
     return fm, users, items, useg, icat, losses
 
 
@@ -52,15 +57,18 @@ def cluster_precision(fm: OnlineFM, users, items, useg, icat) -> float:
     return float((icat[top] == useg[:, None]).mean())
 
 
-@pytest.mark.parametrize("loss", ["logistic", "bpr", "hinge"])
-def test_learns_planted_clusters(loss: str) -> None:
-    cfg = TrainConfig(dim=8, loss=loss, seed=1)
+@pytest.mark.parametrize(
+    ("loss", "sampling"),
+    [("logistic", "popularity"), ("bpr", "uniform"), ("hinge", "uniform"), ("bpr", "popularity")],
+)
+def test_learns_planted_clusters(loss: str, sampling: str) -> None:
+    cfg = TrainConfig(dim=8, loss=loss, seed=1, negatives=4, neg_sampling=sampling)  # type: ignore[arg-type]
     fm, users, items, useg, icat, losses = train_planted(cfg)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
     assert cluster_precision(fm, users, items, useg, icat) > 0.8
 
 
-def test_learns_planted_clusters_from_ids_alone() -> None:
+def test_default_config_learns_planted_clusters_from_ids_alone() -> None:
     cfg = TrainConfig(dim=8, seed=2)
     fm, users, items, useg, icat, _ = train_planted(cfg, FeatureSchema.ids_only(), False)
     assert cluster_precision(fm, users, items, useg, icat) > 0.8
@@ -74,8 +82,14 @@ def test_cold_user_gets_cluster_from_profile() -> None:
     assert (icat[top] == 2).mean() >= 0.8
 
 
-@given(st.integers(2, 40), st.integers(1, 64), st.integers(1, 8), st.sampled_from(
-    ["uniform", "popularity"]), st.integers(0, 10_000), st.floats(0, 3))
+@given(
+    st.integers(2, 40),
+    st.integers(1, 64),
+    st.integers(1, 8),
+    st.sampled_from(["uniform", "popularity"]),
+    st.integers(0, 10_000),
+    st.floats(0, 3),
+)
 def test_negatives_never_equal_the_positive(n_items, b, k, mode, seed, alpha) -> None:
     rng = np.random.default_rng(seed)
     counts = np.zeros(n_items, dtype=np.int64)
@@ -120,7 +134,7 @@ def test_seeded_training_is_reproducible() -> None:
 
 
 def test_explicit_negatives_push_scores_down() -> None:
-    fm = OnlineFM(config=TrainConfig(dim=4, negatives=0, lr=0.1))
+    fm = OnlineFM(config=TrainConfig(dim=4, loss="logistic", negatives=0, lr=0.1))
     for _ in range(50):
         fm.learn_many(["u", "u"], ["good", "bad"], labels=np.array([1, 0]), ts=[1.0, 1.0])
     good, bad = fm.score(["u", "u"], ["good", "bad"])

@@ -42,9 +42,9 @@ def test_id_fields_can_be_tuned(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("[user.age]\nkind = \"numeric\"\n", "at least one boundary"),
-        ("[user.age]\nkind = \"numeric\"\nboundaries = [3, 1]\n", "increase strictly"),
-        ("[user.g]\nkind = \"bogus\"\n", "kind must be one of"),
+        ('[user.age]\nkind = "numeric"\n', "at least one boundary"),
+        ('[user.age]\nkind = "numeric"\nboundaries = [3, 1]\n', "increase strictly"),
+        ('[user.g]\nkind = "bogus"\n', "kind must be one of"),
         ("[user.g]\ncolour = 1\n", "unknown keys ['colour']"),
         ("[user.g]\nmin_count = 0\n", "min_count must be >= 1"),
         ("[user.g]\nhash_buckets = -3\n", "hash_buckets must be >= 0"),
@@ -56,6 +56,8 @@ def test_id_fields_can_be_tuned(tmp_path: Path) -> None:
         ("[user]\ng = 3\n", "expected a table"),
         ("[user.g\n", "not valid TOML"),
         ("[user.g]\nexpire_after_s = -1\n", "expire_after_s must be > 0"),
+        ('[item.h]\nkind = "history"\n', "belongs to side 'user'"),
+        ('[user.h]\nkind = "history"\nhistory_len = 0\n', "history_len must be"),
     ],
 )
 def test_bad_schema_names_file_and_field(tmp_path: Path, text: str, needle: str) -> None:
@@ -71,7 +73,7 @@ def test_bad_schema_names_file_and_field(tmp_path: Path, text: str, needle: str)
 
 def test_field_named_in_message(tmp_path: Path) -> None:
     p = tmp_path / "bad.toml"
-    p.write_text("[user.age]\nkind = \"numeric\"\nboundaries = [3, 1]\n")
+    p.write_text('[user.age]\nkind = "numeric"\nboundaries = [3, 1]\n')
     with pytest.raises(SchemaError, match=r"user\.age"):
         FeatureSchema.load(p)
 
@@ -94,7 +96,15 @@ _names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
 @st.composite
 def field_specs(draw: st.DrawFn, name: str) -> FieldSpec:
     side = draw(st.sampled_from(["user", "item", "context"]))
-    kind = draw(st.sampled_from(["categorical", "multi", "numeric"]))
+    kind = draw(st.sampled_from(["categorical", "multi", "numeric", "history"]))
+    if kind == "history":
+        return FieldSpec(
+            name,
+            "user",
+            kind,
+            history_len=draw(st.integers(1, 50)),
+            hash_buckets=draw(st.sampled_from([0, 8])),
+        )
     if kind == "numeric":
         b = sorted(set(draw(st.lists(st.integers(-1000, 1000), min_size=1, max_size=5))))
         return FieldSpec(name, side, kind, boundaries=tuple(float(x) for x in b))
@@ -112,8 +122,9 @@ def schemas(draw: st.DrawFn) -> FeatureSchema:
 
 
 @given(schemas())
-def test_schema_round_trips_through_toml(tmp_path_factory: pytest.TempPathFactory,
-                                         schema: FeatureSchema) -> None:
+def test_schema_round_trips_through_toml(
+    tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema
+) -> None:
     p = tmp_path_factory.mktemp("s") / "schema.toml"
     p.write_text(schema.to_toml())
     back = FeatureSchema.load(p)

@@ -98,8 +98,7 @@ def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.
 
     worker = Worker(settings, store, worker_id="swap-worker")
     stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"ready": ready},
-                              daemon=True)
+    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"ready": ready}, daemon=True)
     thread.start()
     lock = threading.Lock()
     answered: list[tuple[dict, Response]] = []
@@ -114,8 +113,12 @@ def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.
         if kind == "u2i":
             return {"type": "u2i", "user_id": user, "k": K}
         if kind == "u2i_excl":
-            return {"type": "u2i", "user_id": user, "k": K,
-                    "exclude_item_ids": pick.sample(item_ids, 5)}
+            return {
+                "type": "u2i",
+                "user_id": user,
+                "k": K,
+                "exclude_item_ids": pick.sample(item_ids, 5),
+            }
         if kind == "i2i":
             return {"type": "i2i", "item_id": pick.choice(item_ids), "k": K}
         return {"type": "rank", "user_id": user, "item_ids": pick.sample(item_ids, 8)}

@@ -28,8 +28,8 @@ from serving.client import FmClient
 from serving.publisher import Publisher
 from serving.queries import item_queries
 from serving.store import VectorStore
-from serving.worker import BLAS_THRESHOLD, Worker
-from stream.schemas import Event, Response
+from serving.worker import BLAS_THRESHOLD, Pending, Worker
+from stream.schemas import Event, Request, Response, ScoredItem, dumps
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO
 
@@ -67,18 +67,26 @@ class Served:
 
 
 def train_model(stream: SyntheticStream, n_events: int = 6000) -> tuple[OnlineFM, list[dict]]:
-    model = OnlineFM(FeatureSchema.load(ROOT / "config" / "synthetic.toml"),
-                     TrainConfig(dim=8, seed=3))
-    model.upsert_users(list(u["user_id"] for u in stream.user_profiles()),
-                       [u["features"] for u in stream.user_profiles()])
-    model.upsert_items(list(i["item_id"] for i in stream.item_profiles()),
-                       [i["features"] for i in stream.item_profiles()])
+    model = OnlineFM(
+        FeatureSchema.load(ROOT / "config" / "synthetic.toml"), TrainConfig(dim=8, seed=3)
+    )
+    model.upsert_users(
+        list(u["user_id"] for u in stream.user_profiles()),
+        [u["features"] for u in stream.user_profiles()],
+    )
+    model.upsert_items(
+        list(i["item_id"] for i in stream.item_profiles()),
+        [i["features"] for i in stream.item_profiles()],
+    )
     model.upsert_users([PROFILE_ONLY_USER], [{"segment": "s2"}])
     events = list(stream.events(n_events))
     for i in range(0, len(events), 1000):
-        chunk = events[i:i + 1000]
-        model.learn_many([e["user_id"] for e in chunk], [e["item_id"] for e in chunk],
-                         contexts=[e["context"] for e in chunk])
+        chunk = events[i : i + 1000]
+        model.learn_many(
+            [e["user_id"] for e in chunk],
+            [e["item_id"] for e in chunk],
+            contexts=[e["context"] for e in chunk],
+        )
     return model, events
 
 
@@ -98,8 +106,13 @@ def start_worker(settings: Settings, store: VectorStore) -> RunningWorker:
     """``Worker.run`` in a thread; returns once it is assigned partitions at their end."""
     worker = Worker(settings, store, worker_id="test-worker")
     stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"ready": ready},
-                              daemon=True, name="worker-under-test")
+    thread = threading.Thread(
+        target=worker.run,
+        args=(stop,),
+        kwargs={"ready": ready},
+        daemon=True,
+        name="worker-under-test",
+    )
     thread.start()
     if not ready.wait(60):
         stop.set()
@@ -147,8 +160,9 @@ def expected_top(scores: np.ndarray, ids: list[str], k: int, exclude=frozenset()
     return [ids[j] for j in order], scores[order]
 
 
-def assert_top_k(response: Response, all_ids: list[str], all_scores: np.ndarray, k: int,
-                 exclude=frozenset()) -> None:
+def assert_top_k(
+    response: Response, all_ids: list[str], all_scores: np.ndarray, k: int, exclude=frozenset()
+) -> None:
     """The response holds the k best (ties tolerated), each with its true score, best first."""
     got_ids, got_scores = ids_scores(response)
     want_ids, want_scores = expected_top(all_scores, all_ids, k, exclude)
@@ -168,8 +182,13 @@ def i2i_scores(served: Served, item: str) -> np.ndarray:
     return vectors @ q
 
 
-def raw_replies(settings: Settings, kafka_io: KafkaIO, messages: list[tuple[str, bytes]],
-                want: set[str], topic: str | None = None) -> dict[str, dict]:
+def raw_replies(
+    settings: Settings,
+    kafka_io: KafkaIO,
+    messages: list[tuple[str, bytes]],
+    want: set[str],
+    topic: str | None = None,
+) -> dict[str, dict]:
     """Produce raw request bytes; wait for the responses named by ``want`` (by request id)."""
     kafka_io.produce(settings.topic_requests, messages)
     topic = topic or settings.topic_responses
@@ -179,6 +198,25 @@ def raw_replies(settings: Settings, kafka_io: KafkaIO, messages: list[tuple[str,
 
     records = kafka_io.consume_until(topic, lambda rs: want <= ids(rs), timeout_s=30)
     return {(obj := orjson.loads(r.value))["request_id"]: obj for r in records}
+
+
+# --- the wire format ---------------------------------------------------------------------
+
+
+def test_answers_are_encoded_exactly_as_the_response_model() -> None:
+    """The hot path writes JSON without pydantic; it must be byte-identical to the model's."""
+    request = Request(request_id="r-1", type="u2i", user_id="u1")
+    items = [("i1", 2.5), ("i2", -0.125)]
+    for fallback in (None, "popular"):
+        pending = Pending(request, "fm.responses")
+        pending.answer(items, 7, fallback)
+        model = Response(
+            request_id="r-1",
+            items=[ScoredItem(item_id=i, score=s) for i, s in items],
+            model_version=7,
+            fallback=fallback,
+        )
+        assert pending.encode() == dumps(model)
 
 
 # --- readiness -----------------------------------------------------------------------------
@@ -254,14 +292,16 @@ def test_i2i_offline_reads_the_precomputed_table(served: Served) -> None:
     assert table is not None and len(table) == served.settings.offline_i2i_k
     response = served.ask(type="i2i", item_id="i5", k=6, source="offline")
     assert response.error is None and response.model_version == version
-    assert [(i.item_id, i.score) for i in response.items] == [(i, pytest.approx(s))
-                                                            for i, s in table[:6]]
+    assert [(i.item_id, i.score) for i in response.items] == [
+        (i, pytest.approx(s)) for i, s in table[:6]
+    ]
     # ... and they are the online neighbours of that version
     online = served.ask(type="i2i", item_id="i5", k=6)
     assert [i.item_id for i in response.items] == [i.item_id for i in online.items]
     skip = {table[0][0], table[2][0]}
-    excluded = served.ask(type="i2i", item_id="i5", k=6, source="offline",
-                          exclude_item_ids=sorted(skip))
+    excluded = served.ask(
+        type="i2i", item_id="i5", k=6, source="offline", exclude_item_ids=sorted(skip)
+    )
     assert [i.item_id for i in excluded.items] == [i for i, _ in table if i not in skip][:6]
 
 
@@ -320,21 +360,24 @@ def test_exclude_seen_and_exclude_item_ids_are_exact_and_still_return_k(served: 
     assert_top_k(seen, items, scores, 10, exclude=history)
 
     skip = set(top[:5])
-    both = served.ask(type="u2i", user_id=user, k=10, exclude_seen=True,
-                      exclude_item_ids=sorted(skip))
+    both = served.ask(
+        type="u2i", user_id=user, k=10, exclude_seen=True, exclude_item_ids=sorted(skip)
+    )
     assert_top_k(both, items, scores, 10, exclude=history | skip)
 
     # Excluding all but 40 items: exactly those 40 best first, k=40 satisfied to the last one.
     rest = sorted(set(items) - history)
     keep = set(rest[::3][:40])
     many = set(items) - history - keep
-    near_all = served.ask(type="u2i", user_id=user, k=40, exclude_seen=True,
-                          exclude_item_ids=sorted(many))
+    near_all = served.ask(
+        type="u2i", user_id=user, k=40, exclude_seen=True, exclude_item_ids=sorted(many)
+    )
     assert_top_k(near_all, items, scores, 40, exclude=history | many)
     assert {i.item_id for i in near_all.items} == keep
     # k above what is left: all that is left, no padding.
-    over = served.ask(type="u2i", user_id=user, k=60, exclude_seen=True,
-                      exclude_item_ids=sorted(many))
+    over = served.ask(
+        type="u2i", user_id=user, k=60, exclude_seen=True, exclude_item_ids=sorted(many)
+    )
     assert {i.item_id for i in over.items} == keep
 
     # i2i honours exclusions too
@@ -352,10 +395,15 @@ def test_k_out_of_bounds_is_invalid_request(served: Served, kafka_io: KafkaIO) -
     at_max = served.ask(type="u2i", user_id="u1", k=s.max_k)
     assert at_max.error is None and len(at_max.items) == s.max_k
     # k = 0 (and negative) never passes the client, so send the bytes ourselves.
-    replies = raw_replies(s, kafka_io, [
-        ("k0", b'{"request_id": "k0", "type": "u2i", "user_id": "u1", "k": 0}'),
-        ("kneg", b'{"request_id": "kneg", "type": "i2i", "item_id": "i1", "k": -3}'),
-    ], {"k0", "kneg"})
+    replies = raw_replies(
+        s,
+        kafka_io,
+        [
+            ("k0", b'{"request_id": "k0", "type": "u2i", "user_id": "u1", "k": 0}'),
+            ("kneg", b'{"request_id": "kneg", "type": "i2i", "item_id": "i1", "k": -3}'),
+        ],
+        {"k0", "kneg"},
+    )
     for rid in ("k0", "kneg"):
         assert replies[rid]["error"]["code"] == "invalid_request"
         assert "k" in replies[rid]["error"]["message"]
@@ -401,13 +449,18 @@ def test_malformed_requests_with_an_id_get_invalid_request(
     served: Served, kafka_io: KafkaIO
 ) -> None:
     s = served.settings
-    replies = raw_replies(s, kafka_io, [
-        ("bad-type", b'{"request_id": "bad-type", "type": "teleport", "user_id": "u1"}'),
-        ("no-user", b'{"request_id": "no-user", "type": "u2i"}'),
-        ("bad-k", b'{"request_id": "bad-k", "type": "u2i", "user_id": "u1", "k": "ten"}'),
-        ("no-items", b'{"request_id": "no-items", "type": "rank", "user_id": "u1"}'),
-        ("ok", b'{"request_id": "ok", "type": "u2i", "user_id": "u1", "k": 3}'),
-    ], {"bad-type", "no-user", "bad-k", "no-items", "ok"})
+    replies = raw_replies(
+        s,
+        kafka_io,
+        [
+            ("bad-type", b'{"request_id": "bad-type", "type": "teleport", "user_id": "u1"}'),
+            ("no-user", b'{"request_id": "no-user", "type": "u2i"}'),
+            ("bad-k", b'{"request_id": "bad-k", "type": "u2i", "user_id": "u1", "k": "ten"}'),
+            ("no-items", b'{"request_id": "no-items", "type": "rank", "user_id": "u1"}'),
+            ("ok", b'{"request_id": "ok", "type": "u2i", "user_id": "u1", "k": 3}'),
+        ],
+        {"bad-type", "no-user", "bad-k", "no-items", "ok"},
+    )
     for rid in ("bad-type", "no-user", "bad-k", "no-items"):
         error = replies[rid]["error"]
         assert error["code"] == "invalid_request", replies[rid]
@@ -419,12 +472,19 @@ def test_malformed_requests_with_an_id_get_invalid_request(
 
 
 def test_bad_context_fails_only_its_own_request(served: Served) -> None:
-    futures = [served.client.submit({"type": "u2i", "user_id": f"u{n}", "k": 4}, timeout=20)
-               for n in range(5)]
-    bad = served.client.submit({"type": "u2i", "user_id": "u1", "context": {"hour": ["1", "2"]}},
-                               timeout=20)
-    futures += [served.client.submit({"type": "rank", "user_id": "u2", "item_ids": ["i1", "i2"],
-                                      "context": {"hour": "4"}}, timeout=20)]
+    futures = [
+        served.client.submit({"type": "u2i", "user_id": f"u{n}", "k": 4}, timeout=20)
+        for n in range(5)
+    ]
+    bad = served.client.submit(
+        {"type": "u2i", "user_id": "u1", "context": {"hour": ["1", "2"]}}, timeout=20
+    )
+    futures += [
+        served.client.submit(
+            {"type": "rank", "user_id": "u2", "item_ids": ["i1", "i2"], "context": {"hour": "4"}},
+            timeout=20,
+        )
+    ]
     response = bad.result(30)
     assert response.error is not None and response.error.code == "invalid_request"
     assert "hour" in response.error.message
@@ -436,8 +496,11 @@ def test_unreadable_request_goes_to_the_dead_letter_topic(
     served: Served, kafka_io: KafkaIO
 ) -> None:
     s = served.settings
-    garbage = [(b"g1", b"\xff\xfe not json"), (b"g2", b"[1, 2, 3]"),
-               (b"g3", b'{"type": "u2i", "user_id": "u1"}')]  # JSON, but no request id
+    garbage = [
+        (b"g1", b"\xff\xfe not json"),
+        (b"g2", b"[1, 2, 3]"),
+        (b"g3", b'{"type": "u2i", "user_id": "u1"}'),
+    ]  # JSON, but no request id
     sent = kafka_io.produce(s.topic_requests, garbage)
     after = served.ask(type="u2i", user_id="u1", k=2)  # the worker goes on
     assert after.error is None
@@ -447,8 +510,10 @@ def test_unreadable_request_goes_to_the_dead_letter_topic(
     for (key, value), meta in zip(garbage, sent, strict=True):
         letter = by_key[key]
         assert letter["source_topic"] == s.topic_requests
-        assert (letter["source_partition"], letter["source_offset"]) == (meta.partition,
-                                                                         meta.offset)
+        assert (letter["source_partition"], letter["source_offset"]) == (
+            meta.partition,
+            meta.offset,
+        )
         assert base64.b64decode(letter["value_b64"]) == value
         assert letter["reason"]
     assert by_key[b"g1"]["stage"] == "decode" and by_key[b"g3"]["stage"] == "validate"
