@@ -280,6 +280,7 @@ def main() -> None:
         load_after = os.getloadavg()[0]
     finally:
         _cleanup(settings, own_services=started is not None)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     eps = n / loop_s
     from kafka.record import util as record_util

@@ -39,31 +39,43 @@ class NegativeSampler:
             self.since_rebuild = 0
 
     def sample(
-        self, counts: np.ndarray, n_items: int, positives: np.ndarray, k: int
+        self, counts: np.ndarray, n_items: int, positives: np.ndarray, k: int, pool: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(negatives (B, k) int64, valid (B, k) bool)`` for positive item indices ``(B,)``.
 
-        A negative never equals its row's positive; with a single known item no valid negative
-        exists and ``valid`` is all False.
+        With ``pool > 0`` (and fewer than ``B·k``) the batch first draws ``pool`` items from the
+        distribution and every negative is a uniform pick from that shared pool: each negative
+        still follows the distribution, but a batch touches far fewer distinct items (cheaper
+        steps). A negative never equals its row's positive; with a single known item no valid
+        negative exists and ``valid`` is all False.
         """
         b = positives.size
         if k <= 0 or b == 0 or n_items < 2:
             return np.zeros((b, max(k, 0)), dtype=np.int64), np.zeros((b, max(k, 0)), dtype=bool)
-        if self.mode == "uniform":
-            neg = self.rng.integers(0, n_items, size=(b, k))
-        else:
+        if self.mode == "popularity":
             self._refresh(counts, n_items, b)
-            neg = self._draw((b, k))
+        shared = 0 < pool < b * k
+
+        def draw(shape: tuple[int, ...] | int) -> np.ndarray:
+            if self.mode == "uniform":
+                return self.rng.integers(0, n_items, size=shape)
+            return self._draw(shape if isinstance(shape, tuple) else (shape,))
+
+        if shared:
+            items = draw(pool)
+
+            def draw_neg(shape: tuple[int, ...] | int) -> np.ndarray:
+                return items[self.rng.integers(0, pool, size=shape)]
+        else:
+            draw_neg = draw
+        neg = draw_neg((b, k))
         pos = positives.reshape(b, 1)
         for _ in range(_MAX_REDRAWS):
             clash = neg == pos
             if not clash.any():
                 break
             rows, cols = np.nonzero(clash)
-            if self.mode == "uniform":
-                neg[rows, cols] = self.rng.integers(0, n_items, size=rows.size)
-            else:
-                neg[rows, cols] = self._draw((rows.size,))
+            neg[rows, cols] = draw_neg(rows.size)
         clash = neg == pos
         if clash.any():  # a dominant item keeps hitting its own positive: shift uniformly
             rows, cols = np.nonzero(clash)

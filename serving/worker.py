@@ -136,17 +136,6 @@ def _wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Ev
         stop.wait(0.2)
 
 
-def _positioned(consumer: KafkaConsumer) -> bool:
-    """Whether the consumer holds partitions and knows its position in each (resolving it)."""
-    assignment = consumer.assignment()
-    if not assignment:
-        return False
-    try:
-        return all(consumer.position(tp, timeout_ms=5000) is not None for tp in assignment)
-    except Exception:  # noqa: BLE001 - a rebalance in between: look again after the next poll
-        return False
-
-
 def _failure(p: Pending, exc: Exception, state: ServingState) -> Response:
     """The error response of a request whose answer raised ``exc``."""
     if isinstance(exc, FeatureError | InputError):
@@ -190,6 +179,8 @@ class _Replies(ConsumerRebalanceListener):
         self.acked: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.last_commit = time.monotonic()
+        self.joined = False  # the group assigned this member its partitions (maybe none)
+        self.fresh: set[TopicPartition] = set()  # assigned, not yet anchored
 
     def send(
         self, records: Sequence[ConsumerRecord], pendings: list[Pending], started: float
@@ -280,7 +271,35 @@ class _Replies(ConsumerRebalanceListener):
             self.committed.pop(tp, None)
 
     def on_partitions_assigned(self, assigned) -> None:
-        pass
+        self.joined = True
+        self.fresh = set(assigned)
+
+    def anchor(self) -> bool:
+        """Position every newly assigned partition and commit the position of those the group
+        never committed; True when all are positioned.
+
+        A partition with no committed offset starts at its end ("latest": requests older than
+        the group are not answered). Committing that start at once makes it the group's: a
+        member that takes the partition over in a later rebalance starts there too, instead of
+        at the end of that moment, which would skip the requests produced in between.
+        """
+        assigned = self.consumer.assignment()
+        offsets = {}
+        try:
+            for tp in sorted(self.fresh & assigned):
+                position = self.consumer.position(tp, timeout_ms=5000)
+                if position is None:
+                    return False
+                if self.consumer.committed(tp, timeout_ms=5000) is None:
+                    offsets[tp] = OffsetAndMetadata(position, "", -1)
+            if offsets:
+                self.consumer.commit(offsets)
+                self.committed.update({tp: o.offset for tp, o in offsets.items()})
+        except Exception as exc:  # noqa: BLE001 - a rebalance in between: again after a poll
+            log.info("could not anchor the new partitions yet: %r", exc)
+            return False
+        self.fresh = set()
+        return True
 
 
 def _commit_done(offsets, response) -> None:
@@ -299,6 +318,9 @@ class Worker:
         self.store = store
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.state: ServingState | None = None
+        # Set once this member joined the group with its partitions positioned: from then on a
+        # request is answered (by it or another member). Only then is it listed in Redis.
+        self.serving = threading.Event()
         self._swap_lock = threading.Lock()
         self.swaps = 0
         self.answered = 0
@@ -325,7 +347,7 @@ class Worker:
             context = ContextTable.from_bytes(blob) if blob else None
             self.state = ServingState(loaded, context)  # the swap: one reference assignment
             self.swaps += 1
-            self.store.set_worker_version(self.worker_id, version)
+            self._report()
             log.info(
                 "worker %s now serves v%d (%d items)",
                 self.worker_id,
@@ -339,19 +361,23 @@ class Worker:
         while not stop.is_set():
             try:
                 self.refresh()
-                if self.state is not None:
-                    self.store.set_worker_version(self.worker_id, self.state.version)
+                self._report()
             except Exception:  # noqa: BLE001 - keep serving the old index, retry next tick
                 log.exception("snapshot load failed; still serving the previous version")
             stop.wait(self.settings.swap_poll_s)
+
+    def _report(self) -> None:
+        """List this worker and its version in Redis (expires unless renewed), once serving."""
+        if self.state is not None and self.serving.is_set():
+            self.store.set_worker_version(self.worker_id, self.state.version)
 
     # --- the request loop ------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set. Starts the swap thread; commits after replies are acked.
 
-        ``ready`` is set once the worker holds partitions with resolved positions: a request
-        produced after that is answered by this worker (or another member of the group).
+        ``ready`` (and :attr:`serving`) is set once the worker joined the group and positioned its
+        partitions: a request produced after that is answered by this worker or another member.
         """
         # Threads and the BLAS threshold of batched flat search. Process-wide, so done here, by
         # the process that serves, whatever started it.
@@ -385,8 +411,12 @@ class Worker:
             while not stop.is_set():
                 # short polls while replies are in flight, so their offsets are committed soon
                 records = flatten(consumer.poll(timeout_ms=10 if replies.sent else 100))
-                if ready is not None and not ready.is_set() and _positioned(consumer):
-                    ready.set()
+                if replies.fresh or (replies.joined and not self.serving.is_set()):
+                    if replies.anchor() and not self.serving.is_set():
+                        self.serving.set()
+                        self._report()
+                        if ready is not None:
+                            ready.set()
                 if records:
                     started = time.perf_counter()
                     pendings = self.handle(records, dead)

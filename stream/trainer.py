@@ -294,10 +294,16 @@ class Trainer:
             time.sleep(min(0.2, timeout_ms / 1000))
             return 0
         self.paused = False
-        if time.monotonic() - self._assigned_at >= ASSIGNMENT_REFRESH_S:
-            self.refresh_assignment()
         t0 = time.perf_counter()
-        records = flatten(self.consumer.poll(timeout_ms=timeout_ms))
+        try:
+            if time.monotonic() - self._assigned_at >= ASSIGNMENT_REFRESH_S:
+                self.refresh_assignment()
+            records = flatten(self.consumer.poll(timeout_ms=timeout_ms))
+        except KafkaError as exc:
+            # Broker away: positions stay in the consumer; retry shortly, never die.
+            log.warning("poll failed (%s); retrying", exc)
+            time.sleep(min(1.0, timeout_ms / 1000))
+            records = []
         self.timings["poll"] += time.perf_counter() - t0
         if records:
             t0 = time.perf_counter()
@@ -384,8 +390,10 @@ class Trainer:
     ) -> list[Decoded]:
         """``apply(decoded)``; if the model rejects the batch, bisect it to find the bad messages.
 
-        The model validates a whole batch before changing anything, so a rejected batch left no
+        The model validates a whole batch before changing anything, so a rejected call left no
         trace; halves are applied in order, each bad message is dead-lettered (stage ``apply``).
+        (For events, inline profile upserts run before ``learn_many``: re-running them is
+        idempotent, and the inline profile of an event whose *learn* step failed stays applied.)
         Cost: about ``2 * bad * log2(batch)`` extra calls, not one per message.
         """
         if not decoded:
