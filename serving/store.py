@@ -56,6 +56,19 @@ _BATCH = 5_000  # keys per MGET / MSET / HSET command: bounded replies, few roun
 _FETCH_BYTES = 64 << 20  # snapshot bytes fetched per pipeline round trip
 
 # Move a version pointer only forward: returns 1 if it moved, 0 if the stored one is >= ours.
+# KEYS: history lists; ARGV: max_len, then per key: n, item_1 .. item_n (oldest first).
+# LPUSH leaves the newest at the head; LTRIM bounds the list.
+_PUSH_HISTORY = """
+local max_len = tonumber(ARGV[1])
+local pos = 2
+for i, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[pos])
+  redis.call('LPUSH', key, unpack(ARGV, pos + 1, pos + n))
+  redis.call('LTRIM', key, 0, max_len - 1)
+  pos = pos + n + 1
+end
+return #KEYS
+"""
 _CAS_FORWARD = """
 local cur = redis.call('GET', KEYS[1])
 if (not cur) or (tonumber(cur) < tonumber(ARGV[1])) then
@@ -129,6 +142,7 @@ class VectorStore:
         self.redis = client
         self.settings = settings
         self._cas_forward = client.register_script(_CAS_FORWARD)
+        self._push_history = client.register_script(_PUSH_HISTORY)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VectorStore:
@@ -229,14 +243,17 @@ class VectorStore:
         per_user: dict[str, list[str]] = {}
         for uid, iid in zip(user_ids, item_ids, strict=True):
             per_user.setdefault(uid, []).append(iid)
-        pipe = self.redis.pipeline(transaction=False)
+        if not per_user:
+            return
+        # One scripted call per batch: packing 2 commands per user in redis-py cost far more
+        # than the work itself (profiled: ~3/4 of publish time under ingest load).
+        keys, args = [], [max_len]
         for uid, items in per_user.items():
-            key = self.key("hist", uid)
-            # LPUSH pushes its arguments one by one, so the last (newest) ends at the head.
-            pipe.lpush(key, *items[-max_len:])
-            pipe.ltrim(key, 0, max_len - 1)
-        if per_user:
-            pipe.execute()
+            keys.append(self.key("hist", uid))
+            tail = items[-max_len:]
+            args.append(len(tail))
+            args.extend(tail)
+        self._push_history(keys=keys, args=args)
 
     def get_histories(
         self, user_ids: Sequence[str], *, limit: int | None = None
