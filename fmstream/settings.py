@@ -59,9 +59,12 @@ class Settings(BaseSettings):
     dim: int = Field(32, ge=1, le=1024, description="latent factors per feature")
     lr: float = Field(0.05, gt=0, description="Adagrad learning rate")
     l2: float = Field(1e-5, ge=0, description="L2 on the rows a batch touches")
-    loss: Literal["logistic", "bpr", "hinge"] = "logistic"
-    negatives: int = Field(4, ge=0, description="sampled negatives per positive")
-    neg_sampling: Literal["uniform", "popularity"] = "popularity"
+    loss: Literal["logistic", "bpr", "hinge"] = Field(
+        "bpr", description="bpr scored best on ml-100k (bench/quality.py)"
+    )
+    negatives: int = Field(16, ge=0, description="sampled negatives per positive")
+    neg_sampling: Literal["uniform", "popularity"] = "uniform"
+    neg_pool: int = Field(512, ge=1, description="negatives of a batch come from one pool this big")
     neg_alpha: float = Field(0.75, ge=0, description="popularity exponent of negative sampling")
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch/faiss intra-op threads per process")

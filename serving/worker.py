@@ -232,11 +232,15 @@ class _Replies(ConsumerRebalanceListener):
             if tp in assigned:
                 self.consumer.seek(tp, offset)
 
-    def commit(self, *, sync: bool = False) -> None:
-        """Commit the acknowledged offsets (async and at most every COMMIT_INTERVAL_S)."""
-        if not sync and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
+    def commit(self, *, sync: bool = False, now: bool = False) -> None:
+        """Commit the acknowledged offsets (async and at most every COMMIT_INTERVAL_S, unless
+        ``now``; ``sync`` waits for the broker)."""
+        if not (sync or now) and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
             return
-        todo = {tp: o for tp, o in self.acked.items() if self.committed.get(tp) != o}
+        owned = self.consumer.assignment()  # never commit for a partition handed over
+        todo = {
+            tp: o for tp, o in self.acked.items() if tp in owned and self.committed.get(tp) != o
+        }
         self.last_commit = time.monotonic()
         if not todo:
             return
@@ -263,9 +267,17 @@ class _Replies(ConsumerRebalanceListener):
         except Exception as exc:  # noqa: BLE001 - the next owner answers them again
             log.warning("could not commit the acknowledged offsets: %r", exc)
 
-    # rebalance: hand partitions over with everything answered and committed
+    # rebalance: hand partitions over with what is answered committed
     def on_partitions_revoked(self, revoked) -> None:
-        self.drain()
+        """May run on the consumer's IO thread (kafka-python 3), where no blocking consumer call
+        is allowed: a short wait for the replies in flight, then an asynchronous commit of what
+        is acknowledged. The rest is answered again by the next owner (at least once)."""
+        try:
+            self.producer.flush(timeout=1.0)
+        except Exception:  # noqa: BLE001 - not acknowledged yet: answered again, that's all
+            pass
+        self.settle()
+        self.commit(now=True)
         for tp in revoked:
             self.acked.pop(tp, None)
             self.committed.pop(tp, None)

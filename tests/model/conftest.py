@@ -1,4 +1,4 @@
-"""Shared fixtures of the model tests: one torch thread, hypothesis profile, small schemas."""
+"""Shared fixtures of the model tests: one torch thread, small schemas."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `pytest` without `python -m` or an installed package
@@ -15,11 +14,7 @@ if str(ROOT) not in sys.path:  # `pytest` without `python -m` or an installed pa
 
 from model import FeatureSchema  # noqa: E402
 
-torch.set_num_threads(1)
-settings.register_profile(
-    "model", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile("model")
+torch.set_num_threads(1)  # tests and benches run one intra-op thread (see PERF-NOTES)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model import (
@@ -21,6 +21,9 @@ from model import (
     compose_user,
     context_query,
 )
+
+# hypothesis settings of this module (not a global profile: other packages keep theirs)
+PROPERTY = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 SCHEMA = FeatureSchema.from_dict(
     {
@@ -124,6 +127,7 @@ def _tol(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 2e-6 * (a.shape[1] + 4) * (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1)
 
 
+@PROPERTY
 @given(scenario())
 def test_user_item_inner_product_is_logit_minus_bias(sc) -> None:
     fm, pu, pi, _ = sc
@@ -136,6 +140,7 @@ def test_user_item_inner_product_is_logit_minus_bias(sc) -> None:
     assert np.all(np.abs(got - want) <= _tol(eu, ei) + 1e-5 * np.abs(want))
 
 
+@PROPERTY
 @given(scenario())
 def test_context_query_reproduces_full_score(sc) -> None:
     fm, pu, pi, (_, _, ctx) = sc
@@ -152,6 +157,7 @@ def test_context_query_reproduces_full_score(sc) -> None:
     assert np.array_equal(cl, cl2) and np.array_equal(cv, cv2)
 
 
+@PROPERTY
 @given(scenario())
 def test_all_item_vectors_match_selected(sc) -> None:
     fm, _, pi, _ = sc

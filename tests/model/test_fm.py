@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model import fm
+
+# hypothesis settings of this module (not a global profile: other packages keep theirs)
+PROPERTY = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -24,12 +27,14 @@ def padded_features(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.
     return w, v, x
 
 
+@PROPERTY
 @given(padded_features())
 def test_pairwise_equals_naive_double_sum(data: tuple[torch.Tensor, ...]) -> None:
     _, v, x = data
     assert torch.allclose(fm.pairwise(v, x), fm.pairwise_naive(v, x), rtol=1e-10, atol=1e-10)
 
 
+@PROPERTY
 @given(padded_features())
 def test_fm_logit_is_bias_linear_and_pairwise(data: tuple[torch.Tensor, ...]) -> None:
     w, v, x = data
@@ -46,6 +51,7 @@ def _table_and_index(seed: int, u: int, n: int, length: int, d: int):
     return table, idx, x
 
 
+@PROPERTY
 @given(
     st.integers(0, 10_000),
     st.integers(1, 30),
@@ -68,6 +74,7 @@ def test_side_terms_match_reference_values_and_gradients(seed, u, n, length, d) 
     assert torch.allclose(t1.grad, t2.grad, atol=1e-4)
 
 
+@PROPERTY
 @given(st.integers(0, 10_000), st.integers(2, 30), st.integers(1, 8), st.booleans())
 def test_entity_level_fm_equals_fm_over_all_features(seed, u, d, with_ctx) -> None:
     """y = w0 + Σ q_s + ½|Σ V_s|² over entities == fm_logit over the union of their rows."""

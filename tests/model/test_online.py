@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model import ConfigError, FeatureSchema, InputError, OnlineFM, TrainConfig
 from model.sampler import NegativeSampler
+
+# hypothesis settings of this module (not a global profile: other packages keep theirs)
+PROPERTY = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 SYN = FeatureSchema.from_dict(
     {"user": {"segment": {}}, "item": {"category": {}}, "context": {"hour": {}}}
@@ -82,6 +85,7 @@ def test_cold_user_gets_cluster_from_profile() -> None:
     assert (icat[top] == 2).mean() >= 0.8
 
 
+@PROPERTY
 @given(
     st.integers(2, 40),
     st.integers(1, 64),

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model import FeatureSchema, FieldSpec, ModelError, SchemaError
+
+# hypothesis settings of this module (not a global profile: other packages keep theirs)
+PROPERTY = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_example_schemas_load(config_dir: Path) -> None:
@@ -121,6 +124,7 @@ def schemas(draw: st.DrawFn) -> FeatureSchema:
     return FeatureSchema(tuple(draw(field_specs(n)) for n in names))
 
 
+@PROPERTY
 @given(schemas())
 def test_schema_round_trips_through_toml(
     tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema
