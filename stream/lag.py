@@ -98,7 +98,7 @@ class LagReader:
 
     def read(self, groups: Mapping[str, Sequence[str]]) -> list[PartitionLag]:
         """Per-partition lag of each ``group -> topics`` (every partition, committed or not)."""
-        committed = self.admin.list_group_offsets({g: None for g in groups})
+        committed = self._committed(list(groups))
         tps = self.partitions(t for topics in groups.values() for t in topics)
         ends = self.admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps}) \
             if tps else {}
@@ -113,6 +113,17 @@ class LagReader:
                 out.append(PartitionLag(group, tp.topic, tp.partition, done,
                                         ends[tp].offset, starts[tp].offset))
         return out
+
+    def _committed(self, groups: list[str], wait_s: float = 15.0) -> dict:
+        """Committed offsets; a fresh broker creates its offsets topic first, so wait for it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.admin.list_group_offsets({g: None for g in groups})
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def group_states(self, groups: Sequence[str]) -> dict[str, GroupState]:
         """State and member count of each group (``Dead`` for a group the broker does not know)."""
