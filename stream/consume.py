@@ -64,7 +64,7 @@ class Decoded(Generic[M]):
 
 
 class DeadLetters:
-    """Sends unusable messages to the dead-letter topic; :meth:`flush` waits for the broker's ack."""
+    """Sends unusable messages to the dead-letter topic; :meth:`flush` waits for the acks."""
 
     def __init__(self, producer: KafkaProducer, topic: str) -> None:
         self._producer = producer

@@ -1,7 +1,8 @@
 """MovieLens reader (ml-100k or ml-1m layout) turning the files into fmstream messages.
 
 The project never ships MovieLens (its licence forbids redistribution): point it at a folder
-holding ``u.data``/``u.user``/``u.item`` (100k) or ``ratings.dat``/``users.dat``/``movies.dat`` (1m).
+holding ``u.data``/``u.user``/``u.item`` (100k) or ``ratings.dat``/``users.dat``/``movies.dat``
+(1m).
 A rating >= ``positive_from`` becomes a click (label 1); lower ratings are explicit negatives.
 """
 

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
-    BaseModel,
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -55,7 +55,8 @@ def _check_features(features: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"feature {name!r}: at most {MAX_LIST_VALUES} values")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, str | int | float):
-                raise ValueError(f"feature {name!r}: expected string/number, got {type(v).__name__}")
+                got = type(v).__name__
+                raise ValueError(f"feature {name!r}: expected string/number, got {got}")
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"feature {name!r}: value must be finite, got {v}")
     return features
