@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     index_kind: Literal["flat", "hnsw"] = "flat"
     hnsw_m: int = 32
     hnsw_ef_search: int = Field(64, ge=1, description="HNSW search breadth (recall vs speed)")
+    hnsw_rebuild_s: float = Field(
+        300.0, gt=0, description="HNSW graph age before a background rebuild (reused meanwhile)"
+    )
     max_k: int = Field(1000, ge=1)
     worker_metrics_port: int = Field(0, description="Prometheus port of a worker (0 = off)")
     swap_poll_s: float = Field(0.2, gt=0, description="how often a worker looks for a snapshot")

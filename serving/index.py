@@ -238,11 +238,16 @@ class HnswIndex(ItemIndex):
                 self._param_cache[ef] = params
         return params
 
+    def raw_candidates(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's ``fetch`` best candidates (approximate scores, rows; -1 for none)."""
+        params = self._params(max(self.ef_search, fetch))
+        scores, cand = self._index.search(queries, fetch, params=params)
+        return scores, cand.astype(np.int64, copy=False)
+
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         fetch = min(self.ntotal, max(k, int(np.ceil(k * self.overfetch))))
-        params = self._params(max(self.ef_search, fetch))
-        _, cand = self._index.search(queries, fetch, params=params)
-        return rescore(queries, self._vectors, cand.astype(np.int64, copy=False), k)
+        _, cand = self.raw_candidates(queries, fetch)
+        return rescore(queries, self._vectors, cand, k)
 
 
 def rescore(
