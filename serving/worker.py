@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
@@ -34,6 +34,7 @@ from fmstream.settings import Settings
 from model.compose import ContextTable
 from model.errors import FeatureError, InputError
 from serving.errors import ServingError
+from serving.graph import GraphKeeper
 from serving.index import LoadedIndex, configure_faiss
 from serving.queries import item_queries, user_queries
 from serving.store import UserVectors, VectorStore
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 HISTORY_QUERIES = 20
 """Most recent history items that i2i_history searches from (the whole history is excluded)."""
 COMMIT_INTERVAL_S = 0.2
-"""Acknowledged offsets are committed at most this often (and at rebalance and shutdown)."""
+"""Acknowledged offsets are committed at most this often (and at shutdown)."""
 POLL_MAX_RECORDS = 512
 """Requests answered together at most (one Redis round trip and one search per type)."""
 FETCH_MAX_WAIT_MS = 100
@@ -165,7 +166,7 @@ class _SentBatch:
     started: float
 
 
-class _Replies(ConsumerRebalanceListener):
+class _Replies:
     """Tracks replies until the broker acknowledged them; commits what they cover."""
 
     def __init__(
@@ -179,7 +180,7 @@ class _Replies(ConsumerRebalanceListener):
         self.acked: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.last_commit = time.monotonic()
-        self.joined = False  # the group assigned this member its partitions (maybe none)
+        self.owned: set[TopicPartition] = set()  # the assignment as last seen
         self.fresh: set[TopicPartition] = set()  # assigned, not yet anchored
 
     def send(
@@ -232,10 +233,10 @@ class _Replies(ConsumerRebalanceListener):
             if tp in assigned:
                 self.consumer.seek(tp, offset)
 
-    def commit(self, *, sync: bool = False, now: bool = False) -> None:
-        """Commit the acknowledged offsets (async and at most every COMMIT_INTERVAL_S, unless
-        ``now``; ``sync`` waits for the broker)."""
-        if not (sync or now) and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
+    def commit(self, *, sync: bool = False) -> None:
+        """Commit the acknowledged offsets: async and at most every COMMIT_INTERVAL_S, or
+        ``sync`` (waits for the broker)."""
+        if not sync and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
             return
         owned = self.consumer.assignment()  # never commit for a partition handed over
         todo = {
@@ -246,7 +247,7 @@ class _Replies(ConsumerRebalanceListener):
             return
         offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in todo.items()}
         if sync:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=10_000)
         else:
             try:
                 self.consumer.commit_async(offsets, callback=_commit_done)
@@ -267,24 +268,25 @@ class _Replies(ConsumerRebalanceListener):
         except Exception as exc:  # noqa: BLE001 - the next owner answers them again
             log.warning("could not commit the acknowledged offsets: %r", exc)
 
-    # rebalance: hand partitions over with what is answered committed
-    def on_partitions_revoked(self, revoked) -> None:
-        """May run on the consumer's IO thread (kafka-python 3), where no blocking consumer call
-        is allowed: a short wait for the replies in flight, then an asynchronous commit of what
-        is acknowledged. The rest is answered again by the next owner (at least once)."""
-        try:
-            self.producer.flush(timeout=1.0)
-        except Exception:  # noqa: BLE001 - not acknowledged yet: answered again, that's all
-            pass
-        self.settle()
-        self.commit(now=True)
-        for tp in revoked:
-            self.acked.pop(tp, None)
-            self.committed.pop(tp, None)
+    def follow(self) -> bool:
+        """Notice a new assignment (after a poll) and anchor its partitions; True once every
+        assigned partition is positioned.
 
-    def on_partitions_assigned(self, assigned) -> None:
-        self.joined = True
-        self.fresh = set(assigned)
+        Done here rather than in rebalance callbacks: those may run on the consumer's IO thread
+        (kafka-python 3), where a blocking consumer call fails and a wait stalls heartbeats.
+        Replies of a partition handed over that are not committed yet (at most
+        COMMIT_INTERVAL_S of them) are answered again by its next owner (at least once).
+        """
+        assigned = self.consumer.assignment()
+        if assigned != self.owned:
+            for tp in self.owned - assigned:
+                self.acked.pop(tp, None)
+                self.committed.pop(tp, None)
+            self.fresh = (self.fresh | (assigned - self.owned)) & assigned
+            self.owned = set(assigned)
+        if self.fresh:
+            return self.anchor()
+        return bool(self.owned)
 
     def anchor(self) -> bool:
         """Position every newly assigned partition and commit the position of those the group
@@ -305,7 +307,7 @@ class _Replies(ConsumerRebalanceListener):
                 if self.consumer.committed(tp, timeout_ms=5000) is None:
                     offsets[tp] = OffsetAndMetadata(position, "", -1)
             if offsets:
-                self.consumer.commit(offsets)
+                self.consumer.commit(offsets, timeout_ms=5000)
                 self.committed.update({tp: o.offset for tp, o in offsets.items()})
         except Exception as exc:  # noqa: BLE001 - a rebalance in between: again after a poll
             log.info("could not anchor the new partitions yet: %r", exc)
@@ -337,6 +339,8 @@ class Worker:
         self.swaps = 0
         self.answered = 0
         self.metrics = None  # a serving.metrics.WorkerMetrics while /metrics is served
+        self._graphs = GraphKeeper(m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,
+                                   rebuild_after_s=settings.hnsw_rebuild_s)
 
     # --- hot swap --------------------------------------------------------------------------
 
@@ -349,12 +353,13 @@ class Worker:
             snapshot = self.store.load_item_snapshot(version)
             # Everything is built here, off the request path (the id -> row map included):
             # the request loop only ever sees a complete state.
-            loaded = LoadedIndex.build(
-                snapshot,
-                self.settings.index_kind,
-                hnsw_m=self.settings.hnsw_m,
-                ef_search=self.settings.hnsw_ef_search,
-            )
+            if self.settings.index_kind == "hnsw":
+                # The graph is reused across snapshots (exact re-scoring on these vectors) and
+                # rebuilt in the background when stale: see serving/graph.py.
+                loaded = LoadedIndex(snapshot,
+                                     self._graphs.index_for(snapshot.item_ids, snapshot.vectors))
+            else:
+                loaded = LoadedIndex.build(snapshot, "flat")
             blob = snapshot.extra.get("context")
             context = ContextTable.from_bytes(blob) if blob else None
             self.state = ServingState(loaded, context)  # the swap: one reference assignment
@@ -388,8 +393,8 @@ class Worker:
     def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set. Starts the swap thread; commits after replies are acked.
 
-        ``ready`` (and :attr:`serving`) is set once the worker joined the group and positioned its
-        partitions: a request produced after that is answered by this worker or another member.
+        ``ready`` (and :attr:`serving`) is set once the worker holds partitions of the group, each
+        positioned: a request produced after that is answered by this worker or another member.
         """
         # Threads and the BLAS threshold of batched flat search. Process-wide, so done here, by
         # the process that serves, whatever started it.
@@ -409,8 +414,6 @@ class Worker:
             max_poll_records=POLL_MAX_RECORDS,
             session_timeout_ms=self.settings.worker_session_timeout_ms,
             heartbeat_interval_ms=max(300, self.settings.worker_session_timeout_ms // 4),
-            # partitions added to the request topic are noticed soon
-            metadata_max_age_ms=30_000,
         )
         dead = DeadLetters(producer, self.settings.topic_dlq)
         replies = _Replies(self, consumer, producer, dead)
@@ -419,16 +422,15 @@ class Worker:
             # joins before (a topic created a moment ago) is assigned nothing until the next
             # metadata refresh, minutes later.
             _wait_for_partitions(consumer, self.settings.topic_requests, stop)
-            consumer.subscribe([self.settings.topic_requests], listener=replies)
+            consumer.subscribe([self.settings.topic_requests])
             while not stop.is_set():
                 # short polls while replies are in flight, so their offsets are committed soon
                 records = flatten(consumer.poll(timeout_ms=10 if replies.sent else 100))
-                if replies.fresh or (replies.joined and not self.serving.is_set()):
-                    if replies.anchor() and not self.serving.is_set():
-                        self.serving.set()
-                        self._report()
-                        if ready is not None:
-                            ready.set()
+                if replies.follow() and not self.serving.is_set():
+                    self.serving.set()
+                    self._report()
+                    if ready is not None:
+                        ready.set()
                 if records:
                     started = time.perf_counter()
                     pendings = self.handle(records, dead)

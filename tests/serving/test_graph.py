@@ -48,3 +48,24 @@ def test_reordered_items_build_a_new_graph_and_stale_graphs_rebuild() -> None:
     keeper.index_for([f"x{j}" for j in range(500)], v)  # stale: rebuilt in the background
     keeper.wait_idle(30)
     assert keeper.rebuilds == 3
+
+
+def test_worker_with_hnsw_reuses_its_graph_across_swaps(settings, redis_client) -> None:
+    from serving.index import ItemSnapshot
+    from serving.store import VectorStore
+    from serving.worker import Worker
+
+    settings = settings.model_copy(update={"index_kind": "hnsw", "hnsw_m": 8})
+    store = VectorStore(redis_client, settings)
+    worker = Worker(settings, store)
+    v = _vectors(1000)
+    ids = [f"i{j}" for j in range(1000)]
+    store.put_item_snapshot(ItemSnapshot(1, ids, v))
+    assert worker.refresh()
+    store.put_item_snapshot(ItemSnapshot(2, ids + ["new"], np.vstack([v * 1.01, v[:1] * 9])))
+    assert worker.refresh()
+    loaded = worker.state.loaded
+    assert loaded.version == 2 and isinstance(loaded.index, FreshGraphIndex)
+    (hits,) = loaded.search_excluding(v[:1], 5, [set()])
+    assert hits[0][0] == 1000  # the new item, not in the graph, found and scored exactly
+    assert abs(hits[0][1] - float(v[0] @ (v[0] * 9))) < 1e-3 * abs(hits[0][1])
