@@ -358,6 +358,7 @@ class Worker:
                 # rebuilt in the background when stale: see serving/graph.py.
                 loaded = LoadedIndex(snapshot,
                                      self._graphs.index_for(snapshot.item_ids, snapshot.vectors))
+                _ = snapshot.row_of  # the id -> row map now, not on the first request
             else:
                 loaded = LoadedIndex.build(snapshot, "flat")
             blob = snapshot.extra.get("context")

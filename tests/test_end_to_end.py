@@ -12,10 +12,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 
 from fmstream.app import run_trainer, run_worker
 from fmstream.settings import Settings
 from serving.client import FmClient
+from serving.store import VectorStore
 from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
@@ -67,13 +69,18 @@ def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
     producer.close()
 
     users = [f"u{n}" for n in range(0, 300, 15)]
-    with FmClient(settings) as client:
-        def trained():
-            r = client.request({"type": "u2i", "user_id": users[0], "k": 10}, timeout=10)
-            return r if r.error is None and r.model_version and r.model_version > 3 else None
+    store = VectorStore(redis.Redis.from_url(settings.redis_url), settings)
+    _wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 20_000, 120,
+              "the trainer to apply the whole stream")
+    time.sleep(1.5)  # the next publish cycle covers the last batch
 
-        _wait_for(trained, 120, "a trained model to be served")
-        time.sleep(3)  # let the trainer finish the stream and publish
+    def served_newest() -> bool:
+        newest = int(store.get_status().get("model_version", 0))
+        served = store.worker_versions().values()
+        return bool(served) and min(served) >= newest
+
+    _wait_for(served_newest, 60, "the worker to serve the newest snapshot")
+    with FmClient(settings) as client:
         responses = client.request_many(
             [{"type": "u2i", "user_id": u, "k": 10} for u in users], timeout=20)
     same = total = 0
