@@ -239,3 +239,26 @@ def synthetic_profiles(n_users: int, n_items: int, seed: int = 0) -> SyntheticPr
     pop = 1.0 / np.arange(1, n_items + 1) ** 0.9
     pop = rng.permutation(pop / pop.sum())
     return SyntheticProfiles(user_ids, item_ids, user_feats, item_feats, pop)
+
+
+def request_io(settings, client_id: str):
+    """A producer for requests and a group-less consumer at the end of every reply partition.
+
+    The benches drive request/reply without threads (unlike ``serving.client.FmClient``) so
+    that their own timing overhead stays out of the measured latency.
+    """
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.structs import TopicPartition
+
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                             linger_ms=0, client_id=client_id)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                             enable_auto_commit=False, fetch_max_wait_ms=100, fetch_min_bytes=1,
+                             client_id=client_id)
+    parts = consumer.partitions_for_topic(settings.topic_responses)
+    tps = [TopicPartition(settings.topic_responses, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)  # resolve now, so no early reply is missed
+    return producer, consumer

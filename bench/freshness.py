@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/freshness.py`
     sys.path.insert(0, str(ROOT))
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
-from bench.common import print_table, record, summary_line  # noqa: E402
+from bench.common import print_table, record, request_io, summary_line  # noqa: E402
 from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers  # noqa: E402
 from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
@@ -116,26 +116,7 @@ class Loop:
         self.users = users
         self.items = items
         self.rng = np.random.default_rng(0)
-        self.producer = KafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            acks="all",
-            linger_ms=0,
-            client_id="bench-freshness",
-        )
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=100,
-            fetch_min_bytes=1,
-            client_id="bench-freshness",
-        )
-        parts = self.consumer.partitions_for_topic(settings.topic_responses)
-        tps = [TopicPartition(settings.topic_responses, p) for p in sorted(parts)]
-        self.consumer.assign(tps)
-        self.consumer.seek_to_end(*tps)
-        for tp in tps:
-            self.consumer.position(tp)
+        self.producer, self.consumer = request_io(settings, "bench-freshness")
         self.prefix = uuid.uuid4().hex[:8]
         self.n = 0
         self.inflight: dict[bytes, float] = {}  # load request id -> sent
