@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -137,11 +137,3 @@ def decode_records(
 def flatten(polled: dict) -> list[ConsumerRecord]:
     """The records of one ``poll()`` result in partition order."""
     return [r for batch in polled.values() for r in batch]
-
-
-def produce_json(
-    producer: KafkaProducer, topic: str, messages: Sequence[dict], key_field: str
-) -> None:
-    """Send JSON messages keyed by ``message[key_field]`` (no flush)."""
-    for message in messages:
-        producer.send(topic, key=str(message[key_field]).encode(), value=dumps(message))
