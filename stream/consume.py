@@ -63,6 +63,23 @@ class Decoded(Generic[M]):
     record: ConsumerRecord
 
 
+def dead_letter_for(
+    record: ConsumerRecord, stage: str, error: BaseException, reason: str
+) -> DeadLetter:
+    """The dead-letter record of ``record``: its bytes, where it came from, and why."""
+    return DeadLetter(
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        source_timestamp_ms=record.timestamp,
+        stage=stage,  # type: ignore[arg-type]
+        error_class=type(error).__name__,
+        reason=reason[:2000],
+        key=record.key.decode("utf-8", "replace") if record.key else None,
+        value_b64=base64.b64encode(record.value or b"").decode("ascii"),
+    )
+
+
 class DeadLetters:
     """Sends unusable messages to the dead-letter topic; :meth:`flush` waits for the acks."""
 
@@ -74,18 +91,7 @@ class DeadLetters:
 
     def send(self, record: ConsumerRecord, stage: str, error: BaseException, reason: str) -> None:
         """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
-        key = record.key.decode("utf-8", "replace") if record.key else None
-        letter = DeadLetter(
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            source_timestamp_ms=record.timestamp,
-            stage=stage,
-            error_class=type(error).__name__,
-            reason=reason[:2000],
-            key=key,
-            value_b64=base64.b64encode(record.value or b"").decode("ascii"),
-        )
+        letter = dead_letter_for(record, stage, error, reason)
         self._pending.append(self._producer.send(self._topic, key=record.key, value=dumps(letter)))
         self.count += 1
         log.warning(

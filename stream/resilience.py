@@ -24,7 +24,6 @@ The trainer's rules (README "Trainer guarantees"):
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections import deque
@@ -37,7 +36,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 from serving.lease import LeaseLost
-from stream.schemas import DeadLetter, dumps
+from stream.consume import dead_letter_for
+from stream.schemas import dumps
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,7 @@ class DeadLetterOutbox:
 
     def send(self, record: ConsumerRecord, stage: str, error: BaseException, reason: str) -> None:
         """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
-        key = record.key.decode("utf-8", "replace") if record.key else None
-        letter = DeadLetter(
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            source_timestamp_ms=record.timestamp,
-            stage=stage,  # type: ignore[arg-type]
-            error_class=type(error).__name__,
-            reason=reason[:2000],
-            key=key,
-            value_b64=base64.b64encode(record.value or b"").decode("ascii"),
-        )
+        letter = dead_letter_for(record, stage, error, reason)
         entry = [record.key, dumps(letter), None]
         self._send(entry)
         self._pending.append(entry)

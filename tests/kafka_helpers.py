@@ -217,3 +217,15 @@ def delete_topics(target: Target, topics: Iterable[str], *, timeout_s: float = 5
         doomed = [name for name in names if name in present]
         if doomed:
             admin.delete_topics(doomed, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
+             poll_s: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -21,6 +21,7 @@ from serving.store import VectorStore
 from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
+from tests.kafka_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,15 +51,6 @@ def loop(settings: Settings) -> Iterator[Settings]:
         t.join(60)
 
 
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
     settings = loop
@@ -70,7 +62,7 @@ def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
 
     users = [f"u{n}" for n in range(0, 300, 15)]
     store = VectorStore(redis.Redis.from_url(settings.redis_url), settings)
-    _wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 20_000, 120,
+    wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 20_000, 120,
               "the trainer to apply the whole stream")
     time.sleep(1.5)  # the next publish cycle covers the last batch
 
@@ -79,7 +71,7 @@ def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
         served = store.worker_versions().values()
         return bool(served) and min(served) >= newest
 
-    _wait_for(served_newest, 60, "the worker to serve the newest snapshot")
+    wait_for(served_newest, 60, "the worker to serve the newest snapshot")
     with FmClient(settings) as client:
         responses = client.request_many(
             [{"type": "u2i", "user_id": u, "k": 10} for u in users], timeout=20)
@@ -121,7 +113,7 @@ def test_kcat_events_and_requests_are_answered(loop: Settings) -> None:
                     return resp
         return None
 
-    resp = _wait_for(answered, 90, "kcat's request to be answered")
+    resp = wait_for(answered, 90, "kcat's request to be answered")
     assert resp["request_id"] == rid
     assert len(resp["items"]) == 5
     assert all(i["item_id"].startswith("x") for i in resp["items"])

@@ -36,7 +36,7 @@ from stream.consume import make_producer
 from stream.lag import PartitionLag
 from stream.replay import produce_events
 from stream.synthetic import SyntheticStream
-from tests.kafka_helpers import KafkaIO
+from tests.kafka_helpers import KafkaIO, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAM = SyntheticStream(users=100, items=50, clusters=4, seed=5)
@@ -282,15 +282,6 @@ def _value(metrics: dict, name: str, **labels: str) -> float:
     return metrics[(name, tuple(sorted(labels.items())))]
 
 
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def _kafka_describe(settings: Settings, *groups: str) -> dict[tuple[str, str, int], dict]:
     """``kafka-consumer-groups --describe`` from the broker's own jars, parsed."""
@@ -346,7 +337,7 @@ def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io
         return m if done and all(lags[(s.topic_events, p)] == 0
                                  for p in range(s.partitions_events)) else None
 
-    m = _wait_for(caught_up, 60, "the trainer to apply and commit 1000 events")
+    m = wait_for(caught_up, 60, "the trainer to apply and commit 1000 events")
     assert _value(m, "kafka_consumergroup_lag_sum", consumergroup=s.trainer_group,
                   topic=s.topic_events) == 0
     assert sum(_value(m, "kafka_consumergroup_current_offset", consumergroup=s.trainer_group,
@@ -373,7 +364,7 @@ def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io
               and wl and all(v == 0 for v in wl.values()))
         return (mt, mw) if ok else None
 
-    _wait_for(quiescent, 60, "trainer lag 300 and a caught-up worker")
+    wait_for(quiescent, 60, "trainer lag 300 and a caught-up worker")
     tool = _kafka_describe(s, s.trainer_group, s.serving_group)
     mt, mw = _scrape(tport), _scrape(wport)  # quiescent: nothing moved since the tool ran
 
