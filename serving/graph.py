@@ -92,6 +92,27 @@ class GraphKeeper:
             self._rebuild_in_background(list(item_ids), np.array(vectors, copy=True))
         return FreshGraphIndex(graph, vectors)
 
+    def fresh_for(
+        self, item_ids: Sequence[str], vectors: np.ndarray, *, appended_only: bool = False
+    ) -> FreshGraphIndex:
+        """Like :meth:`index_for`, but always an index that re-scores on ``vectors`` itself,
+        so the caller may later overwrite rows of ``vectors`` in place (delta apply).
+
+        ``appended_only``: the caller guarantees ``item_ids`` only grew at the end since the
+        ids of the current graph were checked, so the O(n) prefix check is skipped.
+        """
+        with self._lock:
+            graph, graph_ids, built_at = self._graph, self._graph_ids, self._built_at
+        fits = graph is not None and len(graph_ids) <= len(item_ids) and (
+            appended_only or _is_prefix(graph_ids, item_ids)
+        )
+        if not fits:
+            graph = self._build(list(item_ids), np.array(vectors, copy=True))
+        elif time.monotonic() - built_at > self.rebuild_after_s:
+            self._rebuild_in_background(list(item_ids), np.array(vectors, copy=True))
+        assert graph is not None
+        return FreshGraphIndex(graph, vectors)
+
     def _build(self, item_ids: list[str], vectors: np.ndarray) -> HnswIndex:
         graph = HnswIndex(vectors, m=self.m, ef_search=self.ef_search)
         with self._lock:

@@ -177,6 +177,31 @@ class FlatIndex(ItemIndex):
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self._index.search(queries, k)
 
+    def vectors(self) -> np.ndarray:
+        """The stored vectors as a float32 ``(ntotal, d)`` view of faiss' own memory (no copy).
+
+        The view stays valid until the next :meth:`append` (which may move the storage).
+        """
+        n, d = self.ntotal, self.dim
+        if n == 0:
+            return np.zeros((0, d), dtype=np.float32)
+        return faiss.rev_swig_ptr(self._index.get_xb(), n * d).reshape(n, d)
+
+    def set_rows(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Overwrite rows in place (O(changed rows)). Not safe while another thread searches."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        if rows.min() < 0 or rows.max() >= self.ntotal:
+            raise IndexInputError(f"set_rows: rows must lie in [0, {self.ntotal})")
+        self.vectors()[rows] = as_matrix(vectors, name="row vectors", dim=self.dim)
+
+    def append(self, vectors: np.ndarray) -> None:
+        """Add rows at the end (rows ``ntotal ..``). Not safe while another thread searches."""
+        xb = as_matrix(vectors, name="new vectors", dim=self.dim)
+        if xb.shape[0]:
+            self._index.add(xb)
+
 
 class HnswIndex(ItemIndex):
     """Approximate inner-product search (``faiss.IndexHNSWFlat``, ``METRIC_INNER_PRODUCT``).

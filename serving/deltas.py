@@ -1,0 +1,306 @@
+"""Item deltas: the rows that changed between two published versions, and how they are stored.
+
+A delta ``v`` turns version ``v - 1`` into version ``v``: it carries the ids and new vectors of the
+items whose vector changed (items the base does not hold are new and are appended, in order),
+the global bias of ``v`` and the opaque blobs (``extra``, e.g. the context table) that changed.
+Items are never removed by a delta (the model's catalogue only grows); a publisher that must drop
+or reorder items writes a full snapshot instead.
+
+Redis layout (beside the full snapshots of :mod:`serving.store`):
+
+========================== ======= =====================================================
+key                        type    value
+========================== ======= =====================================================
+``items:delta:{v}``        string  one encoded delta (:func:`encode_delta`), base ``v - 1``
+``items:deltas``           zset    delta versions written (score = version)
+========================== ======= =====================================================
+
+``items:current`` names the newest version, reached by a full snapshot or by a delta. A reader at
+version ``c`` follows deltas ``c+1 .. current``; when one is missing (retention, Redis loss) it
+loads the newest full snapshot and the deltas after it.
+
+Retention: a delta is kept while it is newer than the oldest full snapshot kept (so every kept
+full snapshot can be brought to the head), and at most ``keep_deltas`` of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from serving.errors import IndexInputError, SnapshotCorrupt
+
+logger = logging.getLogger(__name__)
+
+DELTA_MAGIC = b"FMDELTA1"
+_HEAD = struct.Struct("<I")  # length of the JSON header that follows the magic
+
+
+@dataclass(frozen=True, eq=False)
+class ItemDelta:
+    """Changed rows from version ``version - 1`` to ``version``.
+
+    Attributes:
+        version: the version this delta produces (its base is ``version - 1``).
+        item_ids: ids of the changed or new items (each at most once).
+        vectors: float32 ``(m, d)``, the new vector of each id.
+        bias: the global bias of ``version``.
+        extra: blobs replaced at this version (absent names keep their previous value).
+        created_at: publisher wall-clock time, seconds since epoch.
+    """
+
+    version: int
+    item_ids: list[str]
+    vectors: np.ndarray
+    bias: float = 0.0
+    extra: dict[str, bytes] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        vectors = np.asarray(self.vectors)
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise IndexInputError(
+                f"delta v{self.version}: expected float32 (m, d) vectors, got {vectors.dtype} "
+                f"{vectors.shape}"
+            )
+        if len(self.item_ids) != vectors.shape[0]:
+            raise IndexInputError(
+                f"delta v{self.version}: {len(self.item_ids)} ids for {vectors.shape[0]} vectors"
+            )
+        object.__setattr__(self, "vectors", vectors)
+
+    @property
+    def base(self) -> int:
+        """The version this delta applies to."""
+        return self.version - 1
+
+    @property
+    def n(self) -> int:
+        """Number of changed rows."""
+        return int(self.vectors.shape[0])
+
+
+def encode_delta(delta: ItemDelta) -> bytes:
+    """One self-checking value: magic, header length, JSON header, ids, vectors, extras."""
+    ids = orjson.dumps(list(delta.item_ids))
+    vec = np.ascontiguousarray(delta.vectors, dtype="<f4").tobytes()
+    names = sorted(delta.extra)
+    digest = hashlib.sha256(ids)
+    digest.update(vec)
+    for name in names:
+        digest.update(delta.extra[name])
+    header = orjson.dumps(
+        {
+            "version": int(delta.version),
+            "n": delta.n,
+            "dim": int(delta.vectors.shape[1]),
+            "bias": float(delta.bias),
+            "ids_bytes": len(ids),
+            "vector_bytes": len(vec),
+            "extra": {name: len(delta.extra[name]) for name in names},
+            "created_at": float(delta.created_at),
+            "sha256": digest.hexdigest(),
+        }
+    )
+    parts = [DELTA_MAGIC, _HEAD.pack(len(header)), header, ids, vec]
+    parts += [delta.extra[name] for name in names]
+    return b"".join(parts)
+
+
+def decode_delta(raw: bytes, version: int) -> ItemDelta:
+    """Inverse of :func:`encode_delta`, checked.
+
+    Raises:
+        SnapshotCorrupt: not a delta, truncated, another version than ``version``, or the
+            checksum does not match.
+    """
+    start = len(DELTA_MAGIC) + _HEAD.size
+    if len(raw) < start or raw[: len(DELTA_MAGIC)] != DELTA_MAGIC:
+        raise SnapshotCorrupt(
+            f"item delta v{version}: not an fmstream delta ({len(raw)} bytes); republish"
+        )
+    (hlen,) = _HEAD.unpack_from(raw, len(DELTA_MAGIC))
+    try:
+        h = orjson.loads(raw[start : start + hlen])
+        n, dim, ids_len, vec_len = h["n"], h["dim"], h["ids_bytes"], h["vector_bytes"]
+        extra_sizes: Mapping[str, int] = h["extra"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SnapshotCorrupt(f"item delta v{version}: bad header ({exc})") from None
+    if h.get("version") != version or vec_len != n * dim * 4:
+        raise SnapshotCorrupt(
+            f"item delta v{version}: header says version {h.get('version')}, {n} x {dim} in "
+            f"{vec_len} bytes; expected version {version} and n * dim * 4 bytes"
+        )
+    pos = start + hlen
+    ids_raw = raw[pos : pos + ids_len]
+    pos += ids_len
+    vec_raw = raw[pos : pos + vec_len]
+    pos += vec_len
+    extra: dict[str, bytes] = {}
+    for name in sorted(extra_sizes):
+        extra[name] = raw[pos : pos + extra_sizes[name]]
+        pos += extra_sizes[name]
+    digest = hashlib.sha256(ids_raw)
+    digest.update(vec_raw)
+    for name in sorted(extra):
+        digest.update(extra[name])
+    if pos != len(raw) or digest.hexdigest() != h.get("sha256"):
+        raise SnapshotCorrupt(
+            f"item delta v{version}: {len(raw)} bytes do not match the header (size or sha256); "
+            "reload the full snapshot"
+        )
+    try:
+        ids = orjson.loads(ids_raw)
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotCorrupt(f"item delta v{version}: ids are not JSON ({exc})") from None
+    if not isinstance(ids, list) or len(ids) != n:
+        raise SnapshotCorrupt(f"item delta v{version}: expected a list of {n} ids")
+    vectors = np.frombuffer(vec_raw, dtype="<f4").astype(np.float32, copy=True).reshape(n, dim)
+    return ItemDelta(
+        version=version,
+        item_ids=[str(i) for i in ids],
+        vectors=vectors,
+        bias=float(h["bias"]),
+        extra=extra,
+        created_at=float(h["created_at"]),
+    )
+
+
+def plan_delta(
+    row_of: Mapping[str, int], item_ids: Sequence[str], n_rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Where each row of a delta goes in an index of ``n_rows`` rows mapped by ``row_of``.
+
+    Returns:
+        ``(rows, changed, new, new_ids)``: ``rows`` int64, the index row of each delta row
+        (existing rows, or ``n_rows, n_rows + 1, ...`` for new items in delta order);
+        ``changed`` / ``new``: positions in the delta of updated / appended rows;
+        ``new_ids``: the appended ids, in order.
+
+    Raises:
+        IndexInputError: an id appears twice in the delta.
+    """
+    get = row_of.get
+    m = len(item_ids)
+    rows = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=m)
+    new = np.flatnonzero(rows < 0)
+    new_ids = [item_ids[j] for j in new.tolist()]
+    if len(set(new_ids)) != len(new_ids):
+        raise IndexInputError("delta: an item id appears twice among the new items")
+    rows[new] = n_rows + np.arange(new.size, dtype=np.int64)
+    changed = np.flatnonzero(rows < n_rows)
+    if np.unique(rows[changed]).size != changed.size:
+        raise IndexInputError("delta: an item id appears twice among the changed items")
+    return rows, changed, new, new_ids
+
+
+def delta_rows(
+    ids: Sequence[str], vectors: np.ndarray, last: Mapping[str, int], last_vectors: np.ndarray
+) -> np.ndarray:
+    """Positions of ``ids`` whose vector differs from the last published one (or is new).
+
+    ``last`` maps an id to its row in ``last_vectors``. Bit-exact comparison: a delta carries
+    every change, however small, so a worker's index equals the model's at each version.
+    """
+    m = len(ids)
+    rows = np.fromiter((last.get(i, -1) for i in ids), dtype=np.int64, count=m)
+    known = rows >= 0
+    diff = ~known
+    if known.any():
+        old = last_vectors[rows[known]]
+        diff[known] = (old != vectors[known]).any(axis=1)
+    return np.flatnonzero(diff)
+
+
+class DeltaLog:
+    """The deltas of one deployment in Redis (``items:delta:{v}``, ``items:deltas``).
+
+    Args:
+        store: a :class:`serving.store.VectorStore` (its client and key prefix are used).
+        keep: most deltas kept (the oldest are dropped first).
+    """
+
+    def __init__(self, store, keep: int = 600) -> None:
+        if keep < 1:
+            raise IndexInputError(f"keep_deltas must be >= 1, got {keep}")
+        self.store = store
+        self.redis = store.redis
+        self.keep = int(keep)
+        from serving.store import _CAS_FORWARD  # the same forward-only pointer script
+
+        self._cas_forward = self.redis.register_script(_CAS_FORWARD)
+
+    def key(self, version: int) -> str:
+        return self.store.key("items", "delta", int(version))
+
+    def versions(self) -> list[int]:
+        """Delta versions in Redis, ascending."""
+        return [int(v) for v in self.redis.zrange(self.store.key("items", "deltas"), 0, -1)]
+
+    def put(self, delta: ItemDelta, *, move_pointer: bool = True) -> bool:
+        """Write delta ``v`` and (by default) move ``items:current`` forward to ``v``.
+
+        Returns:
+            True when the pointer now names ``v`` (always False with ``move_pointer=False``).
+        """
+        v = int(delta.version)
+        blob = encode_delta(delta)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.key(v), blob)
+        pipe.zadd(self.store.key("items", "deltas"), {str(v): v})
+        pipe.execute()
+        moved = False
+        if move_pointer:
+            moved = bool(self._cas_forward(keys=[self.store.key("items", "current")], args=[v]))
+            if not moved:
+                logger.warning("item delta v%d written but Redis points at a newer version", v)
+        self.trim()
+        logger.debug("item delta v%d: %d rows, %d bytes", v, delta.n, len(blob))
+        return moved
+
+    def trim(self) -> int:
+        """Drop deltas not newer than the oldest full snapshot kept, and beyond ``keep``."""
+        versions = self.versions()
+        fulls = self.store.item_versions()
+        floor = fulls[0] if fulls else None
+        drop = [v for v in versions if floor is not None and v <= floor]
+        rest = [v for v in versions if floor is None or v > floor]
+        drop += rest[: max(0, len(rest) - self.keep)]
+        if drop:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.unlink(*(self.key(v) for v in drop))
+            pipe.zrem(self.store.key("items", "deltas"), *(str(v) for v in drop))
+            pipe.execute()
+        return len(drop)
+
+    def get(self, first: int, last: int) -> list[ItemDelta] | None:
+        """Deltas ``first .. last`` in order, or None when any of them is not in Redis.
+
+        Raises:
+            SnapshotCorrupt: a delta is present but does not decode.
+        """
+        if last < first:
+            return []
+        wanted = list(range(int(first), int(last) + 1))
+        raw = self.redis.mget([self.key(v) for v in wanted])
+        if any(r is None for r in raw):
+            return None
+        return [decode_delta(r, v) for r, v in zip(raw, wanted, strict=True)]
+
+
+__all__ = [
+    "DELTA_MAGIC",
+    "DeltaLog",
+    "ItemDelta",
+    "decode_delta",
+    "delta_rows",
+    "encode_delta",
+    "plan_delta",
+]

@@ -1,0 +1,367 @@
+"""Following the published item versions: full snapshot once, then deltas applied in place.
+
+:class:`IndexFollower` owns what a worker answers from. It loads the newest full snapshot, then
+applies deltas ``v+1, v+2, ...`` in order. Each delta is applied in place (changed rows
+overwritten, new items appended) to one of two copies of the index, the *standby* one, which
+no request is using; then the two swap roles with one reference assignment and the delta is
+applied to the other copy the next time. So a delta costs O(changed rows) twice, never a rebuild,
+and a batch that pinned a state (:meth:`IndexFollower.pinned`) sees one version throughout.
+
+Falls back to a full reload when a delta is missing (retention, Redis lost it), when the store's
+version went backwards (a trainer restarted without its version), or a delta does not check out.
+When Redis holds no version at all (``FLUSHALL``), it keeps serving what it has and reloads as
+soon as the publisher republishes (:attr:`IndexFollower.store_lost` says so meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.compose import ContextTable
+from model.errors import SnapshotError as ModelSnapshotError
+from serving.deltas import DeltaLog, ItemDelta, plan_delta
+from serving.errors import SnapshotError
+from serving.graph import GraphKeeper
+from serving.index import FlatIndex, IndexKind, ItemIndex, ItemSnapshot, LoadedIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What one batch of requests is answered from: swapped as a single reference."""
+
+    loaded: LoadedIndex
+    context: ContextTable | None
+
+    @property
+    def version(self) -> int:
+        return self.loaded.snapshot.version
+
+
+class _Copy:
+    """One mutable copy of the item side: ids, id -> row, vectors and their index.
+
+    Mutated only while no reader holds it (the follower guarantees that).
+    """
+
+    def __init__(self, snapshot: ItemSnapshot, kind: IndexKind, graphs: GraphKeeper | None) -> None:
+        self.kind = kind
+        self.graphs = graphs
+        self.ids: list[str] = list(snapshot.item_ids)
+        self.row_of: dict[str, int] = dict(snapshot.row_of)
+        self.version = snapshot.version
+        self.bias = float(snapshot.bias)
+        self.extra = dict(snapshot.extra)
+        self.created_at = snapshot.created_at
+        self.readers = 0
+        self._flat: FlatIndex | None = None
+        self._buf: np.ndarray | None = None
+        if kind == "flat":
+            self._flat = FlatIndex(snapshot.vectors)
+        else:
+            self._buf = np.array(snapshot.vectors, dtype=np.float32, copy=True)
+        self._index = self._make_index(appended_only=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def vectors(self) -> np.ndarray:
+        if self._flat is not None:
+            return self._flat.vectors()
+        assert self._buf is not None
+        return self._buf[: self.n]
+
+    def _make_index(self, *, appended_only: bool) -> ItemIndex:
+        if self._flat is not None:
+            return self._flat
+        assert self.graphs is not None
+        return self.graphs.fresh_for(self.ids, self.vectors(), appended_only=appended_only)
+
+    def apply(self, delta: ItemDelta) -> None:
+        """Apply ``delta`` (base == this copy's version) in place."""
+        if delta.base != self.version:
+            raise SnapshotError(
+                f"delta v{delta.version} applies to v{delta.base}, this copy holds "
+                f"v{self.version}; reload the full snapshot"
+            )
+        if delta.n and delta.vectors.shape[1] != self.vectors().shape[1]:
+            raise SnapshotError(
+                f"delta v{delta.version}: width {delta.vectors.shape[1]}, index width "
+                f"{self.vectors().shape[1]}; reload the full snapshot"
+            )
+        rows, changed, new, new_ids = plan_delta(self.row_of, delta.item_ids, self.n)
+        if self._flat is not None:
+            self._flat.set_rows(rows[changed], delta.vectors[changed])
+            self._flat.append(delta.vectors[new])
+        else:
+            assert self._buf is not None
+            self._buf[rows[changed]] = delta.vectors[changed]
+            need = self.n + new.size
+            if need > self._buf.shape[0]:
+                grown = np.empty(
+                    (max(need, self._buf.shape[0] * 2), self._buf.shape[1]), dtype=np.float32
+                )
+                grown[: self.n] = self._buf[: self.n]
+                self._buf = grown
+            self._buf[self.n : need] = delta.vectors[new]
+        start = self.n
+        self.ids.extend(new_ids)
+        self.row_of.update(zip(new_ids, range(start, start + len(new_ids)), strict=True))
+        self.version = delta.version
+        self.bias = float(delta.bias)
+        self.extra.update(delta.extra)
+        self.created_at = delta.created_at
+        self._index = self._make_index(appended_only=True)
+
+    def loaded(self) -> LoadedIndex:
+        """A frozen view of this copy's current version (shares its arrays: read while held)."""
+        snapshot = ItemSnapshot(
+            version=self.version,
+            item_ids=self.ids,
+            vectors=self.vectors(),
+            bias=self.bias,
+            extra=self.extra,
+            created_at=self.created_at,
+        )
+        snapshot.__dict__["row_of"] = self.row_of  # cached_property: the live map, no rebuild
+        return LoadedIndex(snapshot, self._index)
+
+
+@dataclass
+class _Held:
+    copy: _Copy
+    state: ServingState
+
+
+class IndexFollower:
+    """Keeps the newest published item version, applying deltas in place.
+
+    The worker uses three things: :meth:`pinned` around answering a batch, :meth:`current` for
+    reporting, and :meth:`run` on a background thread (or :meth:`refresh` from tests).
+
+    Args:
+        store: the :class:`serving.store.VectorStore` to read.
+        kind: ``"flat"`` (exact) or ``"hnsw"`` (graph candidates, exact re-scoring).
+        graphs: the HNSW graph keeper (required for ``"hnsw"``).
+        poll_s: how often :meth:`run` looks for a new version.
+        keep_deltas: passed to the :class:`DeltaLog` (only reads here).
+    """
+
+    def __init__(
+        self,
+        store,
+        *,
+        kind: IndexKind = "flat",
+        graphs: GraphKeeper | None = None,
+        poll_s: float = 0.2,
+        on_change=None,
+    ) -> None:
+        if kind == "hnsw" and graphs is None:
+            graphs = GraphKeeper()
+        self.store = store
+        self.kind = kind
+        self.graphs = graphs
+        self.poll_s = poll_s
+        self.log = DeltaLog(store)
+        self.on_change = on_change
+        self._cond = threading.Condition()
+        self._refresh_lock = threading.Lock()
+        self._held: _Held | None = None
+        self._standby: _Copy | None = None
+        self._behind: list[ItemDelta] = []  # applied to the held copy, not to the standby
+        self._context_blob: bytes | None = None
+        self._context: ContextTable | None = None
+        self.deltas_applied = 0
+        self.full_loads = 0
+        self.last_apply_s = 0.0
+        self.store_lost = False
+        self._gap_logged: int | None = None
+
+    # --- what readers see ------------------------------------------------------------------
+
+    def current(self) -> ServingState | None:
+        """The newest state (for reporting; answer a batch inside :meth:`pinned`)."""
+        held = self._held
+        return None if held is None else held.state
+
+    @property
+    def version(self) -> int | None:
+        held = self._held
+        return None if held is None else held.state.version
+
+    @contextmanager
+    def pinned(self) -> Iterator[ServingState | None]:
+        """The newest state, guaranteed unchanged until the block ends (None before any)."""
+        with self._cond:
+            held = self._held
+            if held is not None:
+                held.copy.readers += 1
+        try:
+            yield None if held is None else held.state
+        finally:
+            if held is not None:
+                with self._cond:
+                    held.copy.readers -= 1
+                    if held.copy.readers == 0:
+                        self._cond.notify_all()
+
+    # --- following -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Refresh every ``poll_s`` until ``stop``; errors are logged, never raised."""
+        while not stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - keep serving the held version, retry next tick
+                log.exception("item index refresh failed; still serving v%s", self.version)
+            stop.wait(self.poll_s)
+
+    def refresh(self) -> bool:
+        """Move to the store's newest version if it differs. Returns True when it moved."""
+        with self._refresh_lock:
+            head = self.store.current_item_version()
+            held = self._held
+            if head is None:
+                if held is not None and not self.store_lost:
+                    log.warning(
+                        "Redis holds no item version (flushed?); serving v%d until the "
+                        "publisher republishes",
+                        held.state.version,
+                    )
+                self.store_lost = True
+                return False
+            self.store_lost = False
+            have = None if held is None else held.state.version
+            if have == head:
+                return False
+            started = time.perf_counter()
+            if have is not None and head > have:
+                deltas = self.log.get(have + 1, head)
+                if deltas is not None:
+                    try:
+                        self._advance(deltas)
+                    except SnapshotError as exc:
+                        log.warning("delta apply failed (%s); reloading the full snapshot", exc)
+                    else:
+                        self.last_apply_s = time.perf_counter() - started
+                        self._changed()
+                        return True
+                elif max((v for v in self.store.item_versions() if v <= head), default=-1) <= have:
+                    # a gap, and no full snapshot newer than what we hold: wait for one
+                    if self._gap_logged != head:
+                        log.warning(
+                            "deltas v%d..v%d are not all in Redis and no newer full "
+                            "snapshot exists; serving v%d meanwhile",
+                            have + 1,
+                            head,
+                            have,
+                        )
+                        self._gap_logged = head
+                    return False
+            elif have is not None:
+                log.warning(
+                    "the store's item version went back from v%d to v%d (trainer restarted "
+                    "without its version?); reloading",
+                    have,
+                    head,
+                )
+            moved = self._reload(head)
+            self.last_apply_s = time.perf_counter() - started
+            if moved:
+                self._changed()
+            return moved
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.current())
+
+    def _reload(self, head: int) -> bool:
+        """Load the newest full snapshot and the deltas after it (up to ``head``)."""
+        fulls = self.store.item_versions()
+        candidates = [v for v in reversed(fulls) if v <= head] or list(reversed(fulls))
+        snapshot = None
+        for v in candidates:
+            try:
+                snapshot = self.store.load_item_snapshot(v)
+                break
+            except SnapshotError as exc:
+                log.warning("full snapshot v%d unusable (%s); trying an older one", v, exc)
+        if snapshot is None:
+            log.warning("no usable full item snapshot in Redis for v%d yet; retrying", head)
+            return False
+        held, standby = _Copy(snapshot, self.kind, self.graphs), None
+        deltas = self.log.get(snapshot.version + 1, head) if head > snapshot.version else []
+        for delta in deltas or []:
+            held.apply(delta)
+            self.deltas_applied += 1
+        # the standby copy: built from the same snapshot (+ deltas) so both hold one version
+        standby = _Copy(snapshot, self.kind, self.graphs)
+        for delta in deltas or []:
+            standby.apply(delta)
+        with self._cond:
+            self._held = _Held(held, self._state_of(held))
+            self._standby = standby
+            self._behind = []
+        self.full_loads += 1
+        log.info(
+            "loaded full item snapshot v%d (%d items) and %d delta(s): serving v%d",
+            snapshot.version,
+            held.n,
+            len(deltas or []),
+            held.version,
+        )
+        return True
+
+    def _advance(self, deltas: list[ItemDelta]) -> None:
+        """Apply ``deltas`` to the standby copy (waiting for its readers), then swap."""
+        standby = self._standby
+        held = self._held
+        assert standby is not None and held is not None
+        blob = next((d.extra["context"] for d in reversed(deltas) if "context" in d.extra), None)
+        if blob is not None:
+            self._parse_context(blob)  # before anything changes: a bad blob changes nothing
+        with self._cond:
+            while not self._cond.wait_for(lambda: standby.readers == 0, timeout=5.0):
+                log.warning(
+                    "a batch has held v%d for over 5 s; waiting to update it", standby.version
+                )
+        for delta in (*self._behind, *deltas):
+            if delta.version > standby.version:
+                standby.apply(delta)
+        state = self._state_of(standby)
+        with self._cond:
+            self._held = _Held(standby, state)  # the swap: one reference
+            self._standby = held.copy
+            self._behind = list(deltas)
+        self.deltas_applied += len(deltas)
+
+    def _parse_context(self, blob: bytes | None) -> ContextTable | None:
+        """The context table of ``blob`` (parsed once per distinct blob).
+
+        Raises:
+            SnapshotError: the blob is not a context table.
+        """
+        if blob is None or blob == b"":
+            return None
+        if blob is not self._context_blob and blob != self._context_blob:
+            try:
+                self._context = ContextTable.from_bytes(blob)
+            except ModelSnapshotError as exc:
+                raise SnapshotError(f"context table: {exc}") from None
+        self._context_blob = blob
+        return self._context
+
+    def _state_of(self, copy: _Copy) -> ServingState:
+        return ServingState(copy.loaded(), self._parse_context(copy.extra.get("context")))
+
+
+__all__ = ["IndexFollower", "ServingState"]

@@ -1,0 +1,149 @@
+"""Delta logic without I/O: encoding, planning, in-place apply == a full build of that version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.deltas import ItemDelta, decode_delta, delta_rows, encode_delta, plan_delta
+from serving.errors import IndexInputError, SnapshotCorrupt, SnapshotError
+from serving.follow import _Copy
+from serving.graph import GraphKeeper
+from serving.index import FlatIndex, ItemSnapshot
+
+DIM = 6
+
+
+def delta(version: int, ids: list[str], seed: int = 0, **kw) -> ItemDelta:
+    rng = np.random.default_rng(seed)
+    return ItemDelta(version, ids, rng.standard_normal((len(ids), DIM)).astype(np.float32), **kw)
+
+
+def test_encode_decode_round_trip() -> None:
+    d = delta(
+        7, ["a", "b-é", "c"], bias=0.5, extra={"context": b"\x00ctx", "z": b""}, created_at=123.25
+    )
+    back = decode_delta(encode_delta(d), 7)
+    assert back.version == 7 and back.base == 6 and back.item_ids == ["a", "b-é", "c"]
+    np.testing.assert_array_equal(back.vectors, d.vectors)
+    assert back.bias == 0.5 and back.extra == {"context": b"\x00ctx", "z": b""}
+    assert back.created_at == 123.25
+    empty = decode_delta(encode_delta(ItemDelta(3, [], np.zeros((0, DIM), np.float32))), 3)
+    assert empty.n == 0
+
+
+def test_decode_rejects_corrupt_truncated_and_wrong_version() -> None:
+    raw = encode_delta(delta(2, ["a", "b"]))
+    with pytest.raises(SnapshotCorrupt, match="expected version 3"):
+        decode_delta(raw, 3)
+    with pytest.raises(SnapshotCorrupt, match="do not match"):
+        decode_delta(raw[:-1], 2)
+    flipped = bytearray(raw)
+    flipped[-1] ^= 1
+    with pytest.raises(SnapshotCorrupt, match="sha256"):
+        decode_delta(bytes(flipped), 2)
+    with pytest.raises(SnapshotCorrupt, match="not an fmstream delta"):
+        decode_delta(b"junk", 2)
+
+
+def test_delta_validates_shapes() -> None:
+    with pytest.raises(IndexInputError, match="2 ids for 1 vectors"):
+        ItemDelta(1, ["a", "b"], np.zeros((1, DIM), np.float32))
+    with pytest.raises(IndexInputError, match="float32"):
+        ItemDelta(1, ["a"], np.zeros((1, DIM), np.float64))
+
+
+def test_plan_delta_updates_known_rows_and_appends_new_ones_in_order() -> None:
+    row_of = {"a": 0, "b": 1, "c": 2}
+    rows, changed, new, new_ids = plan_delta(row_of, ["c", "x", "a", "y"], 3)
+    assert rows.tolist() == [2, 3, 0, 4]
+    assert changed.tolist() == [0, 2] and new.tolist() == [1, 3] and new_ids == ["x", "y"]
+    with pytest.raises(IndexInputError, match="twice"):
+        plan_delta(row_of, ["x", "x"], 3)
+    with pytest.raises(IndexInputError, match="twice"):
+        plan_delta(row_of, ["a", "a"], 3)
+
+
+def test_delta_rows_finds_exactly_the_changed_and_new_ids() -> None:
+    last = {"a": 0, "b": 1, "c": 2}
+    last_vectors = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
+    now = last_vectors[[2, 0, 1]].copy()  # same vectors, another order
+    now[1, 3] += 1e-7 * now[1, 3] + 1e-6  # "a" moved by a tiny amount: still a change
+    ids = ["c", "a", "b", "new"]
+    vectors = np.vstack([now, np.ones((1, DIM), np.float32)])
+    assert delta_rows(ids, vectors, last, last_vectors).tolist() == [1, 3]
+
+
+def random_snapshot(version: int, n: int, seed: int) -> ItemSnapshot:
+    rng = np.random.default_rng(seed)
+    return ItemSnapshot(
+        version,
+        [f"i{j}" for j in range(n)],
+        rng.standard_normal((n, DIM)).astype(np.float32),
+        bias=float(version),
+        extra={"blob": b"v%d" % version},
+    )
+
+
+def evolve(
+    n0: int, steps: int, seed: int = 1
+) -> tuple[ItemSnapshot, list[ItemDelta], ItemSnapshot]:
+    """A base snapshot, ``steps`` deltas (changed + new items), and the full snapshot they make."""
+    rng = np.random.default_rng(seed)
+    base = random_snapshot(1, n0, seed)
+    ids = list(base.item_ids)
+    vectors = base.vectors.copy()
+    deltas = []
+    for v in range(2, 2 + steps):
+        changed = sorted(rng.choice(len(ids), size=max(1, len(ids) // 5), replace=False).tolist())
+        new = [f"n{v}-{j}" for j in range(int(rng.integers(0, 4)))]
+        d_ids = [ids[r] for r in changed] + new
+        d_vec = rng.standard_normal((len(d_ids), DIM)).astype(np.float32)
+        vectors[changed] = d_vec[: len(changed)]
+        vectors = np.vstack([vectors, d_vec[len(changed) :]])
+        ids += new
+        extra = {"blob": b"v%d" % v} if v % 2 else {}
+        deltas.append(ItemDelta(v, d_ids, d_vec, bias=float(v), extra=extra))
+    last = 1 + steps
+    full = ItemSnapshot(
+        last,
+        ids,
+        vectors,
+        bias=float(last),
+        extra={"blob": b"v%d" % (last if last % 2 else last - 1)},
+    )
+    return base, deltas, full
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_in_place_apply_equals_a_full_build_of_the_same_version(kind: str) -> None:
+    base, deltas, full = evolve(300, 12)
+    copy = _Copy(base, kind, GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None)
+    for d in deltas:
+        copy.apply(d)
+    got = copy.loaded()
+    assert got.version == full.version and got.snapshot.item_ids == full.item_ids
+    np.testing.assert_array_equal(got.snapshot.vectors, full.vectors)
+    assert got.snapshot.bias == full.bias and got.snapshot.extra == full.extra
+    assert got.snapshot.row_of == {i: r for r, i in enumerate(full.item_ids)}
+    queries = np.random.default_rng(5).standard_normal((20, DIM)).astype(np.float32)
+    exact_s, exact_r = FlatIndex(full.vectors).search(queries, 10)
+    s, r = got.search(queries, 10)
+    if kind == "flat":
+        np.testing.assert_array_equal(r, exact_r)
+        np.testing.assert_allclose(s, exact_s, rtol=1e-5)
+    else:  # exact re-scoring on the newest vectors: every returned score is the true one
+        true = np.einsum("nd,nkd->nk", queries, full.vectors[r])
+        np.testing.assert_allclose(s, true, rtol=1e-5, atol=1e-5)
+        assert (r >= 0).all()
+
+
+def test_apply_refuses_a_delta_for_another_base() -> None:
+    base, deltas, _ = evolve(50, 3)
+    copy = _Copy(base, "flat", None)
+    with pytest.raises(SnapshotError, match="applies to v2"):
+        copy.apply(deltas[1])
+    wide = ItemDelta(2, ["i0"], np.zeros((1, DIM + 1), np.float32))
+    with pytest.raises(SnapshotError, match="width"):
+        copy.apply(wide)
+    assert copy.version == 1

@@ -1,0 +1,159 @@
+"""IndexFollower against the real Redis of the test session: deltas, gaps, loss, concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import redis
+
+from fmstream.settings import Settings
+from serving.deltas import DeltaLog, ItemDelta
+from serving.follow import IndexFollower
+from serving.graph import GraphKeeper
+from serving.index import FlatIndex, ItemSnapshot
+from serving.store import VectorStore
+from tests.serving.test_deltas import evolve
+
+pytestmark = pytest.mark.integration
+
+DIM = 6
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, settings: Settings) -> VectorStore:
+    return VectorStore(redis_client, settings)
+
+
+def same(follower: IndexFollower, full: ItemSnapshot) -> None:
+    state = follower.current()
+    assert state is not None and state.version == full.version
+    snap = state.loaded.snapshot
+    assert snap.item_ids == full.item_ids
+    np.testing.assert_array_equal(snap.vectors, full.vectors)
+    assert snap.bias == full.bias
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_deltas_from_redis_equal_a_full_snapshot_of_the_same_version(
+    store: VectorStore, kind: str
+) -> None:
+    base, deltas, full = evolve(400, 10)
+    log = DeltaLog(store)
+    store.put_item_snapshot(base)
+    graphs = GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None
+    follower = IndexFollower(store, kind=kind, graphs=graphs)
+    assert follower.refresh() and follower.version == 1
+    for d in deltas[:4]:  # one at a time
+        log.put(d)
+        assert follower.refresh()
+    for d in deltas[4:]:  # several at once
+        log.put(d)
+    assert follower.refresh()
+    same(follower, full)
+    assert follower.full_loads == 1 and follower.deltas_applied == len(deltas)
+    # a fresh follower (a new worker) gets there from the full snapshot + the kept deltas
+    late = IndexFollower(store, kind=kind, graphs=graphs)
+    assert late.refresh()
+    same(late, full)
+    queries = np.random.default_rng(3).standard_normal((16, DIM)).astype(np.float32)
+    want = FlatIndex(full.vectors).search(queries, 5)[1]
+    if kind == "flat":
+        np.testing.assert_array_equal(follower.current().loaded.search(queries, 5)[1], want)
+        np.testing.assert_array_equal(late.current().loaded.search(queries, 5)[1], want)
+    # both copies (held and standby) are now at the head: one more delta applies to each
+    extra = ItemDelta(full.version + 1, ["i0"], np.ones((1, DIM), np.float32), bias=2.0)
+    log.put(extra)
+    assert follower.refresh()
+    assert follower.current().loaded.snapshot.vectors[0].tolist() == [1.0] * DIM
+    log.put(ItemDelta(full.version + 2, ["i1"], np.full((1, DIM), 2, np.float32)))
+    assert follower.refresh()
+    snap = follower.current().loaded.snapshot
+    assert snap.vectors[0].tolist() == [1.0] * DIM and snap.vectors[1].tolist() == [2.0] * DIM
+
+
+def test_a_missing_delta_means_a_full_reload_once_a_newer_snapshot_exists(
+    store: VectorStore,
+) -> None:
+    base, deltas, full = evolve(100, 6)
+    log = DeltaLog(store)
+    store.put_item_snapshot(base)
+    follower = IndexFollower(store)
+    follower.refresh()
+    for d in deltas:
+        log.put(d)
+    store.redis.unlink(log.key(3))  # a gap: retention, or Redis lost it
+    assert not follower.refresh() and follower.version == 1  # nothing newer to load yet
+    assert not follower.refresh()
+    newer = ItemSnapshot(full.version + 1, full.item_ids, full.vectors, bias=full.bias)
+    store.put_item_snapshot(newer)  # the publisher's next full snapshot
+    assert follower.refresh()
+    same(follower, newer)
+    assert follower.full_loads == 2
+
+
+def test_store_lost_then_republished_and_version_going_back(store: VectorStore) -> None:
+    base, deltas, full = evolve(100, 3)
+    store.put_item_snapshot(base)
+    follower = IndexFollower(store)
+    follower.refresh()
+    store.redis.flushall()
+    assert not follower.refresh() and follower.store_lost and follower.version == 1
+    assert follower.current() is not None  # still serving what it has
+    store.put_item_snapshot(full)  # the publisher republished everything
+    assert follower.refresh() and not follower.store_lost
+    same(follower, full)
+    # a store whose version went back (a trainer restarted without its version): follow it
+    store.redis.flushall()
+    older = ItemSnapshot(2, base.item_ids, base.vectors, bias=9.0)
+    store.put_item_snapshot(older)
+    assert follower.refresh() and follower.version == 2
+    assert follower.current().loaded.snapshot.bias == 9.0
+
+
+def test_a_pinned_batch_never_sees_two_versions(store: VectorStore) -> None:
+    """Readers pin states while deltas keep arriving; every row of version v holds the value v
+    and the index has exactly 100 + v rows: a mixed state would show another value or size."""
+    n0, versions = 100, 40
+    log = DeltaLog(store)
+    store.put_item_snapshot(
+        ItemSnapshot(1, [f"i{j}" for j in range(n0 + 1)], np.ones((n0 + 1, DIM), np.float32))
+    )
+    follower = IndexFollower(store)
+    follower.refresh()
+    stop = threading.Event()
+    bad: list[str] = []
+    seen: set[int] = set()
+    q = np.ones((4, DIM), np.float32)
+
+    def reader() -> None:
+        while not stop.is_set():
+            with follower.pinned() as state:
+                assert state is not None
+                v = state.version
+                seen.add(v)
+                snap = state.loaded.snapshot
+                first = snap.vectors.copy()
+                scores, rows = state.loaded.search(q, 8)
+                if snap.n != n0 + v or not (first == v).all() or len(snap.row_of) != n0 + v:
+                    bad.append(f"v{v}: n={snap.n} values={np.unique(first)}")
+                if not np.allclose(scores, v * DIM):
+                    bad.append(f"v{v}: scores {np.unique(scores)}")
+                if not (snap.vectors == first).all():
+                    bad.append(f"v{v}: vectors changed while pinned")
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for v in range(2, versions + 1):
+            ids = [f"i{j}" for j in range(n0 + v)]  # every row changes, one item is new
+            log.put(ItemDelta(v, ids, np.full((len(ids), DIM), v, np.float32)))
+            assert follower.refresh()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad, bad[:5]
+    assert follower.version == versions and len(seen) > 5
