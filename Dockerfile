@@ -17,6 +17,7 @@ COPY fmstream ./fmstream
 COPY model ./model
 COPY stream ./stream
 COPY serving ./serving
+COPY train ./train
 COPY config ./config
 RUN pip install --extra-index-url "${TORCH_INDEX}" . \
  && useradd --create-home --uid 10001 fmstream \

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/freshness.py`
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     loop: Loop | None = None
     try:
         log.info("services: %s", services.up(settings))
-        store = VectorStore.from_settings(settings)
+        store = VectorStore(redis.Redis.from_url(settings.redis_url), settings.redis_keys())
         procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
         procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log")
         total = int(args.rate * (args.seconds + 60))

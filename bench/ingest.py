@@ -6,7 +6,7 @@ One run, side by side on the same backlog of synthetic events (``stream/syntheti
    idempotent, acks=all, batched): the rate a kafka-python producer reaches here.
 2. **bare consume** — a kafka-python consumer with the trainer's settings reads the whole topic
    and does nothing else: the ceiling the client puts on any trainer written with it.
-3. **trainer** — the real :class:`stream.trainer.Trainer` with its publisher (Redis) and
+3. **trainer** — the real :class:`train.loop.Trainer` with its publisher (Redis) and
    checkpoints on (the configured cadence), from an empty model and an empty checkpoint folder,
    until every event is applied and a final checkpoint is written. Its ``timings`` split the
    wall time into poll / decode / update / publish / checkpoint.
@@ -57,7 +57,7 @@ def _fill(settings_json: str, n: int, seed: int, out: mp.Queue) -> None:
     settings = Settings.model_validate_json(settings_json)
     stream = SyntheticStream(users=100_000, items=20_000, clusters=50, seed=seed)
     pairs = [(e["user_id"].encode(), orjson.dumps(e)) for e in stream.events(n)]
-    producer = make_producer(settings, linger_ms=20, batch_size=512 * 1024)
+    producer = make_producer(settings.kafka_config(), linger_ms=20, batch_size=512 * 1024)
     t0 = time.perf_counter()
     for key, value in pairs:
         producer.send(settings.topic_events, key=key, value=value)
@@ -73,7 +73,7 @@ def bare_consume(settings: Settings, n: int, **overrides: object) -> float:
 
     from stream.consume import make_consumer
 
-    consumer = make_consumer(settings, None, **overrides)
+    consumer = make_consumer(settings.kafka_config(), None, **overrides)
     tps = [
         TopicPartition(settings.topic_events, p)
         for p in sorted(consumer.partitions_for_topic(settings.topic_events))
@@ -130,19 +130,21 @@ def run_trainer_once(
     import redis
 
     from fmstream.app import new_model, redis_client
-    from serving.publisher import Publisher
-    from serving.store import VectorStore
     from stream.consume import make_producer
-    from stream.trainer import Trainer
+    from train.loop import Trainer
+    from train.publisher import Publisher
+    from train.store_writer import StoreWriter
 
     t0 = time.perf_counter()
     client = redis_client(settings)
-    producer = make_producer(settings)
+    producer = make_producer(settings.kafka_config())
     trainer = Trainer(
-        settings, dead_letter_producer=producer, new_model=lambda: new_model(settings)
+        settings.trainer_config(), dead_letter_producer=producer,
+        new_model=lambda: new_model(settings),
     )
     if publish:
-        trainer.sink = Publisher(settings, VectorStore(client, settings), trainer.model)
+        writer = StoreWriter(client, settings.redis_keys(), settings.keep_versions)
+        trainer.sink = Publisher(settings.publish_config(), writer, trainer.model)
     checkpoints = 0
     original = trainer.checkpoint
 

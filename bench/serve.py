@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/serve.py`
@@ -48,6 +49,7 @@ from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
 from serving.index import ItemSnapshot  # noqa: E402
 from serving.store import VectorStore  # noqa: E402
+from train.store_writer import StoreWriter  # noqa: E402
 
 log = logging.getLogger("bench.serve")
 
@@ -326,7 +328,7 @@ def measure(
     )
 
 
-def publish(store: VectorStore, items: int, users: int, dim: int, version: int) -> None:
+def publish(store: StoreWriter, items: int, users: int, dim: int, version: int) -> None:
     t0 = time.perf_counter()
     vectors = fm_like_vectors(items, dim, seed=1)
     snapshot = ItemSnapshot(
@@ -456,11 +458,13 @@ def main(argv: list[str] | None = None) -> int:
             "redis": [p for p in [service_pid(base, "redis")] if p],
             "client": [os.getpid()],
         }
-        store = VectorStore.from_settings(base)
+        client = redis.Redis.from_url(base.redis_url)
+        store = VectorStore(client, base.redis_keys())
+        writer = StoreWriter(client, base.redis_keys(), base.keep_versions)
         version = 0
         for items in [int(x) for x in args.items.split(",")]:
             version += 1
-            publish(store, items, args.users, args.dim, version)
+            publish(writer, items, args.users, args.dim, version)
             for n_workers in [int(x) for x in args.workers.split(",")]:
                 settings = base.model_copy(
                     update={

@@ -47,31 +47,44 @@ def redis_client(settings: Settings) -> redis.Redis:
                                 health_check_interval=10, retry_on_timeout=True)
 
 
+def store(settings: Settings):
+    """The read side of the Redis state (workers, monitoring)."""
+    from serving.store import VectorStore
+
+    return VectorStore(redis_client(settings), settings.redis_keys())
+
+
+def store_writer(settings: Settings):
+    """The write side of the Redis state (the trainer process)."""
+    from train.store_writer import StoreWriter
+
+    return StoreWriter(redis_client(settings), settings.redis_keys(), settings.keep_versions)
+
+
 def run_trainer(
     settings: Settings, stop: threading.Event, *, idle_exit_s: float | None = None
 ):
     """Take the trainer lease (standby until free), then train and publish until ``stop``."""
-    from serving.lease import Lease
-    from serving.publisher import Publisher
-    from serving.store import VectorStore
     from stream.consume import make_producer
-    from stream.metrics import serve_trainer_metrics
-    from stream.resilience import lease_client
-    from stream.trainer import Trainer
+    from train.lease import Lease
+    from train.loop import Trainer
+    from train.metrics import serve_trainer_metrics
+    from train.publisher import Publisher
+    from train.resilience import lease_client
 
-    client = redis_client(settings)
     # Its own client with short timeouts: a hung Redis must not stall renewals past the TTL.
-    lease = Lease(lease_client(settings), settings.redis_key("trainer", "lease"))
+    lease = Lease(lease_client(settings.redis_url), settings.redis_keys().trainer_lease())
     if not lease.acquire(stop):
         return None
-    store = VectorStore(client, settings)
-    producer = make_producer(settings)
+    writer = store_writer(settings)
+    producer = make_producer(settings.kafka_config())
     try:
-        trainer = Trainer(settings, dead_letter_producer=producer, lease=lease,
+        trainer = Trainer(settings.trainer_config(), dead_letter_producer=producer, lease=lease,
                           new_model=lambda: new_model(settings))
-        publisher = Publisher(settings, store, trainer.model)
+        publisher = Publisher(settings.publish_config(), writer, trainer.model)
         trainer.sink = publisher
-        with serve_trainer_metrics(settings, trainer, publisher):
+        with serve_trainer_metrics(settings.trainer_metrics_port, settings.kafka_config(),
+                                   trainer, publisher.stats):
             progress = trainer.run(stop, idle_exit_s=idle_exit_s)
         try:
             publisher.publish_all()
@@ -90,9 +103,9 @@ def run_worker(settings: Settings, stop: threading.Event,
                ready: threading.Event | None = None) -> None:
     """Serve requests until ``stop``."""
     from serving.metrics import serve_worker_metrics
-    from serving.store import VectorStore
     from serving.worker import Worker
 
-    worker = Worker(settings, VectorStore(redis_client(settings), settings))
-    with serve_worker_metrics(settings, worker):
+    worker = Worker(settings, store(settings))
+    with serve_worker_metrics(settings.worker_metrics_port, settings.kafka_config(),
+                              settings.serving_group, settings.topic_requests, worker):
         worker.run(stop, ready=ready)

@@ -103,15 +103,15 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                                seed=settings.seed)
         total = args.events or 50_000
         events = data.events(total)
-    producer = make_producer(settings)
+    producer = make_producer(settings.kafka_config())
     try:
         if not args.no_profiles:
-            n_users, n_items = produce_profiles(producer, settings, data.user_profiles(),
+            n_users, n_items = produce_profiles(producer, settings.topics(), data.user_profiles(),
                                                 data.item_profiles())
             print(f"profiles: {n_users} users, {n_items} items")
         with Progress() as bar:
             task = bar.add_task("replaying events", total=total)
-            n = produce_events(producer, settings, events, rate=args.rate,
+            n = produce_events(producer, settings.topics(), events, rate=args.rate,
                                progress=lambda k: bar.advance(task, k))
         print(f"produced {n} events to {settings.topic_events}")
     finally:

@@ -102,15 +102,15 @@ def run_demo(settings: Settings, *, events: int | None = None) -> int:
         env["FMSTREAM_SCHEMA_PATH"] = str(schema)
     procs = {name: _spawn(settings, name, env) for name in ("train", "serve")}
     try:
-        producer = make_producer(settings)
-        n_users, n_items = produce_profiles(producer, settings, data.user_profiles(),
+        producer = make_producer(settings.kafka_config())
+        n_users, n_items = produce_profiles(producer, settings.topics(), data.user_profiles(),
                                             data.item_profiles())
         console.print(f"profiles sent: {n_users} users, {n_items} items")
         from rich.progress import Progress
 
         with Progress(console=console) as bar:
             task = bar.add_task("replaying events", total=total)
-            produced = produce_events(producer, settings, stream,
+            produced = produce_events(producer, settings.topics(), stream,
                                       progress=lambda k: bar.advance(task, k))
         producer.close()
         _wait_caught_up(settings, produced)

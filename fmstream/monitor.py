@@ -115,7 +115,7 @@ def _read_status(settings: Settings, problems: list[str]) -> tuple[dict, dict[st
         # Not fmstream.app.redis_client: that module imports torch (seconds) for the trainer.
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
                                       socket_connect_timeout=5)
-        store = VectorStore(client, settings)
+        store = VectorStore(client, settings.redis_keys())
         return store.get_status(), store.worker_versions()
     except Exception as exc:  # noqa: BLE001 - Kafka lag is still worth showing without Redis
         problems.append(f"Redis at {settings.redis_url} unreadable: {exc}")

@@ -8,10 +8,15 @@ Build it once at the entry point and pass it down; nothing reads the environment
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from serving.keys import RedisKeys
+    from stream.config import KafkaConfig, Topics
+    from train.config import PublishConfig, TrainerConfig
 
 
 class Settings(BaseSettings):
@@ -109,7 +114,52 @@ class Settings(BaseSettings):
 
     def redis_key(self, *parts: str | int) -> str:
         """A Redis key under this deployment's prefix, e.g. ``fm:user:196``."""
-        return self.redis_prefix + ":".join(str(p) for p in parts)
+        return self.redis_keys().key(*parts)
+
+    # --- narrow configs for the lower packages (issue 10: they never import this module) ----
+
+    def kafka_config(self) -> KafkaConfig:
+        """How ``stream/`` clients reach the brokers."""
+        from stream.config import KafkaConfig
+
+        return KafkaConfig(bootstrap=self.kafka_bootstrap)
+
+    def topics(self) -> Topics:
+        """The contract's topic names."""
+        from stream.config import Topics
+
+        return Topics(
+            events=self.topic_events, users=self.topic_users, items=self.topic_items,
+            requests=self.topic_requests, responses=self.topic_responses, dlq=self.topic_dlq,
+        )
+
+    def redis_keys(self) -> RedisKeys:
+        """The Redis key layout under this deployment's prefix (read and write side)."""
+        from serving.keys import RedisKeys
+
+        return RedisKeys(self.redis_prefix)
+
+    def trainer_config(self) -> TrainerConfig:
+        """What ``train.loop.Trainer`` needs."""
+        from train.config import TrainerConfig
+
+        return TrainerConfig(
+            kafka=self.kafka_config(), topics=self.topics(), group=self.trainer_group,
+            checkpoint_dir=self.checkpoint_dir,
+            checkpoint_every_events=self.checkpoint_every_events,
+            checkpoint_every_s=self.checkpoint_every_s, max_poll_records=self.max_poll_records,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    def publish_config(self) -> PublishConfig:
+        """What ``train.publisher.Publisher`` needs."""
+        from train.config import PublishConfig
+
+        return PublishConfig(
+            publish_active_s=self.publish_active_s, publish_all_s=self.publish_all_s,
+            publish_items_s=self.publish_items_s, offline_i2i_s=self.offline_i2i_s,
+            offline_i2i_k=self.offline_i2i_k, history_len=self.history_len,
+        )
 
     @property
     def topic_partitions(self) -> dict[str, int]:

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fmstream.settings import Settings
+from stream.config import KafkaConfig
 from stream.metrics import GroupLagCollector, new_registry, running, serve_http
 
 if TYPE_CHECKING:
@@ -118,20 +118,21 @@ class WorkerMetrics:
 
 
 @contextmanager
-def serve_worker_metrics(settings: Settings, worker: Worker) -> Iterator[WorkerMetrics | None]:
-    """Export the worker's metrics and its group's lag while the block runs.
+def serve_worker_metrics(
+    port: int, kafka: KafkaConfig, group: str, requests_topic: str, worker: Worker
+) -> Iterator[WorkerMetrics | None]:
+    """Export the worker's metrics and its group's lag on ``port`` while the block runs.
 
-    Does nothing (yields None) when ``settings.worker_metrics_port`` is 0.
+    Does nothing (yields None) when ``port`` is 0.
     """
-    if not settings.worker_metrics_port:
+    if not port:
         yield None
         return
     registry = new_registry()
     metrics = WorkerMetrics(registry).bind(worker)
-    lag = GroupLagCollector(settings.kafka_bootstrap, settings.serving_group,
-                            [settings.topic_requests])
+    lag = GroupLagCollector(kafka.bootstrap, group, [requests_topic])
     registry.register(lag)
-    with running(lag), serve_http(registry, settings.worker_metrics_port):
+    with running(lag), serve_http(registry, port):
         worker.metrics = metrics
         try:
             yield metrics

@@ -1,40 +1,14 @@
-"""Everything fmstream keeps in Redis, behind one class: :class:`VectorStore`.
+"""The read side of fmstream's Redis state: :class:`VectorStore` (workers, monitoring).
 
-Key layout (every key under ``settings.redis_prefix``, built with ``settings.redis_key``):
-
-========================== ======= =====================================================
-key                        type    value
-========================== ======= =====================================================
-``user:{user_id}``         string  header ``<q d`` (int64 version, float64 publish time)
-                                   + raw little-endian float32 vector (augmented E_user)
-``hist:{user_id}``         list    recent item ids, newest first, bounded (LPUSH + LTRIM)
-``items:current``          string  current item snapshot version (only ever moves forward)
-``items:versions``         zset    snapshot versions written (score = version)
-``items:{v}:manifest``     string  JSON manifest (n, dim, dtype, bias, chunks, sha256, ...)
-``items:{v}:chunk:{i}``    string  i-th slice of the float32 ``(n, dim)`` vector bytes
-``items:{v}:ids:{i}``      string  i-th slice of the orjson list of item ids
-``items:{v}:extra:{name}`` string  opaque blob shipped with the snapshot (e.g. ``context``)
-``i2i:current``            string  current offline i2i version (only moves forward)
-``i2i:versions``           zset    offline i2i versions written
-``i2i:{v}``                hash    item id -> orjson ``[[item_id, score], ...]``
-``popular``                string  orjson ``[[item_id, score], ...]``, best first
-``status``                 hash    publisher/trainer progress (model_version, *_published_at)
-``workers``                set     worker ids that reported a version
-``worker:{id}``            string  the item version a worker serves (expires: dead workers vanish)
-========================== ======= =====================================================
-
-A snapshot is written chunks first, manifest second, and the pointer last (compare-and-set, forward
-only), so a reader that follows the pointer always finds a complete, checksummed version.
+The key layout is :mod:`serving.keys` (shared with the write side, ``train/store_writer.py``).
+A reader that follows a version pointer always finds a complete, checksummed version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import struct
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,42 +16,14 @@ import numpy as np
 import orjson
 import redis
 
-from fmstream.settings import Settings
 from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing
-from serving.index import ItemSnapshot, as_matrix
+from serving.index import ItemSnapshot
+from serving.keys import USER_HEADER, RedisKeys
 
 logger = logging.getLogger(__name__)
 
-USER_HEADER = struct.Struct("<qd")
-"""Header of a user-vector value: int64 model version, float64 publish time (epoch seconds)."""
-
-SNAPSHOT_FORMAT = 1
 _BATCH = 5_000  # keys per MGET / MSET / HSET command: bounded replies, few round trips
 _FETCH_BYTES = 64 << 20  # snapshot bytes fetched per pipeline round trip
-
-# Move a version pointer only forward: returns 1 if it moved, 0 if the stored one is >= ours.
-# KEYS: history lists; ARGV: max_len, then per key: n, item_1 .. item_n (oldest first).
-# LPUSH leaves the newest at the head; LTRIM bounds the list.
-_PUSH_HISTORY = """
-local max_len = tonumber(ARGV[1])
-local pos = 2
-for i, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[pos])
-  redis.call('LPUSH', key, unpack(ARGV, pos + 1, pos + n))
-  redis.call('LTRIM', key, 0, max_len - 1)
-  pos = pos + n + 1
-end
-return #KEYS
-"""
-_CAS_FORWARD = """
-local cur = redis.call('GET', KEYS[1])
-if (not cur) or (tonumber(cur) < tonumber(ARGV[1])) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
-"""
-
 
 @dataclass(frozen=True, eq=False)
 class UserVectors:
@@ -101,12 +47,6 @@ def _chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield seq[start : start + size]
 
 
-def _slices(payload: bytes, size: int) -> list[memoryview]:
-    """``payload`` cut into views of at most ``size`` bytes (at least one), without copying."""
-    view = memoryview(payload)
-    return [view[i : i + size] for i in range(0, len(view), size)] or [view]
-
-
 def _to_number(raw: bytes | str) -> str | int | float:
     text = raw.decode() if isinstance(raw, bytes) else raw
     try:
@@ -119,72 +59,33 @@ def _to_number(raw: bytes | str) -> str | int | float:
         return text
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+def check_binary_client(client: redis.Redis, who: str) -> None:
+    """Raise :class:`ServingError` unless ``client`` returns bytes (vectors are binary)."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    if kwargs.get("decode_responses"):
+        raise ServingError(
+            f"{who} needs a Redis client with decode_responses=False (vectors are "
+            "binary), got one with decode_responses=True; build it with "
+            "redis.Redis.from_url(url)"
+        )
 
 
 class VectorStore:
-    """fmstream's Redis state: user vectors and histories, item snapshots, i2i, status.
+    """Reads fmstream's Redis state: user vectors and histories, item snapshots, i2i, status.
+
+    Also records which version each worker serves (the one thing a worker writes).
 
     Args:
         client: a ``redis.Redis`` built with ``decode_responses=False`` (values are binary).
-        settings: provides ``redis_key`` (the prefix) and ``keep_versions``.
+        keys: the key layout (the deployment's prefix).
     """
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
-        if kwargs.get("decode_responses"):
-            raise ServingError(
-                "VectorStore needs a Redis client with decode_responses=False (vectors are "
-                "binary), got one with decode_responses=True; build it with "
-                "redis.Redis.from_url(url)"
-            )
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        check_binary_client(client, "VectorStore")
         self.redis = client
-        self.settings = settings
-        self._cas_forward = client.register_script(_CAS_FORWARD)
-        self._push_history = client.register_script(_PUSH_HISTORY)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> VectorStore:
-        """A store on ``settings.redis_url``."""
-        return cls(redis.Redis.from_url(settings.redis_url), settings)
-
-    def key(self, *parts: str | int) -> str:
-        """A key under this deployment's prefix."""
-        return self.settings.redis_key(*parts)
+        self.keys = keys
 
     # --- user vectors ----------------------------------------------------------------------
-
-    def put_user_vectors(
-        self, user_ids: Sequence[str], vectors: np.ndarray, version: int
-    ) -> None:
-        """Write one vector per user (header + float32 bytes), batched with MSET.
-
-        Args:
-            user_ids: n user ids.
-            vectors: float32 ``(n, d)`` (augmented E_user).
-            version: model version the vectors come from.
-        """
-        mat = as_matrix(vectors, name="user vectors")
-        if mat.shape[0] != len(user_ids):
-            raise ServingError(
-                f"put_user_vectors: {len(user_ids)} user ids for {mat.shape[0]} vectors; "
-                "expected one vector per id"
-            )
-        if not len(user_ids):
-            return
-        header = USER_HEADER.pack(int(version), time.time())
-        body = mat.astype("<f4", copy=False)
-        pipe = self.redis.pipeline(transaction=False)
-        for start in range(0, len(user_ids), _BATCH):
-            stop = min(start + _BATCH, len(user_ids))
-            pipe.mset(
-                {
-                    self.key("user", uid): header + body[i].tobytes()
-                    for i, uid in zip(range(start, stop), user_ids[start:stop], strict=True)
-                }
-            )
-        pipe.execute()
 
     def get_user_vectors(self, user_ids: Sequence[str], *, dim: int | None = None) -> UserVectors:
         """Read the users' vectors (MGET in batches); missing users are zero rows, not found.
@@ -195,7 +96,7 @@ class VectorStore:
                 another width (from a model of another size) count as not found.
         """
         n = len(user_ids)
-        keys = [self.key("user", uid) for uid in user_ids]
+        keys = [self.keys.user(uid) for uid in user_ids]
         pipe = self.redis.pipeline(transaction=False)
         for batch in _chunks(keys, _BATCH):
             pipe.mget(batch)
@@ -225,43 +126,13 @@ class VectorStore:
 
     # --- user history ----------------------------------------------------------------------
 
-    def push_history(
-        self, user_ids: Sequence[str], item_ids: Sequence[str], max_len: int
-    ) -> None:
-        """Append interactions (in event order) to each user's recent items, newest first.
-
-        Args:
-            user_ids, item_ids: aligned pairs, oldest first.
-            max_len: items kept per user (LTRIM).
-        """
-        if len(user_ids) != len(item_ids):
-            raise ServingError(
-                f"push_history: {len(user_ids)} users for {len(item_ids)} items; expected pairs"
-            )
-        if max_len < 1:
-            raise ServingError(f"push_history: max_len must be >= 1, got {max_len}")
-        per_user: dict[str, list[str]] = {}
-        for uid, iid in zip(user_ids, item_ids, strict=True):
-            per_user.setdefault(uid, []).append(iid)
-        if not per_user:
-            return
-        # One scripted call per batch: packing 2 commands per user in redis-py cost far more
-        # than the work itself (profiled: ~3/4 of publish time under ingest load).
-        keys, args = [], [max_len]
-        for uid, items in per_user.items():
-            keys.append(self.key("hist", uid))
-            tail = items[-max_len:]
-            args.append(len(tail))
-            args.extend(tail)
-        self._push_history(keys=keys, args=args)
-
     def get_histories(
         self, user_ids: Sequence[str], *, limit: int | None = None
     ) -> list[list[str]]:
         """Each user's recent items, newest first, deduplicated keeping the first occurrence."""
         pipe = self.redis.pipeline(transaction=False)
         for uid in user_ids:
-            pipe.lrange(self.key("hist", uid), 0, -1 if limit is None else limit - 1)
+            pipe.lrange(self.keys.history(uid), 0, -1 if limit is None else limit - 1)
         out: list[list[str]] = []
         for items in pipe.execute() if user_ids else []:
             out.append(list(dict.fromkeys(i.decode() for i in items)))
@@ -271,86 +142,12 @@ class VectorStore:
 
     def current_item_version(self) -> int | None:
         """The version ``items:current`` points at, or None before the first publish."""
-        raw = self.redis.get(self.key("items", "current"))
+        raw = self.redis.get(self.keys.items_current())
         return int(raw) if raw is not None else None
 
     def item_versions(self) -> list[int]:
         """Snapshot versions present in Redis, ascending."""
-        return [int(v) for v in self.redis.zrange(self.key("items", "versions"), 0, -1)]
-
-    def put_item_snapshot(self, snapshot: ItemSnapshot, chunk_bytes: int = 4 << 20) -> bool:
-        """Publish an item snapshot: chunks, then manifest, then (last) the forward-only pointer.
-
-        A version not above the current one is not written (a warning is logged). After the
-        pointer moves, versions older than the current and the ``settings.keep_versions`` before
-        it are deleted.
-
-        Returns:
-            True when the pointer now names this snapshot's version.
-        """
-        if chunk_bytes < 1:
-            raise ServingError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-        v = int(snapshot.version)
-        current = self.current_item_version()
-        if current is not None and v <= current:
-            logger.log(
-                logging.INFO if v == current else logging.WARNING,
-                "item snapshot v%d not written: Redis already has v%d (versions only move "
-                "forward; publish a higher version)", v, current,
-            )
-            return False
-        started = time.perf_counter()
-        vec_bytes = np.ascontiguousarray(snapshot.vectors, dtype="<f4").tobytes()
-        ids_bytes = orjson.dumps(list(snapshot.item_ids))
-        vec_parts = _slices(vec_bytes, chunk_bytes)
-        id_parts = _slices(ids_bytes, chunk_bytes)
-        extra_names = sorted(snapshot.extra)
-        digest = hashlib.sha256()
-        for part in (*vec_parts, *id_parts, *(snapshot.extra[k] for k in extra_names)):
-            digest.update(part)
-        manifest = {
-            "format": SNAPSHOT_FORMAT,
-            "version": v,
-            "n": snapshot.n,
-            "dim": snapshot.dim,
-            "dtype": "<f4",
-            "bias": float(snapshot.bias),
-            "chunk_bytes": chunk_bytes,
-            "chunks": len(vec_parts),
-            "vector_bytes": len(vec_bytes),
-            "ids_chunks": len(id_parts),
-            "ids_bytes": len(ids_bytes),
-            "extra": {k: len(snapshot.extra[k]) for k in extra_names},
-            "sha256": digest.hexdigest(),
-            "created_at": float(snapshot.created_at),
-            "written_at": time.time(),
-        }
-        self.redis.zadd(self.key("items", "versions"), {str(v): v})
-        # Several round trips of bounded size: one huge pipeline would stall other clients.
-        pipe = self.redis.pipeline(transaction=False)
-        pending = 0
-        parts = [(self.key("items", v, "chunk", i), p) for i, p in enumerate(vec_parts)]
-        parts += [(self.key("items", v, "ids", i), p) for i, p in enumerate(id_parts)]
-        parts += [(self.key("items", v, "extra", k), snapshot.extra[k]) for k in extra_names]
-        for key, payload in parts:
-            pipe.set(key, payload)
-            pending += len(payload)
-            if pending >= _FETCH_BYTES:
-                pipe.execute()
-                pending = 0
-        pipe.set(self.key("items", v, "manifest"), orjson.dumps(manifest))
-        pipe.execute()
-        moved = bool(self._cas_forward(keys=[self.key("items", "current")], args=[v]))
-        if moved:
-            logger.info(
-                "published item snapshot v%d: %d x %d, %d bytes in %.3fs",
-                v, snapshot.n, snapshot.dim, len(vec_bytes) + len(ids_bytes),
-                time.perf_counter() - started,
-            )
-            self._drop_old_item_versions(v)
-        else:
-            logger.warning("item snapshot v%d written but a newer version won the pointer", v)
-        return moved
+        return [int(v) for v in self.redis.zrange(self.keys.items_versions(), 0, -1)]
 
     def item_manifest(self, version: int | None = None) -> dict[str, Any]:
         """The parsed manifest of ``version`` (default: the current one).
@@ -363,18 +160,18 @@ class VectorStore:
             version = self.current_item_version()
             if version is None:
                 raise SnapshotMissing(
-                    f"no item snapshot published under prefix {self.settings.redis_prefix!r}: "
-                    f"expected key {self.key('items', 'current')!r}; start the publisher "
+                    f"no item snapshot published under prefix {self.keys.prefix!r}: "
+                    f"expected key {self.keys.items_current()!r}; start the publisher "
                     "(or check FMSTREAM_REDIS_PREFIX)"
                 )
-        raw = self.redis.get(self.key("items", version, "manifest"))
+        raw = self.redis.get(self.keys.items_manifest(version))
         if raw is None:
             raise SnapshotMissing(
                 f"item snapshot v{version} has no manifest in Redis (never written, or deleted "
-                f"as older than the newest {self.settings.keep_versions + 1}); load the current "
+                "as older than the versions the publisher keeps); load the current "
                 "version instead"
             )
-        return _parse_manifest(raw, version)
+        return parse_manifest(raw, version)
 
     def load_item_snapshot(self, version: int | None = None) -> ItemSnapshot:
         """Read and verify a snapshot (default: the current one).
@@ -387,9 +184,9 @@ class VectorStore:
         manifest = self.item_manifest(version)
         v = manifest["version"]
         n, dim = manifest["n"], manifest["dim"]
-        keys = [self.key("items", v, "chunk", i) for i in range(manifest["chunks"])]
-        keys += [self.key("items", v, "ids", i) for i in range(manifest["ids_chunks"])]
-        keys += [self.key("items", v, "extra", k) for k in manifest["extra"]]
+        keys = [self.keys.items_chunk(v, i) for i in range(manifest["chunks"])]
+        keys += [self.keys.items_ids(v, i) for i in range(manifest["ids_chunks"])]
+        keys += [self.keys.items_extra(v, k) for k in manifest["extra"]]
         vec_buf = bytearray(manifest["vector_bytes"])  # writable: faiss and numpy may use it
         ids_buf = bytearray()
         extra: dict[str, bytes] = {}
@@ -460,83 +257,7 @@ class VectorStore:
             created_at=manifest["created_at"],
         )
 
-    def _snapshot_keys(self, version: int) -> list[str]:
-        """Every key of one snapshot version (from its manifest, else by a SCAN)."""
-        raw = self.redis.get(self.key("items", version, "manifest"))
-        try:
-            m = _parse_manifest(raw, version) if raw is not None else None
-        except SnapshotCorrupt:
-            m = None
-        if m is None:
-            pattern = _glob_escape(self.key("items", version, "")) + "*"
-            return [k.decode() for k in self.redis.scan_iter(match=pattern, count=1000)]
-        keys = [self.key("items", version, "chunk", i) for i in range(m["chunks"])]
-        keys += [self.key("items", version, "ids", i) for i in range(m["ids_chunks"])]
-        keys += [self.key("items", version, "extra", k) for k in m["extra"]]
-        return [*keys, self.key("items", version, "manifest")]
-
-    def _drop_old_item_versions(self, current: int) -> None:
-        """Delete snapshots older than ``current`` and the ``keep_versions`` before it."""
-        older = [v for v in self.item_versions() if v < current]
-        drop = older[: max(0, len(older) - self.settings.keep_versions)]
-        for v in drop:
-            keys = self._snapshot_keys(v)
-            pipe = self.redis.pipeline(transaction=False)
-            for batch in _chunks(keys, _BATCH):
-                pipe.unlink(*batch)  # freed in the background, no stall
-            pipe.zrem(self.key("items", "versions"), str(v))
-            pipe.execute()
-            logger.debug("dropped item snapshot v%d (%d keys)", v, len(keys))
-
     # --- offline i2i -----------------------------------------------------------------------
-
-    def put_offline_i2i(
-        self, version: int, neighbours: Mapping[str, Sequence[tuple[str, float]]]
-    ) -> bool:
-        """Publish an offline item-to-item table as a hash, then move ``i2i:current`` forward.
-
-        A version not above the current one is not written (a warning is logged). Versions older
-        than the previous one are deleted (the previous is kept for readers that are between
-        reading the pointer and the hash).
-
-        Returns:
-            True when the pointer now names this version.
-        """
-        v = int(version)
-        raw = self.redis.get(self.key("i2i", "current"))
-        if raw is not None and v <= int(raw):
-            logger.log(
-                logging.INFO if v == int(raw) else logging.WARNING,
-                "offline i2i v%d not written: Redis already has v%s (versions only move "
-                "forward; publish a higher version)", v, raw.decode(),
-            )
-            return False
-        key = self.key("i2i", v)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.unlink(key)  # leftovers of an interrupted earlier write of this version
-        pipe.zadd(self.key("i2i", "versions"), {str(v): v})
-        items = list(neighbours.items())
-        for batch in _chunks(items, _BATCH):
-            pipe.hset(
-                key,
-                mapping={
-                    iid: orjson.dumps([[str(j), float(s)] for j, s in nbrs]) for iid, nbrs in batch
-                },
-            )
-        pipe.execute()
-        moved = bool(self._cas_forward(keys=[self.key("i2i", "current")], args=[v]))
-        if not moved:
-            logger.warning("offline i2i v%d written but Redis already points at a newer one", v)
-            return False
-        versions = [int(x) for x in self.redis.zrange(self.key("i2i", "versions"), 0, -1)]
-        drop = [x for x in versions if x < v][:-1]
-        if drop:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.unlink(*(self.key("i2i", x) for x in drop))
-            pipe.zrem(self.key("i2i", "versions"), *(str(x) for x in drop))
-            pipe.execute()
-        logger.info("published offline i2i v%d for %d items", v, len(items))
-        return True
 
     def get_offline_i2i(
         self, item_ids: Sequence[str]
@@ -549,15 +270,15 @@ class VectorStore:
         values: list[bytes | None] = [None] * len(item_ids)
         version: int | None = None
         for _ in range(3):  # the pointer may move (and old hashes vanish) between two reads
-            raw = self.redis.get(self.key("i2i", "current"))
+            raw = self.redis.get(self.keys.i2i_current())
             if raw is None:
                 return None, [None] * len(item_ids)
             version = int(raw)
             if not item_ids:
                 return version, []
             pipe = self.redis.pipeline(transaction=False)
-            pipe.exists(self.key("i2i", version))
-            pipe.hmget(self.key("i2i", version), list(item_ids))
+            pipe.exists(self.keys.i2i(version))
+            pipe.hmget(self.keys.i2i(version), list(item_ids))
             exists, values = pipe.execute()
             if exists:
                 break
@@ -569,56 +290,40 @@ class VectorStore:
 
     # --- popular items ---------------------------------------------------------------------
 
-    def put_popular(self, items: Sequence[tuple[str, float]]) -> None:
-        """Replace the popular-items list (stored best first)."""
-        ranked = sorted(((str(i), float(s)) for i, s in items), key=lambda p: -p[1])
-        self.redis.set(self.key("popular"), orjson.dumps(ranked))
-
     def get_popular(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` most popular items, best first (empty before the first publish)."""
-        raw = self.redis.get(self.key("popular"))
+        raw = self.redis.get(self.keys.popular())
         if raw is None or k <= 0:
             return []
         return [(str(i), float(s)) for i, s in orjson.loads(raw)[:k]]
 
     # --- status and workers ----------------------------------------------------------------
 
-    def put_status(self, **fields: str | int | float) -> None:
-        """Set fields of the status hash (e.g. ``model_version=7, items_published_at=...``)."""
-        if not fields:
-            return
-        mapping: dict[str, str] = {}
-        for name, value in fields.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ServingError(f"status field {name!r}: expected a finite number, got {value}")
-            mapping[name] = repr(value) if isinstance(value, float) else str(value)
-        self.redis.hset(self.key("status"), mapping=mapping)
-
     def get_status(self) -> dict[str, str | int | float]:
         """The status hash, numbers parsed back to int/float."""
-        raw = self.redis.hgetall(self.key("status"))
+        raw = self.redis.hgetall(self.keys.status())
         return {k.decode(): _to_number(v) for k, v in sorted(raw.items())}
 
     def set_worker_version(self, worker_id: str, version: int, ttl_s: float = 30.0) -> None:
         """Record the item version a worker serves; it expires unless refreshed within ttl_s."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.key("worker", worker_id), int(version), px=max(1, int(ttl_s * 1000)))
-        pipe.sadd(self.key("workers"), worker_id)
+        pipe.set(self.keys.worker(worker_id), int(version), px=max(1, int(ttl_s * 1000)))
+        pipe.sadd(self.keys.workers(), worker_id)
         pipe.execute()
 
     def worker_versions(self) -> dict[str, int]:
         """Live workers and the item version each serves (expired workers are forgotten)."""
-        ids = sorted(m.decode() for m in self.redis.smembers(self.key("workers")))
+        ids = sorted(m.decode() for m in self.redis.smembers(self.keys.workers()))
         if not ids:
             return {}
-        values = self.redis.mget([self.key("worker", w) for w in ids])
+        values = self.redis.mget([self.keys.worker(w) for w in ids])
         dead = [w for w, val in zip(ids, values, strict=True) if val is None]
         if dead:
-            self.redis.srem(self.key("workers"), *dead)
+            self.redis.srem(self.keys.workers(), *dead)
         return {w: int(val) for w, val in zip(ids, values, strict=True) if val is not None}
 
 
-def _parse_manifest(raw: bytes, version: int) -> dict[str, Any]:
+def parse_manifest(raw: bytes, version: int) -> dict[str, Any]:
     """Decode and check a manifest's fields, or raise :class:`SnapshotCorrupt`."""
     try:
         m = orjson.loads(raw)
@@ -645,4 +350,6 @@ def _parse_manifest(raw: bytes, version: int) -> dict[str, Any]:
     return m
 
 
-__all__ = ["USER_HEADER", "UserVectors", "VectorStore"]
+__all__ = [
+    "USER_HEADER", "UserVectors", "VectorStore", "check_binary_client", "parse_manifest",
+]

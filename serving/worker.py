@@ -405,9 +405,9 @@ class Worker:
         )
         swapper.start()
         # linger 0: a reply leaves at once (the batch is already formed by the poll).
-        producer = make_producer(self.settings, linger_ms=0)
+        producer = make_producer(self.settings.kafka_config(), linger_ms=0)
         consumer = make_consumer(
-            self.settings,
+            self.settings.kafka_config(),
             self.settings.serving_group,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             fetch_min_bytes=1,

@@ -13,43 +13,57 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import orjson
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
-from fmstream.settings import Settings
-from stream.schemas import DeadLetter, DecodeError, describe_validation_error, dumps, loads_object
+from stream.config import KafkaConfig
+from stream.schemas import (
+    DeadLetter,
+    DecodeError,
+    Event,
+    MessageInvalid,
+    describe_validation_error,
+    dumps,
+    loads_object,
+    parse_event,
+)
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def make_producer(settings: Settings, **overrides) -> KafkaProducer:
+def make_producer(kafka: KafkaConfig, **overrides) -> KafkaProducer:
     """An idempotent producer (acks=all) with a short linger so batches form under load."""
     config = dict(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=kafka.bootstrap,
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
         retries=2**31 - 1,
         max_in_flight_requests_per_connection=5,
-        client_id="fmstream",
+        client_id=kafka.client_id,
+        **kafka.options,
     )
     config.update(overrides)
     return KafkaProducer(**config)
 
 
-def make_consumer(settings: Settings, group_id: str | None, **overrides) -> KafkaConsumer:
-    """A consumer with auto-commit off; the caller commits after its own bookkeeping."""
+def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> KafkaConsumer:
+    """A consumer with auto-commit off; the caller commits after its own bookkeeping.
+
+    ``overrides`` are kafka-python options (e.g. ``max_poll_records``, default 500).
+    """
     config = dict(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=kafka.bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_poll_records=settings.max_poll_records,
         fetch_max_wait_ms=100,
-        client_id="fmstream",
+        client_id=kafka.client_id,
+        **kafka.options,
     )
     config.update(overrides)
     return KafkaConsumer(**config)
@@ -137,6 +151,44 @@ def decode_records(
             dead_letters.send(record, "validate", exc, describe_validation_error(exc))
             continue
         out.append(Decoded(message, record))
+    return out
+
+
+def decode_events(
+    records: Iterable[ConsumerRecord], dead_letters: DeadLetters, *, max_bytes: int
+) -> list[Decoded[Event]]:
+    """Decode ``fm.events`` records with :func:`~stream.schemas.parse_event`, in order; the ones
+    that fail are dead-lettered (stage ``decode`` or ``validate``) and the rest returned.
+
+    Each message is judged on its own: one bad message never fails the others.
+    """
+    out: list[Decoded[Event]] = []
+    append = out.append
+    loads, json_error = orjson.loads, orjson.JSONDecodeError
+    for record in records:
+        value = record.value
+        if value is not None and len(value) > max_bytes:
+            dead_letters.send(
+                record, "decode", DecodeError("oversized"),
+                f"message of {len(value)} bytes exceeds the limit of {max_bytes} bytes",
+            )
+            continue
+        try:
+            if value is None:
+                raise DecodeError("empty message (null value)")
+            try:
+                obj = loads(value)
+            except json_error as exc:
+                raise DecodeError(f"not valid UTF-8 JSON: {exc}") from None
+        except DecodeError as exc:
+            dead_letters.send(record, "decode", exc, str(exc))
+            continue
+        try:
+            append(Decoded(parse_event(obj), record))
+        except DecodeError as exc:
+            dead_letters.send(record, "decode", exc, str(exc))
+        except MessageInvalid as exc:
+            dead_letters.send(record, "validate", exc, str(exc))
     return out
 
 

@@ -22,8 +22,6 @@ from kafka.admin import OffsetSpec
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from fmstream.settings import Settings
-
 log = logging.getLogger(__name__)
 
 OFFSETS_TOPIC = "__consumer_offsets"
@@ -135,10 +133,10 @@ class LagReader:
 
 
 def group_lag(
-    settings: Settings, group: str, topics: list[str], *, admin: KafkaAdminClient | None = None
+    bootstrap: str, group: str, topics: list[str], *, admin: KafkaAdminClient | None = None
 ) -> list[PartitionLag]:
     """Per-partition lag of ``group`` over ``topics`` (every partition, committed or not)."""
-    with LagReader(settings.kafka_bootstrap, admin=admin) as reader:
+    with LagReader(bootstrap, admin=admin) as reader:
         return reader.read({group: topics})
 
 

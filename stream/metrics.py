@@ -1,25 +1,11 @@
-"""Prometheus metrics of the trainer, the consumer-group lag collector, and the /metrics server.
+"""Prometheus plumbing shared by every process: the consumer-group lag collector, the registry,
+and the /metrics server. (The trainer's own metrics are :mod:`train.metrics`, a worker's
+:mod:`serving.metrics`.)
 
 Every process builds its own ``CollectorRegistry`` (a trainer and workers may share a process in
 tests, and each must report only itself). Consumer lag carries the names that Kafka-exporter
 dashboards already query (``kafka_consumergroup_lag{consumergroup,topic,partition}`` and
 ``kafka_consumergroup_lag_sum{consumergroup,topic}``); every other metric starts ``fmstream_``.
-
-Trainer metrics (``/metrics`` on ``FMSTREAM_TRAINER_METRICS_PORT``):
-
-==================================== ========= ==============================================
-name                                 type      meaning
-==================================== ========= ==============================================
-fmstream_trainer_batch_seconds       histogram decode + model update + publish hooks of a poll
-fmstream_trainer_records_total       counter   records consumed, by ``topic``
-fmstream_trainer_events_applied_total counter  events the model learned from
-fmstream_dead_letters_total          counter   messages sent to the dead-letter topic
-fmstream_event_time_lag_seconds      gauge     now - event time of the newest applied event
-fmstream_checkpoint_age_seconds      gauge     since the last checkpoint (or the start)
-fmstream_publish_age_seconds         gauge     since the last publish, by ``what`` (users,
-                                               items, i2i); NaN before the first
-fmstream_model_version               gauge     the item snapshot version last published
-==================================== ========= ==============================================
 """
 
 from __future__ import annotations
@@ -30,13 +16,9 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     start_http_server,
@@ -44,21 +26,12 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fmstream.settings import Settings
 from stream.lag import LagReader, PartitionLag
-
-if TYPE_CHECKING:
-    from kafka.consumer.fetcher import ConsumerRecord
-
-    from serving.publisher import Publisher
-    from stream.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 LAG_REFRESH_S = 5.0
 """How often a process re-reads its group's committed offsets and log ends (kafka_exporter-like)."""
-BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Seconds; a trainer batch is up to ``max_poll_records`` events plus negatives."""
 
 
 def new_registry() -> CollectorRegistry:
@@ -196,101 +169,4 @@ def running(collector: GroupLagCollector) -> Iterator[GroupLagCollector]:
         collector.stop()
 
 
-class TrainerMetrics:
-    """The trainer's metrics in ``registry`` (see the module docstring for the list)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.batch_seconds = Histogram(
-            "fmstream_trainer_batch_seconds",
-            "Seconds to decode and apply one polled batch (model update, publish hooks)",
-            buckets=BATCH_BUCKETS, registry=registry)
-        self.records = Counter("fmstream_trainer_records",
-                               "Records consumed by the trainer, by topic", ["topic"],
-                               registry=registry)
-        self.events = Counter("fmstream_trainer_events_applied",
-                              "Events the model learned from", registry=registry)
-        self.dead_letters = Counter("fmstream_dead_letters",
-                                    "Messages sent to the dead-letter topic", registry=registry)
-        self.event_time_lag = Gauge(
-            "fmstream_event_time_lag_seconds",
-            "Now minus the event time of the newest applied event (NaN before the first)",
-            registry=registry)
-        self.checkpoint_age = Gauge("fmstream_checkpoint_age_seconds",
-                                    "Seconds since the trainer's last checkpoint (or its start)",
-                                    registry=registry)
-        self.publish_age = Gauge("fmstream_publish_age_seconds",
-                                 "Seconds since the last publish of users, items or i2i "
-                                 "(NaN before the first)", ["what"], registry=registry)
-        self.model_version = Gauge("fmstream_model_version",
-                                   "Item snapshot version last published (trainer) or served "
-                                   "(worker)", registry=registry)
-        self._dead_seen = 0
-        self._applied_seen = 0
-
-    def bind(self, trainer: Trainer, publisher: Publisher) -> TrainerMetrics:
-        """Read the gauges from the live trainer and publisher at scrape time."""
-        def event_lag() -> float:
-            newest = trainer.progress.newest_event_ts
-            return math.nan if newest is None else time.time() - newest
-
-        def publish_age(attr: str):
-            return lambda: (math.nan if not getattr(publisher.times, attr)
-                            else time.time() - getattr(publisher.times, attr))
-
-        self.event_time_lag.set_function(event_lag)
-        # _last_checkpoint is the trainer's own monotonic clock of its last checkpoint.
-        self.checkpoint_age.set_function(
-            lambda: time.monotonic() - trainer._last_checkpoint)  # noqa: SLF001
-        for what, attr in (("users", "users"), ("items", "items"), ("i2i", "i2i")):
-            self.publish_age.labels(what).set_function(publish_age(attr))
-        self.model_version.set_function(lambda: float(publisher.version))
-        self._dead_seen = trainer.dead_letters.count
-        self._applied_seen = trainer.progress.events_applied
-        return self
-
-    def batch_applied(self, trainer: Trainer, records: Sequence[ConsumerRecord],
-                      seconds: float) -> None:
-        """Record one applied poll (called by the trainer after ``apply_records``)."""
-        self.batch_seconds.observe(seconds)
-        per_topic: dict[str, int] = {}
-        for r in records:
-            per_topic[r.topic] = per_topic.get(r.topic, 0) + 1
-        for topic, n in per_topic.items():
-            self.records.labels(topic).inc(n)
-        applied = trainer.progress.events_applied
-        self.events.inc(max(0, applied - self._applied_seen))
-        self._applied_seen = applied
-        dead = trainer.dead_letters.count
-        self.dead_letters.inc(max(0, dead - self._dead_seen))
-        self._dead_seen = dead
-
-
-@contextmanager
-def serve_trainer_metrics(
-    settings: Settings, trainer: Trainer, publisher: Publisher
-) -> Iterator[TrainerMetrics | None]:
-    """Export the trainer's metrics and its group's lag while the block runs.
-
-    Does nothing (yields None) when ``settings.trainer_metrics_port`` is 0.
-    """
-    if not settings.trainer_metrics_port:
-        yield None
-        return
-    registry = new_registry()
-    metrics = TrainerMetrics(registry).bind(trainer, publisher)
-    lag = GroupLagCollector(settings.kafka_bootstrap, settings.trainer_group,
-                            [settings.topic_events, settings.topic_users, settings.topic_items])
-    registry.register(lag)
-    with running(lag), serve_http(registry, settings.trainer_metrics_port):
-        trainer.metrics = metrics
-        try:
-            yield metrics
-        finally:
-            trainer.metrics = None
-
-
-__all__ = [
-    "GroupLagCollector", "LAG_REFRESH_S", "TrainerMetrics", "new_registry", "running",
-    "serve_http", "serve_trainer_metrics",
-]
+__all__ = ["GroupLagCollector", "LAG_REFRESH_S", "new_registry", "running", "serve_http"]

@@ -8,22 +8,22 @@ from collections.abc import Callable, Iterable
 
 from kafka import KafkaProducer
 
-from fmstream.settings import Settings
+from stream.config import Topics
 from stream.schemas import dumps
 
 log = logging.getLogger(__name__)
 
 
 def produce_profiles(
-    producer: KafkaProducer, settings: Settings, users: Iterable[dict], items: Iterable[dict]
+    producer: KafkaProducer, topics: Topics, users: Iterable[dict], items: Iterable[dict]
 ) -> tuple[int, int]:
     """Send user and item profiles (keyed by id, compacted topics). Returns the counts."""
     n_users = n_items = 0
     for msg in users:
-        producer.send(settings.topic_users, key=msg["user_id"].encode(), value=dumps(msg))
+        producer.send(topics.users, key=msg["user_id"].encode(), value=dumps(msg))
         n_users += 1
     for msg in items:
-        producer.send(settings.topic_items, key=msg["item_id"].encode(), value=dumps(msg))
+        producer.send(topics.items, key=msg["item_id"].encode(), value=dumps(msg))
         n_items += 1
     producer.flush()
     return n_users, n_items
@@ -31,7 +31,7 @@ def produce_profiles(
 
 def produce_events(
     producer: KafkaProducer,
-    settings: Settings,
+    topics: Topics,
     events: Iterable[dict],
     *,
     rate: float | None = None,
@@ -41,7 +41,7 @@ def produce_events(
     start = time.monotonic()
     n = 0
     for msg in events:
-        producer.send(settings.topic_events, key=msg["user_id"].encode(), value=dumps(msg))
+        producer.send(topics.events, key=msg["user_id"].encode(), value=dumps(msg))
         n += 1
         if rate and n % 100 == 0:
             ahead = n / rate - (time.monotonic() - start)

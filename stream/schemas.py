@@ -1,12 +1,15 @@
-"""Wire contract of DESIGN.md as pydantic models, and the one JSON codec for every topic.
+"""Wire contract of DESIGN.md, and the one JSON codec for every topic.
 
-Messages are validated once, here, at the edge; inside the system they become arrays.
+Messages are validated once, here, at the edge; inside the system they become arrays. Each
+message has one decoder: events :func:`parse_event` (hand-written: the trainer decodes every
+event, pydantic cost about three times as much per event), profiles, requests and responses
+their pydantic models.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import orjson
 from pydantic import (
@@ -17,7 +20,6 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
-    field_validator,
 )
 
 MAX_ID_LEN = 256
@@ -70,23 +72,183 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class Event(_Message):
-    """An interaction on ``fm.events`` (key = user id)."""
+class MessageInvalid(ValueError):
+    """A JSON object that is not a valid message (stage ``validate``); the text names the field."""
 
-    user_id: Id
-    item_id: Id
-    label: Literal[0, 1] = 1
-    ts: float | None = Field(None, description="event time, seconds since epoch")
-    context: Features = Field(default_factory=dict)
-    user: Features | None = None
-    item: Features | None = None
 
-    @field_validator("ts")
-    @classmethod
-    def _finite_ts(cls, v: float | None) -> float | None:
-        if v is not None and not (math.isfinite(v) and 0 <= v < 1e11):
-            raise ValueError(f"ts must be finite seconds since epoch, got {v}")
-        return v
+class Event(NamedTuple):
+    """An interaction on ``fm.events`` (key = user id), as :func:`parse_event` returns it.
+
+    Wire fields: ``user_id``, ``item_id`` (ids: 1 to 256 characters; an integer id is taken as its
+    decimal text), ``label`` 0/1 (default 1), ``ts`` (seconds since epoch, optional), ``context``
+    (features), ``user`` / ``item`` (inline profile features, optional). Unknown keys are ignored.
+    A tuple: the trainer builds one per event, several times cheaper than a pydantic model.
+    """
+
+    user_id: str
+    item_id: str
+    label: int = 1
+    ts: float | None = None
+    context: dict[str, Any] = {}  # shared default, never mutated
+    user: dict[str, Any] | None = None
+    item: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form (what :func:`dumps` writes)."""
+        out: dict[str, Any] = {"user_id": self.user_id, "item_id": self.item_id,
+                               "label": self.label, "ts": self.ts, "context": self.context}
+        if self.user is not None:
+            out["user"] = self.user
+        if self.item is not None:
+            out["item"] = self.item
+        return out
+
+
+# --- the event decoder: the one place the event rules live ------------------------------------
+
+
+def _got(value: Any) -> str:
+    return repr(value)[:60]
+
+
+def _check_id(obj: dict[str, Any], name: str) -> str:
+    """An id field: a string (or integer, as its text) of 1 to MAX_ID_LEN characters.
+
+    The length is checked before surrounding whitespace is stripped (as the pydantic schema did).
+    """
+    if name not in obj:
+        raise MessageInvalid(f"{name}: Field required")
+    value = obj[name]
+    kind = type(value)
+    if kind is not str:
+        if kind is bool:
+            raise MessageInvalid(
+                f"{name}: an id must be a string (or an integer), not a boolean (got {_got(value)})"
+            )
+        if kind is not int:
+            raise MessageInvalid(f"{name}: Input should be a valid string (got {_got(value)})")
+        value = str(value)
+    if not 0 < len(value) <= MAX_ID_LEN:
+        raise MessageInvalid(
+            f"{name}: should have 1 to {MAX_ID_LEN} characters (got {len(value)})"
+        )
+    return value.strip(_WHITESPACE)
+
+
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + (
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+"""Unicode White_Space, what the schema strips around ids (``str.strip()`` also strips
+``\\x1c``-``\\x1f``)."""
+
+
+def _check_label(obj: dict[str, Any]) -> int:
+    value = obj.get("label", 1)
+    kind = type(value)
+    if (kind is int or kind is bool or kind is float) and (value == 0 or value == 1):
+        return int(value)
+    raise MessageInvalid(f"label: Input should be 0 or 1 (got {_got(value)})")
+
+
+def _check_ts(obj: dict[str, Any]) -> float | None:
+    value = obj.get("ts")
+    if value is None:
+        return None
+    kind = type(value)
+    if kind is float:
+        ts = value
+    elif kind is int or kind is bool:
+        ts = float(value) if abs(value) < 1e300 else math.inf
+    elif kind is str and value.isascii():
+        try:
+            ts = float(value)
+        except ValueError:
+            raise MessageInvalid(
+                f"ts: Input should be a valid number (got {_got(value)})"
+            ) from None
+    else:
+        raise MessageInvalid(f"ts: Input should be a valid number (got {_got(value)})")
+    if not 0.0 <= ts < 1e11:  # also False for NaN
+        raise MessageInvalid(f"ts: must be finite seconds since epoch, got {ts}")
+    return ts
+
+
+def _check_feature_values(name: str, features: Any) -> dict[str, Any]:
+    """Feature values: strings, finite numbers (a boolean counts as 0/1) or lists of those;
+    at most MAX_FEATURES names and MAX_LIST_VALUES values per list. Returns ``features`` itself
+    unless a boolean had to become a number (then a converted copy)."""
+    if type(features) is not dict:
+        raise MessageInvalid(f"{name}: Input should be a valid dictionary (got {_got(features)})")
+    converted: dict[str, Any] | None = None
+    for key, value in features.items():
+        kind = type(value)
+        if kind is str or kind is int:
+            continue
+        if kind is float:
+            if not math.isfinite(value):
+                raise MessageInvalid(f"{name}.{key}: value must be finite, got {value}")
+            continue
+        if kind is bool:
+            converted = converted if converted is not None else dict(features)
+            converted[key] = int(value)
+            continue
+        if kind is list:
+            if len(value) > MAX_LIST_VALUES:
+                raise MessageInvalid(f"{name}.{key}: at most {MAX_LIST_VALUES} values")
+            if any(type(v) is bool for v in value):
+                converted = converted if converted is not None else dict(features)
+                value = converted[key] = [int(v) if type(v) is bool else v for v in value]
+            for v in value:
+                k = type(v)
+                if k is float:
+                    if not math.isfinite(v):
+                        raise MessageInvalid(f"{name}.{key}: value must be finite, got {v}")
+                elif k is not str and k is not int:
+                    raise MessageInvalid(
+                        f"{name}.{key}: expected string/number, got {type(v).__name__}"
+                    )
+            continue
+        raise MessageInvalid(f"{name}.{key}: expected string/number, got {kind.__name__}")
+    if len(features) > MAX_FEATURES:
+        raise MessageInvalid(f"{name}: at most {MAX_FEATURES} features, got {len(features)}")
+    return features if converted is None else converted
+
+
+def parse_event(obj: Any) -> Event:
+    """Validate one decoded JSON value as an :class:`Event`.
+
+    The single decoder of ``fm.events`` (trainer, tests, tools); the rules are the wire contract
+    of DESIGN.md. Raises :class:`DecodeError` when ``obj`` is not a JSON object and
+    :class:`MessageInvalid` (naming the field) when a field breaks a rule.
+    """
+    if type(obj) is not dict:
+        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
+    user_id = _check_id(obj, "user_id")
+    item_id = _check_id(obj, "item_id")
+    label = _check_label(obj)
+    ts = _check_ts(obj)
+    context = obj.get("context", _EMPTY)
+    if context is not _EMPTY:
+        context = _check_feature_values("context", context)
+    user = obj.get("user")
+    if user is not None:
+        user = _check_feature_values("user", user)
+    item = obj.get("item")
+    if item is not None:
+        item = _check_feature_values("item", item)
+    return Event(user_id, item_id, label, ts, context, user, item)
+
+
+_EMPTY: dict[str, Any] = Event._field_defaults["context"]
+
+
+def decode_event(raw: bytes | None) -> Event:
+    """Parse and validate one ``fm.events`` message.
+
+    Raises:
+        DecodeError: not a JSON object. MessageInvalid: a field breaks a rule.
+    """
+    return parse_event(loads_object(raw))
 
 
 class UserProfile(_Message):
@@ -187,10 +349,12 @@ class DecodeError(ValueError):
     """The bytes are not a JSON object (stage ``decode``)."""
 
 
-def dumps(message: BaseModel | dict[str, Any]) -> bytes:
+def dumps(message: BaseModel | Event | dict[str, Any]) -> bytes:
     """Encode a message (or a plain dict) as compact UTF-8 JSON."""
     if isinstance(message, BaseModel):
         message = message.model_dump(mode="json")
+    elif isinstance(message, Event):
+        message = message.to_json()
     return orjson.dumps(message)
 
 

@@ -54,14 +54,14 @@ def loop(settings: Settings) -> Iterator[Settings]:
 
 def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
     settings = loop
-    producer = make_producer(settings)
-    produce_profiles(producer, settings, STREAM.user_profiles(), STREAM.item_profiles())
-    produce_events(producer, settings, STREAM.events(20_000))
+    producer = make_producer(settings.kafka_config())
+    produce_profiles(producer, settings.topics(), STREAM.user_profiles(), STREAM.item_profiles())
+    produce_events(producer, settings.topics(), STREAM.events(20_000))
     producer.send(settings.topic_events, key=b"u1", value=b"{malformed")
     producer.close()
 
     users = [f"u{n}" for n in range(0, 300, 15)]
-    store = VectorStore(redis.Redis.from_url(settings.redis_url), settings)
+    store = VectorStore(redis.Redis.from_url(settings.redis_url), settings.redis_keys())
     wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 20_000, 120,
               "the trainer to apply the whole stream")
     time.sleep(1.5)  # the next publish cycle covers the last batch

@@ -37,11 +37,12 @@ class LeaseLost(RuntimeError):
 
 
 class Lease:
-    """An exclusive, expiring lease on ``key``."""
+    """An exclusive, expiring lease on ``key``; :attr:`ttl_s` is its time to live."""
 
     def __init__(self, client: redis.Redis, key: str, ttl_s: float = 15.0) -> None:
         self._client = client
         self._key = key
+        self.ttl_s = ttl_s
         self._ttl_ms = int(ttl_s * 1000)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._renew = client.register_script(_RENEW)

@@ -7,7 +7,7 @@ Guarantees (see README "Trainer guarantees"):
 - Kafka positions live inside the model checkpoint. On start the newest valid checkpoint is
   restored and every partition is sought to its stored position, so an event is applied once
   even across kill -9. Group commits follow checkpoints (for lag monitoring) and never lead them.
-- One trainer per model holds the Redis lease (:mod:`stream.resilience` has the rules for Redis
+- One trainer per model holds the Redis lease (:mod:`train.resilience` has the rules for Redis
   outages). Because only the lease holder consumes, the trainer assigns itself every partition of
   its topics instead of joining a group rebalance: a restart after kill -9 resumes at once instead
   of waiting out the dead member's session. The group id names the committed offsets that
@@ -23,21 +23,20 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import orjson
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from fmstream.settings import Settings
 from model.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
 from model.errors import CheckpointError, ModelError
 from model.online import OnlineFM
-from stream.consume import Decoded, decode_records, flatten, make_consumer
-from stream.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
-from stream.schemas import MAX_FEATURES, MAX_ID_LEN, Event, ItemProfile, UserProfile
+from stream.consume import Decoded, decode_events, decode_records, flatten, make_consumer
+from stream.schemas import Event, ItemProfile, UserProfile
+from train.config import TrainerConfig
+from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,31 @@ PHASES = ("poll", "decode", "update", "publish", "checkpoint")
 class EventSink(Protocol):
     """What the trainer tells the serving side after each applied batch."""
 
-    def applied(self, events: Sequence[TrainEvent]) -> None: ...
+    def applied(self, events: Sequence[Event]) -> None: ...
 
     def profiles_changed(self, user_ids: Sequence[str]) -> None: ...
 
     def checkpointed(self, progress: Progress) -> None: ...
 
     def tick(self, now: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainerStats:
+    """A trainer's counters at one moment (what its metrics report)."""
+
+    events_applied: int
+    dead_letters: int  # sent by this process
+    newest_event_ts: float | None
+    checkpoint_age_s: float  # since the last checkpoint (or the start)
+
+
+class BatchObserver(Protocol):
+    """Told about every applied poll (the trainer's metrics)."""
+
+    def batch_applied(
+        self, records: Sequence[ConsumerRecord], seconds: float, stats: TrainerStats
+    ) -> None: ...
 
 
 @dataclass
@@ -97,27 +114,6 @@ def tp_key(topic: str, partition: int) -> str:
     return f"{topic}|{partition}"
 
 
-class TrainEvent(NamedTuple):
-    """A validated event as the trainer applies it and hands it to the sink.
-
-    The wire model is :class:`~stream.schemas.Event` (validated once, at the edge); inside, a
-    tuple is several times cheaper to build than a pydantic model, and the trainer builds one
-    per event (see :func:`plain_event`).
-    """
-
-    user_id: str
-    item_id: str
-    label: int = 1
-    ts: float | None = None
-    context: dict[str, Any] = {}  # shared default, never mutated
-    user: dict[str, Any] | None = None
-    item: dict[str, Any] | None = None
-
-    @classmethod
-    def from_event(cls, e: Event) -> TrainEvent:
-        return cls(e.user_id, e.item_id, e.label, e.ts, e.context, e.user, e.item)
-
-
 def merge_profile(stored: dict | None, inline: dict | None) -> dict | None:
     """The profile after an event that carries profile fields inline (``"user": {...}``).
 
@@ -134,18 +130,18 @@ class Trainer:
     """Consumes events and profiles, updates the FM, checkpoints with the Kafka positions.
 
     Args:
-        settings: topics, group, checkpoint cadence and folder, message size limit.
+        config: topics, group, checkpoint cadence and folder, message size limit.
         dead_letter_producer: an idempotent producer (acks=all) for the dead-letter topic.
         sink: the publisher (may also be set later through :attr:`sink`); Redis errors it raises
             pause publishing, never training.
-        lease: the trainer lease (``serving.lease.Lease``), held by the caller; renewed here.
+        lease: the trainer lease (``train.lease.Lease``), held by the caller; renewed here.
         renew_lease: instead of ``lease``, a bare renew callable (tests; TTL ``lease_ttl_s``).
         new_model: builds the model when there is no checkpoint.
     """
 
     def __init__(
         self,
-        settings: Settings,
+        config: TrainerConfig,
         *,
         dead_letter_producer,
         sink: EventSink | None = None,
@@ -154,17 +150,17 @@ class Trainer:
         lease_ttl_s: float = 15.0,
         new_model: Callable[[], OnlineFM],
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._sink: GuardedSink | None = None
         self.sink = sink
-        self.metrics = None  # a stream.metrics.TrainerMetrics while /metrics is served
+        self.metrics: BatchObserver | None = None  # train.metrics.TrainerMetrics while served
         self._own_checkpoint: str | None = None
         restored = self._restore()
         if restored is None:
             self.model = new_model()
             self.progress = Progress()
-            log.info("no checkpoint in %s: starting a new model", settings.checkpoint_dir)
+            log.info("no checkpoint in %s: starting a new model", config.checkpoint_dir)
         else:
             self.model, meta = restored
             self.progress = Progress.from_metadata(meta)
@@ -174,23 +170,24 @@ class Trainer:
                 self.progress.events_applied,
             )
         if lease is not None:
-            # Lease keeps its TTL private; read it so the keeper never outlives the real lease.
-            ttl_s = getattr(lease, "ttl_s", None) or lease._ttl_ms / 1000.0
             self.lease = LeaseKeeper(
                 lease.renew,
-                ttl_s,
+                lease.ttl_s,  # the keeper never outlives the real lease
                 try_acquire=lease.try_acquire,
                 may_reacquire=self._newest_checkpoint_is_ours,
             )
         else:
             self.lease = LeaseKeeper(renew_lease or (lambda: None), lease_ttl_s)
-        self.dead_letters = DeadLetterOutbox(dead_letter_producer, settings.topic_dlq)
+        self.dead_letters = DeadLetterOutbox(dead_letter_producer, config.topics.dlq)
         self._dead_letters_restored = self.progress.dead_letters
-        self.topics = (settings.topic_users, settings.topic_items, settings.topic_events)
+        self.topics = config.topics.training
         # kafka-python backs reconnects off up to 30 s: after a broker outage the trainer would
         # sit idle that long once the broker is back. 1 s, as the Java client's default.
         self.consumer = make_consumer(
-            settings, settings.trainer_group, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS
+            config.kafka,
+            config.group,
+            max_poll_records=config.max_poll_records,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
         self._assigned: set[TopicPartition] = set()
         self._assigned_at = 0.0
@@ -199,6 +196,15 @@ class Trainer:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._checkpoint_retry_at = 0.0
+
+    def stats(self) -> TrainerStats:
+        """What the trainer has done so far (for metrics; cheap, safe from any thread)."""
+        return TrainerStats(
+            events_applied=self.progress.events_applied,
+            dead_letters=self.dead_letters.count,
+            newest_event_ts=self.progress.newest_event_ts,
+            checkpoint_age_s=time.monotonic() - self._last_checkpoint,
+        )
 
     @property
     def sink(self) -> GuardedSink | None:
@@ -213,7 +219,7 @@ class Trainer:
 
     def _restore(self) -> tuple[OnlineFM, dict[str, Any]] | None:
         """The newest checkpoint that loads (corrupt ones are skipped and logged)."""
-        for path in reversed(checkpoint_files(self.settings.checkpoint_dir)):
+        for path in reversed(checkpoint_files(self.config.checkpoint_dir)):
             try:
                 restored = load_checkpoint(path)
             except CheckpointError as exc:
@@ -225,7 +231,7 @@ class Trainer:
 
     def _newest_checkpoint_is_ours(self) -> bool:
         """Nobody else wrote a checkpoint since our last one (safe to re-take an expired lease)."""
-        files = checkpoint_files(Path(self.settings.checkpoint_dir))
+        files = checkpoint_files(Path(self.config.checkpoint_dir))
         return (files[-1].name if files else None) == self._own_checkpoint
 
     # --- partitions -----------------------------------------------------------------------
@@ -309,7 +315,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.apply_records(records)
             if self.metrics is not None:
-                self.metrics.batch_applied(self, records, time.perf_counter() - t0)
+                self.metrics.batch_applied(records, time.perf_counter() - t0, self.stats())
         if self._checkpoint_due():
             self.checkpoint()
         if self._sink is not None:
@@ -325,8 +331,8 @@ class Trainer:
         if now < self._checkpoint_retry_at:
             return False
         return (
-            self._since_checkpoint >= self.settings.checkpoint_every_events
-            or now - self._last_checkpoint >= self.settings.checkpoint_every_s
+            self._since_checkpoint >= self.config.checkpoint_every_events
+            or now - self._last_checkpoint >= self.config.checkpoint_every_s
         )
 
     def apply_records(self, records: list[ConsumerRecord]) -> None:
@@ -335,16 +341,14 @@ class Trainer:
         by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
         for r in records:
             by_topic[r.topic].append(r)
-        limit = self.settings.max_message_bytes
+        limit, topics = self.config.max_message_bytes, self.config.topics
         users = decode_records(
-            by_topic[self.settings.topic_users], UserProfile, self.dead_letters, max_bytes=limit
+            by_topic[topics.users], UserProfile, self.dead_letters, max_bytes=limit
         )
         items = decode_records(
-            by_topic[self.settings.topic_items], ItemProfile, self.dead_letters, max_bytes=limit
+            by_topic[topics.items], ItemProfile, self.dead_letters, max_bytes=limit
         )
-        events = decode_events(
-            by_topic[self.settings.topic_events], self.dead_letters, max_bytes=limit
-        )
+        events = decode_events(by_topic[topics.events], self.dead_letters, max_bytes=limit)
         t1 = time.perf_counter()
         self.timings["decode"] += t1 - t0
         users = self._apply_profiles(users, self.model.upsert_users, "user_id")
@@ -375,10 +379,10 @@ class Trainer:
             ),
         )
 
-    def _apply_events(self, events: list[Decoded[TrainEvent]]) -> list[Decoded[TrainEvent]]:
+    def _apply_events(self, events: list[Decoded[Event]]) -> list[Decoded[Event]]:
         """Update the model with ``events`` (inline profiles first) as one mini-batch."""
 
-        def apply(ds: list[Decoded[TrainEvent]]) -> None:
+        def apply(ds: list[Decoded[Event]]) -> None:
             messages = [d.message for d in ds]
             self._upsert_inline_profiles(messages)
             self._learn(messages)
@@ -408,7 +412,7 @@ class Trainer:
         mid = len(decoded) // 2
         return self._isolating(decoded[:mid], apply) + self._isolating(decoded[mid:], apply)
 
-    def _upsert_inline_profiles(self, events: Sequence[TrainEvent]) -> None:
+    def _upsert_inline_profiles(self, events: Sequence[Event]) -> None:
         for side, attr, upsert, profile_of in (
             ("user", "user_id", self.model.upsert_users, self.model.user_profile),
             ("item", "item_id", self.model.upsert_items, self.model.item_profile),
@@ -422,7 +426,7 @@ class Trainer:
             if merged:
                 upsert(list(merged), list(merged.values()))
 
-    def _learn(self, events: Sequence[TrainEvent]) -> None:
+    def _learn(self, events: Sequence[Event]) -> None:
         ts = np.array([e.ts if e.ts is not None else time.time() for e in events], dtype=np.float64)
         self.model.learn_many(
             [e.user_id for e in events],
@@ -460,7 +464,7 @@ class Trainer:
                 log.warning("checkpoint deferred: the trainer lease is not provably ours")
                 return self._defer_checkpoint()
             path = save_checkpoint(
-                self.settings.checkpoint_dir, self.model, self.progress.to_metadata()
+                self.config.checkpoint_dir, self.model, self.progress.to_metadata()
             )
             self._own_checkpoint = path.name
             self._since_checkpoint = 0
@@ -502,81 +506,6 @@ class Trainer:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, pos)
-
-
-# --- decoding ---------------------------------------------------------------------------------
-
-_PLAIN_EVENT_KEYS = frozenset(("user_id", "item_id", "label", "ts", "context"))
-
-
-def plain_event(obj: Any) -> TrainEvent | None:
-    """The common event shape, built without running pydantic; None for anything else.
-
-    Accepts only what :class:`Event` validation would accept *unchanged*: string ids of 1 to
-    ``MAX_ID_LEN`` characters without surrounding whitespace, label 0/1, a finite ``ts`` in
-    range (or none), a context of string values, no other keys. Everything else (inline
-    profiles, numeric or list features, anything odd) returns None and goes through the full
-    pydantic validation, which also writes the dead-letter reason. The pydantic path costs about
-    four times as much per event as this check (see ``bench/ingest.py``'s decode share).
-    """
-    if type(obj) is not dict or not _PLAIN_EVENT_KEYS.issuperset(obj):
-        return None
-    user, item = obj.get("user_id"), obj.get("item_id")
-    if type(user) is not str or type(item) is not str:
-        return None
-    if not (0 < len(user) <= MAX_ID_LEN and 0 < len(item) <= MAX_ID_LEN):
-        return None
-    if user.strip() != user or item.strip() != item:
-        return None
-    label = obj.get("label", 1)
-    if type(label) is not int or (label != 0 and label != 1):
-        return None
-    ts = obj.get("ts")
-    if ts is not None:
-        if type(ts) is int:
-            ts = float(ts)
-        elif type(ts) is not float:
-            return None
-        if not 0.0 <= ts < 1e11:  # also False for NaN
-            return None
-    if "context" in obj:
-        context = obj["context"]
-        if type(context) is not dict or len(context) > MAX_FEATURES:
-            return None
-        for value in context.values():
-            if type(value) is not str:
-                return None
-    else:
-        context = {}
-    return TrainEvent(user, item, label, ts, context)
-
-
-def decode_events(
-    records: Sequence[ConsumerRecord], dead_letters, *, max_bytes: int
-) -> list[Decoded[TrainEvent]]:
-    """Decode event records in order: :func:`plain_event` first, full validation otherwise.
-
-    Same verdicts and dead letters as ``decode_records(records, Event, ...)``, faster on the
-    common shape; each message is still judged on its own (one bad message never fails others).
-    """
-    out: list[Decoded[TrainEvent]] = []
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
-    for record in records:
-        value = record.value
-        event = None
-        if value is not None and len(value) <= max_bytes:
-            try:
-                event = plain_event(loads(value))
-            except decode_error:
-                event = None
-        if event is not None:
-            out.append(Decoded(event, record))
-        else:
-            out.extend(
-                Decoded(TrainEvent.from_event(d.message), record)
-                for d in decode_records((record,), Event, dead_letters, max_bytes=max_bytes)
-            )
-    return out
 
 
 def _log_commit_failure(offsets, response) -> None:

@@ -18,15 +18,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmstream.settings import Settings
 from model.online import OnlineFM
 from serving.index import FlatIndex, ItemSnapshot, LoadedIndex
 from serving.queries import item_queries
-from serving.store import VectorStore
+from train.config import PublishConfig
+from train.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
 POPULAR_K = 1000
+
+
+@dataclass(frozen=True)
+class PublishStats:
+    """What the publisher has published (for metrics)."""
+
+    version: int  # the item snapshot version last published
+    times: PublishTimes  # wall-clock seconds of the last publish of each kind (0 = never)
 
 
 @dataclass
@@ -42,8 +50,8 @@ class PublishTimes:
 class Publisher:
     """Writes user vectors, item snapshots, offline i2i and popularity to the store on cadences."""
 
-    def __init__(self, settings: Settings, store: VectorStore, model: OnlineFM) -> None:
-        self.settings = settings
+    def __init__(self, config: PublishConfig, store: StoreWriter, model: OnlineFM) -> None:
+        self.config = config
         self.store = store
         self.model = model
         self.times = PublishTimes()
@@ -54,6 +62,11 @@ class Publisher:
         self.version = (store.current_item_version() or 0)
         self.last: dict[str, float] = {}
 
+    def stats(self) -> PublishStats:
+        """The version and publish times now (a copy, safe to read from another thread)."""
+        t = self.times
+        return PublishStats(self.version, PublishTimes(t.users, t.sweep, t.items, t.i2i))
+
     # --- fed by the trainer ----------------------------------------------------------------
 
     def applied(self, events: Sequence) -> None:
@@ -63,7 +76,7 @@ class Publisher:
         if positives:
             self.store.push_history(
                 [e.user_id for e in positives], [e.item_id for e in positives],
-                self.settings.history_len,
+                self.config.history_len,
             )
         self._items_dirty = self._i2i_dirty = True
 
@@ -85,7 +98,7 @@ class Publisher:
     def tick(self, now: float | None = None) -> None:
         """Publish whatever is due at ``now``. Cheap when nothing is."""
         now = time.time() if now is None else now
-        s = self.settings
+        s = self.config
         if self._items_dirty and now - self.times.items >= s.publish_items_s:
             self.publish_items(now)
         if self._active and now - self.times.users >= s.publish_active_s:
@@ -117,7 +130,7 @@ class Publisher:
         users = self.model.known_users()
         if not users:
             return 0
-        cycles = max(1.0, self.settings.publish_all_s / self.settings.publish_active_s)
+        cycles = max(1.0, self.config.publish_all_s / self.config.publish_active_s)
         size = int(np.ceil(len(users) / cycles))
         start = self._sweep_pos % len(users)
         chunk = users[start:start + size]
@@ -165,7 +178,7 @@ class Publisher:
         snapshot = ItemSnapshot(self.version, list(ids), vectors.astype(np.float32),
                                 float(self.model.bias), {}, now)
         loaded = LoadedIndex(snapshot, FlatIndex(snapshot.vectors))
-        k = self.settings.offline_i2i_k
+        k = self.config.offline_i2i_k
         table: dict[str, list[tuple[str, float]]] = {}
         step = 4096
         for start in range(0, len(ids), step):

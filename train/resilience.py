@@ -3,13 +3,13 @@ guarded sink.
 
 The trainer's rules (README "Trainer guarantees"):
 
-- **Lease.** The Redis lease (``serving/lease.py``) says which trainer may write checkpoints. The
+- **Lease.** The Redis lease (``train/lease.py``) says which trainer may write checkpoints. The
   trainer renews it about once a second. A renewal that *succeeded*, sent at time ``t``, proves
   the lease is ours until ``t + ttl``: nobody else can take it before it expires. So during a
   Redis outage the trainer keeps training and checkpointing until ``t + ttl - margin``; past that
   it pauses (no polls, no dead letters, no checkpoints) and retries Redis. When Redis answers:
   the lease still ours, or free again with the newest checkpoint on disk still our own, means
-  carry on; anyone else holding it raises :class:`~serving.lease.LeaseLost` and the trainer
+  carry on; anyone else holding it raises :class:`~train.lease.LeaseLost` and the trainer
   stops without writing. Checkpoints hold the model and its Kafka positions together, so even a
   stale writer could not make an event count twice; the lease keeps two trainers from wasting
   work, duplicating dead letters and publishing over each other.
@@ -35,9 +35,9 @@ from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
-from serving.lease import LeaseLost
 from stream.consume import dead_letter_for
 from stream.schemas import dumps
+from train.lease import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -308,14 +308,14 @@ class GuardedSink:
         self._call("tick", self.sink.tick, now)
 
 
-def lease_client(settings: Any, timeout_s: float = 2.0) -> redis.Redis:
+def lease_client(redis_url: str, timeout_s: float = 2.0) -> redis.Redis:
     """A Redis client for the lease: short timeouts, one retry, so that a Redis that hangs
     (rather than refuses) cannot hold a renewal for longer than a few seconds of the TTL."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     return redis.Redis.from_url(
-        settings.redis_url,
+        redis_url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),

@@ -37,6 +37,7 @@ from stream.lag import PartitionLag
 from stream.replay import produce_events
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO, wait_for
+from train.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAM = SyntheticStream(users=100, items=50, clusters=4, seed=5)
@@ -95,12 +96,17 @@ def _exported_names() -> set[str]:
     from prometheus_client import generate_latest
 
     from serving.metrics import WorkerMetrics
-    from stream.metrics import GroupLagCollector, TrainerMetrics, new_registry
+    from stream.metrics import GroupLagCollector, new_registry
+    from train.loop import TrainerStats
+    from train.metrics import TrainerMetrics
+    from train.publisher import PublishStats, PublishTimes
 
-    trainer = SimpleNamespace(progress=SimpleNamespace(newest_event_ts=None, events_applied=0),
-                              _last_checkpoint=time.monotonic(),
-                              dead_letters=SimpleNamespace(count=0))
-    publisher = SimpleNamespace(times=SimpleNamespace(users=0.0, items=0.0, i2i=0.0), version=0)
+    def trainer() -> TrainerStats:
+        return TrainerStats(events_applied=0, dead_letters=0, newest_event_ts=None,
+                            checkpoint_age_s=0.0)
+
+    def publisher() -> PublishStats:
+        return PublishStats(version=0, times=PublishTimes())
     names = set()
     for registry, metrics in ((new_registry(), "trainer"), (new_registry(), "worker")):
         if metrics == "trainer":
@@ -170,11 +176,11 @@ def state(settings: Settings, kafka_io: KafkaIO, redis_client: redis.Redis,
         consumer.assign([TopicPartition(*tp)])
         consumer.commit({TopicPartition(*tp): OffsetAndMetadata(offset, "", -1)})
         consumer.close(autocommit=False)
-    store = VectorStore(redis_client, settings)
+    store = VectorStore(redis_client, settings.redis_keys())
     now = time.time()
-    store.put_status(model_version=7, trainer_event_time=now - 12, checkpoint_at=now - 3,
-                     users_published_at=now - 1, items_published_at=now - 2,
-                     i2i_published_at=now - 40)
+    StoreWriter(redis_client, settings.redis_keys()).put_status(
+        model_version=7, trainer_event_time=now - 12, checkpoint_at=now - 3,
+        users_published_at=now - 1, items_published_at=now - 2, i2i_published_at=now - 40)
     store.set_worker_version("w1", 7)
     store.set_worker_version("w2", 6)
     _use(monkeypatch, settings)
@@ -324,9 +330,9 @@ def stack(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setti
 def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io: KafkaIO) -> None:
     s = stack
     tport, wport = s.trainer_metrics_port, s.worker_metrics_port
-    producer = make_producer(s)
+    producer = make_producer(s.kafka_config())
     events = list(STREAM.events(1300))
-    produce_events(producer, s, events[:1000])
+    produce_events(producer, s.topics(), events[:1000])
     producer.flush()
 
     # 1000 records: the trainer checkpoints and commits them all -> a caught-up group reports 0.
@@ -351,7 +357,7 @@ def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io
         kafka_io.produce(s.topic_requests, [orjson.dumps(
             {"request_id": f"r{p}", "type": "u2i", "user_id": "u1", "k": 3})], partition=p)
     # 300 more events: applied, but not checkpointed (< 1000), so not committed -> lag 300.
-    produce_events(producer, s, events[1000:])
+    produce_events(producer, s.topics(), events[1000:])
     producer.close()
 
     def quiescent():

@@ -54,15 +54,17 @@ def test_worker_with_hnsw_reuses_its_graph_across_swaps(settings, redis_client) 
     from serving.index import ItemSnapshot
     from serving.store import VectorStore
     from serving.worker import Worker
+    from train.store_writer import StoreWriter
 
     settings = settings.model_copy(update={"index_kind": "hnsw", "hnsw_m": 8})
-    store = VectorStore(redis_client, settings)
+    store = VectorStore(redis_client, settings.redis_keys())
+    writer = StoreWriter(redis_client, settings.redis_keys())
     worker = Worker(settings, store)
     v = _vectors(1000)
     ids = [f"i{j}" for j in range(1000)]
-    store.put_item_snapshot(ItemSnapshot(1, ids, v))
+    writer.put_item_snapshot(ItemSnapshot(1, ids, v))
     assert worker.refresh()
-    store.put_item_snapshot(ItemSnapshot(2, ids + ["new"], np.vstack([v * 1.01, v[:1] * 9])))
+    writer.put_item_snapshot(ItemSnapshot(2, ids + ["new"], np.vstack([v * 1.01, v[:1] * 9])))
     assert worker.refresh()
     loaded = worker.state.loaded
     assert loaded.version == 2 and isinstance(loaded.index, FreshGraphIndex)

@@ -18,10 +18,11 @@ from model.online import OnlineFM, TrainConfig
 from model.schema import FeatureSchema
 from serving.client import FmClient
 from serving.errors import ClientTimeout
-from serving.publisher import Publisher
 from serving.store import VectorStore
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import consume_all
+from train.publisher import Publisher
+from train.store_writer import StoreWriter
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,8 @@ def _published_model(settings: Settings, redis_client) -> SyntheticStream:
         chunk = events[i:i + 1000]
         model.learn_many([e["user_id"] for e in chunk], [e["item_id"] for e in chunk],
                          contexts=[e["context"] for e in chunk])
-    Publisher(settings, VectorStore(redis_client, settings), model).publish_all()
+    writer = StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
+    Publisher(settings.publish_config(), writer, model).publish_all()
     return stream
 
 
@@ -49,7 +51,7 @@ def _worker(settings: Settings, log: Path) -> subprocess.Popen:
 def test_kill_one_of_two_workers_under_load(settings: Settings, redis_client, tmp_path) -> None:
     settings = settings.model_copy(update={"worker_session_timeout_ms": 6000})
     stream = _published_model(settings, redis_client)
-    store = VectorStore(redis_client, settings)
+    store = VectorStore(redis_client, settings.redis_keys())
     workers = [_worker(settings, tmp_path / f"worker{n}.log") for n in range(2)]
     try:
         deadline = time.monotonic() + 90

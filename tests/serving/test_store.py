@@ -1,4 +1,5 @@
-"""VectorStore against the real Redis of the test session."""
+"""The Redis state, written by StoreWriter and read by VectorStore, against the real Redis of
+the test session."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from fmstream.settings import Settings
 from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
+from train.store_writer import StoreWriter
 
 
 @pytest.fixture
 def store(redis_client: redis.Redis, settings: Settings) -> VectorStore:
-    return VectorStore(redis_client, settings)
+    return VectorStore(redis_client, settings.redis_keys())
+
+
+@pytest.fixture
+def writer(redis_client: redis.Redis, settings: Settings) -> StoreWriter:
+    return StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
 
 
 def snapshot(version: int, n: int = 50, dim: int = 6, seed: int = 0) -> ItemSnapshot:
@@ -35,42 +42,44 @@ def prefixed_keys(client: redis.Redis, settings: Settings, pattern: str = "*") -
     return {k.decode() for k in client.scan_iter(match=settings.redis_prefix + pattern)}
 
 
-def test_user_vectors_round_trip(store: VectorStore) -> None:
+def test_user_vectors_round_trip(store: VectorStore, writer: StoreWriter) -> None:
     vectors = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
     before = time.time()
-    store.put_user_vectors(["u1", "u2", "u:3"], vectors, version=9)
+    writer.put_user_vectors(["u1", "u2", "u:3"], vectors, version=9)
     got = store.get_user_vectors(["u:3", "nobody", "u1"])
     assert got.found.tolist() == [True, False, True]
     np.testing.assert_array_equal(got.vectors, np.stack([vectors[2], np.zeros(4), vectors[0]]))
     assert got.vectors.dtype == np.float32
     assert got.versions.tolist() == [9, -1, 9]
     assert before <= got.published_at[0] <= time.time() and np.isnan(got.published_at[1])
-    store.put_user_vectors(["u1"], vectors[1:2] * 2, version=10)  # overwrite, newer version
+    writer.put_user_vectors(["u1"], vectors[1:2] * 2, version=10)  # overwrite, newer version
     again = store.get_user_vectors(["u1"])
     np.testing.assert_array_equal(again.vectors[0], vectors[1] * 2)
     assert again.versions.tolist() == [10]
     none = store.get_user_vectors(["x", "y"], dim=4)
     assert none.vectors.shape == (2, 4) and not none.found.any()
     with pytest.raises(ServingError, match="one vector per id"):
-        store.put_user_vectors(["a"], vectors, version=1)
+        writer.put_user_vectors(["a"], vectors, version=1)
 
 
-def test_history_is_bounded_newest_first_and_deduplicated(store: VectorStore) -> None:
-    store.push_history(["u", "v", "u", "u"], ["i1", "j1", "i2", "i1"], max_len=5)
-    store.push_history(["u"] * 6, [f"k{i}" for i in range(6)], max_len=5)
+def test_history_is_bounded_newest_first_and_deduplicated(
+    store: VectorStore, writer: StoreWriter
+) -> None:
+    writer.push_history(["u", "v", "u", "u"], ["i1", "j1", "i2", "i1"], max_len=5)
+    writer.push_history(["u"] * 6, [f"k{i}" for i in range(6)], max_len=5)
     hist = store.get_histories(["u", "v", "nobody"])
     assert hist == [["k5", "k4", "k3", "k2", "k1"], ["j1"], []]
-    store.push_history(["w", "w", "w"], ["a", "b", "a"], max_len=3)
+    writer.push_history(["w", "w", "w"], ["a", "b", "a"], max_len=3)
     assert store.get_histories(["w"]) == [["a", "b"]]  # newest occurrence wins, no repeats
-    assert store.redis.llen(store.key("hist", "u")) == 5
+    assert store.redis.llen(store.keys.history("u")) == 5
 
 
-def test_item_snapshot_round_trip_in_many_chunks(store: VectorStore) -> None:
+def test_item_snapshot_round_trip_in_many_chunks(store: VectorStore, writer: StoreWriter) -> None:
     assert store.current_item_version() is None
     with pytest.raises(SnapshotMissing, match="no item snapshot published"):
         store.load_item_snapshot()
     snap = snapshot(1, n=200, dim=9)
-    assert store.put_item_snapshot(snap, chunk_bytes=1000)
+    assert writer.put_item_snapshot(snap, chunk_bytes=1000)
     manifest = store.item_manifest()
     assert manifest["chunks"] == 8 and manifest["ids_chunks"] > 1
     assert manifest["n"] == 200 and manifest["dim"] == 9
@@ -84,25 +93,29 @@ def test_item_snapshot_round_trip_in_many_chunks(store: VectorStore) -> None:
     assert loaded.row_of["item-7-é"] == 7
 
 
-def test_pointer_only_moves_forward(store: VectorStore) -> None:
-    assert store.put_item_snapshot(snapshot(5, seed=5))
-    assert not store.put_item_snapshot(snapshot(3, seed=3))  # stale: not written at all
-    assert not store.put_item_snapshot(snapshot(5, seed=6))  # same version: not rewritten
+def test_pointer_only_moves_forward(
+    store: VectorStore, writer: StoreWriter, settings: Settings
+) -> None:
+    assert writer.put_item_snapshot(snapshot(5, seed=5))
+    assert not writer.put_item_snapshot(snapshot(3, seed=3))  # stale: not written at all
+    assert not writer.put_item_snapshot(snapshot(5, seed=6))  # same version: not rewritten
     assert store.current_item_version() == 5
     np.testing.assert_array_equal(store.load_item_snapshot().vectors, snapshot(5, seed=5).vectors)
-    assert not prefixed_keys(store.redis, store.settings, "items:3:*")
+    assert not prefixed_keys(store.redis, settings, "items:3:*")
     # The compare-and-set itself, racing a writer that already moved the pointer further:
-    cas = store._cas_forward  # noqa: SLF001 - the script is the atomicity guarantee under test
-    assert cas(keys=[store.key("items", "current")], args=[4]) == 0
-    assert cas(keys=[store.key("items", "current")], args=[6]) == 1
+    cas = writer._cas_forward  # noqa: SLF001 - the script is the atomicity guarantee under test
+    assert cas(keys=[store.keys.items_current()], args=[4]) == 0
+    assert cas(keys=[store.keys.items_current()], args=[6]) == 1
     assert store.current_item_version() == 6
 
 
-def test_old_versions_are_cleaned(store: VectorStore, settings: Settings) -> None:
+def test_old_versions_are_cleaned(
+    store: VectorStore, settings: Settings, writer: StoreWriter
+) -> None:
     keep = settings.keep_versions
     last = keep + 4
     for v in range(1, last + 1):
-        store.put_item_snapshot(snapshot(v, seed=v), chunk_bytes=512)
+        writer.put_item_snapshot(snapshot(v, seed=v), chunk_bytes=512)
     kept = list(range(last - keep, last + 1))  # the current and keep_versions before it
     assert store.item_versions() == kept
     for v in range(1, last - keep):
@@ -113,9 +126,9 @@ def test_old_versions_are_cleaned(store: VectorStore, settings: Settings) -> Non
         assert store.load_item_snapshot(v).version == v
 
 
-def test_corrupt_or_missing_parts_are_detected(store: VectorStore) -> None:
-    store.put_item_snapshot(snapshot(1), chunk_bytes=256)
-    chunk = store.key("items", 1, "chunk", 2)
+def test_corrupt_or_missing_parts_are_detected(store: VectorStore, writer: StoreWriter) -> None:
+    writer.put_item_snapshot(snapshot(1), chunk_bytes=256)
+    chunk = store.keys.items_chunk(1, 2)
     original = store.redis.get(chunk)
     store.redis.setrange(chunk, 4, b"\x00\x01\x02\x03")  # flip bytes in place
     with pytest.raises(SnapshotCorrupt, match="sha256"):
@@ -128,19 +141,19 @@ def test_corrupt_or_missing_parts_are_detected(store: VectorStore) -> None:
         store.load_item_snapshot()
     store.redis.set(chunk, original)
     assert store.load_item_snapshot().version == 1
-    store.redis.set(store.key("items", 1, "manifest"), b"{not json")
+    store.redis.set(store.keys.items_manifest(1), b"{not json")
     with pytest.raises(SnapshotCorrupt, match="manifest is not JSON"):
         store.load_item_snapshot()
     with pytest.raises(SnapshotMissing, match="v7 has no manifest"):
         store.load_item_snapshot(7)
 
 
-def test_offline_i2i_versions(store: VectorStore, settings: Settings) -> None:
+def test_offline_i2i_versions(store: VectorStore, settings: Settings, writer: StoreWriter) -> None:
     assert store.get_offline_i2i(["a"]) == (None, [None])
-    assert store.put_offline_i2i(1, {"a": [("b", 1.0)]})
-    assert store.put_offline_i2i(2, {"a": [("c", 2.5), ("b", 0.5)], "b": []})
-    assert not store.put_offline_i2i(1, {"a": [("z", 9.0)]})  # never backwards
-    assert store.put_offline_i2i(3, {"a": [("d", 3.0)], "x": [("y", -1.0)]})
+    assert writer.put_offline_i2i(1, {"a": [("b", 1.0)]})
+    assert writer.put_offline_i2i(2, {"a": [("c", 2.5), ("b", 0.5)], "b": []})
+    assert not writer.put_offline_i2i(1, {"a": [("z", 9.0)]})  # never backwards
+    assert writer.put_offline_i2i(3, {"a": [("d", 3.0)], "x": [("y", -1.0)]})
     version, table = store.get_offline_i2i(["a", "b", "x", "nope"])
     assert version == 3
     assert table == [[("d", 3.0)], None, [("y", -1.0)], None]
@@ -150,12 +163,12 @@ def test_offline_i2i_versions(store: VectorStore, settings: Settings) -> None:
     }
 
 
-def test_popular_status_and_workers(store: VectorStore) -> None:
+def test_popular_status_and_workers(store: VectorStore, writer: StoreWriter) -> None:
     assert store.get_popular(3) == []
-    store.put_popular([("a", 1.0), ("b", 5.0), ("c", 3.0)])
+    writer.put_popular([("a", 1.0), ("b", 5.0), ("c", 3.0)])
     assert store.get_popular(2) == [("b", 5.0), ("c", 3.0)]
-    store.put_status(model_version=7, items_published_at=1234.5, note="ok")
-    store.put_status(model_version=8)
+    writer.put_status(model_version=7, items_published_at=1234.5, note="ok")
+    writer.put_status(model_version=8)
     assert store.get_status() == {"model_version": 8, "items_published_at": 1234.5, "note": "ok"}
     store.set_worker_version("w1", 8, ttl_s=0.3)
     store.set_worker_version("w2", 7, ttl_s=30)
@@ -167,5 +180,5 @@ def test_popular_status_and_workers(store: VectorStore) -> None:
 def test_rejects_a_decoding_client(settings: Settings) -> None:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     with pytest.raises(ServingError, match="decode_responses=False"):
-        VectorStore(client, settings)
+        VectorStore(client, settings.redis_keys())
     client.close()

@@ -26,6 +26,7 @@ from serving.queries import item_queries
 from serving.store import VectorStore
 from serving.worker import Worker
 from stream.schemas import Response
+from train.store_writer import StoreWriter
 
 pytestmark = pytest.mark.integration
 
@@ -85,16 +86,17 @@ def check(response: Response, versions: dict[int, Version], user_vecs, req: dict
 
 def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.Redis) -> None:
     settings = settings.model_copy(update={"swap_poll_s": 0.05, "keep_versions": 2})
-    store = VectorStore(redis_client, settings)
+    store = VectorStore(redis_client, settings.redis_keys())
+    writer = StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
     item_ids = [f"it{n}" for n in range(N_ITEMS)]
     rng = np.random.default_rng(7)
     users = [f"user{n}" for n in range(N_USERS)]
     uvecs = rng.standard_normal((N_USERS, DIM)).astype(np.float32)
     uvecs[:, 0] = 1.0  # E_user = [1, lin, V]
-    store.put_user_vectors(users, uvecs, version=1)
+    writer.put_user_vectors(users, uvecs, version=1)
     user_vecs = dict(zip(users, uvecs, strict=True))
     versions: dict[int, Version] = {1: make_version(1, item_ids)}
-    assert store.put_item_snapshot(versions[1].snapshot)
+    assert writer.put_item_snapshot(versions[1].snapshot)
 
     worker = Worker(settings, store, worker_id="swap-worker")
     stop, ready = threading.Event(), threading.Event()
@@ -170,7 +172,7 @@ def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.
                 time.sleep(0.5)
                 for v in range(2, SWAPS + 2):
                     versions[v] = make_version(v, item_ids)
-                    assert store.put_item_snapshot(versions[v].snapshot)
+                    assert writer.put_item_snapshot(versions[v].snapshot)
                     time.sleep(0.3)
                 deadline = time.monotonic() + 30
                 while worker.state.version < SWAPS + 1:

@@ -25,13 +25,14 @@ from fmstream.settings import Settings
 from model.online import OnlineFM, TrainConfig
 from model.schema import FeatureSchema
 from serving.client import FmClient
-from serving.publisher import Publisher
 from serving.queries import item_queries
 from serving.store import VectorStore
 from serving.worker import BLAS_THRESHOLD, Pending, Worker
-from stream.schemas import Event, Request, Response, ScoredItem, dumps
+from stream.schemas import Request, Response, ScoredItem, dumps, parse_event
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO
+from train.publisher import Publisher
+from train.store_writer import StoreWriter
 
 pytestmark = pytest.mark.integration
 
@@ -132,9 +133,10 @@ def served(settings: Settings, redis_client: redis.Redis) -> Iterator[Served]:
     settings = settings.model_copy(update={"max_k": 100, "swap_poll_s": 0.05})
     stream = SyntheticStream(users=150, items=300, clusters=5, seed=11)
     model, events = train_model(stream)
-    store = VectorStore(redis_client, settings)
-    publisher = Publisher(settings, store, model)
-    publisher.applied([Event.model_validate(e) for e in events])  # histories
+    store = VectorStore(redis_client, settings.redis_keys())
+    writer = StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
+    publisher = Publisher(settings.publish_config(), writer, model)
+    publisher.applied([parse_event(e) for e in events])  # histories
     publisher.publish_all()
     running = start_worker(settings, store)
     try:
@@ -226,7 +228,7 @@ def test_not_ready_before_any_snapshot_then_serves_once_published(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     settings = settings.model_copy(update={"swap_poll_s": 0.05})
-    store = VectorStore(redis_client, settings)
+    store = VectorStore(redis_client, settings.redis_keys())
     running = start_worker(settings, store)
     try:
         with FmClient(settings) as client:
@@ -235,7 +237,11 @@ def test_not_ready_before_any_snapshot_then_serves_once_published(
             assert early.items == []
             stream = SyntheticStream(users=50, items=80, clusters=4, seed=2)
             model, _ = train_model(stream, 1500)
-            publisher = Publisher(settings, store, model)
+            publisher = Publisher(
+                settings.publish_config(),
+                StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions),
+                model,
+            )
             publisher.publish_all()
             wait_for_version(running.worker, publisher.version)
             later = client.request({"type": "u2i", "user_id": "u1", "k": 5}, timeout=20)

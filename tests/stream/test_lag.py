@@ -98,7 +98,8 @@ def test_reader_sees_commits_log_ends_and_deleted_records(
         admin.delete_records({TopicPartition(topic, 1): 5})  # retention moved the log start
         consumer.assign([TopicPartition(topic, 0)])
         consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(12, "", -1)})
-        parts = {p.partition: p for p in group_lag(settings, group, [topic], admin=admin)}
+        lags = group_lag(settings.kafka_bootstrap, group, [topic], admin=admin)
+        parts = {p.partition: p for p in lags}
     finally:
         consumer.close(autocommit=False)
         admin.close()

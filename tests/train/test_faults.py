@@ -27,28 +27,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hypothesis
 import numpy as np
 import orjson
 import pytest
 import redis
-from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from fmstream import services as fm_services
 from fmstream.app import run_trainer
 from fmstream.settings import Settings
 from model.checkpoint import checkpoint_files, latest_checkpoint
 from model.errors import CheckpointError
-from serving.lease import Lease, LeaseLost
 from stream.consume import make_producer
 from stream.lag import group_lag
 from stream.replay import produce_profiles
-from stream.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
-from stream.schemas import Event
 from stream.synthetic import SyntheticStream
-from stream.trainer import TrainEvent, plain_event
 from tests.kafka_helpers import consume_all, end_offsets
+from train.lease import Lease, LeaseLost
+from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +81,7 @@ def _encode(events: list[dict]) -> Pairs:
 
 def _produce(settings: Settings, pairs: Pairs, *, rate: float | None = None) -> None:
     """Produce to the events topic (idempotent, acks=all, batched), optionally at ``rate``/s."""
-    producer = make_producer(settings, linger_ms=20, batch_size=256 * 1024)
+    producer = make_producer(settings.kafka_config(), linger_ms=20, batch_size=256 * 1024)
     start = time.monotonic()
     try:
         for n, (key, value) in enumerate(pairs, 1):
@@ -339,7 +334,7 @@ def test_broker_stopped_and_restarted_mid_stream(settings: Settings, tmp_path: P
         trainer.signal(signal.SIGTERM)
         assert trainer.wait(timeout=30) == 0, trainer.tail()
     assert_exactly_once(s, first + later)
-    lags = group_lag(s, s.trainer_group, [s.topic_events])
+    lags = group_lag(s.kafka_bootstrap, s.trainer_group, [s.topic_events])
     assert [p.lag for p in lags] == [0] * len(lags)
 
 
@@ -433,8 +428,8 @@ def test_one_percent_poison_is_dead_lettered_and_the_rest_applied(
     settings: Settings, kafka_io: Any
 ) -> None:
     s = _fast(settings, schema_path=SCHEMA, checkpoint_every_events=4_000)
-    producer = make_producer(s, linger_ms=20)
-    produce_profiles(producer, s, STREAM.user_profiles(), STREAM.item_profiles())
+    producer = make_producer(s.kafka_config(), linger_ms=20)
+    produce_profiles(producer, s.topics(), STREAM.user_profiles(), STREAM.item_profiles())
     producer.close()
     valid = list(STREAM.events(20_000))
     rng = random.Random(3)
@@ -467,7 +462,8 @@ def test_one_percent_poison_is_dead_lettered_and_the_rest_applied(
     assert sum(ends.values()) == len(stream)
     for tp, end in ends.items():
         assert meta["positions"][f"{tp.topic}|{tp.partition}"] == end
-    lags = group_lag(s, s.trainer_group, [s.topic_events, s.topic_users, s.topic_items])
+    topics = [s.topic_events, s.topic_users, s.topic_items]
+    lags = group_lag(s.kafka_bootstrap, s.trainer_group, topics)
     assert {(p.topic, p.partition): p.lag for p in lags} == {
         (p.topic, p.partition): 0 for p in lags
     }
@@ -694,63 +690,3 @@ def test_dead_letter_outbox_resends_what_the_broker_never_acked() -> None:
     letter = orjson.loads(producer.sent[-1])
     assert letter["source_offset"] == 5 and base64.b64decode(letter["value_b64"]) == b"bad"
     assert letter["stage"] == "decode" and letter["reason"] == "not JSON"
-
-
-# --- the decoding fast path never changes a verdict -------------------------------------------
-
-_ids = st.one_of(
-    st.text(max_size=5),
-    st.just(" u1"),
-    st.just("u" * 257),
-    st.just("u" * 256),
-    st.integers(-3, 3),
-    st.booleans(),
-    st.none(),
-)
-_scalars = st.one_of(
-    st.text(max_size=3), st.integers(-5, 5), st.floats(allow_nan=True), st.booleans(), st.none()
-)
-_event_dicts = st.fixed_dictionaries(
-    {"user_id": _ids, "item_id": _ids},
-    optional={
-        "label": st.one_of(st.sampled_from([0, 1, 2, -1, True, False, 1.0, "1"]), st.none()),
-        "ts": st.one_of(
-            st.floats(allow_nan=True, allow_infinity=True),
-            st.integers(-5, 10**12),
-            st.text(max_size=3),
-            st.none(),
-        ),
-        "context": st.one_of(
-            st.dictionaries(
-                st.text(max_size=3), st.one_of(_scalars, st.lists(_scalars, max_size=2)), max_size=3
-            ),
-            st.none(),
-            st.integers(),
-        ),
-        "user": st.one_of(st.none(), st.dictionaries(st.text(max_size=2), _scalars, max_size=2)),
-        "extra": _scalars,
-    },
-)
-
-
-@hypothesis.given(_event_dicts)
-@hypothesis.settings(max_examples=400, deadline=None)
-def test_plain_event_agrees_with_pydantic(obj: dict) -> None:
-    try:
-        wire = orjson.loads(orjson.dumps(obj))  # as it arrives (orjson writes NaN as null)
-    except orjson.JSONEncodeError:
-        return
-    fast = plain_event(wire)
-    try:
-        slow = TrainEvent.from_event(Event.model_validate(wire))
-    except ValidationError:
-        assert fast is None, (wire, fast)
-        return
-    assert fast is None or fast == slow, (wire, fast, slow)
-
-
-def test_plain_event_takes_the_common_shape() -> None:
-    for e in STREAM.events(50):
-        assert plain_event(orjson.loads(orjson.dumps(e))) == TrainEvent.from_event(
-            Event.model_validate(e)
-        )

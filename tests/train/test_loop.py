@@ -41,14 +41,14 @@ def _train(settings: Settings, idle_exit_s: float = 3.0):
 
 def test_valid_events_applied_and_poison_dead_lettered(settings: Settings) -> None:
     settings = _small(settings)
-    producer = make_producer(settings)
-    produce_profiles(producer, settings, STREAM.user_profiles(), STREAM.item_profiles())
+    producer = make_producer(settings.kafka_config())
+    produce_profiles(producer, settings.topics(), STREAM.user_profiles(), STREAM.item_profiles())
     events = list(STREAM.events(3000))
-    produce_events(producer, settings, events[:1500])
+    produce_events(producer, settings.topics(), events[:1500])
     for raw in POISON:
         producer.send(settings.topic_events, key=b"u1", value=raw)
     producer.send(settings.topic_events, key=b"u1", value=b"{" + b" " * 70_000 + b"}")
-    produce_events(producer, settings, events[1500:])
+    produce_events(producer, settings.topics(), events[1500:])
     producer.close()
 
     progress = _train(settings)
@@ -69,11 +69,11 @@ def test_valid_events_applied_and_poison_dead_lettered(settings: Settings) -> No
 
 def test_restart_resumes_exactly_where_the_checkpoint_left(settings: Settings) -> None:
     settings = _small(settings)
-    producer = make_producer(settings)
+    producer = make_producer(settings.kafka_config())
     events = list(STREAM.events(4000))
-    produce_events(producer, settings, events[:2500])
+    produce_events(producer, settings.topics(), events[:2500])
     assert _train(settings).events_applied == 2500
-    produce_events(producer, settings, events[2500:])
+    produce_events(producer, settings.topics(), events[2500:])
     producer.close()
     progress = _train(settings)
 

@@ -1,0 +1,48 @@
+"""Narrow configs of the trainer process, built from ``Settings`` by ``fmstream/``.
+
+Nothing in ``train/`` reads the settings or the environment itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stream.config import KafkaConfig, Topics
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What the training loop needs.
+
+    Attributes:
+        kafka: how to reach the brokers.
+        topics: the contract's topic names (the trainer reads users, items, events; writes dlq).
+        group: the consumer group its positions are committed under (for lag monitoring).
+        checkpoint_dir: where checkpoints (model + Kafka positions) are written.
+        checkpoint_every_events: checkpoint after this many records...
+        checkpoint_every_s: ...or this many seconds, whichever comes first.
+        max_poll_records: records per poll.
+        max_message_bytes: larger messages are dead-lettered.
+    """
+
+    kafka: KafkaConfig
+    checkpoint_dir: Path
+    topics: Topics = field(default_factory=Topics)
+    group: str = "fmstream-trainer"
+    checkpoint_every_events: int = 50_000
+    checkpoint_every_s: float = 10.0
+    max_poll_records: int = 2048
+    max_message_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Cadences and sizes of what the publisher writes to Redis (seconds unless named)."""
+
+    publish_active_s: float = 1.0
+    publish_all_s: float = 60.0
+    publish_items_s: float = 1.0
+    offline_i2i_s: float = 60.0
+    offline_i2i_k: int = 20
+    history_len: int = 50

@@ -1,0 +1,149 @@
+"""The trainer's Prometheus metrics (``/metrics`` on ``FMSTREAM_TRAINER_METRICS_PORT``).
+
+Consumer lag carries the names that Kafka-exporter dashboards already query
+(``kafka_consumergroup_lag{consumergroup,topic,partition}``, see :mod:`stream.metrics`); every
+other metric starts ``fmstream_``. The metrics observe the trainer and the publisher only
+through their ``stats()`` snapshots (:class:`~train.loop.TrainerStats`,
+:class:`~train.publisher.PublishStats`).
+
+==================================== ========= ==============================================
+name                                 type      meaning
+==================================== ========= ==============================================
+fmstream_trainer_batch_seconds       histogram decode + model update + publish hooks of a poll
+fmstream_trainer_records_total       counter   records consumed, by ``topic``
+fmstream_trainer_events_applied_total counter  events the model learned from
+fmstream_dead_letters_total          counter   messages sent to the dead-letter topic
+fmstream_event_time_lag_seconds      gauge     now - event time of the newest applied event
+fmstream_checkpoint_age_seconds      gauge     since the last checkpoint (or the start)
+fmstream_publish_age_seconds         gauge     since the last publish, by ``what`` (users,
+                                               items, i2i); NaN before the first
+fmstream_model_version               gauge     the item snapshot version last published
+==================================== ========= ==============================================
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from stream.config import KafkaConfig
+from stream.metrics import GroupLagCollector, new_registry, running, serve_http
+
+if TYPE_CHECKING:
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    from train.loop import Trainer, TrainerStats
+    from train.publisher import PublishStats
+
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds; a trainer batch is up to ``max_poll_records`` events plus negatives."""
+
+
+class TrainerMetrics:
+    """The trainer's metrics in ``registry`` (see the module docstring for the list)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.batch_seconds = Histogram(
+            "fmstream_trainer_batch_seconds",
+            "Seconds to decode and apply one polled batch (model update, publish hooks)",
+            buckets=BATCH_BUCKETS, registry=registry)
+        self.records = Counter("fmstream_trainer_records",
+                               "Records consumed by the trainer, by topic", ["topic"],
+                               registry=registry)
+        self.events = Counter("fmstream_trainer_events_applied",
+                              "Events the model learned from", registry=registry)
+        self.dead_letters = Counter("fmstream_dead_letters",
+                                    "Messages sent to the dead-letter topic", registry=registry)
+        self.event_time_lag = Gauge(
+            "fmstream_event_time_lag_seconds",
+            "Now minus the event time of the newest applied event (NaN before the first)",
+            registry=registry)
+        self.checkpoint_age = Gauge("fmstream_checkpoint_age_seconds",
+                                    "Seconds since the trainer's last checkpoint (or its start)",
+                                    registry=registry)
+        self.publish_age = Gauge("fmstream_publish_age_seconds",
+                                 "Seconds since the last publish of users, items or i2i "
+                                 "(NaN before the first)", ["what"], registry=registry)
+        self.model_version = Gauge("fmstream_model_version",
+                                   "Item snapshot version last published (trainer) or served "
+                                   "(worker)", registry=registry)
+        self._dead_seen = 0
+        self._applied_seen = 0
+
+    def bind(
+        self,
+        trainer_stats: Callable[[], TrainerStats],
+        publish_stats: Callable[[], PublishStats],
+    ) -> TrainerMetrics:
+        """Read the gauges from ``trainer_stats()`` and ``publish_stats()`` at scrape time."""
+
+        def event_lag() -> float:
+            newest = trainer_stats().newest_event_ts
+            return math.nan if newest is None else time.time() - newest
+
+        def publish_age(attr: str) -> Callable[[], float]:
+            def age() -> float:
+                at = getattr(publish_stats().times, attr)
+                return math.nan if not at else time.time() - at
+
+            return age
+
+        self.event_time_lag.set_function(event_lag)
+        self.checkpoint_age.set_function(lambda: trainer_stats().checkpoint_age_s)
+        for what in ("users", "items", "i2i"):
+            self.publish_age.labels(what).set_function(publish_age(what))
+        self.model_version.set_function(lambda: float(publish_stats().version))
+        stats = trainer_stats()
+        self._dead_seen = stats.dead_letters
+        self._applied_seen = stats.events_applied
+        return self
+
+    def batch_applied(
+        self, records: Sequence[ConsumerRecord], seconds: float, stats: TrainerStats
+    ) -> None:
+        """Record one applied poll (the trainer calls this after applying it)."""
+        self.batch_seconds.observe(seconds)
+        per_topic: dict[str, int] = {}
+        for r in records:
+            per_topic[r.topic] = per_topic.get(r.topic, 0) + 1
+        for topic, n in per_topic.items():
+            self.records.labels(topic).inc(n)
+        self.events.inc(max(0, stats.events_applied - self._applied_seen))
+        self._applied_seen = stats.events_applied
+        self.dead_letters.inc(max(0, stats.dead_letters - self._dead_seen))
+        self._dead_seen = stats.dead_letters
+
+
+@contextmanager
+def serve_trainer_metrics(
+    port: int,
+    kafka: KafkaConfig,
+    trainer: Trainer,
+    publish_stats: Callable[[], PublishStats],
+) -> Iterator[TrainerMetrics | None]:
+    """Export the trainer's metrics and its group's lag on ``port`` while the block runs.
+
+    Does nothing (yields None) when ``port`` is 0.
+    """
+    if not port:
+        yield None
+        return
+    registry = new_registry()
+    metrics = TrainerMetrics(registry).bind(trainer.stats, publish_stats)
+    lag = GroupLagCollector(kafka.bootstrap, trainer.config.group, list(trainer.topics))
+    registry.register(lag)
+    with running(lag), serve_http(registry, port):
+        trainer.metrics = metrics
+        try:
+            yield metrics
+        finally:
+            trainer.metrics = None
+
+
+__all__ = ["BATCH_BUCKETS", "TrainerMetrics", "serve_trainer_metrics"]
