@@ -233,9 +233,9 @@ class DeltaLog:
         self.store = store
         self.redis = store.redis
         self.keep = int(keep)
-        from serving.store import _CAS_FORWARD  # the same forward-only pointer script
+        from serving.keys import CAS_FORWARD  # the same forward-only pointer script
 
-        self._cas_forward = self.redis.register_script(_CAS_FORWARD)
+        self._cas_forward = self.redis.register_script(CAS_FORWARD)
 
     def key(self, version: int) -> str:
         return self.store.key("items", "delta", int(version))

@@ -40,6 +40,17 @@ USER_HEADER = struct.Struct("<qd")
 SNAPSHOT_FORMAT = 1
 """Format number written into (and required from) every snapshot manifest."""
 
+CAS_FORWARD = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or (tonumber(cur) < tonumber(ARGV[1])) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+"""Lua: move a version pointer only forward; returns 1 if it moved, 0 if the stored one is >= ours
+(KEYS[1] the pointer, ARGV[1] the version). Every writer of a version pointer uses it."""
+
 
 @dataclass(frozen=True)
 class RedisKeys:
@@ -74,6 +85,12 @@ class RedisKeys:
 
     def items_extra(self, version: int, name: str) -> str:
         return self.key("items", version, "extra", name)
+
+    def items_delta(self, version: int) -> str:
+        return self.key("items", "delta", version)
+
+    def items_deltas(self) -> str:
+        return self.key("items", "deltas")
 
     def items_version_prefix(self, version: int) -> str:
         """Prefix of every key of one snapshot version (for a SCAN when its manifest is gone)."""

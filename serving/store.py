@@ -85,6 +85,10 @@ class VectorStore:
         self.redis = client
         self.keys = keys
 
+    def key(self, *parts: str | int) -> str:
+        """A key under this deployment's prefix (prefer the named ones of :attr:`keys`)."""
+        return self.keys.key(*parts)
+
     # --- user vectors ----------------------------------------------------------------------
 
     def get_user_vectors(self, user_ids: Sequence[str], *, dim: int | None = None) -> UserVectors:

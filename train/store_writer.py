@@ -22,7 +22,7 @@ import redis
 
 from serving.errors import ServingError, SnapshotCorrupt
 from serving.index import ItemSnapshot, as_matrix
-from serving.keys import SNAPSHOT_FORMAT, USER_HEADER, RedisKeys
+from serving.keys import CAS_FORWARD, SNAPSHOT_FORMAT, USER_HEADER, RedisKeys
 from serving.store import check_binary_client, parse_manifest
 
 logger = logging.getLogger(__name__)
@@ -42,15 +42,6 @@ for i, key in ipairs(KEYS) do
   pos = pos + n + 1
 end
 return #KEYS
-"""
-# Move a version pointer only forward: returns 1 if it moved, 0 if the stored one is >= ours.
-_CAS_FORWARD = """
-local cur = redis.call('GET', KEYS[1])
-if (not cur) or (tonumber(cur) < tonumber(ARGV[1])) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
 """
 
 
@@ -83,8 +74,12 @@ class StoreWriter:
         self.redis = client
         self.keys = keys
         self.keep_versions = keep_versions
-        self._cas_forward = client.register_script(_CAS_FORWARD)
+        self._cas_forward = client.register_script(CAS_FORWARD)
         self._push_history = client.register_script(_PUSH_HISTORY)
+
+    def key(self, *parts: str | int) -> str:
+        """A key under this deployment's prefix (prefer the named ones of :attr:`keys`)."""
+        return self.keys.key(*parts)
 
     def current_item_version(self) -> int | None:
         """The version ``items:current`` points at, or None before the first publish."""

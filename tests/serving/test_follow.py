@@ -15,6 +15,7 @@ from serving.graph import GraphKeeper
 from serving.index import FlatIndex, ItemSnapshot
 from serving.store import VectorStore
 from tests.serving.test_deltas import evolve
+from train.store_writer import StoreWriter
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,12 @@ DIM = 6
 
 @pytest.fixture
 def store(redis_client: redis.Redis, settings: Settings) -> VectorStore:
-    return VectorStore(redis_client, settings)
+    return VectorStore(redis_client, settings.redis_keys())
+
+
+@pytest.fixture
+def writer(redis_client: redis.Redis, settings: Settings) -> StoreWriter:
+    return StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
 
 
 def same(follower: IndexFollower, full: ItemSnapshot) -> None:
@@ -37,11 +43,12 @@ def same(follower: IndexFollower, full: ItemSnapshot) -> None:
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_deltas_from_redis_equal_a_full_snapshot_of_the_same_version(
-    store: VectorStore, kind: str
+    store: VectorStore, kind: str,
+    writer: StoreWriter,
 ) -> None:
     base, deltas, full = evolve(400, 10)
     log = DeltaLog(store)
-    store.put_item_snapshot(base)
+    writer.put_item_snapshot(base)
     graphs = GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None
     follower = IndexFollower(store, kind=kind, graphs=graphs)
     assert follower.refresh() and follower.version == 1
@@ -75,10 +82,11 @@ def test_deltas_from_redis_equal_a_full_snapshot_of_the_same_version(
 
 def test_a_missing_delta_means_a_full_reload_once_a_newer_snapshot_exists(
     store: VectorStore,
+    writer: StoreWriter,
 ) -> None:
     base, deltas, full = evolve(100, 6)
     log = DeltaLog(store)
-    store.put_item_snapshot(base)
+    writer.put_item_snapshot(base)
     follower = IndexFollower(store)
     follower.refresh()
     for d in deltas:
@@ -87,37 +95,39 @@ def test_a_missing_delta_means_a_full_reload_once_a_newer_snapshot_exists(
     assert not follower.refresh() and follower.version == 1  # nothing newer to load yet
     assert not follower.refresh()
     newer = ItemSnapshot(full.version + 1, full.item_ids, full.vectors, bias=full.bias)
-    store.put_item_snapshot(newer)  # the publisher's next full snapshot
+    writer.put_item_snapshot(newer)  # the publisher's next full snapshot
     assert follower.refresh()
     same(follower, newer)
     assert follower.full_loads == 2
 
 
-def test_store_lost_then_republished_and_version_going_back(store: VectorStore) -> None:
+def test_store_lost_then_republished_and_version_going_back(
+    store: VectorStore, writer: StoreWriter
+) -> None:
     base, deltas, full = evolve(100, 3)
-    store.put_item_snapshot(base)
+    writer.put_item_snapshot(base)
     follower = IndexFollower(store)
     follower.refresh()
     store.redis.flushall()
     assert not follower.refresh() and follower.store_lost and follower.version == 1
     assert follower.current() is not None  # still serving what it has
-    store.put_item_snapshot(full)  # the publisher republished everything
+    writer.put_item_snapshot(full)  # the publisher republished everything
     assert follower.refresh() and not follower.store_lost
     same(follower, full)
     # a store whose version went back (a trainer restarted without its version): follow it
     store.redis.flushall()
     older = ItemSnapshot(2, base.item_ids, base.vectors, bias=9.0)
-    store.put_item_snapshot(older)
+    writer.put_item_snapshot(older)
     assert follower.refresh() and follower.version == 2
     assert follower.current().loaded.snapshot.bias == 9.0
 
 
-def test_a_pinned_batch_never_sees_two_versions(store: VectorStore) -> None:
+def test_a_pinned_batch_never_sees_two_versions(store: VectorStore, writer: StoreWriter) -> None:
     """Readers pin states while deltas keep arriving; every row of version v holds the value v
     and the index has exactly 100 + v rows: a mixed state would show another value or size."""
     n0, versions = 100, 40
     log = DeltaLog(store)
-    store.put_item_snapshot(
+    writer.put_item_snapshot(
         ItemSnapshot(1, [f"i{j}" for j in range(n0 + 1)], np.ones((n0 + 1, DIM), np.float32))
     )
     follower = IndexFollower(store)
