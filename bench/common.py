@@ -247,14 +247,14 @@ def request_io(settings, client_id: str):
     The benches drive request/reply without threads (unlike ``serving.client.FmClient``) so
     that their own timing overhead stays out of the measured latency.
     """
-    from kafka import KafkaConsumer, KafkaProducer
     from kafka.structs import TopicPartition
 
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                             linger_ms=0, client_id=client_id)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                             enable_auto_commit=False, fetch_max_wait_ms=100, fetch_min_bytes=1,
-                             client_id=client_id)
+    from stream.connect import kafka_consumer, kafka_producer
+
+    kafka = settings.kafka_config()
+    producer = kafka_producer(kafka, acks="all", linger_ms=0, client_id=client_id)
+    consumer = kafka_consumer(kafka, group_id=None, enable_auto_commit=False,
+                              fetch_max_wait_ms=100, fetch_min_bytes=1, client_id=client_id)
     parts = consumer.partitions_for_topic(settings.topic_responses)
     tps = [TopicPartition(settings.topic_responses, p) for p in sorted(parts)]
     consumer.assign(tps)

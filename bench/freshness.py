@@ -1,10 +1,10 @@
 """Freshness and hot-swap benchmark: the whole loop under a steady event stream.
 
-Starts its own Kafka and Redis (``fmstream.services.up`` on a private run dir and ports 52092 /
-52093 / 52379, or free ones when those are taken), then as subprocesses, exactly as deployed: the
-trainer with its publisher (``fmstream train``), one serving worker (``fmstream serve``) and a
-producer of synthetic events at ``--rate`` events/s (``fmstream replay --rate``). In this
-process one single-threaded loop runs two things side by side:
+Starts its own Kafka and Redis (``fmstream.services.up`` on a private run dir and ports 22092 /
+22093 / 22379, or ones the OS picks when those are taken), then as subprocesses, exactly as
+deployed: the trainer with its publisher (``fmstream train``), one serving worker
+(``fmstream serve``) and a producer of synthetic events at ``--rate`` events/s
+(``fmstream replay --rate``). In this process one single-threaded loop runs two things side by side:
 
 - **freshness probes**: every ``--probe-every`` seconds one event of a brand-new user (no vector,
   no profile, so u2i answers with ``"fallback": "popular"``) is produced, then u2i for that user
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/freshness.py`
@@ -53,6 +52,7 @@ from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers  
 from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
 from serving.store import VectorStore  # noqa: E402
+from stream.connect import kafka_consumer, redis_client  # noqa: E402
 
 log = logging.getLogger("bench.freshness")
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-fresh-"))
     settings = bench_settings(
         run_dir,
-        ports=(52092, 52093, 52379),
+        ports=(22092, 22093, 22379),
         schema_path=ROOT / "config" / "synthetic.toml",
         publish_items_s=1.0,
         publish_active_s=1.0,
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     loop: Loop | None = None
     try:
         log.info("services: %s", services.up(settings))
-        store = VectorStore(redis.Redis.from_url(settings.redis_url), settings.redis_keys())
+        store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
         procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
         procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log")
         total = int(args.rate * (args.seconds + 60))
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.run(5.0, args.inflight, None)  # warm up: group settled, first versions out
         loop.drain()
         loop.take()
-        offsets = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        offsets = kafka_consumer(settings.kafka_config())
         pids = {n: p.pid for n, p in procs.items()}
         cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
         cpu0["broker"] = cpu_seconds(service_pid(settings, "kafka") or 0)

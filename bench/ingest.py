@@ -359,7 +359,7 @@ def _cleanup(settings: Settings, *, own_services: bool) -> None:
         shutil.rmtree(settings.run_dir, ignore_errors=True)
         return
     try:
-        with services.kafka_admin(settings.kafka_bootstrap) as admin:
+        with services.kafka_admin(settings.kafka_config()) as admin:
             present = set(admin.list_topics())
             admin.delete_topics([t for t in settings.topic_partitions if t in present])
     except Exception as exc:  # noqa: BLE001 - best effort

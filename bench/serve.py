@@ -1,7 +1,7 @@
 """Serving benchmark: u2i request/reply through Kafka at 100k and 1M items, 1 and 2 workers.
 
-Starts its own Kafka and Redis (``fmstream.services.up`` on a private run dir and ports 51092 /
-51093 / 51379, or free ones when those are taken), publishes random FM-like item vectors
+Starts its own Kafka and Redis (``fmstream.services.up`` on a private run dir and ports 21092 /
+21093 / 21379, or ones the OS picks when those are taken), publishes random FM-like item vectors
 straight into the store as an ``ItemSnapshot`` plus user vectors for ``--users`` users, and runs
 serving workers as subprocesses (``python -m fmstream.cli serve``, exactly as deployed). A
 closed-loop client keeps ``--inflight`` requests in flight (u2i, k=10, random users):
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/serve.py`
@@ -49,6 +48,7 @@ from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
 from serving.index import ItemSnapshot  # noqa: E402
 from serving.store import VectorStore  # noqa: E402
+from stream.connect import redis_client  # noqa: E402
 from train.store_writer import StoreWriter  # noqa: E402
 
 log = logging.getLogger("bench.serve")
@@ -74,26 +74,20 @@ TICKS = os.sysconf("SC_CLK_TCK")
 P99_TARGET_MS = 50.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((services.LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 def bench_settings(
-    run_dir: Path, ports: tuple[int, int, int] = (51092, 51093, 51379), **update
+    run_dir: Path, ports: tuple[int, int, int] = (21092, 21093, 21379), **update
 ) -> Settings:
     """Private services on their own run dir and ports, never a stack someone else runs.
 
-    ``ports`` (kafka, controller, redis) are used when all are free, else free ones are picked:
-    on a shared machine another benchmark may hold them, and reusing its broker would mix
-    the two runs' load.
+    ``ports`` (kafka, controller, redis; below 32768, outside Linux's ephemeral range) are used
+    where free (checked by binding), else the OS picks: on a shared machine another benchmark
+    may hold them, and reusing its broker would mix the two runs' load.
     """
-    if any(services.port_open(p) for p in ports):
-        taken = ports
-        ports = (_free_port(), _free_port(), _free_port())
-        log.warning("ports %s are taken; using %s", taken, ports)
-    kafka, controller, redis_port = ports
+    preferred = dict(zip(("kafka", "controller", "redis"), ports, strict=True))
+    picked = services.free_ports(preferred)
+    if picked != preferred:
+        log.warning("ports %s are taken; using %s", preferred, picked)
+    kafka, controller, redis_port = picked["kafka"], picked["controller"], picked["redis"]
     return Settings(
         run_dir=run_dir,
         kafka_port=kafka,
@@ -458,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             "redis": [p for p in [service_pid(base, "redis")] if p],
             "client": [os.getpid()],
         }
-        client = redis.Redis.from_url(base.redis_url)
+        client = redis_client(base.redis_config())
         store = VectorStore(client, base.redis_keys())
         writer = StoreWriter(client, base.redis_keys(), base.keep_versions)
         version = 0

@@ -43,8 +43,11 @@ def new_model(settings: Settings) -> OnlineFM:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=10,
-                                health_check_interval=10, retry_on_timeout=True)
+    """The trainer's and worker's Redis client (credentials and TLS from the settings)."""
+    from stream.connect import redis_client as connect
+
+    return connect(settings.redis_config(), socket_timeout=10, health_check_interval=10,
+                   retry_on_timeout=True)
 
 
 def store(settings: Settings):
@@ -73,7 +76,7 @@ def run_trainer(
     from train.resilience import lease_client
 
     # Its own client with short timeouts: a hung Redis must not stall renewals past the TTL.
-    lease = Lease(lease_client(settings.redis_url), settings.redis_keys().trainer_lease())
+    lease = Lease(lease_client(settings.redis_config()), settings.redis_keys().trainer_lease())
     if not lease.acquire(stop):
         return None
     writer = store_writer(settings)

@@ -13,7 +13,12 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from fmstream.settings import Settings
+from fmstream.settings import Settings, UnknownSettingError
+
+EXIT_SETTINGS = 2
+"""Exit status when the settings are invalid (unknown FMSTREAM_* variable, bad value)."""
+EXIT_CONNECT = 3
+"""Exit status when Kafka or Redis refuses the credentials or TLS."""
 
 
 def _settings_epilog() -> str:
@@ -40,6 +45,57 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("kafka").setLevel(logging.ERROR)
 
 
+class _Redact(logging.Filter):
+    """Replaces every secret of the settings (and URL passwords) in a log record's text.
+
+    Secrets are SecretStr and URLs are shown redacted, so nothing should need this; it is the
+    net under a library that logs what it was given.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = self.settings.redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            if self.settings.redact(str(exc)) != str(exc):
+                record.exc_info, record.exc_text = None, None
+                record.msg = f"{record.msg} ({type(exc).__name__}; details hidden: a secret)"
+        return True
+
+
+def _redact_logs(settings: Settings) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Redact(settings))
+
+
+def _preflight(settings: Settings, *, kafka: bool = True, redis: bool = False) -> None:
+    """Fail fast and closed on wrong credentials or TLS, before any work starts.
+
+    Raises:
+        stream.connect.ConnectError: Kafka or Redis refused the credentials or the TLS
+            handshake. A service that does not answer yet is only logged: the trainer and the
+            worker wait for it as they do after a restart.
+    """
+    from stream.connect import Unreachable, check_kafka, check_redis
+
+    checks = []
+    if redis:
+        checks.append(lambda: check_redis(settings.redis_config()))
+    if kafka:
+        checks.append(lambda: check_kafka(settings.kafka_config()))
+    for check in checks:
+        try:
+            check()
+        except Unreachable as exc:
+            logging.getLogger(__name__).warning("%s", exc)
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -47,7 +103,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream import services
 
     result = services.up(settings)
-    print(f"kafka {settings.kafka_bootstrap}  redis {settings.redis_url}  ({result})")
+    print(f"kafka {settings.kafka_bootstrap}  redis {settings.redis_url_display}  ({result})")
     return 0
 
 
@@ -61,11 +117,13 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream import services
 
+    _preflight(settings)
     services.ensure_topics(settings)
     return 0
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    _preflight(settings, redis=True)  # before torch is imported: fail in a second
     from fmstream.app import configure_threads, run_trainer
 
     configure_threads(settings)
@@ -76,6 +134,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    _preflight(settings, redis=True)
     from fmstream.app import configure_threads, run_worker
 
     configure_threads(settings)
@@ -103,6 +162,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                                seed=settings.seed)
         total = args.events or 50_000
         events = data.events(total)
+    _preflight(settings)
     producer = make_producer(settings.kafka_config())
     try:
         if not args.no_profiles:
@@ -137,6 +197,7 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
         req["source"] = "offline"
     if args.context:
         req["context"] = orjson.loads(args.context)
+    _preflight(settings)
     with FmClient(settings) as client:
         resp = client.request(req, timeout=args.timeout)
     if args.json:
@@ -159,6 +220,7 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream.monitor import lag_command
 
+    _preflight(settings)
     return lag_command(settings, args)
 
 
@@ -234,10 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit status: the command's, or 2 for invalid settings, 3 when Kafka or
+    Redis refuses the credentials or TLS (a one-line message on stderr, never a secret)."""
+    from pydantic import ValidationError
+
+    from stream.connect import ConnectError
+
     args = build_parser().parse_args(argv)
     _logging(args.verbose)
-    settings = Settings()
-    return args.func(settings, args)
+    try:
+        settings = Settings()
+    except UnknownSettingError as exc:
+        print(f"fmstream: {exc}", file=sys.stderr)
+        return EXIT_SETTINGS
+    except ValidationError as exc:
+        print(f"fmstream: invalid settings (FMSTREAM_* environment variables):\n{exc}",
+              file=sys.stderr)
+        return EXIT_SETTINGS
+    _redact_logs(settings)
+    try:
+        return args.func(settings, args)
+    except ConnectError as exc:
+        print(f"fmstream {args.command}: {settings.redact(str(exc))}", file=sys.stderr)
+        return EXIT_CONNECT
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from kafka.errors import KafkaError
 
 from fmstream.health import Commit, GroupHealth, Reading, Status, evaluate_group
 from fmstream.settings import Settings
+from stream.connect import explain_kafka_error
 from stream.lag import CommitLog, GroupState, LagReader, PartitionLag
 
 log = logging.getLogger(__name__)
@@ -107,18 +108,21 @@ class LagReport:
 
 
 def _read_status(settings: Settings, problems: list[str]) -> tuple[dict, dict[str, int]]:
-    import redis
-
     from serving.store import VectorStore
+    from stream.connect import explain_redis_error, redis_client
 
+    conn = settings.redis_config()
     try:
         # Not fmstream.app.redis_client: that module imports torch (seconds) for the trainer.
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
-                                      socket_connect_timeout=5)
+        client = redis_client(conn, socket_timeout=5, socket_connect_timeout=5)
         store = VectorStore(client, settings.redis_keys())
         return store.get_status(), store.worker_versions()
     except Exception as exc:  # noqa: BLE001 - Kafka lag is still worth showing without Redis
-        problems.append(f"Redis at {settings.redis_url} unreadable: {exc}")
+        explained = explain_redis_error(conn, exc)
+        if explained is not None:
+            raise explained from None  # wrong credentials: fail, don't show a half report
+        problems.append(f"Redis at {conn.display_url()} unreadable: {type(exc).__name__}: "
+                        f"{settings.redact(str(exc))}")
         return {}, {}
 
 
@@ -138,7 +142,7 @@ def read_lag(
     groups = group_topics(settings) if groups is None else groups
     at = time.time()  # before the reads: a commit after this may or may not be in them
     own = reader is None
-    reader = reader or LagReader(settings.kafka_bootstrap)
+    reader = reader or LagReader(settings.kafka_config())
     try:
         parts = reader.read(groups)
         states = reader.group_states(list(groups))
@@ -181,7 +185,7 @@ class LagSampler:
         self.settings = settings
         self.window_s = window_s
         self.groups = dict(group_topics(settings) if groups is None else groups)
-        self.reader = LagReader(settings.kafka_bootstrap)
+        self.reader = LagReader(settings.kafka_config())
         self._want_commits = commit_log
         self._commit_log: CommitLog | None = None
         self.readings: dict[tuple[str, str, int], deque[Reading]] = {}
@@ -217,7 +221,7 @@ class LagSampler:
                 Reading(report.at, p.committed, p.log_end, p.log_start))
         if self._want_commits and self._commit_log is None:
             # After the first (baseline) reading: every commit observed comes after it.
-            self._commit_log = CommitLog(self.settings.kafka_bootstrap, self.groups).start()
+            self._commit_log = CommitLog(self.settings.kafka_config(), self.groups).start()
         self.history.append(HistoryPoint(report.at, {g: report.total(g) for g in self.groups},
                                          report.ages()))
         self._prune(report.at)
@@ -465,8 +469,11 @@ def lag_command(settings: Settings, args: argparse.Namespace) -> int:
                 err.print(f"plot written to {out}")
             return 2 if check(report) else 0
     except KafkaError as exc:
-        print(f"cannot read consumer lag from Kafka at {settings.kafka_bootstrap}: {exc!r}",
-              file=sys.stderr)
+        explained = explain_kafka_error(settings.kafka_config(), exc)
+        if explained is not None:
+            raise explained from None  # the CLI prints it and exits non-zero
+        print(f"cannot read consumer lag from Kafka at {settings.kafka_bootstrap}: "
+              f"{settings.redact(repr(exc))}", file=sys.stderr)
         return 1
 
 

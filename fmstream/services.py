@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from xml.sax.saxutils import escape
@@ -35,6 +36,9 @@ import redis
 from kafka.admin import KafkaAdminClient
 
 from fmstream.settings import Settings
+from stream import connect
+from stream.config import KafkaConfig
+from stream.connect import RedisConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 """Default grace between SIGTERM and SIGKILL."""
 LOOPBACK = "127.0.0.1"
+EPHEMERAL_PORTS = range(32768, 61000)
+"""Linux's default ``ip_local_port_range``: client sockets take these, so a fixed server port in
+this range can be held by a stranger's connection (or its TIME-WAIT) at any time."""
 
 State = Literal["started", "reused"]
 
@@ -84,6 +91,40 @@ class KafkaUnavailableError(ServiceError):
 
 class TopicError(ServiceError):
     """A topic could not be created, or exists with another shape than the settings ask for."""
+
+
+# --- secured local services (tests) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalSecurity:
+    """Secured listeners for the local services (the test session's; `fmstream up` uses none).
+
+    Args:
+        ca_file: PEM of the CA that signed the server certificate (clients trust it).
+        cert_file, key_file: the server's certificate and its PKCS#8 key, encrypted with
+            ``key_password`` (Redis's TLS port uses these two).
+        kafka_keystore: the broker's PEM keystore (key + certificate chain in one file).
+        key_password: password of the server key.
+        kafka_sasl_port: port of the broker's SASL_SSL listener (advertised as ``host``).
+        host: the name clients connect to (the certificate must name it).
+        scram_mechanism: ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+        kafka_users: SCRAM users created when the storage is formatted (user -> password).
+        redis_users: Redis ACL users (user -> password); the default user is switched off.
+        redis_tls: Redis listens with TLS only (on ``settings.redis_port``).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    kafka_keystore: Path
+    key_password: str = field(repr=False)
+    kafka_sasl_port: int
+    host: str = "localhost"
+    scram_mechanism: str = "SCRAM-SHA-512"
+    kafka_users: dict[str, str] = field(default_factory=dict, repr=False)
+    redis_users: dict[str, str] = field(default_factory=dict, repr=False)
+    redis_tls: bool = True
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -136,6 +177,43 @@ def port_open(port: int, host: str = LOOPBACK, timeout_s: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen on ``host:port`` now: bind and listen, with SO_REUSEADDR
+    as servers set it (a TIME-WAIT left by an old connection does not count, a listener or a
+    connection bound there does). A connect probe misses a port held by a client socket."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1)
+        except OSError:
+            return False
+    return True
+
+
+def os_picked_port(host: str = LOOPBACK) -> int:
+    """A port the OS says is free now (bind to port 0)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(preferred: dict[str, int], host: str = LOOPBACK) -> dict[str, int]:
+    """``preferred`` (name -> port) where each one is free by :func:`port_free`; a taken one is
+    replaced by a port the OS picks. Preferred ports belong below 32768 (outside Linux's
+    ephemeral range, where client sockets could hold them)."""
+    out: dict[str, int] = {}
+    for name, port in preferred.items():
+        if port in out.values() or not port_free(port, host):
+            picked = os_picked_port(host)
+            while picked in out.values() or picked in preferred.values():
+                picked = os_picked_port(host)
+            logger.info("port %s (%s) is taken; using %s", port, name, picked)
+            port = picked
+        out[name] = port
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -305,16 +383,36 @@ def ensure_kafka_jars(settings: Settings) -> Path:
     return libs
 
 
-def _kafka_properties(settings: Settings, data_dir: Path) -> str:
+def _kafka_properties(
+    settings: Settings, data_dir: Path, security: LocalSecurity | None = None
+) -> str:
     port, cport = settings.kafka_port, settings.kafka_controller_port
+    listeners = f"PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{cport}"
+    advertised = f"PLAINTEXT://{LOOPBACK}:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    secured: dict[str, str] = {}
+    if security is not None:
+        sport, mech = security.kafka_sasl_port, security.scram_mechanism
+        listeners += f",SASL_SSL://{LOOPBACK}:{sport}"
+        advertised += f",SASL_SSL://{security.host}:{sport}"
+        protocols += ",SASL_SSL:SASL_SSL"
+        secured = {
+            "sasl.enabled.mechanisms": mech,
+            f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(security.kafka_keystore),
+            "ssl.key.password": security.key_password,
+            "ssl.client.auth": "none",
+        }
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@{LOOPBACK}:{cport}",
-        "listeners": f"PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{cport}",
-        "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{port}",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(data_dir),
         "num.partitions": "1",
@@ -334,6 +432,7 @@ def _kafka_properties(settings: Settings, data_dir: Path) -> str:
         "num.network.threads": "2",
         "num.io.threads": "4",
         "num.recovery.threads.per.data.dir": "1",
+        **secured,
     }
     header = "# written by fmstream.services at every start; edit Settings, not this file\n"
     return header + "".join(f"{key}={value}\n" for key, value in props.items())
@@ -383,14 +482,18 @@ def _java_args(settings: Settings, libs: Path) -> list[str]:
     ]
 
 
-def _prepare_kafka(settings: Settings, libs: Path) -> Path:
-    """Write the broker's config and format its storage the first time; returns the config."""
+def _prepare_kafka(settings: Settings, libs: Path, security: LocalSecurity | None = None) -> Path:
+    """Write the broker's config and format its storage the first time; returns the config.
+
+    With ``security``, the SCRAM users are created at format time (KIP-900, ``--add-scram``).
+    """
     home = kafka_dir(settings).resolve()
     data_dir = home / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     kafka_log_file(settings).parent.mkdir(parents=True, exist_ok=True)
     props = home / "server.properties"
-    props.write_text(_kafka_properties(settings, data_dir))
+    props.write_text(_kafka_properties(settings, data_dir, security))
+    props.chmod(0o600)  # it may hold the key password
     (home / "log4j2.xml").write_text(_log4j2_xml(kafka_log_file(settings).resolve()))
     if (data_dir / "meta.properties").is_file():
         return props
@@ -400,8 +503,13 @@ def _prepare_kafka(settings: Settings, libs: Path) -> Path:
     cluster_id = id_file.read_text().strip()
     logger.info("formatting Kafka storage in %s (cluster id %s)", data_dir, cluster_id)
     fmt = [*_java_args(settings, libs), "kafka.tools.StorageTool", "format"]
+    scram: list[str] = []
+    if security is not None:
+        for user, password in security.kafka_users.items():
+            scram += ["--add-scram",
+                      f"{security.scram_mechanism}=[name={user},password={password}]"]
     done = subprocess.run(  # noqa: S603
-        [*fmt, "-t", cluster_id, "-c", str(props)],
+        [*fmt, "-t", cluster_id, "-c", str(props), *scram],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -409,32 +517,40 @@ def _prepare_kafka(settings: Settings, libs: Path) -> Path:
         check=False,
     )
     if done.returncode != 0:
+        output = (done.stdout + done.stderr)[-2000:]
+        for password in (security.kafka_users.values() if security else ()):
+            output = output.replace(password, "***")
         raise ServiceStartError(
-            f"formatting Kafka storage in {data_dir} failed (exit {done.returncode}): "
-            f"{(done.stdout + done.stderr)[-2000:]}"
+            f"formatting Kafka storage in {data_dir} failed (exit {done.returncode}): {output}"
         )
     return props
 
 
-def _kafka_ready(bootstrap: str, timeout_s: float) -> bool:
-    """One readiness probe: the broker answers and at least one broker is registered."""
+def _kafka_ready(kafka: KafkaConfig, timeout_s: float) -> bool:
+    """One readiness probe: the broker answers and at least one broker is registered.
+
+    Raises:
+        ConnectError: wrong credentials or TLS (waiting longer cannot help).
+    """
     budget_ms = max(500, int(timeout_s * 1000))
+    admin = None
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+        admin = connect.kafka_admin(
+            kafka,
             client_id="fmstream-services",
             bootstrap_timeout_ms=budget_ms,
             request_timeout_ms=max(budget_ms, 2000),
         )
-    except (kafka_errors.KafkaError, OSError):
-        return False
-    try:
         brokers = admin.describe_cluster().get("brokers", [])
         return any(not b.get("is_fenced", False) for b in brokers)
-    except (kafka_errors.KafkaError, OSError):
+    except (kafka_errors.KafkaError, OSError) as exc:
+        explained = connect.explain_kafka_error(kafka, exc)
+        if explained is not None:
+            raise explained from None
         return False
     finally:
-        admin.close()
+        if admin is not None:
+            admin.close()
 
 
 def _hosts_ports(bootstrap: str) -> list[tuple[str, int]]:
@@ -446,16 +562,16 @@ def _hosts_ports(bootstrap: str) -> list[tuple[str, int]]:
 
 
 def wait_kafka(
-    bootstrap: str,
+    kafka: KafkaConfig,
     *,
     timeout_s: float = START_TIMEOUT_S,
     pid: int | None = None,
     log_file: Path | None = None,
 ) -> None:
-    """Block until a Kafka broker at ``bootstrap`` answers metadata requests.
+    """Block until a Kafka broker at ``kafka.bootstrap`` answers metadata requests.
 
     Args:
-        bootstrap: ``host:port[,host:port]``.
+        kafka: the address and credentials to probe with.
         timeout_s: bound on the wait.
         pid: the broker's process, if we started it: its exit ends the wait at once.
         log_file: the log to name in the error.
@@ -463,7 +579,9 @@ def wait_kafka(
     Raises:
         ServiceStartError: the process exited.
         ServiceTimeoutError: not ready within ``timeout_s``.
+        ConnectError: the broker refused the credentials or the TLS handshake failed.
     """
+    bootstrap = kafka.bootstrap
     read = f"; read {log_file}" if log_file else ""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -475,7 +593,7 @@ def wait_kafka(
         left = deadline - time.monotonic()
         # Probe the socket first: kafka-python logs every refused connection as an error.
         if any(port_open(port, host) for host, port in _hosts_ports(bootstrap)):
-            if _kafka_ready(bootstrap, min(max(left, 0.5), 5.0)):
+            if _kafka_ready(kafka, min(max(left, 0.5), 5.0)):
                 return
         if time.monotonic() >= deadline:
             raise ServiceTimeoutError(
@@ -484,10 +602,16 @@ def wait_kafka(
         time.sleep(0.2)
 
 
-def start_kafka(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> int:
+def start_kafka(
+    settings: Settings,
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+    security: LocalSecurity | None = None,
+) -> int:
     """Start the local broker (or return the pid of the one already started here).
 
-    Data stays in ``run_dir/kafka/data``: a restart keeps every topic and message.
+    Data stays in ``run_dir/kafka/data``: a restart keeps every topic and message. With
+    ``security``, the broker also listens with SASL_SSL (SCRAM) on ``security.kafka_sasl_port``.
 
     Returns:
         The broker's pid.
@@ -500,23 +624,26 @@ def start_kafka(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
     pid = _owned_pid(pid_file, _KAFKA_MARKER)
     if pid is not None:
         wait_kafka(
-            _local_bootstrap(settings),
+            _local_kafka(settings),
             timeout_s=timeout_s,
             pid=pid,
             log_file=kafka_log_file(settings),
         )
         return pid
-    for port, what in (
+    ports = [
         (settings.kafka_port, "FMSTREAM_KAFKA_PORT"),
         (settings.kafka_controller_port, "FMSTREAM_KAFKA_CONTROLLER_PORT"),
-    ):
-        if port_open(port):
+    ]
+    if security is not None:
+        ports.append((security.kafka_sasl_port, "LocalSecurity.kafka_sasl_port"))
+    for port, what in ports:
+        if not port_free(port):
             raise PortInUseError(
                 f"port {port} is already taken by a process not started from {settings.run_dir}; "
                 f"stop it or choose another port with {what}"
             )
     libs = ensure_kafka_jars(settings)
-    props = _prepare_kafka(settings, libs)
+    props = _prepare_kafka(settings, libs, security)
     args = [*_java_args(settings, libs), "kafka.Kafka", str(props)]
     pid = _spawn(args, _kafka_out_file(settings), pid_file, cwd=kafka_dir(settings))
     logger.info(
@@ -527,7 +654,7 @@ def start_kafka(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
     )
     try:
         wait_kafka(
-            _local_bootstrap(settings),
+            _local_kafka(settings),
             timeout_s=timeout_s,
             pid=pid,
             log_file=kafka_log_file(settings),
@@ -554,30 +681,56 @@ def stop_kafka(
     return _stop_pid("Kafka", _kafka_pid_file(settings), _KAFKA_MARKER, timeout_s, kill)
 
 
-def restart_kafka(settings: Settings, *, kill: bool = False) -> int:
+def restart_kafka(
+    settings: Settings, *, kill: bool = False, security: LocalSecurity | None = None
+) -> int:
     """Stop and start the local broker, keeping its data; returns the new pid."""
     stop_kafka(settings, kill=kill)
-    return start_kafka(settings)
+    return start_kafka(settings, security=security)
 
 
 def _local_bootstrap(settings: Settings) -> str:
     return f"{LOOPBACK}:{settings.kafka_port}"
 
 
+def _local_kafka(settings: Settings) -> KafkaConfig:
+    """The local broker's plaintext loopback listener (readiness probes, inter-broker)."""
+    return KafkaConfig(_local_bootstrap(settings))
+
+
 # --- Redis ----------------------------------------------------------------------------------
 
 
-def _redis_conf(settings: Settings) -> str:
+def _redis_conf(settings: Settings, security: LocalSecurity | None = None) -> str:
     home = redis_dir(settings).resolve()
 
-    def quoted(path: Path) -> str:
+    def quoted(path: Path | str) -> str:
         return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+    secured: list[str] = []
+    port = [f"port {settings.redis_port}"]
+    if security is not None:
+        # Only the ACL users may connect: the default user is switched off.
+        secured = ["user default off"] + [
+            f"user {user} on >{password} ~* &* +@all"
+            for user, password in security.redis_users.items()
+        ]
+        if security.redis_tls:
+            port = [
+                "port 0",
+                f"tls-port {settings.redis_port}",
+                f"tls-cert-file {quoted(security.cert_file)}",
+                f"tls-key-file {quoted(security.key_file)}",
+                f"tls-key-file-pass {quoted(security.key_password)}",
+                f"tls-ca-cert-file {quoted(security.ca_file)}",
+                "tls-auth-clients no",
+            ]
     return "\n".join(
         [
             "# written by fmstream.services at every start; edit Settings, not this file",
             f"bind {LOOPBACK}",
-            f"port {settings.redis_port}",
+            *port,
+            *secured,
             "protected-mode yes",
             "daemonize no",
             f"dir {quoted(home)}",
@@ -596,22 +749,29 @@ def _redis_url(settings: Settings) -> str:
     return f"redis://{LOOPBACK}:{settings.redis_port}/0"
 
 
+def _local_redis(settings: Settings) -> RedisConfig:
+    """The local Redis with the credentials and TLS of ``settings`` (none by default)."""
+    return replace(settings.redis_config(), url=_redis_url(settings))
+
+
 def wait_redis(
-    url: str,
+    redis_conn: RedisConfig,
     *,
     timeout_s: float = START_TIMEOUT_S,
     pid: int | None = None,
     log_file: Path | None = None,
 ) -> None:
-    """Block until the Redis at ``url`` answers PING (after loading its append-only file).
+    """Block until the Redis of ``redis_conn`` answers PING (after loading its append-only file).
 
     Raises:
         ServiceStartError: the process exited.
         ServiceTimeoutError: not ready within ``timeout_s``.
+        ConnectError: Redis refused the credentials or the TLS handshake failed.
     """
     read = f"; read {log_file}" if log_file else ""
+    url = redis_conn.display_url()
     deadline = time.monotonic() + timeout_s
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    client = connect.redis_client(redis_conn, socket_connect_timeout=1.0, socket_timeout=2.0)
     try:
         while True:
             if pid is not None and not _pid_alive(pid):
@@ -622,8 +782,11 @@ def wait_redis(
             try:
                 if client.ping():
                     return
-            except redis.RedisError:
-                pass  # refused, or still loading the append-only file
+            except redis.RedisError as exc:
+                explained = connect.explain_redis_error(redis_conn, exc)
+                if explained is not None and not isinstance(explained, connect.TlsFailed):
+                    raise explained from None
+                # refused, still loading the append-only file, or a TLS port not up yet
             if time.monotonic() >= deadline:
                 raise ServiceTimeoutError(f"Redis at {url} not ready after {timeout_s:.0f} s{read}")
             time.sleep(0.1)
@@ -631,7 +794,12 @@ def wait_redis(
         client.close()
 
 
-def start_redis(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> int:
+def start_redis(
+    settings: Settings,
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+    security: LocalSecurity | None = None,
+) -> int:
     """Start the local ``redis-server`` (or return the pid of the one already started here).
 
     Append-only persistence in ``run_dir/redis``: a restart keeps every key.
@@ -646,10 +814,11 @@ def start_redis(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
     pid = _owned_pid(pid_file, _REDIS_MARKER)
     if pid is not None:
         wait_redis(
-            _redis_url(settings), timeout_s=timeout_s, pid=pid, log_file=redis_log_file(settings)
+            _local_redis(settings), timeout_s=timeout_s, pid=pid,
+            log_file=redis_log_file(settings),
         )
         return pid
-    if port_open(settings.redis_port):
+    if not port_free(settings.redis_port):
         raise PortInUseError(
             f"port {settings.redis_port} is already taken by a process not started from "
             f"{settings.run_dir}; stop it or choose another port with FMSTREAM_REDIS_PORT"
@@ -661,7 +830,8 @@ def start_redis(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
     home = redis_dir(settings).resolve()
     home.mkdir(parents=True, exist_ok=True)
     conf = home / "redis.conf"
-    conf.write_text(_redis_conf(settings))
+    conf.write_text(_redis_conf(settings, security))
+    conf.chmod(0o600)  # it may hold ACL passwords
     pid = _spawn([server, str(conf)], home / "redis.out", pid_file, cwd=home)
     logger.info(
         "started Redis (pid %s) on port %s; log %s",
@@ -671,7 +841,8 @@ def start_redis(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> in
     )
     try:
         wait_redis(
-            _redis_url(settings), timeout_s=timeout_s, pid=pid, log_file=redis_log_file(settings)
+            _local_redis(settings), timeout_s=timeout_s, pid=pid,
+            log_file=redis_log_file(settings),
         )
     except ServiceStartError as exc:
         pid_file.unlink(missing_ok=True)
@@ -695,34 +866,41 @@ def stop_redis(
     return _stop_pid("Redis", _redis_pid_file(settings), _REDIS_MARKER, timeout_s, kill)
 
 
-def restart_redis(settings: Settings, *, kill: bool = False) -> int:
+def restart_redis(
+    settings: Settings, *, kill: bool = False, security: LocalSecurity | None = None
+) -> int:
     """Stop and start the local Redis, keeping its data; returns the new pid."""
     stop_redis(settings, kill=kill)
-    return start_redis(settings)
+    return start_redis(settings, security=security)
 
 
 # --- topics ---------------------------------------------------------------------------------
 
 
 @contextmanager
-def kafka_admin(bootstrap: str, *, timeout_s: float = 10.0) -> Iterator[KafkaAdminClient]:
+def kafka_admin(kafka: KafkaConfig, *, timeout_s: float = 10.0) -> Iterator[KafkaAdminClient]:
     """A connected admin client, closed on exit.
 
     Raises:
         KafkaUnavailableError: no broker answered within ``timeout_s``.
+        ConnectError: the broker refused the credentials or the TLS handshake failed.
     """
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+        admin = connect.kafka_admin(
+            kafka,
             client_id="fmstream-admin",
             bootstrap_timeout_ms=int(timeout_s * 1000),
             request_timeout_ms=max(int(timeout_s * 1000), 5000),
         )
     except (kafka_errors.KafkaError, OSError) as exc:
+        explained = connect.explain_kafka_error(kafka, exc)
+        if explained is not None:
+            raise explained from None
         raise KafkaUnavailableError(
-            f"no Kafka broker answers at {bootstrap} within {timeout_s:.0f} s ({exc!r}); start "
-            "the local one with `fmstream up` (or `make up`), or set FMSTREAM_KAFKA_BOOTSTRAP"
-        ) from exc
+            f"no Kafka broker answers at {kafka.describe()} within {timeout_s:.0f} s "
+            f"({type(exc).__name__}); start the local one with `fmstream up` (or `make up`), "
+            "or set FMSTREAM_KAFKA_BOOTSTRAP"
+        ) from None
     try:
         yield admin
     finally:
@@ -755,7 +933,7 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
     wanted = settings.topic_partitions
     deadline = time.monotonic() + timeout_s
     created: list[str] = []
-    with kafka_admin(settings.kafka_bootstrap, timeout_s=min(timeout_s, 15.0)) as admin:
+    with kafka_admin(settings.kafka_config(), timeout_s=min(timeout_s, 15.0)) as admin:
         pending = set(wanted) - set(admin.list_topics())
         while pending:
             spec = {name: _topic_spec(settings, name) for name in sorted(pending)}
@@ -816,16 +994,16 @@ def _warn_if_elsewhere(settings: Settings) -> None:
     if str(settings.redis_port) not in settings.redis_url:
         logger.warning(
             "FMSTREAM_REDIS_URL=%s does not point at the local Redis on port %s",
-            settings.redis_url,
+            settings.redis_url_display,
             settings.redis_port,
         )
 
 
-def _ensure_kafka(settings: Settings, timeout_s: float) -> State:
+def _ensure_kafka(settings: Settings, timeout_s: float, security: LocalSecurity | None) -> State:
     ours = _owned_pid(_kafka_pid_file(settings), _KAFKA_MARKER)
     if ours is None and port_open(settings.kafka_port):
         try:
-            wait_kafka(_local_bootstrap(settings), timeout_s=min(timeout_s, 15.0))
+            wait_kafka(_local_kafka(settings), timeout_s=min(timeout_s, 15.0))
         except ServiceTimeoutError:
             raise PortInUseError(
                 f"port {settings.kafka_port} answers but not as a Kafka broker; stop that process "
@@ -833,15 +1011,16 @@ def _ensure_kafka(settings: Settings, timeout_s: float) -> State:
             ) from None
         logger.info("reusing the Kafka broker already on %s", _local_bootstrap(settings))
         return "reused"
-    start_kafka(settings, timeout_s=timeout_s)  # when ours runs: only waits until it is ready
+    # when ours runs: only waits until it is ready
+    start_kafka(settings, timeout_s=timeout_s, security=security)
     return "started" if ours is None else "reused"
 
 
-def _ensure_redis(settings: Settings, timeout_s: float) -> State:
+def _ensure_redis(settings: Settings, timeout_s: float, security: LocalSecurity | None) -> State:
     ours = _owned_pid(_redis_pid_file(settings), _REDIS_MARKER)
     if ours is None and port_open(settings.redis_port):
         try:
-            wait_redis(_redis_url(settings), timeout_s=min(timeout_s, 10.0))
+            wait_redis(_local_redis(settings), timeout_s=min(timeout_s, 10.0))
         except ServiceTimeoutError:
             raise PortInUseError(
                 f"port {settings.redis_port} answers but not as Redis; stop that process or "
@@ -849,14 +1028,22 @@ def _ensure_redis(settings: Settings, timeout_s: float) -> State:
             ) from None
         logger.info("reusing the Redis already on port %s", settings.redis_port)
         return "reused"
-    start_redis(settings, timeout_s=timeout_s)
+    start_redis(settings, timeout_s=timeout_s, security=security)
     return "started" if ours is None else "reused"
 
 
-def up(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> dict[str, str]:
+def up(
+    settings: Settings,
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+    security: LocalSecurity | None = None,
+) -> dict[str, str]:
     """Make Kafka and Redis answer on loopback and create the topics; idempotent.
 
-    A service whose port already answers is reused, never started twice.
+    A service whose port already answers is reused, never started twice. With ``security``
+    (the test session's secured services), Kafka also listens with SASL_SSL and Redis takes only
+    ACL users (over TLS when ``security.redis_tls``); topics are created through
+    ``settings.kafka_config()``, so point it at the SASL_SSL listener.
 
     Returns:
         ``{"kafka": "started"|"reused", "redis": "started"|"reused", "topics": "..."}``
@@ -867,8 +1054,8 @@ def up(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> dict[str, s
     """
     _warn_if_elsewhere(settings)
     Path(settings.run_dir).mkdir(parents=True, exist_ok=True)
-    redis_state = _ensure_redis(settings, timeout_s)
-    kafka_state = _ensure_kafka(settings, timeout_s)
+    redis_state = _ensure_redis(settings, timeout_s, security)
+    kafka_state = _ensure_kafka(settings, timeout_s, security)
     created = ensure_topics(settings, timeout_s=min(timeout_s, 60.0))
     return {
         "kafka": kafka_state,
@@ -885,13 +1072,13 @@ def wait_ready(settings: Settings, *, timeout_s: float = START_TIMEOUT_S) -> Non
     """
     deadline = time.monotonic() + timeout_s
     wait_redis(
-        settings.redis_url,
+        settings.redis_config(),
         timeout_s=timeout_s,
         pid=_owned_pid(_redis_pid_file(settings), _REDIS_MARKER),
         log_file=redis_log_file(settings),
     )
     wait_kafka(
-        settings.kafka_bootstrap,
+        settings.kafka_config(),
         timeout_s=max(1.0, deadline - time.monotonic()),
         pid=_owned_pid(_kafka_pid_file(settings), _KAFKA_MARKER),
         log_file=kafka_log_file(settings),

@@ -7,11 +7,27 @@ Build it once at the entry point and pass it down; nothing reads the environment
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream.config import SaslMechanism, SecurityProtocol
+from stream.connect import RedisConfig, redact_url
+
+ENV_PREFIX = "FMSTREAM_"
+
+
+class UnknownSettingError(ValueError):
+    """An ``FMSTREAM_*`` environment variable names no setting (a typo must not fall back to a
+    default such as plaintext Kafka)."""
+
 
 if TYPE_CHECKING:
     from serving.keys import RedisKeys
@@ -22,7 +38,14 @@ if TYPE_CHECKING:
 class Settings(BaseSettings):
     """Addresses, topic names, intervals and model hyper-parameters (env prefix ``FMSTREAM_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="FMSTREAM_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a validation error must not echo a password it was given.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
+    )
+
+    def __init__(self, **values: Any) -> None:
+        check_environment(os.environ)
+        super().__init__(**values)
 
     # --- infrastructure -------------------------------------------------------------------
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
@@ -36,6 +59,38 @@ class Settings(BaseSettings):
         Path("infra/kafka/target/libs"), description="folder of the Kafka jars (make kafka)"
     )
     kafka_heap: str = Field("512m", description="max heap of the local broker")
+
+    # --- security (secure; README "Security") --------------------------------------------
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)"
+    )
+    kafka_username: str | None = Field(None, description="SASL user")
+    kafka_password: SecretStr | None = Field(None, description="SASL password (secret)")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="PEM CA of the broker certificate (default: the system's)"
+    )
+    kafka_ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    kafka_ssl_keyfile: Path | None = Field(None, description="client certificate's key")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="password of the client key (secret)"
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="the broker certificate must name the bootstrap host"
+    )
+    redis_username: str | None = Field(None, description="Redis ACL user (default: `default`)")
+    redis_password: SecretStr | None = Field(
+        None, description="Redis password (secret; overrides one in the URL)"
+    )
+    redis_ssl: bool = Field(False, description="TLS to Redis (same as a rediss:// URL)")
+    redis_ssl_ca_file: Path | None = Field(None, description="PEM CA of the Redis certificate")
+    redis_ssl_certfile: Path | None = Field(None, description="client certificate for Redis")
+    redis_ssl_keyfile: Path | None = Field(None, description="client certificate's key")
+    redis_ssl_check_hostname: bool = Field(
+        True, description="the Redis certificate must name the host"
+    )
 
     movielens: Path | None = Field(
         None, description="MovieLens folder the demo replays (else a synthetic stream)"
@@ -104,13 +159,54 @@ class Settings(BaseSettings):
         10_000, ge=1000, description="a dead worker's partitions move after this long"
     )
 
+    @model_validator(mode="after")
+    def _connections_consistent(self) -> Settings:
+        self.kafka_config()  # raises ValueError on a SASL setting without the rest
+        return self
+
+    def __repr_args__(self):  # noqa: ANN204 - pydantic's signature
+        # SecretStr fields already print as '**********'; a password in the Redis URL would not.
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "redis_url" else value)
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, in clear (for :meth:`redact`; never print them)."""
+        out = [
+            value.get_secret_value()
+            for name in type(self).model_fields
+            if isinstance(value := getattr(self, name), SecretStr)
+        ]
+        url_password = urlsplit(self.redis_url).password if "@" in self.redis_url else None
+        if url_password:
+            out.append(url_password)
+        return [v for v in out if v]
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret of these settings (and URL passwords) replaced by ***."""
+        for secret in sorted(self.secret_values(), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return redact_urls_in(text)
+
+    @property
+    def redis_url_display(self) -> str:
+        """The Redis URL without its password: what messages and the CLI show."""
+        return redact_url(self.redis_url)
+
     def to_env(self) -> dict[str, str]:
-        """These settings as ``FMSTREAM_*`` variables, to start another process with them."""
-        return {
-            f"FMSTREAM_{name.upper()}": str(value)
-            for name, value in self.model_dump().items()
-            if value is not None
-        }
+        """These settings as ``FMSTREAM_*`` variables, to start another process with them.
+
+        Secrets are in clear here (a child process needs them): pass the result to the process
+        environment, never print it.
+        """
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return out
 
     def redis_key(self, *parts: str | int) -> str:
         """A Redis key under this deployment's prefix, e.g. ``fm:user:196``."""
@@ -119,10 +215,34 @@ class Settings(BaseSettings):
     # --- narrow configs for the lower packages (issue 10: they never import this module) ----
 
     def kafka_config(self) -> KafkaConfig:
-        """How ``stream/`` clients reach the brokers."""
+        """How every Kafka client reaches and authenticates to the brokers (TLS, SASL)."""
         from stream.config import KafkaConfig
 
-        return KafkaConfig(bootstrap=self.kafka_bootstrap)
+        return KafkaConfig(
+            bootstrap=self.kafka_bootstrap,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            username=self.kafka_username,
+            password=self.kafka_password,
+            ssl_cafile=_path(self.kafka_ssl_cafile),
+            ssl_certfile=_path(self.kafka_ssl_certfile),
+            ssl_keyfile=_path(self.kafka_ssl_keyfile),
+            ssl_key_password=self.kafka_ssl_key_password,
+            ssl_check_hostname=self.kafka_ssl_check_hostname,
+        )
+
+    def redis_config(self) -> RedisConfig:
+        """How every Redis client connects (URL, ACL user, TLS)."""
+        return RedisConfig(
+            url=self.redis_url,
+            username=self.redis_username,
+            password=self.redis_password,
+            ssl=self.redis_ssl,
+            ssl_ca_file=_path(self.redis_ssl_ca_file),
+            ssl_certfile=_path(self.redis_ssl_certfile),
+            ssl_keyfile=_path(self.redis_ssl_keyfile),
+            ssl_check_hostname=self.redis_ssl_check_hostname,
+        )
 
     def topics(self) -> Topics:
         """The contract's topic names."""
@@ -177,3 +297,36 @@ class Settings(BaseSettings):
     def compacted_topics(self) -> set[str]:
         """Profile topics are upserts keyed by id: log compaction keeps the newest."""
         return {self.topic_users, self.topic_items}
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise :class:`UnknownSettingError` for any ``FMSTREAM_*`` variable that names no setting.
+
+    The message names the variable and the closest valid one, e.g.
+    ``FMSTREAM_KAFKA_SECURITY_PROTOKOL`` -> ``FMSTREAM_KAFKA_SECURITY_PROTOCOL``.
+    """
+    valid = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(
+        name for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in valid
+    )
+    if not unknown:
+        return
+    lines = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), sorted(valid), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see `fmstream --help` for the list"
+        lines.append(f"unknown setting {name}{hint}")
+    raise UnknownSettingError("\n".join(lines))
+
+
+_URL_WITH_PASSWORD = re.compile(r"\b(rediss?|https?|kafka)://([^:/@\s]*):([^@\s]+)@")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` URL in it replaced."""
+    return _URL_WITH_PASSWORD.sub(lambda m: f"{m.group(1)}://{m.group(2)}:***@", text)

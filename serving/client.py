@@ -24,11 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from pydantic import ValidationError
 
 from fmstream.settings import Settings
 from serving.errors import ClientClosed, ClientError, ClientTimeout
+from stream.connect import kafka_consumer, kafka_producer
 from stream.schemas import DecodeError, Request, Response, dumps, loads_object
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ class FmClient:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+        self._consumer = kafka_consumer(
+            settings.kafka_config(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
@@ -94,8 +95,8 @@ class FmClient:
         )
         try:
             self._assign_at_end(connect_timeout)
-            self._producer = KafkaProducer(
-                bootstrap_servers=settings.kafka_bootstrap,
+            self._producer = kafka_producer(
+                settings.kafka_config(),
                 acks="all",
                 linger_ms=0,
                 # send() blocks at most this long on metadata, not kafka-python's default 60 s

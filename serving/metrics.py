@@ -130,7 +130,7 @@ def serve_worker_metrics(
         return
     registry = new_registry()
     metrics = WorkerMetrics(registry).bind(worker)
-    lag = GroupLagCollector(kafka.bootstrap, group, [requests_topic])
+    lag = GroupLagCollector(kafka, group, [requests_topic])
     registry.register(lag)
     with running(lag), serve_http(registry, port):
         worker.metrics = metrics

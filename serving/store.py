@@ -66,7 +66,7 @@ def check_binary_client(client: redis.Redis, who: str) -> None:
         raise ServingError(
             f"{who} needs a Redis client with decode_responses=False (vectors are "
             "binary), got one with decode_responses=True; build it with "
-            "redis.Redis.from_url(url)"
+            "stream.connect.redis_client(config)"
         )
 
 

@@ -19,6 +19,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
 from stream.config import KafkaConfig
+from stream.connect import kafka_consumer, kafka_producer
 from stream.schemas import (
     DeadLetter,
     DecodeError,
@@ -38,17 +39,14 @@ M = TypeVar("M", bound=BaseModel)
 def make_producer(kafka: KafkaConfig, **overrides) -> KafkaProducer:
     """An idempotent producer (acks=all) with a short linger so batches form under load."""
     config = dict(
-        bootstrap_servers=kafka.bootstrap,
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
         retries=2**31 - 1,
         max_in_flight_requests_per_connection=5,
-        client_id=kafka.client_id,
-        **kafka.options,
     )
     config.update(overrides)
-    return KafkaProducer(**config)
+    return kafka_producer(kafka, **config)
 
 
 def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> KafkaConsumer:
@@ -57,16 +55,13 @@ def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> Kafk
     ``overrides`` are kafka-python options (e.g. ``max_poll_records``, default 500).
     """
     config = dict(
-        bootstrap_servers=kafka.bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,
-        client_id=kafka.client_id,
-        **kafka.options,
     )
     config.update(overrides)
-    return KafkaConsumer(**config)
+    return kafka_consumer(kafka, **config)
 
 
 @dataclass(frozen=True)

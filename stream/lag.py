@@ -22,6 +22,9 @@ from kafka.admin import OffsetSpec
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from stream.config import KafkaConfig
+from stream.connect import kafka_admin, kafka_consumer
+
 log = logging.getLogger(__name__)
 
 OFFSETS_TOPIC = "__consumer_offsets"
@@ -60,14 +63,14 @@ class LagReader:
     """Reads group lag from the broker with one admin client (close it, or use ``with``).
 
     Args:
-        bootstrap: Kafka bootstrap servers.
+        kafka: how to reach Kafka.
         admin: an admin client to use (not closed by :meth:`close`); by default one is made.
     """
 
-    def __init__(self, bootstrap: str, *, admin: KafkaAdminClient | None = None) -> None:
+    def __init__(self, kafka: KafkaConfig, *, admin: KafkaAdminClient | None = None) -> None:
         self._own_admin = admin is None
-        self.admin = admin or KafkaAdminClient(
-            bootstrap_servers=bootstrap, client_id="fmstream-lag", request_timeout_ms=10_000,
+        self.admin = admin or kafka_admin(
+            kafka, client_id="fmstream-lag", request_timeout_ms=10_000,
             bootstrap_timeout_ms=10_000,
         )
         self._partitions: dict[str, tuple[float, list[int]]] = {}
@@ -133,10 +136,10 @@ class LagReader:
 
 
 def group_lag(
-    bootstrap: str, group: str, topics: list[str], *, admin: KafkaAdminClient | None = None
+    kafka: KafkaConfig, group: str, topics: list[str], *, admin: KafkaAdminClient | None = None
 ) -> list[PartitionLag]:
     """Per-partition lag of ``group`` over ``topics`` (every partition, committed or not)."""
-    with LagReader(bootstrap, admin=admin) as reader:
+    with LagReader(kafka, admin=admin) as reader:
         return reader.read({group: topics})
 
 
@@ -237,8 +240,8 @@ class CommitLog:
     callers fall back to periodic readings.
     """
 
-    def __init__(self, bootstrap: str, groups: Iterable[str]) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaConfig, groups: Iterable[str]) -> None:
+        self.kafka = kafka
         self.groups = set(groups)
         self.available = True
         self._consumer: KafkaConsumer | None = None
@@ -247,8 +250,8 @@ class CommitLog:
     def start(self) -> CommitLog:
         """Position at the end of the log: commits made after this call are observed."""
         try:
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+            self._consumer = kafka_consumer(
+                self.kafka, group_id=None, enable_auto_commit=False,
                 exclude_internal_topics=False, client_id="fmstream-commit-log",
                 fetch_max_wait_ms=100,
             )

@@ -26,6 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from stream.config import KafkaConfig
 from stream.lag import LagReader, PartitionLag
 
 log = logging.getLogger(__name__)
@@ -50,17 +51,17 @@ class GroupLagCollector(Collector):
     ``-1`` and stays out of the sum, as kafka_exporter does (Kafka's own tool prints ``-``).
 
     Args:
-        bootstrap: Kafka bootstrap servers.
+        kafka: how to reach Kafka.
         group: the consumer group.
         topics: the topics the group consumes.
         interval_s: seconds between refreshes (default :data:`LAG_REFRESH_S`).
     """
 
     def __init__(
-        self, bootstrap: str, group: str, topics: Sequence[str], *,
+        self, kafka: KafkaConfig, group: str, topics: Sequence[str], *,
         interval_s: float | None = None,
     ) -> None:
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.group = group
         self.topics = list(topics)
         self.interval_s = LAG_REFRESH_S if interval_s is None else interval_s
@@ -75,7 +76,7 @@ class GroupLagCollector(Collector):
         """Read the group's lag now (reconnecting after an error) and keep it for scrapes."""
         try:
             if self._reader is None:
-                self._reader = LagReader(self.bootstrap)
+                self._reader = LagReader(self.kafka)
             parts = self._reader.read({self.group: self.topics})
         except Exception:
             self.errors += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -31,13 +30,15 @@ import redis  # noqa: E402
 
 from fmstream import services as fm_services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
+from stream.connect import redis_client as connect_redis  # noqa: E402
 from tests.kafka_helpers import KafkaIO, delete_topics  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Away from the defaults of `fmstream up`, so tests never touch a developer's running stack.
-PREFERRED_PORTS = {"kafka_port": 39092, "kafka_controller_port": 39093, "redis_port": 36379}
+# Away from the defaults of `fmstream up`, so tests never touch a developer's running stack, and
+# below 32768 (outside Linux's ephemeral range, where any client socket may hold a port).
+PREFERRED_PORTS = {"kafka_port": 19092, "kafka_controller_port": 19093, "redis_port": 16379}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,21 +54,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((fm_services.LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def _session_ports() -> dict[str, int]:
-    """The preferred ports, or free ones if any is taken (another session, a leftover broker).
-
-    The session must own its services: the fault tests stop and restart them.
-    """
-    if not any(fm_services.port_open(port) for port in PREFERRED_PORTS.values()):
-        return dict(PREFERRED_PORTS)
-    ports = {name: _free_port() for name in PREFERRED_PORTS}
-    logger.warning("ports %s are taken; this session uses %s", PREFERRED_PORTS, ports)
+def _session_ports(preferred: dict[str, int] = PREFERRED_PORTS) -> dict[str, int]:
+    """The preferred ports where free (checked by binding), else ports the OS picks (another
+    session, a leftover broker). The session must own its services: the fault tests stop and
+    restart them."""
+    ports = fm_services.free_ports(preferred)
+    if ports != preferred:
+        logger.warning("ports %s are taken; this session uses %s", preferred, ports)
     return ports
 
 
@@ -148,11 +141,11 @@ def _cleanup(per_test: Settings) -> None:
     """Drop the test's topics and Redis keys (best effort: a test may have stopped a service)."""
     if fm_services.port_open(per_test.kafka_port):
         try:
-            delete_topics(per_test.kafka_bootstrap, per_test.topic_partitions)
+            delete_topics(per_test, per_test.topic_partitions)
         except Exception as exc:  # noqa: BLE001 - cleanup must not fail the test
             logger.warning("could not delete the test's topics: %r", exc)
     if fm_services.port_open(per_test.redis_port):
-        client = redis.Redis.from_url(per_test.redis_url, socket_timeout=2.0)
+        client = connect_redis(per_test.redis_config(), socket_timeout=2.0)
         try:
             keys = list(client.scan_iter(match=per_test.redis_prefix + "*", count=1000))
             for start in range(0, len(keys), 1000):
@@ -166,7 +159,7 @@ def _cleanup(per_test: Settings) -> None:
 @pytest.fixture
 def redis_client(settings: Settings) -> Iterator[redis.Redis]:
     """A client of the session's Redis (bytes in, bytes out)."""
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=False)
+    client = connect_redis(settings.redis_config(), decode_responses=False)
     yield client
     client.close()
 

@@ -2,7 +2,7 @@
 
 Readers never join a consumer group: they assign every partition and read from the beginning,
 so they see a topic exactly as a new consumer would and never disturb the groups under test.
-Every function takes the test's ``Settings`` (or a bootstrap string) first::
+Every function takes the test's ``Settings`` (or a ``KafkaConfig`` or bootstrap string) first::
 
     produce(settings, settings.topic_events, [(b"196", b'{"user_id": "196", "item_id": "242"}')])
     letters = consume_all(settings, settings.topic_dlq, expect=3)
@@ -23,17 +23,21 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from fmstream.services import kafka_admin
 from fmstream.settings import Settings
+from stream.config import KafkaConfig
+from stream.connect import kafka_consumer, kafka_producer
 
-Target = Settings | str
-"""The test's Settings, or a bootstrap string."""
+Target = Settings | KafkaConfig | str
+"""The test's Settings, a connection, or a (plaintext) bootstrap string."""
 Bytes = bytes | str
 Message = Bytes | tuple[Bytes | None, Bytes | None]
 """A value, or a ``(key, value)`` pair; ``str`` is UTF-8 encoded, ``None`` value = tombstone."""
 Predicate = Callable[[list[ConsumerRecord]], bool]
 
 
-def _bootstrap(target: Target) -> str:
-    return target if isinstance(target, str) else target.kafka_bootstrap
+def _connection(target: Target) -> KafkaConfig:
+    if isinstance(target, KafkaConfig):
+        return target
+    return KafkaConfig(target) if isinstance(target, str) else target.kafka_config()
 
 
 def _b(value: Bytes | None) -> bytes | None:
@@ -44,15 +48,16 @@ class KafkaIO:
     """Produce to and read from one cluster with one lazily made producer (see :meth:`close`)."""
 
     def __init__(self, target: Target) -> None:
-        self.bootstrap = _bootstrap(target)
+        self.kafka = _connection(target)
+        self.bootstrap = self.kafka.bootstrap
         self._producer: KafkaProducer | None = None
 
     @property
     def producer(self) -> KafkaProducer:
         """A plain producer (acks=all, no serializers)."""
         if self._producer is None:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, max_block_ms=10_000
+            self._producer = kafka_producer(
+                self.kafka, acks="all", linger_ms=5, max_block_ms=10_000
             )
         return self._producer
 
@@ -91,17 +96,17 @@ class KafkaIO:
         self, topic: str, *, expect: int | None = None, timeout_s: float = 10.0
     ) -> list[ConsumerRecord]:
         """See :func:`consume_all`."""
-        return consume_all(self.bootstrap, topic, expect=expect, timeout_s=timeout_s)
+        return consume_all(self.kafka, topic, expect=expect, timeout_s=timeout_s)
 
     def consume_until(
         self, topic: str, predicate: Predicate, *, timeout_s: float = 10.0
     ) -> list[ConsumerRecord]:
         """See :func:`consume_until`."""
-        return consume_until(self.bootstrap, topic, predicate, timeout_s=timeout_s)
+        return consume_until(self.kafka, topic, predicate, timeout_s=timeout_s)
 
     def end_offsets(self, topic: str) -> dict[TopicPartition, int]:
         """See :func:`end_offsets`."""
-        return end_offsets(self.bootstrap, topic)
+        return end_offsets(self.kafka, topic)
 
     def close(self) -> None:
         """Close the producer, if one was made."""
@@ -110,9 +115,11 @@ class KafkaIO:
             self._producer = None
 
 
-def _reader(bootstrap: str, topic: str, timeout_s: float) -> tuple[KafkaConsumer, list[Any]]:
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
+def _reader(target: Target, topic: str, timeout_s: float) -> tuple[KafkaConsumer, list[Any]]:
+    kafka = _connection(target)
+    bootstrap = kafka.bootstrap
+    consumer = kafka_consumer(
+        kafka,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -136,7 +143,7 @@ def end_offsets(
     target: Target, topic: str, *, timeout_s: float = 10.0
 ) -> dict[TopicPartition, int]:
     """``{TopicPartition(topic, partition): end offset}`` for every partition of ``topic``."""
-    consumer, tps = _reader(_bootstrap(target), topic, timeout_s)
+    consumer, tps = _reader(target, topic, timeout_s)
     try:
         return dict(consumer.end_offsets(tps))
     finally:
@@ -160,7 +167,7 @@ def consume_all(
         TimeoutError: fewer than ``expect`` records (or the end not reached) within the bound.
     """
     until = None if expect is None else (lambda records: len(records) >= expect)
-    return _read(_bootstrap(target), topic, until, timeout_s)
+    return _read(target, topic, until, timeout_s)
 
 
 def consume_until(
@@ -171,13 +178,13 @@ def consume_until(
     Raises:
         TimeoutError: with a summary of what did arrive.
     """
-    return _read(_bootstrap(target), topic, predicate, timeout_s)
+    return _read(target, topic, predicate, timeout_s)
 
 
 def _read(
-    bootstrap: str, topic: str, until: Predicate | None, timeout_s: float
+    target: Target, topic: str, until: Predicate | None, timeout_s: float
 ) -> list[ConsumerRecord]:
-    consumer, tps = _reader(bootstrap, topic, timeout_s)
+    consumer, tps = _reader(target, topic, timeout_s)
     deadline = time.monotonic() + timeout_s
     records: list[ConsumerRecord] = []
     try:
@@ -212,7 +219,7 @@ def produce(target: Target, topic: str, messages: Iterable[Message], **kwargs: A
 def delete_topics(target: Target, topics: Iterable[str], *, timeout_s: float = 5.0) -> None:
     """Delete ``topics`` (missing ones are ignored); returns when the broker accepted it."""
     names = list(topics)
-    with kafka_admin(_bootstrap(target), timeout_s=timeout_s) as admin:
+    with kafka_admin(_connection(target), timeout_s=timeout_s) as admin:
         present = set(admin.list_topics())
         doomed = [name for name in names if name in present]
         if doomed:

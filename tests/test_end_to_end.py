@@ -12,12 +12,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-import redis
 
 from fmstream.app import run_trainer, run_worker
 from fmstream.settings import Settings
 from serving.client import FmClient
 from serving.store import VectorStore
+from stream.connect import redis_client
 from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
@@ -61,7 +61,7 @@ def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
     producer.close()
 
     users = [f"u{n}" for n in range(0, 300, 15)]
-    store = VectorStore(redis.Redis.from_url(settings.redis_url), settings.redis_keys())
+    store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
     wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 20_000, 120,
               "the trainer to apply the whole stream")
     time.sleep(1.5)  # the next publish cycle covers the last batch

@@ -136,7 +136,7 @@ def serve_trainer_metrics(
         return
     registry = new_registry()
     metrics = TrainerMetrics(registry).bind(trainer.stats, publish_stats)
-    lag = GroupLagCollector(kafka.bootstrap, trainer.config.group, list(trainer.topics))
+    lag = GroupLagCollector(kafka, trainer.config.group, list(trainer.topics))
     registry.register(lag)
     with running(lag), serve_http(registry, port):
         trainer.metrics = metrics

@@ -35,6 +35,7 @@ from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
+from stream.connect import RedisConfig
 from stream.consume import dead_letter_for
 from stream.schemas import dumps
 from train.lease import LeaseLost
@@ -308,14 +309,16 @@ class GuardedSink:
         self._call("tick", self.sink.tick, now)
 
 
-def lease_client(redis_url: str, timeout_s: float = 2.0) -> redis.Redis:
+def lease_client(redis_config: RedisConfig, timeout_s: float = 2.0) -> redis.Redis:
     """A Redis client for the lease: short timeouts, one retry, so that a Redis that hangs
     (rather than refuses) cannot hold a renewal for longer than a few seconds of the TTL."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(
-        redis_url,
+    from stream.connect import redis_client
+
+    return redis_client(
+        redis_config,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),

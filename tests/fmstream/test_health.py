@@ -8,7 +8,7 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from fmstream.health import (
@@ -25,6 +25,7 @@ from fmstream.health import (
 )
 from fmstream.monitor import LagSampler
 from fmstream.settings import Settings
+from stream.connect import kafka_admin, kafka_consumer
 from tests.kafka_helpers import KafkaIO
 
 T0 = 1_700_000_000.0
@@ -202,9 +203,10 @@ def test_real_groups_reach_ok_stall_rewind_stop_and_warn(
               for n in names}
     group = dict(zip(names, groups, strict=True))
     tp = {n: TopicPartition(requests if n == "warn" else events, 0) for n in names}
-    consumers = {n: KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group[n],
-                                  enable_auto_commit=False) for n in names}
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    kafka = settings.kafka_config()
+    consumers = {n: kafka_consumer(kafka, group_id=group[n], enable_auto_commit=False)
+                 for n in names}
+    admin = kafka_admin(kafka)
 
     def commit(name: str, offset: int) -> None:
         consumers[name].commit({tp[name]: OffsetAndMetadata(offset, "", -1)})

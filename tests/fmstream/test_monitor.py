@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,6 +32,8 @@ from fmstream.health import GroupHealth, PartitionHealth, Status
 from fmstream.monitor import LagReport, exceeded, render
 from fmstream.settings import Settings
 from serving.store import VectorStore
+from stream.config import KafkaConfig
+from stream.connect import kafka_consumer
 from stream.consume import make_producer
 from stream.lag import PartitionLag
 from stream.replay import produce_events
@@ -114,7 +116,7 @@ def _exported_names() -> set[str]:
         else:
             wm = WorkerMetrics(registry).bind(SimpleNamespace(state=None, swaps=0))
             wm.errors.labels("unknown_user").inc()
-        lag = GroupLagCollector("127.0.0.1:1", "g", ["t"])
+        lag = GroupLagCollector(KafkaConfig("127.0.0.1:1"), "g", ["t"])
         lag.partitions = [PartitionLag("g", "t", 0, 3, 5)]
         registry.register(lag)
         for family in text_string_to_metric_families(generate_latest(registry).decode()):
@@ -171,8 +173,8 @@ def state(settings: Settings, kafka_io: KafkaIO, redis_client: redis.Redis,
     kafka_io.produce(settings.topic_requests, [b"r"] * 10, partition=1)
     for group, tp, offset in ((settings.trainer_group, (settings.topic_events, 0), 20),
                               (settings.serving_group, (settings.topic_requests, 1), 10)):
-        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                                 enable_auto_commit=False)
+        consumer = kafka_consumer(settings.kafka_config(), group_id=group,
+                                  enable_auto_commit=False)
         consumer.assign([TopicPartition(*tp)])
         consumer.commit({TopicPartition(*tp): OffsetAndMetadata(offset, "", -1)})
         consumer.close(autocommit=False)

@@ -14,6 +14,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from fmstream import services as svc
 from fmstream.settings import Settings
+from stream.connect import RedisConfig
 from tests.kafka_helpers import KafkaIO
 
 
@@ -36,7 +37,8 @@ def _kcat() -> str:
 def test_wait_redis_times_out_naming_the_log(tmp_path: Path) -> None:
     log = tmp_path / "redis.log"
     with pytest.raises(svc.ServiceTimeoutError, match=str(log)):
-        svc.wait_redis(f"redis://127.0.0.1:{_free_port()}/0", timeout_s=0.3, log_file=log)
+        svc.wait_redis(RedisConfig(f"redis://127.0.0.1:{_free_port()}/0"), timeout_s=0.3,
+                       log_file=log)
 
 
 def test_ensure_topics_without_broker_says_how_to_start_one(tmp_path: Path) -> None:
@@ -61,7 +63,7 @@ def test_start_redis_refuses_a_port_held_by_another_process(tmp_path: Path) -> N
 
 def test_topics_have_their_partition_counts_and_profiles_are_compacted(settings: Settings) -> None:
     names = list(settings.topic_partitions)
-    with svc.kafka_admin(settings.kafka_bootstrap) as admin:
+    with svc.kafka_admin(settings.kafka_config()) as admin:
         described = {t["name"]: t for t in admin.describe_topics(names)}
         resources = [ConfigResource(ConfigResourceType.TOPIC, n, ["cleanup.policy"]) for n in names]
         configs = admin.describe_configs(resources, config_filter="all")["topic"]

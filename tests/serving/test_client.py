@@ -8,13 +8,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from kafka_helpers import delete_topics
 
 from fmstream import services as fm_services
 from fmstream.settings import Settings
 from serving.client import FmClient
 from serving.errors import ClientError, ClientTimeout
+from stream.connect import kafka_consumer, kafka_producer
 from stream.schemas import Request, Response, ScoredItem, dumps, loads_object
 
 SILENT_USER = "silent"  # the echo never answers requests for this user
@@ -31,13 +32,13 @@ class Echo:
         self.settings = settings
         self.stop = threading.Event()
         self.seen = 0
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+        self.consumer = kafka_consumer(
+            settings.kafka_config(), group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=10,
         )
         parts = self.consumer.partitions_for_topic(settings.topic_requests)
         self.consumer.assign([TopicPartition(settings.topic_requests, p) for p in parts])
-        self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=0)
+        self.producer = kafka_producer(settings.kafka_config(), linger_ms=0)
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -130,7 +131,7 @@ def test_custom_reply_topic(settings: Settings, echo: Echo) -> None:
             with pytest.raises(ClientError, match="would never arrive"):
                 client.submit({"type": "u2i", "user_id": "z", "reply_to": "elsewhere"})
     finally:
-        delete_topics(settings.kafka_bootstrap, [mine.topic_responses])
+        delete_topics(settings, [mine.topic_responses])
 
 
 def test_invalid_request_and_missing_topic(settings: Settings) -> None:

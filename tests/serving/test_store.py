@@ -13,6 +13,7 @@ from fmstream.settings import Settings
 from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
+from stream.connect import redis_client
 from train.store_writer import StoreWriter
 
 
@@ -178,7 +179,7 @@ def test_popular_status_and_workers(store: VectorStore, writer: StoreWriter) -> 
 
 
 def test_rejects_a_decoding_client(settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_client(settings.redis_config(), decode_responses=True)
     with pytest.raises(ServingError, match="decode_responses=False"):
         VectorStore(client, settings.redis_keys())
     client.close()

@@ -6,10 +6,11 @@ import struct
 import time
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from fmstream.settings import Settings
+from stream.connect import kafka_admin, kafka_consumer
 from stream.lag import (
     CommitLog,
     LagReader,
@@ -91,14 +92,13 @@ def test_reader_sees_commits_log_ends_and_deleted_records(
     topic, group = settings.topic_events, settings.trainer_group
     kafka_io.produce(topic, [b"x"] * 30, partition=0)
     kafka_io.produce(topic, [b"y"] * 20, partition=1)
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                             enable_auto_commit=False)
+    admin = kafka_admin(settings.kafka_config())
+    consumer = kafka_consumer(settings.kafka_config(), group_id=group, enable_auto_commit=False)
     try:
         admin.delete_records({TopicPartition(topic, 1): 5})  # retention moved the log start
         consumer.assign([TopicPartition(topic, 0)])
         consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(12, "", -1)})
-        lags = group_lag(settings.kafka_bootstrap, group, [topic], admin=admin)
+        lags = group_lag(settings.kafka_config(), group, [topic], admin=admin)
         parts = {p.partition: p for p in lags}
     finally:
         consumer.close(autocommit=False)
@@ -108,7 +108,7 @@ def test_reader_sees_commits_log_ends_and_deleted_records(
     assert (parts[1].committed, parts[1].log_start, parts[1].log_end, parts[1].lag) \
         == (None, 5, 20, 15)
     assert all(parts[p].lag == 0 for p in range(2, settings.partitions_events))
-    with LagReader(settings.kafka_bootstrap) as reader:
+    with LagReader(settings.kafka_config()) as reader:
         states = reader.group_states([group, f"{group}.nobody"])
     assert states[group].members == 0 and states[group].state == "Empty"
     assert states[f"{group}.nobody"].state == "Dead"
@@ -118,11 +118,10 @@ def test_reader_sees_commits_log_ends_and_deleted_records(
 def test_commit_log_sees_each_commit_in_order_with_its_time(settings: Settings) -> None:
     topic, group = settings.topic_events, settings.serving_group
     tp = TopicPartition(topic, 2)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                             enable_auto_commit=False)
-    other = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                          group_id=f"{group}.other", enable_auto_commit=False)
-    log = CommitLog(settings.kafka_bootstrap, [group])
+    kafka = settings.kafka_config()
+    consumer = kafka_consumer(kafka, group_id=group, enable_auto_commit=False)
+    other = kafka_consumer(kafka, group_id=f"{group}.other", enable_auto_commit=False)
+    log = CommitLog(kafka, [group])
     try:
         consumer.assign([tp])
         other.assign([tp])

@@ -334,7 +334,7 @@ def test_broker_stopped_and_restarted_mid_stream(settings: Settings, tmp_path: P
         trainer.signal(signal.SIGTERM)
         assert trainer.wait(timeout=30) == 0, trainer.tail()
     assert_exactly_once(s, first + later)
-    lags = group_lag(s.kafka_bootstrap, s.trainer_group, [s.topic_events])
+    lags = group_lag(s.kafka_config(), s.trainer_group, [s.topic_events])
     assert [p.lag for p in lags] == [0] * len(lags)
 
 
@@ -463,7 +463,7 @@ def test_one_percent_poison_is_dead_lettered_and_the_rest_applied(
     for tp, end in ends.items():
         assert meta["positions"][f"{tp.topic}|{tp.partition}"] == end
     topics = [s.topic_events, s.topic_users, s.topic_items]
-    lags = group_lag(s.kafka_bootstrap, s.trainer_group, topics)
+    lags = group_lag(s.kafka_config(), s.trainer_group, topics)
     assert {(p.topic, p.partition): p.lag for p in lags} == {
         (p.topic, p.partition): 0 for p in lags
     }
