@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 from xml.sax.saxutils import escape
 
 import kafka.errors as kafka_errors
@@ -750,8 +751,14 @@ def _redis_url(settings: Settings) -> str:
 
 
 def _local_redis(settings: Settings) -> RedisConfig:
-    """The local Redis with the credentials and TLS of ``settings`` (none by default)."""
-    return replace(settings.redis_config(), url=_redis_url(settings))
+    """The local Redis with the credentials and TLS of ``settings`` (none by default), those in
+    the URL's scheme and user part included."""
+    conn = settings.redis_config()
+    parts = urlsplit(conn.url)
+    scheme = parts.scheme if parts.scheme in ("redis", "rediss") else "redis"
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (f"{userinfo}@" if userinfo else "") + f"{LOOPBACK}:{settings.redis_port}"
+    return replace(conn, url=urlunsplit((scheme, netloc, "/0", "", "")))
 
 
 def wait_redis(

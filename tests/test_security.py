@@ -1,0 +1,341 @@
+"""fmstream on a secured Kafka and Redis: the real commands, the real servers, no secret printed.
+
+``secure_stack`` (session; only these tests start it) runs a second local broker with a
+SASL_SSL listener (SCRAM-SHA-512 user created at format time, certificate signed by a CA this
+session makes with ``openssl``) and a Redis that accepts only an ACL user, over TLS only. The
+commands run as subprocesses (``python -m fmstream.cli``) with their settings in ``FMSTREAM_*``
+variables, as deployed; every byte they print (logs at INFO included) and every /metrics page is
+searched for the passwords.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from fmstream import services as svc
+from fmstream.settings import Settings
+from tests.certs import make_certs
+from tests.kafka_helpers import wait_for
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECURE_PORTS = {"kafka_port": 19192, "kafka_controller_port": 19193, "sasl_port": 19194,
+                "redis_port": 16479}
+USER = "fmstream-app"
+
+
+@dataclass(frozen=True)
+class SecureStack:
+    settings: Settings  # clients: SASL_SSL Kafka, ACL user on TLS Redis
+    kafka_password: str
+    redis_password: str
+    key_password: str
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return (self.kafka_password, self.redis_password, self.key_password)
+
+
+def _hermetic(**values: object) -> Settings:
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.upper().startswith("FMSTREAM_"):
+                mp.delenv(name)
+        return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureStack]:
+    """A SASL_SSL (SCRAM) broker and an ACL + TLS Redis of their own, for this module only."""
+    run_dir = tmp_path_factory.mktemp("secure")
+    # Distinct, greppable secrets; a fresh set per session.
+    kafka_pw, redis_pw, key_pw = (f"{what}-{secrets.token_hex(8)}"
+                                  for what in ("kafkapw", "redispw", "keypw"))
+    try:
+        certs = make_certs(run_dir / "certs", key_pw)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    ports = svc.free_ports(SECURE_PORTS)
+    security = svc.LocalSecurity(
+        ca_file=certs.ca_file, cert_file=certs.cert_file, key_file=certs.key_file,
+        kafka_keystore=certs.kafka_keystore, key_password=key_pw,
+        kafka_sasl_port=ports["sasl_port"], host="127.0.0.1", scram_mechanism="SCRAM-SHA-512",
+        kafka_users={USER: kafka_pw}, redis_users={USER: redis_pw}, redis_tls=True,
+    )
+    settings = _hermetic(
+        run_dir=run_dir,
+        kafka_libs=REPO_ROOT / "infra" / "kafka" / "target" / "libs",
+        kafka_heap="384m",
+        kafka_port=ports["kafka_port"],
+        kafka_controller_port=ports["kafka_controller_port"],
+        redis_port=ports["redis_port"],
+        kafka_bootstrap=f"127.0.0.1:{ports['sasl_port']}",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_username=USER,
+        kafka_password=kafka_pw,
+        kafka_ssl_cafile=certs.ca_file,
+        redis_url=f"redis://127.0.0.1:{ports['redis_port']}/0",
+        redis_username=USER,
+        redis_password=redis_pw,
+        redis_ssl=True,
+        redis_ssl_ca_file=certs.ca_file,
+        checkpoint_dir=run_dir / "checkpoints",
+        partitions_events=2, partitions_requests=2, partitions_profiles=1,
+        partitions_responses=2,
+    )
+    try:
+        svc.up(settings, security=security)
+    except svc.ServiceError as exc:
+        svc.down(settings)
+        pytest.fail(f"could not start the secured services (run dir {run_dir}): {exc}",
+                    pytrace=False)
+    try:
+        yield SecureStack(settings, kafka_pw, redis_pw, key_pw)
+    finally:
+        svc.down(settings)
+
+
+@pytest.fixture
+def stack(secure_stack: SecureStack, tmp_path: Path) -> SecureStack:
+    """The secured stack with this test's own topics, groups, key prefix and checkpoints."""
+    suffix = uuid.uuid4().hex[:8]
+    base = secure_stack.settings
+    update: dict[str, object] = {
+        f"topic_{f}": f"{getattr(base, f'topic_{f}')}.{suffix}"
+        for f in ("events", "users", "items", "requests", "responses", "dlq")
+    }
+    update.update(trainer_group=f"{base.trainer_group}.{suffix}",
+                  serving_group=f"{base.serving_group}.{suffix}",
+                  redis_prefix=f"fmsec:{suffix}:", checkpoint_dir=tmp_path / "checkpoints")
+    settings = base.model_copy(update=update)
+    svc.ensure_topics(settings)  # through the SASL_SSL listener
+    return SecureStack(settings, secure_stack.kafka_password, secure_stack.redis_password,
+                       secure_stack.key_password)
+
+
+# --- running commands -----------------------------------------------------------------------
+
+
+def _env(settings: Settings, **override: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FMSTREAM_")}
+    env.update(settings.to_env())
+    for name, value in override.items():
+        if value == "":
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def _fmstream(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fmstream.cli", *args]
+
+
+@dataclass
+class Ran:
+    args: tuple[str, ...]
+    returncode: int
+    output: str  # stdout and stderr
+
+
+def run(settings: Settings, *args: str, timeout: float = 180.0, **override: str) -> Ran:
+    done = subprocess.run(  # noqa: S603
+        _fmstream(*args), cwd=REPO_ROOT, env=_env(settings, **override), capture_output=True,
+        text=True, timeout=timeout, check=False,
+    )
+    return Ran(args, done.returncode, done.stdout + done.stderr)
+
+
+def assert_no_secret(stack: SecureStack, *texts: str) -> None:
+    for text in texts:
+        for secret in stack.secrets:
+            assert secret not in text, f"a password was printed:\n{text[-3000:]}"
+
+
+# --- the round trip -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_train_serve_query_lag_through_sasl_ssl_and_acl_tls_redis(stack: SecureStack,
+                                                                  tmp_path: Path) -> None:
+    """produce -> train -> publish -> serve -> query -> lag, all through the secured servers."""
+    s = stack.settings
+    outputs: list[str] = []
+    metrics_port = svc.os_picked_port()
+    # `up` and `lag` with the Redis password in the URL instead: it must be shown redacted.
+    url_with_password = (f"rediss://{USER}:{stack.redis_password}@127.0.0.1:{s.redis_port}/0")
+    in_url = {"FMSTREAM_REDIS_URL": url_with_password, "FMSTREAM_REDIS_USERNAME": "",
+              "FMSTREAM_REDIS_PASSWORD": ""}
+
+    up = run(s, "up", **in_url)
+    outputs.append(up.output)
+    assert up.returncode == 0, up.output
+    assert f"rediss://{USER}:***@127.0.0.1:{s.redis_port}/0" in up.output
+
+    replay = run(s, "-v", "replay", "--users", "40", "--items", "30", "--clusters", "3",
+                 "--events", "1500")
+    outputs.append(replay.output)
+    assert replay.returncode == 0, replay.output
+    assert "produced 1500 events" in replay.output
+
+    train = run(s, "-v", "train", "--idle-exit", "3", timeout=300)
+    outputs.append(train.output)
+    assert train.returncode == 0, train.output
+    assert "applied 1500 events, 0 dead letters" in train.output
+
+    log_file = tmp_path / "serve.log"
+    with log_file.open("w") as out:
+        worker = subprocess.Popen(  # noqa: S603
+            _fmstream("-v", "serve"), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env=_env(s, FMSTREAM_WORKER_METRICS_PORT=str(metrics_port)),
+        )
+    try:
+        def answered() -> dict | None:
+            assert worker.poll() is None, log_file.read_text()
+            q = run(s, "query", "u2i", "--user", "u7", "-k", "5", "--json", "--timeout", "5")
+            outputs.append(q.output)
+            if q.returncode != 0:
+                return None
+            resp = orjson.loads(q.output.strip().splitlines()[-1])
+            return resp if resp["items"] and resp.get("fallback") is None else None
+
+        resp = wait_for(answered, timeout=180, what="a u2i answer from the trained model",
+                        poll_s=1.0)
+        assert len(resp["items"]) == 5 and resp["model_version"] >= 1
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+        outputs.append(page)
+        assert "fmstream_model_version" in page
+
+        lag = run(s, "lag", **in_url)
+        outputs.append(lag.output)
+        assert lag.returncode == 0, lag.output
+        lag_json = run(s, "lag", "--json", **in_url)
+        outputs.append(lag_json.output)
+        assert lag_json.returncode == 0, lag_json.output
+        report = orjson.loads(lag_json.output.strip().splitlines()[-1])
+        assert report["total_lag"][s.trainer_group] == 0
+        assert report["model_version"] is not None and not report["problems"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    outputs.append(log_file.read_text())
+    assert worker.returncode == 0, outputs[-1]
+    assert_no_secret(stack, *outputs)
+
+
+# --- wrong credentials fail closed ----------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message(
+    stack: SecureStack,
+) -> None:
+    """Each command, in parallel, with one wrong credential: exit 3, one clear line, no
+    traceback, no password (neither the right nor the wrong one)."""
+    s = stack.settings
+    wrong_kafka = {"FMSTREAM_KAFKA_PASSWORD": "wrong-kafka-secret-1"}
+    wrong_redis = {"FMSTREAM_REDIS_PASSWORD": "wrong-redis-secret-2"}
+    no_ca = {"FMSTREAM_KAFKA_SSL_CAFILE": ""}
+    kafka_refused = "refused the credentials"
+    cases = [
+        (("train",), wrong_kafka, kafka_refused),
+        (("serve",), wrong_kafka, kafka_refused),
+        (("lag",), wrong_kafka, kafka_refused),
+        (("lag", "--json"), wrong_kafka, kafka_refused),
+        (("query", "u2i", "--user", "u1"), wrong_kafka, kafka_refused),
+        (("replay", "--events", "10"), wrong_kafka, kafka_refused),
+        (("topics",), wrong_kafka, kafka_refused),
+        (("train",), wrong_redis, "Redis at"),
+        (("serve",), wrong_redis, "Redis at"),
+        (("lag",), wrong_redis, "Redis at"),
+        (("serve",), no_ca, "TLS to Kafka"),
+    ]
+    procs = []
+    for args, override, _ in cases:
+        procs.append(subprocess.Popen(  # noqa: S603
+            _fmstream("-v", *args), cwd=REPO_ROOT, env=_env(s, **override),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    failures = []
+    for (args, override, expected), proc in zip(cases, procs, strict=True):
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            failures.append(f"{args} {list(override)}: still running after 120 s\n{output}")
+            continue
+        problems = []
+        if proc.returncode != 3:
+            problems.append(f"exit {proc.returncode}")
+        if expected not in output:
+            problems.append(f"no {expected!r}")
+        if "Traceback" in output:
+            problems.append("a traceback")
+        for secret in (*stack.secrets, *override.values()):
+            if secret and secret in output:
+                problems.append("a password")
+        if problems:
+            failures.append(f"{args} {list(override)}: {', '.join(problems)}\n{output[-2000:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.integration
+def test_factories_reach_the_secured_servers_and_refuse_plaintext(stack: SecureStack) -> None:
+    """The Python clients (factories) work through SASL_SSL / TLS; without TLS they do not."""
+    from stream.config import KafkaConfig
+    from stream.connect import (
+        AuthenticationFailed,
+        check_kafka,
+        check_redis,
+        redis_client,
+    )
+    from tests.kafka_helpers import KafkaIO
+
+    s = stack.settings
+    io = KafkaIO(s)
+    try:
+        io.produce(s.topic_events, [(b"k", b"v")])
+        assert [r.value for r in io.consume_all(s.topic_events, expect=1)] == [b"v"]
+    finally:
+        io.close()
+    client = redis_client(s.redis_config())
+    try:
+        client.set(s.redis_key("probe"), b"1")
+        assert client.get(s.redis_key("probe")) == b"1"
+    finally:
+        client.close()
+    check_kafka(s.kafka_config())
+    check_redis(s.redis_config())
+    with pytest.raises(AuthenticationFailed, match="does not offer SASL mechanism"):
+        check_kafka(s.model_copy(update={"kafka_sasl_mechanism": "SCRAM-SHA-256"})
+                    .kafka_config())
+    plaintext = KafkaConfig(s.kafka_bootstrap)
+    assert plaintext.client_config()["security_protocol"] == "PLAINTEXT"
+    started = time.monotonic()
+    from stream.connect import ConnectError
+
+    with pytest.raises(ConnectError):
+        check_redis(s.model_copy(update={"redis_ssl": False}).redis_config(), timeout_s=3)
+    assert time.monotonic() - started < 30
