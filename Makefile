@@ -1,7 +1,7 @@
 # fmstream: one command installs what is needed, then tests, runs the demo, or manages the
 # local Kafka + Redis (no Docker). Every step is idempotent: stamp files skip work already done.
 #
-#   make deps    venv + Kafka jars + redis-server/kcat     make test   deps, then pytest
+#   make deps    venv + Kafka jars + redis-server/kcat/openssl    make test   deps, then pytest
 #   make demo    deps, then `fmstream demo`                make up / make down   local services
 #   make lint    ruff                                      make clean  drop the stamps
 
@@ -56,6 +56,7 @@ redis:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v kcat >/dev/null || missing="$$missing kcat"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; $(call apt_install,$$missing); fi
 
 # --- use ------------------------------------------------------------------------------------------
