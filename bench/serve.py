@@ -344,8 +344,8 @@ def publish(store: StoreWriter, items: int, users: int, dim: int, version: int) 
 # (label, file suffix, function) whose cumulative time is reported; "minus" rows subtract
 PROFILE_PARTS = [
     ("poll: fetch + unpack records (+ idle wait)", "kafka/consumer/group.py", "poll"),
-    ("decode requests (pydantic)", "serving/worker.py", "_decode"),
-    ("Redis: user vectors (+ histories)", "serving/worker.py", "__init__"),
+    ("decode requests (pydantic)", "serving/answering.py", "decode_request"),
+    ("Redis: user vectors (+ histories)", "serving/answering.py", "__init__"),
     ("faiss search", "serving/index.py", "_search"),
     ("encode replies + producer.send", "serving/worker.py", "send"),
     ("settle acks + commit offsets", "serving/worker.py", "settle"),

@@ -102,13 +102,41 @@ def run_trainer(
             log.warning("could not release the trainer lease: %r", exc)
 
 
+class KafkaClients:
+    """The Kafka client factories of ``stream.consume`` bound to one Settings (the worker's
+    ``serving.worker.KafkaClients``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def producer(self, **overrides):
+        from stream.consume import make_producer
+
+        return make_producer(self.settings.kafka_config(), **overrides)
+
+    def consumer(self, group_id: str | None, **overrides):
+        from stream.consume import make_consumer
+
+        return make_consumer(self.settings.kafka_config(), group_id, **overrides)
+
+
+def new_worker(settings: Settings, store=None, *, worker_id: str | None = None, index=None):
+    """A serving worker (``serving.worker.Worker``) wired from the settings."""
+    from serving.store import VectorStore
+    from serving.worker import Worker
+
+    if store is None:
+        store = VectorStore(redis_client(settings), settings.redis_keys())
+    return Worker(settings.serving_config(), store, KafkaClients(settings), index=index,
+                  worker_id=worker_id)
+
+
 def run_worker(settings: Settings, stop: threading.Event,
                ready: threading.Event | None = None) -> None:
     """Serve requests until ``stop``."""
     from serving.metrics import serve_worker_metrics
-    from serving.worker import Worker
 
-    worker = Worker(settings, store(settings))
+    worker = new_worker(settings)
     with serve_worker_metrics(settings.worker_metrics_port, settings.kafka_config(),
                               settings.serving_group, settings.topic_requests, worker):
         worker.run(stop, ready=ready)

@@ -30,6 +30,7 @@ class UnknownSettingError(ValueError):
 
 
 if TYPE_CHECKING:
+    from serving.config import ClientConfig, ServingConfig
     from serving.keys import RedisKeys
     from stream.config import KafkaConfig, Topics
     from train.config import PublishConfig, TrainerConfig
@@ -159,6 +160,13 @@ class Settings(BaseSettings):
         10_000, ge=1000, description="a dead worker's partitions move after this long"
     )
 
+    # --- robustness (issue 9: reply_to allow-list) ------------------------------------------
+    reply_topic_prefixes: str = Field(
+        "fm.replies.",
+        description="comma-separated prefixes a request's reply_to may start with (besides "
+        "topic_responses, always allowed); empty: only topic_responses",
+    )
+
     @model_validator(mode="after")
     def _connections_consistent(self) -> Settings:
         self.kafka_config()  # raises ValueError on a SASL setting without the rest
@@ -258,6 +266,38 @@ class Settings(BaseSettings):
         from serving.keys import RedisKeys
 
         return RedisKeys(self.redis_prefix)
+
+    def serving_config(self) -> ServingConfig:
+        """What ``serving.worker.Worker`` needs."""
+        from serving.config import ServingConfig
+
+        return ServingConfig(
+            topic_requests=self.topic_requests,
+            topic_responses=self.topic_responses,
+            topic_dlq=self.topic_dlq,
+            group=self.serving_group,
+            reply_prefixes=tuple(
+                p.strip() for p in self.reply_topic_prefixes.split(",") if p.strip()
+            ),
+            max_message_bytes=self.max_message_bytes,
+            max_k=self.max_k,
+            session_timeout_ms=self.worker_session_timeout_ms,
+            threads=self.threads,
+            index_kind=self.index_kind,
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_search=self.hnsw_ef_search,
+            hnsw_rebuild_s=self.hnsw_rebuild_s,
+            swap_poll_s=self.swap_poll_s,
+        )
+
+    def client_config(self) -> ClientConfig:
+        """What ``serving.client.FmClient`` needs."""
+        from serving.config import ClientConfig
+
+        return ClientConfig(
+            kafka=self.kafka_config(), topic_requests=self.topic_requests,
+            topic_responses=self.topic_responses, group=self.serving_group,
+        )
 
     def trainer_config(self) -> TrainerConfig:
         """What ``train.loop.Trainer`` needs."""

@@ -1,7 +1,7 @@
 """A Python request/reply client for fmstream's serving workers, over Kafka.
 
-Requests go to ``settings.topic_requests`` keyed by request id; responses come back on a reply
-topic (default ``settings.topic_responses``, or any topic named in ``reply_topic``, which is then
+Requests go to ``config.topic_requests`` keyed by request id; responses come back on a reply
+topic (default ``config.topic_responses``, or any topic named in ``reply_topic``, which is then
 sent as each request's ``reply_to``). The client reads the reply topic WITHOUT a consumer group:
 it assigns itself every partition and starts at the end, so any number of clients can listen on
 the same topic without stealing each other's responses or disturbing any group. A background
@@ -9,7 +9,7 @@ thread matches responses to in-flight requests by ``request_id``; others are ign
 
 Example::
 
-    with FmClient(settings) as client:
+    with FmClient(settings) as client:  # fmstream's Settings, or a ClientConfig
         response = client.request({"type": "u2i", "user_id": "196", "k": 10})
 """
 
@@ -22,12 +22,12 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kafka import TopicPartition
 from pydantic import ValidationError
 
-from fmstream.settings import Settings
+from serving.config import ClientConfig
 from serving.errors import ClientClosed, ClientError, ClientTimeout
 from stream.connect import kafka_consumer, kafka_producer
 from stream.schemas import DecodeError, Request, Response, dumps, loads_object
@@ -35,6 +35,12 @@ from stream.schemas import DecodeError, Request, Response, dumps, loads_object
 logger = logging.getLogger(__name__)
 
 RequestLike = Request | Mapping[str, Any]
+
+
+class HasClientConfig(Protocol):
+    """Anything that builds a :class:`ClientConfig` (``fmstream.settings.Settings`` does)."""
+
+    def client_config(self) -> ClientConfig: ...
 
 
 class ResponseFuture(concurrent.futures.Future[Response]):
@@ -57,8 +63,9 @@ class FmClient:
     """Send :class:`Request` s and wait for their :class:`Response` s, many in flight.
 
     Args:
-        settings: Kafka address and topic names.
-        reply_topic: topic to receive responses on (default ``settings.topic_responses``);
+        config: Kafka address and topic names: a :class:`ClientConfig`, or anything with a
+            ``client_config()`` method (fmstream's Settings).
+        reply_topic: topic to receive responses on (default ``config.topic_responses``);
             when given, it is set as ``reply_to`` on every request.
         connect_timeout: seconds to wait for the reply topic's metadata and end offsets.
         poll_ms: how long the background thread blocks in one poll (bounds close latency).
@@ -68,16 +75,18 @@ class FmClient:
 
     def __init__(
         self,
-        settings: Settings,
+        config: ClientConfig | HasClientConfig,
         *,
         reply_topic: str | None = None,
         connect_timeout: float = 10.0,
         poll_ms: int = 50,
         fetch_max_wait_ms: int = 10,
     ) -> None:
-        self.settings = settings
-        self.request_topic = settings.topic_requests
-        self.reply_topic = reply_topic or settings.topic_responses
+        if not isinstance(config, ClientConfig):
+            config = config.client_config()
+        self.config = config
+        self.request_topic = config.topic_requests
+        self.reply_topic = reply_topic or config.topic_responses
         self._set_reply_to = reply_topic is not None
         self._poll_ms = poll_ms
         self._pending: dict[str, _Pending] = {}
@@ -85,23 +94,25 @@ class FmClient:
         self._stop = threading.Event()
         self._closed = False
         self._consumer = kafka_consumer(
-            settings.kafka_config(),
+            config.kafka,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
             fetch_max_wait_ms=fetch_max_wait_ms,
             fetch_min_bytes=1,
             client_id="fmstream-client",
+            reconnect_backoff_max_ms=1000,  # back within ~1 s of a broker restart
         )
         try:
             self._assign_at_end(connect_timeout)
             self._producer = kafka_producer(
-                settings.kafka_config(),
+                config.kafka,
                 acks="all",
                 linger_ms=0,
                 # send() blocks at most this long on metadata, not kafka-python's default 60 s
                 max_block_ms=int(connect_timeout * 1000),
                 client_id="fmstream-client",
+                reconnect_backoff_max_ms=1000,
             )
         except BaseException:
             self._consumer.close()
@@ -128,7 +139,7 @@ class FmClient:
             time.sleep(0.1)
         if not partitions:
             raise ClientError(
-                f"reply topic {self.reply_topic!r} not found on {self.settings.kafka_bootstrap} "
+                f"reply topic {self.reply_topic!r} not found on {self.config.kafka.bootstrap} "
                 f"within {timeout:.1f}s; expected it to exist (create the topics with "
                 "`fmstream up` / `fmstream topics`, or pass an existing reply_topic)"
             )
@@ -140,7 +151,7 @@ class FmClient:
             if self._consumer.position(tp, timeout_ms=left_ms) is None:
                 raise ClientError(
                     f"could not resolve the end offset of {tp.topic}[{tp.partition}] within "
-                    f"{timeout:.1f}s; is the broker at {self.settings.kafka_bootstrap} healthy?"
+                    f"{timeout:.1f}s; is the broker at {self.config.kafka.bootstrap} healthy?"
                 )
         logger.debug("client listening on %s (%d partitions)", self.reply_topic, len(tps))
 
@@ -283,7 +294,7 @@ class FmClient:
         kind = request.type if request is not None else "?"
         return ClientTimeout(
             f"no response to request {rid} ({kind}) on {self.reply_topic!r} within "
-            f"{timeout:.3g}s; expected serving workers (group {self.settings.serving_group!r}) "
+            f"{timeout:.3g}s; expected serving workers (group {self.config.group!r}) "
             f"to consume {self.request_topic!r}: check they run and `fmstream lag`"
         )
 

@@ -5,6 +5,10 @@ Every message says what was expected, what arrived, and what to do about it.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from stream.schemas import ErrorCode
+
 
 class ServingError(Exception):
     """Base of every error raised by ``serving``."""
@@ -26,6 +30,61 @@ class IndexInputError(ServingError, ValueError):
     """Arrays handed to an index have the wrong shape, dtype or size."""
 
 
+# --- request errors: each carries the response code the client sees --------------------------
+
+
+class RequestError(ServingError):
+    """A request that is answered with an error response; :attr:`code` is its wire code.
+
+    The message is the ``error.message`` of the response: what was expected, what arrived.
+    """
+
+    code: ClassVar[ErrorCode] = "internal"
+
+
+class InvalidRequest(RequestError, ValueError):
+    """The request breaks the contract (a missing field, ``k`` out of bounds, a bad ``reply_to``,
+    too many bytes, a context value the schema refuses)."""
+
+    code: ClassVar[ErrorCode] = "invalid_request"
+
+
+class UnknownUser(RequestError, LookupError):
+    """The user has no published vector (``rank`` needs one)."""
+
+    code: ClassVar[ErrorCode] = "unknown_user"
+
+
+class UnknownItem(RequestError, LookupError):
+    """The item (or every item of ``item_ids``) is not in the index or the offline table."""
+
+    code: ClassVar[ErrorCode] = "unknown_item"
+
+
+class DeadlineExceeded(RequestError, TimeoutError):
+    """The request's ``deadline_ms`` passed before it was served."""
+
+    code: ClassVar[ErrorCode] = "deadline_exceeded"
+
+
+class NotReady(RequestError):
+    """No item index is published yet."""
+
+    code: ClassVar[ErrorCode] = "not_ready"
+
+
+class InternalError(RequestError):
+    """The worker failed answering a valid request (a bug or a backend fault)."""
+
+    code: ClassVar[ErrorCode] = "internal"
+
+
+REQUEST_ERRORS: tuple[type[RequestError], ...] = (
+    InvalidRequest, UnknownUser, UnknownItem, DeadlineExceeded, NotReady, InternalError,
+)
+"""One type per response code of the contract (``ErrorCode`` in ``stream/schemas.py``)."""
+
+
 class ClientError(ServingError):
     """The request/reply client could not complete a request."""
 
@@ -39,12 +98,20 @@ class ClientClosed(ClientError):
 
 
 __all__ = [
+    "REQUEST_ERRORS",
     "ClientClosed",
     "ClientError",
     "ClientTimeout",
+    "DeadlineExceeded",
     "IndexInputError",
+    "InternalError",
+    "InvalidRequest",
+    "NotReady",
+    "RequestError",
     "ServingError",
     "SnapshotCorrupt",
     "SnapshotError",
     "SnapshotMissing",
+    "UnknownItem",
+    "UnknownUser",
 ]

@@ -111,8 +111,8 @@ class WorkerMetrics:
             if r.timestamp is not None and r.timestamp > 0:
                 self.request_seconds.observe(max(0.0, done - r.timestamp / 1000.0))
         for p in pendings:
-            if p.response is not None and p.response.error is not None:
-                self.errors.labels(p.response.error.code).inc()
+            if p.error is not None:
+                self.errors.labels(p.error.code).inc()
         self.dead_letters.inc(max(0, dead_letters - self._dead_seen))
         self._dead_seen = dead_letters
 

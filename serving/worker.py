@@ -1,15 +1,19 @@
-"""The serving worker: requests from Kafka in, answers on the reply topic out.
+"""The serving worker's transport: requests from Kafka in, answers on the reply topic out.
 
-Workers form the consumer group ``fmstream-serving`` (add workers to scale). Each poll's requests
-are answered together: one Redis round trip for user vectors and histories, one batched index
-search per request type. A background thread loads new item snapshots and swaps ONE reference,
-so a request never waits for a build and a batch never mixes versions.
+Answering itself is pure and lives in ``serving/answering.py``; index following (full
+snapshots, deltas) in ``serving/follow.py``. This module polls, hands each batch to the
+answerer, sends the replies (or dead letters), and commits.
 
-Replies are pipelined: a batch's replies are handed to the producer and the worker polls the next
-batch while the broker acknowledges them. Offsets are committed only up to batches whose replies
-were all acknowledged (at least once: after a crash or a rebalance the unacknowledged tail is
-answered again, and the client drops the repeats by request id). A reply the producer gives up on
-rewinds the consumer to the first unacknowledged request, which is then answered again.
+Workers form one consumer group (add workers to scale). Replies are pipelined: a batch's replies
+are handed to the producer and the worker polls the next batch while the broker acknowledges
+them. Offsets are committed only up to batches whose replies (and dead letters) were all
+acknowledged (at least once: after a crash or a rebalance the unacknowledged tail is answered
+again, and the client drops the repeats by request id).
+
+Never a crash on one message: a reply the producer refuses (too large, a topic it cannot reach)
+becomes an ``internal`` error reply or, failing that, a dead letter (stage ``reply``); a reply
+that fails for good after it was sent is dead-lettered; only transient failures (the broker
+away) rewind the consumer to answer again.
 """
 
 from __future__ import annotations
@@ -21,38 +25,40 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import numpy as np
-import orjson
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import OffsetAndMetadata, TopicPartition
-from pydantic import ValidationError
-
-from fmstream.settings import Settings
-from model.compose import ContextTable
-from model.errors import FeatureError, InputError
-from serving.errors import ServingError
-from serving.graph import GraphKeeper
-from serving.index import LoadedIndex, configure_faiss
-from serving.queries import item_queries, user_queries
-from serving.store import UserVectors, VectorStore
-from stream.consume import DeadLetters, flatten, make_consumer, make_producer
-from stream.schemas import (
-    DecodeError,
-    ErrorInfo,
-    Request,
-    Response,
-    describe_validation_error,
-    dumps,
-    loads_object,
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
 )
+from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
+
+from serving.answering import (
+    Answerer,
+    IndexView,
+    Pending,
+    Rejected,
+    ServingState,
+    decode_request,
+)
+from serving.config import ServingConfig
+from serving.errors import InternalError, ServingError
+from serving.follow import IndexFollower as DeltaFollower
+from serving.graph import GraphKeeper
+from serving.index import configure_faiss
+from stream.consume import dead_letter_for, dead_letter_key, flatten
+from stream.schemas import dumps
 
 log = logging.getLogger(__name__)
 
-HISTORY_QUERIES = 20
-"""Most recent history items that i2i_history searches from (the whole history is excluded)."""
 COMMIT_INTERVAL_S = 0.2
 """Acknowledged offsets are committed at most this often (and at shutdown)."""
 POLL_MAX_RECORDS = 512
@@ -65,64 +71,102 @@ BLAS_THRESHOLD = 200
 """faiss uses BLAS for a flat search when ``queries x dim`` reaches this: from ~6 queries at
 d=34 (measured on 2 cores, 100k items: 1 query 1.0 ms scanning vs 5.0 ms with BLAS, 16 queries
 22 ms vs 12 ms; faiss' own default, 128000, never uses BLAS for request-sized batches)."""
+SEND_MAX_BLOCK_MS = 5000
+"""How long ``producer.send`` may block (metadata of a new reply topic, a full buffer): a
+reply topic that cannot be reached costs one dead letter, not a stalled worker."""
 
 
-@dataclass(frozen=True)
-class ServingState:
-    """What one batch of requests is answered from: swapped as a single reference."""
+class KafkaClients(Protocol):
+    """Makes the worker's Kafka clients (``fmstream`` builds them from its settings: addresses,
+    security, reconnect backoff)."""
 
-    loaded: LoadedIndex
-    context: ContextTable | None
+    def producer(self, **overrides: Any) -> KafkaProducer: ...
 
-    @property
-    def version(self) -> int:
-        return self.loaded.snapshot.version
+    def consumer(self, group_id: str | None, **overrides: Any) -> KafkaConsumer: ...
 
 
-@dataclass
-class Pending:
-    """A decoded request on its way to a response.
+class IndexFollower(IndexView, Protocol):
+    """An :class:`IndexView` the worker refreshes from its background thread
+    (``serving.follow.IndexFollower``)."""
 
-    An error is a full :class:`Response` in ``response``; an answer is ``items`` (with
-    ``version`` and ``fallback``), encoded straight to the wire format by :meth:`encode` without
-    a pydantic model per item (the hot path).
+    def refresh(self) -> bool:
+        """Load a newer index if there is one (off the request path); True on swap."""
+        ...
+
+
+HEARTBEAT_FRESH = 2 / 3
+"""A member answers only while its last heartbeat (or join) is younger than this fraction of the
+session timeout: past it, the coordinator may already have handed its partitions to another
+member, and answering would answer twice."""
+
+MEMBERSHIP_ERRORS = (
+    CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError
+)
+"""Commit failures that mean this consumer is not (or no longer) the partitions' owner."""
+
+
+class Membership:
+    """Whether this consumer is a member of its group right now (not a zombie).
+
+    Read after every poll: the group state must be stable and the last successful heartbeat (or
+    the join) younger than :data:`HEARTBEAT_FRESH` of the session timeout. A member whose
+    heartbeats stopped for a whole session is made to rejoin. The heartbeat time comes from
+    kafka-python's coordinator (``_coordinator.heartbeat``); without it, the state alone decides.
     """
 
-    request: Request
-    reply_to: str
-    response: Response | None = None
-    items: list[tuple[str, float]] | None = None
-    version: int | None = None
-    fallback: str | None = None
+    def __init__(self, consumer: KafkaConsumer, session_timeout_ms: int) -> None:
+        self.consumer = consumer
+        self.session_s = session_timeout_ms / 1000
+        self.generation = -1
+        self.joined_at = time.monotonic()
+        self.paused_since: float | None = None
+        self.pauses = 0
 
-    @property
-    def done(self) -> bool:
-        return self.response is not None or self.items is not None
+    def _heartbeat_at(self) -> float:
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        heartbeat = getattr(coordinator, "heartbeat", None)
+        received = getattr(heartbeat, "last_receive", None)
+        return self.joined_at if received is None else max(received, self.joined_at)
 
-    def answer(
-        self, items: list[tuple[str, float]], version: int | None, fallback: str | None = None
-    ) -> None:
-        self.items, self.version, self.fallback = items, version, fallback
+    def rejoin_pending(self) -> bool:
+        """True when the group is rebalancing and the next poll will rejoin it: the moment to
+        commit everything answered, so the partitions' next owners start exactly after it."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        try:
+            return bool(coordinator is not None and coordinator.state is MemberState.STABLE
+                        and coordinator.need_rejoin())
+        except Exception:  # noqa: BLE001 - an internal of kafka-python changed: no early commit
+            return False
 
-    def encode(self) -> bytes:
-        """The response as it goes on the wire (the JSON of :class:`Response`)."""
-        if self.response is not None:
-            return dumps(self.response)
-        return orjson.dumps(
-            {
-                "request_id": self.request.request_id,
-                "items": [{"item_id": i, "score": s} for i, s in self.items or ()],
-                "model_version": self.version,
-                "error": None,
-                "fallback": self.fallback,
-            }
-        )
+    def check(self) -> bool:
+        """True while this consumer may answer for its assignment."""
+        meta = self.consumer.group_metadata()
+        now = time.monotonic()
+        if meta.state is MemberState.STABLE and meta.generation_id != self.generation:
+            self.generation, self.joined_at = meta.generation_id, now
+        silent = now - self._heartbeat_at()
+        ok = meta.state is MemberState.STABLE and silent < self.session_s * HEARTBEAT_FRESH
+        if ok:
+            if self.paused_since is not None:
+                log.warning("group membership back (generation %d) after %.1f s; answering again",
+                            self.generation, now - self.paused_since)
+                self.paused_since = None
+            return True
+        if self.paused_since is None and self.generation != -1:  # (not before the first join)
+            self.paused_since = now
+            self.pauses += 1
+            log.warning("not a stable group member (state %s, last heartbeat %.1f s ago): "
+                        "answering nothing until it rejoins", meta.state, silent)
+        if meta.state is MemberState.STABLE and silent >= self.session_s:
+            coordinator = getattr(self.consumer, "_coordinator", None)
+            if coordinator is not None:  # heartbeats stopped: the group dropped us; rejoin
+                coordinator.request_rejoin()
+        return False
 
 
-def _rows(loaded: LoadedIndex, item_ids: set[str]) -> set[int]:
-    """Index rows of the ids that the snapshot holds (others cannot be returned anyway)."""
-    row_of = loaded.snapshot.row_of
-    return {row_of[i] for i in item_ids if i in row_of}
+def _transient(error: BaseException | None) -> bool:
+    """A send failure that answering again later can cure (the broker away, a timeout)."""
+    return isinstance(error, KafkaTimeoutError) or bool(getattr(error, "retriable", False))
 
 
 def _wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Event) -> None:
@@ -137,101 +181,191 @@ def _wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Ev
         stop.wait(0.2)
 
 
-def _failure(p: Pending, exc: Exception, state: ServingState) -> Response:
-    """The error response of a request whose answer raised ``exc``."""
-    if isinstance(exc, FeatureError | InputError):
-        return _error(p.request.request_id, "invalid_request", str(exc), state.version)
-    log.error("request %s failed", p.request.request_id, exc_info=exc)
-    return _error(p.request.request_id, "internal", f"{type(exc).__name__}: {exc}", state.version)
-
-
-def _error(request_id: str, code: str, message: str, version: int | None = None) -> Response:
-    return Response(
-        request_id=request_id, error=ErrorInfo(code=code, message=message), model_version=version
-    )
-
-
 # --- replies in flight and the offsets they allow to commit --------------------------------
 
 
 @dataclass
-class _SentBatch:
-    """One polled batch whose replies are with the producer."""
+class _Out:
+    """One message sent for one request record: its reply or its dead letter."""
 
-    futures: list
+    future: Any
+    record: ConsumerRecord
+    pending: Pending | None  # None: a dead letter
+
+
+@dataclass
+class _SentBatch:
+    """One polled batch whose replies and dead letters are with the producer."""
+
+    outs: list[_Out]
     first: dict[TopicPartition, int]  # first offset of the batch in each partition
     upto: dict[TopicPartition, int]  # next offset of each partition once all are acknowledged
     records: Sequence[ConsumerRecord]
     pendings: list[Pending]
     started: float
+    retried: bool = field(default=False)
+
+
+class _RetryLater(Exception):
+    """Nothing could be sent for a record now (the broker away): answer its batch again."""
 
 
 class _Replies:
-    """Tracks replies until the broker acknowledged them; commits what they cover."""
+    """Sends replies and dead letters, tracks them until acknowledged, commits what they cover."""
 
-    def __init__(
-        self, worker: Worker, consumer: KafkaConsumer, producer: KafkaProducer, dead: DeadLetters
-    ) -> None:
+    def __init__(self, worker: Worker, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
         self.worker = worker
         self.consumer = consumer
         self.producer = producer
-        self.dead = dead
         self.sent: deque[_SentBatch] = deque()
         self.acked: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.last_commit = time.monotonic()
         self.owned: set[TopicPartition] = set()  # the assignment as last seen
         self.fresh: set[TopicPartition] = set()  # assigned, not yet anchored
+        self.lost = False  # a commit said this consumer is not the owner any more
 
-    def send(
-        self, records: Sequence[ConsumerRecord], pendings: list[Pending], started: float
-    ) -> None:
-        futures = [
-            self.producer.send(p.reply_to, key=p.request.request_id.encode(), value=p.encode())
-            for p in pendings
-        ]
+    # --- sending ----------------------------------------------------------------------------
+
+    def dead_letter(self, record: ConsumerRecord, stage: str, error: BaseException,
+                    reason: str) -> _Out:
+        """Send the dead letter of ``record`` (bounded in size; raises :class:`_RetryLater`)."""
+        letter = dead_letter_for(record, stage, error, reason)
+        try:
+            future = self.producer.send(
+                self.worker.config.topic_dlq, key=dead_letter_key(record), value=dumps(letter)
+            )
+        except KafkaError as exc:
+            raise _RetryLater(repr(exc)) from exc
+        self.worker.dead_letters += 1
+        log.warning("dead letter %s (%s): %s", letter.id, stage, reason[:200])
+        return _Out(future, record, None)
+
+    def reply(self, record: ConsumerRecord, p: Pending) -> _Out:
+        """Send the reply of ``p``; a reply the producer refuses becomes an ``internal`` error
+        reply, then a dead letter (raises :class:`_RetryLater` if the broker is away)."""
+        key = p.request_id.encode()
+        try:
+            return _Out(self.producer.send(p.reply_to, key=key, value=p.encode()), record, p)
+        except KafkaError as exc:
+            first = exc
+        if not _transient(first) and p.error is None:  # e.g. the answer is too large
+            p.fail(InternalError(f"the answer could not be sent: {first!r}"), p.version)
+            try:
+                return _Out(self.producer.send(p.reply_to, key=key, value=p.encode()), record, p)
+            except KafkaError as exc:
+                first = exc
+        return self.dead_letter(record, "reply", first, f"reply to {p.reply_to!r} failed: "
+                                                        f"{first!r}")
+
+    def send(self, records: Sequence[ConsumerRecord], outcomes: list[Pending | Rejected],
+             started: float) -> None:
+        """Send one batch's replies and dead letters (``outcomes`` aligned with ``records``)."""
+        outs: list[_Out] = []
         first: dict[TopicPartition, int] = {}
         upto: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             first.setdefault(tp, r.offset)
             upto[tp] = r.offset + 1
-        self.sent.append(_SentBatch(futures, first, upto, records, pendings, started))
+        try:
+            for record, outcome in zip(records, outcomes, strict=True):
+                if isinstance(outcome, Rejected):
+                    outs.append(self.dead_letter(record, outcome.stage, outcome.error,
+                                                 outcome.reason))
+                    continue
+                try:
+                    outs.append(self.reply(record, outcome))
+                except _RetryLater:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. an answer that cannot be encoded
+                    log.exception("reply to %s failed", outcome.request_id)
+                    outs.append(self.dead_letter(record, "reply", exc, f"reply failed: {exc!r}"))
+        except _RetryLater as exc:
+            log.warning("cannot send now (%s); answering this batch again", exc)
+            self._rewind(first)
+            return
+        pendings = [o for o in outcomes if isinstance(o, Pending)]
+        self.sent.append(_SentBatch(outs, first, upto, records, pendings, started))
+
+    # --- acknowledgements -------------------------------------------------------------------
 
     def settle(self) -> None:
-        """Move the commit mark over every batch whose replies are all acknowledged."""
-        while self.sent and all(f.is_done for f in self.sent[0].futures):
+        """Move the commit mark over every batch whose messages are all acknowledged."""
+        while self.sent and all(o.future.is_done for o in self.sent[0].outs):
             batch = self.sent.popleft()
-            failed = [f.exception for f in batch.futures if f.failed()]
+            failed = [o for o in batch.outs if o.future.failed()]
+            if any(_transient(o.future.exception) for o in failed):
+                self._rewind(batch.first, failed[0].future.exception)
+                return
             if failed:
-                self._rewind(batch, failed[0])
+                self._dead_letter_failed(batch, failed)
                 return
             self.acked.update(batch.upto)
             if self.worker.metrics is not None:
                 self.worker.metrics.batch_answered(
                     batch.records,
                     batch.pendings,
-                    self.dead.count,
+                    self.worker.dead_letters,
                     time.perf_counter() - batch.started,
                 )
 
-    def _rewind(self, failed: _SentBatch, error: BaseException) -> None:
-        """Answer again from the first request whose reply was not acknowledged."""
-        start = dict(failed.first)
+    def _dead_letter_failed(self, batch: _SentBatch, failed: list[_Out]) -> None:
+        """Replies that failed for good: dead-letter them and wait for those before the commit
+        mark moves (a dead letter that fails for good too is logged and let go)."""
+        if batch.retried:
+            for o in failed:
+                log.error("dead letter of %s[%d]@%d failed for good: %r", o.record.topic,
+                          o.record.partition, o.record.offset, o.future.exception)
+            batch.outs = [o for o in batch.outs if o not in failed]
+            self.sent.appendleft(batch)
+            return
+        try:
+            letters = [
+                self.dead_letter(o.record, "reply", o.future.exception,
+                                 f"reply to {o.pending.reply_to!r} failed: "
+                                 f"{o.future.exception!r}")
+                if o.pending is not None else o
+                for o in failed
+            ]
+        except _RetryLater as exc:
+            self._rewind(batch.first, exc)
+            return
+        batch.outs = [o for o in batch.outs if o not in failed] + letters
+        batch.retried = True
+        self.sent.appendleft(batch)
+
+    def drop(self, records: Sequence[ConsumerRecord]) -> None:
+        """Forget the batches in flight (their offsets are never committed) and put the consumer
+        back before them and ``records`` (not answered): after a rejoin, whoever owns those
+        partitions answers them from the group's committed offsets."""
+        first: dict[TopicPartition, int] = {}
+        for r in records:
+            first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
+        self.lost = False
+        self.acked.clear()
+        try:
+            self._rewind(first)
+        except Exception as exc:  # noqa: BLE001 - mid-rebalance: positions come from commits
+            log.info("could not seek back (%r); the rejoin positions the partitions", exc)
+            self.sent.clear()
+
+    def _rewind(self, first: dict[TopicPartition, int], error: BaseException | None = None
+                ) -> None:
+        """Answer again from ``first`` (and every later batch in flight)."""
+        start = dict(first)
         for batch in self.sent:  # later batches are answered again too
             for tp, offset in batch.first.items():
                 start.setdefault(tp, offset)
         self.sent.clear()
-        log.error(
-            "replies of %d requests were not acknowledged (%r); answering again from %s",
-            len(failed.pendings),
-            error,
-            start,
-        )
+        if error is not None:
+            log.error("replies not acknowledged (%r); answering again from %s", error, start)
         assigned = self.consumer.assignment()
         for tp, offset in start.items():
             if tp in assigned:
                 self.consumer.seek(tp, offset)
+
+    # --- commits ----------------------------------------------------------------------------
 
     def commit(self, *, sync: bool = False) -> None:
         """Commit the acknowledged offsets: async and at most every COMMIT_INTERVAL_S, or
@@ -250,14 +384,47 @@ class _Replies:
             self.consumer.commit(offsets, timeout_ms=10_000)
         else:
             try:
-                self.consumer.commit_async(offsets, callback=_commit_done)
+                self.consumer.commit_async(offsets, callback=self._commit_done)
+            except MEMBERSHIP_ERRORS as exc:
+                self._commit_failed(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - e.g. mid-rebalance: the next one covers it
                 log.warning("offset commit not sent: %r", exc)
                 return
         self.committed.update(todo)
 
+    def _commit_done(self, offsets, response) -> None:
+        """Callback of an async commit (may run on the consumer's IO thread: only flags)."""
+        if isinstance(response, Exception):
+            for tp in offsets:  # so the next commit sends them again
+                self.committed.pop(tp, None)
+            if isinstance(response, MEMBERSHIP_ERRORS):
+                self._commit_failed(response)
+            else:
+                log.warning("offset commit failed (the requests may be answered twice): %r",
+                            response)
+
+    def _commit_failed(self, error: BaseException) -> None:
+        log.warning("offset commit refused, this worker is not the owner (%r): dropping the "
+                    "replies in flight and rejoining", error)
+        self.lost = True
+
+    def acknowledged(self) -> dict[TopicPartition, int]:
+        """The commit mark including batches in flight that are acknowledged by now (in order,
+        stopping at the first one not done or failed); changes nothing."""
+        marks = dict(self.acked)
+        for batch in list(self.sent):
+            if not all(o.future.is_done and not o.future.failed() for o in batch.outs):
+                break
+            marks.update(batch.upto)
+        return marks
+
+    def uncommitted(self) -> bool:
+        """Whether some acknowledged offset is not committed yet."""
+        return any(self.committed.get(tp) != o for tp, o in self.acked.items())
+
     def drain(self, timeout_s: float = 30.0) -> None:
-        """Wait for every reply in flight, then commit what is acknowledged (synchronously)."""
+        """Wait for every message in flight, then commit what is acknowledged (synchronously)."""
         try:
             self.producer.flush(timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - the unacknowledged are answered again later
@@ -265,8 +432,12 @@ class _Replies:
         self.settle()
         try:
             self.commit(sync=True)
+        except MEMBERSHIP_ERRORS as exc:
+            self._commit_failed(exc)
         except Exception as exc:  # noqa: BLE001 - the next owner answers them again
             log.warning("could not commit the acknowledged offsets: %r", exc)
+
+    # --- assignment -------------------------------------------------------------------------
 
     def follow(self) -> bool:
         """Notice a new assignment (after a poll) and anchor its partitions; True once every
@@ -316,422 +487,217 @@ class _Replies:
         return True
 
 
-def _commit_done(offsets, response) -> None:
-    if isinstance(response, Exception):
-        log.warning("offset commit failed (the requests may be answered twice): %r", response)
+class _Handover(AsyncConsumerRebalanceListener):
+    """Before a rebalance takes this member's partitions: wait for the replies in flight and
+    commit everything answered, so the next owners start right after it (no request answered
+    twice on a clean handover).
+
+    kafka-python awaits this on its IO loop before JoinGroup, while the request loop is inside
+    ``poll()``; the commit uses the coordinator's own pre-rebalance commit
+    (``_commit_offsets_sync_async``, what auto-commit uses), so it is skipped if a kafka-python
+    release drops it (then only the early drain of the request loop remains).
+    """
+
+    def __init__(self, replies: _Replies) -> None:
+        self.replies = replies
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        replies = self.replies
+        commit = getattr(getattr(replies.consumer, "_coordinator", None),
+                         "_commit_offsets_sync_async", None)
+        if commit is None or not revoked:
+            return
+        try:
+            if replies.sent:
+                replies.producer.flush(timeout=5.0)
+            offsets = {tp: OffsetAndMetadata(o, "", -1)
+                       for tp, o in replies.acknowledged().items() if tp in revoked}
+            if offsets:
+                await commit(offsets, timeout_ms=5000)
+                replies.committed.update({tp: o.offset for tp, o in offsets.items()})
+                log.info("handover: committed %d partition(s) before the rebalance", len(offsets))
+        except Exception as exc:  # noqa: BLE001 - the next owner answers the tail again
+            log.warning("handover commit failed (some requests may be answered twice): %r", exc)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        return None  # anchored by the request loop (Replies.follow)
+
+    async def on_partitions_lost(self, lost) -> None:
+        return None  # not the owner any more: nothing may be committed
+
+
+def _decode(value: bytes | None, config: ServingConfig) -> Pending | Rejected:
+    """:func:`decode_request`, and a dead letter if it fails unexpectedly (never raises)."""
+    try:
+        return decode_request(value, config)
+    except Exception as exc:  # noqa: BLE001 - one odd message never stops the loop
+        log.exception("decoding a request failed")
+        return Rejected("decode", exc, f"request could not be decoded: {exc!r}")
 
 
 # --- the worker ----------------------------------------------------------------------------
 
 
 class Worker:
-    """Answers u2i, i2i, i2i_history and rank requests from the newest loaded index."""
+    """Answers u2i, i2i, i2i_history and rank requests from the newest loaded index.
 
-    def __init__(self, settings: Settings, store: VectorStore, *, worker_id: str | None = None):
-        self.settings = settings
+    Args:
+        config: the worker's own config (``Settings.serving_config()`` builds it).
+        store: the Redis store (user vectors, histories, offline i2i, popular, snapshots).
+        clients: makes the Kafka producer and consumer.
+        index: where the serving state comes from (default: a ``serving.follow.IndexFollower``
+            of ``store``: full snapshot, then deltas); refreshed every ``config.swap_poll_s`` by
+            a background thread.
+        worker_id: the name this worker is listed under in Redis.
+    """
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        store,
+        clients: KafkaClients,
+        *,
+        index: IndexFollower | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.config = config
         self.store = store
+        self.clients = clients
+        self.index: IndexFollower = index or DeltaFollower(
+            store,
+            kind=config.index_kind,
+            graphs=GraphKeeper(m=config.hnsw_m, ef_search=config.hnsw_ef_search,
+                               rebuild_after_s=config.hnsw_rebuild_s)
+            if config.index_kind == "hnsw" else None,
+            poll_s=config.swap_poll_s,
+        )
+        self.answerer = Answerer(store, config)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.state: ServingState | None = None
         # Set once this member joined the group with its partitions positioned: from then on a
         # request is answered (by it or another member). Only then is it listed in Redis.
         self.serving = threading.Event()
-        self._swap_lock = threading.Lock()
-        self.swaps = 0
         self.answered = 0
+        self.dead_letters = 0
         self.metrics = None  # a serving.metrics.WorkerMetrics while /metrics is served
-        self._graphs = GraphKeeper(m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,
-                                   rebuild_after_s=settings.hnsw_rebuild_s)
+        self.membership: Membership | None = None  # while running
 
-    # --- hot swap --------------------------------------------------------------------------
+    # --- the index -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ServingState | None:
+        """The state the next batch is answered from."""
+        return self.index.current()
+
+    @property
+    def swaps(self) -> int:
+        """Index versions moved to (full loads and delta applications)."""
+        return int(getattr(self.index, "full_loads", 0)) + int(
+            getattr(self.index, "deltas_applied", 0))
 
     def refresh(self) -> bool:
-        """Load and swap in a newer item snapshot if there is one. Returns True on swap."""
-        with self._swap_lock:
-            version = self.store.current_item_version()
-            if version is None or (self.state and self.state.version >= version):
-                return False
-            snapshot = self.store.load_item_snapshot(version)
-            # Everything is built here, off the request path (the id -> row map included):
-            # the request loop only ever sees a complete state.
-            if self.settings.index_kind == "hnsw":
-                # The graph is reused across snapshots (exact re-scoring on these vectors) and
-                # rebuilt in the background when stale: see serving/graph.py.
-                loaded = LoadedIndex(snapshot,
-                                     self._graphs.index_for(snapshot.item_ids, snapshot.vectors))
-                _ = snapshot.row_of  # the id -> row map now, not on the first request
-            else:
-                loaded = LoadedIndex.build(snapshot, "flat")
-            blob = snapshot.extra.get("context")
-            context = ContextTable.from_bytes(blob) if blob else None
-            self.state = ServingState(loaded, context)  # the swap: one reference assignment
-            self.swaps += 1
+        """Load and swap in a newer index if there is one. Returns True on swap."""
+        swapped = self.index.refresh()
+        if swapped:
             self._report()
-            log.info(
-                "worker %s now serves v%d (%d items)",
-                self.worker_id,
-                version,
-                len(snapshot.item_ids),
-            )
-            return True
+        return swapped
 
-    def swap_loop(self, stop: threading.Event) -> None:
-        """Look for new snapshots every ``swap_poll_s`` until ``stop``; errors never kill it."""
+    def follow_loop(self, stop: threading.Event) -> None:
+        """Refresh the index every ``swap_poll_s`` until ``stop``; errors never kill it."""
         while not stop.is_set():
             try:
                 self.refresh()
                 self._report()
             except Exception:  # noqa: BLE001 - keep serving the old index, retry next tick
-                log.exception("snapshot load failed; still serving the previous version")
-            stop.wait(self.settings.swap_poll_s)
+                log.exception("index refresh failed; still serving the previous version")
+            stop.wait(self.config.swap_poll_s)
 
     def _report(self) -> None:
         """List this worker and its version in Redis (expires unless renewed), once serving."""
-        if self.state is not None and self.serving.is_set():
-            self.store.set_worker_version(self.worker_id, self.state.version)
+        state = self.state
+        if state is not None and self.serving.is_set():
+            self.store.set_worker_version(self.worker_id, state.version)
 
     # --- the request loop ------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
-        """Serve until ``stop`` is set. Starts the swap thread; commits after replies are acked.
+        """Serve until ``stop`` is set. Starts the follow thread; commits after replies are acked.
 
         ``ready`` (and :attr:`serving`) is set once the worker holds partitions of the group, each
         positioned: a request produced after that is answered by this worker or another member.
         """
         # Threads and the BLAS threshold of batched flat search. Process-wide, so done here, by
         # the process that serves, whatever started it.
-        configure_faiss(self.settings.threads, blas_threshold=BLAS_THRESHOLD)
-        swapper = threading.Thread(
-            target=self.swap_loop, args=(stop,), daemon=True, name="fmstream-swap"
+        configure_faiss(self.config.threads, blas_threshold=BLAS_THRESHOLD)
+        follower = threading.Thread(
+            target=self.follow_loop, args=(stop,), daemon=True, name="fmstream-follow"
         )
-        swapper.start()
+        follower.start()
         # linger 0: a reply leaves at once (the batch is already formed by the poll).
-        producer = make_producer(self.settings.kafka_config(), linger_ms=0)
-        consumer = make_consumer(
-            self.settings.kafka_config(),
-            self.settings.serving_group,
+        producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS)
+        consumer = self.clients.consumer(
+            self.config.group,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             fetch_min_bytes=1,
             auto_offset_reset="latest",
             max_poll_records=POLL_MAX_RECORDS,
-            session_timeout_ms=self.settings.worker_session_timeout_ms,
-            heartbeat_interval_ms=max(300, self.settings.worker_session_timeout_ms // 4),
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=max(300, self.config.session_timeout_ms // 4),
         )
-        dead = DeadLetters(producer, self.settings.topic_dlq)
-        replies = _Replies(self, consumer, producer, dead)
+        replies = _Replies(self, consumer, producer)
+        self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
         try:
             # Join the group only once the topic's partitions are in metadata: a member that
             # joins before (a topic created a moment ago) is assigned nothing until the next
             # metadata refresh, minutes later.
-            _wait_for_partitions(consumer, self.settings.topic_requests, stop)
-            consumer.subscribe([self.settings.topic_requests])
+            _wait_for_partitions(consumer, self.config.topic_requests, stop)
+            consumer.subscribe([self.config.topic_requests], listener=_Handover(replies))
             while not stop.is_set():
-                # short polls while replies are in flight, so their offsets are committed soon
-                records = flatten(consumer.poll(timeout_ms=10 if replies.sent else 100))
-                if replies.follow() and not self.serving.is_set():
-                    self.serving.set()
-                    self._report()
-                    if ready is not None:
-                        ready.set()
-                if records:
-                    started = time.perf_counter()
-                    pendings = self.handle(records, dead)
-                    replies.send(records, pendings, started)
-                    dead.flush()  # rare; the dead letters must be acked before the commit
-                replies.settle()
-                replies.commit()
+                try:
+                    self._step(consumer, replies, membership, ready)
+                except KafkaError as exc:  # the broker away: positions stay, retry shortly
+                    log.warning("Kafka call failed (%r); retrying", exc)
+                    stop.wait(0.2)
+                except Exception:  # noqa: BLE001 - never die on one batch
+                    log.exception("request loop failed; carrying on")
+                    stop.wait(0.2)
             replies.drain()
         finally:
             consumer.close(autocommit=False)
             producer.close()
 
-    def handle(self, records: Sequence[ConsumerRecord], dead: DeadLetters) -> list[Pending]:
-        """Decode a batch of request records and answer every one that names a request id."""
-        pendings = [p for r in records if (p := self._decode(r, dead)) is not None]
-        state = self.state  # one read: the whole batch uses one version
-        now_ms = time.time() * 1000
-        max_k = self.settings.max_k
-        todo = []
-        for p in pendings:
-            if p.done:
-                continue
-            r = p.request
-            if (missing := r.missing_field()) is not None:
-                p.response = _error(
-                    r.request_id, "invalid_request", f"type {r.type!r} needs {missing!r}"
-                )
-            elif r.k > max_k:
-                p.response = _error(
-                    r.request_id, "invalid_request", f"k must be between 1 and {max_k}, got {r.k}"
-                )
-            elif r.deadline_ms is not None and now_ms > r.deadline_ms:
-                p.response = _error(
-                    r.request_id,
-                    "deadline_exceeded",
-                    f"deadline {r.deadline_ms:.0f} ms passed before serving",
-                )
-            elif state is None:
-                p.response = _error(
-                    r.request_id,
-                    "not_ready",
-                    "no item index published yet; retry after the trainer "
-                    "has learned from some events",
-                )
-            else:
-                todo.append(p)
-        if todo:
-            self._answer_isolated(todo, state)
+    def _step(self, consumer: KafkaConsumer, replies: _Replies, membership: Membership,
+              ready: threading.Event | None) -> None:
+        """One turn of the request loop: poll, answer, send, settle, commit."""
+        if membership.rejoin_pending() and (replies.sent or replies.uncommitted()):
+            # a clean handover: what this member answered is committed before the
+            # partitions move (else their next owner answers it again)
+            replies.drain(timeout_s=5.0)
+        # short polls while replies are in flight, so their offsets are committed soon
+        records = flatten(consumer.poll(timeout_ms=10 if replies.sent else 100))
+        if replies.lost or not membership.check():
+            # A zombie answers nothing: what it polled and what it has in flight belong to
+            # the group's current owners (answered from the committed offsets).
+            replies.drop(records)
+            return
+        if replies.follow() and not self.serving.is_set():
+            self.serving.set()
+            self._report()
+            if ready is not None:
+                ready.set()
+        if records:
+            started = time.perf_counter()
+            replies.send(records, self.handle(records), started)
+        replies.settle()
+        replies.commit()
+
+    def handle(self, records: Sequence[ConsumerRecord]) -> list[Pending | Rejected]:
+        """Decode and answer a batch of request records: one outcome per record, in order."""
+        outcomes = [_decode(r.value, self.config) for r in records]
+        pendings = [o for o in outcomes if isinstance(o, Pending)]
+        with self.index.pinned() as state:  # the whole batch uses one version
+            self.answerer.answer(pendings, state)
         self.answered += len(pendings)
-        return pendings
-
-    def _answer_isolated(self, todo: list[Pending], state: ServingState) -> None:
-        """Answer the batch together; if that fails, answer the unanswered ones one by one so a
-        bad request (e.g. a context value of the wrong type) fails alone."""
-        try:
-            _Batch(self, todo, state).answer()
-            return
-        except Exception as exc:  # noqa: BLE001 - answer, never crash the consumer
-            if len(todo) == 1:
-                todo[0].response = _failure(todo[0], exc, state)
-                return
-            log.info("batch of %d requests failed (%r); answering them one by one", len(todo), exc)
-        for p in todo:
-            if not p.done:
-                try:
-                    _Batch(self, [p], state).answer()
-                except Exception as exc:  # noqa: BLE001
-                    p.response = _failure(p, exc, state)
-
-    def _decode(self, record: ConsumerRecord, dead: DeadLetters) -> Pending | None:
-        """A Pending (maybe already holding an error response), or None when dead-lettered."""
-        default_reply = self.settings.topic_responses
-        size = len(record.value or b"")
-        if size > self.settings.max_message_bytes:
-            dead.send(
-                record,
-                "decode",
-                DecodeError("oversized"),
-                f"request of {size} bytes exceeds {self.settings.max_message_bytes}",
-            )
-            return None
-        if record.value is not None:
-            try:  # the common case in one step: bytes to a valid request
-                req = Request.model_validate_json(record.value)
-                return Pending(req, req.reply_to or default_reply)
-            except ValidationError:
-                pass  # find out why below
-        try:
-            obj = loads_object(record.value)
-        except DecodeError as exc:
-            dead.send(record, "decode", exc, str(exc))
-            return None
-        try:
-            req = Request.model_validate(obj)
-        except ValidationError as exc:
-            rid = obj.get("request_id")
-            if isinstance(rid, int) and not isinstance(rid, bool):
-                rid = str(rid)
-            if not isinstance(rid, str) or not rid.strip() or len(rid) > 256:
-                dead.send(record, "validate", exc, describe_validation_error(exc))
-                return None
-            reply = obj.get("reply_to")
-            reply = reply if isinstance(reply, str) and 0 < len(reply) < 250 else default_reply
-            stub = Request(request_id=rid, type="u2i")
-            return Pending(
-                stub, reply, _error(rid, "invalid_request", describe_validation_error(exc))
-            )
-        return Pending(req, req.reply_to or default_reply)
+        return outcomes
 
 
-# --- answering -----------------------------------------------------------------------------
-
-
-class _Batch:
-    """Answers a batch of valid requests from one state: one Redis round trip per kind of data,
-    one batched search per request type."""
-
-    def __init__(self, worker: Worker, todo: list[Pending], state: ServingState) -> None:
-        self.worker = worker
-        self.store = worker.store
-        self.todo = todo
-        self.state = state
-        self.loaded = state.loaded
-        self.version = state.version
-        self._popular: list[tuple[str, float]] | None = None
-        users = sorted({p.request.user_id for p in todo if p.request.user_id is not None})
-        self.user_row = {u: i for i, u in enumerate(users)}
-        self.vecs: UserVectors | None = self.store.get_user_vectors(users) if users else None
-        need_hist = sorted(
-            {
-                p.request.user_id
-                for p in todo
-                if p.request.type == "i2i_history" or p.request.exclude_seen
-            }
-        )
-        self.hist: dict[str, list[str]] = (
-            dict(zip(need_hist, self.store.get_histories(need_hist), strict=True))
-            if need_hist
-            else {}
-        )
-
-    def answer(self) -> None:
-        by_type: dict[str, list[Pending]] = {}
-        for p in self.todo:
-            key = (
-                "i2i_offline"
-                if p.request.type == "i2i" and p.request.source == "offline"
-                else p.request.type
-            )
-            by_type.setdefault(key, []).append(p)
-        for kind, handler in (
-            ("u2i", self.u2i),
-            ("i2i", self.i2i_online),
-            ("i2i_offline", self.i2i_offline),
-            ("i2i_history", self.i2i_history),
-            ("rank", self.rank),
-        ):
-            if kind in by_type:
-                handler(by_type[kind])
-
-    # --- shared pieces ---------------------------------------------------------------------
-
-    def has_vector(self, p: Pending) -> bool:
-        return self.vecs is not None and bool(self.vecs.found[self.user_row[p.request.user_id]])
-
-    def exclusions(self, p: Pending) -> set[str]:
-        out = set(p.request.exclude_item_ids)
-        if p.request.exclude_seen and p.request.user_id is not None:
-            out.update(self.hist.get(p.request.user_id, ()))
-        return out
-
-    def popular(self, p: Pending) -> None:
-        """The fallback: the most popular items (minus exclusions), marked as such."""
-        if self._popular is None:
-            self._popular = self.store.get_popular(self.worker.settings.max_k + 1000)
-        excl = self.exclusions(p)
-        items = [(i, s) for i, s in self._popular if i not in excl][: p.request.k]
-        p.answer(items, self.version, "popular")
-
-    def reply(self, p: Pending, found: list[tuple[int, float]], bias: float = 0.0) -> None:
-        ids = self.loaded.snapshot.item_ids
-        p.answer([(ids[row], score + bias) for row, score in found[: p.request.k]], self.version)
-
-    # --- request types ---------------------------------------------------------------------
-
-    def u2i(self, todo: list[Pending]) -> None:
-        """User vector (context folded in) against the index; popular items without a vector."""
-        served = []
-        for p in todo:
-            if self.has_vector(p):
-                served.append(p)
-            else:
-                self.popular(p)
-        if not served:
-            return
-        rows = [self.user_row[p.request.user_id] for p in served]
-        q = user_queries(
-            self.vecs.vectors[rows], [p.request.context for p in served], self.state.context
-        )
-        excl = [_rows(self.loaded, self.exclusions(p)) for p in served]
-        hits = self.loaded.search_excluding(q, max(p.request.k for p in served), excl)
-        bias = float(self.loaded.snapshot.bias)
-        for p, found in zip(served, hits, strict=True):
-            self.reply(p, found, bias)
-
-    def i2i_online(self, todo: list[Pending]) -> None:
-        """``[1, 0, V_i]`` against the index; never the item itself."""
-        row_of = self.loaded.snapshot.row_of
-        known = []
-        for p in todo:
-            row = row_of.get(p.request.item_id, -1)
-            if row < 0:
-                p.response = _error(
-                    p.request.request_id,
-                    "unknown_item",
-                    f"item {p.request.item_id!r} is not in index v{self.version}",
-                    self.version,
-                )
-            else:
-                known.append((p, row))
-        if not known:
-            return
-        q = item_queries(self.loaded.snapshot.vectors[[r for _, r in known]])
-        excl = [_rows(self.loaded, self.exclusions(p)) | {r} for p, r in known]
-        hits = self.loaded.search_excluding(q, max(p.request.k for p, _ in known), excl)
-        for (p, _), found in zip(known, hits, strict=True):
-            self.reply(p, found)
-
-    def i2i_offline(self, todo: list[Pending]) -> None:
-        """The precomputed table (named by its own version)."""
-        version, tables = self.store.get_offline_i2i([p.request.item_id for p in todo])
-        for p, table in zip(todo, tables, strict=True):
-            if table is None:
-                p.response = _error(
-                    p.request.request_id,
-                    "unknown_item",
-                    f"item {p.request.item_id!r} has no offline neighbours "
-                    "(unknown, or the table is not built yet)",
-                    version,
-                )
-                continue
-            excl = self.exclusions(p)
-            p.answer([(i, s) for i, s in table if i not in excl][: p.request.k], version)
-
-    def i2i_history(self, todo: list[Pending]) -> None:
-        """Neighbours of the user's recent items merged by best score, history excluded."""
-        row_of = self.loaded.snapshot.row_of
-        queries: list[int] = []
-        excl: list[set[int]] = []
-        spans: list[tuple[Pending, int, int]] = []
-        for p in todo:
-            history = self.hist.get(p.request.user_id, [])
-            recent = [row_of[i] for i in history if i in row_of][:HISTORY_QUERIES]
-            if not recent:
-                self.popular(p)
-                continue
-            # The whole history is excluded (not only the items queried): the merged
-            # neighbours are new to the user.
-            banned = _rows(self.loaded, self.exclusions(p) | set(history))
-            spans.append((p, len(queries), len(queries) + len(recent)))
-            queries += recent
-            excl += [banned] * len(recent)
-        if not spans:
-            return
-        q = item_queries(self.loaded.snapshot.vectors[queries])
-        hits = self.loaded.search_excluding(q, max(p.request.k for p, _, _ in spans), excl)
-        for p, lo, hi in spans:
-            best: dict[int, float] = {}
-            for found in hits[lo:hi]:
-                for row, score in found:
-                    if score > best.get(row, -np.inf):
-                        best[row] = score
-            self.reply(p, sorted(best.items(), key=lambda t: -t[1]))
-
-    def rank(self, todo: list[Pending]) -> None:
-        """Full FM score (context included) of the given items, best first."""
-        snapshot = self.loaded.snapshot
-        for p in todo:
-            if not self.has_vector(p):
-                p.response = _error(
-                    p.request.request_id,
-                    "unknown_user",
-                    f"user {p.request.user_id!r} has no published vector",
-                    self.version,
-                )
-                continue
-            scored = [(i, r) for i in p.request.item_ids if (r := snapshot.row_of.get(i, -1)) >= 0]
-            if not scored:
-                p.response = _error(
-                    p.request.request_id,
-                    "unknown_item",
-                    "none of item_ids is in the index",
-                    self.version,
-                )
-                continue
-            row = self.user_row[p.request.user_id]
-            q = user_queries(self.vecs.vectors[[row]], [p.request.context], self.state.context)[0]
-            scores = snapshot.vectors[[r for _, r in scored]] @ q + snapshot.bias
-            order = np.argsort(-scores, kind="stable")
-            p.answer([(scored[j][0], float(scores[j])) for j in order], self.version)
-
-
-__all__ = ["Pending", "ServingError", "ServingState", "Worker"]
+__all__ = ["BLAS_THRESHOLD", "KafkaClients", "Pending", "ServingError", "ServingState", "Worker"]

@@ -8,6 +8,7 @@ is returned for the caller to apply.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,9 +37,17 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""Cap of the exponential reconnect backoff of every client: a restarted broker is reconnected
+within about a second (kafka-python's default cap, 30 s, kept workers silent 20-50 s)."""
+RECONNECT_BACKOFF_MS = 50
+
+
 def make_producer(kafka: KafkaConfig, **overrides) -> KafkaProducer:
     """An idempotent producer (acks=all) with a short linger so batches form under load."""
     config = dict(
+        reconnect_backoff_ms=RECONNECT_BACKOFF_MS,
+        reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
@@ -55,6 +64,8 @@ def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> Kafk
     ``overrides`` are kafka-python options (e.g. ``max_poll_records``, default 500).
     """
     config = dict(
+        reconnect_backoff_ms=RECONNECT_BACKOFF_MS,
+        reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -72,20 +83,45 @@ class Decoded(Generic[M]):
     record: ConsumerRecord
 
 
+DEAD_LETTER_VALUE_BYTES = 64 << 10
+"""Original bytes kept in a dead letter (base64 in the letter: 4/3 of this)."""
+DEAD_LETTER_KEY_BYTES = 1024
+"""Original key bytes kept (in the letter and as the letter's own Kafka key)."""
+DEAD_LETTER_REASON_CHARS = 2000
+
+
+def dead_letter_id(record: ConsumerRecord) -> str:
+    """The stable id of ``record``'s dead letter: ``topic/partition/offset``."""
+    return f"{record.topic}/{record.partition}/{record.offset}"
+
+
+def dead_letter_key(record: ConsumerRecord) -> bytes | None:
+    """The Kafka key of ``record``'s dead letter: the source key, cut to a bound."""
+    return None if record.key is None else bytes(record.key[:DEAD_LETTER_KEY_BYTES])
+
+
 def dead_letter_for(
     record: ConsumerRecord, stage: str, error: BaseException, reason: str
 ) -> DeadLetter:
-    """The dead-letter record of ``record``: its bytes, where it came from, and why."""
+    """The dead-letter record of ``record``: a bounded prefix of its bytes with their length and
+    sha256, where it came from, and why. Its JSON stays under ~100 KB whatever the source."""
+    value = record.value or b""
+    kept = value[:DEAD_LETTER_VALUE_BYTES]
+    key = dead_letter_key(record)
     return DeadLetter(
+        id=dead_letter_id(record),
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,
         source_timestamp_ms=record.timestamp,
         stage=stage,  # type: ignore[arg-type]
         error_class=type(error).__name__,
-        reason=reason[:2000],
-        key=record.key.decode("utf-8", "replace") if record.key else None,
-        value_b64=base64.b64encode(record.value or b"").decode("ascii"),
+        reason=reason[:DEAD_LETTER_REASON_CHARS],
+        key=key.decode("utf-8", "replace") if key else None,
+        value_b64=base64.b64encode(kept).decode("ascii"),
+        value_length=len(value),
+        value_sha256=hashlib.sha256(value).hexdigest(),
+        value_truncated=len(kept) < len(value),
     )
 
 
@@ -101,12 +137,11 @@ class DeadLetters:
     def send(self, record: ConsumerRecord, stage: str, error: BaseException, reason: str) -> None:
         """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
         letter = dead_letter_for(record, stage, error, reason)
-        self._pending.append(self._producer.send(self._topic, key=record.key, value=dumps(letter)))
-        self.count += 1
-        log.warning(
-            "dead letter %s[%d]@%d (%s): %s",
-            record.topic, record.partition, record.offset, stage, reason[:200],
+        self._pending.append(
+            self._producer.send(self._topic, key=dead_letter_key(record), value=dumps(letter))
         )
+        self.count += 1
+        log.warning("dead letter %s (%s): %s", letter.id, stage, reason[:200])
 
     def flush(self, timeout: float = 30.0) -> None:
         """Block until every queued dead letter is acknowledged (raises if one failed)."""

@@ -36,15 +36,40 @@ def _id_from_json(value: Any) -> Any:
     return value
 
 
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + (
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+"""Unicode White_Space: what is stripped around ids (``str.strip()`` would also strip
+``\x1c``-``\x1f``)."""
+
+
+def _non_blank(value: str) -> str:
+    """Surrounding whitespace is dropped; nothing left is not an id."""
+    value = value.strip(_WHITESPACE)
+    if not value:
+        raise ValueError("an id must not be empty or only whitespace")
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON ``true``/``false`` are not numbers (pydantic would take them as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
 Id = Annotated[
     str,
     BeforeValidator(_id_from_json),
-    StringConstraints(min_length=1, max_length=MAX_ID_LEN, strip_whitespace=True),
+    AfterValidator(_non_blank),
+    StringConstraints(min_length=1, max_length=MAX_ID_LEN),
 ]
-"""A user or item id: 1 to 256 characters."""
+"""A user or item id: 1 to 256 characters once surrounding whitespace is stripped."""
 
 Scalar = str | int | float
 FeatureValue = Scalar | list[Scalar]
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Count = Annotated[int, BeforeValidator(_not_bool)]
 
 
 def _check_features(features: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +89,20 @@ def _check_features(features: dict[str, Any]) -> dict[str, Any]:
     return features
 
 
-Features = Annotated[dict[str, FeatureValue], AfterValidator(_check_features)]
+def _no_bool_features(features: Any) -> Any:
+    """Booleans are not feature values (pydantic would take them as 1/0): refused before
+    coercion, naming the feature."""
+    if isinstance(features, dict):
+        for name, value in features.items():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, bool):
+                    raise ValueError(f"feature {name!r}: expected string/number, got a boolean")
+    return features
+
+
+Features = Annotated[
+    dict[str, FeatureValue], BeforeValidator(_no_bool_features), AfterValidator(_check_features)
+]
 """Named feature values, checked: finite numbers, bounded counts."""
 
 
@@ -114,7 +152,8 @@ def _got(value: Any) -> str:
 def _check_id(obj: dict[str, Any], name: str) -> str:
     """An id field: a string (or integer, as its text) of 1 to MAX_ID_LEN characters.
 
-    The length is checked before surrounding whitespace is stripped (as the pydantic schema did).
+    Surrounding whitespace is stripped first (as the pydantic ``Id`` does); nothing left is not
+    an id.
     """
     if name not in obj:
         raise MessageInvalid(f"{name}: Field required")
@@ -128,25 +167,23 @@ def _check_id(obj: dict[str, Any], name: str) -> str:
         if kind is not int:
             raise MessageInvalid(f"{name}: Input should be a valid string (got {_got(value)})")
         value = str(value)
-    if not 0 < len(value) <= MAX_ID_LEN:
+    value = value.strip(_WHITESPACE)
+    if not value:
+        raise MessageInvalid(f"{name}: an id must not be empty or only whitespace")
+    if len(value) > MAX_ID_LEN:
         raise MessageInvalid(
             f"{name}: should have 1 to {MAX_ID_LEN} characters (got {len(value)})"
         )
-    return value.strip(_WHITESPACE)
+    return value
 
 
-_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + (
-    "\u2028\u2029\u202f\u205f\u3000"
-)
-"""Unicode White_Space, what the schema strips around ids (``str.strip()`` also strips
-``\\x1c``-``\\x1f``)."""
 
 
 def _check_label(obj: dict[str, Any]) -> int:
     value = obj.get("label", 1)
     kind = type(value)
-    if (kind is int or kind is bool or kind is float) and (value == 0 or value == 1):
-        return int(value)
+    if (kind is int or kind is float) and (value == 0 or value == 1):
+        return int(value)  # a boolean is not a number
     raise MessageInvalid(f"label: Input should be 0 or 1 (got {_got(value)})")
 
 
@@ -157,7 +194,7 @@ def _check_ts(obj: dict[str, Any]) -> float | None:
     kind = type(value)
     if kind is float:
         ts = value
-    elif kind is int or kind is bool:
+    elif kind is int:  # not bool: a boolean is not a number
         ts = float(value) if abs(value) < 1e300 else math.inf
     elif kind is str and value.isascii():
         try:
@@ -174,12 +211,10 @@ def _check_ts(obj: dict[str, Any]) -> float | None:
 
 
 def _check_feature_values(name: str, features: Any) -> dict[str, Any]:
-    """Feature values: strings, finite numbers (a boolean counts as 0/1) or lists of those;
-    at most MAX_FEATURES names and MAX_LIST_VALUES values per list. Returns ``features`` itself
-    unless a boolean had to become a number (then a converted copy)."""
+    """Feature values: strings, finite numbers or lists of those (a boolean is not a number);
+    at most MAX_FEATURES names and MAX_LIST_VALUES values per list. Returns ``features``."""
     if type(features) is not dict:
         raise MessageInvalid(f"{name}: Input should be a valid dictionary (got {_got(features)})")
-    converted: dict[str, Any] | None = None
     for key, value in features.items():
         kind = type(value)
         if kind is str or kind is int:
@@ -188,16 +223,9 @@ def _check_feature_values(name: str, features: Any) -> dict[str, Any]:
             if not math.isfinite(value):
                 raise MessageInvalid(f"{name}.{key}: value must be finite, got {value}")
             continue
-        if kind is bool:
-            converted = converted if converted is not None else dict(features)
-            converted[key] = int(value)
-            continue
         if kind is list:
             if len(value) > MAX_LIST_VALUES:
                 raise MessageInvalid(f"{name}.{key}: at most {MAX_LIST_VALUES} values")
-            if any(type(v) is bool for v in value):
-                converted = converted if converted is not None else dict(features)
-                value = converted[key] = [int(v) if type(v) is bool else v for v in value]
             for v in value:
                 k = type(v)
                 if k is float:
@@ -211,7 +239,7 @@ def _check_feature_values(name: str, features: Any) -> dict[str, Any]:
         raise MessageInvalid(f"{name}.{key}: expected string/number, got {kind.__name__}")
     if len(features) > MAX_FEATURES:
         raise MessageInvalid(f"{name}: at most {MAX_FEATURES} features, got {len(features)}")
-    return features if converted is None else converted
+    return features
 
 
 def parse_event(obj: Any) -> Event:
@@ -276,13 +304,13 @@ class Request(_Message):
     user_id: Id | None = None
     item_id: Id | None = None
     item_ids: list[Id] | None = Field(None, max_length=10_000)
-    k: int = Field(10, ge=1)
+    k: Count = Field(10, ge=1)
     exclude_seen: bool = False
     exclude_item_ids: list[Id] = Field(default_factory=list, max_length=10_000)
     context: Features = Field(default_factory=dict)
     source: Literal["online", "offline"] = "online"
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=249)] | None = None
-    deadline_ms: float | None = Field(None, gt=0, description="epoch ms after which to give up")
+    deadline_ms: Number | None = Field(None, gt=0, description="epoch ms after which to give up")
 
     def missing_field(self) -> str | None:
         """Name of the field this request type needs but lacks, or None."""
@@ -329,17 +357,28 @@ class Response(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """A message that could not be used, on ``fm.dlq``, with why and where it came from."""
+    """A message that could not be used, on ``fm.dlq``, with why and where it came from.
 
+    ``id`` (``topic/partition/offset`` of the source) is stable: the topic is at least once (a
+    consumer that dies before its commit dead-letters the same message again), so readers
+    deduplicate by ``id``. The original bytes are kept up to a bound (``value_b64`` is their
+    first bytes, ``value_truncated`` says whether that is all of them), with their full
+    length and sha256, so a letter never exceeds what the broker accepts.
+    """
+
+    id: str = Field(description="source topic/partition/offset: the same for a repeat")
     source_topic: str
     source_partition: int
     source_offset: int
     source_timestamp_ms: int | None = None
-    stage: Literal["decode", "validate", "apply"]
+    stage: Literal["decode", "validate", "apply", "reply"]
     error_class: str
     reason: str
-    key: str | None = None
-    value_b64: str = Field(description="the original bytes, base64")
+    key: str | None = Field(None, description="the source key (UTF-8, bounded)")
+    value_b64: str = Field(description="the original bytes (up to a bound), base64")
+    value_length: int = Field(0, description="length of the original value in bytes")
+    value_sha256: str = Field("", description="sha256 (hex) of the whole original value")
+    value_truncated: bool = Field(False, description="value_b64 holds only a prefix")
 
 
 # --- codec ---------------------------------------------------------------------------------

@@ -26,10 +26,7 @@ FORBIDDEN: dict[str, set[str]] = {
 
 # Modules still waiting for their narrow config, with who is giving it to them. Keep this short;
 # an entry whose module no longer breaks the rule fails the test (remove it then).
-PENDING: dict[str, set[str]] = {
-    "serving/worker.py": {"fmstream"},  # robust (issue 9) splits the worker: ServingConfig
-    "serving/client.py": {"fmstream"},  # robust (issue 9): the client's config
-}
+PENDING: dict[str, set[str]] = {}
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -371,13 +371,35 @@ class Trainer:
             self.timings["publish"] += time.perf_counter() - t2
 
     def _apply_profiles(self, decoded: list[Decoded], upsert, id_field: str) -> list[Decoded]:
-        """Upsert profiles; a profile the model rejects is dead-lettered (stage ``apply``)."""
-        return self._isolating(
-            decoded,
-            lambda ds: upsert(
-                [getattr(d.message, id_field) for d in ds], [d.message.features for d in ds]
-            ),
-        )
+        """Upsert profiles in order; a profile the model rejects is dead-lettered (stage
+        ``apply``).
+
+        Each profile is judged on its own, whatever else its poll holds: the model keeps only
+        the last profile of an id in one call (an invalid one followed by a valid one would
+        vanish unjudged), so a run of profiles goes to the model in chunks without a repeated
+        id, in order.
+        """
+        applied: list[Decoded] = []
+        chunk: list[Decoded] = []
+        ids: set[str] = set()
+
+        def flush() -> None:
+            applied.extend(self._isolating(
+                chunk,
+                lambda ds: upsert(
+                    [getattr(d.message, id_field) for d in ds], [d.message.features for d in ds]
+                ),
+            ))
+
+        for d in decoded:
+            key = getattr(d.message, id_field)
+            if key in ids:
+                flush()
+                chunk, ids = [], set()
+            chunk.append(d)
+            ids.add(key)
+        flush()
+        return applied
 
     def _apply_events(self, events: list[Decoded[Event]]) -> list[Decoded[Event]]:
         """Update the model with ``events`` (inline profiles first) as one mini-batch."""

@@ -36,7 +36,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 from stream.connect import RedisConfig
-from stream.consume import dead_letter_for
+from stream.consume import dead_letter_for, dead_letter_key
 from stream.schemas import dumps
 from train.lease import LeaseLost
 
@@ -152,7 +152,7 @@ class DeadLetterOutbox:
     def send(self, record: ConsumerRecord, stage: str, error: BaseException, reason: str) -> None:
         """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
         letter = dead_letter_for(record, stage, error, reason)
-        entry = [record.key, dumps(letter), None]
+        entry = [dead_letter_key(record), dumps(letter), None]
         self._send(entry)
         self._pending.append(entry)
         self.count += 1

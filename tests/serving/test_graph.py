@@ -51,15 +51,15 @@ def test_reordered_items_build_a_new_graph_and_stale_graphs_rebuild() -> None:
 
 
 def test_worker_with_hnsw_reuses_its_graph_across_swaps(settings, redis_client) -> None:
+    from fmstream.app import new_worker
     from serving.index import ItemSnapshot
     from serving.store import VectorStore
-    from serving.worker import Worker
     from train.store_writer import StoreWriter
 
     settings = settings.model_copy(update={"index_kind": "hnsw", "hnsw_m": 8})
     store = VectorStore(redis_client, settings.redis_keys())
     writer = StoreWriter(redis_client, settings.redis_keys())
-    worker = Worker(settings, store)
+    worker = new_worker(settings, store)
     v = _vectors(1000)
     ids = [f"i{j}" for j in range(1000)]
     writer.put_item_snapshot(ItemSnapshot(1, ids, v))

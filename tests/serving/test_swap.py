@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import redis
 
+from fmstream.app import new_worker
 from fmstream.settings import Settings
 from serving.client import FmClient
 from serving.index import ItemSnapshot
 from serving.queries import item_queries
 from serving.store import VectorStore
-from serving.worker import Worker
 from stream.schemas import Response
 from train.store_writer import StoreWriter
 
@@ -98,7 +98,7 @@ def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.
     versions: dict[int, Version] = {1: make_version(1, item_ids)}
     assert writer.put_item_snapshot(versions[1].snapshot)
 
-    worker = Worker(settings, store, worker_id="swap-worker")
+    worker = new_worker(settings, store, worker_id="swap-worker")
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"ready": ready}, daemon=True)
     thread.start()

@@ -21,6 +21,7 @@ import orjson
 import pytest
 import redis
 
+from fmstream.app import new_worker
 from fmstream.settings import Settings
 from model.online import OnlineFM, TrainConfig
 from model.schema import FeatureSchema
@@ -105,7 +106,7 @@ class RunningWorker:
 
 def start_worker(settings: Settings, store: VectorStore) -> RunningWorker:
     """``Worker.run`` in a thread; returns once it is assigned partitions at their end."""
-    worker = Worker(settings, store, worker_id="test-worker")
+    worker = new_worker(settings, store, worker_id="test-worker")
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(
         target=worker.run,

@@ -113,13 +113,13 @@ _E = {"user_id": "u", "item_id": "i"}
         ({"user_id": "a\u2003"}, Event("a", "i")),  # Unicode whitespace too
         ({"user_id": "a\x1f"}, Event("a\x1f", "i")),  # not whitespace to the schema
         ({"user_id": -5}, Event("-5", "i")),  # integer ids as their text
-        ({"label": True}, Event("u", "i", 1)),
         ({"label": 0.0}, Event("u", "i", 0)),
         ({"ts": 5}, Event("u", "i", 1, 5.0)),
         ({"ts": "12.5"}, Event("u", "i", 1, 12.5)),
         ({"ts": None}, Event("u", "i")),
-        ({"context": {"x": True, "y": [False, "a", 2.5]}},
+        ({"context": {"x": 1, "y": [0, "a", 2.5]}},
          Event("u", "i", context={"x": 1, "y": [0, "a", 2.5]})),
+        ({"user_id": " " + "u" * 256}, Event("u" * 256, "i")),  # the length counts once stripped
         ({"user": {}, "item": None}, Event("u", "i", user={})),
         ({"unknown": [1]}, Event("u", "i")),
     ],
@@ -136,7 +136,14 @@ def test_event_rules_accept(extra: dict, expected: Event) -> None:
         ({"user_id": 1.0}, "user_id"),
         ({"item_id": None}, "item_id"),
         ({"user_id": "u" * 257}, "user_id"),
-        ({"user_id": " " + "u" * 256}, "user_id"),  # the length counts before stripping
+        ({"user_id": "   "}, "user_id"),  # whitespace only (issue 9)
+        ({"item_id": "\t\u2003"}, "item_id"),
+        ({"user_id": ""}, "user_id"),
+        ({"label": True}, "label"),  # booleans are not numbers (issue 9)
+        ({"ts": True}, "ts"),
+        ({"context": {"x": True}}, "context.x"),
+        ({"context": {"y": ["a", False]}}, "context.y"),
+        ({"user": {"x": True}}, "user.x"),
         ({"label": "1"}, "label"),
         ({"label": 1.5}, "label"),
         ({"label": None}, "label"),

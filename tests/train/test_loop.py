@@ -4,7 +4,9 @@ resumes from its checkpoint without losing or repeating an event."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import threading
+from pathlib import Path
 
 import orjson
 import pytest
@@ -19,6 +21,7 @@ from tests.kafka_helpers import consume_all, end_offsets
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[2]
 STREAM = SyntheticStream(users=200, items=100, clusters=5, seed=1)
 
 POISON = [
@@ -85,3 +88,61 @@ def test_restart_resumes_exactly_where_the_checkpoint_left(settings: Settings) -
     model, meta = latest_checkpoint(settings.checkpoint_dir)
     assert meta["events_applied"] == 4000
     assert model.n_updates == 4000
+
+
+def test_a_1mb_event_is_one_bounded_dead_letter_and_the_trainer_checkpoints(
+    settings: Settings,
+) -> None:
+    """Its dead letter keeps a prefix of the bytes with their length and sha256 (the whole
+    base64 would exceed what the broker accepts, and the trainer would never checkpoint)."""
+    settings = _small(settings)
+    huge = b'{"user_id": "u1", "item_id": "i1", "pad": "' + b"x" * 1_000_000 + b'"}'
+    producer = make_producer(settings.kafka_config(), max_request_size=2_000_000)
+    events = list(STREAM.events(1000))
+    produce_events(producer, settings.topics(), events[:500])
+    sent = producer.send(settings.topic_events, key=b"u1", value=huge).get(timeout=30)
+    produce_events(producer, settings.topics(), events[500:])
+    producer.close()
+
+    progress = _train(settings)
+
+    assert progress.events_applied == 1000 and progress.dead_letters == 1
+    _, meta = latest_checkpoint(settings.checkpoint_dir)
+    assert meta["events_applied"] == 1000
+    [letter] = consume_all(settings, settings.topic_dlq, expect=1)
+    assert len(letter.value) < 100_000
+    body = orjson.loads(letter.value)
+    assert body["id"] == f"{settings.topic_events}/{sent.partition}/{sent.offset}"
+    assert body["value_length"] == len(huge) and body["value_truncated"] is True
+    assert body["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert huge.startswith(base64.b64decode(body["value_b64"]))
+
+
+def test_profile_verdicts_do_not_depend_on_what_else_the_poll_holds(settings: Settings) -> None:
+    """An invalid profile (a list for the categorical ``segment``) next to a valid one for the
+    same id, in either order and in one poll: the invalid one is dead-lettered, the valid one
+    applied."""
+    settings = _small(settings).model_copy(
+        update={"schema_path": ROOT / "config" / "synthetic.toml"}
+    )
+    good_then_bad = [{"user_id": "p1", "features": {"segment": "s1"}},
+                     {"user_id": "p1", "features": {"segment": ["s1", "s2"]}}]
+    bad_then_good = [{"user_id": "p2", "features": {"segment": ["s3", "s4"]}},
+                     {"user_id": "p2", "features": {"segment": "s2"}}]
+    producer = make_producer(settings.kafka_config())
+    for profile in good_then_bad + bad_then_good:
+        producer.send(settings.topic_users, key=profile["user_id"].encode(),
+                      value=orjson.dumps(profile))
+    produce_events(producer, settings.topics(), list(STREAM.events(200)))
+    producer.close()
+
+    progress = _train(settings)
+
+    assert progress.dead_letters == 2
+    letters = [orjson.loads(m.value) for m in consume_all(settings, settings.topic_dlq, expect=2)]
+    assert {orjson.loads(base64.b64decode(b["value_b64"]))["user_id"] for b in letters} == {
+        "p1", "p2"}
+    assert all(b["stage"] == "apply" and "segment" in b["reason"] for b in letters)
+    model, _ = latest_checkpoint(settings.checkpoint_dir)
+    assert model.user_profile("p1") == {"segment": "s1"}
+    assert model.user_profile("p2") == {"segment": "s2"}

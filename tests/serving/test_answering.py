@@ -1,0 +1,333 @@
+"""Answering without Kafka or Redis: decoding, admission, every request type and every error
+code, over an in-memory store and a flat index built from a random snapshot."""
+
+from __future__ import annotations
+
+import time
+from typing import get_args
+
+import numpy as np
+import orjson
+import pytest
+
+from serving.answering import (
+    Answerer,
+    Pending,
+    Rejected,
+    ServingState,
+    check_reply_to,
+    decode_request,
+)
+from serving.config import ServingConfig
+from serving.errors import REQUEST_ERRORS, InvalidRequest, RequestError
+from serving.index import ItemSnapshot, LoadedIndex
+from serving.queries import item_queries
+from serving.store import UserVectors
+from stream.schemas import ErrorCode, ErrorInfo, Request, Response, ScoredItem, dumps
+
+DIM = 6
+N_ITEMS = 40
+VERSION = 7
+CONFIG = ServingConfig(max_k=50, max_message_bytes=4096)
+
+
+class MemoryStore:
+    """The four reads of ``AnswerStore`` from dicts; counts its round trips."""
+
+    def __init__(self, users: dict[str, np.ndarray], histories: dict[str, list[str]],
+                 offline: dict[str, list[tuple[str, float]]], popular: list[tuple[str, float]]):
+        self.users, self.histories, self.offline, self.popular = users, histories, offline, popular
+        self.calls: list[str] = []
+
+    def get_user_vectors(self, user_ids):
+        self.calls.append("vectors")
+        found = np.array([u in self.users for u in user_ids], dtype=bool)
+        vectors = np.stack([self.users.get(u, np.zeros(DIM + 2, np.float32)) for u in user_ids])
+        n = len(user_ids)
+        return UserVectors(vectors.astype(np.float32), found, np.full(n, VERSION),
+                           np.zeros(n))
+
+    def get_histories(self, user_ids):
+        self.calls.append("histories")
+        return [list(self.histories.get(u, [])) for u in user_ids]
+
+    def get_offline_i2i(self, item_ids):
+        self.calls.append("offline")
+        return 5, [self.offline.get(i) for i in item_ids]
+
+    def get_popular(self, k):
+        self.calls.append("popular")
+        return self.popular[:k]
+
+
+class BrokenStore(MemoryStore):
+    def get_user_vectors(self, user_ids):
+        raise RuntimeError("redis fell over")
+
+
+@pytest.fixture
+def world() -> tuple[MemoryStore, ServingState, ItemSnapshot]:
+    rng = np.random.default_rng(4)
+    ids = [f"i{j}" for j in range(N_ITEMS)]
+    vectors = rng.standard_normal((N_ITEMS, DIM + 2)).astype(np.float32)
+    vectors[:, 1] = 1.0
+    snapshot = ItemSnapshot(version=VERSION, item_ids=ids, vectors=vectors, bias=0.5)
+    users = {f"u{n}": rng.standard_normal(DIM + 2).astype(np.float32) for n in range(5)}
+    for v in users.values():
+        v[0] = 1.0
+    store = MemoryStore(
+        users,
+        histories={"u1": ["i3", "i4", "i5"], "u2": []},
+        offline={"i1": [(f"i{j}", 1.0 / j) for j in range(2, 12)]},
+        popular=[(f"i{j}", float(100 - j)) for j in range(N_ITEMS)],
+    )
+    return store, ServingState(LoadedIndex.build(snapshot, "flat"), None), snapshot
+
+
+def ask(store, state, *requests: dict, config: ServingConfig = CONFIG) -> list[Pending]:
+    pendings = []
+    for n, r in enumerate(requests):
+        out = decode_request(orjson.dumps({"request_id": f"r{n}", **r}), config)
+        assert isinstance(out, Pending), out
+        pendings.append(out)
+    Answerer(store, config).answer(pendings, state)
+    return pendings
+
+
+def code(p: Pending) -> str | None:
+    return None if p.error is None else p.error.code
+
+
+def top(scores: np.ndarray, ids: list[str], k: int, banned=frozenset()) -> list[str]:
+    order = [j for j in np.argsort(-scores, kind="stable") if ids[j] not in banned]
+    return [ids[j] for j in order[:k]]
+
+
+# --- error types ---------------------------------------------------------------------------
+
+
+def test_every_wire_error_code_has_exactly_one_error_type() -> None:
+    codes = [cls.code for cls in REQUEST_ERRORS]
+    assert sorted(codes) == sorted(get_args(ErrorCode))
+    assert all(issubclass(cls, RequestError) for cls in REQUEST_ERRORS)
+
+
+def test_error_replies_encode_exactly_as_the_response_model() -> None:
+    p = Pending(Request(request_id="r", type="u2i"), "fm.responses")
+    p.fail(InvalidRequest("k must be between 1 and 5, got 9"), 3)
+    want = Response(request_id="r", model_version=3,
+                    error=ErrorInfo(code="invalid_request", message="k must be between 1 and 5, "
+                                                                    "got 9"))
+    assert p.encode() == dumps(want)
+    ok = Pending(Request(request_id="r", type="u2i"), "fm.responses")
+    ok.answer([("a", 1.5)], 2, "popular")
+    assert ok.encode() == dumps(Response(request_id="r", items=[ScoredItem(item_id="a", score=1.5)],
+                                         model_version=2, fallback="popular"))
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "stage"),
+    [
+        (None, "decode"),
+        (b"\xff\xfe\x00binary", "decode"),
+        (b"[1, 2]", "decode"),
+        (b'"just a string"', "decode"),
+        (b'{"type": "u2i", "user_id": "u1"}', "validate"),
+        (b'{"request_id": "   ", "type": "u2i", "user_id": "u1"}', "validate"),
+        (b'{"request_id": true, "type": "u2i"}', "validate"),
+        (b'{"request_id": null, "type": "u2i"}', "validate"),
+        (b'{"request_id": ["r"], "type": "u2i"}', "validate"),
+        (b'{"request_id": "' + b"x" * 300 + b'", "type": "u2i"}', "validate"),
+    ],
+)
+def test_requests_without_a_usable_id_are_rejected(raw: bytes | None, stage: str) -> None:
+    out = decode_request(raw, CONFIG)
+    assert isinstance(out, Rejected) and out.stage == stage and out.reason
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"type": "teleport"}, "type"),
+        ({"type": "u2i", "k": "ten"}, "k"),
+        ({"type": "u2i", "k": True}, "k"),
+        ({"type": "u2i", "k": 0}, "k"),
+        ({"type": "u2i", "user_id": "  "}, "user_id"),
+        ({"type": "u2i", "deadline_ms": True}, "deadline_ms"),
+        ({"type": "u2i", "context": {"hour": True}}, "context"),
+        ({"type": "u2i", "context": {"hour": [False]}}, "context"),
+        ({"type": "u2i", "exclude_item_ids": [" "]}, "exclude_item_ids"),
+        ({"type": "u2i", "reply_to": ""}, "reply_to"),
+    ],
+)
+def test_invalid_requests_with_an_id_get_invalid_request(extra: dict, field: str) -> None:
+    out = decode_request(orjson.dumps({"request_id": " r1 ", "user_id": "u1", **extra}), CONFIG)
+    assert isinstance(out, Pending) and out.request_id == "r1"
+    assert code(out) == "invalid_request" and field in str(out.error)
+    assert out.reply_to == CONFIG.topic_responses
+
+
+def test_integer_request_ids_are_their_decimal_text() -> None:
+    out = decode_request(b'{"request_id": 42, "type": "u2i", "user_id": "u"}', CONFIG)
+    assert isinstance(out, Pending) and out.request_id == "42" and out.error is None
+    bad = decode_request(b'{"request_id": 42, "type": "nope"}', CONFIG)
+    assert isinstance(bad, Pending) and bad.request_id == "42" and code(bad) == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["bad topic!", ".", "..", "__consumer_offsets", "__transaction_state", "fm.events",
+     "fm.requests", "x" * 250, "fm.replies.a/b", "fm.replies.ü", "fm.replies", "fm.dlq"],
+)
+def test_illegal_or_unlisted_reply_to_is_answered_on_the_response_topic(topic: str) -> None:
+    raw = orjson.dumps({"request_id": "r", "type": "u2i", "user_id": "u", "reply_to": topic})
+    out = decode_request(raw, CONFIG)
+    assert isinstance(out, Pending) and code(out) == "invalid_request"
+    assert out.reply_to == CONFIG.topic_responses
+    with pytest.raises(InvalidRequest):
+        check_reply_to(topic, CONFIG)
+
+
+@pytest.mark.parametrize("topic", ["fm.responses", "fm.replies.client-7", "fm.replies.a_b.C-9"])
+def test_allowed_reply_to(topic: str) -> None:
+    raw = orjson.dumps({"request_id": "r", "type": "u2i", "user_id": "u", "reply_to": topic})
+    out = decode_request(raw, CONFIG)
+    assert isinstance(out, Pending) and out.error is None and out.reply_to == topic
+
+
+def test_the_allow_list_follows_the_config() -> None:
+    only_default = ServingConfig(reply_prefixes=())
+    with pytest.raises(InvalidRequest):
+        check_reply_to("fm.replies.x", only_default)
+    custom = ServingConfig(topic_responses="answers", reply_prefixes=("team-a.", "team-b."))
+    assert check_reply_to("answers", custom) == "answers"
+    assert check_reply_to("team-b.x", custom) == "team-b.x"
+    with pytest.raises(InvalidRequest):
+        check_reply_to("fm.responses", custom)
+
+
+def test_oversized_requests_get_an_error_reply_when_their_id_can_be_read() -> None:
+    big = {"request_id": "big-1", "type": "u2i", "user_id": "u",
+           "exclude_item_ids": [f"item-{j}" for j in range(2000)], "reply_to": "fm.replies.c"}
+    raw = orjson.dumps(big)
+    assert len(raw) > CONFIG.max_message_bytes
+    out = decode_request(raw, CONFIG)
+    assert isinstance(out, Pending) and out.request_id == "big-1"
+    assert code(out) == "invalid_request" and str(len(raw)) in str(out.error)
+    assert out.reply_to == "fm.replies.c"
+    # cut in the middle (not JSON any more): the id is still found at the head
+    cut = decode_request(raw[: CONFIG.max_message_bytes + 10], CONFIG)
+    assert isinstance(cut, Pending) and cut.request_id == "big-1"
+    # an illegal reply_to of an oversized request: answered on the response topic
+    evil = orjson.dumps({**big, "reply_to": "__consumer_offsets"})
+    out = decode_request(evil, CONFIG)
+    assert isinstance(out, Pending) and out.reply_to == CONFIG.topic_responses
+    # no id anywhere: a dead letter
+    anon = decode_request(b'{"type": "u2i", "pad": "' + b"x" * 5000 + b'"}', CONFIG)
+    assert isinstance(anon, Rejected) and anon.stage == "decode"
+    blob = decode_request(b"\x00" * 5000, CONFIG)
+    assert isinstance(blob, Rejected)
+
+
+# --- answering -----------------------------------------------------------------------------
+
+
+def test_u2i_is_the_exact_top_k_with_bias(world) -> None:
+    store, state, snap = world
+    for user in ("u0", "u3"):
+        [p] = ask(store, state, {"type": "u2i", "user_id": user, "k": 7})
+        scores = snap.vectors @ store.users[user] + snap.bias
+        assert p.error is None and p.version == VERSION and p.fallback is None
+        assert [i for i, _ in p.items] == top(scores, snap.item_ids, 7)
+        np.testing.assert_allclose([s for _, s in p.items],
+                                   np.sort(scores)[::-1][:7], rtol=1e-5)
+
+
+def test_exclusions_and_exclude_seen(world) -> None:
+    store, state, snap = world
+    [p] = ask(store, state, {"type": "u2i", "user_id": "u1", "k": 10, "exclude_seen": True,
+                             "exclude_item_ids": ["i0", "i9"]})
+    scores = snap.vectors @ store.users["u1"] + snap.bias
+    banned = {"i3", "i4", "i5", "i0", "i9"}
+    assert [i for i, _ in p.items] == top(scores, snap.item_ids, 10, banned)
+
+
+def test_a_batch_reads_the_store_once_per_kind(world) -> None:
+    store, state, _ = world
+    pendings = ask(store, state, *[{"type": "u2i", "user_id": f"u{n}", "exclude_seen": True}
+                                   for n in range(5)],
+                   {"type": "rank", "user_id": "u2", "item_ids": ["i1", "i2"]})
+    assert all(p.error is None for p in pendings)
+    assert store.calls == ["vectors", "histories"]
+
+
+def test_unknown_user_gets_popular_items_minus_exclusions(world) -> None:
+    store, state, _ = world
+    [p] = ask(store, state, {"type": "u2i", "user_id": "stranger", "k": 3,
+                             "exclude_item_ids": ["i0"]})
+    assert p.fallback == "popular" and [i for i, _ in p.items] == ["i1", "i2", "i3"]
+
+
+def test_i2i_online_never_returns_the_item_itself(world) -> None:
+    store, state, snap = world
+    [p] = ask(store, state, {"type": "i2i", "item_id": "i8", "k": 5})
+    scores = snap.vectors @ item_queries(snap.vectors[[8]])[0]
+    assert [i for i, _ in p.items] == top(scores, snap.item_ids, 5, {"i8"})
+
+
+def test_i2i_offline_and_history(world) -> None:
+    store, state, _ = world
+    off, hist, none = ask(store, state,
+                          {"type": "i2i", "item_id": "i1", "source": "offline", "k": 3},
+                          {"type": "i2i_history", "user_id": "u1", "k": 4},
+                          {"type": "i2i_history", "user_id": "u2", "k": 4})
+    assert off.version == 5 and [i for i, _ in off.items] == ["i2", "i3", "i4"]
+    assert len(hist.items) == 4 and not {i for i, _ in hist.items} & {"i3", "i4", "i5"}
+    assert none.fallback == "popular"
+
+
+def test_rank_orders_the_given_items(world) -> None:
+    store, state, snap = world
+    [p] = ask(store, state, {"type": "rank", "user_id": "u4", "item_ids": ["i1", "i30", "zz"]})
+    scores = {i: float(snap.vectors[int(i[1:])] @ store.users["u4"] + snap.bias)
+              for i in ("i1", "i30")}
+    assert [i for i, _ in p.items] == sorted(scores, key=lambda i: -scores[i])
+
+
+@pytest.mark.parametrize(
+    ("request_", "want"),
+    [
+        ({"type": "i2i", "item_id": "nope"}, "unknown_item"),
+        ({"type": "i2i", "item_id": "nope", "source": "offline"}, "unknown_item"),
+        ({"type": "rank", "user_id": "stranger", "item_ids": ["i1"]}, "unknown_user"),
+        ({"type": "rank", "user_id": "u1", "item_ids": ["x", "y"]}, "unknown_item"),
+        ({"type": "rank", "user_id": "u1"}, "invalid_request"),
+        ({"type": "i2i"}, "invalid_request"),
+        ({"type": "u2i", "user_id": "u1", "k": 51}, "invalid_request"),
+        ({"type": "u2i", "user_id": "u1", "deadline_ms": 1000.0}, "deadline_exceeded"),
+    ],
+)
+def test_error_codes(world, request_: dict, want: str) -> None:
+    store, state, _ = world
+    ok, p = ask(store, state, {"type": "u2i", "user_id": "u0"}, request_)
+    assert code(p) == want and p.items is None and str(p.error)
+    assert ok.error is None  # one bad request never fails another
+
+
+def test_not_ready_without_an_index(world) -> None:
+    store, _, _ = world
+    [p] = ask(store, None, {"type": "u2i", "user_id": "u0"})
+    assert code(p) == "not_ready"
+
+
+def test_a_store_failure_is_internal_and_the_deadline_still_counts(world) -> None:
+    store, state, _ = world
+    broken = BrokenStore(store.users, store.histories, store.offline, store.popular)
+    future = time.time() * 1000 + 60_000
+    a, b = ask(broken, state, {"type": "u2i", "user_id": "u0", "deadline_ms": future},
+               {"type": "i2i", "item_id": "i1"})
+    assert code(a) == "internal" and "redis fell over" in str(a.error)
+    assert b.error is None  # i2i needs no user vector: answered on its own
