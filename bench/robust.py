@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-robust-"))
-    settings = bench_settings(run_dir, ports=(53092, 53093, 53379), swap_poll_s=0.2)
+    settings = bench_settings(run_dir, ports=(23092, 23093, 23379), swap_poll_s=0.2)
     started = time.monotonic()
     ok = False
     try:
