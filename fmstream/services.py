@@ -112,6 +112,7 @@ class LocalSecurity:
         scram_mechanism: ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
         kafka_users: SCRAM users created when the storage is formatted (user -> password).
         redis_users: Redis ACL users (user -> password); the default user is switched off.
+        redis_acl: the rules every ACL user gets (keys and commands).
         redis_tls: Redis listens with TLS only (on ``settings.redis_port``).
     """
 
@@ -126,6 +127,7 @@ class LocalSecurity:
     kafka_users: dict[str, str] = field(default_factory=dict, repr=False)
     redis_users: dict[str, str] = field(default_factory=dict, repr=False)
     redis_tls: bool = True
+    redis_acl: str = "~* &* +@all"
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -201,13 +203,41 @@ def os_picked_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+# Port claims of this process (fd of each lock file), held until it exits.
+_CLAIMS: dict[int, int] = {}
+
+
+def _claim(port: int) -> bool:
+    """Take this machine's advisory lock on ``port`` for the life of this process.
+
+    Two test or bench sessions that both find a preferred port free would otherwise both start a
+    server on it (a JVM binds its port seconds after the check); the lock makes the second one
+    pick another port instead.
+    """
+    if port in _CLAIMS:
+        return True
+    import fcntl
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"fmstream-port-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMS[port] = fd
+    return True
+
+
 def free_ports(preferred: dict[str, int], host: str = LOOPBACK) -> dict[str, int]:
-    """``preferred`` (name -> port) where each one is free by :func:`port_free`; a taken one is
-    replaced by a port the OS picks. Preferred ports belong below 32768 (outside Linux's
-    ephemeral range, where client sockets could hold them)."""
+    """``preferred`` (name -> port) where each one is free by :func:`port_free` and not claimed
+    by another fmstream session on this machine (it is then claimed for this process's life); a
+    taken one is replaced by a port the OS picks. Preferred ports belong below 32768 (outside
+    Linux's ephemeral range, where client sockets could hold them)."""
     out: dict[str, int] = {}
     for name, port in preferred.items():
-        if port in out.values() or not port_free(port, host):
+        if port in out.values() or not port_free(port, host) or not _claim(port):
             picked = os_picked_port(host)
             while picked in out.values() or picked in preferred.values():
                 picked = os_picked_port(host)
@@ -713,7 +743,7 @@ def _redis_conf(settings: Settings, security: LocalSecurity | None = None) -> st
     if security is not None:
         # Only the ACL users may connect: the default user is switched off.
         secured = ["user default off"] + [
-            f"user {user} on >{password} ~* &* +@all"
+            f"user {user} on >{password} {security.redis_acl}"
             for user, password in security.redis_users.items()
         ]
         if security.redis_tls:

@@ -62,6 +62,11 @@ class TlsFailed(ConnectError):
     """The TLS handshake failed (unknown CA, wrong host name, bad client certificate)."""
 
 
+class ProtocolMismatch(ConnectError):
+    """The broker closed the connection at the first request: the listener speaks another
+    security protocol (TLS, SASL) than the one configured."""
+
+
 class Unreachable(ConnectError):
     """Nothing answered at the address within the bound."""
 
@@ -257,7 +262,7 @@ def explain_redis_error(conn: RedisConfig, exc: BaseException) -> ConnectError |
 # timeout after 30 s. The probe below speaks the two SASL requests itself (SaslHandshake v1,
 # SaslAuthenticate v0; KIP-152) with kafka-python's own SCRAM/PLAIN token code, so a wrong
 # password is reported as such, at once.
-_SASL_HANDSHAKE, _SASL_AUTHENTICATE = 17, 36
+_SASL_HANDSHAKE, _SASL_AUTHENTICATE, _METADATA = 17, 36, 3
 
 
 def _hosts(bootstrap: str) -> list[tuple[str, int]]:
@@ -367,11 +372,20 @@ def check_kafka(conn: KafkaConfig, *, timeout_s: float = 10.0) -> None:
                 except (ssl.SSLError, ssl.CertificateError) as exc:
                     raise TlsFailed(
                         f"TLS to Kafka at {conn.describe()} failed ({exc}); check "
-                        "FMSTREAM_KAFKA_SSL_CAFILE (the CA of the broker certificate) and that "
-                        "the certificate names the bootstrap host"
+                        "FMSTREAM_KAFKA_SSL_CAFILE (the CA of the broker certificate), that "
+                        "the certificate names the bootstrap host, and that the listener "
+                        "speaks TLS"
                     ) from None
             if conn.security_protocol.startswith("SASL_"):
                 _sasl_probe(sock, conn, host)
+            try:  # one ordinary request (metadata of no topic): the session works
+                _call(sock, _METADATA, 1, 99, struct.pack(">i", 0))
+            except ConnectionError:
+                raise ProtocolMismatch(
+                    f"Kafka at {conn.describe()} closed the connection at the first request: "
+                    "the listener expects another security protocol; check "
+                    "FMSTREAM_KAFKA_SECURITY_PROTOCOL (and the port of FMSTREAM_KAFKA_BOOTSTRAP)"
+                ) from None
             return
         except (OSError, struct.error) as exc:
             problems.append(f"{host}:{port}: {type(exc).__name__}")
@@ -404,7 +418,7 @@ def check_redis(conn: RedisConfig, *, timeout_s: float = 5.0) -> None:
 
 
 __all__ = [
-    "AuthenticationFailed", "ConnectError", "KafkaConfig", "RedisConfig",
+    "AuthenticationFailed", "ConnectError", "ProtocolMismatch", "KafkaConfig", "RedisConfig",
     "SaslMechanism", "SecurityProtocol", "TlsFailed", "Unreachable", "check_kafka",
     "check_redis", "explain_kafka_error", "explain_redis_error", "kafka_admin",
     "kafka_consumer", "kafka_producer", "redact_url", "redis_client",

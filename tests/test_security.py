@@ -24,6 +24,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 
 from fmstream import services as svc
 from fmstream.settings import Settings
@@ -34,6 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SECURE_PORTS = {"kafka_port": 19192, "kafka_controller_port": 19193, "sasl_port": 19194,
                 "redis_port": 16479}
 USER = "fmstream-app"
+# What README "Security" says the Redis user needs: its key prefix, no admin commands.
+REDIS_ACL = "resetkeys ~fmsec:* resetchannels -@all +@read +@write +@scripting +@keyspace " \
+    "+@connection -@admin -@dangerous"
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
         kafka_keystore=certs.kafka_keystore, key_password=key_pw,
         kafka_sasl_port=ports["sasl_port"], host="127.0.0.1", scram_mechanism="SCRAM-SHA-512",
         kafka_users={USER: kafka_pw}, redis_users={USER: redis_pw}, redis_tls=True,
+        redis_acl=REDIS_ACL,
     )
     settings = _hermetic(
         run_dir=run_dir,
@@ -92,6 +97,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
         redis_password=redis_pw,
         redis_ssl=True,
         redis_ssl_ca_file=certs.ca_file,
+        redis_prefix="fmsec:",
         checkpoint_dir=run_dir / "checkpoints",
         partitions_events=2, partitions_requests=2, partitions_profiles=1,
         partitions_responses=2,
@@ -257,6 +263,8 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
     wrong_kafka = {"FMSTREAM_KAFKA_PASSWORD": "wrong-kafka-secret-1"}
     wrong_redis = {"FMSTREAM_REDIS_PASSWORD": "wrong-redis-secret-2"}
     no_ca = {"FMSTREAM_KAFKA_SSL_CAFILE": ""}
+    no_sasl = {"FMSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "FMSTREAM_KAFKA_SASL_MECHANISM": "",
+               "FMSTREAM_KAFKA_USERNAME": "", "FMSTREAM_KAFKA_PASSWORD": ""}
     kafka_refused = "refused the credentials"
     cases = [
         (("train",), wrong_kafka, kafka_refused),
@@ -270,6 +278,7 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
         (("serve",), wrong_redis, "Redis at"),
         (("lag",), wrong_redis, "Redis at"),
         (("serve",), no_ca, "TLS to Kafka"),
+        (("train",), no_sasl, "expects another security protocol"),
     ]
     procs = []
     for args, override, _ in cases:
@@ -293,7 +302,8 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
             problems.append(f"no {expected!r}")
         if "Traceback" in output:
             problems.append("a traceback")
-        for secret in (*stack.secrets, *override.values()):
+        wrong = [v for k, v in override.items() if k.endswith("PASSWORD")]
+        for secret in (*stack.secrets, *wrong):
             if secret and secret in output:
                 problems.append("a password")
         if problems:
@@ -307,8 +317,11 @@ def test_factories_reach_the_secured_servers_and_refuse_plaintext(stack: SecureS
     from stream.config import KafkaConfig
     from stream.connect import (
         AuthenticationFailed,
+        ProtocolMismatch,
+        TlsFailed,
         check_kafka,
         check_redis,
+        explain_redis_error,
         redis_client,
     )
     from tests.kafka_helpers import KafkaIO
@@ -324,6 +337,14 @@ def test_factories_reach_the_secured_servers_and_refuse_plaintext(stack: SecureS
     try:
         client.set(s.redis_key("probe"), b"1")
         assert client.get(s.redis_key("probe")) == b"1"
+        # The ACL is in force: outside its prefix, or an admin command, the user is refused.
+        with pytest.raises(redis.exceptions.NoPermissionError) as denied:
+            client.set("elsewhere:probe", b"1")
+        explained = explain_redis_error(s.redis_config(), denied.value)
+        assert isinstance(explained, AuthenticationFailed)
+        assert "lacks a permission" in str(explained)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.flushall()
     finally:
         client.close()
     check_kafka(s.kafka_config())
@@ -331,8 +352,14 @@ def test_factories_reach_the_secured_servers_and_refuse_plaintext(stack: SecureS
     with pytest.raises(AuthenticationFailed, match="does not offer SASL mechanism"):
         check_kafka(s.model_copy(update={"kafka_sasl_mechanism": "SCRAM-SHA-256"})
                     .kafka_config())
-    plaintext = KafkaConfig(s.kafka_bootstrap)
-    assert plaintext.client_config()["security_protocol"] == "PLAINTEXT"
+    # A protocol that does not match the listener fails at once, saying so.
+    with pytest.raises(ProtocolMismatch, match="expects another security protocol"):
+        check_kafka(KafkaConfig(s.kafka_bootstrap))  # PLAINTEXT to the SASL_SSL listener
+    with pytest.raises(ProtocolMismatch):
+        check_kafka(KafkaConfig(s.kafka_bootstrap, security_protocol="SSL",
+                                ssl_cafile=s.kafka_ssl_cafile and str(s.kafka_ssl_cafile)))
+    with pytest.raises(TlsFailed, match="speaks TLS"):  # TLS to the plaintext listener
+        check_kafka(KafkaConfig(f"127.0.0.1:{s.kafka_port}", security_protocol="SSL"))
     started = time.monotonic()
     from stream.connect import ConnectError
 

@@ -214,3 +214,23 @@ def test_a_port_bound_by_a_client_socket_is_not_free_though_connect_finds_nothin
 def test_free_preferred_ports_are_kept() -> None:
     port = svc.os_picked_port()
     assert svc.free_ports({"a": port}) == {"a": port}
+
+
+def test_a_port_claimed_by_another_session_is_not_taken_too() -> None:
+    """Two sessions that both find a preferred port free must not both start a server on it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = svc.os_picked_port()
+    code = (f"from fmstream import services as s; import time; assert s._claim({port}); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert svc.port_free(port)
+        assert svc.free_ports({"kafka_port": port})["kafka_port"] != port
+    finally:
+        holder.kill()
+        holder.wait()
