@@ -69,6 +69,51 @@ def compose_item(lin: np.ndarray, cross: np.ndarray, vec: np.ndarray) -> np.ndar
     return out
 
 
+def split_user(
+    w: np.ndarray, v: np.ndarray, x: np.ndarray, own: np.ndarray
+) -> np.ndarray:
+    """The part of ``E_user`` that only the user's own rows make: ``[W_o, S_o, V_o]`` float32.
+
+    ``W_o = Σ x_j w_j``, ``S_o = Σ x_j² |v_j|²``, ``V_o = Σ x_j v_j`` over the features where
+    ``own`` is True (the user's own id row); :func:`compose_user_parts` adds the shared rows.
+
+    Args:
+        w, v, x: as in :func:`aggregate` (``(n, L)``, ``(n, L, d)``, ``(n, L)``).
+        own: bool ``(n, L)``.
+    """
+    xo = np.where(own, np.asarray(x, dtype=np.float64), 0.0)
+    xv = np.asarray(v, dtype=np.float64) * xo[..., None]
+    n, d = xv.shape[0], xv.shape[2]
+    out = np.empty((n, d + 2), dtype=np.float32)
+    out[:, 0] = np.einsum("nl,nl->n", np.asarray(w, dtype=np.float64), xo)
+    out[:, 1] = np.einsum("nld,nld->n", xv, xv)
+    out[:, 2:] = xv.sum(axis=1)
+    return out
+
+
+def compose_user_parts(
+    own: np.ndarray, w: np.ndarray, v: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """``E_user`` from the user's own part (:func:`split_user`) and its shared feature rows.
+
+    With ``W = W_o + Σ x_s w_s``, ``V = V_o + Σ x_s v_s``, ``S = S_o + Σ x_s² |v_s|²``:
+    ``E_user = [1, W + ½(|V|² − S), V]``, the same vector :func:`compose_user` makes from all
+    rows at once (to float32 rounding of the stored own part).
+
+    Args:
+        own: float32 ``(n, d + 2)`` = ``[W_o, S_o, V_o]``.
+        w, v, x: the shared rows of each user, ``(n, L)``, ``(n, L, d)``, ``(n, L)`` (x = 0 pads).
+    """
+    o = np.asarray(own, dtype=np.float64)
+    x64 = np.asarray(x, dtype=np.float64)
+    xv = np.asarray(v, dtype=np.float64) * x64[..., None]
+    vec = o[:, 2:] + xv.sum(axis=1)
+    sq = o[:, 1] + np.einsum("nld,nld->n", xv, xv)
+    lin = o[:, 0] + np.einsum("nl,nl->n", np.asarray(w, dtype=np.float64), x64)
+    cross = 0.5 * (np.einsum("nd,nd->n", vec, vec) - sq)
+    return compose_user(lin, cross, vec)
+
+
 def context_query(e_user: np.ndarray, ctx_lin: np.ndarray, ctx_vec: np.ndarray) -> np.ndarray:
     """Query ``q = [1, a_u + ctx_lin + <V_u, V_c>, V_u + V_c]`` from ``E_user = [1, a_u, V_u]``.
 

@@ -409,6 +409,8 @@ class FeatureSpace:
             return 0
         self.table.release(self.key_row[dead_keys])
         self.key_row[dead_keys] = self.fallback_row[self.key_field[dead_keys]]
+        # what used these keys now reads the fallback rows: mark them so publishers resend it
+        self.table.mark_dirty(self.key_row[dead_keys])
         self.key_count[dead_keys] = 0
         self.n_expired += int(dead_keys.size)
         return int(dead_keys.size)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model import fm as fmath
-from model.compose import ContextTable, aggregate, compose_item, compose_user
+from model.compose import ContextTable, aggregate, compose_item, compose_user, split_user
 from model.errors import ConfigError, FeatureError, InputError
 from model.features import PAD, Catalog, FeatureSpace, canon
 from model.optim import EPS, RowTable
@@ -463,6 +463,85 @@ class OnlineFM:
             return np.zeros((0, self.config.dim + 2), dtype=np.float32)
         keys, weights = self._users.keys_of_ids(user_ids)
         return compose_user(*self._side(keys, weights))
+
+    def user_parts(
+        self, user_ids: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each user's vector split into what only it owns and the shared rows it reads.
+
+        Returns ``(own, keys, weights)``: ``own`` float32 ``(n, dim + 2)`` from the user's own
+        id row (see :func:`model.compose.split_user`; zeros when the id has no row of its own:
+        not admitted, hashed or unknown); ``keys`` int64 ``(n, L)`` the shared keys (profile
+        values, history items, the id's fallback or hash bucket; 0 pads) and ``weights``
+        float32 ``(n, L)``. ``compose_user_parts(own, *shared_params(keys), weights)`` equals
+        :meth:`user_vectors`: a server holding the shared rows composes any user's exact vector,
+        so a shared row that changes needs no user rewritten.
+        """
+        d = self.config.dim
+        if len(user_ids) == 0:
+            return (np.zeros((0, d + 2), np.float32), np.zeros((0, 0), np.int64),
+                    np.zeros((0, 0), np.float32))
+        space = self._space
+        keys, weights = self._users.keys_of_ids(user_ids)
+        id_field = self._users.id_field
+        rows = space.key_row[keys]
+        own = np.zeros(keys.shape, dtype=bool)
+        if not space.specs[id_field].hash_buckets:
+            first = keys[:, 0]
+            own[:, 0] = (first >= space.first_dynamic_key) & (
+                rows[:, 0] >= space.first_dynamic_row
+            ) & (space.key_field[first] == id_field)
+            # an id without a row of its own reads its field's fallback row: share that key
+            fb = int(space.fallback_key[id_field])
+            keys[:, 0] = np.where(own[:, 0] | (first == PAD), first, fb)
+        p = self._table.params[rows]
+        own_part = split_user(p[..., 0], p[..., 1:], weights, own)
+        shared_w = np.where(own, 0.0, weights).astype(np.float32)
+        shared_k = np.where(own, PAD, keys)
+        return own_part, shared_k, shared_w
+
+    def shared_params(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(w, v)`` of the rows ``keys`` read now: float32 ``keys.shape`` and ``(..., dim)``."""
+        keys = np.asarray(keys, dtype=np.int64)
+        p = self._table.params[self._space.key_row[keys]]
+        return p[..., 0], p[..., 1:]
+
+    def key_rows(self, keys: np.ndarray) -> np.ndarray:
+        """The parameter row each key reads now (int64)."""
+        return self._space.key_row[np.asarray(keys, dtype=np.int64)].astype(np.int64)
+
+    def drain_changed_rows(self) -> np.ndarray:
+        """Bool mask over parameter rows: True where a row was written since the last call.
+
+        One consumer (the publisher) drains it; whatever reads a True row changed.
+        """
+        table = self._table
+        mask = np.zeros(table.n_rows, dtype=bool)
+        mask[table.drain_dirty()] = True
+        return mask
+
+    def items_reading(self, changed_rows: np.ndarray) -> list[str]:
+        """Ids of the known items whose vector reads any row marked in ``changed_rows``.
+
+        Vectorised over the catalogue's key matrix (a gather and an any per item, no vector
+        composed), so finding the changed items of a tick costs far less than composing them.
+        """
+        n = self._items.n
+        if n == 0 or not changed_rows.any():
+            return []
+        if changed_rows.size < self._table.n_rows:  # rows added since the mask was drained
+            grown = np.ones(self._table.n_rows, dtype=bool)
+            grown[: changed_rows.size] = changed_rows
+            changed_rows = grown
+        hits = []
+        for lo in range(0, n, _CHUNK):
+            ents = np.arange(lo, min(n, lo + _CHUNK))
+            keys, weights = self._items.keys_of(ents)
+            rows = self._space.key_row[keys]
+            hit = (changed_rows[rows] & (weights != 0)).any(axis=1)
+            hits.append(ents[hit])
+        ids = self._items.ids
+        return [ids[e] for e in np.concatenate(hits).tolist()]
 
     def item_vectors(self, item_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         """``(ids, E_item)`` for the given ids, or for every known item (catalog order)."""

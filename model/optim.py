@@ -33,6 +33,7 @@ class RowTable:
         self.n_rows = 0
         self.free: list[int] = []
         self._scratch = np.zeros(cap, dtype=np.int32)
+        self.dirty = np.zeros(cap, dtype=bool)  # rows written since the last drain_dirty()
         self.alloc(1)  # row 0: padding
         self.params[0] = 0.0
 
@@ -58,6 +59,9 @@ class RowTable:
         acc[: self.n_rows] = self.acc[: self.n_rows]
         self.params, self.acc = params, acc
         self._scratch = np.zeros(new_cap, dtype=np.int32)
+        dirty = np.zeros(new_cap, dtype=bool)
+        dirty[:cap] = self.dirty
+        self.dirty = dirty
 
     def alloc(self, n: int) -> np.ndarray:
         """``n`` fresh rows (freed rows first, then new ones), reset to their initial values."""
@@ -88,6 +92,20 @@ class RowTable:
             np.float32
         )
         self.acc[rows] = 0.0
+        self.dirty[rows] = True
+
+    def mark_dirty(self, rows: np.ndarray) -> None:
+        """Record that ``rows`` changed (every write to :attr:`params` must call this)."""
+        self.dirty[np.asarray(rows, dtype=np.int64)] = True
+
+    def drain_dirty(self) -> np.ndarray:
+        """Rows written since the previous call (int64, ascending); clears the record.
+
+        O(rows) bit scan: how a publisher learns what changed without diffing the whole table.
+        """
+        rows = np.flatnonzero(self.dirty[: self.n_rows])
+        self.dirty[rows] = False
+        return rows
 
     def unique(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(uniq, inverse)`` of a flat int array in O(n), no sort: ``uniq[inverse] == rows``.
@@ -129,6 +147,7 @@ class RowTable:
         gv *= scale[:, 1:2]
         values -= g
         self.params[rows] = values
+        self.dirty[rows] = True
         self.params[0] = 0.0  # padding stays zero
         self.acc[0] = 0.0
 

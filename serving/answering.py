@@ -40,6 +40,7 @@ from serving.errors import (
 from serving.follow import ServingState
 from serving.index import LoadedIndex
 from serving.queries import item_queries, user_queries
+from serving.users import SharedRows
 from stream.schemas import MAX_ID_LEN, DecodeError, Request, describe_validation_error, loads_object
 
 if TYPE_CHECKING:
@@ -66,7 +67,9 @@ TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 class AnswerStore(Protocol):
     """The reads answering needs (``serving.store.VectorStore`` has them)."""
 
-    def get_user_vectors(self, user_ids: Sequence[str]) -> UserVectors:
+    def get_user_vectors(
+        self, user_ids: Sequence[str], *, shared: SharedRows | None = None
+    ) -> UserVectors:
         """Vectors of ``user_ids`` in order (``found[i]`` False where there is none)."""
         ...
 
@@ -368,7 +371,10 @@ class _Batch:
         self._popular: list[tuple[str, float]] | None = None
         users = sorted({p.request.user_id for p in todo if p.request.user_id is not None})
         self.user_row = {u: i for i, u in enumerate(users)}
-        self.vecs: UserVectors | None = self.store.get_user_vectors(users) if users else None
+        # user records are composed with the shared rows of this very version (serving/users.py)
+        self.vecs: UserVectors | None = (
+            self.store.get_user_vectors(users, shared=state.users) if users else None
+        )
         need_hist = sorted(
             {
                 p.request.user_id

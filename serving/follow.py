@@ -30,6 +30,7 @@ from serving.deltas import DeltaLog, ItemDelta, plan_delta
 from serving.errors import SnapshotError
 from serving.graph import GraphKeeper
 from serving.index import FlatIndex, IndexKind, ItemIndex, ItemSnapshot, LoadedIndex
+from serving.users import USER_ROWS, SharedRows, decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class ServingState:
 
     loaded: LoadedIndex
     context: ContextTable | None
+    users: SharedRows | None = None
+    """Shared user rows of this version: composes user vectors (see serving/users.py)."""
 
     @property
     def version(self) -> int:
@@ -60,6 +63,8 @@ class _Copy:
         self.version = snapshot.version
         self.bias = float(snapshot.bias)
         self.extra = dict(snapshot.extra)
+        blob = self.extra.pop(USER_ROWS, None)
+        self.users = SharedRows(*decode_rows(blob)) if blob else SharedRows()
         self.created_at = snapshot.created_at
         self.readers = 0
         self._flat: FlatIndex | None = None
@@ -118,7 +123,11 @@ class _Copy:
         self.row_of.update(zip(new_ids, range(start, start + len(new_ids)), strict=True))
         self.version = delta.version
         self.bias = float(delta.bias)
-        self.extra.update(delta.extra)
+        extra = dict(delta.extra)
+        blob = extra.pop(USER_ROWS, None)
+        if blob:
+            self.users.update(*decode_rows(blob))
+        self.extra.update(extra)
         self.created_at = delta.created_at
         self._index = self._make_index(appended_only=True)
 
@@ -361,7 +370,9 @@ class IndexFollower:
         return self._context
 
     def _state_of(self, copy: _Copy) -> ServingState:
-        return ServingState(copy.loaded(), self._parse_context(copy.extra.get("context")))
+        return ServingState(
+            copy.loaded(), self._parse_context(copy.extra.get("context")), copy.users
+        )
 
 
 __all__ = ["IndexFollower", "ServingState"]

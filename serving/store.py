@@ -19,6 +19,7 @@ import redis
 from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing
 from serving.index import ItemSnapshot
 from serving.keys import USER_HEADER, RedisKeys
+from serving.users import USER_MAGIC, SharedRows, decode_user_record
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +92,19 @@ class VectorStore:
 
     # --- user vectors ----------------------------------------------------------------------
 
-    def get_user_vectors(self, user_ids: Sequence[str], *, dim: int | None = None) -> UserVectors:
+    def get_user_vectors(
+        self, user_ids: Sequence[str], *, dim: int | None = None, shared: SharedRows | None = None
+    ) -> UserVectors:
         """Read the users' vectors (MGET in batches); missing users are zero rows, not found.
+
+        A record in the composed layout (:mod:`serving.users`) is turned into ``E_user`` with
+        ``shared``, the shared rows of the version being served; a plain vector is used as is.
 
         Args:
             user_ids: ids to read.
             dim: expected width; by default the width of the first vector found. Values of
                 another width (from a model of another size) count as not found.
+            shared: the shared user rows to compose with (None: no shared row is known).
         """
         n = len(user_ids)
         keys = [self.keys.user(uid) for uid in user_ids]
@@ -105,9 +112,39 @@ class VectorStore:
         for batch in _chunks(keys, _BATCH):
             pipe.mget(batch)
         raw: list[bytes | None] = [v for part in pipe.execute() for v in part] if n else []
+        composed: dict[int, np.ndarray] = {}
+        stamps: dict[int, tuple[int, float]] = {}
+        records, at = [], []
+        for i, value in enumerate(raw):
+            if value is not None and value[:4] == USER_MAGIC:
+                try:
+                    rec = decode_user_record(value)
+                except SnapshotCorrupt as exc:
+                    logger.warning("user %r: %s; ignored", user_ids[i], exc)
+                    raw[i] = None
+                    continue
+                assert rec is not None
+                records.append(rec)
+                at.append(i)
+                raw[i] = None
+        if records:
+            widths = {r.own.shape[0] for r in records}
+            for width in widths:
+                part = [(i, r) for i, r in zip(at, records, strict=True) if r.own.shape[0] == width]
+                vecs, missing = (shared or SharedRows()).compose([r for _, r in part])
+                if missing:
+                    logger.debug("%d shared user key(s) not in the served version", missing)
+                for (i, r), vec in zip(part, vecs, strict=True):
+                    composed[i] = vec
+                    stamps[i] = (r.version, r.published_at)
         if dim is None:
             first = next((v for v in raw if v is not None and len(v) >= USER_HEADER.size), None)
-            dim = (len(first) - USER_HEADER.size) // 4 if first is not None else 0
+            if first is not None:
+                dim = (len(first) - USER_HEADER.size) // 4
+            elif composed:
+                dim = next(iter(composed.values())).shape[0]
+            else:
+                dim = 0
         expected = USER_HEADER.size + 4 * dim
         found = np.fromiter((v is not None and len(v) == expected for v in raw), bool, count=n)
         bad = sum(1 for v in raw if v is not None) - int(found.sum())
@@ -126,6 +163,12 @@ class VectorStore:
             vectors[idx] = rec["vec"]
             versions[idx] = rec["version"]
             published[idx] = rec["at"]
+        for i, vec in composed.items():
+            if vec.shape[0] != dim:
+                continue
+            vectors[i] = vec
+            found[i] = True
+            versions[i], published[i] = stamps[i]
         return UserVectors(vectors, found, versions, published)
 
     # --- user history ----------------------------------------------------------------------

@@ -39,7 +39,7 @@ class MemoryStore:
         self.users, self.histories, self.offline, self.popular = users, histories, offline, popular
         self.calls: list[str] = []
 
-    def get_user_vectors(self, user_ids):
+    def get_user_vectors(self, user_ids, *, shared=None):
         self.calls.append("vectors")
         found = np.array([u in self.users for u in user_ids], dtype=bool)
         vectors = np.stack([self.users.get(u, np.zeros(DIM + 2, np.float32)) for u in user_ids])
@@ -61,7 +61,7 @@ class MemoryStore:
 
 
 class BrokenStore(MemoryStore):
-    def get_user_vectors(self, user_ids):
+    def get_user_vectors(self, user_ids, *, shared=None):
         raise RuntimeError("redis fell over")
 
 
