@@ -84,7 +84,8 @@ def run_trainer(
     try:
         trainer = Trainer(settings.trainer_config(), dead_letter_producer=producer, lease=lease,
                           new_model=lambda: new_model(settings))
-        publisher = Publisher(settings.publish_config(), writer, trainer.model)
+        publisher = Publisher(settings.publish_config(), writer, trainer.model,
+                              version_floor=trainer.progress.published_version)
         trainer.sink = publisher
         with serve_trainer_metrics(settings.trainer_metrics_port, settings.kafka_config(),
                                    trainer, publisher.stats):

@@ -142,9 +142,25 @@ class Settings(BaseSettings):
     publish_active_s: float = Field(1.0, gt=0, description="cadence of active users' vectors")
     publish_all_s: float = Field(60.0, gt=0, description="every user refreshed within this")
     publish_items_s: float = Field(1.0, gt=0, description="cadence of item index snapshots")
-    offline_i2i_s: float = Field(60.0, gt=0, description="cadence of the offline i2i table")
+    offline_i2i_s: float = Field(
+        1.0, gt=0, description="cadence of incremental offline i2i refreshes"
+    )
     offline_i2i_k: int = Field(20, ge=1)
     keep_versions: int = Field(3, ge=1, description="item snapshots kept besides the current")
+    # deltas (issue 10 part 3-5): items ship as changed rows; full snapshots only now and then
+    full_snapshot_s: float = Field(
+        600.0, gt=0, description="a full item snapshot at least this often (deltas between)"
+    )
+    full_after_rows: float = Field(
+        1.0, gt=0, description="...or once delta rows since the last reach this x the items"
+    )
+    keep_deltas: int = Field(600, ge=1, description="most item deltas kept in Redis")
+    offline_i2i_per_tick: int = Field(
+        128, ge=1, description="items whose offline neighbours one publisher tick recomputes"
+    )
+    lost_check_s: float = Field(
+        0.5, gt=0, description="how often the publisher checks Redis still holds its version"
+    )
 
     # --- serving --------------------------------------------------------------------------
     index_kind: Literal["flat", "hnsw"] = "flat"
@@ -319,6 +335,9 @@ class Settings(BaseSettings):
             publish_active_s=self.publish_active_s, publish_all_s=self.publish_all_s,
             publish_items_s=self.publish_items_s, offline_i2i_s=self.offline_i2i_s,
             offline_i2i_k=self.offline_i2i_k, history_len=self.history_len,
+            full_snapshot_s=self.full_snapshot_s, full_after_rows=self.full_after_rows,
+            keep_deltas=self.keep_deltas, offline_i2i_per_tick=self.offline_i2i_per_tick,
+            lost_check_s=self.lost_check_s,
         )
 
     @property

@@ -500,6 +500,23 @@ class OnlineFM:
         shared_k = np.where(own, PAD, keys)
         return own_part, shared_k, shared_w
 
+    def user_shared_keys(self) -> np.ndarray:
+        """Every key a user vector may read besides users' own id keys (ascending, int64).
+
+        Profile and history values of the user side, the id fallback (or the id hash buckets).
+        Keys only ever get added, with higher numbers: a later call extends an earlier one.
+        """
+        space = self._space
+        n = space.n_keys
+        fields = [i for i, f in enumerate(space.specs) if f.side == "user"]
+        kf = space.key_field[:n]
+        keys = np.arange(n, dtype=np.int64)
+        mask = np.isin(kf, fields) & (keys != PAD)
+        id_field = self._users.id_field
+        if not space.specs[id_field].hash_buckets:
+            mask &= ~((kf == id_field) & (keys >= space.first_dynamic_key))
+        return keys[mask]
+
     def shared_params(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(w, v)`` of the rows ``keys`` read now: float32 ``keys.shape`` and ``(..., dim)``."""
         keys = np.asarray(keys, dtype=np.int64)

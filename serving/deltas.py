@@ -36,8 +36,10 @@ import numpy as np
 import orjson
 
 from serving.errors import IndexInputError, SnapshotCorrupt
+from serving.keys import CAS_FORWARD
 
 logger = logging.getLogger(__name__)
+
 
 DELTA_MAGIC = b"FMDELTA1"
 _HEAD = struct.Struct("<I")  # length of the JSON header that follows the magic
@@ -223,60 +225,56 @@ class DeltaLog:
     """The deltas of one deployment in Redis (``items:delta:{v}``, ``items:deltas``).
 
     Args:
-        store: a :class:`serving.store.VectorStore` (its client and key prefix are used).
+        client: a ``redis.Redis`` (bytes in, bytes out).
+        key: the deployment's key builder (``key("items", "deltas")`` -> ``fm:items:deltas``).
         keep: most deltas kept (the oldest are dropped first).
     """
 
-    def __init__(self, store, keep: int = 600) -> None:
+    def __init__(self, client, key, keep: int = 600) -> None:
         if keep < 1:
             raise IndexInputError(f"keep_deltas must be >= 1, got {keep}")
-        self.store = store
-        self.redis = store.redis
+        self.redis = client
+        self._key = key
         self.keep = int(keep)
-        from serving.keys import CAS_FORWARD  # the same forward-only pointer script
-
         self._cas_forward = self.redis.register_script(CAS_FORWARD)
 
     def key(self, version: int) -> str:
-        return self.store.key("items", "delta", int(version))
+        return self._key("items", "delta", int(version))
 
     def versions(self) -> list[int]:
         """Delta versions in Redis, ascending."""
-        return [int(v) for v in self.redis.zrange(self.store.key("items", "deltas"), 0, -1)]
+        return [int(v) for v in self.redis.zrange(self._key("items", "deltas"), 0, -1)]
 
-    def put(self, delta: ItemDelta, *, move_pointer: bool = True) -> bool:
+    def put(self, delta: ItemDelta, *, move_pointer: bool = True) -> int:
         """Write delta ``v`` and (by default) move ``items:current`` forward to ``v``.
 
         Returns:
-            True when the pointer now names ``v`` (always False with ``move_pointer=False``).
+            The bytes written.
         """
         v = int(delta.version)
         blob = encode_delta(delta)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.key(v), blob)
-        pipe.zadd(self.store.key("items", "deltas"), {str(v): v})
+        pipe.zadd(self._key("items", "deltas"), {str(v): v})
         pipe.execute()
-        moved = False
-        if move_pointer:
-            moved = bool(self._cas_forward(keys=[self.store.key("items", "current")], args=[v]))
-            if not moved:
-                logger.warning("item delta v%d written but Redis points at a newer version", v)
+        if move_pointer and not self._cas_forward(keys=[self._key("items", "current")], args=[v]):
+            logger.warning("item delta v%d written but Redis points at a newer version", v)
         self.trim()
         logger.debug("item delta v%d: %d rows, %d bytes", v, delta.n, len(blob))
-        return moved
+        return len(blob)
 
     def trim(self) -> int:
         """Drop deltas not newer than the oldest full snapshot kept, and beyond ``keep``."""
         versions = self.versions()
-        fulls = self.store.item_versions()
-        floor = fulls[0] if fulls else None
+        fulls = self.redis.zrange(self._key("items", "versions"), 0, 0)
+        floor = int(fulls[0]) if fulls else None
         drop = [v for v in versions if floor is not None and v <= floor]
         rest = [v for v in versions if floor is None or v > floor]
         drop += rest[: max(0, len(rest) - self.keep)]
         if drop:
             pipe = self.redis.pipeline(transaction=False)
             pipe.unlink(*(self.key(v) for v in drop))
-            pipe.zrem(self.store.key("items", "deltas"), *(str(v) for v in drop))
+            pipe.zrem(self._key("items", "deltas"), *(str(v) for v in drop))
             pipe.execute()
         return len(drop)
 

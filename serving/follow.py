@@ -49,7 +49,7 @@ class ServingState:
         return self.loaded.snapshot.version
 
 
-class _Copy:
+class ItemCopy:
     """One mutable copy of the item side: ids, id -> row, vectors and their index.
 
     Mutated only while no reader holds it (the follower guarantees that).
@@ -147,7 +147,7 @@ class _Copy:
 
 @dataclass
 class _Held:
-    copy: _Copy
+    copy: ItemCopy
     state: ServingState
 
 
@@ -180,12 +180,12 @@ class IndexFollower:
         self.kind = kind
         self.graphs = graphs
         self.poll_s = poll_s
-        self.log = DeltaLog(store)
+        self.log = DeltaLog(store.redis, store.key)
         self.on_change = on_change
         self._cond = threading.Condition()
         self._refresh_lock = threading.Lock()
         self._held: _Held | None = None
-        self._standby: _Copy | None = None
+        self._standby: ItemCopy | None = None
         self._behind: list[ItemDelta] = []  # applied to the held copy, not to the standby
         self._context_blob: bytes | None = None
         self._context: ContextTable | None = None
@@ -307,13 +307,13 @@ class IndexFollower:
         if snapshot is None:
             log.warning("no usable full item snapshot in Redis for v%d yet; retrying", head)
             return False
-        held, standby = _Copy(snapshot, self.kind, self.graphs), None
+        held, standby = ItemCopy(snapshot, self.kind, self.graphs), None
         deltas = self.log.get(snapshot.version + 1, head) if head > snapshot.version else []
         for delta in deltas or []:
             held.apply(delta)
             self.deltas_applied += 1
         # the standby copy: built from the same snapshot (+ deltas) so both hold one version
-        standby = _Copy(snapshot, self.kind, self.graphs)
+        standby = ItemCopy(snapshot, self.kind, self.graphs)
         for delta in deltas or []:
             standby.apply(delta)
         with self._cond:
@@ -369,10 +369,10 @@ class IndexFollower:
         self._context_blob = blob
         return self._context
 
-    def _state_of(self, copy: _Copy) -> ServingState:
+    def _state_of(self, copy: ItemCopy) -> ServingState:
         return ServingState(
             copy.loaded(), self._parse_context(copy.extra.get("context")), copy.users
         )
 
 
-__all__ = ["IndexFollower", "ServingState"]
+__all__ = ["IndexFollower", "ItemCopy", "ServingState"]

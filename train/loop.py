@@ -89,9 +89,11 @@ class Progress:
     events_applied: int = 0
     dead_letters: int = 0
     newest_event_ts: float | None = None
+    published_version: int = 0  # the publisher's newest version: versions resume above it
 
     def to_metadata(self) -> dict[str, Any]:
         return {
+            "published_version": self.published_version,
             "positions": dict(self.positions),
             "applied": dict(self.applied),
             "events_applied": self.events_applied,
@@ -107,6 +109,7 @@ class Progress:
             events_applied=int(meta.get("events_applied", 0)),
             dead_letters=int(meta.get("dead_letters", 0)),
             newest_event_ts=meta.get("newest_event_ts"),
+            published_version=int(meta.get("published_version", 0)),
         )
 
 
@@ -485,6 +488,10 @@ class Trainer:
             if not self.lease.keep(force=True):  # never write after the lease may have passed on
                 log.warning("checkpoint deferred: the trainer lease is not provably ours")
                 return self._defer_checkpoint()
+            publisher = getattr(self._sink, "sink", self._sink)
+            self.progress.published_version = max(
+                self.progress.published_version, int(getattr(publisher, "version", 0) or 0)
+            )
             path = save_checkpoint(
                 self.config.checkpoint_dir, self.model, self.progress.to_metadata()
             )

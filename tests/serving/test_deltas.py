@@ -7,7 +7,7 @@ import pytest
 
 from serving.deltas import ItemDelta, decode_delta, delta_rows, encode_delta, plan_delta
 from serving.errors import IndexInputError, SnapshotCorrupt, SnapshotError
-from serving.follow import _Copy
+from serving.follow import ItemCopy
 from serving.graph import GraphKeeper
 from serving.index import FlatIndex, ItemSnapshot
 
@@ -118,7 +118,7 @@ def evolve(
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_in_place_apply_equals_a_full_build_of_the_same_version(kind: str) -> None:
     base, deltas, full = evolve(300, 12)
-    copy = _Copy(base, kind, GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None)
+    copy = ItemCopy(base, kind, GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None)
     for d in deltas:
         copy.apply(d)
     got = copy.loaded()
@@ -140,7 +140,7 @@ def test_in_place_apply_equals_a_full_build_of_the_same_version(kind: str) -> No
 
 def test_apply_refuses_a_delta_for_another_base() -> None:
     base, deltas, _ = evolve(50, 3)
-    copy = _Copy(base, "flat", None)
+    copy = ItemCopy(base, "flat", None)
     with pytest.raises(SnapshotError, match="applies to v2"):
         copy.apply(deltas[1])
     wide = ItemDelta(2, ["i0"], np.zeros((1, DIM + 1), np.float32))

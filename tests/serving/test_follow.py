@@ -47,7 +47,7 @@ def test_deltas_from_redis_equal_a_full_snapshot_of_the_same_version(
     writer: StoreWriter,
 ) -> None:
     base, deltas, full = evolve(400, 10)
-    log = DeltaLog(store)
+    log = DeltaLog(store.redis, store.key)
     writer.put_item_snapshot(base)
     graphs = GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None
     follower = IndexFollower(store, kind=kind, graphs=graphs)
@@ -85,7 +85,7 @@ def test_a_missing_delta_means_a_full_reload_once_a_newer_snapshot_exists(
     writer: StoreWriter,
 ) -> None:
     base, deltas, full = evolve(100, 6)
-    log = DeltaLog(store)
+    log = DeltaLog(store.redis, store.key)
     writer.put_item_snapshot(base)
     follower = IndexFollower(store)
     follower.refresh()
@@ -126,7 +126,7 @@ def test_a_pinned_batch_never_sees_two_versions(store: VectorStore, writer: Stor
     """Readers pin states while deltas keep arriving; every row of version v holds the value v
     and the index has exactly 100 + v rows: a mixed state would show another value or size."""
     n0, versions = 100, 40
-    log = DeltaLog(store)
+    log = DeltaLog(store.redis, store.key)
     writer.put_item_snapshot(
         ItemSnapshot(1, [f"i{j}" for j in range(n0 + 1)], np.ones((n0 + 1, DIM), np.float32))
     )

@@ -1,0 +1,339 @@
+"""Publishing whose cost grows with what changed: item deltas, user records, incremental i2i.
+
+:class:`VersionedPublisher` is the content side of the publisher (the caller owns cadences and
+threads). Each :meth:`~VersionedPublisher.publish_items` makes ONE new version ``v``:
+
+- the items whose vector reads a parameter row written since the previous version
+  (:meth:`model.online.OnlineFM.items_reading`: a gather over the catalogue's keys, no vector
+  composed) are composed and shipped as delta ``v`` (ids + vectors);
+- the shared user rows that changed travel in the same delta (blob ``user_rows``), the context
+  table when it changed (blob ``context``), and the bias;
+- a full snapshot of ``v`` is written too at the start, after Redis lost our keys, on demand
+  (:meth:`~VersionedPublisher.request_full`), every ``full_every_s`` and when the rows shipped
+  since the last one reach ``full_after_rows`` times the catalogue (so a new worker never replays
+  more than about one snapshot's worth of deltas). Deltas older than the oldest kept full
+  snapshot are dropped (bounded retention).
+
+User records (:mod:`serving.users`) are written only for users whose own data changed; workers
+compose every user's vector with the shared rows of the version they serve.
+
+Versions only increase: the first version is above the store's, above any version a live worker
+reports, and above ``version_floor`` (the caller passes the version stored in the trainer's
+checkpoint), so a restart or a Redis loss never sends versions back.
+
+Offline i2i is refreshed incrementally: the neighbours of items that changed (then, round-robin,
+of all the others) are recomputed against a mirror of the published index, ``i2i_per_tick``
+items per call at most, and written into the current table in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.online import OnlineFM
+from serving.deltas import DeltaLog, ItemDelta
+from serving.follow import ItemCopy
+from serving.index import ItemSnapshot
+from serving.queries import item_queries
+from serving.users import USER_ROWS, encode_rows, encode_user_records
+
+log = logging.getLogger(__name__)
+
+_USER_BATCH = 8192
+POPULAR_K = 1000
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """How versions are published.
+
+    Attributes:
+        full_every_s: a full snapshot at least this often (besides start, loss, on demand).
+        full_after_rows: ...or once the delta rows since the last one reach this many times the
+            number of items.
+        keep_deltas: most deltas kept in Redis (older than the oldest full are dropped anyway).
+        i2i_k: offline neighbours per item.
+        i2i_per_tick: most items whose offline neighbours one :meth:`refresh_i2i` recomputes.
+    """
+
+    full_every_s: float = 600.0
+    full_after_rows: float = 1.0
+    keep_deltas: int = 600
+    i2i_k: int = 20
+    i2i_per_tick: int = 256
+
+
+@dataclass
+class PublishedVersion:
+    """What one :meth:`VersionedPublisher.publish_items` did (for logs, metrics and benches)."""
+
+    version: int
+    rows: int  # item rows shipped in the delta
+    shared_rows: int  # shared user rows shipped
+    full: bool
+    delta_bytes: int
+    seconds: float
+
+
+def _key_fn(store) -> Callable[..., str]:
+    """The store's key builder (``store.key`` or ``store.keys.key``)."""
+    fn = getattr(store, "key", None)
+    return fn if callable(fn) else store.keys.key
+
+
+class VersionedPublisher:
+    """Items as versioned deltas, user records of changed users, incremental offline i2i.
+
+    Args:
+        store: the Redis writer (``put_item_snapshot``, ``put_popular``, ``put_offline_i2i``,
+            ``current_item_version``, ``item_versions``, ``worker_versions``, ``redis``).
+        model: the trainer's model (read between updates: the caller serialises access).
+        config: see :class:`DeltaConfig`.
+        version_floor: versions published from here on are above it (the checkpoint's).
+    """
+
+    def __init__(
+        self, store, model: OnlineFM, config: DeltaConfig | None = None, *, version_floor: int = 0
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.config = config or DeltaConfig()
+        self.key = _key_fn(store)
+        self.log = DeltaLog(store.redis, self.key, keep=self.config.keep_deltas)
+        self.version = self._start_version(version_floor)
+        self._need_full = True
+        self._no_base = True  # nothing of ours in Redis yet: the first version is full only
+        self._full_at = 0.0
+        self._rows_since_full = 0
+        self._shared_keys = np.zeros(0, dtype=np.int64)
+        self._shared_rows = np.zeros(0, dtype=np.int64)
+        self._context: bytes | None = None
+        self._bias: float | None = None
+        self._mirror: ItemCopy | None = None  # the published index (for incremental i2i)
+        self._i2i_version: int | None = None
+        self._i2i_queue: OrderedDict[str, None] = OrderedDict()
+        self._i2i_cursor = 0
+        self.last: PublishedVersion | None = None
+
+    # --- versions --------------------------------------------------------------------------
+
+    def _start_version(self, floor: int) -> int:
+        head = self.store.current_item_version() or 0
+        r = self.store.redis
+        ids = [m.decode() for m in r.smembers(self.key("workers"))]
+        served = r.mget([self.key("worker", w) for w in ids]) if ids else []
+        workers = max((int(v) for v in served if v is not None), default=0)
+        fulls = self.store.item_versions()
+        start = max(int(floor), head, workers, fulls[-1] if fulls else 0)
+        if start > head:
+            log.info(
+                "versions continue above v%d (store at v%d, workers at v%d, floor v%d)",
+                start,
+                head,
+                workers,
+                floor,
+            )
+        return start
+
+    def request_full(self) -> None:
+        """The next :meth:`publish_items` also writes a full snapshot."""
+        self._need_full = True
+
+    def store_lost(self) -> bool:
+        """True when Redis no longer holds the version we published (flushed, replaced)."""
+        if self.last is None:
+            return False
+        head = self.store.current_item_version()
+        return head is None or head < self.version
+
+    # --- items (and the shared user rows, context, bias) -----------------------------------
+
+    def publish_items(
+        self, now: float | None = None, *, force: bool = False
+    ) -> PublishedVersion | None:
+        """Publish one new version if anything changed (or ``force``); None when nothing did."""
+        now = time.time() if now is None else now
+        started = time.perf_counter()
+        m = self.model
+        changed = m.drain_changed_rows()
+        n_items = len(m.known_items())
+        full = (
+            self._need_full
+            or now - self._full_at >= self.config.full_every_s
+            or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
+        )
+        ids = m.items_reading(changed)
+        ids, vectors = m.item_vectors(ids)
+        shared = self._shared_changes(changed, full)
+        context = m.context_table().to_bytes()
+        bias = float(m.bias)
+        extra: dict[str, bytes] = {}
+        if context != self._context:
+            extra["context"] = context
+        if shared is not None:
+            extra[USER_ROWS] = shared[0]
+        if not (full or force or ids or extra or bias != self._bias):
+            return None
+        if n_items == 0:
+            return None
+        v = self.version + 1
+        delta = ItemDelta(
+            v, list(ids), np.ascontiguousarray(vectors, dtype=np.float32), bias, extra, now
+        )
+        delta_bytes = 0
+        if not self._no_base:
+            # followers at v - 1 step forward even when a full snapshot of v is written too
+            delta_bytes = self.log.put(delta, move_pointer=not full)
+        if full:
+            all_ids, all_vectors = m.item_vectors()
+            snapshot_extra = {"context": context}
+            keys = self._shared_keys
+            if keys.size:
+                w, vv = m.shared_params(keys)
+                snapshot_extra[USER_ROWS] = encode_rows(keys, np.concatenate([w[:, None], vv], 1))
+            snapshot = ItemSnapshot(
+                v,
+                list(all_ids),
+                np.ascontiguousarray(all_vectors, np.float32),
+                bias,
+                snapshot_extra,
+                now,
+            )
+            if not self.store.put_item_snapshot(snapshot):
+                log.warning("full snapshot v%d not taken (Redis has a newer version?)", v)
+            self.log.trim()
+            self._mirror = ItemCopy(snapshot, "flat", None)
+            self._need_full = self._no_base = False
+            self._full_at = now
+            self._rows_since_full = 0
+            self._i2i_queue.update(dict.fromkeys(all_ids))
+        else:
+            self._rows_since_full += delta.n
+            if self._mirror is not None:
+                self._mirror.apply(delta)
+            self._i2i_queue.update(dict.fromkeys(ids))
+        self._context, self._bias = context, bias
+        self.version = v
+        self._publish_popular()
+        self.store.put_status(model_version=v, items_published_at=now)
+        self.last = PublishedVersion(
+            v,
+            delta.n,
+            0 if shared is None else shared[1],
+            full,
+            delta_bytes,
+            time.perf_counter() - started,
+        )
+        log.debug("published v%d: %d item rows, %s", v, delta.n, "full" if full else "delta")
+        return self.last
+
+    def _shared_changes(self, changed: np.ndarray, full: bool) -> tuple[bytes, int] | None:
+        """The shared user rows to ship: new keys, rows written, keys now reading another row."""
+        m = self.model
+        keys = m.user_shared_keys()
+        if keys.size == 0:
+            return None
+        rows = m.key_rows(keys)
+        known = self._shared_rows.size
+        ship = np.ones(keys.size, dtype=bool)
+        if not full:
+            mask = np.zeros(max(int(rows.max()) + 1, changed.size), dtype=bool)
+            mask[: changed.size] = changed
+            ship[:known] = mask[rows[:known]] | (rows[:known] != self._shared_rows)
+        self._shared_keys, self._shared_rows = keys, rows
+        if not ship.any():
+            return None
+        w, v = m.shared_params(keys[ship])
+        return encode_rows(keys[ship], np.concatenate([w[:, None], v], axis=1)), int(ship.sum())
+
+    def _publish_popular(self) -> None:
+        ids, counts = self.model.item_counts()
+        if not ids:
+            return
+        k = min(POPULAR_K, len(ids))
+        top = np.argpartition(-counts, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
+        top = top[np.argsort(-counts[top], kind="stable")]
+        self.store.put_popular([(ids[j], float(counts[j])) for j in top])
+
+    # --- users -----------------------------------------------------------------------------
+
+    def publish_users(self, user_ids: Sequence[str], now: float | None = None) -> int:
+        """Write the records (own part + shared keys) of ``user_ids``, stamped with the version."""
+        now = time.time() if now is None else now
+        users = list(user_ids)
+        for start in range(0, len(users), _USER_BATCH):
+            part = users[start : start + _USER_BATCH]
+            own, keys, weights = self.model.user_parts(part)
+            blobs = encode_user_records(self.version, now, own, keys, weights)
+            self.store.redis.mset(
+                {self.key("user", u): b for u, b in zip(part, blobs, strict=True)}
+            )
+        return len(users)
+
+    # --- offline i2i -----------------------------------------------------------------------
+
+    def refresh_i2i(self, budget: int | None = None) -> int:
+        """Recompute the offline neighbours of at most ``budget`` items (changed ones first).
+
+        Searches the mirror of the published index (exact), writes the rows into the current
+        table in place. Returns the number of items refreshed.
+        """
+        mirror = self._mirror
+        if mirror is None or mirror.n < 2:
+            return 0
+        budget = self.config.i2i_per_tick if budget is None else int(budget)
+        take: list[str] = []
+        while self._i2i_queue and len(take) < budget:
+            take.append(self._i2i_queue.popitem(last=False)[0])
+        while len(take) < budget and len(take) < mirror.n:  # round-robin over the rest
+            self._i2i_cursor %= mirror.n
+            take.append(mirror.ids[self._i2i_cursor])
+            self._i2i_cursor += 1
+        take = list(dict.fromkeys(take))
+        loaded = mirror.loaded()
+        rows = np.array([mirror.row_of[i] for i in take], dtype=np.int64)
+        hits = loaded.search_excluding(
+            item_queries(loaded.snapshot.vectors[rows]),
+            self.config.i2i_k,
+            [{int(r)} for r in rows],
+        )
+        ids = mirror.ids
+        table = {i: [(ids[j], s) for j, s in found] for i, found in zip(take, hits, strict=True)}
+        if self._i2i_version is None or self._i2i_lost():
+            self._i2i_version = self.version
+            self.store.put_offline_i2i(self.version, table)
+        else:
+            from orjson import dumps
+
+            self.store.redis.hset(
+                self.key("i2i", self._i2i_version),
+                mapping={i: dumps([[j, float(s)] for j, s in nb]) for i, nb in table.items()},
+            )
+        return len(table)
+
+    def _i2i_lost(self) -> bool:
+        raw = self.store.redis.get(self.key("i2i", "current"))
+        return raw is None or int(raw) != self._i2i_version
+
+    # --- recovery --------------------------------------------------------------------------
+
+    def republish(self, user_ids: Sequence[str], now: float | None = None) -> PublishedVersion:
+        """Everything again at once (Redis lost it): a full snapshot, every user, i2i restart."""
+        now = time.time() if now is None else now
+        self._need_full = self._no_base = True
+        self._shared_rows = np.zeros(0, dtype=np.int64)
+        self._context = None
+        self._i2i_version = None
+        published = self.publish_items(now, force=True)
+        assert published is not None or not self.model.known_items()
+        self.publish_users(user_ids, now)
+        return published  # type: ignore[return-value]
+
+
+__all__ = ["DeltaConfig", "PublishedVersion", "VersionedPublisher"]
