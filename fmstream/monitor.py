@@ -107,6 +107,32 @@ class LagReport:
         }
 
 
+def version_warnings(
+    workers: Mapping[str, int], head: int | None, available: set[int]
+) -> list[str]:
+    """Warnings for workers serving a version the store no longer has.
+
+    Args:
+        workers: worker id -> the version it serves.
+        head: the store's newest item version (None: Redis holds none, e.g. after a flush).
+        available: versions a worker can still be at and follow from (full snapshots, deltas
+            and the head).
+    """
+    out = []
+    for worker, served in sorted(workers.items()):
+        if head is None:
+            out.append(f"worker {worker} serves v{served} but Redis holds no item version "
+                       "(flushed?): it keeps answering from memory until the publisher "
+                       "republishes")
+        elif served > head:
+            out.append(f"worker {worker} serves v{served}, newer than the store's v{head}: "
+                       "versions went back (a trainer restarted without its checkpoint?)")
+        elif served not in available:
+            out.append(f"worker {worker} serves v{served}, which the store no longer has "
+                       f"(newest v{head}): it must reload a full snapshot")
+    return out
+
+
 def _read_status(settings: Settings, problems: list[str]) -> tuple[dict, dict[str, int]]:
     from serving.store import VectorStore
     from stream.connect import explain_redis_error, redis_client
@@ -116,7 +142,14 @@ def _read_status(settings: Settings, problems: list[str]) -> tuple[dict, dict[st
         # Not fmstream.app.redis_client: that module imports torch (seconds) for the trainer.
         client = redis_client(conn, socket_timeout=5, socket_connect_timeout=5)
         store = VectorStore(client, settings.redis_keys())
-        return store.get_status(), store.worker_versions()
+        workers = store.worker_versions()
+        if workers:
+            keys = settings.redis_keys()
+            head = store.current_item_version()
+            deltas = {int(v) for v in client.zrange(keys.items_deltas(), 0, -1)}
+            available = set(store.item_versions()) | deltas | ({head} if head else set())
+            problems.extend(version_warnings(workers, head, available))
+        return store.get_status(), workers
     except Exception as exc:  # noqa: BLE001 - Kafka lag is still worth showing without Redis
         explained = explain_redis_error(conn, exc)
         if explained is not None:

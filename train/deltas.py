@@ -46,6 +46,9 @@ from serving.users import USER_ROWS, encode_rows, encode_user_records
 log = logging.getLogger(__name__)
 
 _USER_BATCH = 8192
+RESTART_GAP = 1000
+"""Versions skipped when restarting from a checkpoint into an empty Redis (more than a trainer
+publishes between two checkpoints: 10 s / ``publish_items_s``)."""
 POPULAR_K = 1000
 
 
@@ -130,6 +133,11 @@ class VersionedPublisher:
         served = r.mget([self.key("worker", w) for w in ids]) if ids else []
         workers = max((int(v) for v in served if v is not None), default=0)
         fulls = self.store.item_versions()
+        if not head and floor:
+            # Redis lost our versions and we restart from a checkpoint: versions published after
+            # that checkpoint are known only to workers (if they re-registered already). Jump
+            # past any such version so none is ever reused with other content.
+            floor = int(floor) + RESTART_GAP
         start = max(int(floor), head, workers, fulls[-1] if fulls else 0)
         if start > head:
             log.info(

@@ -75,6 +75,7 @@ class Publisher:
             version_floor=version_floor,
         )
         self.republished = 0
+        self._starting = True
         self.last: dict[str, float] = {}
 
     def stats(self) -> PublishStats:
@@ -121,6 +122,13 @@ class Publisher:
         """Publish whatever is due at ``now``. Cheap when nothing is."""
         now = time.time() if now is None else now
         s = self.config
+        if self._starting:
+            self._starting = False
+            if self.store.current_item_version() is None and self.model.known_items():
+                # a restart (from a checkpoint) into an empty Redis: no event needed to refill it
+                log.warning("Redis holds no version: publishing everything the model knows")
+                self.republish(now)
+                return
         if now - self.times.lost_check >= s.lost_check_s:
             self.times.lost_check = now
             if self.versions.store_lost():

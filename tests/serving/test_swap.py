@@ -1,4 +1,5 @@
-"""Hot swap under load: 20 item-snapshot versions published while requests keep coming.
+"""Hot swap under load: 20 item versions published while requests keep coming (as full
+snapshots, or as deltas applied in place by the worker).
 
 Every version has its own random item vectors, its own row order of the item ids and its own
 bias (= the version number), so an answer that mixed two versions (ids of one, vectors, rows or
@@ -22,6 +23,7 @@ import redis
 from fmstream.app import new_worker
 from fmstream.settings import Settings
 from serving.client import FmClient
+from serving.deltas import DeltaLog, ItemDelta
 from serving.index import ItemSnapshot
 from serving.queries import item_queries
 from serving.store import VectorStore
@@ -84,7 +86,24 @@ def check(response: Response, versions: dict[int, Version], user_vecs, req: dict
     assert same >= len(want) - 1, f"v{response.model_version}: {got} != {want}"
 
 
-def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.Redis) -> None:
+def next_by_delta(v: int, prev: Version) -> tuple[Version, ItemDelta]:
+    """Version ``v`` as a delta of ``prev``: a third of the rows get new vectors, bias = v."""
+    rng = np.random.default_rng(2000 + v)
+    snap = prev.snapshot
+    rows = np.sort(rng.choice(snap.n, size=snap.n // 3, replace=False))
+    vectors = snap.vectors.copy()
+    vectors[rows] = rng.standard_normal((rows.size, DIM)).astype(np.float32)
+    vectors[rows, 1] = 1.0
+    full = ItemSnapshot(version=v, item_ids=snap.item_ids, vectors=vectors, bias=float(v))
+    delta = ItemDelta(v, [snap.item_ids[r] for r in rows], vectors[rows], bias=float(v))
+    return Version(full, prev.row_of), delta
+
+
+@pytest.mark.parametrize("mode", ["full", "deltas"])
+def test_twenty_swaps_under_steady_load(
+    settings: Settings, redis_client: redis.Redis, mode: str
+) -> None:
+    """Full snapshots (rows reordered each time) or deltas applied in place: same checks."""
     settings = settings.model_copy(update={"swap_poll_s": 0.05, "keep_versions": 2})
     store = VectorStore(redis_client, settings.redis_keys())
     writer = StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
@@ -170,9 +189,14 @@ def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.
                 t.start()
             try:
                 time.sleep(0.5)
+                log = DeltaLog(redis_client, store.key)
                 for v in range(2, SWAPS + 2):
-                    versions[v] = make_version(v, item_ids)
-                    assert writer.put_item_snapshot(versions[v].snapshot)
+                    if mode == "full":
+                        versions[v] = make_version(v, item_ids)
+                        assert writer.put_item_snapshot(versions[v].snapshot)
+                    else:
+                        versions[v], delta = next_by_delta(v, versions[v - 1])
+                        log.put(delta)
                     time.sleep(0.3)
                 deadline = time.monotonic() + 30
                 while worker.state.version < SWAPS + 1:
@@ -189,6 +213,8 @@ def test_twenty_swaps_under_steady_load(settings: Settings, redis_client: redis.
 
     assert not failures, f"{len(failures)} failed requests, e.g. {failures[:3]}"
     assert worker.swaps >= SWAPS + 1  # the first load and 20 swaps (none skipped here)
+    if mode == "deltas":
+        assert worker.follower.full_loads == 1 and worker.follower.deltas_applied == SWAPS
     seen = Counter(resp.model_version for _, resp in answered)
     assert len(answered) > 1000, len(answered)
     assert len(seen) >= SWAPS - 2, f"responses came from only {sorted(seen)}"

@@ -80,12 +80,12 @@ def test_store_composes_records_with_the_served_shared_rows(
     redis_client: redis.Redis, settings: Settings
 ) -> None:
     model = model_with_profiles()
-    store = VectorStore(redis_client, settings)
+    store = VectorStore(redis_client, settings.redis_keys())
     ids = [f"u{j}" for j in range(30)]
     own, keys, weights = model.user_parts(ids)
     pipe = redis_client.pipeline()
     for uid, raw in zip(ids, encode_user_records(4, 1.5, own, keys, weights), strict=True):
-        pipe.set(store.key("user", uid), raw)
+        pipe.set(store.keys.user(uid), raw)
     pipe.execute()
     all_keys = np.unique(keys[keys > 0])
     # the shared rows move on (others' clicks); no record is rewritten
