@@ -1,0 +1,353 @@
+"""Scale benchmark of publishing by change (issue 10): item deltas, user records, freshness.
+
+Three parts (``--part``), each bounded in time:
+
+- ``publish``: 1M items in one model; each tick ``N`` item rows change (1k, 10k, 100k per
+  second); the publisher finds them (:meth:`OnlineFM.items_reading` over the changed-row mask),
+  composes and ships one delta; a worker-side :class:`~serving.follow.IndexFollower` applies it in
+  place. Measured per tick: publish CPU (this process) and Redis CPU, bytes written, worker apply
+  time; side by side with the full snapshot every tick that the publisher wrote before.
+- ``users``: the user-vector strategy. 1M users with a shared profile field; after one second of
+  training, how many users read a changed shared row, and what rewriting them would cost (the
+  "track the users a changed shared row touches" option), against what composing at request
+  time costs (shared rows shipped per version, and the worker's read+compose time per batch).
+- ``e2e``: the whole loop as deployed (trainer + worker + producer, subprocesses), like
+  ``bench/freshness.py`` but at ``--users`` x ``--items`` (default 1M x 100k) and with two
+  kinds of freshness probes: *active* (a new user's first event -> its first u2i answer from its
+  own vector) and *inactive* (users with a brand-new profile value who never click; one other
+  user with that value clicks: the value's shared row is admitted and trained -> the first u2i
+  answer for an inactive user that names a version carrying that row; the trigger's own record
+  tells which version that is). Request p99 with versions arriving vs without.
+
+Appends each part's table to bench/RESULTS.md with the load average and what else ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import print_table, record, summary_line  # noqa: E402
+from bench.serve import bench_settings, cpu_seconds  # noqa: E402
+from fmstream import services  # noqa: E402
+from fmstream.settings import Settings  # noqa: E402
+
+log = logging.getLogger("bench.scale")
+
+
+def load_note() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min)"
+
+
+def others() -> str:
+    """What else is running on the box (other helpers' tests and benches)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True,
+                             text=True, timeout=5).stdout.splitlines()[1:8]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    me = os.getpid()
+    busy = [line.strip()[:90] for line in out if str(me) not in line]
+    return "; ".join(busy[:5])
+
+
+def start_redis(run_dir: Path) -> tuple[Settings, int]:
+    settings = bench_settings(run_dir, ports=(53092, 53093, 53379))
+    pid = services.start_redis(settings)
+    return settings, pid
+
+
+def trained_model(n_users: int, n_items: int, schema: dict, *, events: int, seed: int = 0):
+    from model import FeatureSchema
+    from model.online import OnlineFM, TrainConfig
+
+    model = OnlineFM(FeatureSchema.from_dict(schema), TrainConfig(dim=32, seed=seed))
+    rng = np.random.default_rng(seed)
+    users = np.array([f"u{j}" for j in range(n_users)])
+    items = np.array([f"i{j}" for j in range(n_items)])
+    if "segment" in schema.get("user", {}):
+        for lo in range(0, n_users, 200_000):
+            hi = min(n_users, lo + 200_000)
+            model.upsert_users(list(users[lo:hi]), [{"segment": f"s{j % 20}"} for j in
+                                                    range(lo, hi)])
+    done = 0
+    while done < events:  # every item seen at least once when events >= items
+        b = min(50_000, events - done)
+        it = np.arange(done, done + b) % n_items
+        us = rng.integers(0, n_users, b)
+        model.learn_many(list(users[us]), list(items[it]))
+        done += b
+    return model
+
+
+# --- part: publish ------------------------------------------------------------------------
+
+
+def part_publish(args: argparse.Namespace) -> None:
+    from serving.follow import IndexFollower
+    from serving.store import VectorStore
+    from train.deltas import DeltaConfig, VersionedPublisher
+    from train.store_writer import StoreWriter
+
+    started = time.perf_counter()
+    run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-"))
+    settings, redis_pid = start_redis(run_dir)
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.redis_url)
+        keys = settings.redis_keys()
+        writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
+        t0 = time.perf_counter()
+        model = trained_model(10_000, args.items, {"user": {}}, events=args.items)
+        log.info("model with %d items trained in %.0f s", args.items, time.perf_counter() - t0)
+        pub = VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9,
+                                                            full_after_rows=1e9))
+        follower = IndexFollower(reader)
+        # the old way, every tick: one full snapshot written, one full load and index build
+        c0, r0, w0 = time.process_time(), cpu_seconds(redis_pid), time.perf_counter()
+        first = pub.publish_items(now=time.time())
+        full_cpu = time.process_time() - c0
+        full_wall = time.perf_counter() - w0
+        full_redis = cpu_seconds(redis_pid) - r0
+        full_bytes = int(client.memory_usage(keys.items_chunk(first.version, 0)) or 0)
+        manifest = orjson.loads(client.get(keys.items_manifest(first.version)))
+        full_bytes = manifest["vector_bytes"] + manifest["ids_bytes"]
+        w0 = time.perf_counter()
+        follower.refresh()
+        full_load = time.perf_counter() - w0
+        rows = [[
+            "full snapshot every tick (before)", f"{args.items:,}", f"{full_bytes / 1e6:,.1f} MB",
+            f"{full_wall * 1e3:,.0f} ms", f"{(full_cpu) * 1e3:,.0f} ms",
+            f"{full_redis * 1e3:,.0f} ms", f"{full_cpu / args.items * 1e6:.2f} us",
+            f"{full_load * 1e3:,.0f} ms (load + build)",
+        ]]
+        ents_all = np.arange(args.items)
+        rng = np.random.default_rng(1)
+        table = model._table  # the bench plays the trainer: it writes rows as an update would
+        id_rows = model._space.key_row[model._items.ent_key[ents_all]].astype(np.int64)
+        summary: dict[str, float] = {}
+        for n in args.changed:
+            samples = []
+            model.drain_changed_rows()
+            for _ in range(args.ticks):
+                pick = rng.choice(args.items, size=n, replace=False)
+                r = id_rows[pick]
+                table.params[r] += rng.normal(0, 1e-3, (n, table.params.shape[1])).astype(
+                    np.float32)
+                table.mark_dirty(r)
+                c0, r0, w0 = time.process_time(), cpu_seconds(redis_pid), time.perf_counter()
+                got = pub.publish_items(now=time.time())
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                rcpu = cpu_seconds(redis_pid) - r0
+                w0 = time.perf_counter()
+                assert follower.refresh()
+                apply = time.perf_counter() - w0
+                assert got is not None and not got.full and got.rows == n, got
+                samples.append((got.delta_bytes, wall, cpu, rcpu, apply))
+            s = np.median(np.array(samples), axis=0)
+            summary[f"us_per_row_{n}"] = s[2] / n * 1e6
+            summary[f"apply_ms_{n}"] = s[4] * 1e3
+            rows.append([
+                f"delta, {n:,} changed items/s", f"{n:,}", f"{s[0] / 1e6:,.2f} MB",
+                f"{s[1] * 1e3:,.1f} ms", f"{s[2] * 1e3:,.1f} ms", f"{s[3] * 1e3:,.1f} ms",
+                f"{s[2] / n * 1e6:.2f} us", f"{s[4] * 1e3:,.1f} ms (in place, 2 copies)",
+            ])
+        # a worker starting now: the full snapshot and every delta since
+        late = IndexFollower(reader)
+        w0 = time.perf_counter()
+        late.refresh()
+        late_s = time.perf_counter() - w0
+        client.close()
+    finally:
+        services.stop_redis(settings)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cols = ["publish per tick (1 tick/s)", "rows shipped", "Redis bytes/s", "publish wall",
+            "publish CPU", "Redis CPU", "CPU per row", "worker apply"]
+    title = f"Publishing by change at {args.items:,} items (bench/scale.py --part publish)"
+    print_table(title, cols, rows)
+    notes = (
+        f"{args.items:,} items x 34 floats (dim 32), ids-only items (so N changed rows = N "
+        f"changed items); {args.ticks} ticks per size, medians. The bench writes N random item "
+        "rows per tick as the trainer's optimiser would (mark_dirty), then the real publisher "
+        "finds them (changed-row mask gathered over the catalogue's keys), composes them and "
+        "writes one delta; a worker-side IndexFollower applies it to its two copies. Publish "
+        "CPU = this process (detect + compose + encode + client); Redis CPU = redis-server. "
+        f"A worker starting at the end (full snapshot + {len(args.changed) * args.ticks} "
+        f"deltas) was ready in {late_s:.1f} s. {load_note()} at the end; sharing the box: "
+        f"{others()}. Wall {time.perf_counter() - started:.0f} s."
+    )
+    print(notes)
+    line = summary_line(**{k: round(v, 3) for k, v in summary.items()})
+    print(line)
+    if not args.no_record:
+        record("Scale: publishing by change at 1M items (bench/scale.py --part publish)", cols,
+               rows, line, notes)
+
+
+# --- part: users --------------------------------------------------------------------------
+
+
+def part_users(args: argparse.Namespace) -> None:
+    from serving.store import VectorStore
+    from serving.users import SharedRows, encode_rows, encode_user_records
+    from train.deltas import DeltaConfig, VersionedPublisher
+    from train.store_writer import StoreWriter
+
+    started = time.perf_counter()
+    run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-users-"))
+    settings, redis_pid = start_redis(run_dir)
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.redis_url)
+        keys = settings.redis_keys()
+        writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
+        t0 = time.perf_counter()
+        model = trained_model(args.users, 1000, {"user": {"segment": {}}, "item": {}},
+                              events=200_000)
+        log.info("model with %d users ready in %.0f s", args.users, time.perf_counter() - t0)
+        pub = VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9,
+                                                            full_after_rows=1e9))
+        pub.publish_items(now=time.time())
+        # one second of training at the bench's rate: which users read a changed row?
+        model.drain_changed_rows()
+        rng = np.random.default_rng(3)
+        n_ev = args.rate
+        model.learn_many([f"u{k}" for k in rng.integers(0, args.users, n_ev)],
+                         [f"i{k}" for k in rng.integers(0, 1000, n_ev)])
+        changed = model.drain_changed_rows()
+        affected = 0
+        users = model.known_users()
+        for lo in range(0, len(users), 200_000):
+            part = users[lo : lo + 200_000]
+            _, ukeys, uw = model.user_parts(part)
+            own_rows = model._space.key_row[model._users.ent_key[
+                np.arange(lo, lo + len(part))]].astype(np.int64)
+            rows = model.key_rows(ukeys)
+            hit = (changed[rows] & (uw != 0)).any(axis=1) | changed[own_rows]
+            affected += int(hit.sum())
+        # option B: rewrite every affected user's vector (measured on a sample, scaled)
+        sample = users[: args.sample]
+        c0, r0, w0 = time.process_time(), cpu_seconds(redis_pid), time.perf_counter()
+        for lo in range(0, len(sample), 8192):
+            part = sample[lo : lo + 8192]
+            writer.put_user_vectors(part, model.user_vectors(part), 1)
+        b_wall = time.perf_counter() - w0
+        b_cpu = time.process_time() - c0
+        b_redis = cpu_seconds(redis_pid) - r0
+        per_user = b_wall / len(sample)
+        # option A: ship the changed shared rows with the version, compose at request time
+        shared_keys = model.user_shared_keys()
+        ship = changed[model.key_rows(shared_keys)]
+        w, v = model.shared_params(shared_keys[ship])
+        blob = encode_rows(shared_keys[ship], np.concatenate([w[:, None], v], axis=1))
+        own, ukeys, uw = model.user_parts(sample[:64])
+        record_bytes = len(encode_user_records(1, 0.0, own[:1], ukeys[:1], uw[:1])[0])
+        pub.publish_users(sample)  # records (own part + shared keys) for the read test
+        wa, va = model.shared_params(shared_keys)
+        shared = SharedRows(shared_keys, np.concatenate([wa[:, None], va], axis=1))
+        batch = sample[:64]
+        reads_a, reads_plain = [], []
+        plain_ids = [f"plain-{u}" for u in batch]
+        writer.put_user_vectors(plain_ids, model.user_vectors(batch), 1)
+        for _ in range(200):
+            t = time.perf_counter()
+            reader.get_user_vectors(batch, shared=shared)
+            reads_a.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            reader.get_user_vectors(plain_ids)
+            reads_plain.append(time.perf_counter() - t)
+        got = reader.get_user_vectors(batch, shared=shared)
+        err = float(np.abs(got.vectors - model.user_vectors(batch)).max())
+        client.close()
+    finally:
+        services.stop_redis(settings)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    p = lambda xs, q: float(np.percentile(xs, q)) * 1e3  # noqa: E731
+    cols = ["strategy", "work per second of training", "cost", "notes"]
+    rows = [
+        ["users reading a changed row", f"{affected:,} of {args.users:,}",
+         f"after {n_ev:,} events", f"{int(ship.sum())} shared user rows changed (of "
+         f"{len(shared_keys)})"],
+        ["B: rewrite every affected user", f"{affected:,} vectors",
+         f"{per_user * affected:,.1f} s wall (measured {per_user * 1e6:.1f} us/user on "
+         f"{len(sample):,})", f"client CPU {b_cpu / len(sample) * 1e6:.1f} us/user, Redis "
+         f"{b_redis / len(sample) * 1e6:.1f} us/user: {per_user * affected:,.0f}x the 1 s "
+         "budget"],
+        ["A: ship changed shared rows, compose at request", f"{int(ship.sum())} rows, "
+         f"{len(blob):,} bytes", "records only for active users",
+         f"record {record_bytes} B (own part + {ukeys.shape[1]} key); max |err| {err:.1e}"],
+        ["A: worker read of 64 users (MGET + compose)", "per request batch",
+         f"p50 {p(reads_a, 50):.2f} ms, p99 {p(reads_a, 99):.2f} ms",
+         f"plain vectors: p50 {p(reads_plain, 50):.2f} ms, p99 {p(reads_plain, 99):.2f} ms"],
+    ]
+    title = f"User vectors exact for {args.users:,} users (bench/scale.py --part users)"
+    print_table(title, cols, rows)
+    notes = (
+        f"{args.users:,} users with one shared profile field (segment, 20 values), 1,000 items, "
+        f"dim 32; one second of training = {n_ev:,} events. {load_note()} at the end; sharing "
+        f"the box: {others()}. Wall {time.perf_counter() - started:.0f} s."
+    )
+    print(notes)
+    line = summary_line(affected=affected, rewrite_s=round(per_user * affected, 1),
+                        shared_rows=int(ship.sum()), compose_p99_ms=round(p(reads_a, 99), 2),
+                        plain_p99_ms=round(p(reads_plain, 99), 2))
+    print(line)
+    if not args.no_record:
+        record("Scale: user vectors, rewrite vs compose (bench/scale.py --part users)", cols,
+               rows, line, notes)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["publish", "users", "e2e"], required=True)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--changed", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--ticks", type=int, default=5)
+    parser.add_argument("--rate", type=int, default=5000, help="events/s")
+    parser.add_argument("--sample", type=int, default=50_000, help="users rewritten (part users)")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--quiet-seconds", type=float, default=20.0)
+    parser.add_argument("--probe-every", type=float, default=1.0)
+    parser.add_argument("--inflight", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=15.0, help="e2e: before measuring")
+    parser.add_argument("--setup-timeout", type=float, default=900.0)
+    parser.add_argument("--publish-items-s", type=float, default=0.5)
+    parser.add_argument("--publish-active-s", type=float, default=0.1)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    if args.part == "publish":
+        part_publish(args)
+    elif args.part == "users":
+        part_users(args)
+    else:
+        from bench.scale_e2e import part_e2e
+
+        part_e2e(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""``bench/scale.py --part e2e``: freshness of active and inactive users at scale, as deployed.
+
+See the docstring of bench/scale.py. Processes: Kafka, Redis, ``fmstream train``, ``fmstream
+serve`` and ``fmstream replay --rate`` (synthetic users with a ``segment`` profile, items with a
+``category``). This process runs one loop: load requests (``--inflight`` in flight), active
+probes (a new user's first event) and inactive probes (see :class:`InactiveProbe`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+import redis
+
+from bench.common import print_table, record, summary_line
+from bench.freshness import (
+    ANSWER_TIMEOUT_S,
+    Loop,
+    end_offsets,
+    latency_ms,
+    pct,
+    spawn,
+    split_near_swaps,
+    swap_times,
+)
+from bench.scale import load_note, others
+from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers
+from fmstream import services
+from serving.store import VectorStore
+from serving.users import decode_user_record
+
+log = logging.getLogger("bench.scale")
+
+INACTIVE_PER_PROBE = 3
+"""Inactive users sharing each probe's brand-new segment value."""
+
+
+@dataclass
+class InactiveProbe:
+    """Users ``members`` share a new segment value and never click; ``trigger`` (same value)
+    clicks once at ``produced``. Done when a u2i answer for a member names a version >= the one
+    that carried the value's row (the trigger's record version)."""
+
+    trigger: str
+    members: list[str]
+    produced: float
+    carried: int | None = None  # the version whose delta carries the row
+    asking: dict[bytes, str] = field(default_factory=dict)
+    done: float | None = None
+
+
+class ScaleLoop(Loop):
+    """freshness.Loop plus inactive-user probes."""
+
+    def __init__(self, settings, users: int, items: int, store: VectorStore) -> None:
+        super().__init__(settings, users, items)
+        self.store = store
+        self.inactive: list[InactiveProbe] = []
+        self.inactive_fresh: list[float] = []
+        self.inactive_lost = 0
+        self._pending: list[tuple[str, list[str]]] = []
+
+    def prepare_inactive(self, n: int) -> None:
+        """Profiles for ``n`` probes' users (each with its own new segment value), sent now so
+        that they are applied (and their records published) before the probes start."""
+        for j in range(n):
+            seg = f"probe-{self.prefix}-{j}"
+            trigger = f"trig-{self.prefix}-{j}"
+            members = [f"inact-{self.prefix}-{j}-{m}" for m in range(INACTIVE_PER_PROBE)]
+            for uid in [trigger, *members]:
+                msg = {"user_id": uid, "features": {"segment": seg}}
+                self.producer.send(self.settings.topic_users, key=uid.encode(),
+                                   value=orjson.dumps(msg))
+            self._pending.append((trigger, members))
+        self.producer.flush()
+
+    def fire_inactive(self) -> InactiveProbe | None:
+        if not self._pending:
+            return None
+        trigger, members = self._pending.pop(0)
+        event = {"user_id": trigger, "item_id": f"i{int(self.rng.integers(self.items))}",
+                 "label": 1, "ts": time.time(), "context": {"hour": "12"}}
+        produced = time.perf_counter()
+        self.producer.send(self.settings.topic_events, key=trigger.encode(),
+                           value=orjson.dumps(event))
+        probe = InactiveProbe(trigger, members, produced)
+        self.inactive.append(probe)
+        return probe
+
+    def poll_inactive(self, now: float) -> None:
+        for probe in self.inactive:
+            if probe.done is not None:
+                continue
+            if probe.carried is None:
+                raw = self.store.redis.get(self.store.keys.user(probe.trigger))
+                rec = decode_user_record(raw) if raw else None
+                # its record from before the click (the profile) is older: wait for a newer one
+                clicked_at = time.time() - (time.perf_counter() - probe.produced)
+                if rec is not None and rec.published_at >= clicked_at:
+                    probe.carried = rec.version
+            if not probe.asking:
+                for m in probe.members:
+                    probe.asking[self._request(m)] = m
+
+    def answer_inactive(self, key: bytes, resp: dict, done: float) -> bool:
+        for probe in self.inactive:
+            if key in probe.asking:
+                probe.asking.pop(key)
+                v = resp.get("model_version")
+                if (probe.done is None and probe.carried is not None and resp.get("error") is None
+                        and resp.get("fallback") is None and v is not None and v >= probe.carried):
+                    probe.done = done
+                    self.inactive_fresh.append(done - probe.produced)
+                return True
+        return False
+
+    def _answer(self, key, value, done, probes) -> None:  # noqa: ANN001 - as in Loop
+        if self.inactive:
+            resp = orjson.loads(value)
+            if self.answer_inactive(key, resp, done):
+                return
+        super()._answer(key, value, done, probes)
+
+    def run(self, seconds: float, inflight_n: int, probe_every: float | None) -> None:
+        """Loop.run plus an inactive probe fired between two active ones."""
+        end = time.perf_counter() + seconds
+        probes: list = []
+        next_probe = time.perf_counter()
+        next_fire = next_probe + (probe_every or 0) / 2
+        while True:
+            now = time.perf_counter()
+            waiting = probes or any(p.done is None for p in self.inactive)
+            if now >= end and not (waiting and now < end + 10):
+                break
+            if probe_every is not None and now < end:
+                if now >= next_probe:
+                    probes.append(self._probe_event())
+                    next_probe += probe_every
+                if now >= next_fire and self._pending:
+                    self.fire_inactive()
+                    next_fire += probe_every
+            for probe in probes:
+                if probe.asking is not None and now - probe.asked_at > ANSWER_TIMEOUT_S:
+                    self.probe_of.pop(probe.asking, None)
+                    self.probe_errors += 1
+                    probe.asking = None
+                if probe.asking is None:
+                    probe.asking = self._request(probe.user)
+                    probe.asked_at = now
+                    probe.asks += 1
+                    self.probe_of[probe.asking] = probe
+            self.poll_inactive(now)
+            while now < end and len(self.inflight) < inflight_n:
+                user = f"u{int(self.rng.integers(self.users))}"
+                self.inflight[self._request(user)] = time.perf_counter()
+            for records in self.consumer.poll(timeout_ms=5).values():
+                done = time.perf_counter()
+                for r in records:
+                    self._answer(r.key, r.value, done, probes)
+            self._expire(time.perf_counter())
+        if probes:
+            log.warning("%d active probes never reflected within 10 s", len(probes))
+            self.fresh += [float("inf")] * len(probes)
+        self.inactive_lost = sum(p.done is None for p in self.inactive)
+
+
+def part_e2e(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-e2e-"))
+    root = Path(__file__).resolve().parents[1]
+    settings = bench_settings(
+        run_dir, ports=(54092, 54093, 54379), schema_path=root / "config" / "synthetic.toml",
+        publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
+        swap_poll_s=0.1,
+    )
+    procs = {}
+    ok = False
+    loop = None
+    try:
+        log.info("services: %s", services.up(settings))
+        store = VectorStore(redis.Redis.from_url(settings.redis_url), settings.redis_keys())
+        procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
+        procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log")
+        total = int(args.rate * (args.seconds + args.warmup + 120))
+        procs["producer"] = spawn(settings, [
+            "replay", "--events", str(total), "--rate", str(args.rate), "--users",
+            str(args.users), "--items", str(args.items), "--clusters", "20",
+        ], run_dir / "producer.log")
+        deadline = time.monotonic() + args.setup_timeout
+        while not store.worker_versions():
+            for name, p in procs.items():
+                if p.poll() is not None:
+                    raise SystemExit(f"{name} exited with {p.returncode}; see {run_dir}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the worker never loaded a version; see {run_dir}")
+            time.sleep(1.0)
+        setup_s = time.perf_counter() - started
+        log.info("serving after %.0f s", setup_s)
+        loop = ScaleLoop(settings, args.users, args.items, store)
+        n_probes = int(args.seconds / args.probe_every) + 1
+        loop.prepare_inactive(n_probes)
+        loop.run(args.warmup, args.inflight, None)  # profiles applied, records published
+        loop.drain()
+        loop.take()
+        from kafka import KafkaConsumer
+
+        offsets = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        pids = {n: p.pid for n, p in procs.items()}
+        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        redis_pid = service_pid(settings, "redis") or 0
+        cpu0["redis"] = cpu_seconds(redis_pid)
+        events0, t0 = end_offsets(offsets, settings.topic_events), time.perf_counter()
+        v0 = store.current_item_version() or 0
+        mem0 = store.redis.info("stats").get("total_net_input_bytes", 0)
+
+        loop.run(args.seconds, args.inflight, args.probe_every)
+        loop.drain()
+        busy = loop.take()
+        wall = time.perf_counter() - t0
+        events = (end_offsets(offsets, settings.topic_events) - events0) / wall
+        cpu = {n: (cpu_seconds(p) - cpu0[n]) / wall for n, p in pids.items()}
+        cpu["redis"] = (cpu_seconds(redis_pid) - cpu0["redis"]) / wall
+        redis_in = (store.redis.info("stats").get("total_net_input_bytes", 0) - mem0) / wall
+        versions = (store.current_item_version() or 0) - v0
+        fresh, probe_errors = list(loop.fresh), loop.probe_errors
+        inactive, inactive_lost = list(loop.inactive_fresh), loop.inactive_lost
+
+        stop_workers([procs["producer"]])
+        idle_since, last = time.monotonic(), store.current_item_version()
+        while time.monotonic() - idle_since < 3.0:
+            time.sleep(0.2)
+            now_version = store.current_item_version()
+            if now_version != last:
+                idle_since, last = time.monotonic(), now_version
+        loop.inactive = []
+        loop.run(args.quiet_seconds, args.inflight, None)
+        loop.drain()
+        quiet = loop.take()
+        offsets.close()
+        ok = True
+    finally:
+        if loop is not None:
+            loop.close()
+        stop_workers(list(procs.values()))
+        services.down(settings)
+        if ok:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            print(f"logs kept in {run_dir}", file=sys.stderr)
+
+    swaps = swap_times(busy)
+    failed = sum(s.error is not None for s in busy) + probe_errors
+    lost = sum(1 for f in fresh if not np.isfinite(f))
+    near, away = split_near_swaps(busy, swaps)
+    lat_busy, lat_quiet = latency_ms(busy), latency_ms(quiet)
+    fresh_ok = np.array([f for f in fresh if np.isfinite(f)])
+    inact = np.array(inactive)
+    ratio = pct(lat_busy, 99) / pct(lat_quiet, 99)
+    cols = ["measure", "count", "p50", "p99", "max", "notes"]
+    rows = [
+        ["freshness, active (new user's click -> u2i from its own vector)", len(fresh),
+         f"{pct(fresh_ok, 50):.2f} s", f"{pct(fresh_ok, 99):.2f} s",
+         f"{fresh_ok.max() if len(fresh_ok) else float('nan'):.2f} s",
+         f"{lost} lost, {probe_errors} probe errors"],
+        ["freshness, inactive (shared row changed -> u2i naming a version that carries it)",
+         len(inact) + inactive_lost, f"{pct(inact, 50):.2f} s", f"{pct(inact, 99):.2f} s",
+         f"{inact.max() if len(inact) else float('nan'):.2f} s", f"{inactive_lost} lost"],
+        [f"requests, {len(swaps)} versions in {args.seconds:.0f} s ({versions} published)",
+         len(busy), f"{pct(lat_busy, 50):.1f} ms", f"{pct(lat_busy, 99):.1f} ms",
+         f"{lat_busy.max():.0f} ms", f"{failed} failed; events {events:,.0f}/s achieved"],
+        ["  of which near a version change", len(near), f"{pct(latency_ms(near), 50):.1f} ms",
+         f"{pct(latency_ms(near), 99):.1f} ms", "", ""],
+        [f"requests, no versions, no events, {args.quiet_seconds:.0f} s", len(quiet),
+         f"{pct(lat_quiet, 50):.1f} ms", f"{pct(lat_quiet, 99):.1f} ms",
+         f"{lat_quiet.max():.0f} ms", f"p99 with versions / without = {ratio:.2f}"],
+    ]
+    title = f"Freshness at {args.users:,} users x {args.items:,} items (bench/scale.py --part e2e)"
+    print_table(title, cols, rows)
+    notes = (
+        "Targets (issue 10): active p50 <= 0.5 s, p99 <= 1.5 s, 0 probes lost, 0 failed over "
+        ">= 30 versions, p99 with versions <= 2x without. CPU cores in the measured phase: "
+        + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
+        + f"; Redis input {redis_in / 1e6:.1f} MB/s. Settings: publish_items_s="
+        f"{settings.publish_items_s}, publish_active_s={settings.publish_active_s}, swap_poll_s="
+        f"{settings.swap_poll_s}, {args.rate:,} events/s, {args.inflight} requests in flight. "
+        f"Setup (profiles of {args.users:,} users applied, first version served) {setup_s:.0f} s. "
+        f"{load_note()} at the end; sharing the box: {others()}. Wall "
+        f"{time.perf_counter() - started:.0f} s. Worker and trainer logs: {run_dir} (removed)."
+    )
+    print(notes)
+    line = summary_line(
+        active_p50_s=round(pct(fresh_ok, 50), 2), active_p99_s=round(pct(fresh_ok, 99), 2),
+        active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
+        inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
+        versions=len(swaps), p99_ratio=round(ratio, 2),
+    )
+    print(line)
+    if not args.no_record:
+        record("Scale: freshness at 1M users x 100k items (bench/scale.py --part e2e)", cols,
+               rows, line, notes)
+
+
+__all__ = ["part_e2e"]
