@@ -214,7 +214,7 @@ def test_twenty_swaps_under_steady_load(
     assert not failures, f"{len(failures)} failed requests, e.g. {failures[:3]}"
     assert worker.swaps >= SWAPS + 1  # the first load and 20 swaps (none skipped here)
     if mode == "deltas":
-        assert worker.follower.full_loads == 1 and worker.follower.deltas_applied == SWAPS
+        assert worker.index.full_loads == 1 and worker.index.deltas_applied == SWAPS
     seen = Counter(resp.model_version for _, resp in answered)
     assert len(answered) > 1000, len(answered)
     assert len(seen) >= SWAPS - 2, f"responses came from only {sorted(seen)}"
