@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 
 from bench.common import ROOT, print_table, record, summary_line
 from bench.serve import bench_settings
@@ -43,6 +43,7 @@ from serving.client import FmClient
 from serving.errors import ClientTimeout
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
+from stream.connect import kafka_consumer, kafka_producer
 
 log = logging.getLogger("bench.robust")
 
@@ -111,7 +112,7 @@ def restarts(settings: Settings, store: VectorStore, run_dir: Path, n: int) -> l
 def starts(settings: Settings, store: VectorStore, run_dir: Path, n: int, rate: float,
            load_s: float) -> list[list]:
     rows = []
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks=1)
+    producer = kafka_producer(settings.kafka_config(), linger_ms=5, acks=1)
     counter = itertools.count()
     for start_no in range(n):
         s = settings.model_copy(update={"serving_group": f"bench-start-{start_no}"})
@@ -153,8 +154,8 @@ def starts(settings: Settings, store: VectorStore, run_dir: Path, n: int, rate: 
 
 
 def wait_answers(settings: Settings, want: set[str], timeout_s: float) -> Counter:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = kafka_consumer(settings.kafka_config(), group_id=None,
+                              enable_auto_commit=False, auto_offset_reset="earliest")
     tps = [TopicPartition(settings.topic_responses, p)
            for p in sorted(consumer.partitions_for_topic(settings.topic_responses) or ())]
     consumer.assign(tps)
