@@ -72,6 +72,7 @@ def run_trainer(
     from train.lease import Lease
     from train.loop import Trainer
     from train.metrics import serve_trainer_metrics
+    from train.publish_thread import PublisherThread
     from train.publisher import Publisher
     from train.resilience import lease_client
 
@@ -85,11 +86,16 @@ def run_trainer(
         trainer = Trainer(settings.trainer_config(), dead_letter_producer=producer, lease=lease,
                           new_model=lambda: new_model(settings))
         publisher = Publisher(settings.publish_config(), writer, trainer.model,
-                              version_floor=trainer.progress.published_version)
-        trainer.sink = publisher
-        with serve_trainer_metrics(settings.trainer_metrics_port, settings.kafka_config(),
-                                   trainer, publisher.stats):
-            progress = trainer.run(stop, idle_exit_s=idle_exit_s)
+                              version_floor=trainer.progress.published_version,
+                              model_lock=trainer.model_lock)
+        background = PublisherThread(publisher).start()  # publishing off the training path
+        trainer.sink = background
+        try:
+            with serve_trainer_metrics(settings.trainer_metrics_port, settings.kafka_config(),
+                                       trainer, publisher.stats):
+                progress = trainer.run(stop, idle_exit_s=idle_exit_s)
+        finally:
+            background.close()
         try:
             publisher.publish_all()
         except redis.RedisError as exc:  # the checkpoint is written; the next trainer publishes

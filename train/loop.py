@@ -1,9 +1,14 @@
 """The training loop: Kafka events and profiles in, one FM updated exactly once per valid event.
 
 Guarantees (see README "Trainer guarantees"):
-- Each poll is decoded as a batch; unusable messages go to the dead-letter topic (acknowledged
-  before any checkpoint covers their offsets) and the valid ones around them are applied. A
-  message the model rejects (stage ``apply``) is isolated by bisecting its batch.
+- A fetch thread (:mod:`train.fetch`) polls and decodes while the model learns from the previous
+  batch; every consumer call is made by that thread. Each poll is decoded as a batch; unusable
+  messages go to the dead-letter topic (acknowledged before any checkpoint covers their offsets)
+  and the valid ones around them are applied. A message the model rejects (stage ``apply``) is
+  isolated by bisecting its batch.
+- Publishing runs in its own thread (:mod:`train.publish_thread`): the loop only hands over what
+  changed, so a slow Redis never stalls training. The publisher reads the model under
+  :attr:`Trainer.model_lock`, which the loop holds while it changes the model.
 - Kafka positions live inside the model checkpoint. On start the newest valid checkpoint is
   restored and every partition is sought to its stored position, so an event is applied once
   even across kill -9. Group commits follow checkpoints (for lag monitoring) and never lead them.
@@ -23,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
@@ -33,9 +38,11 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from model.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
 from model.errors import CheckpointError, ModelError
 from model.online import OnlineFM
-from stream.consume import Decoded, decode_events, decode_records, flatten, make_consumer
+from stream.consume import Decoded, decode_events, decode_records, make_consumer
 from stream.schemas import Event, ItemProfile, UserProfile
 from train.config import TrainerConfig
+from train.fetch import Fetcher
+from train.publish_thread import PublisherThread
 from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -46,8 +53,12 @@ CHECKPOINT_RETRY_S = 1.0
 """Wait before retrying a checkpoint that could not be written (broker or lease unconfirmed)."""
 RECONNECT_BACKOFF_MAX_MS = 1000
 """Longest wait between reconnect attempts to the broker (kafka-python's default is 30 s)."""
-PHASES = ("poll", "decode", "update", "publish", "checkpoint")
-"""The phases of :attr:`Trainer.timings` (cumulative seconds)."""
+PHASES = ("poll", "decode", "wait", "update", "publish", "checkpoint")
+"""The phases of :attr:`Trainer.timings` (cumulative seconds). ``poll`` and ``decode`` run in the
+fetch thread, overlapped with the rest; ``wait`` is the trainer thread waiting for a batch;
+``publish`` is handing changes over (the publishing itself runs in the publisher thread)."""
+FETCH_DEPTH = 2
+"""Decoded batches the fetch thread keeps ready ahead of the model update."""
 
 
 class EventSink(Protocol):
@@ -60,6 +71,15 @@ class EventSink(Protocol):
     def checkpointed(self, progress: Progress) -> None: ...
 
     def tick(self, now: float) -> None: ...
+
+
+class DecodedBatch(NamedTuple):
+    """One poll, decoded: every record (for the positions) and the usable messages by topic."""
+
+    records: list[ConsumerRecord]
+    users: list[Decoded[UserProfile]]
+    items: list[Decoded[ItemProfile]]
+    events: list[Decoded[Event]]
 
 
 @dataclass(frozen=True)
@@ -155,7 +175,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-        self._sink: GuardedSink | None = None
+        self._sink: EventSink | None = None
         self.sink = sink
         self.metrics: BatchObserver | None = None  # train.metrics.TrainerMetrics while served
         self._own_checkpoint: str | None = None
@@ -195,6 +215,15 @@ class Trainer:
         self._assigned: set[TopicPartition] = set()
         self._assigned_at = 0.0
         self.refresh_assignment()
+        self.model_lock = threading.Lock()  # held while the model changes (publisher reads)
+        self.fetcher: Fetcher[DecodedBatch] = Fetcher(
+            self.consumer,
+            self.decode,
+            may_fetch=lambda: self.lease.valid,
+            before_poll=self._refresh_if_due,
+            depth=FETCH_DEPTH,
+            timings=self.timings,
+        )
         self.paused = False  # True while the lease is not provably ours (Redis outage)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -210,15 +239,16 @@ class Trainer:
         )
 
     @property
-    def sink(self) -> GuardedSink | None:
-        """The publisher, wrapped so that Redis outages pause publishing but not training."""
+    def sink(self) -> EventSink | None:
+        """The publisher, wrapped so that Redis outages pause publishing but not training (a
+        :class:`~train.publish_thread.PublisherThread` wraps its own sink)."""
         return self._sink
 
     @sink.setter
     def sink(self, sink: EventSink | None) -> None:
-        self._sink = (
-            None if sink is None else (sink if isinstance(sink, GuardedSink) else GuardedSink(sink))
-        )
+        if sink is not None and not isinstance(sink, GuardedSink | PublisherThread):
+            sink = GuardedSink(sink)
+        self._sink = sink
 
     def _restore(self) -> tuple[OnlineFM, dict[str, Any]] | None:
         """The newest checkpoint that loads (corrupt ones are skipped and logged)."""
@@ -238,6 +268,10 @@ class Trainer:
         return (files[-1].name if files else None) == self._own_checkpoint
 
     # --- partitions -----------------------------------------------------------------------
+
+    def _refresh_if_due(self) -> None:
+        if time.monotonic() - self._assigned_at >= ASSIGNMENT_REFRESH_S:
+            self.refresh_assignment()
 
     def refresh_assignment(self) -> None:
         """Assign every partition of the trainer's topics; new ones start at the checkpoint."""
@@ -277,13 +311,15 @@ class Trainer:
                     idle_since = now
                 elif idle_exit_s is not None and now - idle_since > idle_exit_s:
                     break
+            # Batches fetched but not applied are dropped: the checkpoint does not cover them.
+            self.fetcher.stop()
             if not self.checkpoint(final=True):
                 log.error(
                     "stopping without a final checkpoint: the events since the last one "
                     "will be applied again by the next trainer (exactly once in its model)"
                 )
         finally:
-            self.consumer.close(autocommit=False)
+            self.close()
             log.info(
                 "trainer stopped at %d events applied; seconds by phase: %s",
                 self.progress.events_applied,
@@ -292,7 +328,10 @@ class Trainer:
         return self.progress
 
     def step(self, timeout_ms: int = 200) -> int:
-        """One poll: decode, apply, maybe checkpoint and publish. Returns records consumed."""
+        """Apply the next fetched batch (waiting up to ``timeout_ms``), maybe checkpoint.
+
+        Returns the records consumed (0 when nothing arrived or while paused).
+        """
         if not self.lease.keep():
             # Not provably ours any more (Redis away past the TTL): consume nothing, write nothing.
             if not self.paused:
@@ -303,29 +342,28 @@ class Trainer:
             time.sleep(min(0.2, timeout_ms / 1000))
             return 0
         self.paused = False
+        if not self.fetcher.running:
+            self.fetcher.start()
         t0 = time.perf_counter()
-        try:
-            if time.monotonic() - self._assigned_at >= ASSIGNMENT_REFRESH_S:
-                self.refresh_assignment()
-            records = flatten(self.consumer.poll(timeout_ms=timeout_ms))
-        except KafkaError as exc:
-            # Broker away: positions stay in the consumer; retry shortly, never die.
-            log.warning("poll failed (%s); retrying", exc)
-            time.sleep(min(1.0, timeout_ms / 1000))
-            records = []
-        self.timings["poll"] += time.perf_counter() - t0
-        if records:
+        batch = self.fetcher.get(timeout=timeout_ms / 1000)
+        self.timings["wait"] += time.perf_counter() - t0
+        if batch is not None:
             t0 = time.perf_counter()
-            self.apply_records(records)
+            self.apply(batch)
             if self.metrics is not None:
-                self.metrics.batch_applied(records, time.perf_counter() - t0, self.stats())
+                self.metrics.batch_applied(batch.records, time.perf_counter() - t0, self.stats())
         if self._checkpoint_due():
             self.checkpoint()
         if self._sink is not None:
             t0 = time.perf_counter()
             self._sink.tick(time.time())
             self.timings["publish"] += time.perf_counter() - t0
-        return len(records)
+        return 0 if batch is None else len(batch.records)
+
+    def close(self) -> None:
+        """Stop the fetch thread and close the consumer (idempotent)."""
+        self.fetcher.stop()
+        self.consumer.close(autocommit=False)
 
     def _checkpoint_due(self) -> bool:
         if not self._since_checkpoint:
@@ -338,32 +376,43 @@ class Trainer:
             or now - self._last_checkpoint >= self.config.checkpoint_every_s
         )
 
-    def apply_records(self, records: list[ConsumerRecord]) -> None:
-        """Apply one polled batch: profiles first, then events as one model update."""
-        t0 = time.perf_counter()
+    def decode(self, records: list[ConsumerRecord]) -> DecodedBatch:
+        """Decode one polled batch (runs in the fetch thread); unusable messages are
+        dead-lettered here, stage ``decode`` or ``validate``."""
         by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
         for r in records:
             by_topic[r.topic].append(r)
         limit, topics = self.config.max_message_bytes, self.config.topics
-        users = decode_records(
-            by_topic[topics.users], UserProfile, self.dead_letters, max_bytes=limit
+        return DecodedBatch(
+            records,
+            decode_records(by_topic[topics.users], UserProfile, self.dead_letters, max_bytes=limit),
+            decode_records(by_topic[topics.items], ItemProfile, self.dead_letters, max_bytes=limit),
+            decode_events(by_topic[topics.events], self.dead_letters, max_bytes=limit),
         )
-        items = decode_records(
-            by_topic[topics.items], ItemProfile, self.dead_letters, max_bytes=limit
-        )
-        events = decode_events(by_topic[topics.events], self.dead_letters, max_bytes=limit)
+
+    def apply_records(self, records: list[ConsumerRecord]) -> None:
+        """Decode and apply one polled batch here (without the fetch thread)."""
+        t0 = time.perf_counter()
+        batch = self.decode(records)
+        self.timings["decode"] += time.perf_counter() - t0
+        self.apply(batch)
+
+    def apply(self, batch: DecodedBatch) -> None:
+        """Apply one decoded batch: profiles first, then events as one model update; record the
+        positions of every record in it; hand what changed to the publisher."""
         t1 = time.perf_counter()
-        self.timings["decode"] += t1 - t0
-        users = self._apply_profiles(users, self.model.upsert_users, "user_id")
-        items = self._apply_profiles(items, self.model.upsert_items, "item_id")
-        applied = self._apply_events(events)
-        for r in records:
-            self.progress.positions[tp_key(r.topic, r.partition)] = r.offset + 1
+        with self.model_lock:
+            users = self._apply_profiles(batch.users, self.model.upsert_users, "user_id")
+            self._apply_profiles(batch.items, self.model.upsert_items, "item_id")
+            applied = self._apply_events(batch.events)
+        positions, counts = self.progress.positions, self.progress.applied
+        for r in batch.records:
+            positions[tp_key(r.topic, r.partition)] = r.offset + 1
         for d in applied:
             key = tp_key(d.record.topic, d.record.partition)
-            self.progress.applied[key] = self.progress.applied.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + 1
         self.progress.dead_letters = self._dead_letters_restored + self.dead_letters.count
-        self._since_checkpoint += len(records)
+        self._since_checkpoint += len(batch.records)
         t2 = time.perf_counter()
         self.timings["update"] += t2 - t1
         if self._sink is not None:
@@ -488,7 +537,9 @@ class Trainer:
             if not self.lease.keep(force=True):  # never write after the lease may have passed on
                 log.warning("checkpoint deferred: the trainer lease is not provably ours")
                 return self._defer_checkpoint()
-            publisher = getattr(self._sink, "sink", self._sink)
+            publisher = self._sink  # a PublisherThread has .version; a GuardedSink wraps .sink
+            if publisher is not None and not hasattr(publisher, "version"):
+                publisher = getattr(publisher, "sink", publisher)
             self.progress.published_version = max(
                 self.progress.published_version, int(getattr(publisher, "version", 0) or 0)
             )
@@ -510,7 +561,11 @@ class Trainer:
         return False
 
     def _commit(self, final: bool) -> None:
-        """Commit the checkpointed positions for lag monitoring (the checkpoint rules)."""
+        """Commit the checkpointed positions for lag monitoring (the checkpoint rules).
+
+        Made by the thread that owns the consumer: the fetch thread while it runs (queued, never
+        waited for), else here (the final commit, synchronous).
+        """
         offsets = {}
         for key, pos in self.progress.positions.items():
             topic, part = key.rsplit("|", 1)
@@ -519,13 +574,17 @@ class Trainer:
                 offsets[tp] = OffsetAndMetadata(pos, "", -1)
         if not offsets:
             return
-        try:
-            if final:
-                self.consumer.commit(offsets, timeout_ms=10_000)
-            else:  # never stall training on a slow coordinator
-                self.consumer.commit_async(offsets, callback=_log_commit_failure)
-        except KafkaError as exc:
-            log.warning("group commit failed (the checkpoint is safe): %r", exc)
+        if final:
+            commit = self.fetcher.call(lambda c: c.commit(offsets, timeout_ms=10_000))
+            try:
+                commit.result(timeout=15)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("group commit failed (the checkpoint is safe): %r", exc)
+            return
+        # never stall training on a slow coordinator
+        self.fetcher.call(
+            lambda c: c.commit_async(offsets, callback=_log_commit_failure)
+        ).add_done_callback(_log_future_failure)
 
     def seek_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         """Position ``assigned`` partitions at the checkpoint (or the beginning)."""
@@ -535,6 +594,12 @@ class Trainer:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, pos)
+
+
+def _log_future_failure(future) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.warning("group commit failed (the checkpoint is safe): %r", exc)
 
 
 def _log_commit_failure(offsets, response) -> None:

@@ -21,11 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from model.online import OnlineFM
 from train.config import PublishConfig
 from train.deltas import DeltaConfig, VersionedPublisher
+from train.publish_thread import LockedModel
 from train.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -54,11 +57,20 @@ class Publisher:
     """Writes item versions, user records, offline i2i and popularity to the store on cadences."""
 
     def __init__(
-        self, config: PublishConfig, store: StoreWriter, model: OnlineFM, *, version_floor: int = 0
+        self,
+        config: PublishConfig,
+        store: StoreWriter,
+        model: OnlineFM,
+        *,
+        version_floor: int = 0,
+        model_lock: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.config = config
         self.store = store
-        self.model = model
+        # With ``model_lock`` (the trainer's) this publisher may run in its own thread: every
+        # read of the model is then made under the lock the trainer holds while it changes it.
+        self.model = model if model_lock is None else LockedModel(model, model_lock)
+        model = self.model
         self.times = PublishTimes()
         self._active: set[str] = set()
         self._items_dirty = True

@@ -25,6 +25,7 @@ The trainer's rules (README "Trainer guarantees"):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -137,12 +138,15 @@ class DeadLetterOutbox:
     Same interface as :class:`stream.consume.DeadLetters` (``send``, ``flush``, ``count``), but
     :meth:`flush` returns False instead of raising when the broker is away, and re-sends any
     letter whose delivery failed, so a checkpoint never covers an unacknowledged dead letter.
+    Thread-safe: the fetch thread sends (decode, validate) while the trainer thread sends
+    (apply) and flushes; a flush covers every letter sent before it.
     """
 
     def __init__(self, producer: KafkaProducer, topic: str) -> None:
         self._producer = producer
         self._topic = topic
         self._pending: list[list[Any]] = []  # [key, value, future | None]
+        self._lock = threading.Lock()
         self.count = 0
         try:  # learn the topic's partitions now, so send() never blocks on metadata later
             producer.partitions_for(topic)
@@ -154,8 +158,9 @@ class DeadLetterOutbox:
         letter = dead_letter_for(record, stage, error, reason)
         entry = [dead_letter_key(record), dumps(letter), None]
         self._send(entry)
-        self._pending.append(entry)
-        self.count += 1
+        with self._lock:
+            self._pending.append(entry)
+            self.count += 1
         log.warning(
             "dead letter %s[%d]@%d (%s): %s",
             record.topic,
@@ -178,10 +183,14 @@ class DeadLetterOutbox:
         return len(self._pending)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued letter is acknowledged; False if not within ``timeout``."""
+        """Wait until every letter sent before this call is acknowledged; False if not within
+        ``timeout``. (Letters sent meanwhile by another thread are for records not applied yet:
+        no checkpoint written now covers them.)"""
         deadline = time.monotonic() + timeout
-        while self._pending:
-            for entry in self._pending:
+        with self._lock:
+            waiting = list(self._pending)
+        while waiting:
+            for entry in waiting:
                 future = entry[2]
                 if future is None or future.failed():
                     if future is not None:
@@ -196,10 +205,11 @@ class DeadLetterOutbox:
                 self._producer.flush(timeout=left)
             except KafkaError:
                 return False
-            self._pending = [
-                e for e in self._pending if not (e[2] is not None and e[2].succeeded())
-            ]
-            if self._pending and time.monotonic() < deadline:
+            done = {id(e) for e in waiting if e[2] is not None and e[2].succeeded()}
+            waiting = [e for e in waiting if id(e) not in done]
+            with self._lock:
+                self._pending = [e for e in self._pending if id(e) not in done]
+            if waiting and time.monotonic() < deadline:
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         return True
 
