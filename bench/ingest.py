@@ -132,6 +132,7 @@ def run_trainer_once(
     from fmstream.app import new_model, redis_client
     from stream.consume import make_producer
     from train.loop import Trainer
+    from train.publish_thread import PublisherThread
     from train.publisher import Publisher
     from train.store_writer import StoreWriter
 
@@ -142,9 +143,14 @@ def run_trainer_once(
         settings.trainer_config(), dead_letter_producer=producer,
         new_model=lambda: new_model(settings),
     )
-    if publish:
+    background = None
+    if publish:  # wired as fmstream.app.run_trainer does: publishing in its own thread
         writer = StoreWriter(client, settings.redis_keys(), settings.keep_versions)
-        trainer.sink = Publisher(settings.publish_config(), writer, trainer.model)
+        publisher = Publisher(
+            settings.publish_config(), writer, trainer.model, model_lock=trainer.model_lock
+        )
+        background = PublisherThread(publisher).start()
+        trainer.sink = background
     checkpoints = 0
     original = trainer.checkpoint
 
@@ -155,19 +161,30 @@ def run_trainer_once(
         return ok
 
     trainer.checkpoint = counting_checkpoint  # type: ignore[method-assign]
+    cpu0 = time.process_time()
     t1 = time.perf_counter()
     try:
         while trainer.progress.events_applied < n:
             trainer.step()
+        trainer.fetcher.stop()
         trainer.checkpoint(final=True)
         t2 = time.perf_counter()
+        cpu = time.process_time() - cpu0
+        if background is not None:  # what the publisher still had to do (not in the rate)
+            t3 = time.perf_counter()
+            background.flush()
+            trainer.timings["publisher drain after"] = time.perf_counter() - t3
+            trainer.timings["publisher thread busy"] = background.busy_s
     finally:
-        trainer.consumer.close(autocommit=False)
+        if background is not None:
+            background.close()
+        trainer.close()
         producer.close()
         try:
             client.close()
         except redis.RedisError:
             pass
+    trainer.timings["process cpu"] = cpu
     return t1 - t0, t2 - t1, dict(trainer.timings), checkpoints
 
 

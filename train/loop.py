@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +77,7 @@ class DecodedBatch(NamedTuple):
     """One poll, decoded: every record (for the positions) and the usable messages by topic."""
 
     records: list[ConsumerRecord]
+    ends: dict[tuple[str, int], int]  # (topic, partition) -> next offset after this batch
     users: list[Decoded[UserProfile]]
     items: list[Decoded[ItemProfile]]
     events: list[Decoded[Event]]
@@ -385,6 +386,7 @@ class Trainer:
         limit, topics = self.config.max_message_bytes, self.config.topics
         return DecodedBatch(
             records,
+            {(r.topic, r.partition): r.offset + 1 for r in records},  # in offset order
             decode_records(by_topic[topics.users], UserProfile, self.dead_letters, max_bytes=limit),
             decode_records(by_topic[topics.items], ItemProfile, self.dead_letters, max_bytes=limit),
             decode_events(by_topic[topics.events], self.dead_letters, max_bytes=limit),
@@ -406,11 +408,13 @@ class Trainer:
             self._apply_profiles(batch.items, self.model.upsert_items, "item_id")
             applied = self._apply_events(batch.events)
         positions, counts = self.progress.positions, self.progress.applied
-        for r in batch.records:
-            positions[tp_key(r.topic, r.partition)] = r.offset + 1
-        for d in applied:
-            key = tp_key(d.record.topic, d.record.partition)
-            counts[key] = counts.get(key, 0) + 1
+        for (topic, partition), end in batch.ends.items():
+            positions[tp_key(topic, partition)] = end
+        for (topic, partition), n in Counter(
+            (d.record.topic, d.record.partition) for d in applied
+        ).items():
+            key = tp_key(topic, partition)
+            counts[key] = counts.get(key, 0) + n
         self.progress.dead_letters = self._dead_letters_restored + self.dead_letters.count
         self._since_checkpoint += len(batch.records)
         t2 = time.perf_counter()

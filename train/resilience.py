@@ -257,7 +257,7 @@ class GuardedSink:
         try:
             if self._queued:
                 self._drain()
-            if self._checkpoint is not None and fn is not self.sink.checkpointed:
+            if self._checkpoint is not None and fn != self.sink.checkpointed:  # bound: ==, not is
                 self.sink.checkpointed(self._checkpoint)
                 self._checkpoint = None
             fn(*args)

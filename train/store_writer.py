@@ -30,18 +30,23 @@ logger = logging.getLogger(__name__)
 _BATCH = 5_000  # keys per MSET / HSET command: bounded requests, few round trips
 _WRITE_BYTES = 64 << 20  # snapshot bytes written per pipeline round trip
 
-# KEYS: history lists; ARGV: max_len, then per key: n, item_1 .. item_n (oldest first).
-# LPUSH leaves the newest at the head; LTRIM bounds the list.
+# ARGV[1]: JSON object user id -> [item ids, oldest first]; ARGV[2]: max_len; ARGV[3]: the key
+# prefix of history lists (RedisKeys.history("")). LPUSH leaves the newest at the head; LTRIM
+# bounds the list. The keys are built here rather than passed as KEYS: packing two arguments per
+# user in redis-py cost ~3.5 us of client CPU per event, one JSON blob ~0.5 us (standalone Redis;
+# a Redis Cluster would need the keys declared).
 _PUSH_HISTORY = """
-local max_len = tonumber(ARGV[1])
-local pos = 2
-for i, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[pos])
-  redis.call('LPUSH', key, unpack(ARGV, pos + 1, pos + n))
+local data = cjson.decode(ARGV[1])
+local max_len = tonumber(ARGV[2])
+local prefix = ARGV[3]
+local n = 0
+for uid, items in pairs(data) do
+  local key = prefix .. uid
+  redis.call('LPUSH', key, unpack(items))
   redis.call('LTRIM', key, 0, max_len - 1)
-  pos = pos + n + 1
+  n = n + 1
 end
-return #KEYS
+return n
 """
 
 
@@ -142,15 +147,13 @@ class StoreWriter:
             per_user.setdefault(uid, []).append(iid)
         if not per_user:
             return
-        # One scripted call per batch: packing 2 commands per user in redis-py cost far more
-        # than the work itself (profiled: ~3/4 of publish time under ingest load).
-        keys, args = [], [max_len]
+        # One scripted call per batch with one JSON argument (see _PUSH_HISTORY).
         for uid, items in per_user.items():
-            keys.append(self.keys.history(uid))
-            tail = items[-max_len:]
-            args.append(len(tail))
-            args.extend(tail)
-        self._push_history(keys=keys, args=args)
+            if len(items) > max_len:
+                per_user[uid] = items[-max_len:]
+        self._push_history(
+            keys=[], args=[orjson.dumps(per_user), max_len, self.keys.history("")]
+        )
 
 
     def put_item_snapshot(self, snapshot: ItemSnapshot, chunk_bytes: int = 4 << 20) -> bool:
