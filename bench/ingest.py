@@ -67,13 +67,15 @@ def _fill(settings_json: str, n: int, seed: int, out: mp.Queue) -> None:
     out.put((n, elapsed, sum(len(v) for _, v in pairs)))
 
 
-def bare_consume(settings: Settings, n: int, **overrides: object) -> float:
-    """Seconds for a kafka-python consumer (the trainer's config) to read ``n`` records."""
+def bare_consume(settings: Settings, n: int, **overrides: object) -> tuple[float, float]:
+    """Seconds (wall, process CPU) for a kafka-python consumer (the trainer's config) to read
+    ``n`` records."""
     from kafka import TopicPartition
 
     from stream.consume import make_consumer
 
-    consumer = make_consumer(settings.kafka_config(), None, **overrides)
+    options = {"max_poll_records": settings.max_poll_records, **overrides}
+    consumer = make_consumer(settings.kafka_config(), None, **options)
     tps = [
         TopicPartition(settings.topic_events, p)
         for p in sorted(consumer.partitions_for_topic(settings.topic_events))
@@ -81,13 +83,13 @@ def bare_consume(settings: Settings, n: int, **overrides: object) -> float:
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     got = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while got < n:
         for batch in consumer.poll(timeout_ms=500).values():
             got += len(batch)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     consumer.close(autocommit=False)
-    return elapsed
+    return elapsed, cpu
 
 
 def bare_consume_confluent(settings: Settings, n: int) -> float | None:
@@ -117,15 +119,16 @@ def bare_consume_confluent(settings: Settings, n: int) -> float | None:
     return elapsed
 
 
-def run_trainer_once(
-    settings: Settings, n: int, *, publish: bool = True
-) -> tuple[float, float, dict[str, float], int]:
+def run_trainer_once(settings: Settings, n: int, *, publish: bool = True) -> dict[str, float]:
     """The trainer from scratch until ``n`` events are applied and checkpointed.
 
-    ``publish``: with the publisher (Redis history, vectors, snapshots) as in production.
+    ``publish``: with the publisher (Redis history, vectors, snapshots) in its own thread, as
+    ``fmstream.app.run_trainer`` wires it.
 
-    Returns:
-        (startup seconds, loop seconds incl. the final checkpoint, timings, checkpoints written)
+    Returns seconds: ``startup``, ``loop`` (incl. the final checkpoint), the trainer's phases
+    (wall time of the thread that runs each), ``cpu_*`` (CPU seconds per thread: trainer, fetch,
+    publisher, the rest of the process = kafka-python's IO thread, GC), ``drain`` (the publisher
+    still busy after the loop, not in the rate) and ``checkpoints`` written.
     """
     import redis
 
@@ -144,24 +147,23 @@ def run_trainer_once(
         new_model=lambda: new_model(settings),
     )
     background = None
-    if publish:  # wired as fmstream.app.run_trainer does: publishing in its own thread
+    if publish:
         writer = StoreWriter(client, settings.redis_keys(), settings.keep_versions)
         publisher = Publisher(
             settings.publish_config(), writer, trainer.model, model_lock=trainer.model_lock
         )
         background = PublisherThread(publisher).start()
         trainer.sink = background
-    checkpoints = 0
+    out: dict[str, float] = {"checkpoints": 0}
     original = trainer.checkpoint
 
     def counting_checkpoint(**kw):
-        nonlocal checkpoints
         ok = original(**kw)
-        checkpoints += bool(ok)
+        out["checkpoints"] += bool(ok)
         return ok
 
     trainer.checkpoint = counting_checkpoint  # type: ignore[method-assign]
-    cpu0 = time.process_time()
+    proc0, thread0 = time.process_time(), time.thread_time()
     t1 = time.perf_counter()
     try:
         while trainer.progress.events_applied < n:
@@ -169,12 +171,16 @@ def run_trainer_once(
         trainer.fetcher.stop()
         trainer.checkpoint(final=True)
         t2 = time.perf_counter()
-        cpu = time.process_time() - cpu0
-        if background is not None:  # what the publisher still had to do (not in the rate)
+        out["cpu_trainer"] = time.thread_time() - thread0
+        out["cpu_process"] = time.process_time() - proc0
+        out["cpu_fetch"] = trainer.fetcher.cpu_s
+        out["cpu_publisher"] = background.cpu_s if background is not None else 0.0
+        if background is not None:
             t3 = time.perf_counter()
             background.flush()
-            trainer.timings["publisher drain after"] = time.perf_counter() - t3
-            trainer.timings["publisher thread busy"] = background.busy_s
+            out["drain"] = time.perf_counter() - t3
+            out["publisher_busy"] = background.busy_s
+            out["publisher_dropped"] = background.dropped
     finally:
         if background is not None:
             background.close()
@@ -184,8 +190,12 @@ def run_trainer_once(
             client.close()
         except redis.RedisError:
             pass
-    trainer.timings["process cpu"] = cpu
-    return t1 - t0, t2 - t1, dict(trainer.timings), checkpoints
+    out["cpu_other"] = max(
+        0.0, out["cpu_process"] - out["cpu_trainer"] - out["cpu_fetch"] - out["cpu_publisher"]
+    )
+    out.update(startup=t1 - t0, loop=t2 - t1)
+    out.update({f"phase_{k}": v for k, v in trainer.timings.items()})
+    return out
 
 
 def main() -> None:
@@ -200,6 +210,9 @@ def main() -> None:
         "--reuse",
         action="store_true",
         help="use the Kafka/Redis of the FMSTREAM_* variables (else start own)",
+    )
+    ap.add_argument(
+        "--no-check-crcs", action="store_true", help="trainer consumer with check_crcs=False"
     )
     ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
@@ -239,6 +252,8 @@ def main() -> None:
     )
     if args.max_poll_records:
         update["max_poll_records"] = args.max_poll_records
+    if args.no_check_crcs:
+        update["kafka_check_crcs"] = False
     settings = base.model_copy(update=update)
     started = None
     try:
@@ -272,9 +287,9 @@ def main() -> None:
             flush=True,
         )
 
-        bare_s = bare_consume(settings, n)
+        bare_s, bare_cpu = bare_consume(settings, n)
         print(f"bare kafka-python consume: {n / bare_s:,.0f} events/s", flush=True)
-        nocrc_s = bare_consume(settings, n, check_crcs=False)
+        nocrc_s, nocrc_cpu = bare_consume(settings, n, check_crcs=False)
         print(f"bare consume, CRC checks off: {n / nocrc_s:,.0f} events/s", flush=True)
         peer_s = bare_consume_confluent(settings, n)
         if peer_s is not None:
@@ -289,80 +304,88 @@ def main() -> None:
             n,
             publish=False,
         )
-        print(
-            f"trainer without publisher: {n / core[1]:,.0f} events/s; seconds by phase "
-            + ", ".join(f"{k} {v:.2f}" for k, v in core[2].items()),
-            flush=True,
-        )
+        print(f"trainer without publisher: {n / core['loop']:,.0f} events/s", flush=True)
         load_before = os.getloadavg()[0]
-        startup_s, loop_s, timings, checkpoints = run_trainer_once(settings, n)
+        full = run_trainer_once(settings, n)
         load_after = os.getloadavg()[0]
     finally:
         _cleanup(settings, own_services=started is not None)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    loop_s = full["loop"]
     eps = n / loop_s
     from kafka.record import util as record_util
 
     crc = "crc32c-C" if getattr(record_util, "crc32c_c", None) is not None else "pure-python"
-    other = loop_s - sum(timings.values())
+    us = 1e6 / n
+
+    def row(name: str, secs: float, *, cpu: bool = False) -> list[str]:
+        return [name, f"{secs:.2f}", f"{secs * us:.1f}" if cpu else "",
+                f"{secs / loop_s:.0%}" if not cpu else "", f"{n / secs:,.0f}" if secs > 0 else "-"]
+
     rows = [
-        ["produce (separate process)", f"{produce_s:.2f}", "", f"{n / produce_s:,.0f}"],
-        ["bare consume (kafka-python)", f"{bare_s:.2f}", "", f"{n / bare_s:,.0f}"],
-        ["bare consume, check_crcs=False", f"{nocrc_s:.2f}", "", f"{n / nocrc_s:,.0f}"],
+        ["produce (separate process)", f"{produce_s:.2f}", "", "", f"{n / produce_s:,.0f}"],
+        ["bare consume (kafka-python)", f"{bare_s:.2f}", f"{bare_cpu * us:.1f}", "",
+         f"{n / bare_s:,.0f}"],
+        ["bare consume, check_crcs=False", f"{nocrc_s:.2f}", f"{nocrc_cpu * us:.1f}", "",
+         f"{n / nocrc_s:,.0f}"],
         [
             "bare consume, confluent-kafka (peer)",
             f"{peer_s:.2f}" if peer_s else "not installed",
             "",
+            "",
             f"{n / peer_s:,.0f}" if peer_s else "-",
         ],
-        ["trainer without publisher", f"{core[1]:.2f}", "", f"{n / core[1]:,.0f}"],
-        ["trainer end to end (with publisher)", f"{loop_s:.2f}", "100%", f"{eps:,.0f}"],
+        ["trainer without publisher", f"{core['loop']:.2f}", f"{core['cpu_process'] * us:.1f}",
+         "", f"{n / core['loop']:,.0f}"],
+        ["trainer end to end (publisher + checkpoints)", f"{loop_s:.2f}",
+         f"{full['cpu_process'] * us:.1f}", "100%", f"{eps:,.0f}"],
     ]
-    for phase, secs in [*timings.items(), ("other (loop, bookkeeping)", other)]:
-        rows.append(
-            [
-                f"  trainer: {phase}",
-                f"{secs:.2f}",
-                f"{secs / loop_s:.0%}",
-                f"{n / secs:,.0f}" if secs > 0 else "-",
-            ]
-        )
-    columns = ["stage", "seconds", "share of trainer", "events/s"]
+    for phase in ("poll", "decode"):
+        rows.append(row(f"  fetch thread: {phase} (wall)", full[f"phase_{phase}"]))
+    for phase in ("wait", "update", "publish", "checkpoint"):
+        label = "hand-over to publisher" if phase == "publish" else phase
+        rows.append(row(f"  trainer thread: {label} (wall)", full[f"phase_{phase}"]))
+    rows.append(row("  publisher thread busy (wall)", full["publisher_busy"]))
+    rows.append(row("  publisher still busy after the loop", full["drain"]))
+    for who in ("trainer", "fetch", "publisher", "other"):
+        name = {"other": "other threads (kafka-python IO, GC)"}.get(who, f"{who} thread")
+        rows.append(row(f"  CPU: {name}", full[f"cpu_{who}"], cpu=True))
+    columns = ["stage", "seconds", "CPU us/event", "share of trainer wall", "events/s"]
     print_table(f"ingest: {n} events, dim {args.dim}, CRC32C {crc}", columns, rows)
     summary = summary_line(
         events=n,
         dim=args.dim,
         partitions=args.partitions,
         max_poll_records=settings.max_poll_records,
-        checkpoints=checkpoints,
+        check_crcs=settings.kafka_check_crcs,
+        checkpoints=int(full["checkpoints"]),
         produce_per_s=n / produce_s,
         bare_consume_per_s=n / bare_s,
         bare_consume_nocrc_per_s=n / nocrc_s,
         bare_consume_confluent_per_s=n / peer_s if peer_s else "n/a",
-        trainer_no_publisher_per_s=n / core[1],
-        poll_us=timings["poll"] / n * 1e6,
-        decode_us=timings["decode"] / n * 1e6,
-        update_us=timings["update"] / n * 1e6,
-        publish_us=timings["publish"] / n * 1e6,
-        checkpoint_s=timings["checkpoint"],
-        startup_s=startup_s,
+        trainer_no_publisher_per_s=n / core["loop"],
+        cpu_us_per_event=full["cpu_process"] * us,
+        cpu_trainer_us=full["cpu_trainer"] * us,
+        cpu_fetch_us=full["cpu_fetch"] * us,
+        cpu_publisher_us=full["cpu_publisher"] * us,
+        cpu_other_us=full["cpu_other"] * us,
+        publisher_dropped=int(full["publisher_dropped"]),
+        startup_s=full["startup"],
         crc32c=crc,
         loadavg=f"{load_before:.1f}-{load_after:.1f}",
         events_per_s=eps,
     )
     notes = (
-        "Trainer = the real Trainer + Publisher (Redis) with checkpoints on, from an empty "
-        "model; poll = time inside kafka-python's poll (fetch + record parsing); decode = "
-        "orjson + the plain-event check (pydantic for anything unusual); update = model "
-        "update incl. bookkeeping; publish = "
-        "history writes and publisher ticks. Bare consume reads the same topic with the "
-        f"same consumer settings and does nothing else. loadavg = 1-min load before/after "
-        f"the trainer run on {os.cpu_count()} cores (other processes share the machine). "
-        "kafka-python 3 fetches on a background IO thread, so the phases are the trainer "
-        "thread's wall time; fetch work overlapping its Redis waits is not in `poll`. "
-        f"CRC32C of fetched batches: {crc} (kafka-python uses the `crc32c` package when "
-        "installed)."
+        "Trainer = the real Trainer (fetch thread: poll + decode; trainer thread: model update, "
+        "checkpoints) + Publisher in its own thread (Redis history, vectors, snapshots), "
+        "checkpoints on, from an empty model; the rate counts until every event is applied and "
+        "the final checkpoint written. Phases are wall seconds of the thread that runs them "
+        "(they overlap); CPU us/event is CPU time per event by thread (time.thread_time), "
+        "'other' = the rest of the process (kafka-python's IO thread, GC). Bare consume reads "
+        "the same topic with the same consumer settings and does nothing else. loadavg = 1-min "
+        f"load before/after the trainer run on {os.cpu_count()} cores (other processes share "
+        f"the machine). CRC32C of fetched batches: {crc}."
     )
     if not args.no_record:
         record("ingest", columns, rows, summary, notes)

@@ -132,6 +132,9 @@ class Settings(BaseSettings):
 
     # --- trainer --------------------------------------------------------------------------
     max_poll_records: int = Field(2048, ge=1)
+    kafka_check_crcs: bool = Field(
+        True, description="trainer verifies fetched batches' CRC32C (bench/ingest.py: cost)"
+    )
     checkpoint_dir: Path = Field(Path(".fmstream/checkpoints"))
     checkpoint_every_events: int = Field(50_000, ge=1)
     checkpoint_every_s: float = Field(10.0, gt=0)
@@ -324,7 +327,7 @@ class Settings(BaseSettings):
             checkpoint_dir=self.checkpoint_dir,
             checkpoint_every_events=self.checkpoint_every_events,
             checkpoint_every_s=self.checkpoint_every_s, max_poll_records=self.max_poll_records,
-            max_message_bytes=self.max_message_bytes,
+            max_message_bytes=self.max_message_bytes, check_crcs=self.kafka_check_crcs,
         )
 
     def publish_config(self) -> PublishConfig:

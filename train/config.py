@@ -24,6 +24,7 @@ class TrainerConfig:
         checkpoint_every_s: ...or this many seconds, whichever comes first.
         max_poll_records: records per poll.
         max_message_bytes: larger messages are dead-lettered.
+        check_crcs: verify the CRC32C of fetched record batches.
     """
 
     kafka: KafkaConfig
@@ -34,6 +35,7 @@ class TrainerConfig:
     checkpoint_every_s: float = 10.0
     max_poll_records: int = 2048
     max_message_bytes: int = 65536
+    check_crcs: bool = True
 
 
 @dataclass(frozen=True)

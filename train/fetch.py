@@ -70,6 +70,7 @@ class Fetcher(Generic[B]):
         self._poll_timeout_ms = poll_timeout_ms
         self._stop = threading.Event()
         self._failed: BaseException | None = None
+        self.cpu_s = 0.0  # CPU seconds the fetch thread used so far
         self.timings = timings if timings is not None else {}
         self.timings.setdefault("poll", 0.0)
         self.timings.setdefault("decode", 0.0)
@@ -132,8 +133,10 @@ class Fetcher(Generic[B]):
             _run_call(fn, self.consumer, future)
 
     def _run(self) -> None:
+        cpu0 = time.thread_time()
         try:
             while not self._stop.is_set():
+                self.cpu_s = time.thread_time() - cpu0
                 self._run_calls()
                 if not self._may_fetch():
                     self._stop.wait(0.05)
@@ -164,6 +167,8 @@ class Fetcher(Generic[B]):
         except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread by get()
             log.exception("fetch thread failed")
             self._failed = exc
+        finally:
+            self.cpu_s = time.thread_time() - cpu0
 
 
 def _run_call(fn: Callable[[Any], Any], consumer: Any, future: Future) -> None:

@@ -211,6 +211,7 @@ class Trainer:
             config.kafka,
             config.group,
             max_poll_records=config.max_poll_records,
+            check_crcs=config.check_crcs,
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
         self._assigned: set[TopicPartition] = set()

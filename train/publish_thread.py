@@ -94,6 +94,7 @@ class PublisherThread:
         self._failed: BaseException | None = None
         self.dropped = 0
         self.busy_s = 0.0  # seconds the thread spent publishing
+        self.cpu_s = 0.0  # CPU seconds the thread used so far
         self._thread = threading.Thread(target=self._run, daemon=True, name="fmstream-publish")
 
     # --- the trainer's side (cheap) ----------------------------------------------------------
@@ -187,6 +188,14 @@ class PublisherThread:
             return events, profiles, checkpoint, self._posted
 
     def _run(self) -> None:
+        cpu0 = time.thread_time()
+        try:
+            self._turns()
+        finally:
+            self.cpu_s = time.thread_time() - cpu0
+
+    def _turns(self) -> None:
+        cpu0 = time.thread_time()
         while True:
             self._wake.wait(self.interval_s)
             self._wake.clear()
@@ -202,6 +211,7 @@ class PublisherThread:
                 return
             finally:
                 self.busy_s += time.perf_counter() - t0
+                self.cpu_s = time.thread_time() - cpu0
             with self._lock:
                 self._delivered = max(self._delivered, posted)
                 self._done.notify_all()
