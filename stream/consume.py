@@ -11,13 +11,12 @@ import base64
 import hashlib
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from stream.config import KafkaConfig
 from stream.connect import kafka_consumer, kafka_producer
@@ -34,7 +33,7 @@ from stream.schemas import (
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Any)
 
 
 RECONNECT_BACKOFF_MAX_MS = 1000
@@ -75,9 +74,8 @@ def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> Kafk
     return kafka_consumer(kafka, **config)
 
 
-@dataclass(frozen=True)
-class Decoded(Generic[M]):
-    """A validated message with the record it came from."""
+class Decoded(NamedTuple, Generic[M]):
+    """A validated message with the record it came from (a tuple: one is built per message)."""
 
     message: M
     record: ConsumerRecord

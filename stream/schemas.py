@@ -251,13 +251,32 @@ def parse_event(obj: Any) -> Event:
     """
     if type(obj) is not dict:
         raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
-    user_id = _check_id(obj, "user_id")
-    item_id = _check_id(obj, "item_id")
-    label = _check_label(obj)
-    ts = _check_ts(obj)
-    context = obj.get("context", _EMPTY)
+    # The common shape is checked inline (this runs once per event); anything else takes the
+    # _check_* helpers, which hold the rules and write the reasons.
+    get = obj.get
+    user_id, item_id = get("user_id"), get("item_id")
+    if (
+        type(user_id) is str and type(item_id) is str
+        and 0 < len(user_id) <= MAX_ID_LEN and 0 < len(item_id) <= MAX_ID_LEN
+    ):
+        user_id, item_id = user_id.strip(_WHITESPACE), item_id.strip(_WHITESPACE)
+    else:
+        user_id, item_id = _check_id(obj, "user_id"), _check_id(obj, "item_id")
+    label = get("label", 1)
+    if type(label) is not int or (label != 1 and label != 0):
+        label = _check_label(obj)
+    ts = get("ts")
+    if type(ts) is not float or not 0.0 <= ts < 1e11:
+        ts = _check_ts(obj)
+    context = get("context", _EMPTY)
     if context is not _EMPTY:
-        context = _check_feature_values("context", context)
+        if type(context) is dict and len(context) <= MAX_FEATURES:
+            for value in context.values():
+                if type(value) is not str:
+                    context = _check_feature_values("context", context)
+                    break
+        else:
+            context = _check_feature_values("context", context)
     user = obj.get("user")
     if user is not None:
         user = _check_feature_values("user", user)
