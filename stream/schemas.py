@@ -255,11 +255,10 @@ def parse_event(obj: Any) -> Event:
     # _check_* helpers, which hold the rules and write the reasons.
     get = obj.get
     user_id, item_id = get("user_id"), get("item_id")
-    if (
-        type(user_id) is str and type(item_id) is str
-        and 0 < len(user_id) <= MAX_ID_LEN and 0 < len(item_id) <= MAX_ID_LEN
-    ):
+    if type(user_id) is str and type(item_id) is str:
         user_id, item_id = user_id.strip(_WHITESPACE), item_id.strip(_WHITESPACE)
+        if not (0 < len(user_id) <= MAX_ID_LEN and 0 < len(item_id) <= MAX_ID_LEN):
+            user_id, item_id = _check_id(obj, "user_id"), _check_id(obj, "item_id")  # raises
     else:
         user_id, item_id = _check_id(obj, "user_id"), _check_id(obj, "item_id")
     label = get("label", 1)
