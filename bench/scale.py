@@ -108,9 +108,9 @@ def part_publish(args: argparse.Namespace) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-"))
     settings, redis_pid = start_redis(run_dir)
     try:
-        import redis
+        from stream.connect import redis_client
 
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings.redis_config())
         keys = settings.redis_keys()
         writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
         t0 = time.perf_counter()
@@ -213,9 +213,9 @@ def part_users(args: argparse.Namespace) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-users-"))
     settings, redis_pid = start_redis(run_dir)
     try:
-        import redis
+        from stream.connect import redis_client
 
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings.redis_config())
         keys = settings.redis_keys()
         writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
         t0 = time.perf_counter()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import redis
 
 from bench.common import print_table, record, summary_line
 from bench.freshness import (
@@ -37,6 +36,7 @@ from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers
 from fmstream import services
 from serving.store import VectorStore
 from serving.users import decode_user_record
+from stream.connect import kafka_consumer, redis_client
 
 log = logging.getLogger("bench.scale")
 
@@ -187,7 +187,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     loop = None
     try:
         log.info("services: %s", services.up(settings))
-        store = VectorStore(redis.Redis.from_url(settings.redis_url), settings.redis_keys())
+        store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
         procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
         procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log")
         total = int(args.rate * (args.seconds + args.warmup + 120))
@@ -211,9 +211,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         loop.run(args.warmup, args.inflight, None)  # profiles applied, records published
         loop.drain()
         loop.take()
-        from kafka import KafkaConsumer
-
-        offsets = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        offsets = kafka_consumer(settings.kafka_config())
         pids = {n: p.pid for n, p in procs.items()}
         cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
         redis_pid = service_pid(settings, "redis") or 0

@@ -17,6 +17,7 @@ from fmstream.settings import Settings
 from serving.client import FmClient
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
+from stream.connect import redis_client as connect_redis
 from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
@@ -101,7 +102,7 @@ def newest(store: VectorStore) -> int:
 def test_flushall_with_an_idle_trainer_republishes_by_itself(loop: Loop) -> None:
     settings = loop.settings
     feed(settings, 3000)
-    client_redis = redis.Redis.from_url(settings.redis_url)
+    client_redis = connect_redis(settings.redis_config())
     store = VectorStore(client_redis, settings.redis_keys())
     wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 3000, 120,
              "the trainer to apply the stream")
@@ -121,7 +122,7 @@ def test_flushall_with_an_idle_trainer_republishes_by_itself(loop: Loop) -> None
 def test_flushall_and_trainer_restart_keep_versions_increasing(loop: Loop) -> None:
     settings = loop.settings
     feed(settings, 3000)
-    client_redis = redis.Redis.from_url(settings.redis_url)
+    client_redis = connect_redis(settings.redis_config())
     store = VectorStore(client_redis, settings.redis_keys())
     wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 3000, 120,
              "the trainer to apply the stream")

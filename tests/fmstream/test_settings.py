@@ -234,3 +234,24 @@ def test_a_port_claimed_by_another_session_is_not_taken_too() -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_every_client_is_built_by_the_factories() -> None:
+    """Credentials and TLS apply everywhere only if no module builds a client by itself."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    direct = re.compile(r"\b(KafkaConsumer|KafkaProducer|KafkaAdminClient)\(|"
+                        r"\bRedis\.from_url\(|\bredis\.Redis\(|\bStrictRedis\(")
+    offenders = []
+    for folder in ("fmstream", "model", "stream", "serving", "train", "bench", "tests"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.name == "connect.py" and path.parent.name == "stream":
+                continue
+            if path == Path(__file__).resolve():
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if direct.search(line):
+                    offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not offenders, "build clients with stream.connect:\n" + "\n".join(offenders)
