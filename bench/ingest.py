@@ -216,6 +216,7 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--note", default="", help="appended to the notes (e.g. what shared the box)")
     args = ap.parse_args()
     n = 20_000 if args.quick else args.events
 
@@ -385,8 +386,8 @@ def main() -> None:
         "'other' = the rest of the process (kafka-python's IO thread, GC). Bare consume reads "
         "the same topic with the same consumer settings and does nothing else. loadavg = 1-min "
         f"load before/after the trainer run on {os.cpu_count()} cores (other processes share "
-        f"the machine). CRC32C of fetched batches: {crc}."
-    )
+        f"the machine). CRC32C of fetched batches: {crc}. {args.note}"
+    ).strip()
     if not args.no_record:
         record("ingest", columns, rows, summary, notes)
     print(summary)
