@@ -78,6 +78,7 @@ class TrainConfig:
     init_std: float = 0.01
     hinge_margin: float = 1.0
     neg_pool: int = 512
+    step_scaling: Literal["none", "count"] = "none"
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
@@ -121,6 +122,8 @@ class TrainConfig:
             or (self.neg_pool < 0)
         ):
             raise bad("neg_pool must be an integer >= 0", self.neg_pool)
+        if self.step_scaling not in ("none", "count"):
+            raise bad("step_scaling must be 'none' or 'count'", self.step_scaling)
         if not (
             isinstance(self.hinge_margin, int | float)
             and math.isfinite(self.hinge_margin)
@@ -309,6 +312,42 @@ class OnlineFM:
         self.n_updates += b
         return loss
 
+    def replay_many(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        contexts: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> float:
+        """One optimiser step on *past* positives (replay); returns the mean loss.
+
+        Unlike :meth:`learn_many` nothing but parameters changes: no positive counts, no
+        histories, no sightings or expiry, no new context values (unknown ones use their
+        fallback rows). Ids not known yet become known (they normally are).
+        """
+        b = len(user_ids)
+        if len(item_ids) != b:
+            raise InputError(f"replay_many: {b} user ids but {len(item_ids)} item ids")
+        if contexts is not None and len(contexts) != b:
+            raise InputError(f"replay_many: {b} events but {len(contexts)} contexts")
+        if b == 0:
+            return 0.0
+        if self._has_context and contexts is not None:
+            ck, cw = self._space.encode("context", contexts, create=False)
+        else:
+            ck, cw = np.zeros((b, 0), dtype=np.int64), np.zeros((b, 0), dtype=np.float32)
+        ue, new_users = self._users.prepare(user_ids)
+        ie, new_items = self._items.prepare(item_ids)
+        self._users.commit(new_users)
+        self._items.commit(new_items)
+        uu, u_inv = np.unique(ue, return_inverse=True)
+        ukeys, uw = self._users.keys_of(uu)
+        pos = np.arange(b)
+        neg, valid = self._sampler.sample(
+            self._items.counts, self._items.n, ie, self.config.negatives, self.config.neg_pool
+        )
+        y = np.ones(b, dtype=np.float32)
+        return self._step(ukeys, uw, u_inv, ie, y, ck, cw, pos, neg, valid)
+
     def _step(
         self,
         ukeys: np.ndarray,
@@ -384,7 +423,17 @@ class OnlineFM:
             return 0.0
         total.backward()
         grad = s.grad.numpy() if s.grad is not None else np.zeros_like(vals)
-        self._table.adagrad_step(uniq, vals, grad, cfg.lr, cfg.l2)
+        counts = None
+        if cfg.step_scaling == "count":
+            # events behind each row: an entity counts its events (a sampled negative 1/k)
+            ev = np.stack(cols, axis=1)[: (b if cfg.loss == "logistic" else pos.size)]
+            ent_n = np.bincount(ev.ravel(), minlength=keys.shape[0]).astype(np.float64)
+            ent_n[nu:] += np.bincount(
+                neg_i, minlength=keys.shape[0] - nu
+            )[: keys.shape[0] - nu] / max(k, 1)
+            slot_n = np.repeat(ent_n, keys.shape[1]) * (x.ravel() != 0)
+            counts = np.bincount(inv, weights=slot_n, minlength=uniq.size)
+        self._table.adagrad_step(uniq, vals, grad, cfg.lr, cfg.l2, counts)
         if w0.grad is not None:
             g0 = float(w0.grad)
             self._w0_acc += g0 * g0

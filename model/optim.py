@@ -123,13 +123,25 @@ class RowTable:
         return uniq, inverse
 
     def adagrad_step(
-        self, rows: np.ndarray, values: np.ndarray, grad: np.ndarray, lr: float, l2: float
+        self,
+        rows: np.ndarray,
+        values: np.ndarray,
+        grad: np.ndarray,
+        lr: float,
+        l2: float,
+        counts: np.ndarray | None = None,
     ) -> None:
         """Row-wise Adagrad on unique ``rows`` whose current values are ``values``.
 
         ``grad`` is the summed loss gradient of each row; L2 (``l2 * row``) is added once per
         row per batch (lazy L2 on the touched rows only). ``values`` and ``grad`` are used as
         scratch (overwritten).
+
+        ``counts`` (events behind each row's summed gradient, >= 1) makes one step of ``n``
+        events act like ``n`` small steps: the accumulator grows by ``|g|²/n`` (the squared
+        gradient of one event when the ``n`` agree), so the row moves ``√n`` times further than
+        a plain Adagrad step of the sum (sequential steps would move about ``2√n``). Without
+        it, a burst of ``n`` events of one row moves it like one event.
         """
         g = grad
         if l2 != 0.0:
@@ -137,8 +149,13 @@ class RowTable:
         gw = g[:, 0]
         gv = g[:, 1:]
         acc = self.acc[rows]
-        acc[:, 0] += gw * gw
-        acc[:, 1] += np.einsum("ij,ij->i", gv, gv) / np.float32(self.dim)
+        if counts is None:
+            acc[:, 0] += gw * gw
+            acc[:, 1] += np.einsum("ij,ij->i", gv, gv) / np.float32(self.dim)
+        else:
+            inv_n = (1.0 / np.maximum(counts, 1.0)).astype(np.float32)
+            acc[:, 0] += gw * gw * inv_n
+            acc[:, 1] += np.einsum("ij,ij->i", gv, gv) * (inv_n / np.float32(self.dim))
         self.acc[rows] = acc
         scale = np.sqrt(acc)
         scale += np.float32(EPS)

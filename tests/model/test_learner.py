@@ -1,0 +1,196 @@
+"""The training policy (model/learner.py): batches become steps of a fixed size whatever the
+transport's batching, replay is deterministic and survives a state round trip, replay changes
+parameters only, policy values are validated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import ConfigError, FeatureSchema, InputError, OnlineFM, TrainConfig
+from model.learner import Learner, LearnPolicy
+from model.optim import RowTable
+
+SCHEMA = FeatureSchema.from_dict(
+    {
+        "user": {"segment": {}, "recent": {"kind": "history", "history_len": 4}},
+        "item": {"category": {}},
+        "context": {"hour": {}},
+    }
+)
+
+
+def events(n: int = 300, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    u = [f"u{x}" for x in rng.integers(0, 20, n)]
+    i = [f"i{x}" for x in rng.integers(0, 30, n)]
+    y = (rng.random(n) < 0.8).astype(np.float32)
+    ctx = [{"hour": str(h)} for h in rng.integers(0, 24, n)]
+    ts = np.arange(n, dtype=np.float64)
+    return u, i, y, ctx, ts
+
+
+def model(seed: int = 0) -> OnlineFM:
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=4, negatives=3, seed=seed))
+    fm.upsert_users([f"u{x}" for x in range(20)], [{"segment": f"s{x % 3}"} for x in range(20)])
+    fm.upsert_items([f"i{x}" for x in range(30)], [{"category": f"c{x % 3}"} for x in range(30)])
+    return fm
+
+
+def params(fm: OnlineFM) -> np.ndarray:
+    t = fm._table
+    return np.concatenate([t.params[: t.n_rows].ravel(), t.acc[: t.n_rows].ravel(), [fm.bias]])
+
+
+def feed(learner: Learner, polls: list[int], data) -> None:
+    u, i, y, ctx, ts = data
+    lo = 0
+    for size in polls:
+        hi = lo + size
+        learner.learn(u[lo:hi], i[lo:hi], y[lo:hi], contexts=ctx[lo:hi], ts=ts[lo:hi])
+        lo = hi
+    assert lo == len(u)
+
+
+def test_a_batch_is_learned_as_steps_of_step_events() -> None:
+    data = events(100)
+    u, i, y, ctx, ts = data
+    a = model()
+    Learner(a, LearnPolicy(step_events=32)).learn(u, i, y, contexts=ctx, ts=ts)
+    b = model()
+    for lo in (0, 32, 64, 96):
+        sl = slice(lo, lo + 32)
+        b.learn_many(u[sl], i[sl], y[sl], contexts=ctx[sl], ts=ts[sl])
+    assert np.array_equal(params(a), params(b))
+    assert a.n_updates == b.n_updates == 100
+
+
+@pytest.mark.parametrize("replay", [0.0, 1.5])
+def test_result_does_not_depend_on_poll_sizes(replay: float) -> None:
+    """Polls that are multiples of step_events give the same steps, hence the same model."""
+    data = events(256)
+    one, many = model(), model()
+    pol = LearnPolicy(step_events=32, replay=replay, replay_buffer=50)
+    feed(Learner(one, pol), [256], data)
+    feed(Learner(many, pol), [64, 32, 128, 32], data)
+    assert np.array_equal(params(one), params(many))
+
+
+def test_replay_trains_parameters_only() -> None:
+    fm = model()
+    learner = Learner(fm, LearnPolicy(step_events=16, replay=2.0, replay_buffer=40))
+    u, i, y, ctx, ts = events(64)
+    learner.learn(u, i, y, contexts=ctx, ts=ts)
+    counts_before = fm.item_counts()[1].copy()
+    hist_before = {x: fm.user_history(x) for x in set(u)}
+    updates = fm.n_updates
+    p = params(fm)
+    learner._replay(16)
+    assert learner.n_replayed > 0
+    assert not np.array_equal(params(fm), p)  # it trained
+    assert np.array_equal(fm.item_counts()[1], counts_before)
+    assert {x: fm.user_history(x) for x in set(u)} == hist_before
+    assert fm.n_updates == updates
+    # 2 per positive (none owed while the buffer was still empty), + 32 for the 16 asked
+    assert 32 < learner.n_replayed <= 2.0 * float((y >= 0.5).sum()) + 32
+
+
+def test_replay_buffer_is_bounded() -> None:
+    learner = Learner(model(), LearnPolicy(step_events=16, replay=1.0, replay_buffer=10))
+    u, i, y, ctx, ts = events(200)
+    learner.learn(u, i, y, contexts=ctx, ts=ts)
+    st = learner.state()
+    assert len(st["buf_u"]) == len(st["buf_i"]) == len(st["buf_c"]) == 10
+    assert st["buf_n"] == int((y >= 0.5).sum())
+
+
+def test_restored_learner_continues_exactly() -> None:
+    """Model state + learner state restore to a run identical to an uninterrupted one."""
+    data = events(300)
+    u, i, y, ctx, ts = data
+    pol = LearnPolicy(step_events=16, replay=1.5, replay_buffer=64, seed=3)
+    straight = Learner(model(), pol)
+    feed(straight, [100, 200], data)
+
+    first = Learner(model(), pol)
+    first.learn(u[:100], i[:100], y[:100], contexts=ctx[:100], ts=ts[:100])
+    header, arrays = first.model.state()
+    restored = Learner.from_state(OnlineFM.from_state(header, arrays), first.state())
+    restored.learn(u[100:], i[100:], y[100:], contexts=ctx[100:], ts=ts[100:])
+    assert np.array_equal(params(straight.model), params(restored.model))
+    assert straight.n_replayed == restored.n_replayed
+
+
+def test_same_seed_same_model_other_seed_differs() -> None:
+    data = events(200)
+    runs = []
+    for seed in (1, 1, 2):
+        learner = Learner(model(), LearnPolicy(step_events=32, replay=1.0, seed=seed))
+        feed(learner, [200], data)
+        runs.append(params(learner.model))
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_policy_and_input_validation() -> None:
+    for bad in (
+        {"step_events": 0},
+        {"step_events": 1.5},
+        {"replay": -1},
+        {"replay": float("nan")},
+        {"replay_buffer": 0},
+        {"seed": -1},
+        {"step_events": True},
+    ):
+        with pytest.raises(ConfigError):
+            LearnPolicy(**bad)
+    with pytest.raises(ConfigError):
+        Learner(model(), policy="fast")  # type: ignore[arg-type]
+    learner = Learner(model())
+    with pytest.raises(InputError):
+        learner.learn(["u1"], ["i1", "i2"])
+    with pytest.raises(InputError):
+        learner.learn(["u1"], ["i1"], labels=np.array([1.0, 0.0]))
+    with pytest.raises(InputError):
+        learner.learn(["u1"], ["i1"], contexts=[])
+    with pytest.raises(InputError):
+        learner.learn(["u1"], ["i1"], ts=np.array([1.0, 2.0]))
+    assert learner.learn([], []) == 0.0
+    with pytest.raises(InputError):
+        learner.model.replay_many(["u1"], [])
+
+
+def test_count_scaling_of_one_event_rows_is_plain_adagrad() -> None:
+    rng = np.random.default_rng(0)
+    rows = np.array([1, 2, 3])
+    grads = rng.normal(size=(3, 5)).astype(np.float32)
+    out = []
+    for counts in (None, np.ones(3)):
+        t = RowTable(4, 0.1, np.random.default_rng(1))
+        t.alloc(4)
+        t.adagrad_step(rows, t.params[rows].copy(), grads.copy(), 0.1, 0.0, counts)
+        out.append(t.params[:4].copy())
+    assert np.array_equal(out[0], out[1])
+
+
+def test_count_scaling_moves_a_burst_further() -> None:
+    """n agreeing events in one step move a row ~√n as far as one event (plain Adagrad: 1x)."""
+    g = np.ones((1, 5), dtype=np.float32)
+    moved = {}
+    for counts in (None, np.array([16.0])):
+        t = RowTable(4, 0.0, np.random.default_rng(1))
+        t.alloc(2)
+        t.adagrad_step(np.array([1]), t.params[[1]].copy(), 16 * g, 0.1, 0.0, counts)
+        moved["plain" if counts is None else "count"] = float(np.abs(t.params[1]).max())
+    assert moved["plain"] == pytest.approx(0.1, rel=1e-4)
+    assert moved["count"] == pytest.approx(0.4, rel=1e-4)
+
+
+def test_step_scaling_config_is_validated_and_trains() -> None:
+    with pytest.raises(ConfigError):
+        TrainConfig(step_scaling="sqrt")  # type: ignore[arg-type]
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=4, negatives=3, step_scaling="count"))
+    u, i, y, ctx, ts = events(64)
+    loss = fm.learn_many(u, i, y, contexts=ctx, ts=ts)
+    assert np.isfinite(loss)
+    assert np.isfinite(params(fm)).all()
