@@ -80,6 +80,15 @@ class LagReport:
 
         return {name: age(key) for name, key in AGE_KEYS.items()}
 
+    def live_hit_rate(self) -> dict[str, float | None]:
+        """The trainer's test-then-train HR@10 by cohort, from the status hash (None: no
+        sample yet)."""
+        out: dict[str, float | None] = {}
+        for cohort in ("warm", "cold"):
+            v = self.status.get(f"live_hit_rate_{cohort}")
+            out[cohort] = None if v in (None, "") else float(v)
+        return out
+
     def to_json(self) -> dict:
         """Everything as plain JSON types (``fmstream lag --json``)."""
         groups = {}
@@ -97,6 +106,7 @@ class LagReport:
             "total_lag": {g: v["total_lag"] for g, v in groups.items()},
             "ages": self.ages(),
             "model_version": self.status.get("model_version"),
+            "live_hit_rate": self.live_hit_rate(),
             "worker_versions": self.workers,
             "health": None if self.health is None else {
                 "window_s": round(self.window_s, 3),
@@ -380,6 +390,8 @@ def render(report: LagReport, problems: Sequence[str] = (), *, window_s: float |
         fresh.add_row(k, _fmt_age(v))
     version = report.status.get("model_version")
     fresh.add_row("model_version (Redis)", "-" if version is None else f"v{version}")
+    for cohort, rate in report.live_hit_rate().items():
+        fresh.add_row(f"live HR@10 {cohort}", "-" if rate is None else f"{rate:.3f}")
     for worker, served in sorted(report.workers.items()):
         behind = "" if version is None or served >= int(version) else \
             f" ({int(version) - served} behind)"

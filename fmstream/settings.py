@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     neg_alpha: float = Field(0.75, ge=0, description="popularity exponent of negative sampling")
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch/faiss intra-op threads per process")
+    step_events: int = Field(
+        256, ge=1, description="events per optimiser step whatever the poll size (model/learner)"
+    )
+    replay: float = Field(0.0, ge=0, description="past positives replayed per new positive")
+    replay_buffer: int = Field(20_000, ge=1, description="recent positives kept for replay")
+    live_sample_every: int = Field(16, ge=1, description="every n-th positive is scored "
+                                   "before it is learned (fmstream_live_hit_rate)")
 
     # --- trainer --------------------------------------------------------------------------
     max_poll_records: int = Field(2048, ge=1)
@@ -320,6 +327,7 @@ class Settings(BaseSettings):
 
     def trainer_config(self) -> TrainerConfig:
         """What ``train.loop.Trainer`` needs."""
+        from model.learner import LearnPolicy
         from train.config import TrainerConfig
 
         return TrainerConfig(
@@ -328,6 +336,9 @@ class Settings(BaseSettings):
             checkpoint_every_events=self.checkpoint_every_events,
             checkpoint_every_s=self.checkpoint_every_s, max_poll_records=self.max_poll_records,
             max_message_bytes=self.max_message_bytes, check_crcs=self.kafka_check_crcs,
+            policy=LearnPolicy(step_events=self.step_events, replay=self.replay,
+                               replay_buffer=self.replay_buffer, seed=self.seed),
+            live_sample_every=self.live_sample_every,
         )
 
     def publish_config(self) -> PublishConfig:

@@ -103,9 +103,8 @@ class Learner:
     ) -> float:
         """Learn a batch of events (any size) under the policy; returns the mean step loss.
 
-        Same arguments and errors as :meth:`OnlineFM.learn_many`. The batch is validated by
-        the model step by step: an error in a later step leaves the earlier steps applied
-        (callers that need all-or-nothing validate first, as the trainer's decoder does).
+        Same arguments and errors as :meth:`OnlineFM.learn_many`, and all-or-nothing like it:
+        the whole batch is validated before its first step, so an error changes nothing.
         """
         b = len(user_ids)
         if len(item_ids) != b:
@@ -121,6 +120,8 @@ class Learner:
             if ts.size != b:
                 raise InputError(f"learn: {b} events but {ts.size} timestamps")
         step = self.policy.step_events
+        if b > step:  # one step validates itself; several must not half-apply a bad batch
+            self.model.check_events(user_ids, item_ids, labels, contexts, ts)
         losses = []
         for lo in range(0, b, step):
             hi = min(b, lo + step)

@@ -312,6 +312,41 @@ class OnlineFM:
         self.n_updates += b
         return loss
 
+    def check_events(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        labels: np.ndarray | None = None,
+        contexts: Sequence[Mapping[str, Any] | None] | None = None,
+        ts: np.ndarray | float | None = None,
+    ) -> None:
+        """Raise what :meth:`learn_many` would raise for this batch; changes nothing.
+
+        Lets a caller that applies a batch in several steps (:class:`model.learner.Learner`)
+        keep the batch all-or-nothing.
+        """
+        b = len(user_ids)
+        if len(item_ids) != b:
+            raise InputError(f"learn_many: {b} user ids but {len(item_ids)} item ids")
+        if labels is not None:
+            y = np.asarray(labels, dtype=np.float32).reshape(-1)
+            if y.size != b:
+                raise InputError(f"learn_many: {b} events but {y.size} labels")
+            if not np.all((y >= 0.0) & (y <= 1.0)):
+                raise InputError("learn_many: labels must lie in [0, 1] (1 = positive)")
+        if ts is not None:
+            t = np.broadcast_to(np.asarray(ts, dtype=np.float64), (b,))
+            if b and not np.all(np.isfinite(t)):
+                raise InputError("learn_many: ts must be finite seconds since the epoch")
+        if contexts is not None and len(contexts) != b:
+            raise InputError(f"learn_many: {b} events but {len(contexts)} contexts")
+        if b == 0:
+            return
+        if self._has_context and contexts is not None:
+            self._space.encode("context", contexts, create=False)
+        self._users.prepare(user_ids)
+        self._items.prepare(item_ids)
+
     def replay_many(
         self,
         user_ids: Sequence[str],
@@ -679,6 +714,21 @@ class OnlineFM:
 
     def has_item(self, item_id: str) -> bool:
         return (item_id if type(item_id) is str else canon(item_id)) in self._items.index
+
+    @property
+    def n_items(self) -> int:
+        """Number of known items."""
+        return self._items.n
+
+    def user_positives(self, user_ids: Sequence[str]) -> np.ndarray:
+        """Positive events learned so far per user (int64; 0 for unknown users)."""
+        out = np.zeros(len(user_ids), dtype=np.int64)
+        index = self._users.index
+        for j, u in enumerate(user_ids):
+            e = index.get(u if type(u) is str else canon(u))
+            if e is not None:
+                out[j] = self._users.counts[e]
+        return out
 
     def item_counts(self) -> tuple[list[str], np.ndarray]:
         """``(ids, positive counts int64)`` of every known item (popularity fallback)."""

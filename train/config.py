@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.learner import LearnPolicy
 from stream.config import KafkaConfig, Topics
 
 
@@ -25,6 +26,9 @@ class TrainerConfig:
         max_poll_records: records per poll.
         max_message_bytes: larger messages are dead-lettered.
         check_crcs: verify the CRC32C of fetched record batches.
+        policy: how polls become optimiser steps (model/learner.py); checkpointed with its
+            replay state.
+        live_sample_every: every n-th positive is scored before it is learned (live HR@10).
     """
 
     kafka: KafkaConfig
@@ -36,6 +40,8 @@ class TrainerConfig:
     max_poll_records: int = 2048
     max_message_bytes: int = 65536
     check_crcs: bool = True
+    policy: LearnPolicy = field(default_factory=LearnPolicy)
+    live_sample_every: int = 16
 
 
 @dataclass(frozen=True)

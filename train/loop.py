@@ -37,6 +37,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from model.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
 from model.errors import CheckpointError, ModelError
+from model.learner import Learner
+from model.live import LiveHitRate
 from model.online import OnlineFM
 from stream.consume import Decoded, decode_events, decode_records, make_consumer
 from stream.schemas import Event, ItemProfile, UserProfile
@@ -91,6 +93,7 @@ class TrainerStats:
     dead_letters: int  # sent by this process
     newest_event_ts: float | None
     checkpoint_age_s: float  # since the last checkpoint (or the start)
+    live_hit_rate: dict[str, float] = field(default_factory=dict)  # cohort -> test-then-train HR@10
 
 
 class BatchObserver(Protocol):
@@ -111,6 +114,7 @@ class Progress:
     dead_letters: int = 0
     newest_event_ts: float | None = None
     published_version: int = 0  # the publisher's newest version: versions resume above it
+    live_hit_rate: dict[str, float] = field(default_factory=dict)  # cohort -> HR@10 (sampled)
 
     def to_metadata(self) -> dict[str, Any]:
         return {
@@ -184,10 +188,12 @@ class Trainer:
         if restored is None:
             self.model = new_model()
             self.progress = Progress()
+            self.learner = Learner(self.model, config.policy)
             log.info("no checkpoint in %s: starting a new model", config.checkpoint_dir)
         else:
             self.model, meta = restored
             self.progress = Progress.from_metadata(meta)
+            self.learner = self._restore_learner(meta.get("learner"))
             log.info(
                 "restored checkpoint %s: %d events applied",
                 self._own_checkpoint,
@@ -230,6 +236,21 @@ class Trainer:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._checkpoint_retry_at = 0.0
+        self.live = LiveHitRate(k=10, sample_every=config.live_sample_every)
+
+    def _restore_learner(self, state: dict[str, Any] | None) -> Learner:
+        """The checkpointed learner (replay buffer and generator) when its policy is still the
+        configured one; otherwise a fresh learner under the configured policy."""
+        if state is not None:
+            try:
+                learner = Learner.from_state(self.model, state)
+            except (KeyError, TypeError, ValueError, ModelError) as exc:
+                log.warning("checkpointed learner state unusable (%r): starting it afresh", exc)
+            else:
+                if learner.policy == self.config.policy:
+                    return learner
+                log.info("learning policy changed since the checkpoint: replay buffer emptied")
+        return Learner(self.model, self.config.policy)
 
     def stats(self) -> TrainerStats:
         """What the trainer has done so far (for metrics; cheap, safe from any thread)."""
@@ -238,6 +259,7 @@ class Trainer:
             dead_letters=self.dead_letters.count,
             newest_event_ts=self.progress.newest_event_ts,
             checkpoint_age_s=time.monotonic() - self._last_checkpoint,
+            live_hit_rate=self.live.rates(),
         )
 
     @property
@@ -507,13 +529,15 @@ class Trainer:
 
     def _learn(self, events: Sequence[Event]) -> None:
         ts = np.array([e.ts if e.ts is not None else time.time() for e in events], dtype=np.float64)
-        self.model.learn_many(
-            [e.user_id for e in events],
-            [e.item_id for e in events],
-            labels=np.array([e.label for e in events], dtype=np.float32),
-            contexts=[e.context for e in events],
-            ts=ts,
-        )
+        users = [e.user_id for e in events]
+        items = [e.item_id for e in events]
+        labels = np.array([e.label for e in events], dtype=np.float32)
+        try:  # test, then train; a metric never stops training
+            self.live.observe(self.model, users, items, labels)
+        except Exception:
+            log.exception("live hit rate: scoring a sample failed (training goes on)")
+        self.learner.learn(users, items, labels, contexts=[e.context for e in events], ts=ts)
+        self.progress.live_hit_rate = self.live.rates()
         self.progress.events_applied += len(events)
         newest = float(ts.max())
         if self.progress.newest_event_ts is None or newest > self.progress.newest_event_ts:
@@ -549,7 +573,9 @@ class Trainer:
                 self.progress.published_version, int(getattr(publisher, "version", 0) or 0)
             )
             path = save_checkpoint(
-                self.config.checkpoint_dir, self.model, self.progress.to_metadata()
+                self.config.checkpoint_dir,
+                self.model,
+                {**self.progress.to_metadata(), "learner": self.learner.state()},
             )
             self._own_checkpoint = path.name
             self._since_checkpoint = 0

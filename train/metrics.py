@@ -18,6 +18,9 @@ fmstream_checkpoint_age_seconds      gauge     since the last checkpoint (or the
 fmstream_publish_age_seconds         gauge     since the last publish, by ``what`` (users,
                                                items, i2i); NaN before the first
 fmstream_model_version               gauge     the item snapshot version last published
+fmstream_live_hit_rate               gauge     test-then-train HR@10 of sampled incoming
+                                               positives, by ``k`` and ``cohort`` (warm, cold;
+                                               NaN before the first sample; model/live.py)
 ==================================== ========= ==============================================
 """
 
@@ -73,6 +76,10 @@ class TrainerMetrics:
         self.model_version = Gauge("fmstream_model_version",
                                    "Item snapshot version last published (trainer) or served "
                                    "(worker)", registry=registry)
+        self.live_hit_rate = Gauge("fmstream_live_hit_rate",
+                                   "Share of sampled incoming positives whose item was in the "
+                                   "user's top-k before the model learned them",
+                                   ["k", "cohort"], registry=registry)
         self._dead_seen = 0
         self._applied_seen = 0
 
@@ -99,6 +106,10 @@ class TrainerMetrics:
         for what in ("users", "items", "i2i"):
             self.publish_age.labels(what).set_function(publish_age(what))
         self.model_version.set_function(lambda: float(publish_stats().version))
+        for cohort in ("warm", "cold"):
+            self.live_hit_rate.labels("10", cohort).set_function(
+                lambda c=cohort: trainer_stats().live_hit_rate.get(c, math.nan)
+            )
         stats = trainer_stats()
         self._dead_seen = stats.dead_letters
         self._applied_seen = stats.events_applied

@@ -126,6 +126,11 @@ class Publisher:
             events_applied=progress.events_applied,
             trainer_event_time=progress.newest_event_ts or 0.0,
             dead_letters=progress.dead_letters,
+            **{
+                f"live_hit_rate_{cohort}": rate
+                for cohort, rate in getattr(progress, "live_hit_rate", {}).items()
+                if rate == rate  # NaN (no sample yet) is not written
+            },
         )
 
     # --- cadences --------------------------------------------------------------------------

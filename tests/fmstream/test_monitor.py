@@ -53,7 +53,7 @@ def _report(**kw) -> LagReport:
              PartitionLag("sv", "rq", 0, 7, 7)]
     now = 1_700_000_000.0
     status = {"model_version": 9, "trainer_event_time": now - 12.0, "checkpoint_at": now - 2.0,
-              "items_published_at": now - 1.0}
+              "items_published_at": now - 1.0, "live_hit_rate_warm": "0.125"}
     return LagReport(now, parts, status, {"w1": 9, "w2": 8}, **kw)
 
 
@@ -86,11 +86,12 @@ def test_render_shows_lag_health_and_versions() -> None:
     Console(file=out, width=160).print(render(report, ["over a threshold"]))
     text = out.getvalue()
     for expected in ("consumer lag", "WARN ev[0]: lag did not fall", "v9", "v8 (1 behind)",
-                     "over a threshold", "never"):
+                     "over a threshold", "never", "live HR@10 warm", "0.125"):
         assert expected in text, expected
     data = report.to_json()
     assert data["partitions"][1]["committed"] is None and data["partitions"][1]["lag"] == 5
     assert data["health"]["groups"]["tr"]["status"] == "WARN"
+    assert data["live_hit_rate"] == {"warm": 0.125, "cold": None}
 
 
 def _exported_names() -> set[str]:
@@ -346,6 +347,9 @@ def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io
                                  for p in range(s.partitions_events)) else None
 
     m = wait_for(caught_up, 60, "the trainer to apply and commit 1000 events")
+    # test-then-train quality of sampled positives (every 16th of 1000 -> some samples)
+    for cohort in ("warm", "cold"):
+        assert 0.0 <= _value(m, "fmstream_live_hit_rate", k="10", cohort=cohort) <= 1.0
     assert _value(m, "kafka_consumergroup_lag_sum", consumergroup=s.trainer_group,
                   topic=s.topic_events) == 0
     assert sum(_value(m, "kafka_consumergroup_current_offset", consumergroup=s.trainer_group,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model import ConfigError, FeatureSchema, InputError, OnlineFM, TrainConfig
+from model import ConfigError, FeatureSchema, InputError, ModelError, OnlineFM, TrainConfig
 from model.learner import Learner, LearnPolicy
 from model.optim import RowTable
 
@@ -194,3 +194,26 @@ def test_step_scaling_config_is_validated_and_trains() -> None:
     loss = fm.learn_many(u, i, y, contexts=ctx, ts=ts)
     assert np.isfinite(loss)
     assert np.isfinite(params(fm)).all()
+
+
+def test_a_bad_batch_changes_nothing_even_across_steps() -> None:
+    """The trainer bisects a rejected batch: a half-applied one would be applied twice."""
+    fm = model()
+    learner = Learner(fm, LearnPolicy(step_events=8, replay=1.0))
+    u, i, y, ctx, ts = events(40)
+    before = params(fm)
+    bad_ctx = [*ctx[:30], {"hour": [1, 2]}, *ctx[31:]]  # a list for a categorical field
+    bad_ts = ts.copy()
+    bad_ts[35] = np.nan
+    bad_y = y.copy()
+    bad_y[39] = 2.0
+    for kw in ({"contexts": bad_ctx, "ts": ts}, {"contexts": ctx, "ts": bad_ts}):
+        with pytest.raises(ModelError):
+            learner.learn(u, i, y, **kw)
+    with pytest.raises(InputError):
+        learner.learn(u, i, bad_y, contexts=ctx, ts=ts)
+    with pytest.raises(ModelError):
+        learner.learn([*u[:20], ["not", "an", "id"], *u[21:]], i, y, contexts=ctx, ts=ts)
+    assert np.array_equal(params(fm), before)
+    assert fm.n_updates == 0
+    assert learner.state()["buf_n"] == 0
