@@ -216,9 +216,19 @@ class SegmentPopularity(Model):
 class BatchPeer(Model):
     """An ``implicit`` model retrained from scratch on all positives before each interval."""
 
-    def __init__(self, d: Data, kind: str, params: dict[str, Any], seed: int) -> None:
+    def __init__(
+        self,
+        d: Data,
+        kind: str,
+        params: dict[str, Any],
+        seed: int,
+        window_s: float | None = None,
+        name: str | None = None,
+    ) -> None:
         self.kind, self.params, self.seed = kind, dict(params), seed
-        self.name = {"als": "ALS", "bpr": "BPR", "knn": "item-kNN"}[kind]
+        self.name = name or {"als": "ALS", "bpr": "BPR", "knn": "item-kNN"}[kind]
+        self.window = window_s
+        self.times: list[np.ndarray] = []
         self.n_users, self.n_items = d.n_users, d.n_items
         self.rows: list[np.ndarray] = []
         self.cols: list[np.ndarray] = []
@@ -231,6 +241,7 @@ class BatchPeer(Model):
         m = d.pos[lo:hi]
         self.rows.append(d.u[lo:hi][m])
         self.cols.append(d.i[lo:hi][m])
+        self.times.append(d.ts[lo:hi][m])
         np.add.at(self.pop, d.i[lo:hi][m], 1.0)
 
     def refresh(self, d: Data, upto: int) -> None:
@@ -239,6 +250,11 @@ class BatchPeer(Model):
         import scipy.sparse as sp
 
         r, c = np.concatenate(self.rows), np.concatenate(self.cols)
+        if self.window:  # only the most recent window of positives (before `upto`)
+            t = np.concatenate(self.times)
+            keep = t >= d.ts[upto - 1] - self.window
+            r, c = r[keep], c[keep]
+            self.pop = np.bincount(c, minlength=self.n_items).astype(np.float64)
         ui = sp.csr_matrix(
             (np.ones(r.size, dtype=np.float32), (r, c)), shape=(self.n_users, self.n_items)
         )
@@ -303,7 +319,10 @@ class OnlineFMModel(Model):
         config: TrainConfig,
         policy: LearnPolicy,
         poll: int | None = None,
+        name: str | None = None,
     ) -> None:
+        if name:
+            self.name = name
         self.fm = OnlineFM(schema, config)
         self.fm.upsert_users(d.user_ids, d.user_profiles)
         self.fm.upsert_items(d.item_ids, d.item_profiles)
@@ -342,6 +361,7 @@ class Score:
     items: set[int]
     cpu_s: float
     intervals: int
+    groups: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # g -> [hits, n]
 
     def hr(self, cohort: str) -> float:
         return self.hits[cohort] / max(self.n[cohort], 1)
@@ -354,8 +374,13 @@ def run(
     end: int,
     interval: str,
     catalogue: int,
+    group: np.ndarray | None = None,
 ) -> dict[str, Score]:
-    """Train every model on ``[0, start)``, then evaluate ``[start, end)`` by intervals."""
+    """Train every model on ``[0, start)``, then evaluate ``[start, end)`` by intervals.
+
+    ``group`` (optional, one int per event, < 0 = none): hits and positives are also counted
+    per group (e.g. drifted users after the switch).
+    """
     torch.set_num_threads(1)
     out = {
         m.name: Score({"warm": 0, "cold": 0}, {"warm": 0, "cold": 0}, set(), 0.0, 0) for m in models
@@ -405,6 +430,13 @@ def run(
             sc.n["warm"] += int(w.sum())
             sc.n["cold"] += int((~w).sum())
             sc.items.update(np.unique(top).tolist())
+            if group is not None:
+                g = group[a:b][m_pos]
+                for gv in np.unique(g[g >= 0]).tolist():
+                    sel = g == gv
+                    acc = sc.groups.setdefault(int(gv), [0, 0])
+                    acc[0] += int(hit[sel].sum())
+                    acc[1] += int(sel.sum())
         done = a
     del catalogue
     return out
@@ -433,7 +465,8 @@ def make(
             schema,
             TrainConfig(**{**cfg, "seed": seed}),
             LearnPolicy(**{**pol, "seed": seed}),
-            poll=poll,
+            poll=params.get("poll", poll),
+            name=params.get("name"),
         )
     return BatchPeer(d, kind, params, seed)
 
@@ -506,6 +539,9 @@ def main() -> None:
     ap.add_argument("--poll", type=int, default=0, help="FM: events per learn() call (0=interval)")
     ap.add_argument("--peers", default="als,bpr,knn")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument(
+        "--poll-check", action="store_true", help="add FM rows fed polls of 64 / 2048 events"
+    )
     args = ap.parse_args()
     t_start = time.time()
     load0 = os.getloadavg()
@@ -527,6 +563,18 @@ def main() -> None:
         res: dict[str, dict[str, list[float]]] = {}
         for seed in range(args.seeds):
             specs = [("pop", {}), ("pop7", {}), ("segpop", {}), ("fm", chosen["fm"])]
+            if args.poll_check and interval != "1":
+                # poll-size invariance: the same policy fed polls of 64 / 2,048 events, and
+                # what one step per poll of 2,048 (no Learner chunking) would do
+                fm = chosen["fm"]
+                specs += [
+                    ("fm", {**fm, "poll": 64, "name": "FM, polls of 64"}),
+                    ("fm", {**fm, "poll": 2048, "name": "FM, polls of 2048"}),
+                    (
+                        "fm",
+                        {**fm, "poll": 2048, "step_events": 2048, "name": "FM, steps of 2048"},
+                    ),
+                ]
             if interval != "1":  # a retrain per positive is out of reach for the peers
                 specs += [(k, chosen[k]) for k in peers]
             if seed > 0:  # deterministic baselines: once

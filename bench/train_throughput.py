@@ -1,9 +1,12 @@
-"""Training throughput: positive events/s of ``OnlineFM.learn_many`` vs River's FMClassifier.
+"""Training throughput: positive events/s of ``Learner.learn`` vs River's FM and Vowpal Wabbit.
 
 Schema: 8 fields (user_id, gender, age buckets, occupation | item_id, genres (multi), year
-buckets | context hour). Each positive event gets 4 sampled negatives (popularity^0.75); River's
-``facto.FMClassifier.learn_one`` is fed the same positives and the same number of negatives (one
-``learn_one`` per example, time-boxed), so both rates count *positive events* per second.
+buckets | context hour). Ours runs the trainer's call: ``Learner.learn`` on polls of 2,048
+events under the default policy (steps of ``LearnPolicy().step_events``), at the default
+``TrainConfig`` (16 uniform negatives per positive) and with 4 negatives. River's
+``facto.FMClassifier.learn_one`` and Vowpal Wabbit (``--lrq`` rank 32 on user x item,
+user x context, item x context namespaces, logistic loss) get each positive plus 4 sampled
+negatives (one example each, time-boxed), so every rate counts *positive events* per second.
 
 Entities are registered and admitted in an untimed warm-up pass; the timed part is the steady
 state of an online trainer (known ids, occasional new ones). Inputs (id lists, context dicts)
@@ -31,6 +34,7 @@ from bench.common import (  # noqa: E402
     synthetic_profiles,
 )
 from model import FeatureSchema, OnlineFM, TrainConfig  # noqa: E402
+from model.learner import Learner, LearnPolicy  # noqa: E402
 
 AGE = (18, 25, 35, 45, 50, 56)
 YEAR = (1950, 1970, 1980, 1990, 1995)
@@ -75,7 +79,14 @@ def batches(prof, u, i, h, b: int):
 
 
 def run_ours(
-    prof, b: int, d: int, threads: int, seconds: float, warm_events: int, rounds: int = 5
+    prof,
+    b: int,
+    d: int,
+    threads: int,
+    seconds: float,
+    warm_events: int,
+    rounds: int = 5,
+    negatives: int = NEG,
 ) -> tuple[float, float, float]:
     """(best-round and median-round positive events per wall second, per CPU second).
 
@@ -83,7 +94,8 @@ def run_ours(
     other processes on a shared machine, the median shows the spread.
     """
     torch.set_num_threads(threads)
-    fm = OnlineFM(SCHEMA, TrainConfig(dim=d, negatives=NEG))
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=d, negatives=negatives))
+    learner = Learner(fm, LearnPolicy())
     fm.upsert_users(prof.user_ids, prof.user_feats)
     fm.upsert_items(prof.item_ids, prof.item_feats)
     u, i, h = make_stream(prof, warm_events, seed=1)
@@ -93,13 +105,13 @@ def run_ours(
     u, i, h = make_stream(prof, n_timed, seed=2)
     todo = iter(batches(prof, u, i, h, b))
     first = next(todo)
-    fm.learn_many(*first[:2], contexts=first[2], ts=first[3])  # first-call effects
+    learner.learn(*first[:2], contexts=first[2], ts=first[3])  # first-call effects
     walls, done_all, cpu_all = [], 0, 0.0
     for _ in range(rounds):
         done = 0
         t0, c0 = time.perf_counter(), time.process_time()
         for users, items, ctx, ts in todo:
-            fm.learn_many(users, items, contexts=ctx, ts=ts)
+            learner.learn(users, items, contexts=ctx, ts=ts)
             done += len(users)
             if time.perf_counter() - t0 >= seconds / rounds:
                 break
@@ -154,6 +166,43 @@ def run_river(prof, d: int, calls: int, seconds: float) -> tuple[float, float, i
     return done / (1 + NEG) / wall, done / (1 + NEG) / cpu, done
 
 
+def run_vw(prof, d: int, calls: int, seconds: float) -> tuple[float, float, int]:
+    """Vowpal Wabbit ``--lrq``: (positive events per wall second, per CPU second, examples)."""
+    import vowpalwabbit
+
+    vw = vowpalwabbit.Workspace(
+        f"--loss_function logistic --lrq ui{d} --lrq uc{d} --lrq ic{d} -b 22 --quiet"
+    )
+    n_pos = calls // (1 + NEG)
+    u, i, h = make_stream(prof, n_pos, seed=3)
+    rng = np.random.default_rng(4)
+    negs = rng.choice(len(prof.item_ids), size=(n_pos, NEG), p=prof.item_pop)
+
+    def line(label: int, uj: int, ij: int, hour: int) -> str:
+        uf, itf = prof.user_feats[uj], prof.item_feats[ij]
+        genres = " ".join(f"g_{g}:{1.0 / len(itf['genres']):.3f}" for g in itf["genres"])
+        return (
+            f"{label} |u id_{prof.user_ids[uj]} sex_{uf['gender']} age_{bucket(uf['age'], AGE)} "
+            f"occ_{uf['occupation']} |i id_{prof.item_ids[ij]} {genres} "
+            f"y_{bucket(itf['year'], YEAR)} |c h_{hour}"
+        )
+
+    lines = []
+    for k in range(n_pos):
+        lines.append(line(1, u[k], i[k], h[k]))
+        lines.extend(line(-1, u[k], n, h[k]) for n in negs[k])
+    t0, c0 = time.perf_counter(), time.process_time()
+    done = 0
+    for x in lines:
+        vw.learn(x)
+        done += 1
+        if done % 1000 == 0 and time.perf_counter() - t0 >= seconds:
+            break
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    vw.finish()
+    return done / (1 + NEG) / wall, done / (1 + NEG) / cpu, done
+
+
 def load_average() -> str:
     try:
         return Path("/proc/loadavg").read_text().split()[0]
@@ -166,85 +215,76 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration")
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--items", type=int, default=20_000)
-    ap.add_argument("--river-calls", type=int, default=20_000, help="learn_one calls for River")
-    ap.add_argument("--no-river", action="store_true", help="skip River (not installed)")
-    ap.add_argument("--quick", action="store_true", help="only batch 1024, dim 32 (smoke run)")
+    ap.add_argument("--peer-calls", type=int, default=40_000, help="examples for River and VW")
+    ap.add_argument("--no-peers", action="store_true", help="skip River and Vowpal Wabbit")
+    ap.add_argument("--quick", action="store_true", help="defaults only (smoke run)")
     args = ap.parse_args()
 
+    torch.set_num_threads(1)  # one intra-op thread per process (see PERF-NOTES)
     prof = synthetic_profiles(args.users, args.items, seed=0)
     warm = args.users + args.items * 4
-    configs = [(b, d) for d in (32, 64) for b in (256, 1024, 4096)]
+    poll = 2048  # the trainer's max_poll_records
+    defaults = TrainConfig()
+    configs = [("defaults", defaults.negatives), ("4 negatives", NEG)]
     if args.quick:
-        configs = [(1024, 32)]
+        configs = configs[:1]
     load_before = load_average()
+    rates = {
+        name: run_ours(prof, poll, defaults.dim, 1, args.seconds, warm, negatives=neg)
+        for name, neg in configs
+    }
+    peers: dict[str, tuple[float, float, int]] = {}
+    if not args.no_peers:
+        secs = max(args.seconds * 3, 10)
+        peers["river FMClassifier.learn_one"] = run_river(prof, 32, args.peer_calls, secs)
+        peers["vowpalwabbit --lrq (rank 32)"] = run_vw(prof, 32, args.peer_calls, secs)
     rows = []
-    rates: dict[tuple[int, int, int], tuple[float, float, float]] = {}
-    for b, d in configs:
-        for threads in (1, 2) if (b, d) == (1024, 32) else (1,):
-            rates[(b, d, threads)] = run_ours(prof, b, d, threads, args.seconds, warm)
-    torch.set_num_threads(1)
-    river = None
-    if not args.no_river:
-        river = run_river(prof, 32, args.river_calls, max(args.seconds * 3, 10))
-    threads = 1  # one intra-op thread per process: see the notes
-    one, two = rates[(1024, 32, 1)], rates[(1024, 32, 2)]
-    ours = rates[(1024, 32, threads)]
-    for (b, d, th), (wall, med, cpu) in rates.items():
-        note = ""
-        if (b, d, th) == (1024, 32, threads) and river:
-            note = f"{wall / river[0]:.0f}x River"
-        rows.append(
-            ("fmstream learn_many", b, d, th, f"{wall:,.0f}", f"{med:,.0f}", f"{cpu:,.0f}", note)
-        )
-    if river:
+    step = LearnPolicy().step_events
+    for name, neg in configs:
+        wall, med, cpu = rates[name]
+        note = "; ".join(f"{cpu / p[1]:.1f}x {n.split()[0]} (CPU)" for n, p in peers.items())
         rows.append(
             (
-                "river FMClassifier.learn_one",
-                1,
-                32,
-                1,
-                f"{river[0]:,.0f}",
-                "",
-                f"{river[1]:,.0f}",
-                f"{river[2]} learn_one calls",
+                f"fmstream Learner.learn ({name})",
+                f"polls {poll}, steps {step}",
+                neg,
+                f"{wall:,.0f}",
+                f"{med:,.0f}",
+                f"{cpu:,.0f}",
+                note,
             )
+        )
+    for name, (wall, cpu, calls) in peers.items():
+        rows.append(
+            (name, "1 example", NEG, f"{wall:,.0f}", "", f"{cpu:,.0f}", f"{calls} examples")
         )
     columns = (
         "trainer",
-        "batch",
-        "dim",
-        "threads",
+        "batching",
+        "negatives",
         "pos. events/s (best round)",
         "(median round)",
         "per CPU-s",
-        "note",
+        "ratio to peers",
     )
-    print_table(f"learn_many throughput ({NEG} negatives/positive, 8 fields, BPR)", columns, rows)
-    kv: dict[str, object] = {"events_per_s": ours[0]}
-    if river:
-        kv["ratio_vs_river"] = ours[0] / river[0]
-        kv["river_events_per_s"] = river[0]
-        kv["ratio_vs_river_cpu"] = ours[2] / river[1]
-    kv.update(
-        events_per_s_median=ours[1],
-        events_per_s_cpu=ours[2],
-        threads=threads,
-        events_per_s_1thread=one[0],
-        events_per_s_2threads=two[0],
-        batch=1024,
-        dim=32,
-        negatives=NEG,
-        loadavg=f"{load_before}->{load_average()}",
-    )
+    print_table("training throughput, one thread, 8 fields, dim 32", columns, rows)
+    ours = rates["defaults"]
+    kv: dict[str, object] = {"events_per_s_defaults": ours[0], "events_per_cpu_s_defaults": ours[2]}
+    if "4 negatives" in rates:
+        kv["events_per_cpu_s_4neg"] = rates["4 negatives"][2]
+    for name, p in peers.items():
+        key = name.split()[0].lower()
+        kv[f"{key}_events_per_cpu_s"] = p[1]
+        kv[f"ratio_vs_{key}_cpu"] = ours[2] / p[1]
+    kv.update(step_events=step, poll=poll, loadavg=f"{load_before}->{load_average()}")
     summary = summary_line(**kv)
     notes = (
-        f"Positive events/s; each positive also trains {NEG} sampled negatives (River gets the "
-        "same examples, one learn_one each). The timed part of each configuration is split "
-        "in 5 rounds: best and median round by wall clock, and the whole by CPU time of this "
-        "process (robust to other load on a shared machine). Threads: the trainer runs 1 intra-op "
-        f"thread (B=1024 D=32: 1 thread {one[0]:,.0f}/s, 2 threads {two[0]:,.0f}/s here; on a "
-        "2-core box with the other core busy two threads collapse, see PERF-NOTES). "
-        f"Load average before/after: {load_before}/{load_average()}."
+        f"Positive events/s of the trainer's call (Learner.learn on polls of {poll}, steps of "
+        f"{step}); ours trains each positive against its sampled negatives ({defaults.negatives} "
+        f"at the defaults), River and VW get each positive plus {NEG} negatives as separate "
+        "examples. Rounds: best and median of 5 by wall clock; per CPU-s = events / process CPU "
+        "time (robust to other load). One intra-op thread. Load average before/after: "
+        f"{load_before}/{load_average()} (2-core box shared with other helpers)."
     )
     record("train_throughput", columns, rows, summary, notes)
     print(notes)
