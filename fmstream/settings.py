@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     neg_alpha: float = Field(0.75, ge=0, description="popularity exponent of negative sampling")
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch/faiss intra-op threads per process")
+    acc_decay: float = Field(0.99, gt=0, le=1, description="Adagrad accumulator decay per "
+                             "update (1 = Adagrad; < 1 follows changing tastes)")
     step_events: int = Field(
         256, ge=1, description="events per optimiser step whatever the poll size (model/learner)"
     )

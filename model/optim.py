@@ -130,6 +130,7 @@ class RowTable:
         lr: float,
         l2: float,
         counts: np.ndarray | None = None,
+        decay: float = 1.0,
     ) -> None:
         """Row-wise Adagrad on unique ``rows`` whose current values are ``values``.
 
@@ -142,6 +143,10 @@ class RowTable:
         gradient of one event when the ``n`` agree), so the row moves ``√n`` times further than
         a plain Adagrad step of the sum (sequential steps would move about ``2√n``). Without
         it, a burst of ``n`` events of one row moves it like one event.
+
+        ``decay < 1`` multiplies a row's accumulator by ``decay`` at each of its updates before
+        adding the new squared gradient (RMSprop-like, lazy: only touched rows): steps stop
+        shrinking towards zero, so a row can follow a change of taste; ``1`` = Adagrad.
         """
         g = grad
         if l2 != 0.0:
@@ -149,6 +154,8 @@ class RowTable:
         gw = g[:, 0]
         gv = g[:, 1:]
         acc = self.acc[rows]
+        if decay != 1.0:
+            acc *= np.float32(decay)
         if counts is None:
             acc[:, 0] += gw * gw
             acc[:, 1] += np.einsum("ij,ij->i", gv, gv) / np.float32(self.dim)

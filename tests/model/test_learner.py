@@ -217,3 +217,22 @@ def test_a_bad_batch_changes_nothing_even_across_steps() -> None:
     assert np.array_equal(params(fm), before)
     assert fm.n_updates == 0
     assert learner.state()["buf_n"] == 0
+
+
+def test_accumulator_decay_keeps_steps_from_vanishing() -> None:
+    """Adagrad's step for a row shrinks like 1/√t; with decay it levels off (follows drift)."""
+    g = np.ones((1, 5), dtype=np.float32)
+    last = {}
+    for decay in (1.0, 0.9):
+        t = RowTable(4, 0.0, np.random.default_rng(1))
+        t.alloc(2)
+        for _ in range(200):
+            before = t.params[1].copy()
+            t.adagrad_step(np.array([1]), t.params[[1]].copy(), g.copy(), 0.1, 0.0, None, decay)
+        last[decay] = float(np.abs(t.params[1] - before).max())
+    assert last[1.0] == pytest.approx(0.1 / np.sqrt(200), rel=1e-3)
+    assert last[0.9] == pytest.approx(0.1 * np.sqrt(1 - 0.9), rel=1e-2)
+    with pytest.raises(ConfigError):
+        TrainConfig(acc_decay=0.0)
+    with pytest.raises(ConfigError):
+        TrainConfig(acc_decay=1.5)
