@@ -483,7 +483,10 @@ def grids(quick: bool) -> dict[str, list[dict[str, Any]]]:
             ],
             "bpr": [{"factors": 64, "lr": lr, "reg": 0.01} for lr in (0.01, 0.05)],
             "knn": [{"K": k} for k in (50, 200)],
-            "fm": [{"lr": 0.05, "acc_decay": a} for a in (1.0, 0.99)],
+            "fm": [
+                *({"lr": 0.05, "acc_decay": a} for a in (1.0, 0.99)),
+                {"lr": 0.05, "loss": "logistic", "step_events": 64},
+            ],
         }
     return {
         "als": [
@@ -499,7 +502,10 @@ def grids(quick: bool) -> dict[str, list[dict[str, Any]]]:
             for r in (0.001, 0.01)
         ],
         "knn": [{"K": k} for k in (20, 50, 100, 200, 400)],
-        "fm": [{"lr": lr, "acc_decay": a} for lr in (0.02, 0.05, 0.1) for a in (1.0, 0.99)],
+        "fm": [
+            *({"lr": lr, "acc_decay": a} for lr in (0.02, 0.05, 0.1) for a in (1.0, 0.99)),
+            *({"lr": 0.05, "loss": "logistic", "step_events": s} for s in (64, 256)),
+        ],
     }
 
 
