@@ -35,15 +35,19 @@ import numpy as np
 import orjson
 from kafka import TopicPartition
 
-from bench.common import ROOT, print_table, record, summary_line
-from bench.serve import bench_settings
-from fmstream import app, services
-from fmstream.settings import Settings
-from serving.client import FmClient
-from serving.errors import ClientTimeout
-from serving.index import ItemSnapshot
-from serving.store import VectorStore
-from stream.connect import kafka_consumer, kafka_producer
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/robust.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import print_table, record, summary_line  # noqa: E402
+from bench.serve import bench_settings  # noqa: E402
+from fmstream import app, services  # noqa: E402
+from fmstream.settings import Settings  # noqa: E402
+from serving.client import FmClient  # noqa: E402
+from serving.errors import ClientTimeout  # noqa: E402
+from serving.index import ItemSnapshot  # noqa: E402
+from serving.store import VectorStore  # noqa: E402
+from stream.connect import kafka_consumer, kafka_producer  # noqa: E402
 
 log = logging.getLogger("bench.robust")
 

@@ -20,13 +20,20 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from kafka.errors import CommitFailedError, RequestTimedOutError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RequestTimedOutError,
+)
 from kafka.structs import MemberState, TopicPartition
 
 from fmstream import services as fm_services
 from fmstream.app import new_worker
 from fmstream.settings import Settings
+from serving.answering import decode_request
 from serving.client import FmClient
+from serving.config import ServingConfig
 from serving.errors import ClientTimeout
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
@@ -243,3 +250,63 @@ def test_two_workers_starting_under_load_answer_every_request_exactly_once(
     twice = {rid: c for rid, c in wire.items() if c > 1}
     assert set(wire) == set(sent), "a request was not answered"
     assert not twice, f"{len(twice)} of {len(sent)} requests answered more than once"
+
+
+class RefusingProducer:
+    """Refuses the first ``refusals`` sends (as kafka-python does a record over its size limit),
+    then accepts; records what was sent where."""
+
+    def __init__(self, refusals: int, error: Exception) -> None:
+        self.refusals, self.error = refusals, error
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b""):
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise self.error
+        self.sent.append((topic, key, value))
+        return SimpleNamespace(is_done=False)
+
+
+def _one_reply(producer: RefusingProducer):
+    config = ServingConfig()
+    worker = SimpleNamespace(metrics=None, dead_letters=0, config=config)
+    replies = _Replies(worker, FakeConsumer(), producer)
+    record = SimpleNamespace(topic="fm.requests", partition=0, offset=7, key=b"r1",
+                             value=b'{"request_id": "r1", "type": "u2i"}', timestamp=1)
+    pending = decode_request(record.value, config)
+    pending.answer([("i1", 1.0)], 3)
+    replies.send([record], [pending], 0.0)
+    return worker, replies, pending
+
+
+def test_a_reply_the_producer_refuses_becomes_an_internal_error_reply() -> None:
+    producer = RefusingProducer(1, MessageSizeTooLargeError("too large"))
+    worker, replies, pending = _one_reply(producer)
+    [(topic, key, value)] = producer.sent
+    body = orjson.loads(value)
+    assert topic == "fm.responses" and key == b"r1"
+    assert body["error"]["code"] == "internal" and "could not be sent" in body["error"]["message"]
+    assert len(replies.sent) == 1 and worker.dead_letters == 0
+
+
+def test_a_reply_refused_twice_is_dead_lettered_and_the_batch_moves_on() -> None:
+    producer = RefusingProducer(2, MessageSizeTooLargeError("too large"))
+    worker, replies, _ = _one_reply(producer)
+    [(topic, key, value)] = producer.sent
+    letter = orjson.loads(value)
+    assert topic == "fm.dlq" and key == b"r1" and worker.dead_letters == 1
+    assert letter["stage"] == "reply" and letter["id"] == "fm.requests/0/7"
+    assert len(replies.sent) == 1  # tracked like a reply: committed once acknowledged
+
+
+def test_a_broker_away_at_send_time_answers_the_batch_again() -> None:
+    consumer = FakeConsumer()
+    consumer.assigned = {TopicPartition("fm.requests", 0)}
+    producer = RefusingProducer(5, KafkaTimeoutError("no metadata"))
+    worker = SimpleNamespace(metrics=None, dead_letters=0, config=ServingConfig())
+    replies = _Replies(worker, consumer, producer)
+    record = SimpleNamespace(topic="fm.requests", partition=0, offset=7, key=b"r1",
+                             value=b"{}", timestamp=1)
+    replies.send([record], [decode_request(record.value, worker.config)], 0.0)
+    assert consumer.seeks == [(TopicPartition("fm.requests", 0), 7)] and not replies.sent
