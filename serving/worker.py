@@ -94,10 +94,10 @@ class IndexFollower(IndexView, Protocol):
         ...
 
 
-HEARTBEAT_FRESH = 2 / 3
-"""A member answers only while its last heartbeat (or join) is younger than this fraction of the
-session timeout: past it, the coordinator may already have handed its partitions to another
-member, and answering would answer twice."""
+HEARTBEAT_MARGIN_S = 1.0
+"""A member answers only while its last heartbeat (or join) is younger than the session timeout
+minus this margin (at least half the session): past it, the coordinator may already have handed
+its partitions to another member, and answering would answer twice."""
 
 MEMBERSHIP_ERRORS = (
     CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError
@@ -109,7 +109,7 @@ class Membership:
     """Whether this consumer is a member of its group right now (not a zombie).
 
     Read after every poll: the group state must be stable and the last successful heartbeat (or
-    the join) younger than :data:`HEARTBEAT_FRESH` of the session timeout. A member whose
+    the join) younger than the session timeout less :data:`HEARTBEAT_MARGIN_S`. A member whose
     heartbeats stopped for a whole session is made to rejoin. The heartbeat time comes from
     kafka-python's coordinator (``_coordinator.heartbeat``); without it, the state alone decides.
     """
@@ -145,7 +145,8 @@ class Membership:
         if meta.state is MemberState.STABLE and meta.generation_id != self.generation:
             self.generation, self.joined_at = meta.generation_id, now
         silent = now - self._heartbeat_at()
-        ok = meta.state is MemberState.STABLE and silent < self.session_s * HEARTBEAT_FRESH
+        fresh_s = max(self.session_s / 2, self.session_s - HEARTBEAT_MARGIN_S)
+        ok = meta.state is MemberState.STABLE and silent < fresh_s
         if ok:
             if self.paused_since is not None:
                 log.warning("group membership back (generation %d) after %.1f s; answering again",
@@ -336,19 +337,28 @@ class _Replies:
         self.sent.appendleft(batch)
 
     def drop(self, records: Sequence[ConsumerRecord]) -> None:
-        """Forget the batches in flight (their offsets are never committed) and put the consumer
-        back before them and ``records`` (not answered): after a rejoin, whoever owns those
-        partitions answers them from the group's committed offsets."""
+        """Leave ``records`` unanswered: put the consumer back before them, so they are answered
+        after the rejoin (by whoever owns their partitions then, from the committed offsets).
+
+        After a refused commit (:attr:`lost`: not the owner any more) the batches in flight are
+        forgotten too: their offsets can never be committed by this member. Otherwise (the group
+        only rebalancing) they stay: their acknowledgements still move the commit mark, so a
+        clean handover repeats nothing.
+        """
         first: dict[TopicPartition, int] = {}
         for r in records:
             first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
-        self.lost = False
-        self.acked.clear()
+        if self.lost:
+            self.lost = False
+            self.sent.clear()
+            self.acked.clear()
         try:
-            self._rewind(first)
+            assigned = self.consumer.assignment()
+            for tp, offset in first.items():
+                if tp in assigned:
+                    self.consumer.seek(tp, offset)
         except Exception as exc:  # noqa: BLE001 - mid-rebalance: positions come from commits
             log.info("could not seek back (%r); the rejoin positions the partitions", exc)
-            self.sent.clear()
 
     def _rewind(self, first: dict[TopicPartition, int], error: BaseException | None = None
                 ) -> None:
