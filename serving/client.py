@@ -101,7 +101,6 @@ class FmClient:
             fetch_max_wait_ms=fetch_max_wait_ms,
             fetch_min_bytes=1,
             client_id="fmstream-client",
-            reconnect_backoff_max_ms=1000,  # back within ~1 s of a broker restart
         )
         try:
             self._assign_at_end(connect_timeout)
@@ -112,7 +111,6 @@ class FmClient:
                 # send() blocks at most this long on metadata, not kafka-python's default 60 s
                 max_block_ms=int(connect_timeout * 1000),
                 client_id="fmstream-client",
-                reconnect_backoff_max_ms=1000,
             )
         except BaseException:
             self._consumer.close()

@@ -36,17 +36,9 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Any)
 
 
-RECONNECT_BACKOFF_MAX_MS = 1000
-"""Cap of the exponential reconnect backoff of every client: a restarted broker is reconnected
-within about a second (kafka-python's default cap, 30 s, kept workers silent 20-50 s)."""
-RECONNECT_BACKOFF_MS = 50
-
-
 def make_producer(kafka: KafkaConfig, **overrides) -> KafkaProducer:
     """An idempotent producer (acks=all) with a short linger so batches form under load."""
     config = dict(
-        reconnect_backoff_ms=RECONNECT_BACKOFF_MS,
-        reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
@@ -63,8 +55,6 @@ def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> Kafk
     ``overrides`` are kafka-python options (e.g. ``max_poll_records``, default 500).
     """
     config = dict(
-        reconnect_backoff_ms=RECONNECT_BACKOFF_MS,
-        reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
