@@ -152,7 +152,9 @@ class Settings(BaseSettings):
 
     # --- publisher ------------------------------------------------------------------------
     publish_active_s: float = Field(1.0, gt=0, description="cadence of active users' vectors")
-    publish_all_s: float = Field(60.0, gt=0, description="every user refreshed within this")
+    publish_all_s: float = Field(
+        60.0, gt=0, description="unused: user vectors are composed, no sweep (kept for configs)"
+    )
     publish_items_s: float = Field(1.0, gt=0, description="cadence of item index snapshots")
     offline_i2i_s: float = Field(
         1.0, gt=0, description="cadence of incremental offline i2i refreshes"
