@@ -203,8 +203,20 @@ def part_e2e(args: argparse.Namespace) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the worker never loaded a version; see {run_dir}")
             time.sleep(1.0)
+        # wait until the trainer has caught up with the profiles (1M users take minutes)
+        from fmstream.monitor import read_lag
+
+        while True:
+            lag = read_lag(settings).total(settings.trainer_group)
+            log.info("trainer lag %d records", lag)
+            if lag < args.rate * 12 or time.monotonic() > deadline:  # commits every 10 s
+                break
+            for name, p in procs.items():
+                if p.poll() is not None:
+                    raise SystemExit(f"{name} exited with {p.returncode}; see {run_dir}")
+            time.sleep(3.0)
         setup_s = time.perf_counter() - started
-        log.info("serving after %.0f s", setup_s)
+        log.info("serving and caught up after %.0f s", setup_s)
         loop = ScaleLoop(settings, args.users, args.items, store)
         n_probes = int(args.seconds / args.probe_every) + 1
         loop.prepare_inactive(n_probes)

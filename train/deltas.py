@@ -271,18 +271,41 @@ class VersionedPublisher:
 
     # --- users -----------------------------------------------------------------------------
 
-    def publish_users(self, user_ids: Sequence[str], now: float | None = None) -> int:
-        """Write the records (own part + shared keys) of ``user_ids``, stamped with the version."""
+    def publish_users(
+        self, user_ids: Sequence[str], now: float | None = None, *, ahead: bool = False
+    ) -> list[str]:
+        """Write the records (own part + shared keys) of ``user_ids``.
+
+        A record is stamped with the first version that carries every shared row it reads as
+        of now: the current version, or (``ahead=True``: written before the next
+        :meth:`publish_items`) the next one. With ``ahead``, users reading a shared key no
+        version has shipped yet are not written but returned (write them after the next
+        version), so a worker never lacks a row a record names.
+
+        Returns:
+            The users left for later (always empty without ``ahead``).
+        """
         now = time.time() if now is None else now
         users = list(user_ids)
+        later: list[str] = []
+        stamp = self.version + 1 if ahead else self.version
         for start in range(0, len(users), _USER_BATCH):
             part = users[start : start + _USER_BATCH]
             own, keys, weights = self.model.user_parts(part)
-            blobs = encode_user_records(self.version, now, own, keys, weights)
+            if ahead:
+                known = (keys == 0) | np.isin(keys, self._shared_keys)
+                ok = known.all(axis=1)
+                later += [u for u, good in zip(part, ok.tolist(), strict=True) if not good]
+                if not ok.all():
+                    part = [u for u, good in zip(part, ok.tolist(), strict=True) if good]
+                    own, keys, weights = own[ok], keys[ok], weights[ok]
+            if not part:
+                continue
+            blobs = encode_user_records(stamp, now, own, keys, weights)
             self.store.redis.mset(
                 {self.key("user", u): b for u, b in zip(part, blobs, strict=True)}
             )
-        return len(users)
+        return later
 
     # --- offline i2i -----------------------------------------------------------------------
 

@@ -153,12 +153,15 @@ class Publisher:
                             self.version)
                 self.republish(now)
                 return
-        # Items first: a user record may name shared keys that only this version carries.
+        # Users first (freshness: a click is not held up by a big item version), except those
+        # naming a shared key no version carries yet: they go right after the next version.
         users_due = self._active and now - self.times.users >= s.publish_active_s
-        if (self._items_dirty or users_due) and now - self.times.items >= s.publish_items_s:
-            self.publish_items(now)
         if users_due:
-            self.publish_active_users(now)
+            self.publish_active_users(now, ahead=True)
+        if (self._items_dirty or self._active) and now - self.times.items >= s.publish_items_s:
+            self.publish_items(now)
+            if self._active:
+                self.publish_active_users(now)
         if now - self.times.i2i >= s.offline_i2i_s:
             self.publish_offline_i2i(now)
 
@@ -182,14 +185,15 @@ class Publisher:
                               users_published_at=now)
         self.publish_offline_i2i(now)
 
-    def publish_active_users(self, now: float) -> int:
-        """Records of users active since the last cycle (stamped with the current version)."""
+    def publish_active_users(self, now: float, *, ahead: bool = False) -> int:
+        """Records of users active since the last cycle (see ``VersionedPublisher.publish_users``;
+        with ``ahead`` those naming a not yet shipped shared key stay for after the next version).
+        """
         users = sorted(self._active)
-        self._active.clear()
-        self.versions.publish_users(users, now)
+        self._active = set(self.versions.publish_users(users, now, ahead=ahead))
         self.times.users = now
         self.store.put_status(users_published_at=now)
-        return len(users)
+        return len(users) - len(self._active)
 
     def publish_items(self, now: float, *, force: bool = False) -> int:
         """One new version (delta, plus a full snapshot when due) if anything changed."""

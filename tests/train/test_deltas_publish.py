@@ -121,3 +121,25 @@ def test_versions_continue_above_the_checkpoint_after_redis_loss(stores) -> None
     restarted.publish_items(now=20.0)
     again = VersionedPublisher(writer, model, version_floor=4)
     assert again.version == 5 + RESTART_GAP
+
+
+def test_records_written_ahead_of_a_version_wait_for_keys_no_version_carries(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    learn(model, np.random.default_rng(4), 200, 300)
+    pub = VersionedPublisher(writer, model)
+    pub.publish_items(now=1.0)
+    model.upsert_users(["fresh", "u1"], [{"segment": "brand-new"}, {"segment": "s1"}])
+    later = pub.publish_users(["fresh", "u1"], ahead=True)
+    assert later == ["fresh"]  # its segment value has no row in any version yet
+    rec = reader.redis.get(reader.keys.user("u1"))
+    assert rec is not None and reader.redis.get(reader.keys.user("fresh")) is None
+    published = pub.publish_items(now=2.0)
+    assert published is not None and published.shared_rows >= 1
+    assert pub.publish_users(later) == []
+    follower = IndexFollower(reader)
+    follower.refresh()
+    got = reader.get_user_vectors(["fresh", "u1"], shared=follower.current().users)
+    assert got.found.all() and got.versions.tolist() == [published.version] * 2
+    np.testing.assert_allclose(got.vectors, model.user_vectors(["fresh", "u1"]), rtol=3e-5,
+                               atol=3e-5)
