@@ -190,7 +190,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
         procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
         procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log")
-        total = int(args.rate * (args.seconds + args.warmup + 120))
+        # enough events for the longest setup too: the producer must outlive the measurement
+        total = int(args.rate * (args.seconds + args.warmup + args.quiet_seconds
+                                 + args.setup_timeout + 120))
         procs["producer"] = spawn(settings, [
             "replay", "--events", str(total), "--rate", str(args.rate), "--users",
             str(args.users), "--items", str(args.items), "--clusters", "20",
