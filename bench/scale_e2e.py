@@ -317,8 +317,8 @@ def part_e2e(args: argparse.Namespace) -> None:
     )
     print(line)
     if not args.no_record:
-        record("Scale: freshness at 1M users x 100k items (bench/scale.py --part e2e)", cols,
-               rows, line, notes)
+        record(f"Scale: freshness at {args.users:,} users x {args.items:,} items "
+               "(bench/scale.py --part e2e)", cols, rows, line, notes)
 
 
 __all__ = ["part_e2e"]
