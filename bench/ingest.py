@@ -220,9 +220,9 @@ def main() -> None:
     args = ap.parse_args()
     n = 20_000 if args.quick else args.events
 
-    import torch
+    from fmstream.app import configure_threads
 
-    torch.set_num_threads(1)
+    configure_threads(Settings())  # one torch/faiss/BLAS thread, as `fmstream train` runs
     tmp = Path(tempfile.mkdtemp(prefix="fmstream-bench-"))
     if args.reuse:
         base = Settings()

@@ -15,12 +15,20 @@ log = logging.getLogger(__name__)
 
 
 def configure_threads(settings: Settings) -> None:
-    """One intra-op thread per process by default: two fought each other on 2 cores."""
+    """One intra-op thread per process by default: two fought each other on 2 cores.
+
+    torch and faiss get their own calls; every BLAS and OpenMP pool loaded in the process
+    (numpy's OpenBLAS, faiss' OpenBLAS, both libgomps) is limited too through threadpoolctl:
+    numpy's OpenBLAS otherwise ran 2 threads whose spinning cost the trainer ~35 us CPU per
+    event (bench/ingest.py, "other threads").
+    """
     import faiss
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(settings.threads)
     faiss.omp_set_num_threads(settings.threads)
+    threadpool_limits(settings.threads)
 
 
 def feature_schema(settings: Settings) -> FeatureSchema:
