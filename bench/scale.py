@@ -67,7 +67,7 @@ def others() -> str:
 
 
 def start_redis(run_dir: Path) -> tuple[Settings, int]:
-    settings = bench_settings(run_dir, ports=(53092, 53093, 53379))
+    settings = bench_settings(run_dir, ports=(24092, 24093, 24379))
     pid = services.start_redis(settings)
     return settings, pid
 

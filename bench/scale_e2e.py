@@ -178,7 +178,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-e2e-"))
     root = Path(__file__).resolve().parents[1]
     settings = bench_settings(
-        run_dir, ports=(54092, 54093, 54379), schema_path=root / "config" / "synthetic.toml",
+        run_dir, ports=(25092, 25093, 25379), schema_path=root / "config" / "synthetic.toml",
         publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
         swap_poll_s=0.1,
     )
