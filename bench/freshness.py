@@ -263,6 +263,28 @@ def split_near_swaps(
 # --- main ----------------------------------------------------------------------------------
 
 
+def wait_versions_settle(store, quiet_s: float = 3.0) -> None:
+    """Return once the store's item version has not moved for ``quiet_s`` seconds."""
+    idle_since, last = time.monotonic(), store.current_item_version()
+    while time.monotonic() - idle_since < quiet_s:
+        time.sleep(0.2)
+        now_version = store.current_item_version()
+        if now_version != last:
+            idle_since, last = time.monotonic(), now_version
+
+
+def tear_down(loop, procs: list, settings: Settings, run_dir: Path, *, keep_logs: bool) -> None:
+    """Close the request loop, stop the processes and services; keep the logs after a failure."""
+    if loop is not None:
+        loop.close()
+    stop_workers(procs)
+    services.down(settings)
+    if keep_logs:
+        print(f"logs kept in {run_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -344,26 +366,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # Phase 2: no events, so no new snapshot: the same load without swaps.
         stop_workers([procs["producer"]])
-        idle_since, last = time.monotonic(), store.current_item_version()
-        while time.monotonic() - idle_since < 3.0:  # until no snapshot for 3 s
-            time.sleep(0.2)
-            now_version = store.current_item_version()
-            if now_version != last:
-                idle_since, last = time.monotonic(), now_version
+        wait_versions_settle(store)
         loop.run(args.quiet_seconds, args.inflight, None)
         loop.drain()
         quiet = loop.take()
         offsets.close()
         ok = True
     finally:
-        if loop is not None:
-            loop.close()
-        stop_workers(list(procs.values()))
-        services.down(settings)
-        if ok:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {run_dir}", file=sys.stderr)
+        tear_down(loop, list(procs.values()), settings, run_dir, keep_logs=not ok)
 
     swaps = swap_times(busy)
     quiet_swaps = swap_times(quiet)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +28,8 @@ from bench.freshness import (
     spawn,
     split_near_swaps,
     swap_times,
+    tear_down,
+    wait_versions_settle,
 )
 from bench.scale import load_note, others
 from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers
@@ -247,12 +247,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         inactive, inactive_lost = list(loop.inactive_fresh), loop.inactive_lost
 
         stop_workers([procs["producer"]])
-        idle_since, last = time.monotonic(), store.current_item_version()
-        while time.monotonic() - idle_since < 3.0:
-            time.sleep(0.2)
-            now_version = store.current_item_version()
-            if now_version != last:
-                idle_since, last = time.monotonic(), now_version
+        wait_versions_settle(store)
         loop.inactive = []
         loop.run(args.quiet_seconds, args.inflight, None)
         loop.drain()
@@ -260,14 +255,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         offsets.close()
         ok = True
     finally:
-        if loop is not None:
-            loop.close()
-        stop_workers(list(procs.values()))
-        services.down(settings)
-        if ok:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {run_dir}", file=sys.stderr)
+        tear_down(loop, list(procs.values()), settings, run_dir, keep_logs=not ok)
 
     swaps = swap_times(busy)
     failed = sum(s.error is not None for s in busy) + probe_errors

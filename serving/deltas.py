@@ -36,6 +36,7 @@ import numpy as np
 import orjson
 
 from serving.errors import IndexInputError, SnapshotCorrupt
+from serving.index import rows_for_ids
 from serving.keys import CAS_FORWARD
 
 logger = logging.getLogger(__name__)
@@ -66,17 +67,9 @@ class ItemDelta:
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        vectors = np.asarray(self.vectors)
-        if vectors.ndim != 2 or vectors.dtype != np.float32:
-            raise IndexInputError(
-                f"delta v{self.version}: expected float32 (m, d) vectors, got {vectors.dtype} "
-                f"{vectors.shape}"
-            )
-        if len(self.item_ids) != vectors.shape[0]:
-            raise IndexInputError(
-                f"delta v{self.version}: {len(self.item_ids)} ids for {vectors.shape[0]} vectors"
-            )
-        object.__setattr__(self, "vectors", vectors)
+        object.__setattr__(
+            self, "vectors", rows_for_ids(f"delta v{self.version}", self.item_ids, self.vectors)
+        )
 
     @property
     def base(self) -> int:

@@ -320,6 +320,25 @@ def build_index(
 # --- snapshots -----------------------------------------------------------------------------
 
 
+def rows_for_ids(what: str, item_ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` as a float32 ``(n, d)`` array with one row per id of ``item_ids``.
+
+    Shared by full snapshots and deltas. Raises:
+        IndexInputError: another dtype or shape, or a count of ids that differs from the rows.
+    """
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise IndexInputError(
+            f"{what}: expected float32 (n, d) vectors, got {vectors.dtype} {vectors.shape}"
+        )
+    if len(item_ids) != vectors.shape[0]:
+        raise IndexInputError(
+            f"{what}: {len(item_ids)} ids for {vectors.shape[0]} vectors; "
+            "expected one id per row"
+        )
+    return vectors
+
+
 @dataclass(frozen=True, eq=False)
 class ItemSnapshot:
     """One published version of the item side: ids, vectors (row i = item_ids[i]) and blobs.
@@ -341,18 +360,9 @@ class ItemSnapshot:
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        vectors = np.asarray(self.vectors)
-        if vectors.ndim != 2 or vectors.dtype != np.float32:
-            raise IndexInputError(
-                f"snapshot vectors: expected a float32 (n, d) array, got {vectors.dtype} "
-                f"{vectors.shape}"
-            )
-        if len(self.item_ids) != vectors.shape[0]:
-            raise IndexInputError(
-                f"snapshot: {len(self.item_ids)} item ids for {vectors.shape[0]} vectors; "
-                "expected one id per row"
-            )
-        object.__setattr__(self, "vectors", vectors)
+        object.__setattr__(
+            self, "vectors", rows_for_ids(f"snapshot v{self.version}", self.item_ids, self.vectors)
+        )
 
     @property
     def n(self) -> int:
