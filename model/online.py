@@ -23,15 +23,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
-from model import fm as fmath
 from model.compose import ContextTable, aggregate, compose_item, compose_user, split_user
 from model.errors import ConfigError, FeatureError, InputError
 from model.features import PAD, Catalog, FeatureSpace, canon
-from model.optim import EPS, RowTable
+from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
+from model.step import StepBatch, step_gradients
 
 _CHUNK = 32768  # entities per chunk when composing all item vectors
 
@@ -183,6 +182,9 @@ class OnlineFM:
             for side in ("user", "item", "context")
         }
         self._has_context = bool(self._side_fields["context"])
+        self._iscratch = np.zeros(1024, dtype=np.int32)
+        # the step's gradient function; tests swap in model.step.step_gradients_reference
+        self._gradients = step_gradients
 
     # ------------------------------------------------------------------------ profiles
     def upsert_users(
@@ -417,80 +419,65 @@ class OnlineFM:
 
         Two levels, both O(k·n): per unique entity (and per event context) ``[W − ½Σx²|v|², V]``
         from its feature rows, then per example the FM over its 2-3 entity terms:
-        ``y = w0 + Σ_s q_s + ½|Σ_s V_s|²`` (see :func:`model.fm.entity_terms`).
+        ``y = w0 + Σ_s q_s + ½|Σ_s V_s|²``; gradients in closed form (:mod:`model.step`).
         """
         cfg = self.config
         b = ie.size
         k = neg.shape[1]
-        ii, i_inv = np.unique(np.concatenate([ie, neg.ravel()]), return_inverse=True)
+        ii, i_inv = scratch_unique(np.concatenate([ie, neg.ravel()]), self._item_scratch())
         ikeys, iw = self._items.keys_of(ii)
         nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
-        width = max(ukeys.shape[1], ikeys.shape[1], ck.shape[1])
-        keys = np.zeros((nu + ni + nc, width), dtype=np.int64)
-        x = np.zeros((nu + ni + nc, width), dtype=np.float32)
-        keys[:nu, : ukeys.shape[1]] = ukeys
-        x[:nu, : ukeys.shape[1]] = uw
-        keys[nu : nu + ni, : ikeys.shape[1]] = ikeys
-        x[nu : nu + ni, : ikeys.shape[1]] = iw
-        if nc:
-            keys[nu + ni :, : ck.shape[1]] = ck
-            x[nu + ni :, : ck.shape[1]] = cw
-        uniq, inv = self._table.unique(self._space.key_row[keys])
+        m = nu + ni + nc
+        parts_k = [ukeys, ikeys] + ([ck] if nc else [])
+        parts_w = [uw, iw] + ([cw] if nc else [])
+        keys = np.concatenate([p.ravel() for p in parts_k])
+        x = np.concatenate([p.ravel() for p in parts_w])
+        live = keys != PAD
+        per_ent = np.concatenate([(p != PAD).sum(axis=1) for p in parts_k])
+        indptr = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(per_ent, out=indptr[1:])
+        uniq, cols = self._table.unique(self._space.key_row[keys[live]])
+        x = x[live]
         vals = self._table.params[uniq]
-        s = torch.from_numpy(vals).requires_grad_(True)
-        w0 = torch.tensor(self._w0, dtype=torch.float32, requires_grad=True)
-        ent = fmath.entity_terms(s, torch.from_numpy(inv.reshape(keys.shape)), torch.from_numpy(x))
 
-        # examples: every event, then the sampled negatives of the positive events
-        vmask = valid.ravel()
-        neg_u = np.repeat(u_inv[pos], k)[vmask]
-        neg_i = i_inv[b:][vmask]
-        neg_c = np.repeat(pos, k)[vmask]
-        if cfg.loss == "logistic":
-            cols = [np.concatenate([u_inv, neg_u]), nu + np.concatenate([i_inv[:b], neg_i])]
-            if nc:
-                cols.append(nu + ni + np.concatenate([np.arange(b), neg_c]))
-        else:
-            cols = [
-                np.concatenate([u_inv[pos], neg_u]),
-                nu + np.concatenate([i_inv[:b][pos], neg_i]),
-            ]
-            if nc:
-                cols.append(nu + ni + np.concatenate([pos, neg_c]))
-        logits = fmath.example_logits(w0, ent, torch.from_numpy(np.stack(cols, axis=1)))
-        if cfg.loss == "logistic":
-            labels = np.concatenate([y, np.zeros(neg_u.size, dtype=np.float32)])
-            total = fmath.logistic_loss(logits, torch.from_numpy(labels))
-            count = logits.shape[0]
-        else:
-            n_pos = pos.size
-            owner = torch.from_numpy(np.repeat(np.arange(n_pos), k)[vmask])
-            diff = torch.index_select(logits[:n_pos], 0, owner) - logits[n_pos:]
-            if cfg.loss == "bpr":
-                total = fmath.bpr_loss(diff)
-            else:
-                total = fmath.hinge_loss(diff, cfg.hinge_margin)
-            count = diff.shape[0]
-        if count == 0:
+        # examples: logistic = every event (+ negatives of the positives); pairwise = positives
+        ctx_ent = nu + ni + np.arange(b) if nc else None
+        ev = np.arange(b) if cfg.loss == "logistic" else pos
+        fixed = [u_inv[ev]] + ([ctx_ent[ev]] if nc else [])
+        batch = StepBatch(
+            indptr=indptr,
+            cols=cols,
+            x=x,
+            ev_fixed=np.stack(fixed, axis=1),
+            ev_item=nu + i_inv[:b][ev],
+            labels=y[ev],
+            neg_owner=pos if cfg.loss == "logistic" else np.arange(pos.size),
+            neg_item=nu + i_inv[b:].reshape(pos.size, k),
+            neg_valid=valid,
+        )
+        res = self._gradients(vals, self._w0, batch, cfg.loss, cfg.hinge_margin)
+        if res.count == 0:
             return 0.0
-        total.backward()
-        grad = s.grad.numpy() if s.grad is not None else np.zeros_like(vals)
         counts = None
         if cfg.step_scaling == "count":
             # events behind each row: an entity counts its events (a sampled negative 1/k)
-            ev = np.stack(cols, axis=1)[: (b if cfg.loss == "logistic" else pos.size)]
-            ent_n = np.bincount(ev.ravel(), minlength=keys.shape[0]).astype(np.float64)
-            ent_n[nu:] += np.bincount(
-                neg_i, minlength=keys.shape[0] - nu
-            )[: keys.shape[0] - nu] / max(k, 1)
-            slot_n = np.repeat(ent_n, keys.shape[1]) * (x.ravel() != 0)
-            counts = np.bincount(inv, weights=slot_n, minlength=uniq.size)
-        self._table.adagrad_step(uniq, vals, grad, cfg.lr, cfg.l2, counts, cfg.acc_decay)
-        if w0.grad is not None:
-            g0 = float(w0.grad)
-            self._w0_acc += g0 * g0
-            self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)
-        return float(total.detach()) / count
+            ent_n = np.bincount(batch.ev_fixed.ravel(), minlength=m).astype(np.float64)
+            ent_n += np.bincount(batch.ev_item, minlength=m)
+            ent_n += np.bincount(batch.neg_item[valid], minlength=m) / max(k, 1)
+            slot_n = np.repeat(ent_n, per_ent) * (x != 0)
+            counts = np.bincount(cols, weights=slot_n, minlength=uniq.size)
+        self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, counts, cfg.acc_decay)
+        g0 = res.g0
+        self._w0_acc += g0 * g0
+        self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)
+        return res.loss / res.count
+
+    def _item_scratch(self) -> np.ndarray:
+        """Scratch array of at least the item catalogue's size (for :func:`scratch_unique`)."""
+        n = self._items.n
+        if self._iscratch.size < n:
+            self._iscratch = np.zeros(max(n, 2 * self._iscratch.size), dtype=np.int32)
+        return self._iscratch
 
     def expire(self, now: float | None = None) -> int:
         """Sweep expired values now (``learn_many`` also sweeps on its own); rows freed."""

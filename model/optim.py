@@ -15,6 +15,22 @@ import numpy as np
 EPS = 1e-8
 
 
+def scratch_unique(values: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(uniq, inverse)`` of non-negative ints in O(n), no sort: ``uniq[inverse] == values``.
+
+    ``scratch`` (int32, larger than every value) is overwritten; ``uniq`` lists each value at
+    its last occurrence, in order (deterministic).
+    """
+    values = np.asarray(values, dtype=np.int64).ravel()
+    n = values.size
+    pos = np.arange(n, dtype=np.int32)
+    scratch[values] = pos  # the last occurrence of each value wins
+    uniq = values[scratch[values] == pos]
+    scratch[uniq] = np.arange(uniq.size, dtype=np.int32)
+    inverse = scratch[values].astype(np.int64)
+    return uniq, inverse
+
+
 class RowTable:
     """Growable ``(capacity, dim + 1)`` float32 parameter table plus row-wise Adagrad state.
 
@@ -112,15 +128,7 @@ class RowTable:
 
         Uses a scratch array the size of the table; the order of ``uniq`` is deterministic.
         """
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        n = rows.size
-        scratch = self._scratch
-        pos = np.arange(n, dtype=np.int32)
-        scratch[rows] = pos  # the last occurrence of each row wins
-        uniq = rows[scratch[rows] == pos]
-        scratch[uniq] = np.arange(uniq.size, dtype=np.int32)
-        inverse = scratch[rows].astype(np.int64)
-        return uniq, inverse
+        return scratch_unique(rows, self._scratch)
 
     def adagrad_step(
         self,

@@ -1,0 +1,151 @@
+"""The closed-form step (model.step) equals the autograd reference, and trains the same model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import FeatureSchema, OnlineFM, TrainConfig
+from model.step import StepBatch, step_gradients, step_gradients_reference
+
+LOSSES = ("logistic", "bpr", "hinge")
+
+
+def random_batch(
+    seed: int, context: bool, d: int = 8, invalid: bool = False
+) -> tuple[np.ndarray, StepBatch]:
+    """Random rows, entities reading 0-6 slots each (shared rows), events with negatives."""
+    rng = np.random.default_rng(seed)
+    n_rows = int(rng.integers(5, 40))
+    nu, ni = int(rng.integers(1, 12)), int(rng.integers(2, 20))
+    n_ev = int(rng.integers(1, 30))
+    nc = n_ev if context else 0
+    m = nu + ni + nc
+    per_ent = rng.integers(0, 7, m)
+    per_ent[: nu + ni] = np.maximum(per_ent[: nu + ni], 1)
+    indptr = np.concatenate([[0], np.cumsum(per_ent)]).astype(np.int64)
+    cols = rng.integers(0, n_rows, int(indptr[-1]))
+    x = rng.uniform(0.1, 1.5, cols.size).astype(np.float32)
+    vals = rng.normal(0, 0.5, (n_rows, d + 1)).astype(np.float32)
+    users = rng.integers(0, nu, n_ev)
+    items = nu + rng.integers(0, ni, n_ev)
+    fixed = [users] + ([nu + ni + np.arange(n_ev)] if context else [])
+    labels = rng.choice(np.array([0.0, 1.0, 1.0, 0.3], dtype=np.float32), n_ev)
+    owner = np.flatnonzero(rng.random(n_ev) < 0.7)
+    k = int(rng.integers(1, 6))
+    neg_item = nu + rng.integers(0, ni, (owner.size, k))
+    valid = rng.random((owner.size, k)) < 0.8 if invalid else np.ones((owner.size, k), bool)
+    batch = StepBatch(
+        indptr=indptr,
+        cols=cols,
+        x=x,
+        ev_fixed=np.stack(fixed, axis=1),
+        ev_item=items,
+        labels=labels,
+        neg_owner=owner,
+        neg_item=neg_item,
+        neg_valid=valid,
+    )
+    return vals, batch
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("context", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_closed_form_gradients_equal_autograd(loss: str, context: bool, seed: int) -> None:
+    vals, batch = random_batch(seed, context, invalid=seed % 3 == 0)
+    w0 = 0.3
+    got = step_gradients(vals, w0, batch, loss, margin=1.5)
+    ref = step_gradients_reference(vals, w0, batch, loss, margin=1.5)
+    assert got.count == ref.count
+    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-4, atol=1e-4)
+    scale = max(1.0, float(np.abs(ref.grad).max()))
+    np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(got.g0, ref.g0, rtol=1e-4, atol=1e-4)
+    if loss != "logistic":  # pairwise: w0 cancels exactly in y+ - y-
+        assert got.g0 == 0.0
+    assert got.grad.dtype == np.float32 and vals.dtype == np.float32
+
+
+def test_no_examples_gives_no_gradient() -> None:
+    vals, batch = random_batch(1, context=False)
+    none = StepBatch(
+        indptr=batch.indptr,
+        cols=batch.cols,
+        x=batch.x,
+        ev_fixed=batch.ev_fixed,
+        ev_item=batch.ev_item,
+        labels=batch.labels,
+        neg_owner=batch.neg_owner,
+        neg_item=batch.neg_item,
+        neg_valid=np.zeros_like(batch.neg_valid),
+    )
+    for loss in ("bpr", "hinge"):
+        res = step_gradients(vals, 0.0, none, loss)
+        assert res.count == 0 and res.loss == 0.0 and not res.grad.any()
+
+
+SCHEMA = FeatureSchema.from_dict(
+    {
+        "user": {
+            "gender": {},
+            "age": {"kind": "numeric", "boundaries": [18, 30, 50]},
+            "recent": {"kind": "history", "history_len": 4},
+        },
+        "item": {"genres": {"kind": "multi"}},
+        "context": {"hour": {}},
+    }
+)
+
+
+def trained(loss: str, reference: bool, **cfg: object) -> OnlineFM:
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=8, loss=loss, negatives=3, seed=3, **cfg))  # type: ignore[arg-type]
+    if reference:
+        fm._gradients = step_gradients_reference
+    rng = np.random.default_rng(0)
+    users = [f"u{j}" for j in range(30)]
+    items = [f"i{j}" for j in range(40)]
+    fm.upsert_users(
+        users, [{"gender": "MF"[j % 2], "age": 15 + 3 * j} for j in range(len(users))]
+    )
+    genres = ["a", "b", "c", "d"]
+    fm.upsert_items(
+        items, [{"genres": genres[: 1 + j % 3]} for j in range(len(items))]
+    )
+    for step in range(12):
+        n = 48
+        u = [users[j] for j in rng.integers(0, len(users), n)]
+        i = [items[j] for j in rng.integers(0, len(items), n)]
+        y = (rng.random(n) < 0.8).astype(np.float32) if loss == "logistic" else None
+        ctx = [{"hour": str(h)} for h in rng.integers(0, 5, n)]
+        fm.learn_many(u, i, y, contexts=ctx, ts=1e9 + step)
+    return fm
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    "cfg", [{}, {"step_scaling": "count", "acc_decay": 1.0}, {"neg_sampling": "popularity"}]
+)
+def test_fast_step_trains_the_model_the_reference_trains(loss: str, cfg: dict) -> None:
+    fast, ref = trained(loss, False, **cfg), trained(loss, True, **cfg)
+    pf, pr = fast._table.params, ref._table.params
+    assert pf.shape == pr.shape
+    np.testing.assert_allclose(fast.item_vectors()[1], ref.item_vectors()[1], atol=2e-4)
+    # latent vectors of every row; w of item rows (user/context w: see below)
+    np.testing.assert_allclose(pf[:, 1:], pr[:, 1:], atol=2e-4)
+    items = fast._items.keys_of(np.arange(fast.n_items))[0]
+    rows = fast._space.key_row[items[items != 0]]
+    np.testing.assert_allclose(pf[rows, 0], pr[rows, 0], atol=2e-4)
+    if loss == "logistic":
+        np.testing.assert_allclose(pf, pr, atol=2e-4)
+        assert fast.bias == pytest.approx(ref.bias, abs=1e-4)
+    else:
+        # pairwise: user/context w and w0 get an exact zero gradient (autograd: rounding noise
+        # that Adagrad normalised into steps); the scores' ranking per user is unchanged
+        assert fast.bias == 0.0
+        users = fast.known_users()[:5]
+        for u in users:
+            ids = fast.known_items()
+            sf = fast.score([u] * len(ids), ids)
+            sr = ref.score([u] * len(ids), ids)
+            np.testing.assert_allclose(sf - sf.mean(), sr - sr.mean(), atol=5e-4)
