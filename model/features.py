@@ -211,6 +211,7 @@ class FeatureSpace:
         self.sweep_every = (min(finite) / 16.0) if finite else math.inf
         self.n_expired = 0
         self.n_admitted = 0
+        self._side_fidx: dict[str, list[int]] = {}
 
     # ----------------------------------------------------------------------------- keys
     def _new_keys(self, field_idx: int, n: int) -> np.ndarray:
@@ -311,8 +312,20 @@ class FeatureSpace:
         Every value is validated before any key is created, so a :class:`FeatureError` leaves
         the vocabularies untouched. Rows are left-packed (padding last), ``L`` the widest row.
         """
-        fidx = [i for i, f in enumerate(self.specs) if f.side == side and f.from_profile]
-        n = len(dicts)
+        return self.encode_tokens(side, self.tokenize(side, dicts), create, len(dicts))
+
+    def tokenize(
+        self, side: str, dicts: Sequence[Mapping[str, Any] | None]
+    ) -> list[list[Any]]:
+        """Token columns (one per non-id field of ``side``) of many feature dicts; validates.
+
+        The first half of :meth:`encode`: changes nothing, and the columns can be sliced
+        (rows = dicts) and encoded later, piece by piece, with :meth:`encode_tokens`.
+
+        Raises:
+            FeatureError: a dict that is not a mapping, or a value of the wrong type.
+        """
+        fidx = self._fields_of(side)
         if not set(map(type, dicts)) <= {dict}:  # C-level scan; the usual case is plain dicts
             for j, d in enumerate(dicts):
                 if d is not None and not isinstance(d, Mapping):
@@ -321,20 +334,40 @@ class FeatureSpace:
                         f"{type(d).__name__} {d!r}"
                     )
             dicts = [_EMPTY if d is None else d for d in dicts]
-        if not fidx or n == 0:
-            return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
+        if len(dicts) == 0:
+            return [[] for _ in fidx]
         columns = []
         for i in fidx:
             getter = methodcaller("get", self.specs[i].name)
             columns.append(tokenize_column(self.specs[i], list(map(getter, dicts))))
+        return columns
+
+    def encode_tokens(
+        self, side: str, columns: Sequence[Sequence[Any]], create: bool, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and weights ``(n, L)`` of :meth:`tokenize`'s columns (see :meth:`encode`)."""
+        fidx = self._fields_of(side)
+        if not fidx or n == 0:
+            return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
         parts_k, parts_w = [], []
         for i, toks in zip(fidx, columns, strict=True):
             k, w = self.map_tokens(i, toks, create)
             parts_k.append(k)
             parts_w.append(w)
-        keys = np.concatenate(parts_k, axis=1)
-        weights = np.concatenate(parts_w, axis=1)
+        if len(parts_k) == 1:
+            keys, weights = parts_k[0], parts_w[0]
+        else:
+            keys = np.concatenate(parts_k, axis=1)
+            weights = np.concatenate(parts_w, axis=1)
         return _left_pack(keys, weights)
+
+    def _fields_of(self, side: str) -> list[int]:
+        """Indices of the fields of ``side`` read from feature dicts (cached)."""
+        got = self._side_fidx.get(side)
+        if got is None:
+            got = [i for i, f in enumerate(self.specs) if f.side == side and f.from_profile]
+            self._side_fidx[side] = got
+        return got
 
     # ------------------------------------------------------------------ admission / expiry
     def rows(self, keys: np.ndarray) -> np.ndarray:
@@ -498,13 +531,18 @@ class Catalog:
         self.commit(new)
         return ents
 
-    def prepare(self, ids: Sequence[Any]) -> tuple[np.ndarray, list[str]]:
+    def prepare(
+        self, ids: Sequence[Any], known: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
         """Entity indices with unknown ids numbered as if registered; nothing changes yet.
+
+        ``known``: indices from an earlier :meth:`lookup` of the same ids (-1 = unknown then);
+        only those -1 are looked up again (entities are never removed, so the rest hold).
 
         Raises:
             FeatureError: an id that is neither a string nor a number.
         """
-        ents = self.lookup(ids)
+        ents = self.lookup(ids) if known is None else np.array(known, dtype=np.int64)
         missing = np.flatnonzero(ents < 0)
         new: dict[str, int] = {}
         for j in missing.tolist():

@@ -120,17 +120,16 @@ class Learner:
             if ts.size != b:
                 raise InputError(f"learn: {b} events but {ts.size} timestamps")
         step = self.policy.step_events
-        if b > step:  # one step validates itself; several must not half-apply a bad batch
-            self.model.check_events(user_ids, item_ids, labels, contexts, ts)
+        # the whole batch is validated (and its ids looked up) once, before its first step
+        events = self.model.prepare_events(user_ids, item_ids, labels, contexts, ts)
         losses = []
         for lo in range(0, b, step):
             hi = min(b, lo + step)
-            u, i = user_ids[lo:hi], item_ids[lo:hi]
-            y = None if labels is None else labels[lo:hi]
-            c = None if contexts is None else contexts[lo:hi]
-            t = ts if ts is None or np.isscalar(ts) else ts[lo:hi]
-            losses.append(self.model.learn_many(u, i, y, contexts=c, ts=t))
+            losses.append(self.model.learn_prepared(events[lo:hi]))
             if self.policy.replay:
+                u, i = user_ids[lo:hi], item_ids[lo:hi]
+                y = None if labels is None else labels[lo:hi]
+                c = None if contexts is None else contexts[lo:hi]
                 pos = np.arange(hi - lo) if y is None else np.flatnonzero(y >= 0.5)
                 self._replay(pos.size)
                 self._push(u, i, c, pos)

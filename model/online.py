@@ -148,6 +148,42 @@ class TrainConfig:
             raise bad("hinge_margin must be a finite number > 0", self.hinge_margin)
 
 
+@dataclass(frozen=True)
+class EventBatch:
+    """A validated batch of events from :meth:`OnlineFM.prepare_events`; slice it into steps.
+
+    Attributes:
+        user_ids, item_ids: the events' ids as given.
+        labels: float32 labels, ts: float64 event times.
+        users, items: entity indices known when prepared (-1: unknown then).
+        context: token columns of the context fields (None: no context).
+    """
+
+    user_ids: Sequence[Any]
+    item_ids: Sequence[Any]
+    labels: np.ndarray
+    ts: np.ndarray
+    users: np.ndarray
+    items: np.ndarray
+    context: list[list[Any]] | None
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def __getitem__(self, sl: slice) -> EventBatch:
+        if not isinstance(sl, slice):
+            raise TypeError("EventBatch takes slices only (batch[lo:hi])")
+        return EventBatch(
+            self.user_ids[sl],
+            self.item_ids[sl],
+            self.labels[sl],
+            self.ts[sl],
+            self.users[sl],
+            self.items[sl],
+            None if self.context is None else [col[sl] for col in self.context],
+        )
+
+
 class OnlineFM:
     """One Factorization Machine trained online from mini-batches of events.
 
@@ -265,6 +301,25 @@ class OnlineFM:
             InputError: lengths differ, labels outside [0, 1], non-finite ts.
             FeatureError: a context value of the wrong type (nothing is changed).
         """
+        return self.learn_prepared(self.prepare_events(user_ids, item_ids, labels, contexts, ts))
+
+    def prepare_events(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        labels: np.ndarray | None = None,
+        contexts: Sequence[Mapping[str, Any] | None] | None = None,
+        ts: np.ndarray | float | None = None,
+    ) -> EventBatch:
+        """Validate a batch (arguments as :meth:`learn_many`) and resolve what it can now.
+
+        Changes nothing. The result (sliceable: ``batch[lo:hi]``) goes to
+        :meth:`learn_prepared`, possibly in several steps: ids are looked up and context values
+        tokenised once per batch, not once per step.
+
+        Raises:
+            InputError, FeatureError: as :meth:`learn_many` (before anything changes).
+        """
         b = len(user_ids)
         if len(item_ids) != b:
             raise InputError(f"learn_many: {b} user ids but {len(item_ids)} item ids")
@@ -284,15 +339,33 @@ class OnlineFM:
                 raise InputError("learn_many: ts must be finite seconds since the epoch")
         if contexts is not None and len(contexts) != b:
             raise InputError(f"learn_many: {b} events but {len(contexts)} contexts")
+        tokens = None
+        if self._has_context and contexts is not None and b:
+            tokens = self._space.tokenize("context", contexts)
+        users = self._users.lookup(user_ids)
+        items = self._items.lookup(item_ids)
+        for cat, ids, ents in ((self._users, user_ids, users), (self._items, item_ids, items)):
+            if (ents < 0).any():
+                cat.prepare(ids, ents)  # raises FeatureError for a value that is not an id
+        return EventBatch(user_ids, item_ids, y, t, users, items, tokens)
+
+    def learn_prepared(self, batch: EventBatch) -> float:
+        """One optimiser step on a batch from :meth:`prepare_events` (or a slice of one).
+
+        Returns the mean loss. Slices of one prepared batch must be learned in order, each
+        once (what :class:`model.learner.Learner` does).
+        """
+        b = len(batch)
         if b == 0:
             return 0.0
+        y, t = batch.labels, batch.ts
         space = self._space
-        if self._has_context and contexts is not None:
-            ck, cw = space.encode("context", contexts, create=True)
+        if batch.context is not None:
+            ck, cw = space.encode_tokens("context", batch.context, True, b)
         else:
             ck, cw = np.zeros((b, 0), dtype=np.int64), np.zeros((b, 0), dtype=np.float32)
-        ue, new_users = self._users.prepare(user_ids)  # validates every id first
-        ie, new_items = self._items.prepare(item_ids)
+        ue, new_users = self._users.prepare(batch.user_ids, batch.users)
+        ie, new_items = self._items.prepare(batch.item_ids, batch.items)
         self._users.commit(new_users)
         self._items.commit(new_items)
         uu, u_inv, u_cnt = np.unique(ue, return_inverse=True, return_counts=True)
@@ -344,27 +417,7 @@ class OnlineFM:
         Lets a caller that applies a batch in several steps (:class:`model.learner.Learner`)
         keep the batch all-or-nothing.
         """
-        b = len(user_ids)
-        if len(item_ids) != b:
-            raise InputError(f"learn_many: {b} user ids but {len(item_ids)} item ids")
-        if labels is not None:
-            y = np.asarray(labels, dtype=np.float32).reshape(-1)
-            if y.size != b:
-                raise InputError(f"learn_many: {b} events but {y.size} labels")
-            if not np.all((y >= 0.0) & (y <= 1.0)):
-                raise InputError("learn_many: labels must lie in [0, 1] (1 = positive)")
-        if ts is not None:
-            t = np.broadcast_to(np.asarray(ts, dtype=np.float64), (b,))
-            if b and not np.all(np.isfinite(t)):
-                raise InputError("learn_many: ts must be finite seconds since the epoch")
-        if contexts is not None and len(contexts) != b:
-            raise InputError(f"learn_many: {b} events but {len(contexts)} contexts")
-        if b == 0:
-            return
-        if self._has_context and contexts is not None:
-            self._space.encode("context", contexts, create=False)
-        self._users.prepare(user_ids)
-        self._items.prepare(item_ids)
+        self.prepare_events(user_ids, item_ids, labels, contexts, ts)
 
     def replay_many(
         self,
