@@ -218,7 +218,7 @@ class OnlineFM:
             for side in ("user", "item", "context")
         }
         self._has_context = bool(self._side_fields["context"])
-        self._iscratch = np.zeros(1024, dtype=np.int32)
+        self._scratch = np.zeros(1024, dtype=np.int32)  # for _unique
         # the step's gradient function; tests swap in model.step.step_gradients_reference
         self._gradients = step_gradients
 
@@ -368,23 +368,8 @@ class OnlineFM:
         ie, new_items = self._items.prepare(batch.item_ids, batch.items)
         self._users.commit(new_users)
         self._items.commit(new_items)
-        uu, u_inv, u_cnt = np.unique(ue, return_inverse=True, return_counts=True)
-        iu, i_cnt = np.unique(ie, return_counts=True)
+        uu, u_inv = self._unique(ue)
         ukeys, uw = self._users.keys_of(uu)
-        ikeys_ev, _ = self._items.keys_of(iu)
-        # sightings: every key of every event (entity keys weighted by occurrences)
-        space.observe(
-            np.concatenate([ukeys.ravel(), ikeys_ev.ravel(), ck.ravel()]),
-            float(t.max()),
-            np.concatenate(
-                [
-                    np.repeat(u_cnt, ukeys.shape[1]),
-                    np.repeat(i_cnt, ikeys_ev.shape[1]),
-                    np.ones(ck.size, dtype=np.int64),
-                ]
-            ),
-        )
-        space.maybe_expire()
         pos = np.flatnonzero(y >= 0.5)
         np.add.at(self._items.counts, ie[pos], 1)
         np.add.at(self._users.counts, ue[pos], 1)
@@ -392,7 +377,26 @@ class OnlineFM:
         neg, valid = self._sampler.sample(
             self._items.counts, self._items.n, ie[pos], k, self.config.neg_pool
         )
-        loss = self._step(ukeys, uw, u_inv, ie, y, ck, cw, pos, neg, valid)
+        ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
+        ikeys, iw = self._items.keys_of(ii)
+        # sightings: every key of every event (entity keys weighted by occurrences); the
+        # sampled negatives are not sightings
+        u_cnt = np.bincount(u_inv, minlength=uu.size)
+        i_cnt = np.bincount(i_inv[:b], minlength=ii.size)
+        seen = np.flatnonzero(i_cnt)
+        space.observe(
+            np.concatenate([ukeys.ravel(), ikeys[seen].ravel(), ck.ravel()]),
+            float(t.max()),
+            np.concatenate(
+                [
+                    np.repeat(u_cnt, ukeys.shape[1]),
+                    np.repeat(i_cnt[seen], ikeys.shape[1]),
+                    np.ones(ck.size, dtype=np.int64),
+                ]
+            ),
+        )
+        space.maybe_expire()
+        loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
         if self._users.hist_fields and pos.size:
             # after the step, so an event never sees its own item in the user's history
             appended = []
@@ -446,21 +450,25 @@ class OnlineFM:
         ie, new_items = self._items.prepare(item_ids)
         self._users.commit(new_users)
         self._items.commit(new_items)
-        uu, u_inv = np.unique(ue, return_inverse=True)
+        uu, u_inv = self._unique(ue)
         ukeys, uw = self._users.keys_of(uu)
         pos = np.arange(b)
         neg, valid = self._sampler.sample(
             self._items.counts, self._items.n, ie, self.config.negatives, self.config.neg_pool
         )
+        ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
+        ikeys, iw = self._items.keys_of(ii)
         y = np.ones(b, dtype=np.float32)
-        return self._step(ukeys, uw, u_inv, ie, y, ck, cw, pos, neg, valid)
+        return self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
 
     def _step(
         self,
         ukeys: np.ndarray,
         uw: np.ndarray,
         u_inv: np.ndarray,
-        ie: np.ndarray,
+        ikeys: np.ndarray,
+        iw: np.ndarray,
+        i_inv: np.ndarray,
         y: np.ndarray,
         ck: np.ndarray,
         cw: np.ndarray,
@@ -475,10 +483,8 @@ class OnlineFM:
         ``y = w0 + Σ_s q_s + ½|Σ_s V_s|²``; gradients in closed form (:mod:`model.step`).
         """
         cfg = self.config
-        b = ie.size
+        b = y.size
         k = neg.shape[1]
-        ii, i_inv = scratch_unique(np.concatenate([ie, neg.ravel()]), self._item_scratch())
-        ikeys, iw = self._items.keys_of(ii)
         nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
         m = nu + ni + nc
         parts_k = [ukeys, ikeys] + ([ck] if nc else [])
@@ -525,12 +531,12 @@ class OnlineFM:
         self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)
         return res.loss / res.count
 
-    def _item_scratch(self) -> np.ndarray:
-        """Scratch array of at least the item catalogue's size (for :func:`scratch_unique`)."""
-        n = self._items.n
-        if self._iscratch.size < n:
-            self._iscratch = np.zeros(max(n, 2 * self._iscratch.size), dtype=np.int32)
-        return self._iscratch
+    def _unique(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(uniq, inverse)`` of user or item entity indices, O(n) (:func:`scratch_unique`)."""
+        need = max(self._users.n, self._items.n)
+        if self._scratch.size < need:
+            self._scratch = np.zeros(max(need, 2 * self._scratch.size), dtype=np.int32)
+        return scratch_unique(values, self._scratch)
 
     def expire(self, now: float | None = None) -> int:
         """Sweep expired values now (``learn_many`` also sweeps on its own); rows freed."""

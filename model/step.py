@@ -102,13 +102,14 @@ def step_gradients(
     n_rows, d1 = vals.shape
     m = batch.n_entities
     f32 = np.float32
-    slots = sp.csr_array((batch.x, batch.cols, batch.indptr), shape=(m, n_rows))
-    slots2 = sp.csr_array((batch.x * batch.x, batch.cols, batch.indptr), shape=(m, n_rows))
+    x, cols, indptr = batch.x, batch.cols, batch.indptr
+    ent_of = np.repeat(np.arange(m), np.diff(indptr))  # entity of each slot
+    x2 = x * x
     v = vals[:, 1:]
     sq = np.einsum("rd,rd->r", v, v)
-    agg = slots @ vals  # (m, d + 1): [Σ x w | Σ x v]
+    agg = sp.csr_array((x, cols, indptr), shape=(m, n_rows)) @ vals  # [Σ x w | Σ x v]
     V = agg[:, 1:]
-    q = agg[:, 0] - f32(0.5) * (slots2 @ sq)
+    q = agg[:, 0] - f32(0.5) * np.bincount(ent_of, weights=x2 * sq[cols], minlength=m)
     a = q + f32(0.5) * np.einsum("md,md->m", V, V)
 
     ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
@@ -169,27 +170,26 @@ def step_gradients(
     dq_items = np.bincount(flat, weights=c.ravel(), minlength=m).astype(np.float32)
     gent[:, 0] = dq_items
     gent[:, 1:] = dq_items[:, None] * V
-    pairs = sp.csr_array(
-        (c.ravel(), flat, np.arange(0, flat.size + 1, 1 + k)), shape=(n_ev, m)
-    )
-    gent[:, 1:] += pairs.T @ P
+    # scatters: a CSC matrix built from CSR arrays is the transpose (column j = row j)
+    pairs_t = sp.csc_array((c.ravel(), flat, np.arange(0, flat.size + 1, 1 + k)), shape=(m, n_ev))
+    gent[:, 1:] += pairs_t @ P
     n_fixed = ev_fixed.shape[1]
-    fixed = sp.csr_array(
+    fixed_t = sp.csc_array(
         (
             np.ones(ev_fixed.size, dtype=np.float32),
             ev_fixed.ravel(),
             np.arange(0, ev_fixed.size + 1, n_fixed),
         ),
-        shape=(n_ev, m),
+        shape=(m, n_ev),
     )
     if G is not None:
-        gent += fixed.T @ np.concatenate([G[:, None], dP], axis=1)
+        gent += fixed_t @ np.concatenate([G[:, None], dP], axis=1)
     else:
-        gent[:, 1:] += fixed.T @ dP
+        gent[:, 1:] += fixed_t @ dP
 
     # row gradients
-    grad = slots.T @ gent
-    c2 = slots2.T @ gent[:, 0]
+    grad = sp.csc_array((x, cols, indptr), shape=(n_rows, m)) @ gent
+    c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows)
     grad[:, 1:] -= c2[:, None].astype(np.float32) * v
     g0 = float(G.sum(dtype=np.float64)) if G is not None else 0.0
     return StepGrads(total, count, np.ascontiguousarray(grad, dtype=np.float32), g0)
