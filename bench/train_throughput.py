@@ -1,18 +1,21 @@
 """Training throughput: positive events/s of ``Learner.learn`` vs River's FM and Vowpal Wabbit.
 
 Schema: 8 fields (user_id, gender, age buckets, occupation | item_id, genres (multi), year
-buckets | context hour). Ours runs the trainer's call: ``Learner.learn`` on polls of 2,048
-events under the default policy (steps of ``LearnPolicy().step_events``), at the default
-``TrainConfig`` (16 uniform negatives per positive) and with 4 negatives. River's
-``facto.FMClassifier.learn_one`` and Vowpal Wabbit (``--lrq`` rank 32 on user x item,
-user x context, item x context namespaces, logistic loss) get each positive plus 4 sampled
-negatives (one example each, time-boxed), so every rate counts *positive events* per second.
+buckets | context hour); one more row at the defaults with ``config/movielens.toml`` (adds the
+hashed zip, absent from these profiles, and each user's model-kept history of 20 items).
+Ours runs the trainer's call: ``Learner.learn`` on polls of 2,048 events under the default
+policy (steps of ``LearnPolicy().step_events``), at the default ``TrainConfig`` (16 uniform
+negatives per positive) and with 4 negatives. River's ``facto.FMClassifier.learn_one`` and
+Vowpal Wabbit (``--lrq`` rank 32 on user x item, user x context, item x context namespaces,
+logistic loss) get each positive plus 4 sampled negatives (one example each, time-boxed), so
+every rate counts *positive events* per second. The training math is closed-form numpy/scipy
+(``model/step.py``); gradients are tested equal to torch autograd.
 
 Entities are registered and admitted in an untimed warm-up pass; the timed part is the steady
 state of an online trainer (known ids, occasional new ones). Inputs (id lists, context dicts)
 are built before timing: decoding is the consumer's cost, measured elsewhere.
 
-Run: ``.venv/bin/python bench/train_throughput.py [--seconds 3] [--quick] [--no-river]``
+Run: ``.venv/bin/python bench/train_throughput.py [--seconds 3] [--quick] [--no-peers]``
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ SCHEMA = FeatureSchema.from_dict(
     }
 )
 NEG = 4
+# config/movielens.toml: adds zip (hashed; the synthetic profiles have none) and the model-kept
+# history of each user's last 20 positive items (21 more slots per user)
+ML_SCHEMA = FeatureSchema.load(Path(__file__).resolve().parents[1] / "config" / "movielens.toml")
+INTERVAL = 2000  # events per refresh interval of bench/quality.py
 
 
 def make_stream(prof, n_events: int, seed: int):
@@ -87,6 +94,7 @@ def run_ours(
     warm_events: int,
     rounds: int = 5,
     negatives: int = NEG,
+    schema: FeatureSchema = SCHEMA,
 ) -> tuple[float, float, float]:
     """(best-round and median-round positive events per wall second, per CPU second).
 
@@ -94,7 +102,7 @@ def run_ours(
     other processes on a shared machine, the median shows the spread.
     """
     torch.set_num_threads(threads)
-    fm = OnlineFM(SCHEMA, TrainConfig(dim=d, negatives=negatives))
+    fm = OnlineFM(schema, TrainConfig(dim=d, negatives=negatives))
     learner = Learner(fm, LearnPolicy())
     fm.upsert_users(prof.user_ids, prof.user_feats)
     fm.upsert_items(prof.item_ids, prof.item_feats)
@@ -225,13 +233,19 @@ def main() -> None:
     warm = args.users + args.items * 4
     poll = 2048  # the trainer's max_poll_records
     defaults = TrainConfig()
-    configs = [("defaults", defaults.negatives), ("4 negatives", NEG)]
+    configs = [
+        ("defaults", defaults.negatives, SCHEMA),
+        ("4 negatives", NEG, SCHEMA),
+        ("defaults, config/movielens.toml", defaults.negatives, ML_SCHEMA),
+    ]
     if args.quick:
         configs = configs[:1]
     load_before = load_average()
     rates = {
-        name: run_ours(prof, poll, defaults.dim, 1, args.seconds, warm, negatives=neg)
-        for name, neg in configs
+        name: run_ours(
+            prof, poll, defaults.dim, 1, args.seconds, warm, negatives=neg, schema=schema
+        )
+        for name, neg, schema in configs
     }
     peers: dict[str, tuple[float, float, int]] = {}
     if not args.no_peers:
@@ -240,7 +254,7 @@ def main() -> None:
         peers["vowpalwabbit --lrq (rank 32)"] = run_vw(prof, 32, args.peer_calls, secs)
     rows = []
     step = LearnPolicy().step_events
-    for name, neg in configs:
+    for name, neg, _ in configs:
         wall, med, cpu = rates[name]
         note = "; ".join(f"{cpu / p[1]:.1f}x {n.split()[0]} (CPU)" for n, p in peers.items())
         rows.append(
@@ -251,12 +265,22 @@ def main() -> None:
                 f"{wall:,.0f}",
                 f"{med:,.0f}",
                 f"{cpu:,.0f}",
+                f"{1000 * INTERVAL / cpu:.1f}",
                 note,
             )
         )
     for name, (wall, cpu, calls) in peers.items():
         rows.append(
-            (name, "1 example", NEG, f"{wall:,.0f}", "", f"{cpu:,.0f}", f"{calls} examples")
+            (
+                name,
+                "1 example",
+                NEG,
+                f"{wall:,.0f}",
+                "",
+                f"{cpu:,.0f}",
+                f"{1000 * INTERVAL / cpu:.1f}",
+                f"{calls} examples",
+            )
         )
     columns = (
         "trainer",
@@ -265,13 +289,16 @@ def main() -> None:
         "pos. events/s (best round)",
         "(median round)",
         "per CPU-s",
+        f"CPU ms per {INTERVAL:,} events",
         "ratio to peers",
     )
     print_table("training throughput, one thread, 8 fields, dim 32", columns, rows)
     ours = rates["defaults"]
     kv: dict[str, object] = {"events_per_s_defaults": ours[0], "events_per_cpu_s_defaults": ours[2]}
+    kv["cpu_ms_per_interval_defaults"] = 1000 * INTERVAL / ours[2]
     if "4 negatives" in rates:
         kv["events_per_cpu_s_4neg"] = rates["4 negatives"][2]
+        kv["events_per_cpu_s_movielens_toml"] = rates["defaults, config/movielens.toml"][2]
     for name, p in peers.items():
         key = name.split()[0].lower()
         kv[f"{key}_events_per_cpu_s"] = p[1]
@@ -283,7 +310,9 @@ def main() -> None:
         f"{step}); ours trains each positive against its sampled negatives ({defaults.negatives} "
         f"at the defaults), River and VW get each positive plus {NEG} negatives as separate "
         "examples. Rounds: best and median of 5 by wall clock; per CPU-s = events / process CPU "
-        "time (robust to other load). One intra-op thread. Load average before/after: "
+        "time (robust to other load); CPU ms per interval = the model's update CPU for one "
+        f"refresh interval of {INTERVAL:,} events in bench/quality.py. One intra-op thread. "
+        "Load average before/after: "
         f"{load_before}/{load_average()} (2-core box shared with other helpers)."
     )
     record("train_throughput", columns, rows, summary, notes)

@@ -109,7 +109,8 @@ def step_gradients(
     sq = np.einsum("rd,rd->r", v, v)
     agg = sp.csr_array((x, cols, indptr), shape=(m, n_rows)) @ vals  # [Σ x w | Σ x v]
     V = agg[:, 1:]
-    q = agg[:, 0] - f32(0.5) * np.bincount(ent_of, weights=x2 * sq[cols], minlength=m)
+    s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
+    q = agg[:, 0] - f32(0.5) * s2  # float32 throughout (bincount sums in float64)
     a = q + f32(0.5) * np.einsum("md,md->m", V, V)
 
     ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
@@ -125,7 +126,7 @@ def step_gradients(
     mask[batch.neg_owner, 1:] = batch.neg_valid
     P = V[ev_fixed[:, 0]]
     for j in range(1, ev_fixed.shape[1]):
-        P = P + V[ev_fixed[:, j]]
+        P += V[ev_fixed[:, j]]
     VX = V[idx]  # (E, 1 + k, d)
     s = a[idx] + np.matmul(VX, P[:, :, None])[..., 0]  # item-dependent part of each logit
     pairwise = loss != "logistic"
@@ -189,8 +190,8 @@ def step_gradients(
 
     # row gradients
     grad = sp.csc_array((x, cols, indptr), shape=(n_rows, m)) @ gent
-    c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows)
-    grad[:, 1:] -= c2[:, None].astype(np.float32) * v
+    c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
+    grad[:, 1:] -= c2[:, None] * v
     g0 = float(G.sum(dtype=np.float64)) if G is not None else 0.0
     return StepGrads(total, count, np.ascontiguousarray(grad, dtype=np.float32), g0)
 
