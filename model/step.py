@@ -21,8 +21,9 @@ derivative by each logit and ``G`` an event's total ``Σ c`` over its examples, 
 For the pairwise losses (BPR, hinge) ``G = 0`` exactly (user, context and ``w0`` cancel in
 ``y⁺ − y⁻``); autograd only ever produced their float rounding there.
 
-Gathers and scatters run as ``scipy.sparse`` products of the (entities x rows) slot matrix, so
-one step costs O(nnz·d) in compiled loops. :func:`step_gradients_reference` computes the same
+Gathers and scatters run as sparse products of the (entities x rows) slot matrix in scipy's
+compiled CSR/CSC kernels (:func:`gather_sum`, :func:`scatter_sum`), so one step costs O(nnz·d)
+in compiled loops and a few dozen numpy calls. :func:`step_gradients_reference` computes the same
 with torch autograd over :mod:`model.fm` (the tests compare the two).
 """
 
@@ -35,6 +36,11 @@ import scipy.sparse as sp
 import torch
 
 from model import fm as fmath
+
+try:  # scipy's compiled CSR/CSC products, called without the sparse-matrix objects' checks
+    from scipy.sparse import _sparsetools as _kernels
+except ImportError:  # pragma: no cover - scipy moved them; the public path below still works
+    _kernels = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,65 @@ def _softplus(z: np.ndarray) -> np.ndarray:
     return np.maximum(z, np.float32(0.0)) + np.log1p(np.exp(-np.abs(z)))
 
 
+def _check(indptr: np.ndarray, idx: np.ndarray, n_rows: int, n_cols: int) -> None:
+    """Index bounds of a CSR structure (the compiled kernels do not check them)."""
+    if indptr.size != n_rows + 1 or indptr[0] != 0 or indptr[-1] != idx.size:
+        raise ValueError("malformed sparse structure (indptr)")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n_cols):
+        raise ValueError("sparse index out of range")
+
+
+def gather_sum(indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``out[e] = Σ_j w_j · table[idx_j]`` over ``j`` in ``indptr[e] : indptr[e + 1]``.
+
+    The CSR product ``A @ table`` with ``A[e, idx_j] += w_j`` (float32 ``(len(indptr) - 1, D)``).
+    """
+    m = indptr.size - 1
+    n, dcols = table.shape
+    _check(indptr, idx, m, n)
+    if _kernels is None:
+        return np.asarray(sp.csr_array((w, idx, indptr), shape=(m, n)) @ table, dtype=np.float32)
+    out = np.zeros((m, dcols), dtype=np.float32)
+    _kernels.csr_matvecs(
+        m,
+        n,
+        dcols,
+        indptr.astype(np.int64, copy=False),
+        idx.astype(np.int64, copy=False),
+        w.astype(np.float32, copy=False),
+        np.ascontiguousarray(table, dtype=np.float32).reshape(-1),
+        out.reshape(-1),
+    )
+    return out
+
+
+def scatter_sum(
+    indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, src: np.ndarray, n_out: int
+) -> np.ndarray:
+    """``out[idx_j] += w_j · src[e]`` for ``j`` in ``indptr[e] : indptr[e + 1]``.
+
+    The transpose of :func:`gather_sum`: ``Aᵀ @ src`` (float32 ``(n_out, D)``).
+    """
+    m = indptr.size - 1
+    dcols = src.shape[1]
+    _check(indptr, idx, m, n_out)
+    if _kernels is None:
+        a_t = sp.csc_array((w, idx, indptr), shape=(n_out, m))
+        return np.asarray(a_t @ src, dtype=np.float32)
+    out = np.zeros((n_out, dcols), dtype=np.float32)
+    _kernels.csc_matvecs(
+        n_out,
+        m,
+        dcols,
+        indptr.astype(np.int64, copy=False),
+        idx.astype(np.int64, copy=False),
+        w.astype(np.float32, copy=False),
+        np.ascontiguousarray(src, dtype=np.float32).reshape(-1),
+        out.reshape(-1),
+    )
+    return out
+
+
 def step_gradients(
     vals: np.ndarray, w0: float, batch: StepBatch, loss: str, margin: float = 1.0
 ) -> StepGrads:
@@ -107,7 +172,7 @@ def step_gradients(
     x2 = x * x
     v = vals[:, 1:]
     sq = np.einsum("rd,rd->r", v, v)
-    agg = sp.csr_array((x, cols, indptr), shape=(m, n_rows)) @ vals  # [Σ x w | Σ x v]
+    agg = gather_sum(indptr, cols, x, vals)  # [Σ x w | Σ x v]
     V = agg[:, 1:]
     s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
     q = agg[:, 0] - f32(0.5) * s2  # float32 throughout (bincount sums in float64)
@@ -171,25 +236,18 @@ def step_gradients(
     dq_items = np.bincount(flat, weights=c.ravel(), minlength=m).astype(np.float32)
     gent[:, 0] = dq_items
     gent[:, 1:] = dq_items[:, None] * V
-    # scatters: a CSC matrix built from CSR arrays is the transpose (column j = row j)
-    pairs_t = sp.csc_array((c.ravel(), flat, np.arange(0, flat.size + 1, 1 + k)), shape=(m, n_ev))
-    gent[:, 1:] += pairs_t @ P
+    gent[:, 1:] += scatter_sum(np.arange(0, flat.size + 1, 1 + k), flat, c.ravel(), P, m)
     n_fixed = ev_fixed.shape[1]
-    fixed_t = sp.csc_array(
-        (
-            np.ones(ev_fixed.size, dtype=np.float32),
-            ev_fixed.ravel(),
-            np.arange(0, ev_fixed.size + 1, n_fixed),
-        ),
-        shape=(m, n_ev),
-    )
+    ones = np.ones(ev_fixed.size, dtype=np.float32)
+    fixed_ptr = np.arange(0, ev_fixed.size + 1, n_fixed)
     if G is not None:
-        gent += fixed_t @ np.concatenate([G[:, None], dP], axis=1)
+        gd = np.concatenate([G[:, None], dP], axis=1)
+        gent += scatter_sum(fixed_ptr, ev_fixed.ravel(), ones, gd, m)
     else:
-        gent[:, 1:] += fixed_t @ dP
+        gent[:, 1:] += scatter_sum(fixed_ptr, ev_fixed.ravel(), ones, dP, m)
 
     # row gradients
-    grad = sp.csc_array((x, cols, indptr), shape=(n_rows, m)) @ gent
+    grad = scatter_sum(indptr, cols, x, gent, n_rows)
     c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
     grad[:, 1:] -= c2[:, None] * v
     g0 = float(G.sum(dtype=np.float64)) if G is not None else 0.0

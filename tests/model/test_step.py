@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from model import FeatureSchema, OnlineFM, TrainConfig
+from model import step as step_module
 from model.step import StepBatch, step_gradients, step_gradients_reference
 
 LOSSES = ("logistic", "bpr", "hinge")
@@ -149,3 +150,32 @@ def test_fast_step_trains_the_model_the_reference_trains(loss: str, cfg: dict) -
             sf = fast.score([u] * len(ids), ids)
             sr = ref.score([u] * len(ids), ids)
             np.testing.assert_allclose(sf - sf.mean(), sr - sr.mean(), atol=5e-4)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_gather_and_scatter_sums_equal_dense_products(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not compiled:  # the public scipy.sparse path, used when the compiled kernels are absent
+        monkeypatch.setattr(step_module, "_kernels", None)
+    rng = np.random.default_rng(5)
+    m, n, d = 9, 13, 4
+    per = rng.integers(0, 4, m)  # some entities read nothing
+    indptr = np.concatenate([[0], np.cumsum(per)]).astype(np.int64)
+    idx = rng.integers(0, n, int(indptr[-1]))
+    w = rng.normal(size=idx.size).astype(np.float32)
+    dense = np.zeros((m, n), dtype=np.float64)
+    for e in range(m):
+        for j in range(indptr[e], indptr[e + 1]):
+            dense[e, idx[j]] += w[j]
+    table = rng.normal(size=(n, d)).astype(np.float32)
+    src = rng.normal(size=(m, d)).astype(np.float32)
+    got = step_module.gather_sum(indptr, idx, w, table)
+    np.testing.assert_allclose(got, dense @ table, rtol=1e-5, atol=1e-5)
+    got = step_module.scatter_sum(indptr, idx, w, src, n)
+    np.testing.assert_allclose(got, dense.T @ src, rtol=1e-5, atol=1e-5)
+    assert got.dtype == np.float32
+    with pytest.raises(ValueError, match="out of range"):
+        step_module.gather_sum(indptr, np.where(idx == idx[0], n, idx), w, table)
+    with pytest.raises(ValueError, match="indptr"):
+        step_module.scatter_sum(indptr[:-1], idx, w, src, n)
