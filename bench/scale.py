@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-items-s", type=float, default=0.5)
     parser.add_argument("--publish-active-s", type=float, default=0.1)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)

@@ -255,7 +255,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         offsets.close()
         ok = True
     finally:
-        tear_down(loop, list(procs.values()), settings, run_dir, keep_logs=not ok)
+        tear_down(loop, list(procs.values()), settings, run_dir,
+                  keep_logs=not ok or args.keep_logs)
 
     swaps = swap_times(busy)
     failed = sum(s.error is not None for s in busy) + probe_errors

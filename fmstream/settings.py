@@ -175,6 +175,14 @@ class Settings(BaseSettings):
     lost_check_s: float = Field(
         0.5, gt=0, description="how often the publisher checks Redis still holds its version"
     )
+    # scale: which changed item rows ship in a version (train/deltas.py DeltaConfig)
+    item_tolerance: float = Field(
+        0.0, ge=0, description="an item row ships once it moved by this fraction of its "
+        "shipped norm (0: every change at once, bit-exact)"
+    )
+    item_max_age_s: float = Field(
+        5.0, ge=0, description="...and any change at the latest after this many seconds"
+    )
 
     # --- serving --------------------------------------------------------------------------
     index_kind: Literal["flat", "hnsw"] = "flat"
@@ -355,7 +363,8 @@ class Settings(BaseSettings):
             offline_i2i_k=self.offline_i2i_k, history_len=self.history_len,
             full_snapshot_s=self.full_snapshot_s, full_after_rows=self.full_after_rows,
             keep_deltas=self.keep_deltas, offline_i2i_per_tick=self.offline_i2i_per_tick,
-            lost_check_s=self.lost_check_s,
+            lost_check_s=self.lost_check_s, item_tolerance=self.item_tolerance,
+            item_max_age_s=self.item_max_age_s,
         )
 
     @property

@@ -653,16 +653,25 @@ class OnlineFM:
         Profile and history values of the user side, the id fallback (or the id hash buckets).
         Keys only ever get added, with higher numbers: a later call extends an earlier one.
         """
+        return self.user_shared_keys_from(0)[0]
+
+    def user_shared_keys_from(self, start: int) -> tuple[np.ndarray, int]:
+        """The :meth:`user_shared_keys` numbered ``start`` or above, and the key count now
+        (pass it as the next ``start``: keys only get added, so a caller extends what it has
+        with work proportional to the new keys)."""
         space = self._space
         n = space.n_keys
+        start = max(int(start), 0)
+        if start >= n:
+            return np.zeros(0, dtype=np.int64), n
         fields = [i for i, f in enumerate(space.specs) if f.side == "user"]
-        kf = space.key_field[:n]
-        keys = np.arange(n, dtype=np.int64)
+        keys = np.arange(start, n, dtype=np.int64)
+        kf = space.key_field[start:n]
         mask = np.isin(kf, fields) & (keys != PAD)
         id_field = self._users.id_field
         if not space.specs[id_field].hash_buckets:
             mask &= ~((kf == id_field) & (keys >= space.first_dynamic_key))
-        return keys[mask]
+        return keys[mask], n
 
     def shared_params(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(w, v)`` of the rows ``keys`` read now: float32 ``keys.shape`` and ``(..., dim)``."""
@@ -690,9 +699,17 @@ class OnlineFM:
         Vectorised over the catalogue's key matrix (a gather and an any per item, no vector
         composed), so finding the changed items of a tick costs far less than composing them.
         """
+        return self.item_ids_of(self.item_entities_reading(changed_rows))
+
+    def item_entities_reading(self, changed_rows: np.ndarray) -> np.ndarray:
+        """Catalogue positions (int64, ascending) of the items reading a row in ``changed_rows``.
+
+        Positions are stable: an item keeps its position for the model's life (the catalogue
+        only grows), so they name rows of any index built in catalogue order.
+        """
         n = self._items.n
         if n == 0 or not changed_rows.any():
-            return []
+            return np.zeros(0, dtype=np.int64)
         if changed_rows.size < self._table.n_rows:  # rows added since the mask was drained
             grown = np.ones(self._table.n_rows, dtype=bool)
             grown[: changed_rows.size] = changed_rows
@@ -704,8 +721,23 @@ class OnlineFM:
             rows = self._space.key_row[keys]
             hit = (changed_rows[rows] & (weights != 0)).any(axis=1)
             hits.append(ents[hit])
+        return np.concatenate(hits).astype(np.int64, copy=False)
+
+    def item_ids_of(self, ents: np.ndarray) -> list[str]:
+        """Ids of the items at catalogue positions ``ents``."""
         ids = self._items.ids
-        return [ids[e] for e in np.concatenate(hits).tolist()]
+        return [ids[e] for e in np.asarray(ents, dtype=np.int64).tolist()]
+
+    def item_vectors_at(self, ents: np.ndarray) -> np.ndarray:
+        """``E_item`` float32 ``(len(ents), dim + 2)`` of the items at catalogue positions
+        ``ents`` (the same vectors :meth:`item_vectors` composes, without id lookups)."""
+        ents = np.asarray(ents, dtype=np.int64)
+        out = np.empty((ents.size, self.config.dim + 2), dtype=np.float32)
+        for lo in range(0, ents.size, _CHUNK):
+            part = ents[lo : lo + _CHUNK]
+            keys, weights = self._items.keys_of(part)
+            out[lo : lo + part.size] = compose_item(*self._side(keys, weights))
+        return out
 
     def item_vectors(self, item_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         """``(ids, E_item)`` for the given ids, or for every known item (catalog order)."""

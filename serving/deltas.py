@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from serving.errors import IndexInputError, SnapshotCorrupt
+from serving.errors import IndexInputError, SnapshotCorrupt, SnapshotError
 from serving.index import rows_for_ids
 from serving.keys import CAS_FORWARD
 
@@ -50,13 +50,22 @@ _HEAD = struct.Struct("<I")  # length of the JSON header that follows the magic
 class ItemDelta:
     """Changed rows from version ``version - 1`` to ``version``.
 
+    Two forms. By id (``rows`` None): ``item_ids`` names every row of ``vectors``; a reader finds
+    each id's row in its map. By position (``rows`` given; what the publisher writes): ``rows``
+    are the rows' positions in the catalogue order of the full snapshot the delta descends from
+    (ascending; an index built in that order applies them with no id lookup), ``base_n`` is
+    the number of items the base version holds, and ``item_ids`` names only the appended rows
+    (``rows >= base_n``, which must be ``base_n, base_n + 1, ...``, in order).
+
     Attributes:
         version: the version this delta produces (its base is ``version - 1``).
-        item_ids: ids of the changed or new items (each at most once).
-        vectors: float32 ``(m, d)``, the new vector of each id.
+        item_ids: ids of the changed or new items (each at most once); positional: new only.
+        vectors: float32 ``(m, d)``, the new vector of each row.
         bias: the global bias of ``version``.
         extra: blobs replaced at this version (absent names keep their previous value).
         created_at: publisher wall-clock time, seconds since epoch.
+        rows: int64 ``(m,)`` catalogue positions, or None (by id).
+        base_n: items held by the base version (positional deltas).
     """
 
     version: int
@@ -65,11 +74,34 @@ class ItemDelta:
     bias: float = 0.0
     extra: dict[str, bytes] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    rows: np.ndarray | None = None
+    base_n: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "vectors", rows_for_ids(f"delta v{self.version}", self.item_ids, self.vectors)
-        )
+        what = f"delta v{self.version}"
+        if self.rows is None:
+            object.__setattr__(self, "vectors", rows_for_ids(what, self.item_ids, self.vectors))
+            return
+        rows = np.asarray(self.rows, dtype=np.int64).reshape(-1)
+        vectors = np.asarray(self.vectors)
+        if vectors.ndim != 2 or vectors.dtype != np.float32 or vectors.shape[0] != rows.size:
+            raise IndexInputError(
+                f"{what}: expected float32 ({rows.size}, d) vectors for {rows.size} rows, got "
+                f"{vectors.dtype} {vectors.shape}"
+            )
+        new = rows[rows >= self.base_n]
+        if (
+            (rows.size and rows.min() < 0)
+            or (rows.size > 1 and not (np.diff(rows) > 0).all())
+            or len(self.item_ids) != new.size
+            or not np.array_equal(new, self.base_n + np.arange(new.size))
+        ):
+            raise IndexInputError(
+                f"{what}: positional rows must ascend, be >= 0 and append base_n={self.base_n}, "
+                f"base_n + 1, ... with one id each ({len(self.item_ids)} ids for {new.size} "
+                "appended rows)"
+            )
+        object.__setattr__(self, "rows", rows)
 
     @property
     def base(self) -> int:
@@ -83,28 +115,32 @@ class ItemDelta:
 
 
 def encode_delta(delta: ItemDelta) -> bytes:
-    """One self-checking value: magic, header length, JSON header, ids, vectors, extras."""
+    """One self-checking value: magic, header length, JSON header, ids, vectors, [rows], extras."""
     ids = orjson.dumps(list(delta.item_ids))
     vec = np.ascontiguousarray(delta.vectors, dtype="<f4").tobytes()
+    rows = b"" if delta.rows is None else np.ascontiguousarray(delta.rows, "<i8").tobytes()
     names = sorted(delta.extra)
     digest = hashlib.sha256(ids)
     digest.update(vec)
+    digest.update(rows)
     for name in names:
         digest.update(delta.extra[name])
-    header = orjson.dumps(
-        {
-            "version": int(delta.version),
-            "n": delta.n,
-            "dim": int(delta.vectors.shape[1]),
-            "bias": float(delta.bias),
-            "ids_bytes": len(ids),
-            "vector_bytes": len(vec),
-            "extra": {name: len(delta.extra[name]) for name in names},
-            "created_at": float(delta.created_at),
-            "sha256": digest.hexdigest(),
-        }
-    )
-    parts = [DELTA_MAGIC, _HEAD.pack(len(header)), header, ids, vec]
+    head = {
+        "version": int(delta.version),
+        "n": delta.n,
+        "dim": int(delta.vectors.shape[1]),
+        "bias": float(delta.bias),
+        "ids_bytes": len(ids),
+        "vector_bytes": len(vec),
+        "extra": {name: len(delta.extra[name]) for name in names},
+        "created_at": float(delta.created_at),
+        "sha256": digest.hexdigest(),
+    }
+    if delta.rows is not None:
+        head["rows_bytes"] = len(rows)
+        head["base_n"] = int(delta.base_n)
+    header = orjson.dumps(head)
+    parts = [DELTA_MAGIC, _HEAD.pack(len(header)), header, ids, vec, rows]
     parts += [delta.extra[name] for name in names]
     return b"".join(parts)
 
@@ -126,9 +162,14 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
         h = orjson.loads(raw[start : start + hlen])
         n, dim, ids_len, vec_len = h["n"], h["dim"], h["ids_bytes"], h["vector_bytes"]
         extra_sizes: Mapping[str, int] = h["extra"]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        rows_len = h.get("rows_bytes")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise SnapshotCorrupt(f"item delta v{version}: bad header ({exc})") from None
-    if h.get("version") != version or vec_len != n * dim * 4:
+    if (
+        h.get("version") != version
+        or vec_len != n * dim * 4
+        or (rows_len is not None and rows_len != n * 8)
+    ):
         raise SnapshotCorrupt(
             f"item delta v{version}: header says version {h.get('version')}, {n} x {dim} in "
             f"{vec_len} bytes; expected version {version} and n * dim * 4 bytes"
@@ -138,12 +179,15 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
     pos += ids_len
     vec_raw = raw[pos : pos + vec_len]
     pos += vec_len
+    rows_raw = raw[pos : pos + (rows_len or 0)]
+    pos += rows_len or 0
     extra: dict[str, bytes] = {}
     for name in sorted(extra_sizes):
         extra[name] = raw[pos : pos + extra_sizes[name]]
         pos += extra_sizes[name]
     digest = hashlib.sha256(ids_raw)
     digest.update(vec_raw)
+    digest.update(rows_raw)
     for name in sorted(extra):
         digest.update(extra[name])
     if pos != len(raw) or digest.hexdigest() != h.get("sha256"):
@@ -155,17 +199,23 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
         ids = orjson.loads(ids_raw)
     except orjson.JSONDecodeError as exc:
         raise SnapshotCorrupt(f"item delta v{version}: ids are not JSON ({exc})") from None
-    if not isinstance(ids, list) or len(ids) != n:
+    if not isinstance(ids, list) or (rows_len is None and len(ids) != n):
         raise SnapshotCorrupt(f"item delta v{version}: expected a list of {n} ids")
     vectors = np.frombuffer(vec_raw, dtype="<f4").astype(np.float32, copy=True).reshape(n, dim)
-    return ItemDelta(
-        version=version,
-        item_ids=[str(i) for i in ids],
-        vectors=vectors,
-        bias=float(h["bias"]),
-        extra=extra,
-        created_at=float(h["created_at"]),
-    )
+    rows = None if rows_len is None else np.frombuffer(rows_raw, dtype="<i8").astype(np.int64)
+    try:
+        return ItemDelta(
+            version=version,
+            item_ids=[str(i) for i in ids],
+            vectors=vectors,
+            bias=float(h["bias"]),
+            extra=extra,
+            created_at=float(h["created_at"]),
+            rows=rows,
+            base_n=int(h.get("base_n", 0)),
+        )
+    except IndexInputError as exc:
+        raise SnapshotCorrupt(f"item delta v{version}: {exc}") from None
 
 
 def plan_delta(
@@ -194,6 +244,27 @@ def plan_delta(
     if np.unique(rows[changed]).size != changed.size:
         raise IndexInputError("delta: an item id appears twice among the changed items")
     return rows, changed, new, new_ids
+
+
+def plan_positional(
+    delta: ItemDelta, n_rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """:func:`plan_delta` for a positional delta (no id lookup: O(changed rows) in numpy).
+
+    Raises:
+        SnapshotError: the index does not hold ``delta.base_n`` rows (not the delta's base:
+            reload the full snapshot).
+    """
+    if delta.rows is None:
+        raise IndexInputError(f"delta v{delta.version} is not positional")
+    if n_rows != delta.base_n:
+        raise SnapshotError(
+            f"delta v{delta.version} applies to {delta.base_n} items, this copy holds {n_rows}; "
+            "reload the full snapshot"
+        )
+    rows = delta.rows
+    split = int(np.searchsorted(rows, n_rows))
+    return rows, np.arange(split), np.arange(split, rows.size), list(delta.item_ids)
 
 
 def delta_rows(
@@ -294,4 +365,5 @@ __all__ = [
     "delta_rows",
     "encode_delta",
     "plan_delta",
+    "plan_positional",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 
 from model.compose import ContextTable
 from model.errors import SnapshotError as ModelSnapshotError
-from serving.deltas import DeltaLog, ItemDelta, plan_delta
+from serving.deltas import DeltaLog, ItemDelta, plan_delta, plan_positional
 from serving.errors import SnapshotError
 from serving.graph import GraphKeeper
 from serving.index import FlatIndex, IndexKind, ItemIndex, ItemSnapshot, LoadedIndex
@@ -103,10 +103,14 @@ class ItemCopy:
                 f"delta v{delta.version}: width {delta.vectors.shape[1]}, index width "
                 f"{self.vectors().shape[1]}; reload the full snapshot"
             )
-        rows, changed, new, new_ids = plan_delta(self.row_of, delta.item_ids, self.n)
+        if delta.rows is not None:  # positional: rows named by catalogue position
+            rows, changed, new, new_ids = plan_positional(delta, self.n)
+        else:
+            rows, changed, new, new_ids = plan_delta(self.row_of, delta.item_ids, self.n)
         if self._flat is not None:
             self._flat.set_rows(rows[changed], delta.vectors[changed])
-            self._flat.append(delta.vectors[new])
+            if new.size:
+                self._flat.append(delta.vectors[new])
         else:
             assert self._buf is not None
             self._buf[rows[changed]] = delta.vectors[changed]

@@ -60,3 +60,5 @@ class PublishConfig:
     keep_deltas: int = 600
     offline_i2i_per_tick: int = 128
     lost_check_s: float = 0.5
+    item_tolerance: float = 0.0
+    item_max_age_s: float = 5.0

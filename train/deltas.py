@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +62,13 @@ class DeltaConfig:
         keep_deltas: most deltas kept in Redis (older than the oldest full are dropped anyway).
         i2i_k: offline neighbours per item.
         i2i_per_tick: most items whose offline neighbours one :meth:`refresh_i2i` recomputes.
+        tolerance: an item row whose vector moved by more than this fraction of its last
+            shipped norm (``|new - shipped| > tolerance * |shipped|``) ships in the next version;
+            a smaller change waits (0: every change ships at once, bit-exact).
+        max_age_s: ...but no change waits longer than this: a row changed and not shipped
+            since ``t`` ships in the first version at or after ``t + max_age_s * s``, with
+            ``s`` in [0.5, 1] fixed per item (so rows that changed together do not all come
+            due in one version). New items always ship at once.
     """
 
     full_every_s: float = 600.0
@@ -70,6 +76,15 @@ class DeltaConfig:
     keep_deltas: int = 600
     i2i_k: int = 20
     i2i_per_tick: int = 256
+    tolerance: float = 0.0
+    max_age_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (self.tolerance >= 0.0 and self.max_age_s >= 0.0):
+            raise ValueError(
+                f"item ship policy: tolerance and max_age_s must be >= 0, got "
+                f"{self.tolerance} and {self.max_age_s}"
+            )
 
 
 @dataclass
@@ -82,6 +97,14 @@ class PublishedVersion:
     full: bool
     delta_bytes: int
     seconds: float
+    candidates: int = 0  # item rows composed and compared
+    held: int = 0  # changed item rows not shipped yet (under tolerance, not due)
+
+
+def spread(ents: np.ndarray) -> np.ndarray:
+    """A fixed factor in [0.5, 1) per catalogue position (golden-ratio sequence): scales an
+    item's max age so that rows held back together do not all come due in one version."""
+    return 0.5 + 0.5 * np.modf(np.asarray(ents, dtype=np.float64) * 0.6180339887498949)[0]
 
 
 def _key_fn(store) -> Callable[..., str]:
@@ -115,13 +138,18 @@ class VersionedPublisher:
         self._full_at = 0.0
         self._rows_since_full = 0
         self._shared_keys = np.zeros(0, dtype=np.int64)
+        self._keys_end = 0  # keys numbered below this were looked at (user_shared_keys_from)
         self._shared_rows = np.zeros(0, dtype=np.int64)
         self._context: bytes | None = None
         self._bias: float | None = None
-        self._mirror: ItemCopy | None = None  # the published index (for incremental i2i)
+        self._mirror: ItemCopy | None = None  # the published index: what workers hold
+        # per catalogue position: when a change held back (under tolerance) was first seen
+        self._pending = np.full(1024, np.inf)
         self._i2i_version: int | None = None
-        self._i2i_queue: OrderedDict[str, None] = OrderedDict()
-        self._i2i_cursor = 0
+        # per catalogue position (= mirror row): shipped since its neighbours were computed
+        self._i2i_dirty = np.zeros(0, dtype=bool)
+        self._i2i_scan = 0  # where the next look for changed items starts (rotates)
+        self._i2i_cursor = 0  # round-robin over all items when no changed one is left
         self.last: PublishedVersion | None = None
 
     # --- versions --------------------------------------------------------------------------
@@ -165,19 +193,42 @@ class VersionedPublisher:
     def publish_items(
         self, now: float | None = None, *, force: bool = False
     ) -> PublishedVersion | None:
-        """Publish one new version if anything changed (or ``force``); None when nothing did."""
+        """Publish one new version if anything changed (or ``force``); None when nothing did.
+
+        The candidates are the items reading a row written since the last call plus those held
+        back earlier (under ``tolerance``, not yet ``max_age_s`` old); only they are composed.
+        Of those, the new items, the ones over the tolerance and the ones come due ship, as a
+        positional delta; a full snapshot version ships every change (so delta ``v`` applied to
+        ``v - 1`` gives exactly the full snapshot ``v``).
+        """
         now = time.time() if now is None else now
         started = time.perf_counter()
         m = self.model
         changed = m.drain_changed_rows()
-        n_items = len(m.known_items())
+        n_items = int(m.n_items)
+        if n_items == 0:
+            return None
         full = (
             self._need_full
             or now - self._full_at >= self.config.full_every_s
             or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
         )
-        ids = m.items_reading(changed)
-        ids, vectors = m.item_vectors(ids)
+        mirror = None if self._no_base else self._mirror
+        base_n = 0 if mirror is None else mirror.n
+        if self._pending.size < n_items:
+            grown = np.full(max(n_items, 2 * self._pending.size), np.inf)
+            grown[: self._pending.size] = self._pending
+            self._pending = grown
+        cand = np.zeros(0, dtype=np.int64)
+        if base_n:
+            mask = np.isfinite(self._pending[:base_n])  # held back earlier
+            reading = m.item_entities_reading(changed)
+            mask[reading[reading < base_n]] = True
+            cand = np.flatnonzero(mask)
+        cand = np.concatenate([cand, np.arange(base_n, n_items, dtype=np.int64)])
+        vectors = m.item_vectors_at(cand)
+        ship = self._ship_mask(cand, vectors, base_n, now, every_change=full)
+        rows = cand[ship]
         shared = self._shared_changes(changed, full)
         context = m.context_table().to_bytes()
         bias = float(m.bias)
@@ -186,46 +237,44 @@ class VersionedPublisher:
             extra["context"] = context
         if shared is not None:
             extra[USER_ROWS] = shared[0]
-        if not (full or force or ids or extra or bias != self._bias):
-            return None
-        if n_items == 0:
+        if not (full or force or rows.size or extra or bias != self._bias):
             return None
         v = self.version + 1
+        new_ids = m.item_ids_of(rows[rows >= base_n])
         delta = ItemDelta(
-            v, list(ids), np.ascontiguousarray(vectors, dtype=np.float32), bias, extra, now
+            v, new_ids, np.ascontiguousarray(vectors[ship], dtype=np.float32), bias, extra, now,
+            rows=rows, base_n=base_n,
         )
         delta_bytes = 0
-        if not self._no_base:
+        if mirror is not None:
             # followers at v - 1 step forward even when a full snapshot of v is written too
             delta_bytes = self.log.put(delta, move_pointer=not full)
+            mirror.apply(delta)
+        else:  # nothing of ours to build on: every item is new, the version is a full one
+            mirror = self._mirror = ItemCopy(
+                ItemSnapshot(v, new_ids, delta.vectors, bias, {}, now), "flat", None
+            )
         if full:
-            all_ids, all_vectors = m.item_vectors()
+            # the full snapshot is what the delta path makes: v - 1 + delta v, bit for bit
             snapshot_extra = {"context": context}
             keys = self._shared_keys
             if keys.size:
                 w, vv = m.shared_params(keys)
                 snapshot_extra[USER_ROWS] = encode_rows(keys, np.concatenate([w[:, None], vv], 1))
             snapshot = ItemSnapshot(
-                v,
-                list(all_ids),
-                np.ascontiguousarray(all_vectors, np.float32),
-                bias,
-                snapshot_extra,
-                now,
+                v, list(mirror.ids), mirror.vectors().copy(), bias, snapshot_extra, now
             )
             if not self.store.put_item_snapshot(snapshot):
                 log.warning("full snapshot v%d not taken (Redis has a newer version?)", v)
             self.log.trim()
-            self._mirror = ItemCopy(snapshot, "flat", None)
+            self._pending[:] = np.inf
             self._need_full = self._no_base = False
             self._full_at = now
             self._rows_since_full = 0
-            self._i2i_queue.update(dict.fromkeys(all_ids))
+            self._i2i_dirty = np.ones(mirror.n, dtype=bool)
         else:
             self._rows_since_full += delta.n
-            if self._mirror is not None:
-                self._mirror.apply(delta)
-            self._i2i_queue.update(dict.fromkeys(ids))
+            self._mark_i2i(rows, mirror.n)
         self._context, self._bias = context, bias
         self.version = v
         self._publish_popular()
@@ -237,14 +286,47 @@ class VersionedPublisher:
             full,
             delta_bytes,
             time.perf_counter() - started,
+            candidates=int(cand.size),
+            held=int(np.isfinite(self._pending).sum()),
         )
         log.debug("published v%d: %d item rows, %s", v, delta.n, "full" if full else "delta")
         return self.last
 
+    def _ship_mask(
+        self, cand: np.ndarray, vectors: np.ndarray, base_n: int, now: float, *,
+        every_change: bool,
+    ) -> np.ndarray:
+        """Which candidates ship now (see :class:`DeltaConfig` ``tolerance`` / ``max_age_s``);
+        updates the held-back times. ``cand`` ascending, new items (``>= base_n``) last."""
+        ship = cand >= base_n
+        old_at = np.flatnonzero(~ship)
+        if old_at.size == 0:
+            return ship
+        assert self._mirror is not None
+        ents = cand[old_at]
+        shipped = self._mirror.vectors()[ents]
+        diff = vectors[old_at] - shipped
+        moved = (diff != 0).any(axis=1)
+        cfg = self.config
+        if every_change or cfg.tolerance == 0:
+            go = moved
+        else:
+            dist = np.sqrt(np.einsum("nd,nd->n", diff, diff))
+            ref = np.sqrt(np.einsum("nd,nd->n", shipped, shipped))
+            since = self._pending[ents]
+            due = since + cfg.max_age_s * spread(ents) <= now
+            go = moved & ((dist > cfg.tolerance * ref) | due)
+            wait = moved & ~go & ~np.isfinite(since)
+            self._pending[ents[wait]] = now
+        self._pending[ents[go | ~moved]] = np.inf
+        ship[old_at] = go
+        return ship
+
     def _shared_changes(self, changed: np.ndarray, full: bool) -> tuple[bytes, int] | None:
         """The shared user rows to ship: new keys, rows written, keys now reading another row."""
         m = self.model
-        keys = m.user_shared_keys()
+        added, self._keys_end = m.user_shared_keys_from(self._keys_end)
+        keys = np.concatenate([self._shared_keys, added]) if added.size else self._shared_keys
         if keys.size == 0:
             return None
         rows = m.key_rows(keys)
@@ -319,16 +401,22 @@ class VersionedPublisher:
         if mirror is None or mirror.n < 2:
             return 0
         budget = self.config.i2i_per_tick if budget is None else int(budget)
-        take: list[str] = []
-        while self._i2i_queue and len(take) < budget:
-            take.append(self._i2i_queue.popitem(last=False)[0])
-        while len(take) < budget and len(take) < mirror.n:  # round-robin over the rest
-            self._i2i_cursor %= mirror.n
-            take.append(mirror.ids[self._i2i_cursor])
-            self._i2i_cursor += 1
-        take = list(dict.fromkeys(take))
+        n = mirror.n
+        self._mark_i2i(np.zeros(0, dtype=np.int64), n)
+        changed = np.flatnonzero(self._i2i_dirty[:n])
+        cut = int(np.searchsorted(changed, self._i2i_scan))
+        rows = np.concatenate([changed[cut:], changed[:cut]])[:budget]
+        if rows.size:
+            self._i2i_scan = int(rows[-1]) + 1
+        if rows.size < min(budget, n):  # round-robin over the rest
+            extra = (self._i2i_cursor + np.arange(min(budget, n))) % n
+            extra = extra[~np.isin(extra, rows)][: min(budget, n) - rows.size]
+            self._i2i_cursor = int(extra[-1]) + 1 if extra.size else self._i2i_cursor
+            rows = np.concatenate([rows, extra])
+        self._i2i_dirty[rows] = False
+        take = mirror.ids
+        take = [take[r] for r in rows.tolist()]
         loaded = mirror.loaded()
-        rows = np.array([mirror.row_of[i] for i in take], dtype=np.int64)
         hits = loaded.search_excluding(
             item_queries(loaded.snapshot.vectors[rows]),
             self.config.i2i_k,
@@ -347,6 +435,14 @@ class VersionedPublisher:
                 mapping={i: dumps([[j, float(s)] for j, s in nb]) for i, nb in table.items()},
             )
         return len(table)
+
+    def _mark_i2i(self, rows: np.ndarray, n: int) -> None:
+        """Items at ``rows`` get their offline neighbours recomputed first (``n``: items now)."""
+        if self._i2i_dirty.size < n:
+            grown = np.ones(max(n, 2 * self._i2i_dirty.size), dtype=bool)  # new items: dirty
+            grown[: self._i2i_dirty.size] = self._i2i_dirty
+            self._i2i_dirty = grown
+        self._i2i_dirty[rows] = True
 
     def _i2i_lost(self) -> bool:
         raw = self.store.redis.get(self.key("i2i", "current"))

@@ -83,6 +83,8 @@ class Publisher:
                 keep_deltas=config.keep_deltas,
                 i2i_k=config.offline_i2i_k,
                 i2i_per_tick=config.offline_i2i_per_tick,
+                tolerance=config.item_tolerance,
+                max_age_s=config.item_max_age_s,
             ),
             version_floor=version_floor,
         )
@@ -201,9 +203,10 @@ class Publisher:
         self._items_dirty = False
         self.times.items = now
         if published is not None:
-            log.info("published v%d: %d item rows, %d shared user rows%s", published.version,
-                     published.rows, published.shared_rows, " + full snapshot"
-                     if published.full else "")
+            log.info("published v%d: %d item rows (of %d composed, %d held back), %d shared "
+                     "user rows%s in %.3f s", published.version, published.rows,
+                     published.candidates, published.held, published.shared_rows,
+                     " + full snapshot" if published.full else "", published.seconds)
         return self.version
 
     def publish_offline_i2i(self, now: float, budget: int | None = None) -> int:

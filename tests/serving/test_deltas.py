@@ -147,3 +147,53 @@ def test_apply_refuses_a_delta_for_another_base() -> None:
     with pytest.raises(SnapshotError, match="width"):
         copy.apply(wide)
     assert copy.version == 1
+
+
+def positional(version: int, rows: list[int], base_n: int, new_ids: list[str], seed: int = 0,
+               **kw) -> ItemDelta:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((len(rows), DIM)).astype(np.float32)
+    return ItemDelta(version, new_ids, vectors, rows=np.array(rows, np.int64), base_n=base_n, **kw)
+
+
+def test_positional_delta_round_trip_names_rows_and_only_the_new_ids() -> None:
+    d = positional(4, [1, 3, 5, 6], 5, ["new-a", "new-é"], bias=1.5, extra={"context": b"c"})
+    back = decode_delta(encode_delta(d), 4)
+    assert back.rows.tolist() == [1, 3, 5, 6] and back.base_n == 5
+    assert back.item_ids == ["new-a", "new-é"] and back.extra == {"context": b"c"}
+    np.testing.assert_array_equal(back.vectors, d.vectors)
+    by_id = decode_delta(encode_delta(delta(2, ["a"])), 2)  # the id form still decodes
+    assert by_id.rows is None and by_id.item_ids == ["a"]
+
+
+def test_positional_delta_validates_its_rows() -> None:
+    with pytest.raises(IndexInputError, match="ascend"):
+        positional(2, [3, 1], 5, [])
+    with pytest.raises(IndexInputError, match="ascend"):  # appended rows must follow base_n
+        positional(2, [1, 6], 5, ["x"])
+    with pytest.raises(IndexInputError, match="ascend"):  # one id per appended row
+        positional(2, [1, 5], 5, [])
+    with pytest.raises(IndexInputError, match="float32"):
+        ItemDelta(2, [], np.zeros((2, DIM), np.float32), rows=np.array([1]), base_n=3)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_positional_apply_equals_the_id_form_and_checks_the_base_size(kind: str) -> None:
+    base, deltas, full = evolve(200, 6)
+    copy = ItemCopy(base, kind, GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None)
+    n = base.n
+    for d in deltas:  # the same deltas, written by position
+        rows, changed, new, new_ids = plan_delta(copy.row_of, d.item_ids, n)
+        order = np.argsort(rows, kind="stable")
+        copy.apply(ItemDelta(d.version, new_ids, d.vectors[order], bias=d.bias, extra=d.extra,
+                             rows=rows[order], base_n=n))
+        n += len(new_ids)
+    got = copy.loaded()
+    assert got.version == full.version and got.snapshot.item_ids == full.item_ids
+    np.testing.assert_array_equal(got.snapshot.vectors, full.vectors)
+    assert got.snapshot.row_of == {i: r for r, i in enumerate(full.item_ids)}
+    wrong_base = ItemDelta(full.version + 1, [], np.zeros((1, DIM), np.float32),
+                           rows=np.array([0]), base_n=n - 1)
+    with pytest.raises(SnapshotError, match="reload the full snapshot"):
+        copy.apply(wrong_base)
+    assert copy.version == full.version

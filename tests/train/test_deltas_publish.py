@@ -3,6 +3,8 @@ every user's vector stays exact without rewriting inactive users, and versions o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import redis
@@ -143,3 +145,86 @@ def test_records_written_ahead_of_a_version_wait_for_keys_no_version_carries(sto
     assert got.found.all() and got.versions.tolist() == [published.version] * 2
     np.testing.assert_allclose(got.vectors, model.user_vectors(["fresh", "u1"]), rtol=3e-5,
                                atol=3e-5)
+
+
+def shipped_of(follower: IndexFollower, ids: list[str]) -> np.ndarray:
+    snap = follower.current().loaded.snapshot
+    return snap.vectors[[snap.row_of[i] for i in ids]]
+
+
+def relative_change(now: np.ndarray, then: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(now - then, axis=1) / np.linalg.norm(then, axis=1)
+
+
+def test_rows_over_the_tolerance_ship_next_version_and_the_rest_wait(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(6)
+    learn(model, rng, 200, 300)
+    pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=0.02, max_age_s=1e6))
+    pub.publish_items(now=0.0)
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    ids, before = model.item_vectors()
+    learn(model, rng, 200, 300, n=8)
+    _, after = model.item_vectors()
+    moved = relative_change(after, before)
+    tol = float(np.median(moved))  # half the rows each way
+    pub.config = replace(pub.config, tolerance=tol)
+    published = pub.publish_items(now=1.0)
+    assert published is not None and not published.full
+    over = moved > tol
+    assert 0 < over.sum() < len(ids)
+    assert published.rows == over.sum() and published.held == (~over & (moved > 0)).sum()
+    assert follower.refresh()
+    got = shipped_of(follower, ids)
+    np.testing.assert_array_equal(got[over], after[over])  # shipped: exactly the model's
+    np.testing.assert_array_equal(got[~over], before[~over])  # held: the last shipped value
+
+
+def test_a_row_under_the_tolerance_ships_by_its_max_age(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(7)
+    learn(model, rng, 200, 300)
+    pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=1e9, max_age_s=10.0))
+    pub.publish_items(now=0.0)
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    ids, before = model.item_vectors()
+    learn(model, rng, 200, 300, n=8)
+    _, after = model.item_vectors()
+    first = pub.publish_items(now=1.0)  # every change is under the tolerance: all held
+    assert first is not None and first.rows == 0 and first.held > 0
+    assert pub.publish_items(now=5.9) is None  # nothing new, nothing due (max age x [0.5, 1])
+    follower.refresh()
+    np.testing.assert_array_equal(shipped_of(follower, ids), before)
+    due = pub.publish_items(now=11.0)  # 10 s after the change: every held row is due
+    assert due is not None and due.rows == first.held and due.held == 0
+    assert follower.refresh() and follower.version == due.version
+    np.testing.assert_array_equal(shipped_of(follower, ids), after)
+
+
+def test_held_rows_never_mix_versions_a_full_snapshot_equals_the_deltas_path(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(8)
+    learn(model, rng, 200, 300)
+    pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=0.05, max_age_s=3.0,
+                                                        full_every_s=1e9, full_after_rows=1e9))
+    pub.publish_items(now=0.0)
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    for step in range(6):
+        learn(model, rng, 200, 320, n=16)  # i300.. are new: new items ship at once
+        if step == 3:
+            pub.request_full()
+        published = pub.publish_items(now=1.0 + step)
+        assert published is not None
+        assert follower.refresh() and follower.version == published.version
+        late = IndexFollower(reader)  # the newest full snapshot + the deltas after it
+        assert late.refresh() and late.version == published.version
+        a, b = follower.current().loaded.snapshot, late.current().loaded.snapshot
+        assert a.item_ids == b.item_ids == model.known_items()
+        np.testing.assert_array_equal(a.vectors, b.vectors)  # one content per version
+    assert follower.full_loads == 1  # followed by deltas throughout
