@@ -200,6 +200,131 @@ def part_publish(args: argparse.Namespace) -> None:
                rows, line, notes)
 
 
+# --- part: versions ---------------------------------------------------------------------
+
+
+def part_versions(args: argparse.Namespace) -> None:
+    """CPU and bytes per version as the trainer makes them, per item ship policy (in process,
+    simulated clock: load-robust figures; the e2e part measures wall-clock freshness)."""
+    from model import FeatureSchema
+    from model.online import OnlineFM, TrainConfig
+    from serving.follow import IndexFollower
+    from serving.store import VectorStore
+    from stream.connect import redis_client
+    from stream.synthetic import SyntheticStream
+    from train.deltas import DeltaConfig, VersionedPublisher
+    from train.store_writer import StoreWriter
+
+    started = time.perf_counter()
+    schema = {"user": {"segment": {}}, "item": {"category": {}}, "context": {"hour": {}}}
+    model = OnlineFM(FeatureSchema.from_dict(schema), TrainConfig(dim=32))
+    items = [f"i{j}" for j in range(args.items)]
+    model.upsert_items(items, [{"category": f"c{j % 20}"} for j in range(args.items)])
+    for lo in range(0, args.users, 200_000):
+        hi = min(args.users, lo + 200_000)
+        model.upsert_users([f"u{j}" for j in range(lo, hi)],
+                           [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
+    per_tick = int(args.rate * args.publish_items_s)
+    policies = [tuple(float(x) for x in p.split(":")) for p in args.policies]
+    stream = SyntheticStream(users=args.users, items=args.items, clusters=20)
+    events = stream.events(args.warm_events + per_tick * args.ticks * len(policies))
+
+    def learn(n: int) -> list[str]:
+        batch = [next(events) for _ in range(n)]
+        for lo in range(0, n, 256):  # the trainer's steps (FMSTREAM_STEP_EVENTS)
+            b = batch[lo : lo + 256]
+            model.learn_many([e["user_id"] for e in b], [e["item_id"] for e in b],
+                             contexts=[e["context"] for e in b])
+        return sorted({e["user_id"] for e in batch})
+
+    t0 = time.perf_counter()
+    learn(args.warm_events)
+    log.info("model of %d users x %d items trained on %d events in %.0f s", args.users,
+             args.items, args.warm_events, time.perf_counter() - t0)
+    run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-versions-"))
+    settings, redis_pid = start_redis(run_dir)
+    probe_users = [f"u{j}" for j in range(0, args.users, max(1, args.users // 200))][:200]
+    rows_out, summary = [], {}
+    try:
+        client = redis_client(settings.redis_config())
+        keys = settings.redis_keys()
+        for tol, max_age in policies:
+            client.flushall()
+            writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
+            pub = VersionedPublisher(writer, model, DeltaConfig(
+                full_every_s=1e9, full_after_rows=1e9, tolerance=tol, max_age_s=max_age))
+            clock = 1e6
+            pub.publish_items(now=clock)
+            follower = IndexFollower(reader)
+            follower.refresh()
+            samples = []
+            for _ in range(args.ticks):
+                active = learn(per_tick)
+                clock += args.publish_items_s
+                c0 = time.thread_time()
+                got = pub.publish_items(now=clock)
+                c1 = time.thread_time()
+                follower.refresh()
+                c2 = time.thread_time()
+                pub.publish_users(active, clock)
+                pub.refresh_i2i()
+                c3 = time.thread_time()
+                assert got is not None and follower.version == got.version
+                # the trade-off: top-10 from the served (shipped) vectors vs the model's now
+                served = follower.current().loaded.snapshot.vectors
+                q = model.user_vectors(probe_users)
+                now_top = np.argsort(-(q @ model.item_vectors_at(np.arange(args.items)).T), 1)
+                srv_top = np.argsort(-(q @ served[: args.items].T), 1)
+                overlap = np.mean([len(set(a[:10]) & set(b[:10])) / 10
+                                   for a, b in zip(now_top, srv_top, strict=True)])
+                samples.append((got.rows, got.delta_bytes, c1 - c0, c2 - c1, c3 - c2, overlap,
+                                got.held))
+            a = np.array(samples, dtype=np.float64)
+            med = np.median(a, axis=0)
+            name = ("every change (exact)" if tol == 0
+                    else f"tolerance {tol:g}, max age {max_age:g} s")
+            rows_out.append([
+                name, f"{med[0]:,.0f} (max {a[:, 0].max():,.0f})", f"{med[1] / 1e6:.2f} MB",
+                f"{med[2] * 1e3:.0f} ms", f"{med[2] / max(med[0], 1) * 1e6:.2f} us",
+                f"{med[3] * 1e3:.0f} ms", f"{med[4] * 1e3:.0f} ms",
+                f"{a[:, 5].mean():.3f} (min {a[:, 5].min():.2f})", f"{med[6]:,.0f}",
+            ])
+            tag = "exact" if tol == 0 else f"tol{tol:g}"
+            summary[f"{tag}_rows"] = float(med[0])
+            summary[f"{tag}_publish_ms"] = round(med[2] * 1e3, 1)
+            summary[f"{tag}_apply_ms"] = round(med[3] * 1e3, 1)
+            summary[f"{tag}_overlap10"] = round(float(a[:, 5].mean()), 3)
+        client.close()
+    finally:
+        services.stop_redis(settings)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cols = ["item ship policy", "rows per version", "bytes per version", "publish CPU",
+            "per shipped row", "worker apply CPU (2 copies)", "records + i2i CPU",
+            "top-10 overlap served vs model", "rows held back"]
+    title = (f"Versions at {args.users:,} users x {args.items:,} items, one per "
+             f"{args.publish_items_s:g} s of {args.rate:,} events/s (bench/scale.py --part "
+             "versions)")
+    print_table(title, cols, rows_out)
+    notes = (
+        f"In one process on a simulated clock (CPU seconds of this thread, so load-robust): a "
+        f"model with planted segments/categories (20 each, like the e2e stream) trained on "
+        f"{args.warm_events:,} events, then per version {per_tick:,} events in steps of 256 "
+        f"(BPR, 16 negatives from a shared pool of 512), the publisher's version (candidates "
+        f"found from the changed-row mask, composed, the ship policy, a positional delta into "
+        f"Redis), a worker-side IndexFollower applying it to its 2 copies, then the records of "
+        f"the tick's active users and one i2i refresh. Medians over {args.ticks} versions per "
+        f"policy. Overlap = |top-10 from the served vectors & top-10 from the model's current "
+        f"vectors| / 10 for 200 users. {load_note()} at the end; sharing the box: {others()}. "
+        f"Wall {time.perf_counter() - started:.0f} s."
+    )
+    print(notes)
+    line = summary_line(**summary)
+    print(line)
+    if not args.no_record:
+        record(f"Scale: versions at {args.users:,} users x {args.items:,} items "
+               "(bench/scale.py --part versions)", cols, rows_out, line, notes)
+
+
 # --- part: users --------------------------------------------------------------------------
 
 
@@ -319,7 +444,7 @@ def part_users(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["publish", "users", "e2e"], required=True)
+    parser.add_argument("--part", choices=["publish", "users", "e2e", "versions"], required=True)
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--changed", type=int, nargs="+", default=[1000, 10_000, 100_000])
@@ -335,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-items-s", type=float, default=0.5)
     parser.add_argument("--publish-active-s", type=float, default=0.1)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--warm-events", type=int, default=200_000, help="versions: training first")
+    parser.add_argument("--policies", nargs="+", default=["0:5", "0.05:10", "0.1:10"],
+                        help="versions: item ship policies as tolerance:max_age_s")
     parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -343,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         part_publish(args)
     elif args.part == "users":
         part_users(args)
+    elif args.part == "versions":
+        part_versions(args)
     else:
         from bench.scale_e2e import part_e2e
 
