@@ -215,7 +215,7 @@ def step_gradients(
         else:
             gap = f32(margin) - diff
             terms = np.maximum(gap, f32(0.0))
-            cneg = (gap >= 0).astype(np.float32)
+            cneg = (gap > 0).astype(np.float32)  # as torch.clamp: no gradient at the kink
         cneg = np.where(nmask, cneg, f32(0.0))
         count = int(nmask.sum())
         total = float(terms[nmask].sum(dtype=np.float64))

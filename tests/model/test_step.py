@@ -179,3 +179,24 @@ def test_gather_and_scatter_sums_equal_dense_products(
         step_module.gather_sum(indptr, np.where(idx == idx[0], n, idx), w, table)
     with pytest.raises(ValueError, match="indptr"):
         step_module.scatter_sum(indptr[:-1], idx, w, src, n)
+
+
+def test_hinge_at_its_kink_has_no_gradient_like_autograd() -> None:
+    # user entity 0 reads row 0; items 1, 2 read rows 1, 2; y+ - y- = w_1 - w_2 = margin
+    vals = np.zeros((3, 5), dtype=np.float32)
+    vals[1, 0] = 1.0
+    batch = StepBatch(
+        indptr=np.array([0, 1, 2, 3]),
+        cols=np.array([0, 1, 2]),
+        x=np.ones(3, dtype=np.float32),
+        ev_fixed=np.array([[0]]),
+        ev_item=np.array([1]),
+        labels=np.ones(1, dtype=np.float32),
+        neg_owner=np.array([0]),
+        neg_item=np.array([[2]]),
+        neg_valid=np.ones((1, 1), dtype=bool),
+    )
+    got = step_gradients(vals, 0.0, batch, "hinge", margin=1.0)
+    ref = step_gradients_reference(vals, 0.0, batch, "hinge", margin=1.0)
+    assert got.count == ref.count == 1 and got.loss == ref.loss == 0.0
+    assert not got.grad.any() and not ref.grad.any()
