@@ -53,7 +53,7 @@ class StepBatch:
         ev_fixed: ``(E, s)`` entities of each event's fixed part (user, and context if any).
         ev_item: ``(E,)`` entity of each event's item.
         labels: ``(E,)`` float32 labels (logistic loss only; pairwise events are positives).
-        neg_owner: ``(P,)`` which events (indices into ``E``) own sampled negatives.
+        neg_owner: ``(P,)`` which events own sampled negatives (indices into ``E``, increasing).
         neg_item: ``(P, k)`` entities of the sampled negatives.
         neg_valid: ``(P, k)`` bool, False for negatives that do not exist.
     """
@@ -184,11 +184,17 @@ def step_gradients(
     # each event row: its own item, then its negatives (events without negatives: masked)
     idx = np.empty((n_ev, 1 + k), dtype=np.int64)
     idx[:, 0] = ev_item
-    idx[:, 1:] = ev_item[:, None]
-    idx[batch.neg_owner, 1:] = batch.neg_item
-    mask = np.zeros((n_ev, 1 + k), dtype=bool)
-    mask[:, 0] = True
-    mask[batch.neg_owner, 1:] = batch.neg_valid
+    every = batch.neg_owner.size == n_ev  # pairwise: every event owns its negatives, in order
+    if every:
+        idx[:, 1:] = batch.neg_item
+    else:
+        idx[:, 1:] = ev_item[:, None]
+        idx[batch.neg_owner, 1:] = batch.neg_item
+    mask: np.ndarray | None = None  # None = every example exists (the usual case)
+    if not (every and batch.neg_valid.all()):
+        mask = np.zeros((n_ev, 1 + k), dtype=bool)
+        mask[:, 0] = True
+        mask[batch.neg_owner, 1:] = batch.neg_valid
     P = V[ev_fixed[:, 0]]
     for j in range(1, ev_fixed.shape[1]):
         P += V[ev_fixed[:, j]]
@@ -202,13 +208,15 @@ def step_gradients(
         lab = np.zeros_like(z)
         lab[:, 0] = batch.labels
         terms = np.maximum(z, f32(0.0)) - z * lab + np.log1p(np.exp(-np.abs(z)))
-        c = np.where(mask, _sigmoid(z) - lab, f32(0.0))
-        count = int(mask.sum())
-        total = float(terms[mask].sum(dtype=np.float64))
+        c = _sigmoid(z) - lab
+        if mask is None:
+            count, total = c.size, float(terms.sum(dtype=np.float64))
+        else:
+            c = np.where(mask, c, f32(0.0))
+            count, total = int(mask.sum()), float(terms[mask].sum(dtype=np.float64))
         G = c.sum(axis=1)
     else:
         diff = s[:, :1] - s[:, 1:]
-        nmask = mask[:, 1:]
         if loss == "bpr":
             terms = _softplus(-diff)
             cneg = _sigmoid(-diff)
@@ -216,9 +224,12 @@ def step_gradients(
             gap = f32(margin) - diff
             terms = np.maximum(gap, f32(0.0))
             cneg = (gap > 0).astype(np.float32)  # as torch.clamp: no gradient at the kink
-        cneg = np.where(nmask, cneg, f32(0.0))
-        count = int(nmask.sum())
-        total = float(terms[nmask].sum(dtype=np.float64))
+        if mask is None:
+            count, total = cneg.size, float(terms.sum(dtype=np.float64))
+        else:
+            nmask = mask[:, 1:]
+            cneg = np.where(nmask, cneg, f32(0.0))
+            count, total = int(nmask.sum()), float(terms[nmask].sum(dtype=np.float64))
         c = np.empty_like(s)
         c[:, 1:] = cneg
         c[:, 0] = -cneg.sum(axis=1)
