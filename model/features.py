@@ -605,15 +605,16 @@ class Catalog:
         keys[:, 0] = self.ent_key[ents]
         weights[:, 0] = 1.0
         if width:
-            keys[:, 1 : 1 + width] = self.prof_keys[ents]
-            weights[:, 1 : 1 + width] = self.prof_w[ents]
+            keys[:, 1 : 1 + width] = np.take(self.prof_keys, ents, axis=0)  # take: 2-4x [ents]
+            weights[:, 1 : 1 + width] = np.take(self.prof_w, ents, axis=0)
         col = 1 + width
         for f, ring in self.hist_keys.items():
             h = ring.shape[1]
             filled = np.minimum(self.hist_n[f][ents], h)
-            keys[:, col : col + h] = ring[ents]
+            keys[:, col : col + h] = np.take(ring, ents, axis=0)
             valid = np.arange(h)[None, :] < filled[:, None]
-            weights[:, col : col + h] = np.where(valid, 1.0 / np.maximum(filled, 1)[:, None], 0.0)
+            inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
+            weights[:, col : col + h] = np.where(valid, inv[:, None], np.float32(0.0))
             col += h
         return keys, weights
 

@@ -161,7 +161,7 @@ class RowTable:
             g += np.float32(l2) * values
         gw = g[:, 0]
         gv = g[:, 1:]
-        acc = self.acc[rows]
+        acc = np.take(self.acc, rows, axis=0)
         if decay != 1.0:
             acc *= np.float32(decay)
         if counts is None:

@@ -173,7 +173,7 @@ def step_gradients(
     v = vals[:, 1:]
     sq = np.einsum("rd,rd->r", v, v)
     agg = gather_sum(indptr, cols, x, vals)  # [Σ x w | Σ x v]
-    V = agg[:, 1:]
+    V = np.ascontiguousarray(agg[:, 1:])  # row gathers below: np.take (2-4x fancy indexing)
     s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
     q = agg[:, 0] - f32(0.5) * s2  # float32 throughout (bincount sums in float64)
     a = q + f32(0.5) * np.einsum("md,md->m", V, V)
@@ -195,11 +195,11 @@ def step_gradients(
         mask = np.zeros((n_ev, 1 + k), dtype=bool)
         mask[:, 0] = True
         mask[batch.neg_owner, 1:] = batch.neg_valid
-    P = V[ev_fixed[:, 0]]
+    P = np.take(V, ev_fixed[:, 0], axis=0)
     for j in range(1, ev_fixed.shape[1]):
-        P += V[ev_fixed[:, j]]
-    VX = V[idx]  # (E, 1 + k, d)
-    s = a[idx] + np.matmul(VX, P[:, :, None])[..., 0]  # item-dependent part of each logit
+        P += np.take(V, ev_fixed[:, j], axis=0)
+    VX = np.take(V, idx, axis=0)  # (E, 1 + k, d)
+    s = np.take(a, idx) + np.matmul(VX, P[:, :, None])[..., 0]  # the logits' item part
     pairwise = loss != "logistic"
     if not pairwise:
         qf = q[ev_fixed].sum(axis=1)
