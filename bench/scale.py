@@ -1,6 +1,12 @@
 """Scale benchmark of publishing by change (issue 10): item deltas, user records, freshness.
 
-Three parts (``--part``), each bounded in time:
+Four parts (``--part``), each bounded in time:
+
+- ``versions``: CPU, bytes and rows per version as the trainer makes them at ``--users`` x
+  ``--items`` (planted segments/categories like the e2e stream), one version per
+  ``--publish-items-s`` of ``--rate`` events, for each item ship policy in ``--policies``
+  (``tolerance:max_age_s``), with the top-10 overlap of the served vectors against the model's
+  (the price of a tolerance). In one process on a simulated clock: load-robust.
 
 - ``publish``: 1M items in one model; each tick ``N`` item rows change (1k, 10k, 100k per
   second); the publisher finds them (:meth:`OnlineFM.items_reading` over the changed-row mask),
@@ -273,8 +279,9 @@ def part_versions(args: argparse.Namespace) -> None:
                 # the trade-off: top-10 from the served (shipped) vectors vs the model's now
                 served = follower.current().loaded.snapshot.vectors
                 q = model.user_vectors(probe_users)
-                now_top = np.argsort(-(q @ model.item_vectors_at(np.arange(args.items)).T), 1)
-                srv_top = np.argsort(-(q @ served[: args.items].T), 1)
+                cur = model.item_vectors_at(np.arange(args.items))
+                now_top = np.argpartition(-(q @ cur.T), 10, axis=1)[:, :10]
+                srv_top = np.argpartition(-(q @ served[: args.items].T), 10, axis=1)[:, :10]
                 overlap = np.mean([len(set(a[:10]) & set(b[:10])) / 10
                                    for a, b in zip(now_top, srv_top, strict=True)])
                 samples.append((got.rows, got.delta_bytes, c1 - c0, c2 - c1, c3 - c2, overlap,
@@ -463,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-events", type=int, default=200_000, help="versions: training first")
     parser.add_argument("--policies", nargs="+", default=["0:5", "0.05:10", "0.1:10"],
                         help="versions: item ship policies as tolerance:max_age_s")
+    parser.add_argument("--item-tolerance", type=float, default=0.0,
+                        help="e2e: FMSTREAM_ITEM_TOLERANCE (0: every change ships at once)")
+    parser.add_argument("--item-max-age-s", type=float, default=5.0,
+                        help="e2e: FMSTREAM_ITEM_MAX_AGE_S")
     parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

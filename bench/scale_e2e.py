@@ -180,7 +180,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     settings = bench_settings(
         run_dir, ports=(25092, 25093, 25379), schema_path=root / "config" / "synthetic.toml",
         publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
-        swap_poll_s=0.1,
+        swap_poll_s=0.1, item_tolerance=args.item_tolerance, item_max_age_s=args.item_max_age_s,
     )
     procs = {}
     ok = False
@@ -292,7 +292,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
         + f"; Redis input {redis_in / 1e6:.1f} MB/s. Settings: publish_items_s="
         f"{settings.publish_items_s}, publish_active_s={settings.publish_active_s}, swap_poll_s="
-        f"{settings.swap_poll_s}, {args.rate:,} events/s, {args.inflight} requests in flight. "
+        f"{settings.swap_poll_s}, item_tolerance={settings.item_tolerance}, item_max_age_s="
+        f"{settings.item_max_age_s}, {args.rate:,} events/s, {args.inflight} requests in flight. "
         f"Setup (profiles of {args.users:,} users applied, first version served) {setup_s:.0f} s. "
         f"{load_note()} at the end; sharing the box: {others()}. Wall "
         f"{time.perf_counter() - started:.0f} s. Worker and trainer logs: {run_dir} (removed)."
