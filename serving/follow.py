@@ -105,15 +105,22 @@ class ItemCopy:
             )
         if delta.rows is not None:  # positional: rows named by catalogue position
             rows, changed, new, new_ids = plan_positional(delta, self.n)
+            # ascending: the changed rows come first, the appended ones last (slices, no copy)
+            split = changed.size
+            at: np.ndarray | slice = rows[:split]
+            if split and int(rows[split - 1]) - int(rows[0]) == split - 1:
+                at = slice(int(rows[0]), int(rows[split - 1]) + 1)  # a block: one memcpy
+            put, added = delta.vectors[:split], delta.vectors[split:]
         else:
             rows, changed, new, new_ids = plan_delta(self.row_of, delta.item_ids, self.n)
+            at, put, added = rows[changed], delta.vectors[changed], delta.vectors[new]
         if self._flat is not None:
-            self._flat.set_rows(rows[changed], delta.vectors[changed])
+            self._flat.set_rows(at, put)
             if new.size:
-                self._flat.append(delta.vectors[new])
+                self._flat.append(added)
         else:
             assert self._buf is not None
-            self._buf[rows[changed]] = delta.vectors[changed]
+            self._buf[at] = put
             need = self.n + new.size
             if need > self._buf.shape[0]:
                 grown = np.empty(
@@ -121,7 +128,7 @@ class ItemCopy:
                 )
                 grown[: self.n] = self._buf[: self.n]
                 self._buf = grown
-            self._buf[self.n : need] = delta.vectors[new]
+            self._buf[self.n : need] = added
         start = self.n
         self.ids.extend(new_ids)
         self.row_of.update(zip(new_ids, range(start, start + len(new_ids)), strict=True))

@@ -187,8 +187,16 @@ class FlatIndex(ItemIndex):
             return np.zeros((0, d), dtype=np.float32)
         return faiss.rev_swig_ptr(self._index.get_xb(), n * d).reshape(n, d)
 
-    def set_rows(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Overwrite rows in place (O(changed rows)). Not safe while another thread searches."""
+    def set_rows(self, rows: np.ndarray | slice, vectors: np.ndarray) -> None:
+        """Overwrite rows in place (O(changed rows)); ``rows`` an index array or a slice (a
+        block of rows: one copy). Not safe while another thread searches."""
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.ntotal)
+            if step != 1 or rows.start is None or rows.stop != stop or rows.start != start:
+                raise IndexInputError(f"set_rows: a block must lie in [0, {self.ntotal})")
+            if stop > start:
+                self.vectors()[start:stop] = as_matrix(vectors, name="row vectors", dim=self.dim)
+            return
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return

@@ -197,3 +197,22 @@ def test_positional_apply_equals_the_id_form_and_checks_the_base_size(kind: str)
     with pytest.raises(SnapshotError, match="reload the full snapshot"):
         copy.apply(wrong_base)
     assert copy.version == full.version
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_positional_delta_of_a_block_of_rows_is_written_in_place(kind: str) -> None:
+    base, _, _ = evolve(40, 0)
+    copy = ItemCopy(base, kind, GraphKeeper(m=8, ef_search=64) if kind == "hnsw" else None)
+    d = positional(base.version + 1, list(range(10, base.n + 2)), base.n, ["n1", "n2"], seed=3)
+    copy.apply(d)  # rows 10 .. n-1 are one block, then two new items
+    want = np.vstack([base.vectors[:10], d.vectors])
+    np.testing.assert_array_equal(copy.vectors(), want)
+    assert copy.ids == [*base.item_ids, "n1", "n2"] and copy.row_of["n2"] == base.n + 1
+
+
+def test_flat_set_rows_takes_a_block_within_bounds() -> None:
+    index = FlatIndex(np.zeros((5, DIM), np.float32))
+    index.set_rows(slice(1, 3), np.ones((2, DIM), np.float32))
+    assert index.vectors().sum(axis=1).tolist() == [0, DIM, DIM, 0, 0]
+    with pytest.raises(IndexInputError, match="block"):
+        index.set_rows(slice(4, 7), np.ones((3, DIM), np.float32))
