@@ -191,6 +191,8 @@ class Loop:
             self.samples.append(Sample(sent, done, resp.get("model_version"), error))
             return
         probe.asking = None
+        if probe not in probes:
+            return  # a probe of an earlier phase, already counted there (as lost)
         if error is not None:
             self.probe_errors += 1
         elif resp.get("fallback") is None:

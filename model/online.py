@@ -728,6 +728,14 @@ class OnlineFM:
         ids = self._items.ids
         return [ids[e] for e in np.asarray(ents, dtype=np.int64).tolist()]
 
+    def item_rows_at(self, ents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(w, v, x)`` of the items at catalogue positions ``ents``: copies of the rows they
+        read, ``(n, L)``, ``(n, L, dim)``, ``(n, L)``. ``compose_item(*aggregate(w, v, x))`` is
+        :meth:`item_vectors_at`; a reader gathers under a lock and composes after it."""
+        keys, weights = self._items.keys_of(np.asarray(ents, dtype=np.int64))
+        w, v = self._rows_params(keys)
+        return w, v, weights
+
     def item_vectors_at(self, ents: np.ndarray) -> np.ndarray:
         """``E_item`` float32 ``(len(ents), dim + 2)`` of the items at catalogue positions
         ``ents`` (the same vectors :meth:`item_vectors` composes, without id lookups)."""

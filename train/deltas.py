@@ -31,10 +31,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from model.compose import aggregate, compose_item
 from model.online import OnlineFM
 from serving.deltas import DeltaLog, ItemDelta
 from serving.follow import ItemCopy
@@ -45,6 +48,9 @@ from serving.users import USER_ROWS, encode_rows, encode_user_records
 log = logging.getLogger(__name__)
 
 _USER_BATCH = 8192
+_GATHER_MAX = 262_144
+"""Most candidate items whose rows a version copies under the trainer's lock to compose after
+it (bounds that copy's memory; a bigger version is composed under the lock, in chunks)."""
 RESTART_GAP = 1000
 """Versions skipped when restarting from a checkpoint into an empty Redis (more than a trainer
 publishes between two checkpoints: 10 s / ``publish_items_s``)."""
@@ -125,10 +131,19 @@ class VersionedPublisher:
     """
 
     def __init__(
-        self, store, model: OnlineFM, config: DeltaConfig | None = None, *, version_floor: int = 0
+        self,
+        store,
+        model: OnlineFM,
+        config: DeltaConfig | None = None,
+        *,
+        version_floor: int = 0,
+        model_lock: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.store = store
         self.model = model
+        self._lock: AbstractContextManager[Any] = (
+            model_lock if model_lock is not None else nullcontext()
+        )
         self.config = config or DeltaConfig()
         self.key = _key_fn(store)
         self.log = DeltaLog(store.redis, self.key, keep=self.config.keep_deltas)
@@ -204,34 +219,46 @@ class VersionedPublisher:
         now = time.time() if now is None else now
         started = time.perf_counter()
         m = self.model
-        changed = m.drain_changed_rows()
-        n_items = int(m.n_items)
-        if n_items == 0:
-            return None
-        full = (
-            self._need_full
-            or now - self._full_at >= self.config.full_every_s
-            or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
-        )
         mirror = None if self._no_base else self._mirror
         base_n = 0 if mirror is None else mirror.n
-        if self._pending.size < n_items:
-            grown = np.full(max(n_items, 2 * self._pending.size), np.inf)
-            grown[: self._pending.size] = self._pending
-            self._pending = grown
-        cand = np.zeros(0, dtype=np.int64)
-        if base_n:
-            mask = np.isfinite(self._pending[:base_n])  # held back earlier
-            reading = m.item_entities_reading(changed)
-            mask[reading[reading < base_n]] = True
-            cand = np.flatnonzero(mask)
-        cand = np.concatenate([cand, np.arange(base_n, n_items, dtype=np.int64)])
-        vectors = m.item_vectors_at(cand)
+        # Every read of the model in one critical section (the trainer's lock, held while it
+        # changes the model): the rows the candidates read are gathered (copied) here, the
+        # float64 composition runs after the lock is released.
+        with self._lock:
+            changed = m.drain_changed_rows()
+            n_items = int(m.n_items)
+            if n_items == 0:
+                return None
+            full = (
+                self._need_full
+                or now - self._full_at >= self.config.full_every_s
+                or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
+            )
+            if self._pending.size < n_items:
+                grown = np.full(max(n_items, 2 * self._pending.size), np.inf)
+                grown[: self._pending.size] = self._pending
+                self._pending = grown
+            cand = np.zeros(0, dtype=np.int64)
+            if base_n:
+                mask = np.isfinite(self._pending[:base_n])  # held back earlier
+                reading = m.item_entities_reading(changed)
+                mask[reading[reading < base_n]] = True
+                cand = np.flatnonzero(mask)
+            fresh = np.arange(base_n, n_items, dtype=np.int64)
+            cand = np.concatenate([cand, fresh])
+            if cand.size <= _GATHER_MAX:
+                parts = m.item_rows_at(cand)
+            else:  # a huge version (a start): composed here in bounded chunks
+                parts, vectors = None, m.item_vectors_at(cand)
+            new_ids = m.item_ids_of(fresh)
+            shared = self._shared_changes(changed, full)
+            snapshot_rows = m.shared_params(self._shared_keys) if full else None
+            context = m.context_table().to_bytes()
+            bias = float(m.bias)
+        if parts is not None:
+            vectors = compose_item(*aggregate(*parts))
         ship = self._ship_mask(cand, vectors, base_n, now, every_change=full)
         rows = cand[ship]
-        shared = self._shared_changes(changed, full)
-        context = m.context_table().to_bytes()
-        bias = float(m.bias)
         extra: dict[str, bytes] = {}
         if context != self._context:
             extra["context"] = context
@@ -240,7 +267,6 @@ class VersionedPublisher:
         if not (full or force or rows.size or extra or bias != self._bias):
             return None
         v = self.version + 1
-        new_ids = m.item_ids_of(rows[rows >= base_n])
         delta = ItemDelta(
             v, new_ids, np.ascontiguousarray(vectors[ship], dtype=np.float32), bias, extra, now,
             rows=rows, base_n=base_n,
@@ -258,8 +284,8 @@ class VersionedPublisher:
             # the full snapshot is what the delta path makes: v - 1 + delta v, bit for bit
             snapshot_extra = {"context": context}
             keys = self._shared_keys
-            if keys.size:
-                w, vv = m.shared_params(keys)
+            if keys.size and snapshot_rows is not None:
+                w, vv = snapshot_rows
                 snapshot_extra[USER_ROWS] = encode_rows(keys, np.concatenate([w[:, None], vv], 1))
             snapshot = ItemSnapshot(
                 v, list(mirror.ids), mirror.vectors().copy(), bias, snapshot_extra, now
@@ -323,7 +349,8 @@ class VersionedPublisher:
         return ship
 
     def _shared_changes(self, changed: np.ndarray, full: bool) -> tuple[bytes, int] | None:
-        """The shared user rows to ship: new keys, rows written, keys now reading another row."""
+        """The shared user rows to ship: new keys, rows written, keys now reading another row.
+        (Reads the model: call with the lock held.)"""
         m = self.model
         added, self._keys_end = m.user_shared_keys_from(self._keys_end)
         keys = np.concatenate([self._shared_keys, added]) if added.size else self._shared_keys
@@ -343,7 +370,8 @@ class VersionedPublisher:
         return encode_rows(keys[ship], np.concatenate([w[:, None], v], axis=1)), int(ship.sum())
 
     def _publish_popular(self) -> None:
-        ids, counts = self.model.item_counts()
+        with self._lock:
+            ids, counts = self.model.item_counts()
         if not ids:
             return
         k = min(POPULAR_K, len(ids))
@@ -373,7 +401,8 @@ class VersionedPublisher:
         stamp = self.version + 1 if ahead else self.version
         for start in range(0, len(users), _USER_BATCH):
             part = users[start : start + _USER_BATCH]
-            own, keys, weights = self.model.user_parts(part)
+            with self._lock:
+                own, keys, weights = self.model.user_parts(part)
             if ahead:
                 known = (keys == 0) | np.isin(keys, self._shared_keys)
                 ok = known.all(axis=1)
@@ -458,7 +487,7 @@ class VersionedPublisher:
         self._context = None
         self._i2i_version = None
         published = self.publish_items(now, force=True)
-        assert published is not None or not self.model.known_items()
+        assert published is not None or not self.model.n_items
         self.publish_users(user_ids, now)
         return published  # type: ignore[return-value]
 

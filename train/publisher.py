@@ -70,7 +70,6 @@ class Publisher:
         # With ``model_lock`` (the trainer's) this publisher may run in its own thread: every
         # read of the model is then made under the lock the trainer holds while it changes it.
         self.model = model if model_lock is None else LockedModel(model, model_lock)
-        model = self.model
         self.times = PublishTimes()
         self._active: set[str] = set()
         self._items_dirty = True
@@ -87,6 +86,9 @@ class Publisher:
                 max_age_s=config.item_max_age_s,
             ),
             version_floor=version_floor,
+            # the raw model: VersionedPublisher takes the lock once per version around all its
+            # reads (one wait for the trainer per version, not one per call)
+            model_lock=model_lock,
         )
         self.republished = 0
         self._starting = True

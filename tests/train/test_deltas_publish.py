@@ -3,6 +3,7 @@ every user's vector stays exact without rewriting inactive users, and versions o
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -228,3 +229,37 @@ def test_held_rows_never_mix_versions_a_full_snapshot_equals_the_deltas_path(sto
         assert a.item_ids == b.item_ids == model.known_items()
         np.testing.assert_array_equal(a.vectors, b.vectors)  # one content per version
     assert follower.full_loads == 1  # followed by deltas throughout
+
+
+class CountingLock:
+    """The trainer's model lock, counting how often a reader takes it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def test_a_version_waits_for_the_trainers_lock_once_for_all_its_reads(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(9)
+    learn(model, rng, 200, 300)
+    lock = CountingLock()
+    pub = VersionedPublisher(writer, model, model_lock=lock)
+    pub.publish_items(now=1.0)
+    learn(model, rng, 200, 300)
+    lock.taken = 0
+    published = pub.publish_items(now=2.0)
+    assert published is not None and published.rows > 0
+    assert lock.taken == 2  # the version's reads, then the popularity counts
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    np.testing.assert_array_equal(shipped_of(follower, model.known_items()),
+                                  model.item_vectors()[1])
