@@ -44,6 +44,7 @@ def train_config(settings: Settings) -> TrainConfig:
         negatives=settings.negatives, neg_sampling=settings.neg_sampling,
         neg_alpha=settings.neg_alpha, seed=settings.seed, neg_pool=settings.neg_pool,
         acc_decay=settings.acc_decay,
+        recent_items=settings.history_len,  # serving's histories, rebuilt after Redis loss
     )
 
 

@@ -210,6 +210,8 @@ class FeatureSpace:
         finite = [f.expire_after_s for f in self.specs if f.expire_after_s is not None]
         self.sweep_every = (min(finite) / 16.0) if finite else math.inf
         self.n_expired = 0
+        # user id keys that lost their own row since the last drain (their records changed)
+        self.expired_user_keys: list[np.ndarray] = []
         self.n_admitted = 0
         self._side_fidx: dict[str, list[int]] = {}
 
@@ -446,6 +448,11 @@ class FeatureSpace:
         self.table.mark_dirty(self.key_row[dead_keys])
         self.key_count[dead_keys] = 0
         self.n_expired += int(dead_keys.size)
+        users = dead_keys[self.key_field[dead_keys] == self.index_of["user_id"]]
+        if users.size:
+            self.expired_user_keys.append(users)
+            if len(self.expired_user_keys) > 64:  # nobody drains: stay bounded by the keys
+                self.expired_user_keys = [np.unique(np.concatenate(self.expired_user_keys))]
         return int(dead_keys.size)
 
     def id_key_for(self, field_idx: int, entity_id: str) -> int:
@@ -489,6 +496,14 @@ class Catalog:
                 self.hist_n[f] = np.zeros(cap, dtype=np.int64)
             else:
                 self.hist_key_of_item[f] = np.zeros(cap, dtype=np.int32)
+        # recent positive items (item entity indices) per user, for serving's history (off: 0)
+        self.recent = np.zeros((cap, 0), dtype=np.int32)
+        self.recent_n = np.zeros(0, dtype=np.int64)  # sized only when kept
+
+    def keep_recent(self, length: int) -> None:
+        """Keep each user's last ``length`` positive items (ring of item entity indices)."""
+        self.recent = np.zeros((self.ent_key.shape[0], int(length)), dtype=np.int32)
+        self.recent_n = np.zeros(self.ent_key.shape[0], dtype=np.int64)
 
     def __len__(self) -> int:
         return self.n
@@ -504,6 +519,11 @@ class Catalog:
             for d in (self.hist_keys, self.hist_n, self.hist_key_of_item):
                 for f in d:
                     d[f] = _grown(d[f], new_cap, 0)
+            if self.recent.shape[1]:
+                self.recent = _grown(self.recent, new_cap, 0)
+                self.recent_n = _grown(self.recent_n, new_cap, 0)
+            else:
+                self.recent = np.zeros((new_cap, 0), dtype=np.int32)
         if new_cap != cap or width > self.prof_keys.shape[1]:
             w = max(width, self.prof_keys.shape[1])
             pk = np.zeros((new_cap, w), dtype=np.int32)
@@ -646,16 +666,26 @@ class Catalog:
 
     def append_history(self, field_idx: int, ents: np.ndarray, keys: np.ndarray) -> None:
         """Append item keys to users' history rings, in event order (oldest drop out)."""
-        ring, count = self.hist_keys[field_idx], self.hist_n[field_idx]
-        h = ring.shape[1]
-        order = np.argsort(ents, kind="stable")
-        e, k = ents[order], keys[order]
-        uniq, start, per = np.unique(e, return_index=True, return_counts=True)
-        rank = np.arange(e.size) - np.repeat(start, per)  # position among this user's events
-        last = rank >= np.repeat(per, per) - h  # only the newest h of a burst survive
-        slot = (count[e] + rank) % h
-        ring[e[last], slot[last]] = k[last]
-        count[uniq] += per
+        _ring_append(self.hist_keys[field_idx], self.hist_n[field_idx], ents, keys)
+
+    def append_recent(self, ents: np.ndarray, items: np.ndarray) -> None:
+        """Append item entity indices to users' recent rings (see :meth:`keep_recent`)."""
+        if self.recent.shape[1] and ents.size:
+            _ring_append(self.recent, self.recent_n, ents, items)
+
+    def recent_of(self, ents: np.ndarray) -> list[np.ndarray]:
+        """Each entity's recent item entity indices, newest first (at most the ring's length)."""
+        h = self.recent.shape[1]
+        if h == 0:
+            return [np.zeros(0, dtype=np.int32) for _ in range(len(ents))]
+        ents = np.asarray(ents, dtype=np.int64)
+        n = self.recent_n[ents]
+        # slot of the j-th newest: (n - 1 - j) mod h, valid while j < min(n, h)
+        j = np.arange(h)
+        slots = (n[:, None] - 1 - j[None, :]) % h
+        items = np.take_along_axis(self.recent[ents], slots, axis=1)
+        m = np.minimum(n, h)
+        return [items[r, : m[r]] for r in range(len(ents))]
 
     def keys_of_ids(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`keys_of` for any ids: unknown ids get the id fallback / hash bucket key."""
@@ -672,6 +702,7 @@ class Catalog:
     def nbytes(self) -> int:
         return int(
             self.ent_key.nbytes + self.counts.nbytes + self.prof_keys.nbytes + self.prof_w.nbytes
+            + self.recent.nbytes + self.recent_n.nbytes
         )
 
 
@@ -687,6 +718,19 @@ def _id_str(u: Any) -> str:
         raise FeatureError(
             f"expected an id (string or number), got {type(u).__name__} {u!r}"
         ) from None
+
+
+def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np.ndarray) -> None:
+    """Append ``vals`` to the rings of ``ents`` in event order (oldest drop out)."""
+    h = ring.shape[1]
+    order = np.argsort(ents, kind="stable")
+    e, k = ents[order], vals[order]
+    uniq, start, per = np.unique(e, return_index=True, return_counts=True)
+    rank = np.arange(e.size) - np.repeat(start, per)  # position among this user's events
+    last = rank >= np.repeat(per, per) - h  # only the newest h of a burst survive
+    slot = (count[e] + rank) % h
+    ring[e[last], slot[last]] = k[last]
+    count[uniq] += per
 
 
 def _grown(a: np.ndarray, new_cap: int, fill: Any) -> np.ndarray:

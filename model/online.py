@@ -74,6 +74,10 @@ class TrainConfig:
             0.0883), on the drift scenario (bench/drift.py) drifted users' HR@10 from 5 days
             after the switch 0.130 vs 0.115; 0.95 / 0.9 follow drift better (0.153 / 0.154)
             but cost ml-100k 9% / 16%.
+        recent_items: keep each user's last ``recent_items`` positive items in the model (and
+            so in its checkpoints) for :meth:`OnlineFM.recent_items`; the trainer uses it to
+            rebuild serving's user histories after Redis lost them. 4 bytes per item per user;
+            0 (the default) keeps none. Does not change learning.
     """
 
     dim: int = 32
@@ -89,6 +93,7 @@ class TrainConfig:
     neg_pool: int = 512
     step_scaling: Literal["none", "count"] = "none"
     acc_decay: float = 0.99
+    recent_items: int = 0
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
@@ -138,6 +143,12 @@ class TrainConfig:
             and 0.0 < self.acc_decay <= 1.0
         ):
             raise bad("acc_decay must be a number in (0, 1]", self.acc_decay)
+        if (
+            isinstance(self.recent_items, bool)
+            or not isinstance(self.recent_items, int)
+            or self.recent_items < 0
+        ):
+            raise bad("recent_items must be an integer >= 0", self.recent_items)
         if self.step_scaling not in ("none", "count"):
             raise bad("step_scaling must be 'none' or 'count'", self.step_scaling)
         if not (
@@ -207,6 +218,8 @@ class OnlineFM:
         self._space = FeatureSpace(self.schema, self._table)
         self._users = Catalog("user", self._space)
         self._items = Catalog("item", self._space)
+        if self.config.recent_items:
+            self._users.keep_recent(self.config.recent_items)
         self._sampler = NegativeSampler(
             self.config.neg_sampling, self.config.neg_alpha, np.random.default_rng(seeds[1])
         )
@@ -405,6 +418,8 @@ class OnlineFM:
                 self._users.append_history(f, ue[pos], hk)
                 appended.append(hk)
             space.observe(np.concatenate(appended), float(t.max()))  # a click is a sighting
+        if pos.size:
+            self._users.append_recent(ue[pos], ie[pos])
         self.n_updates += b
         return loss
 
@@ -693,6 +708,18 @@ class OnlineFM:
         mask[table.drain_dirty()] = True
         return mask
 
+    def drain_expired_users(self) -> list[str]:
+        """Users whose own id row expired since the last call (their vector now reads the id
+        fallback row: a published record of theirs is stale). One consumer drains it."""
+        space = self._space
+        if not space.expired_user_keys:
+            return []
+        dead = np.unique(np.concatenate(space.expired_user_keys))
+        space.expired_user_keys = []
+        us = self._users
+        ents = np.flatnonzero(np.isin(us.ent_key[: us.n], dead))
+        return [us.ids[e] for e in ents.tolist()]
+
     def items_reading(self, changed_rows: np.ndarray) -> list[str]:
         """Ids of the known items whose vector reads any row marked in ``changed_rows``.
 
@@ -863,6 +890,19 @@ class OnlineFM:
                 out[spec.name] = [names.get(int(ring[j]), "?") for j in order]
         return out
 
+    def recent_items(self, user_ids: Sequence[str]) -> list[list[str]]:
+        """Each user's last positive item ids, newest first (``config.recent_items`` at most;
+        empty for unknown users or when none are kept). Repeats are kept, as they happened."""
+        ents = self._users.lookup(user_ids)
+        out: list[list[str]] = [[] for _ in range(len(user_ids))]
+        known = np.flatnonzero(ents >= 0)
+        if known.size == 0 or self.config.recent_items == 0:
+            return out
+        ids = self._items.ids
+        for j, items in zip(known.tolist(), self._users.recent_of(ents[known]), strict=True):
+            out[j] = [ids[i] for i in items.tolist()]
+        return out
+
     def item_profile(self, item_id: str) -> dict[str, Any] | None:
         e = self._items.index.get(item_id)
         return None if e is None else dict(self._items.profiles[e])
@@ -926,6 +966,9 @@ class OnlineFM:
             arrays[f"{name}_counts"] = cat.counts[: cat.n]
             arrays[f"{name}_prof_keys"] = cat.prof_keys[: cat.n]
             arrays[f"{name}_prof_w"] = cat.prof_w[: cat.n]
+            if name == "user" and cat.recent.shape[1]:
+                arrays["user_recent"] = cat.recent[: cat.n]
+                arrays["user_recent_n"] = cat.recent_n[: cat.n]
             for f in cat.hist_fields:
                 fname = sp.specs[f].name
                 if name == "user":
@@ -994,6 +1037,12 @@ class OnlineFM:
             cat.profiles = profiles
             cat.index = {u: j for j, u in enumerate(ids)}
             cat.n = n
+            if name == "user" and cat.recent.shape[1]:
+                recent = arrays["user_recent"]
+                if recent.shape != (n, cat.recent.shape[1]):
+                    raise ValueError("recent items do not match the users and recent_items")
+                cat.recent[:n] = recent
+                cat.recent_n[:n] = arrays["user_recent_n"]
             for f in cat.hist_fields:
                 fname = sp.specs[f].name
                 if name == "user":

@@ -109,10 +109,19 @@ def test_flushall_with_an_idle_trainer_republishes_by_itself(loop: Loop) -> None
     with FmClient(settings) as client:
         wait_for(lambda: answers_normally(client), 60, "u2i answers before the flush")
         before = max(store.worker_versions().values())
+        histories = store.get_histories(USERS)
+        assert all(histories), "every probed user has a history before the flush"
         client_redis.flushall()  # the trainer is idle: no event will ever trigger a publish
         wait_for(lambda: store.current_item_version() is not None, 30,
                  "the publisher to notice and republish")
         wait_for(lambda: answers_normally(client), 30, "u2i answers after the flush")
+        # the histories (exclude_seen, i2i_history) come back from the model, not from events
+        wait_for(lambda: store.get_histories(USERS) == histories, 30, "the histories back")
+        seen = client.request_many([{"type": "u2i", "user_id": u, "k": 5, "exclude_seen": True}
+                                    for u in USERS], timeout=10)
+        for r, h in zip(seen, histories, strict=True):
+            assert r is not None and r.error is None and r.fallback is None
+            assert not {i.item_id for i in r.items} & set(h)
     after = store.current_item_version()
     assert after is not None and after > before
     wait_for(lambda: min(store.worker_versions().values(), default=-1) >= after, 30,

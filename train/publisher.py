@@ -157,6 +157,8 @@ class Publisher:
                             self.version)
                 self.republish(now)
                 return
+        # users whose own id row expired now read the fallback row: their records change
+        self._active.update(self.model.drain_expired_users())
         # Users first (freshness: a click is not held up by a big item version), except those
         # naming a shared key no version carries yet: they go right after the next version.
         users_due = self._active and now - self.times.users >= s.publish_active_s
@@ -180,7 +182,9 @@ class Publisher:
     def republish(self, now: float | None = None) -> None:
         """Everything again (Redis lost it): full snapshot, every known user, i2i from scratch."""
         now = time.time() if now is None else now
-        self.versions.republish(self.model.known_users(), now)
+        users = self.model.known_users()
+        self.versions.republish(users, now)
+        self.republish_histories(users)
         self._active.clear()
         self._items_dirty = False
         self.times.items = self.times.users = now
@@ -188,6 +192,17 @@ class Publisher:
         self.store.put_status(model_version=self.version, republished_at=now,
                               users_published_at=now)
         self.publish_offline_i2i(now)
+
+    def republish_histories(self, user_ids: Sequence[str], chunk: int = 10_000) -> int:
+        """Users' recent items again, from what the model keeps (``TrainConfig.recent_items``;
+        it is in every checkpoint), in chunks. Returns the number of histories written."""
+        written = 0
+        for start in range(0, len(user_ids), chunk):
+            part = list(user_ids[start : start + chunk])
+            written += self.store.put_histories(
+                part, self.model.recent_items(part), self.config.history_len
+            )
+        return written
 
     def publish_active_users(self, now: float, *, ahead: bool = False) -> int:
         """Records of users active since the last cycle (see ``VersionedPublisher.publish_users``;

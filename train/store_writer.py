@@ -171,6 +171,29 @@ class StoreWriter:
             keys=[], args=[orjson.dumps(per_user), max_len, self.keys.history("")]
         )
 
+    def put_histories(
+        self, user_ids: Sequence[str], histories: Sequence[Sequence[str]], max_len: int
+    ) -> int:
+        """Replace users' recent items (each list newest first, cut to ``max_len``); users
+        with an empty list are left alone. Returns the number of lists written."""
+        if len(user_ids) != len(histories):
+            raise ServingError(
+                f"put_histories: {len(user_ids)} users for {len(histories)} histories"
+            )
+        written = 0
+        for start in range(0, len(user_ids), 1000):
+            pipe = self.redis.pipeline(transaction=False)
+            for uid, items in zip(
+                user_ids[start : start + 1000], histories[start : start + 1000], strict=True
+            ):
+                if items:
+                    key = self.keys.history(uid)
+                    pipe.delete(key)
+                    pipe.rpush(key, *items[:max_len])
+                    written += 1
+            pipe.execute()
+        return written
+
 
     def put_item_snapshot(self, snapshot: ItemSnapshot, chunk_bytes: int = 4 << 20) -> bool:
         """Publish an item snapshot: chunks, then manifest, then (last) the forward-only pointer.
