@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-recovery-"))
     settings = bench_settings(
-        run_dir, ports=(24092, 24093, 24379), schema_path=ROOT / "config" / "synthetic.toml"
+        run_dir, ports=(26092, 26093, 26379), schema_path=ROOT / "config" / "synthetic.toml"
     )
     rows: list[list] = []
     try:

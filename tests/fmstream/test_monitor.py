@@ -137,8 +137,14 @@ def test_dashboard_and_scrape_config_name_what_is_exported() -> None:
     for needed in ("kafka_consumergroup_lag", "kafka_consumergroup_lag_sum",
                    "fmstream_model_version", "fmstream_request_seconds_bucket",
                    "fmstream_trainer_batch_seconds_bucket", "fmstream_request_errors_total",
-                   "fmstream_dead_letters_total", "fmstream_event_time_lag_seconds"):
+                   "fmstream_dead_letters_total", "fmstream_event_time_lag_seconds",
+                   "fmstream_live_hit_rate"):
         assert needed in names, needed
+    # the live quality has its panel, by cohort (issue 11: operators watch quality)
+    live = [p for p in dashboard["panels"]
+            if any("fmstream_live_hit_rate" in t["expr"] for t in p.get("targets", ()))]
+    assert len(live) == 1 and "cohort" in live[0]["targets"][0]["expr"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", ())}
     datasource = (ROOT / "infra" / "grafana" / "provisioning" / "datasources"
                   / "prometheus.yml").read_text()
