@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fmstream import services
@@ -36,6 +37,7 @@ def _wait_caught_up(settings: Settings, produced: int, timeout: float = 300.0) -
     from fmstream.monitor import read_lag
 
     deadline = time.monotonic() + timeout
+    shown = None
     with console.status("waiting for the trainer to catch up and the worker to swap") as status:
         while time.monotonic() < deadline:
             report = read_lag(settings)
@@ -49,22 +51,32 @@ def _wait_caught_up(settings: Settings, produced: int, timeout: float = 300.0) -
             status.update(line)
             if not console.is_terminal:
                 console.print(line)
+            elif version != shown:  # every new version stays on screen, not only in the spinner
+                console.print(escape(line))
+            shown = version
             if lag == 0 and applied >= produced and version and served \
                     and min(served) >= int(version):
+                console.print(escape(f"caught up: {applied} events applied, model v{version} "
+                                     f"published, workers serve {sorted(served)}"))
                 return
             time.sleep(1.0 if console.is_terminal else 3.0)
     raise TimeoutError("the trainer/worker did not catch up in time; see .fmstream/logs")
 
 
 def _show(title: str, resp, names: dict[str, str]) -> None:
-    table = Table(title=f"{title}  [model v{resp.model_version}"
-                  + (f", fallback={resp.fallback}" if resp.fallback else "") + "]")
+    """One answer: a heading naming the model version that answered, then its items."""
+    # escaped: "[model v3]" is rich markup syntax and would vanish; a heading line, not a table
+    # title, so that it is not wrapped to the table's width
+    console.print(escape(f"{title}  [model v{resp.model_version}"
+                         + (f", fallback={resp.fallback}" if resp.fallback else "") + "]"),
+                  style="bold")
+    if resp.error:
+        console.print(f"[red]{escape(title)}: {resp.error.code}: {escape(resp.error.message)}")
+        return
+    table = Table()
     table.add_column("#", justify="right")
     table.add_column("item")
     table.add_column("score", justify="right")
-    if resp.error:
-        console.print(f"[red]{title}: {resp.error.code}: {resp.error.message}")
-        return
     for n, item in enumerate(resp.items, 1):
         table.add_row(str(n), names.get(item.item_id, item.item_id), f"{item.score:.3f}")
     console.print(table)
