@@ -28,6 +28,7 @@ from serving.index import ItemSnapshot
 from serving.queries import item_queries
 from serving.store import VectorStore
 from stream.schemas import Response
+from tests.kafka_helpers import wait_for
 from train.store_writer import StoreWriter
 
 pytestmark = pytest.mark.integration
@@ -145,11 +146,9 @@ def test_twenty_swaps_under_steady_load(
         return {"type": "rank", "user_id": user, "item_ids": pick.sample(item_ids, 8)}
 
     try:
-        assert ready.wait(60), "the worker never got its partitions"
-        deadline = time.monotonic() + 30
-        while worker.state is None:
-            assert time.monotonic() < deadline, "the first snapshot never loaded"
-            time.sleep(0.05)
+        # generous bounds on observable state (a loaded 2-core box joins groups slowly)
+        assert ready.wait(180), "the worker never got its partitions"
+        wait_for(lambda: worker.state is not None, 60, "the first snapshot to load", 0.05)
         with FmClient(settings) as client:
 
             def sequential(n: int) -> None:
@@ -187,22 +186,30 @@ def test_twenty_swaps_under_steady_load(
             loaders.append(threading.Thread(target=steady))
             for t in loaders:
                 t.start()
+            def every_client_answered_by(v: int) -> bool:
+                with lock:
+                    return len(sequences) == 3 and all(
+                        seq and seq[-1] >= v for seq in sequences.values()
+                    )
+
             try:
-                time.sleep(0.5)
                 log = DeltaLog(redis_client, store.key)
+                wait_for(lambda: every_client_answered_by(1), 60, "answers from v1", 0.02)
                 for v in range(2, SWAPS + 2):
+                    # each version is published under load once the worker serves the previous
+                    # one and every sequential client got an answer from it: no version skipped
+                    # however slow the box, and each client sees every version (in order)
                     if mode == "full":
                         versions[v] = make_version(v, item_ids)
                         assert writer.put_item_snapshot(versions[v].snapshot)
                     else:
                         versions[v], delta = next_by_delta(v, versions[v - 1])
                         log.put(delta)
-                    time.sleep(0.3)
-                deadline = time.monotonic() + 30
-                while worker.state.version < SWAPS + 1:
-                    assert time.monotonic() < deadline, "the last version never loaded"
-                    time.sleep(0.05)
-                time.sleep(0.5)  # some load on the last version too
+                    wait_for(lambda v=v: worker.state.version >= v, 60, f"v{v} to load", 0.02)
+                    wait_for(lambda v=v: every_client_answered_by(v), 60,
+                             f"every client answered by v{v}", 0.02)
+                # enough answers to judge, the last version included
+                wait_for(lambda: len(answered) > 1000, 120, "1000 answers", 0.1)
             finally:
                 load_done.set()
                 for t in loaders:
@@ -217,9 +224,9 @@ def test_twenty_swaps_under_steady_load(
         assert worker.index.full_loads == 1 and worker.index.deltas_applied == SWAPS
     seen = Counter(resp.model_version for _, resp in answered)
     assert len(answered) > 1000, len(answered)
-    assert len(seen) >= SWAPS - 2, f"responses came from only {sorted(seen)}"
+    assert set(seen) == set(versions), f"responses came from only {sorted(seen)}"
     for req, resp in answered:
         check(resp, versions, user_vecs, req)
     for n, seq in sequences.items():
         assert seq == sorted(seq), f"client {n} saw versions go backwards: {seq}"
-        assert len(set(seq)) >= SWAPS // 2, f"client {n} saw only {sorted(set(seq))}"
+        assert set(seq) == set(versions), f"client {n} saw only {sorted(set(seq))}"
