@@ -152,6 +152,9 @@ def test_kafka_restart_keeps_messages(
     first = svc.status(services)["kafka"]
     svc.restart_kafka(services)
     assert svc.status(services)["kafka"] != first  # a new pid
-    kafka_io.produce(settings.topic_events, [(b"u1", b"after-restart")])
-    values = [r.value for r in kafka_io.consume_all(settings.topic_events)]
+    # generous bounds, not sleeps: on a loaded box the restarted broker takes a while to lead
+    # its partitions again; the producer's own retries deliver once it does
+    kafka_io.produce(settings.topic_events, [(b"u1", b"after-restart")], timeout_s=120)
+    values = [r.value for r in kafka_io.consume_all(settings.topic_events, expect=2,
+                                                     timeout_s=120)]
     assert values == [b"before-restart", b"after-restart"]

@@ -148,7 +148,7 @@ def start(settings: Settings, store: VectorStore, name: str, wait: bool = True) 
                               daemon=True, name=name)
     thread.start()
     running = Running(worker, stop, thread)
-    if wait and not ready.wait(60):
+    if wait and not ready.wait(180):  # a bound on state, generous for a loaded box
         running.close()
         raise AssertionError(f"{name} never got its partitions")
     return running
@@ -228,9 +228,13 @@ def test_two_workers_starting_under_load_answer_every_request_once(
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
         try:
-            wait_for(lambda mine=mine: len(mine) >= 10, 30, "load before the second joins")
-            second = start(s, store, f"b{start_no}")
-            wait_for(lambda mine=mine: len(mine) >= 100, 60, "load after the join")
+            wait_for(lambda mine=mine, first=first: len(mine) >= 10
+                     and first.worker.answered >= 5, 120, "answers before the second joins")
+            second = start(s, store, f"b{start_no}")  # returns once it owns partitions
+            # load goes on until the new member answered some of it (the handover happened)
+            # and 100 requests were sent: observable state, not a clock
+            wait_for(lambda mine=mine, second=second: len(mine) >= 100
+                     and second.worker.answered >= 20, 180, "answers after the join")
         finally:
             stop_load.set()
             loader.join(10)
@@ -240,7 +244,7 @@ def test_two_workers_starting_under_load_answer_every_request_once(
             def answered(records, want=want) -> bool:
                 return want <= {r.key.decode() for r in records}
 
-            kafka_io.consume_until(s.topic_responses, answered, timeout_s=60)
+            kafka_io.consume_until(s.topic_responses, answered, timeout_s=180)
         finally:
             for w in (first, second):
                 if w is not None:
