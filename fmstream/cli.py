@@ -7,11 +7,12 @@ few flags below override them for one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from fmstream.settings import Settings, UnknownSettingError
 
@@ -96,6 +97,40 @@ def _preflight(settings: Settings, *, kafka: bool = True, redis: bool = False) -
             logging.getLogger(__name__).warning("%s", exc)
 
 
+@contextlib.contextmanager
+def _credential_watch(
+    settings: Settings, stop: threading.Event, *, kafka: bool = True, redis: bool = False
+) -> Iterator[None]:
+    """While the body runs, re-check the credentials (``FMSTREAM_CREDENTIALS_CHECK_S``); when
+    they were revoked the body is stopped through ``stop`` and the refusal is raised after it
+    (exit status 3, one line on stderr, see :mod:`fmstream.credentials`)."""
+    if settings.credentials_check_s <= 0:
+        yield
+        return
+    from fmstream.credentials import CredentialWatch
+    from stream.connect import check_kafka, check_redis
+
+    checks = []
+    if kafka:
+        checks.append(lambda: check_kafka(settings.kafka_config()))
+    if redis:
+        checks.append(lambda: check_redis(settings.redis_config()))
+    watch = CredentialWatch(checks, stop, every_s=settings.credentials_check_s).start()
+    try:
+        yield
+    except Exception:
+        # e.g. "Unable to bootstrap" from a client made after the credentials were revoked:
+        # report the refusal itself (exit 3), not a traceback
+        refusal = watch.failed or watch.refusal_now()
+        if refusal is not None:
+            raise refusal from None
+        raise
+    finally:
+        watch.close()
+    if watch.failed is not None:
+        raise watch.failed
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -127,7 +162,9 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream.app import configure_threads, run_trainer
 
     configure_threads(settings)
-    progress = run_trainer(settings, _stop_on_signals(), idle_exit_s=args.idle_exit)
+    stop = _stop_on_signals()
+    with _credential_watch(settings, stop, redis=True):
+        progress = run_trainer(settings, stop, idle_exit_s=args.idle_exit)
     if progress is not None:
         print(f"applied {progress.events_applied} events, {progress.dead_letters} dead letters")
     return 0
@@ -138,7 +175,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream.app import configure_threads, run_worker
 
     configure_threads(settings)
-    run_worker(settings, _stop_on_signals())
+    stop = _stop_on_signals()
+    with _credential_watch(settings, stop, redis=True):
+        run_worker(settings, stop)
     return 0
 
 

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     checkpoint_every_events: int = Field(50_000, ge=1)
     checkpoint_every_s: float = Field(10.0, gt=0)
     history_len: int = Field(50, ge=1, description="recent items kept per user in Redis")
+    # --- ops: credentials revoked while running (fmstream/credentials.py) ------------------
+    credentials_check_s: float = Field(
+        30.0, ge=0, description="train/serve re-check their Kafka and Redis credentials this "
+        "often; refused twice in a row: stop and exit 3 (0 = off)"
+    )
     trainer_metrics_port: int = Field(0, description="Prometheus port of the trainer (0 = off)")
 
     # --- publisher ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -366,3 +367,73 @@ def test_factories_reach_the_secured_servers_and_refuse_plaintext(stack: SecureS
     with pytest.raises(ConnectError):
         check_redis(s.model_copy(update={"redis_ssl": False}).redis_config(), timeout_s=3)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.integration
+def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_message(
+    stack: SecureStack,
+) -> None:
+    """A SCRAM user deleted while `train` and `serve` run: both notice within a bounded time
+    (FMSTREAM_CREDENTIALS_CHECK_S), stop as on SIGTERM and exit 3 with one clear line, no
+    traceback and no password (instead of retrying for ever once a connection drops)."""
+    from kafka.admin._users import UserScramCredentialDeletion, UserScramCredentialUpsertion
+    from kafka.errors import KafkaError
+
+    from stream.connect import kafka_admin
+    from stream.lag import LagReader
+
+    s = stack.settings
+    user, password = f"revokee-{secrets.token_hex(4)}", f"revokedpw-{secrets.token_hex(8)}"
+    admin = kafka_admin(s.kafka_config())
+    try:
+        assert admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password)]) == {user: None}
+        as_revokee = {"FMSTREAM_KAFKA_USERNAME": user, "FMSTREAM_KAFKA_PASSWORD": password,
+                      "FMSTREAM_CREDENTIALS_CHECK_S": "1"}
+        procs = {cmd: subprocess.Popen(  # noqa: S603
+            _fmstream("-v", cmd), cwd=REPO_ROOT, env=_env(s, **as_revokee),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ) for cmd in ("train", "serve")}
+        printed: dict[str, list[str]] = {cmd: [] for cmd in procs}
+        readers = [threading.Thread(target=lambda p=p, out=printed[cmd]: out.extend(p.stdout),
+                                    daemon=True) for cmd, p in procs.items()]
+        for r in readers:
+            r.start()
+        try:
+            # running and authenticated (observable state, not a sleep): the trainer assigned
+            # itself its partitions, the worker is a member of its group
+            with LagReader(s.kafka_config(), admin=admin) as lag:
+
+                def running() -> bool:
+                    if not any("assigned" in line for line in list(printed["train"])):
+                        return False
+                    try:  # a fresh broker has no group coordinator for a moment
+                        members = lag.group_states([s.serving_group])[s.serving_group].members
+                    except KafkaError:
+                        return False
+                    return members >= 1
+
+                wait_for(running, 180, "train and serve to run as the new user")
+            assert all(p.poll() is None for p in procs.values())
+            assert admin.alter_user_scram_credentials(
+                [UserScramCredentialDeletion(user, "SCRAM-SHA-512")]) == {user: None}
+            for p in procs.values():
+                p.wait(timeout=180)  # a bound: FMSTREAM_CREDENTIALS_CHECK_S=1, two refusals
+            for r in readers:
+                r.join(30)
+            outputs = {cmd: "".join(lines) for cmd, lines in printed.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    finally:
+        admin.close()
+    for cmd, p in procs.items():
+        out = outputs[cmd]
+        assert p.returncode == 3, f"{cmd}: exit {p.returncode}\n{out[-3000:]}"
+        assert f"fmstream {cmd}: Kafka at" in out and "refused the credentials" in out, out[-3000:]
+        assert "credentials refused 2 times in a row, stopping" in out
+        assert "Traceback" not in out, out[-3000:]
+        for secret in (*stack.secrets, password):
+            assert secret not in out, f"{cmd} printed a password"
