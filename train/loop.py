@@ -514,16 +514,27 @@ class Trainer:
         return self._isolating(decoded[:mid], apply) + self._isolating(decoded[mid:], apply)
 
     def _upsert_inline_profiles(self, events: Sequence[Event]) -> None:
+        """Inline profiles in event order, merged per id; an event's inline value is never hidden
+        by a later one: when a later event of the batch sets a field of the same id to another
+        value, what is merged so far goes to the model first, so an invalid value is judged (and
+        its event dead-lettered by the bisection) whatever follows it in the poll."""
         for side, attr, upsert, profile_of in (
             ("user", "user_id", self.model.upsert_users, self.model.user_profile),
             ("item", "item_id", self.model.upsert_items, self.model.item_profile),
         ):
             merged: dict[str, dict] = {}
+            given: dict[str, dict] = {}  # id -> inline fields set in this chunk
             for e in events:
                 inline = getattr(e, side)
-                if inline:
-                    key = getattr(e, attr)
-                    merged[key] = merge_profile(merged.get(key) or profile_of(key), inline)
+                if not inline:
+                    continue
+                key = getattr(e, attr)
+                seen = given.get(key)
+                if seen and any(f in seen and seen[f] != v for f, v in inline.items()):
+                    upsert(list(merged), list(merged.values()))
+                    merged, given, seen = {}, {}, None
+                merged[key] = merge_profile(merged.get(key) or profile_of(key), inline)
+                given[key] = {**(seen or {}), **inline}
             if merged:
                 upsert(list(merged), list(merged.values()))
 

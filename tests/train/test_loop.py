@@ -146,3 +146,42 @@ def test_profile_verdicts_do_not_depend_on_what_else_the_poll_holds(settings: Se
     model, _ = latest_checkpoint(settings.checkpoint_dir)
     assert model.user_profile("p1") == {"segment": "s1"}
     assert model.user_profile("p2") == {"segment": "s2"}
+
+
+def test_an_invalid_inline_profile_is_not_hidden_by_a_valid_one_in_the_same_poll(
+    settings: Settings,
+) -> None:
+    """Events of one user in one poll: an inline profile with an invalid value (a list for the
+    categorical ``segment``) followed by one with a valid value of the same field. The event
+    with the invalid profile is dead-lettered (before: merged away, neither applied nor
+    dead-lettered), the other applied with its profile; two valid values apply in order, and
+    repeating the same value is fine."""
+    settings = _small(settings).model_copy(
+        update={"schema_path": ROOT / "config" / "synthetic.toml"}
+    )
+
+    def event(user: str, item: str, segment) -> dict:
+        return {"user_id": user, "item_id": item, "label": 1, "ts": 1000.0,
+                "user": {"segment": segment}}
+
+    # (good then bad is caught by the merged value failing; bad then good was the hole. One
+    # rejected call would bisect the poll and split pairs, so this poll has only the one.)
+    events = [event("q1", "i1", "s1"), event("q1", "i2", "s3"),  # two valid values
+              event("q2", "i3", ["s3", "s4"]), event("q2", "i4", "s2"),  # bad, then good
+              event("q3", "i5", "s4"), event("q3", "i6", "s4")]  # the same value twice
+    producer = make_producer(settings.kafka_config())
+    for e in events:  # one partition (same key order), so they come in one poll, in order
+        producer.send(settings.topic_events, key=b"same", value=orjson.dumps(e), partition=0)
+    producer.close()
+
+    progress = _train(settings)
+
+    assert progress.events_applied == 5 and progress.dead_letters == 1
+    (letter,) = [orjson.loads(m.value)
+                 for m in consume_all(settings, settings.topic_dlq, expect=1)]
+    assert orjson.loads(base64.b64decode(letter["value_b64"]))["item_id"] == "i3"
+    assert letter["stage"] == "apply" and "segment" in letter["reason"]
+    model, _ = latest_checkpoint(settings.checkpoint_dir)
+    assert model.user_profile("q1") == {"segment": "s3"}
+    assert model.user_profile("q2") == {"segment": "s2"}
+    assert model.user_profile("q3") == {"segment": "s4"}
