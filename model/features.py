@@ -675,16 +675,10 @@ class Catalog:
 
     def recent_of(self, ents: np.ndarray) -> list[np.ndarray]:
         """Each entity's recent item entity indices, newest first (at most the ring's length)."""
-        h = self.recent.shape[1]
-        if h == 0:
+        if self.recent.shape[1] == 0:
             return [np.zeros(0, dtype=np.int32) for _ in range(len(ents))]
         ents = np.asarray(ents, dtype=np.int64)
-        n = self.recent_n[ents]
-        # slot of the j-th newest: (n - 1 - j) mod h, valid while j < min(n, h)
-        j = np.arange(h)
-        slots = (n[:, None] - 1 - j[None, :]) % h
-        items = np.take_along_axis(self.recent[ents], slots, axis=1)
-        m = np.minimum(n, h)
+        items, m = ring_newest_first(self.recent[ents], self.recent_n[ents])
         return [items[r, : m[r]] for r in range(len(ents))]
 
     def keys_of_ids(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -718,6 +712,15 @@ def _id_str(u: Any) -> str:
         raise FeatureError(
             f"expected an id (string or number), got {type(u).__name__} {u!r}"
         ) from None
+
+
+def ring_newest_first(ring: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rings ``(n, h)`` with ``count`` appends each, as rows newest first, and each row's
+    valid length (``min(count, h)``)."""
+    h = ring.shape[1]
+    j = np.arange(h)
+    slots = (count[:, None] - 1 - j[None, :]) % max(h, 1)  # the j-th newest
+    return np.take_along_axis(ring, slots, axis=1), np.minimum(count, h)
 
 
 def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np.ndarray) -> None:

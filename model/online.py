@@ -26,7 +26,7 @@ import numpy as np
 
 from model.compose import ContextTable, aggregate, compose_item, compose_user, split_user
 from model.errors import ConfigError, FeatureError, InputError
-from model.features import PAD, Catalog, FeatureSpace, canon
+from model.features import PAD, Catalog, FeatureSpace, canon, ring_newest_first
 from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
@@ -195,6 +195,26 @@ class EventBatch:
         )
 
 
+@dataclass(frozen=True)
+class RecentSnapshot:
+    """Users' recent positive items at one instant (see :meth:`OnlineFM.recent_snapshot`)."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    ring: np.ndarray  # (users, recent_items) item entity indices
+    count: np.ndarray  # (users,) positives appended per user
+    n_positives: int  # positives learned by the model up to this instant
+
+    def histories(self, lo: int, hi: int) -> list[list[str]]:
+        """Users ``lo..hi`` (entity order): their recent item ids, newest first."""
+        if self.ring.shape[1] == 0:
+            return [[] for _ in range(lo, hi)]
+        items, m = ring_newest_first(self.ring[lo:hi], self.count[lo:hi])
+        ids = self.item_ids
+        return [[ids[i] for i in row[:k].tolist()] for row, k in zip(items, m.tolist(),
+                                                                       strict=True)]
+
+
 class OnlineFM:
     """One Factorization Machine trained online from mini-batches of events.
 
@@ -226,6 +246,7 @@ class OnlineFM:
         self._w0 = 0.0
         self._w0_acc = 0.0
         self.n_updates = 0
+        self.n_positives = 0  # positive events learned (replays excluded), checkpointed
         self._side_fields = {
             side: [f.name for f in self.schema.fields_of(side) if f.from_profile]
             for side in ("user", "item", "context")
@@ -420,6 +441,7 @@ class OnlineFM:
             space.observe(np.concatenate(appended), float(t.max()))  # a click is a sighting
         if pos.size:
             self._users.append_recent(ue[pos], ie[pos])
+        self.n_positives += int(pos.size)
         self.n_updates += b
         return loss
 
@@ -903,6 +925,14 @@ class OnlineFM:
             out[j] = [ids[i] for i in items.tolist()]
         return out
 
+    def recent_snapshot(self) -> RecentSnapshot:
+        """Every user's recent items at one instant (copies): with ``n_positives`` counted at
+        the same instant, so a reader knows which later positives the snapshot already holds."""
+        us = self._users
+        return RecentSnapshot(list(us.ids), list(self._items.ids), us.recent[: us.n].copy(),
+                              us.recent_n[: us.n].copy() if us.recent.shape[1] else
+                              np.zeros(us.n, dtype=np.int64), self.n_positives)
+
     def item_profile(self, item_id: str) -> dict[str, Any] | None:
         e = self._items.index.get(item_id)
         return None if e is None else dict(self._items.profiles[e])
@@ -934,6 +964,7 @@ class OnlineFM:
             "w0": self._w0,
             "w0_acc": self._w0_acc,
             "n_updates": self.n_updates,
+            "n_positives": self.n_positives,
             "table": {"n_rows": t.n_rows, "rng": t.rng.bit_generator.state},
             "space": {
                 "n_keys": sp.n_keys,
@@ -1060,6 +1091,7 @@ class OnlineFM:
         model._w0 = float(header["w0"])
         model._w0_acc = float(header["w0_acc"])
         model.n_updates = int(header["n_updates"])
+        model.n_positives = int(header.get("n_positives", 0))
         return model
 
 

@@ -91,6 +91,11 @@ class Publisher:
             model_lock=model_lock,
         )
         self.republished = 0
+        # positives handed to applied() so far, and how many of the next ones a history
+        # republish already wrote (the model had learned them; their hand-over was in flight)
+        # (positives the model learned before this publisher existed are never handed over)
+        self._positives_seen = int(getattr(model, "n_positives", 0))
+        self._history_skip = 0
         self._starting = True
         self.last: dict[str, float] = {}
 
@@ -112,6 +117,11 @@ class Publisher:
         """Remember who was active and record their recent positive items as history."""
         self._active.update(e.user_id for e in events)
         positives = [e for e in events if e.label == 1]
+        self._positives_seen += len(positives)
+        if self._history_skip and positives:  # already in the republished histories
+            skip = min(self._history_skip, len(positives))
+            self._history_skip -= skip
+            positives = positives[skip:]
         if positives:
             self.store.push_history(
                 [e.user_id for e in positives], [e.item_id for e in positives],
@@ -182,9 +192,8 @@ class Publisher:
     def republish(self, now: float | None = None) -> None:
         """Everything again (Redis lost it): full snapshot, every known user, i2i from scratch."""
         now = time.time() if now is None else now
-        users = self.model.known_users()
-        self.versions.republish(users, now)
-        self.republish_histories(users)
+        self.versions.republish(self.model.known_users(), now)
+        self.republish_histories()
         self._active.clear()
         self._items_dirty = False
         self.times.items = self.times.users = now
@@ -193,15 +202,26 @@ class Publisher:
                               users_published_at=now)
         self.publish_offline_i2i(now)
 
-    def republish_histories(self, user_ids: Sequence[str], chunk: int = 10_000) -> int:
+    def republish_histories(self, chunk: int = 10_000) -> int:
         """Users' recent items again, from what the model keeps (``TrainConfig.recent_items``;
-        it is in every checkpoint), in chunks. Returns the number of histories written."""
+        it is in every checkpoint). Returns the number of histories written.
+
+        One snapshot of the model's rings (a copy under the model lock), written in chunks. The
+        snapshot holds every positive the model had learned, including those whose hand-over to
+        :meth:`applied` is still on its way: hand-overs come in learning order, so exactly the
+        next ``n_positives - seen`` positives handed over are not pushed again. (Events whose
+        hand-over was dropped because the publisher fell 200k events behind are not counted as
+        seen: a republish after that leaves out as many newer pushes; their users' histories
+        were already short of those events.)
+        """
+        snap = self.model.recent_snapshot()
         written = 0
-        for start in range(0, len(user_ids), chunk):
-            part = list(user_ids[start : start + chunk])
+        for start in range(0, len(snap.user_ids), chunk):
+            stop = min(start + chunk, len(snap.user_ids))
             written += self.store.put_histories(
-                part, self.model.recent_items(part), self.config.history_len
+                snap.user_ids[start:stop], snap.histories(start, stop), self.config.history_len
             )
+        self._history_skip = max(0, snap.n_positives - self._positives_seen)
         return written
 
     def publish_active_users(self, now: float, *, ahead: bool = False) -> int:

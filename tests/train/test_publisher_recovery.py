@@ -85,3 +85,33 @@ def test_a_user_whose_own_row_expired_gets_a_new_record(
     now = model.user_vectors(["old"])
     assert not np.allclose(now, before)  # the expiry changed its vector
     np.testing.assert_allclose(composed(reader, ["old"]), now, atol=1e-5)
+
+
+def test_a_republish_never_repeats_positives_whose_hand_over_was_in_flight(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """The trainer learns, then hands over; the publisher may republish in between (Redis lost,
+    or a start into an empty Redis). Those positives are in the republished histories already
+    and must not be pushed a second time (the raw lists, not only their deduplicated reading)."""
+    keys = settings.redis_keys()
+    writer = StoreWriter(redis_client, keys, 3)
+    model = OnlineFM(config=TrainConfig(dim=4, recent_items=8))
+    model.learn_many(["old"] * 3, ["o1", "o2", "o3"])  # learned before the publisher existed
+    pub = Publisher(PublishConfig(history_len=8, lost_check_s=0.0), writer, model)
+    a = [Ev("u1", "i1"), Ev("u2", "i2"), Ev("u1", "i3", 0)]
+    b = [Ev("u1", "i4"), Ev("u2", "i5"), Ev("u1", "i6")]
+    for batch in (a, b):  # both learned ...
+        model.learn_many([e.user_id for e in batch], [e.item_id for e in batch],
+                         labels=np.array([e.label for e in batch]))
+    pub.applied(a)  # ... only the first handed over when the publisher republishes
+    pub.tick(1.0)  # empty Redis at the start: republishes everything the model knows
+    pub.applied(b)  # the in-flight hand-over arrives
+    model.learn_many(["u2"], ["i7"])  # and a later one (learned after) is pushed as usual
+    pub.applied([Ev("u2", "i7")])
+
+    def raw(user: str) -> list[str]:
+        return [v.decode() for v in redis_client.lrange(keys.history(user), 0, -1)]
+
+    assert raw("u1") == ["i6", "i4", "i1"]
+    assert raw("u2") == ["i7", "i5", "i2"]
+    assert raw("old") == ["o3", "o2", "o1"]
