@@ -75,13 +75,21 @@ def _redact_logs(settings: Settings) -> None:
         handler.addFilter(_Redact(settings))
 
 
-def _preflight(settings: Settings, *, kafka: bool = True, redis: bool = False) -> None:
-    """Fail fast and closed on wrong credentials or TLS, before any work starts.
+def _preflight(
+    settings: Settings,
+    *,
+    kafka: bool = True,
+    redis: bool = False,
+    topics: Sequence[str] = (),
+    groups: Sequence[str] = (),
+) -> None:
+    """Fail fast and closed on wrong credentials or TLS, or on a principal the broker's ACLs
+    deny the ``topics`` / ``groups`` it needs, before any work starts.
 
     Raises:
         stream.connect.ConnectError: Kafka or Redis refused the credentials or the TLS
-            handshake. A service that does not answer yet is only logged: the trainer and the
-            worker wait for it as they do after a restart.
+            handshake, or Kafka denies a topic or group. A service that does not answer yet is
+            only logged: the trainer and the worker wait for it as they do after a restart.
     """
     from stream.connect import Unreachable, check_kafka, check_redis
 
@@ -89,7 +97,8 @@ def _preflight(settings: Settings, *, kafka: bool = True, redis: bool = False) -
     if redis:
         checks.append(lambda: check_redis(settings.redis_config()))
     if kafka:
-        checks.append(lambda: check_kafka(settings.kafka_config()))
+        checks.append(lambda: check_kafka(settings.kafka_config(), topics=topics,
+                                          groups=groups))
     for check in checks:
         try:
             check()
@@ -158,7 +167,9 @@ def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    _preflight(settings, redis=True)  # before torch is imported: fail in a second
+    _preflight(settings, redis=True,  # before torch is imported: fail in a second
+               topics=[settings.topic_events, settings.topic_users, settings.topic_items,
+                       settings.topic_dlq], groups=[settings.trainer_group])
     from fmstream.app import configure_threads, run_trainer
 
     configure_threads(settings)
@@ -171,7 +182,9 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    _preflight(settings, redis=True)
+    _preflight(settings, redis=True,
+               topics=[settings.topic_requests, settings.topic_responses, settings.topic_dlq],
+               groups=[settings.serving_group])
     from fmstream.app import configure_threads, run_worker
 
     configure_threads(settings)
@@ -201,7 +214,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                                seed=settings.seed)
         total = args.events or 50_000
         events = data.events(total)
-    _preflight(settings)
+    _preflight(settings, topics=[settings.topic_events, settings.topic_users, settings.topic_items])
     producer = make_producer(settings.kafka_config())
     try:
         if not args.no_profiles:
@@ -236,7 +249,7 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
         req["source"] = "offline"
     if args.context:
         req["context"] = orjson.loads(args.context)
-    _preflight(settings)
+    _preflight(settings, topics=[settings.topic_requests, settings.topic_responses])
     with FmClient(settings) as client:
         resp = client.request(req, timeout=args.timeout)
     if args.json:

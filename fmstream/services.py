@@ -114,6 +114,9 @@ class LocalSecurity:
         redis_users: Redis ACL users (user -> password); the default user is switched off.
         redis_acl: the rules every ACL user gets (keys and commands).
         redis_tls: Redis listens with TLS only (on ``settings.redis_port``).
+        kafka_super_users: with any, the broker authorizes (KRaft's StandardAuthorizer): these
+            SCRAM users (and the local plaintext/controller listeners' ANONYMOUS) may do
+            everything, any other principal only what an ACL grants it.
     """
 
     ca_file: Path
@@ -128,6 +131,7 @@ class LocalSecurity:
     redis_users: dict[str, str] = field(default_factory=dict, repr=False)
     redis_tls: bool = True
     redis_acl: str = "~* &* +@all"
+    kafka_super_users: tuple[str, ...] = ()
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -436,6 +440,11 @@ def _kafka_properties(
             "ssl.key.password": security.key_password,
             "ssl.client.auth": "none",
         }
+        if security.kafka_super_users:
+            secured["authorizer.class.name"] = (
+                "org.apache.kafka.metadata.authorizer.StandardAuthorizer")
+            secured["super.users"] = ";".join(
+                f"User:{u}" for u in ("ANONYMOUS", *security.kafka_super_users))
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",

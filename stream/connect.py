@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -69,6 +70,10 @@ class ProtocolMismatch(ConnectError):
 
 class Unreachable(ConnectError):
     """Nothing answered at the address within the bound."""
+
+
+class NotAuthorized(ConnectError):
+    """The broker authenticated the principal but its ACLs deny it a topic or group it needs."""
 
 
 # --- configs --------------------------------------------------------------------------------
@@ -267,7 +272,8 @@ def explain_redis_error(conn: RedisConfig, exc: BaseException) -> ConnectError |
 # timeout after 30 s. The probe below speaks the two SASL requests itself (SaslHandshake v1,
 # SaslAuthenticate v0; KIP-152) with kafka-python's own SCRAM/PLAIN token code, so a wrong
 # password is reported as such, at once.
-_SASL_HANDSHAKE, _SASL_AUTHENTICATE, _METADATA = 17, 36, 3
+_SASL_HANDSHAKE, _SASL_AUTHENTICATE, _METADATA, _FIND_COORDINATOR = 17, 36, 3, 10
+_TOPIC_AUTHORIZATION_FAILED, _GROUP_AUTHORIZATION_FAILED = 29, 30
 
 
 def _hosts(bootstrap: str) -> list[tuple[str, int]]:
@@ -347,12 +353,75 @@ def _sasl_probe(sock: socket.socket, conn: KafkaConfig, host: str) -> None:
             ) from None
 
 
-def check_kafka(conn: KafkaConfig, *, timeout_s: float = 10.0) -> None:
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">h", len(raw)) + raw
+
+
+def _authorization_probe(
+    sock: socket.socket, conn: KafkaConfig, topics: Sequence[str], groups: Sequence[str]
+) -> None:
+    """Ask for each topic's metadata (Describe) and each group's coordinator (Describe on the
+    group) and raise :class:`NotAuthorized` when the broker's ACLs deny one. A topic that does
+    not exist is not an error here (it is created or waited for elsewhere)."""
+    who = f"{conn.username!r}" if conn.username else "this client"
+    denied_topics, denied_groups = [], []
+    correlation = 100
+    for topic in topics:  # one per request: only the first topic's error code is read
+        correlation += 1
+        # Metadata v4: topics [name], allow_auto_topic_creation=false (a probe creates nothing)
+        body = _call(sock, _METADATA, 4, correlation,
+                     struct.pack(">i", 1) + _string(topic) + b"\x00")
+        pos = 4  # throttle_time_ms
+        (n_brokers,) = struct.unpack_from(">i", body, pos)
+        pos += 4
+        for _ in range(n_brokers):  # node_id, host, port, rack (nullable)
+            pos += 4
+            (host_len,) = struct.unpack_from(">h", body, pos)
+            pos += 2 + host_len + 4
+            (rack_len,) = struct.unpack_from(">h", body, pos)
+            pos += 2 + max(rack_len, 0)
+        (cluster_len,) = struct.unpack_from(">h", body, pos)
+        pos += 2 + max(cluster_len, 0) + 4  # cluster_id, controller_id
+        (n_topics,) = struct.unpack_from(">i", body, pos)
+        if n_topics >= 1:
+            (error,) = struct.unpack_from(">h", body, pos + 4)
+            if error == _TOPIC_AUTHORIZATION_FAILED:
+                denied_topics.append(topic)
+    for group in groups:
+        correlation += 1
+        body = _call(sock, _FIND_COORDINATOR, 1, correlation, _string(group) + b"\x00")
+        (error,) = struct.unpack_from(">h", body, 4)  # after throttle_time_ms
+        if error == _GROUP_AUTHORIZATION_FAILED:
+            denied_groups.append(group)
+    if denied_topics or denied_groups:
+        what = "; ".join(part for part in (
+            f"topics {', '.join(denied_topics)}" if denied_topics else "",
+            f"consumer groups {', '.join(denied_groups)}" if denied_groups else "",
+        ) if part)
+        raise NotAuthorized(
+            f"Kafka at {conn.describe()} authenticated {who} but its ACLs deny it {what}; grant "
+            "the principal Describe, Read and Write on the fmstream topics and Read on its "
+            "consumer group (README, Security), or use another FMSTREAM_KAFKA_USERNAME"
+        )
+
+
+def check_kafka(
+    conn: KafkaConfig,
+    *,
+    timeout_s: float = 10.0,
+    topics: Sequence[str] = (),
+    groups: Sequence[str] = (),
+) -> None:
     """Connect to the first bootstrap broker that answers, finish TLS and SASL, or raise.
+
+    With ``topics`` / ``groups``, also check that the broker's ACLs let the principal see them
+    (Describe): a principal without rights is refused at once, not after retries.
 
     Raises:
         TlsFailed: the handshake failed (unknown CA, host name not in the certificate).
         AuthenticationFailed: the broker refused the credentials or the mechanism.
+        NotAuthorized: authenticated, but denied one of ``topics`` or ``groups``.
         Unreachable: no bootstrap broker accepted a connection within ``timeout_s``.
     """
     problems = []
@@ -391,6 +460,8 @@ def check_kafka(conn: KafkaConfig, *, timeout_s: float = 10.0) -> None:
                     "the listener expects another security protocol; check "
                     "FMSTREAM_KAFKA_SECURITY_PROTOCOL (and the port of FMSTREAM_KAFKA_BOOTSTRAP)"
                 ) from None
+            if topics or groups:
+                _authorization_probe(sock, conn, topics, groups)
             return
         except (OSError, struct.error) as exc:
             problems.append(f"{host}:{port}: {type(exc).__name__}")

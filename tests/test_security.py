@@ -2,7 +2,8 @@
 
 ``secure_stack`` (session; only these tests start it) runs a second local broker with a
 SASL_SSL listener (SCRAM-SHA-512 user created at format time, certificate signed by a CA this
-session makes with ``openssl``) and a Redis that accepts only an ACL user, over TLS only. The
+session makes with ``openssl``) and an authorizer (that user is a super user; others get only
+what ACLs grant), and a Redis that accepts only an ACL user, over TLS only. The
 commands run as subprocesses (``python -m fmstream.cli``) with their settings in ``FMSTREAM_*``
 variables, as deployed; every byte they print (logs at INFO included) and every /metrics page is
 searched for the passwords.
@@ -78,7 +79,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
         kafka_keystore=certs.kafka_keystore, key_password=key_pw,
         kafka_sasl_port=ports["sasl_port"], host="127.0.0.1", scram_mechanism="SCRAM-SHA-512",
         kafka_users={USER: kafka_pw}, redis_users={USER: redis_pw}, redis_tls=True,
-        redis_acl=REDIS_ACL,
+        redis_acl=REDIS_ACL, kafka_super_users=(USER,),  # the broker authorizes (ACLs)
     )
     settings = _hermetic(
         run_dir=run_dir,
@@ -369,6 +370,24 @@ def test_factories_reach_the_secured_servers_and_refuse_plaintext(stack: SecureS
     assert time.monotonic() - started < 30
 
 
+def _grant_all(admin, user: str) -> None:
+    """ACLs allowing ``user`` everything on every topic and group (the broker authorizes)."""
+    from kafka.admin import (
+        ACL,
+        ACLOperation,
+        ACLPermissionType,
+        ACLResourcePatternType,
+        ResourcePattern,
+        ResourceType,
+    )
+
+    acls = [ACL(f"User:{user}", "*", ACLOperation.ALL, ACLPermissionType.ALLOW,
+                ResourcePattern(kind, "*", ACLResourcePatternType.LITERAL))
+            for kind in (ResourceType.TOPIC, ResourceType.GROUP)]
+    result = admin.create_acls(acls)
+    assert not result.get("failed"), result
+
+
 @pytest.mark.integration
 def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_message(
     stack: SecureStack,
@@ -388,6 +407,7 @@ def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_mes
     try:
         assert admin.alter_user_scram_credentials(
             [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password)]) == {user: None}
+        _grant_all(admin, user)  # the broker authorizes: give the new user what fmstream needs
         as_revokee = {"FMSTREAM_KAFKA_USERNAME": user, "FMSTREAM_KAFKA_PASSWORD": password,
                       "FMSTREAM_CREDENTIALS_CHECK_S": "1"}
         procs = {cmd: subprocess.Popen(  # noqa: S603
@@ -437,3 +457,37 @@ def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_mes
         assert "Traceback" not in out, out[-3000:]
         for secret in (*stack.secrets, password):
             assert secret not in out, f"{cmd} printed a password"
+
+
+@pytest.mark.integration
+def test_a_principal_without_rights_is_refused_clearly(stack: SecureStack) -> None:
+    """A SCRAM user the broker authenticates but no ACL grants anything: every command that
+    needs topics or groups exits 3 at once with one line naming what is denied (no retries, no
+    traceback, no password)."""
+    from kafka.admin._users import UserScramCredentialDeletion, UserScramCredentialUpsertion
+
+    from stream.connect import kafka_admin
+
+    s = stack.settings
+    user, password = f"norights-{secrets.token_hex(4)}", f"norightspw-{secrets.token_hex(8)}"
+    admin = kafka_admin(s.kafka_config())
+    try:
+        assert admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password)]) == {user: None}
+        env = {"FMSTREAM_KAFKA_USERNAME": user, "FMSTREAM_KAFKA_PASSWORD": password}
+        cases = [(("train",), f"{s.topic_events}"), (("serve",), f"{s.topic_requests}"),
+                 (("replay", "--events", "10"), f"{s.topic_events}"),
+                 (("query", "u2i", "--user", "u1"), f"{s.topic_requests}")]
+        procs = [subprocess.Popen(  # noqa: S603
+            _fmstream("-v", *args), cwd=REPO_ROOT, env=_env(s, **env),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args, _ in cases]
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, "SCRAM-SHA-512")])
+        admin.close()
+    for (args, topic), p, out in zip(cases, procs, outputs, strict=True):
+        assert p.returncode == 3, f"{args}: exit {p.returncode}\n{out[-3000:]}"
+        assert f"authenticated {user!r} but its ACLs deny it" in out and topic in out, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        for secret in (*stack.secrets, password):
+            assert secret not in out
