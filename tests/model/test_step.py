@@ -7,6 +7,7 @@ import pytest
 
 from model import FeatureSchema, OnlineFM, TrainConfig
 from model import step as step_module
+from model.errors import FeatureError, InputError
 from model.step import StepBatch, step_gradients, step_gradients_reference
 
 LOSSES = ("logistic", "bpr", "hinge")
@@ -200,3 +201,45 @@ def test_hinge_at_its_kink_has_no_gradient_like_autograd() -> None:
     ref = step_gradients_reference(vals, 0.0, batch, "hinge", margin=1.0)
     assert got.count == ref.count == 1 and got.loss == ref.loss == 0.0
     assert not got.grad.any() and not ref.grad.any()
+
+
+def test_prepared_slices_learn_exactly_what_learn_many_learns() -> None:
+    """Ids and context values new to the model recur across slices of one prepared batch."""
+    a = OnlineFM(SCHEMA, TrainConfig(dim=8, negatives=3, seed=4))
+    b = OnlineFM(SCHEMA, TrainConfig(dim=8, negatives=3, seed=4))
+    rng = np.random.default_rng(1)
+    for model in (a, b):
+        model.learn_many(["u0", "u1"], ["i0", "i1"], ts=1e9)
+    n = 60
+    users = [f"u{j}" for j in rng.integers(0, 12, n)]
+    items = [f"i{j}" for j in rng.integers(0, 15, n)]
+    ctx = [{"hour": str(h)} for h in rng.integers(0, 30, n)]
+    labels = (rng.random(n) < 0.8).astype(np.float32)
+    ts = 1e9 + np.arange(n, dtype=np.float64)
+    events = b.prepare_events(users, items, labels, ctx, ts)
+    assert (events.users < 0).any() and (events.items < 0).any()
+    for lo in range(0, n, 16):
+        sl = slice(lo, lo + 16)
+        a.learn_many(users[sl], items[sl], labels[sl], contexts=ctx[sl], ts=ts[sl])
+        b.learn_prepared(events[sl])
+    ha, arr_a = a.state()
+    hb, arr_b = b.state()
+    assert ha == hb
+    for name, arr in arr_a.items():
+        np.testing.assert_array_equal(arr, arr_b[name], err_msg=name)
+
+
+def test_prepare_events_validates_and_changes_nothing() -> None:
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=4))
+    before = fm.stats()
+    with pytest.raises(InputError):
+        fm.prepare_events(["u"], ["i"], labels=np.array([2.0]))
+    with pytest.raises(FeatureError):
+        fm.prepare_events(["u"], [{"not": "an id"}])  # type: ignore[list-item]
+    with pytest.raises(FeatureError):
+        fm.prepare_events(["u"], ["i"], contexts=[{"hour": ["a", "b"]}])
+    events = fm.prepare_events(["u", "v"], ["i", "i"], contexts=[{"hour": "1"}, None])
+    assert len(events) == 2 and len(events[1:]) == 1
+    assert fm.stats() == before and fm.known_users() == []
+    with pytest.raises(TypeError):
+        events[0]  # type: ignore[index]
