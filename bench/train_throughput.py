@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from bench.common import (  # noqa: E402
     print_table,
@@ -229,6 +230,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(1)  # one intra-op thread per process (see PERF-NOTES)
+    threadpool_limits(1)  # and one BLAS thread, as the trainer (fmstream.app.configure_threads)
     prof = synthetic_profiles(args.users, args.items, seed=0)
     warm = args.users + args.items * 4
     poll = 2048  # the trainer's max_poll_records
