@@ -27,7 +27,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from itertools import repeat
-from operator import methodcaller
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -469,6 +469,18 @@ class FeatureSpace:
         return int(n)
 
 
+class IdIndex(dict):  # type: ignore[type-arg]
+    """``id -> entity index``; a missing id reads -1 (``index[u]``; ``get`` is unchanged).
+
+    So :meth:`Catalog.lookup` can fetch a whole batch with one ``itemgetter`` call.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, key: Any) -> int:
+        return -1
+
+
 class Catalog:
     """Known users or items: id -> entity index, id key, encoded profile, positive counts."""
 
@@ -476,7 +488,7 @@ class Catalog:
         self.side = side
         self.space = space
         self.id_field = space.index_of["user_id" if side == "user" else "item_id"]
-        self.index: dict[str, int] = {}
+        self.index: dict[str, int] = IdIndex()
         self.ids: list[str] = []
         self.profiles: list[dict[str, Any]] = []
         cap = max(int(capacity), 16)
@@ -537,9 +549,16 @@ class Catalog:
         get = self.index.get
         n = len(ids)
         try:  # C-level iteration: the per-event cost of a batch is one dict probe
-            ents = np.fromiter(map(get, ids, repeat(-1, n)), dtype=np.int64, count=n)
-        except TypeError:  # an unhashable id
-            ents = np.full(n, -1, dtype=np.int64)
+            if n > 1:  # itemgetter: ~2x map(get, ...) on a large dict; misses give -1
+                got = itemgetter(*ids)(self.index)
+                ents = np.fromiter(got, dtype=np.int64, count=n)
+            else:
+                ents = np.fromiter(map(get, ids, repeat(-1, n)), dtype=np.int64, count=n)
+        except (TypeError, KeyError):  # an unhashable id (or a plain dict as index)
+            try:
+                ents = np.fromiter(map(get, ids, repeat(-1, n)), dtype=np.int64, count=n)
+            except TypeError:
+                ents = np.full(n, -1, dtype=np.int64)
         for j in np.flatnonzero(ents < 0).tolist():
             if type(ids[j]) is not str:
                 ents[j] = get(_id_str(ids[j]), -1)  # FeatureError for non-ids

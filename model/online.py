@@ -26,7 +26,7 @@ import numpy as np
 
 from model.compose import ContextTable, aggregate, compose_item, compose_user, split_user
 from model.errors import ConfigError, FeatureError, InputError
-from model.features import PAD, Catalog, FeatureSpace, canon, ring_newest_first
+from model.features import PAD, Catalog, FeatureSpace, IdIndex, canon, ring_newest_first
 from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
@@ -1066,7 +1066,7 @@ class OnlineFM:
             cat.prof_w[:n, : pk.shape[1]] = arrays[f"{name}_prof_w"]
             cat.ids = ids
             cat.profiles = profiles
-            cat.index = {u: j for j, u in enumerate(ids)}
+            cat.index = IdIndex((u, j) for j, u in enumerate(ids))
             cat.n = n
             if name == "user" and cat.recent.shape[1]:
                 recent = arrays["user_recent"]

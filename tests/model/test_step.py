@@ -243,3 +243,18 @@ def test_prepare_events_validates_and_changes_nothing() -> None:
     assert fm.stats() == before and fm.known_users() == []
     with pytest.raises(TypeError):
         events[0]  # type: ignore[index]
+
+
+def test_lookup_of_a_batch_known_unknown_numeric_and_restored() -> None:
+    fm = OnlineFM(None, TrainConfig(dim=4))
+    fm.learn_many(["a", "1"], ["x", "y"], ts=1e9)
+    want = [0, -1, 1, 1, 0]
+    ids = ["a", "b", 1, "1", "a"]
+    assert fm._users.lookup(ids).tolist() == want
+    assert fm._users.lookup(["a"]).tolist() == [0] and fm._users.lookup([]).size == 0
+    with pytest.raises(FeatureError):
+        fm._users.lookup(["a", ["not", "hashable"]])
+    restored = OnlineFM.from_state(*fm.state())
+    assert restored._users.lookup(ids).tolist() == want
+    restored._users.index = dict(restored._users.index)  # a plain dict still works
+    assert restored._users.lookup(ids).tolist() == want
