@@ -46,6 +46,7 @@ class LiveHitRate:
         self._seen = 0  # positives offered so far (sampling phase)
         self._items: tuple[list[str], np.ndarray] | None = None
         self._items_at = 0  # model.n_updates when the item vectors were composed
+        self._index: dict[str, int] = {}  # item id -> row of the composed item vectors
 
     def observe(
         self,
@@ -69,7 +70,7 @@ class LiveHitRate:
         if not ids:  # nothing known yet: nothing can be recommended, every sample misses
             self._hits["cold"].extend([False] * int(pick.size))
             return int(pick.size)
-        index = {x: j for j, x in enumerate(ids)}
+        index = self._index
         users = [user_ids[j] for j in pick]
         target = np.array([index.get(item_ids[j], -1) for j in pick])
         warm = model.user_positives(users) > 0
@@ -92,6 +93,7 @@ class LiveHitRate:
         if stale:
             self._items = model.item_vectors()
             self._items_at = model.n_updates
+            self._index = {x: j for j, x in enumerate(self._items[0])}  # built once per refresh
         assert self._items is not None
         return self._items
 

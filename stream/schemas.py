@@ -3,14 +3,20 @@
 Messages are validated once, here, at the edge; inside the system they become arrays. Each
 message has one decoder: events :func:`parse_event` (hand-written: the trainer decodes every
 event, pydantic cost about three times as much per event), profiles, requests and responses
-their pydantic models.
+their pydantic models. The trainer decodes a whole poll of events at once with
+:func:`parse_events` into :class:`EventColumns` (no object per event): it checks the common shape
+column by column and hands anything else to :func:`parse_event`, so the rules are one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Annotated, Any, Literal, NamedTuple
 
+import numpy as np
 import orjson
 from pydantic import (
     AfterValidator,
@@ -286,6 +292,161 @@ def parse_event(obj: Any) -> Event:
 
 
 _EMPTY: dict[str, Any] = Event._field_defaults["context"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventColumns:
+    """Events as columns (one poll's worth): what :func:`parse_events` returns and the trainer
+    learns from, without a Python object per event.
+
+    Row ``j`` is the event :func:`parse_event` would return for source message ``rows[j]``
+    (iterating yields those :class:`Event` tuples, for callers that want them).
+    """
+
+    user_ids: list[str]
+    item_ids: list[str]
+    labels: np.ndarray  # float32, 0 or 1
+    ts: np.ndarray  # float64 seconds since epoch; NaN where the event gave none
+    contexts: list[dict[str, Any]]  # {} (shared, never mutated) where none
+    rows: np.ndarray  # int64: the index of each event's message in the decoded input
+    users: list[dict[str, Any] | None] | None = None  # inline profiles; None: no event has one
+    items: list[dict[str, Any] | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def __iter__(self):
+        users, items = self.users, self.items
+        columns = zip(self.user_ids, self.item_ids, self.labels.tolist(), self.ts.tolist(),
+                      self.contexts, strict=True)
+        for j, (u, i, y, t, c) in enumerate(columns):
+            yield Event(u, i, int(y), None if t != t else t, c,
+                        None if users is None else users[j], None if items is None else items[j])
+
+    def take(self, where: slice) -> EventColumns:
+        """The events of ``where`` (a slice), as columns."""
+        return EventColumns(
+            self.user_ids[where], self.item_ids[where], self.labels[where], self.ts[where],
+            self.contexts[where], self.rows[where],
+            None if self.users is None else self.users[where],
+            None if self.items is None else self.items[where],
+        )
+
+    @classmethod
+    def from_events(cls, events: Sequence[Event], rows: Sequence[int] | None = None
+                    ) -> EventColumns:
+        """Columns of ``events`` (``rows`` default: 0..n-1)."""
+        n = len(events)
+        users = [e.user for e in events]
+        items = [e.item for e in events]
+        return cls(
+            [e.user_id for e in events],
+            [e.item_id for e in events],
+            np.array([e.label for e in events], dtype=np.float32),
+            np.array([math.nan if e.ts is None else e.ts for e in events], dtype=np.float64),
+            [e.context for e in events],
+            np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64),
+            None if users.count(None) == n else users,
+            None if items.count(None) == n else items,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[EventColumns]) -> EventColumns:
+        """One block of ``parts`` in order (``rows`` are kept as they are)."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.from_events([])
+
+        def side(name: str) -> list[dict[str, Any] | None] | None:
+            if all(getattr(p, name) is None for p in parts):
+                return None
+            return [x for p in parts for x in (getattr(p, name) or [None] * len(p))]
+
+        return cls(
+            [u for p in parts for u in p.user_ids],
+            [i for p in parts for i in p.item_ids],
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.ts for p in parts]),
+            [c for p in parts for c in p.contexts],
+            np.concatenate([p.rows for p in parts]),
+            side("users"),
+            side("items"),
+        )
+
+
+def parse_events(objs: Sequence[Any]) -> tuple[EventColumns, list[tuple[int, ValueError]]]:
+    """Validate decoded JSON values as events, all at once: :func:`parse_event` on each.
+
+    Returns the valid ones as columns (``rows``: their index in ``objs``, in order) and, for
+    each invalid one, its index and the error :func:`parse_event` raises for it
+    (:class:`DecodeError` or :class:`MessageInvalid`, same reason).
+
+    The common shape (string ids, 0/1 label, float or no ``ts``, a context of strings, no inline
+    profiles) is checked a column at a time; a poll with anything else goes through
+    :func:`parse_event` message by message.
+    """
+    columns = _common_shape(objs)
+    if columns is not None:
+        return columns, []
+    events: list[Event] = []
+    rows: list[int] = []
+    errors: list[tuple[int, ValueError]] = []
+    for j, obj in enumerate(objs):
+        try:
+            events.append(parse_event(obj))
+        except (DecodeError, MessageInvalid) as exc:
+            errors.append((j, exc))
+        else:
+            rows.append(j)
+    return EventColumns.from_events(events, rows), errors
+
+
+_FLOAT_OR_NONE = {float, type(None)}
+
+
+def _common_shape(objs: Sequence[Any]) -> EventColumns | None:
+    """Columns of ``objs`` when every one has the common shape (then each row is exactly what
+    :func:`parse_event` returns), else None. C-level passes over the batch, no per-event code
+    beyond the string strip."""
+    n = len(objs)
+    if n == 0 or set(map(type, objs)) != {dict}:
+        return None
+    get = dict.get
+    uids = list(map(get, objs, repeat("user_id", n)))
+    iids = list(map(get, objs, repeat("item_id", n)))
+    if set(map(type, uids)) != {str} or set(map(type, iids)) != {str}:
+        return None
+    uids = list(map(str.strip, uids, repeat(_WHITESPACE, n)))
+    iids = list(map(str.strip, iids, repeat(_WHITESPACE, n)))
+    lens = list(map(len, uids))
+    lens.extend(map(len, iids))
+    if min(lens) < 1 or max(lens) > MAX_ID_LEN:
+        return None
+    labels = list(map(get, objs, repeat("label", n), repeat(1, n)))
+    if set(map(type, labels)) != {int} or not set(labels) <= {0, 1}:
+        return None
+    ts_values = list(map(get, objs, repeat("ts", n)))
+    kinds = set(map(type, ts_values))
+    if kinds == {float}:
+        ts = given = np.array(ts_values, dtype=np.float64)
+    elif kinds <= _FLOAT_OR_NONE:  # an event without ts: NaN in the column (never a given ts)
+        given = np.array([t for t in ts_values if t is not None], dtype=np.float64)
+        ts = np.array([math.nan if t is None else t for t in ts_values], dtype=np.float64)
+    else:
+        return None
+    if given.size and not ((given >= 0.0) & (given < 1e11)).all():  # NaN fails too
+        return None
+    contexts = list(map(get, objs, repeat("context", n), repeat(_EMPTY, n)))
+    if set(map(type, contexts)) != {dict} or max(map(len, contexts)) > MAX_FEATURES:
+        return None
+    if not set(map(type, chain.from_iterable(map(dict.values, contexts)))) <= {str}:
+        return None
+    if (list(map(get, objs, repeat("user", n))).count(None) != n
+            or list(map(get, objs, repeat("item", n))).count(None) != n):
+        return None
+    return EventColumns(uids, iids, np.array(labels, dtype=np.float32), ts, contexts,
+                        np.arange(n, dtype=np.int64))
 
 
 def decode_event(raw: bytes | None) -> Event:

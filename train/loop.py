@@ -40,8 +40,8 @@ from model.errors import CheckpointError, ModelError
 from model.learner import Learner
 from model.live import LiveHitRate
 from model.online import OnlineFM
-from stream.consume import Decoded, decode_events, decode_records, make_consumer
-from stream.schemas import Event, ItemProfile, UserProfile
+from stream.consume import Decoded, decode_event_columns, decode_records, make_consumer
+from stream.schemas import EventColumns, ItemProfile, UserProfile
 from train.config import TrainerConfig
 from train.fetch import Fetcher
 from train.publish_thread import PublisherThread
@@ -66,7 +66,7 @@ FETCH_DEPTH = 2
 class EventSink(Protocol):
     """What the trainer tells the serving side after each applied batch."""
 
-    def applied(self, events: Sequence[Event]) -> None: ...
+    def applied(self, events: EventColumns) -> None: ...
 
     def profiles_changed(self, user_ids: Sequence[str]) -> None: ...
 
@@ -82,7 +82,8 @@ class DecodedBatch(NamedTuple):
     ends: dict[tuple[str, int], int]  # (topic, partition) -> next offset after this batch
     users: list[Decoded[UserProfile]]
     items: list[Decoded[ItemProfile]]
-    events: list[Decoded[Event]]
+    events: EventColumns  # rows: indices into event_records
+    event_records: list[ConsumerRecord]  # the poll's records of the events topic
 
 
 @dataclass(frozen=True)
@@ -407,12 +408,14 @@ class Trainer:
         for r in records:
             by_topic[r.topic].append(r)
         limit, topics = self.config.max_message_bytes, self.config.topics
+        events = by_topic[topics.events]
         return DecodedBatch(
             records,
             {(r.topic, r.partition): r.offset + 1 for r in records},  # in offset order
             decode_records(by_topic[topics.users], UserProfile, self.dead_letters, max_bytes=limit),
             decode_records(by_topic[topics.items], ItemProfile, self.dead_letters, max_bytes=limit),
-            decode_events(by_topic[topics.events], self.dead_letters, max_bytes=limit),
+            decode_event_columns(events, self.dead_letters, max_bytes=limit),
+            events,
         )
 
     def apply_records(self, records: list[ConsumerRecord]) -> None:
@@ -429,15 +432,16 @@ class Trainer:
         with self.model_lock:
             users = self._apply_profiles(batch.users, self.model.upsert_users, "user_id")
             self._apply_profiles(batch.items, self.model.upsert_items, "item_id")
-            applied = self._apply_events(batch.events)
+            applied = self._apply_events(batch.events, batch.event_records)
         positions, counts = self.progress.positions, self.progress.applied
         for (topic, partition), end in batch.ends.items():
             positions[tp_key(topic, partition)] = end
-        for (topic, partition), n in Counter(
-            (d.record.topic, d.record.partition) for d in applied
-        ).items():
-            key = tp_key(topic, partition)
-            counts[key] = counts.get(key, 0) + n
+        if len(applied):
+            records = batch.event_records
+            by_partition = Counter(records[j].partition for j in applied.rows.tolist())
+            for partition, n in by_partition.items():
+                key = tp_key(self.config.topics.events, partition)
+                counts[key] = counts.get(key, 0) + n
         self.progress.dead_letters = self._dead_letters_restored + self.dead_letters.count
         self._since_checkpoint += len(batch.records)
         t2 = time.perf_counter()
@@ -445,8 +449,8 @@ class Trainer:
         if self._sink is not None:
             if users:
                 self._sink.profiles_changed([d.message.user_id for d in users])
-            if applied:
-                self._sink.applied([d.message for d in applied])
+            if len(applied):
+                self._sink.applied(applied)
             self.timings["publish"] += time.perf_counter() - t2
 
     def _apply_profiles(self, decoded: list[Decoded], upsert, id_field: str) -> list[Decoded]:
@@ -480,15 +484,27 @@ class Trainer:
         flush()
         return applied
 
-    def _apply_events(self, events: list[Decoded[Event]]) -> list[Decoded[Event]]:
-        """Update the model with ``events`` (inline profiles first) as one mini-batch."""
-
-        def apply(ds: list[Decoded[Event]]) -> None:
-            messages = [d.message for d in ds]
-            self._upsert_inline_profiles(messages)
-            self._learn(messages)
-
-        return self._isolating(events, apply)
+    def _apply_events(
+        self, events: EventColumns, records: list[ConsumerRecord]
+    ) -> EventColumns:
+        """Update the model with ``events`` (inline profiles first) as one mini-batch; returns
+        the events applied. A batch the model rejects is bisected as :meth:`_isolating` does,
+        each bad event dead-lettered (stage ``apply``) with its record."""
+        if not len(events):
+            return events
+        try:
+            self._upsert_inline_profiles(events)
+            self._learn(events)
+            return events
+        except ModelError as exc:
+            if len(events) == 1:
+                self.dead_letters.send(records[int(events.rows[0])], "apply", exc, str(exc))
+                return events.take(slice(0, 0))
+        mid = len(events) // 2
+        return EventColumns.concat([
+            self._apply_events(events.take(slice(None, mid)), records),
+            self._apply_events(events.take(slice(mid, None)), records),
+        ])
 
     def _isolating(
         self, decoded: list[Decoded], apply: Callable[[list[Decoded]], None]
@@ -513,22 +529,22 @@ class Trainer:
         mid = len(decoded) // 2
         return self._isolating(decoded[:mid], apply) + self._isolating(decoded[mid:], apply)
 
-    def _upsert_inline_profiles(self, events: Sequence[Event]) -> None:
+    def _upsert_inline_profiles(self, events: EventColumns) -> None:
         """Inline profiles in event order, merged per id; an event's inline value is never hidden
         by a later one: when a later event of the batch sets a field of the same id to another
         value, what is merged so far goes to the model first, so an invalid value is judged (and
         its event dead-lettered by the bisection) whatever follows it in the poll."""
-        for side, attr, upsert, profile_of in (
-            ("user", "user_id", self.model.upsert_users, self.model.user_profile),
-            ("item", "item_id", self.model.upsert_items, self.model.item_profile),
+        for inlines, ids, upsert, profile_of in (
+            (events.users, events.user_ids, self.model.upsert_users, self.model.user_profile),
+            (events.items, events.item_ids, self.model.upsert_items, self.model.item_profile),
         ):
+            if inlines is None:  # no event of the batch carries this profile
+                continue
             merged: dict[str, dict] = {}
             given: dict[str, dict] = {}  # id -> inline fields set in this chunk
-            for e in events:
-                inline = getattr(e, side)
+            for key, inline in zip(ids, inlines, strict=True):
                 if not inline:
                     continue
-                key = getattr(e, attr)
                 seen = given.get(key)
                 if seen and any(f in seen and seen[f] != v for f, v in inline.items()):
                     upsert(list(merged), list(merged.values()))
@@ -538,16 +554,17 @@ class Trainer:
             if merged:
                 upsert(list(merged), list(merged.values()))
 
-    def _learn(self, events: Sequence[Event]) -> None:
-        ts = np.array([e.ts if e.ts is not None else time.time() for e in events], dtype=np.float64)
-        users = [e.user_id for e in events]
-        items = [e.item_id for e in events]
-        labels = np.array([e.label for e in events], dtype=np.float32)
+    def _learn(self, events: EventColumns) -> None:
+        ts = events.ts
+        missing = np.isnan(ts)
+        if missing.any():  # events without a time happen now
+            ts = np.where(missing, time.time(), ts)
+        users, items, labels = events.user_ids, events.item_ids, events.labels
         try:  # test, then train; a metric never stops training
             self.live.observe(self.model, users, items, labels)
         except Exception:
             log.exception("live hit rate: scoring a sample failed (training goes on)")
-        self.learner.learn(users, items, labels, contexts=[e.context for e in events], ts=ts)
+        self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts)
         self.progress.live_hit_rate = self.live.rates()
         self.progress.events_applied += len(events)
         newest = float(ts.max())

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from stream.schemas import EventColumns
 from train.resilience import GuardedSink
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class PublisherThread:
                 old = self._events.popleft()
                 self._n_events -= len(old)
                 self.dropped += len(old)
-                self._profiles.extend({e.user_id: None for e in old})  # still publish vectors
+                self._profiles.extend(dict.fromkeys(_user_ids(old)))  # still publish vectors
                 log.warning(
                     "publisher behind: dropped the history of %d events (over %d waiting)",
                     len(old), self.max_events,
@@ -223,9 +224,21 @@ class PublisherThread:
         if profiles:
             sink.profiles_changed(list(dict.fromkeys(profiles)))
         if events:
-            merged = [e for batch in events for e in batch]
+            if all(isinstance(batch, EventColumns) for batch in events):
+                merged: Any = EventColumns.concat(events)
+                chunk = merged.take
+            else:
+                merged = [e for batch in events for e in batch]
+                chunk = merged.__getitem__
             for start in range(0, len(merged), HISTORY_CHUNK):
-                sink.applied(merged[start : start + HISTORY_CHUNK])
+                sink.applied(chunk(slice(start, start + HISTORY_CHUNK)))
         if checkpoint is not None:
             sink.checkpointed(checkpoint)
         sink.tick(time.time())
+
+
+def _user_ids(events: Sequence[Any]) -> Sequence[str]:
+    """The user id of each event (columns or event tuples)."""
+    if isinstance(events, EventColumns):
+        return events.user_ids
+    return [e.user_id for e in events]

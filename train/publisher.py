@@ -25,7 +25,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from model.online import OnlineFM
+from stream.schemas import Event, EventColumns
 from train.config import PublishConfig
 from train.deltas import DeltaConfig, VersionedPublisher
 from train.publish_thread import LockedModel
@@ -113,20 +116,24 @@ class Publisher:
 
     # --- fed by the trainer ----------------------------------------------------------------
 
-    def applied(self, events: Sequence) -> None:
+    def applied(self, events: EventColumns | Sequence[Event]) -> None:
         """Remember who was active and record their recent positive items as history."""
-        self._active.update(e.user_id for e in events)
-        positives = [e for e in events if e.label == 1]
+        if not isinstance(events, EventColumns):
+            events = EventColumns.from_events(events)
+        self._active.update(events.user_ids)
+        positives = np.flatnonzero(events.labels == 1).tolist()
         self._positives_seen += len(positives)
         if self._history_skip and positives:  # already in the republished histories
             skip = min(self._history_skip, len(positives))
             self._history_skip -= skip
             positives = positives[skip:]
         if positives:
-            self.store.push_history(
-                [e.user_id for e in positives], [e.item_id for e in positives],
-                self.config.history_len,
-            )
+            users, items = events.user_ids, events.item_ids
+            if len(positives) == len(users):
+                pos_users, pos_items = users, items
+            else:
+                pos_users, pos_items = [users[j] for j in positives], [items[j] for j in positives]
+            self.store.push_history(pos_users, pos_items, self.config.history_len)
         self._items_dirty = True
 
     def profiles_changed(self, user_ids: Sequence[str]) -> None:

@@ -171,3 +171,82 @@ def test_event_rules_refuse_naming_the_field(extra: dict, field: str) -> None:
 def test_event_decoder_refuses_what_is_not_an_object() -> None:
     with pytest.raises(DecodeError):
         parse_event([1, 2])
+
+
+# --- the batch decoder: the same events and dead letters as the one-by-one decoder ----------
+
+_hostile_ids = st.one_of(st.text(max_size=6), st.integers(-5, 5), st.booleans(), st.none(),
+                         st.just(" \u3000 "), st.just("x" * 257), st.just(" u1 "))
+_event_dicts = st.fixed_dictionaries(
+    {},
+    optional={
+        "user_id": st.one_of(st.sampled_from(["u1", "u2", "u3"]), _hostile_ids),
+        "item_id": st.one_of(st.sampled_from(["i1", "i2"]), _hostile_ids),
+        "label": st.one_of(st.sampled_from([0, 1]), st.integers(-2, 3), st.booleans(),
+                           st.floats(allow_nan=False), st.none()),
+        "ts": st.one_of(st.floats(0, 2e9), st.floats(allow_nan=False), st.integers(-1, 10**12),
+                        st.none(), st.text(max_size=4), st.just(1e11)),
+        "context": st.one_of(
+            st.dictionaries(st.sampled_from(["hour", "x"]),
+                            st.one_of(st.text(max_size=3), st.integers(-3, 3), st.booleans(),
+                                      st.none(), st.floats(allow_nan=False),
+                                      st.lists(st.text(max_size=2), max_size=2)),
+                            max_size=2),
+            st.none(), st.text(max_size=2)),
+        "user": st.one_of(st.none(), st.dictionaries(st.just("age"), st.integers(0, 99),
+                                                     max_size=1), st.integers()),
+        "item": st.one_of(st.none(), st.dictionaries(st.just("genre"), st.text(max_size=3),
+                                                     max_size=1)),
+    },
+)
+_good_event = st.builds(
+    lambda u, i, y, t, h: {"user_id": u, "item_id": i, "label": y, "ts": t,
+                           "context": {"hour": h}},
+    st.sampled_from(["u1", " u2", "u3"]), st.sampled_from(["i1", "i2"]),
+    st.sampled_from([0, 1]), st.floats(0, 2e9), st.sampled_from(["1", "23"]),
+)
+_values = st.one_of(_good_event.map(dumps), _event_dicts.map(dumps), st.binary(max_size=20),
+                    st.none(), st.just(b"[1]"), st.just(b'{"user_id": "u", "item_id": "i"} '))
+
+
+class _Letters:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str, str, str]] = []
+
+    def send(self, record, stage: str, error: BaseException, reason: str) -> None:
+        self.sent.append((record.offset, stage, type(error).__name__, reason))
+
+
+def _records(values: list[bytes | None]) -> list:
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    return [ConsumerRecord("fm.events", 0, -1, j, 0, 0, None, v, [], None, -1,
+                           -1 if v is None else len(v), 0) for j, v in enumerate(values)]
+
+
+@given(st.one_of(st.lists(_good_event.map(dumps), min_size=1, max_size=30),
+                 st.lists(_values, max_size=30)))
+def test_batch_decoder_matches_the_one_by_one_decoder(values: list[bytes | None]) -> None:
+    from stream.consume import decode_event_columns, decode_events
+
+    records = _records(values)
+    one, batch = _Letters(), _Letters()
+    expected = decode_events(records, one, max_bytes=200)  # type: ignore[arg-type]
+    columns = decode_event_columns(records, batch, max_bytes=200)  # type: ignore[arg-type]
+    assert list(columns) == [d.message for d in expected]
+    assert columns.rows.tolist() == [d.record.offset for d in expected]
+    assert batch.sent == one.sent
+
+
+def test_batch_decoder_keeps_the_common_shape_as_columns() -> None:
+    from stream.consume import decode_event_columns
+
+    values = [dumps({"user_id": f" u{j} ", "item_id": "i1", "label": j % 2,
+                     "ts": 1e9 + j, "context": {"hour": "3"}}) for j in range(4)]
+    values.append(dumps({"user_id": "u9", "item_id": "i2"}))  # no label, ts or context
+    columns = decode_event_columns(_records(values), _Letters(), max_bytes=1000)  # type: ignore[arg-type]
+    assert columns.user_ids == ["u0", "u1", "u2", "u3", "u9"]
+    assert columns.labels.tolist() == [0, 1, 0, 1, 1]
+    assert columns.ts[:4].tolist() == [1e9, 1e9 + 1, 1e9 + 2, 1e9 + 3]
+    assert math.isnan(columns.ts[4]) and list(columns)[4].ts is None
+    assert columns.contexts[4] == {} and columns.users is None and columns.items is None
