@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     )
     trainer_metrics_port: int = Field(0, description="Prometheus port of the trainer (0 = off)")
 
+    # ingest (issue 10): where the trainer's work runs
+    trainer_fetch_process: bool = Field(
+        True, description="poll and decode Kafka in a child process (a core of its own) "
+        "instead of a thread of the trainer"
+    )
+
     # --- publisher ------------------------------------------------------------------------
     publish_active_s: float = Field(1.0, gt=0, description="cadence of active users' vectors")
     publish_all_s: float = Field(
@@ -356,6 +362,7 @@ class Settings(BaseSettings):
             policy=LearnPolicy(step_events=self.step_events, replay=self.replay,
                                replay_buffer=self.replay_buffer, seed=self.seed),
             live_sample_every=self.live_sample_every,
+            fetch_process=self.trainer_fetch_process,
         )
 
     def publish_config(self) -> PublishConfig:

@@ -8,7 +8,8 @@ the last ``window`` sampled events of each cohort.
 
 Cheap by construction: at most ``max_per_batch`` events per batch, one matrix product for all
 of them, and the item vectors are recomposed only after ``item_refresh_events`` learned events
-(or when the catalogue grew), so ranks are against item vectors at most that stale. Items the
+(items new to the catalogue are composed as they appear), so ranks are against item vectors at
+most that stale. Items the
 user already consumed are not excluded (the model keeps no full history), which makes the live
 rate a lower bound of the bench's HR@k.
 """
@@ -47,6 +48,7 @@ class LiveHitRate:
         self._items: tuple[list[str], np.ndarray] | None = None
         self._items_at = 0  # model.n_updates when the item vectors were composed
         self._index: dict[str, int] = {}  # item id -> row of the composed item vectors
+        self._items_of = 0  # id() of the model they were composed from
 
     def observe(
         self,
@@ -87,13 +89,21 @@ class LiveHitRate:
         n_known = model.n_items
         stale = (
             self._items is None
+            or self._items_of != id(model)
             or model.n_updates - self._items_at >= self.item_refresh_events
-            or len(self._items[0]) != n_known
+            or len(self._items[0]) > n_known
         )
         if stale:
             self._items = model.item_vectors()
             self._items_at = model.n_updates
+            self._items_of = id(model)
             self._index = {x: j for j, x in enumerate(self._items[0])}  # built once per refresh
+        elif len(self._items[0]) < n_known:  # type: ignore[index]
+            # the catalogue grew (ids only ever append): compose the new items only
+            ids, vectors = self._items  # type: ignore[misc]
+            new_ids, new_vectors = model.item_vectors(model.known_items()[len(ids):])
+            self._index.update((x, len(ids) + j) for j, x in enumerate(new_ids))
+            self._items = (ids + new_ids, np.concatenate([vectors, new_vectors]))
         assert self._items is not None
         return self._items
 

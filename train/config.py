@@ -29,6 +29,8 @@ class TrainerConfig:
         policy: how polls become optimiser steps (model/learner.py); checkpointed with its
             replay state.
         live_sample_every: every n-th positive is scored before it is learned (live HR@10).
+        fetch_process: poll and decode in a child process (its own core, not the trainer's
+            GIL; :mod:`train.fetch_process`) instead of a thread.
     """
 
     kafka: KafkaConfig
@@ -42,6 +44,7 @@ class TrainerConfig:
     check_crcs: bool = True
     policy: LearnPolicy = field(default_factory=LearnPolicy)
     live_sample_every: int = 16
+    fetch_process: bool = False
 
 
 @dataclass(frozen=True)

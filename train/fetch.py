@@ -21,13 +21,62 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
+from stream.config import Topics
+from stream.consume import Decoded, decode_event_columns, decode_records
+from stream.schemas import EventColumns, ItemProfile, UserProfile
+
 log = logging.getLogger(__name__)
+
+
+class DecodedBatch(NamedTuple):
+    """One poll, decoded: where it ends (the positions) and the usable messages by topic."""
+
+    ends: dict[tuple[str, int], int]  # (topic, partition) -> next offset after this batch
+    per_topic: dict[str, int]  # records polled, by topic
+    users: list[Decoded[UserProfile]]
+    items: list[Decoded[ItemProfile]]
+    events: EventColumns  # rows: indices into event_records
+    event_records: Sequence[ConsumerRecord]  # the poll's records of the events topic
+    dead_letters: int = 0  # letters a fetch *process* sent (and had acknowledged) for it
+
+    @property
+    def n_records(self) -> int:
+        return sum(self.per_topic.values())
+
+
+def decode_poll(
+    records: list[ConsumerRecord], dead_letters: Any, topics: Topics, max_bytes: int
+) -> DecodedBatch:
+    """Decode one poll's records; unusable messages are dead-lettered (stage ``decode`` or
+    ``validate``) through ``dead_letters``."""
+    by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
+    for r in records:
+        by_topic[r.topic].append(r)
+    events = by_topic[topics.events]
+    return DecodedBatch(
+        {(r.topic, r.partition): r.offset + 1 for r in records},  # in offset order
+        {topic: len(rs) for topic, rs in by_topic.items() if rs},
+        decode_records(by_topic[topics.users], UserProfile, dead_letters, max_bytes=max_bytes),
+        decode_records(by_topic[topics.items], ItemProfile, dead_letters, max_bytes=max_bytes),
+        decode_event_columns(events, dead_letters, max_bytes=max_bytes),
+        events,
+    )
+
+
+def partition_counts(records: Sequence[ConsumerRecord], rows: Any) -> dict[int, int]:
+    """How many of ``records[rows]`` each partition holds."""
+    counts = getattr(records, "partition_counts", None)
+    if counts is not None:
+        return counts(rows)
+    return dict(Counter(records[j].partition for j in rows.tolist()))
 
 B = TypeVar("B")
 
@@ -80,6 +129,11 @@ class Fetcher(Generic[B]):
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def ready(self) -> bool:
+        """Started (a thread fetches at once)."""
+        return self.running
+
     def start(self) -> Fetcher[B]:
         self._thread.start()
         return self
@@ -104,6 +158,24 @@ class Fetcher(Generic[B]):
             return future
         self._calls.put((fn, future))
         return future
+
+    def commit(
+        self, offsets: dict[tuple[str, int], int], *, wait_s: float | None = None
+    ) -> Future:
+        """Commit ``offsets`` ((topic, partition) -> next offset) for the consumer's group, on
+        the thread that owns the consumer; with ``wait_s`` synchronously (the future holds the
+        outcome), else ``commit_async`` (failures are logged)."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        commit = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                  for (t, p), o in offsets.items()}
+        if wait_s is not None:
+            return self.call(lambda c: c.commit(commit, timeout_ms=int(wait_s * 1000)))
+        return self.call(lambda c: c.commit_async(commit, callback=_log_commit_failure))
+
+    def pause(self) -> None:
+        """Poll no more (here: stop the thread; the consumer stays usable from the caller)."""
+        self.stop()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the thread (batches still queued are dropped: they were never applied)."""
@@ -176,3 +248,8 @@ def _run_call(fn: Callable[[Any], Any], consumer: Any, future: Future) -> None:
         future.set_result(fn(consumer))
     except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
         future.set_exception(exc)
+
+
+def _log_commit_failure(offsets, response) -> None:
+    if isinstance(response, Exception):
+        log.warning("group commit failed (the checkpoint is safe): %r", response)

@@ -24,26 +24,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from model.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
 from model.errors import CheckpointError, ModelError
 from model.learner import Learner
 from model.live import LiveHitRate
 from model.online import OnlineFM
-from stream.consume import Decoded, decode_event_columns, decode_records, make_consumer
-from stream.schemas import EventColumns, ItemProfile, UserProfile
+from stream.consume import Decoded, make_consumer
+from stream.schemas import EventColumns
 from train.config import TrainerConfig
-from train.fetch import Fetcher
+from train.fetch import DecodedBatch, Fetcher, decode_poll, partition_counts
+from train.fetch_process import FetchProcess, FetchSpec
 from train.publish_thread import PublisherThread
 from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
 
@@ -75,17 +75,6 @@ class EventSink(Protocol):
     def tick(self, now: float) -> None: ...
 
 
-class DecodedBatch(NamedTuple):
-    """One poll, decoded: every record (for the positions) and the usable messages by topic."""
-
-    records: list[ConsumerRecord]
-    ends: dict[tuple[str, int], int]  # (topic, partition) -> next offset after this batch
-    users: list[Decoded[UserProfile]]
-    items: list[Decoded[ItemProfile]]
-    events: EventColumns  # rows: indices into event_records
-    event_records: list[ConsumerRecord]  # the poll's records of the events topic
-
-
 @dataclass(frozen=True)
 class TrainerStats:
     """A trainer's counters at one moment (what its metrics report)."""
@@ -101,7 +90,7 @@ class BatchObserver(Protocol):
     """Told about every applied poll (the trainer's metrics)."""
 
     def batch_applied(
-        self, records: Sequence[ConsumerRecord], seconds: float, stats: TrainerStats
+        self, per_topic: Mapping[str, int], seconds: float, stats: TrainerStats
     ) -> None: ...
 
 
@@ -211,33 +200,57 @@ class Trainer:
             self.lease = LeaseKeeper(renew_lease or (lambda: None), lease_ttl_s)
         self.dead_letters = DeadLetterOutbox(dead_letter_producer, config.topics.dlq)
         self._dead_letters_restored = self.progress.dead_letters
+        self._fetched_dead_letters = 0  # sent by a fetch process (acknowledged before handed)
         self.topics = config.topics.training
-        # kafka-python backs reconnects off up to 30 s: after a broker outage the trainer would
-        # sit idle that long once the broker is back. 1 s, as the Java client's default.
-        self.consumer = make_consumer(
-            config.kafka,
-            config.group,
-            max_poll_records=config.max_poll_records,
-            check_crcs=config.check_crcs,
-            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-        )
         self._assigned: set[TopicPartition] = set()
         self._assigned_at = 0.0
-        self.refresh_assignment()
         self.model_lock = threading.Lock()  # held while the model changes (publisher reads)
-        self.fetcher: Fetcher[DecodedBatch] = Fetcher(
-            self.consumer,
-            self.decode,
-            may_fetch=lambda: self.lease.valid,
-            before_poll=self._refresh_if_due,
-            depth=FETCH_DEPTH,
-            timings=self.timings,
-        )
+        self.consumer = None
+        self.fetcher: Fetcher[DecodedBatch] | FetchProcess
+        if config.fetch_process:
+            # poll + decode in a child process with its own consumer, from our positions
+            self.fetcher = FetchProcess(
+                FetchSpec(
+                    config.kafka, config.topics, config.group, dict(self.progress.positions),
+                    max_poll_records=config.max_poll_records, check_crcs=config.check_crcs,
+                    max_message_bytes=config.max_message_bytes,
+                    reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                ),
+                may_fetch=lambda: self.lease.valid,
+                depth=FETCH_DEPTH,
+                timings=self.timings,
+            )
+        else:
+            # kafka-python backs reconnects off up to 30 s: after a broker outage the trainer
+            # would sit idle that long once the broker is back. 1 s, as the Java client's default.
+            self.consumer = make_consumer(
+                config.kafka,
+                config.group,
+                max_poll_records=config.max_poll_records,
+                check_crcs=config.check_crcs,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            )
+            self.refresh_assignment()
+            self.fetcher = Fetcher(
+                self.consumer,
+                self.decode,
+                may_fetch=lambda: self.lease.valid,
+                before_poll=self._refresh_if_due,
+                depth=FETCH_DEPTH,
+                timings=self.timings,
+            )
+        if config.fetch_process:  # spawned now (it polls only while the lease is ours)
+            self.fetcher.start()
         self.paused = False  # True while the lease is not provably ours (Redis outage)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._checkpoint_retry_at = 0.0
         self.live = LiveHitRate(k=10, sample_every=config.live_sample_every)
+
+    @property
+    def dead_letter_count(self) -> int:
+        """Dead letters this process sent (the fetch process's included)."""
+        return self.dead_letters.count + self._fetched_dead_letters
 
     def _restore_learner(self, state: dict[str, Any] | None) -> Learner:
         """The checkpointed learner (replay buffer and generator) when its policy is still the
@@ -257,7 +270,7 @@ class Trainer:
         """What the trainer has done so far (for metrics; cheap, safe from any thread)."""
         return TrainerStats(
             events_applied=self.progress.events_applied,
-            dead_letters=self.dead_letters.count,
+            dead_letters=self.dead_letter_count,
             newest_event_ts=self.progress.newest_event_ts,
             checkpoint_age_s=time.monotonic() - self._last_checkpoint,
             live_hit_rate=self.live.rates(),
@@ -332,12 +345,12 @@ class Trainer:
             while not stop.is_set():
                 n = self.step()
                 now = time.monotonic()
-                if n or self.paused:
+                if n or self.paused or not self.fetcher.ready:  # idle once it could fetch
                     idle_since = now
                 elif idle_exit_s is not None and now - idle_since > idle_exit_s:
                     break
             # Batches fetched but not applied are dropped: the checkpoint does not cover them.
-            self.fetcher.stop()
+            self.fetcher.pause()
             if not self.checkpoint(final=True):
                 log.error(
                     "stopping without a final checkpoint: the events since the last one "
@@ -376,19 +389,21 @@ class Trainer:
             t0 = time.perf_counter()
             self.apply(batch)
             if self.metrics is not None:
-                self.metrics.batch_applied(batch.records, time.perf_counter() - t0, self.stats())
+                self.metrics.batch_applied(batch.per_topic, time.perf_counter() - t0,
+                                           self.stats())
         if self._checkpoint_due():
             self.checkpoint()
         if self._sink is not None:
             t0 = time.perf_counter()
             self._sink.tick(time.time())
             self.timings["publish"] += time.perf_counter() - t0
-        return 0 if batch is None else len(batch.records)
+        return 0 if batch is None else batch.n_records
 
     def close(self) -> None:
-        """Stop the fetch thread and close the consumer (idempotent)."""
+        """Stop the fetch thread (or process) and close the consumer (idempotent)."""
         self.fetcher.stop()
-        self.consumer.close(autocommit=False)
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
 
     def _checkpoint_due(self) -> bool:
         if not self._since_checkpoint:
@@ -404,18 +419,8 @@ class Trainer:
     def decode(self, records: list[ConsumerRecord]) -> DecodedBatch:
         """Decode one polled batch (runs in the fetch thread); unusable messages are
         dead-lettered here, stage ``decode`` or ``validate``."""
-        by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
-        for r in records:
-            by_topic[r.topic].append(r)
-        limit, topics = self.config.max_message_bytes, self.config.topics
-        events = by_topic[topics.events]
-        return DecodedBatch(
-            records,
-            {(r.topic, r.partition): r.offset + 1 for r in records},  # in offset order
-            decode_records(by_topic[topics.users], UserProfile, self.dead_letters, max_bytes=limit),
-            decode_records(by_topic[topics.items], ItemProfile, self.dead_letters, max_bytes=limit),
-            decode_event_columns(events, self.dead_letters, max_bytes=limit),
-            events,
+        return decode_poll(
+            records, self.dead_letters, self.config.topics, self.config.max_message_bytes
         )
 
     def apply_records(self, records: list[ConsumerRecord]) -> None:
@@ -437,13 +442,12 @@ class Trainer:
         for (topic, partition), end in batch.ends.items():
             positions[tp_key(topic, partition)] = end
         if len(applied):
-            records = batch.event_records
-            by_partition = Counter(records[j].partition for j in applied.rows.tolist())
-            for partition, n in by_partition.items():
+            for partition, n in partition_counts(batch.event_records, applied.rows).items():
                 key = tp_key(self.config.topics.events, partition)
                 counts[key] = counts.get(key, 0) + n
-        self.progress.dead_letters = self._dead_letters_restored + self.dead_letters.count
-        self._since_checkpoint += len(batch.records)
+        self._fetched_dead_letters += batch.dead_letters
+        self.progress.dead_letters = self._dead_letters_restored + self.dead_letter_count
+        self._since_checkpoint += batch.n_records
         t2 = time.perf_counter()
         self.timings["update"] += t2 - t1
         if self._sink is not None:
@@ -622,28 +626,25 @@ class Trainer:
     def _commit(self, final: bool) -> None:
         """Commit the checkpointed positions for lag monitoring (the checkpoint rules).
 
-        Made by the thread that owns the consumer: the fetch thread while it runs (queued, never
-        waited for), else here (the final commit, synchronous).
+        Made by whoever owns the consumer: the fetch thread (or process) while it runs (queued,
+        never waited for), else here; the final commit is synchronous.
         """
         offsets = {}
         for key, pos in self.progress.positions.items():
             topic, part = key.rsplit("|", 1)
-            tp = TopicPartition(topic, int(part))
-            if tp in self._assigned:
-                offsets[tp] = OffsetAndMetadata(pos, "", -1)
+            if self.consumer is None or TopicPartition(topic, int(part)) in self._assigned:
+                offsets[(topic, int(part))] = pos
         if not offsets:
             return
         if final:
-            commit = self.fetcher.call(lambda c: c.commit(offsets, timeout_ms=10_000))
+            commit = self.fetcher.commit(offsets, wait_s=15.0)
             try:
                 commit.result(timeout=15)
-            except (KafkaError, TimeoutError) as exc:
+            except (KafkaError, TimeoutError, RuntimeError) as exc:
                 log.warning("group commit failed (the checkpoint is safe): %r", exc)
             return
         # never stall training on a slow coordinator
-        self.fetcher.call(
-            lambda c: c.commit_async(offsets, callback=_log_commit_failure)
-        ).add_done_callback(_log_future_failure)
+        self.fetcher.commit(offsets).add_done_callback(_log_future_failure)
 
     def seek_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         """Position ``assigned`` partitions at the checkpoint (or the beginning)."""

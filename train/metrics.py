@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -38,8 +38,6 @@ from stream.config import KafkaConfig
 from stream.metrics import GroupLagCollector, new_registry, running, serve_http
 
 if TYPE_CHECKING:
-    from kafka.consumer.fetcher import ConsumerRecord
-
     from train.loop import Trainer, TrainerStats
     from train.publisher import PublishStats
 
@@ -116,13 +114,11 @@ class TrainerMetrics:
         return self
 
     def batch_applied(
-        self, records: Sequence[ConsumerRecord], seconds: float, stats: TrainerStats
+        self, per_topic: Mapping[str, int], seconds: float, stats: TrainerStats
     ) -> None:
-        """Record one applied poll (the trainer calls this after applying it)."""
+        """Record one applied poll (its records by topic; the trainer calls this after applying
+        it)."""
         self.batch_seconds.observe(seconds)
-        per_topic: dict[str, int] = {}
-        for r in records:
-            per_topic[r.topic] = per_topic.get(r.topic, 0) + 1
         for topic, n in per_topic.items():
             self.records.labels(topic).inc(n)
         self.events.inc(max(0, stats.events_applied - self._applied_seen))

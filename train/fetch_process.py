@@ -1,0 +1,418 @@
+"""Polling and decoding in a child process: kafka-python's record parsing and the decode get a
+core of their own instead of sharing the trainer's GIL.
+
+:class:`FetchProcess` has the :class:`train.fetch.Fetcher` contract the trainer uses (``start``,
+``get``, ``commit``, ``stop``, ``running``, ``cpu_s``, ``timings``). The child owns its own
+consumer and dead-letter producer:
+
+- it assigns itself every partition of the trainer's topics and starts each at the position the
+  trainer gave it (its checkpoint's), else at the beginning; partitions added later are found
+  every ``ASSIGNMENT_REFRESH_S``;
+- it polls only while the trainer says it may (the lease is provably ours), decodes each poll
+  with :func:`train.fetch.decode_poll`, and waits until the dead letters of a poll are
+  acknowledged by the broker *before* handing the poll over; so a checkpoint, which only covers
+  what the trainer applied, never covers an unacknowledged letter;
+- a decoded poll travels as columns (:class:`~stream.schemas.EventColumns`, the events topic's
+  records as :class:`RecordBlock`), at most ``depth`` of them waiting;
+- it dies with the trainer (``PR_SET_PDEATHSIG``, and it checks its parent), so a kill -9 of the
+  trainer leaves no orphan consuming or dead-lettering.
+
+Exactly once is the trainer's, unchanged: positions advance only when the trainer applies a batch
+and live in its checkpoints; batches in flight at a crash are read again from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kafka.consumer.fetcher import ConsumerRecord
+
+from stream.config import KafkaConfig, Topics
+from train.fetch import DecodedBatch, FetchFailed, decode_poll
+
+log = logging.getLogger(__name__)
+
+ASSIGNMENT_REFRESH_S = 30.0
+"""How often the child looks for partitions added to its topics."""
+GATE_S = 0.02
+"""How often the trainer's ``may_fetch`` is passed on to the child."""
+
+
+@dataclass(frozen=True)
+class FetchSpec:
+    """What the child needs (picklable): how to consume, from where, and the decode limits."""
+
+    kafka: KafkaConfig
+    topics: Topics
+    group: str
+    positions: Mapping[str, int] = field(default_factory=dict)  # "topic|partition" -> next
+    max_poll_records: int = 2048
+    check_crcs: bool = True
+    max_message_bytes: int = 65536
+    reconnect_backoff_max_ms: int = 1000
+    poll_timeout_ms: int = 200
+
+
+class RecordBlock:
+    """The records of one topic in a poll, as columns (cheap to send between processes);
+    ``block[j]`` rebuilds record ``j`` (for a dead letter)."""
+
+    __slots__ = ("keys", "offsets", "partitions", "timestamps", "topic", "values")
+
+    def __init__(self, records: list[ConsumerRecord]) -> None:
+        self.topic = records[0].topic if records else ""
+        self.partitions = np.fromiter((r.partition for r in records), np.int32, len(records))
+        self.offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+        self.timestamps = np.fromiter((r.timestamp for r in records), np.int64, len(records))
+        self.keys = [r.key for r in records]
+        self.values = [r.value for r in records]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, j: int) -> ConsumerRecord:
+        key, value = self.keys[j], self.values[j]
+        return ConsumerRecord(
+            self.topic, int(self.partitions[j]), -1, int(self.offsets[j]),
+            int(self.timestamps[j]), 0, key, value, [], None,
+            -1 if key is None else len(key), -1 if value is None else len(value), -1,
+        )
+
+    def partition_counts(self, rows: np.ndarray) -> dict[int, int]:
+        parts, counts = np.unique(self.partitions[rows], return_counts=True)
+        return dict(zip(parts.tolist(), counts.tolist(), strict=True))
+
+    def __getstate__(self) -> tuple:
+        return (self.topic, self.partitions, self.offsets, self.timestamps, self.keys,
+                self.values)
+
+    def __setstate__(self, state: tuple) -> None:
+        (self.topic, self.partitions, self.offsets, self.timestamps, self.keys,
+         self.values) = state
+
+
+class FetchProcess:
+    """Polls and decodes in a child process; :meth:`get` returns decoded batches in poll order.
+
+    Args:
+        spec: the consumer's settings and start positions.
+        may_fetch: checked every ``GATE_S`` (and on each :meth:`get`); while False the child
+            neither polls nor decodes (so it writes no dead letter).
+        depth: decoded batches waiting at most.
+        timings: a dict where ``poll`` and ``decode`` seconds (the child's) are kept.
+    """
+
+    def __init__(
+        self,
+        spec: FetchSpec,
+        *,
+        may_fetch: Callable[[], bool] = lambda: True,
+        depth: int = 2,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        ctx = mp.get_context("spawn")  # never fork a process with threads
+        self.spec = spec
+        self._may_fetch = may_fetch
+        self._allowed = ctx.Event()
+        self._stop = ctx.Event()
+        self._ready = ctx.Event()
+        self._batches: Any = ctx.Queue(maxsize=depth)
+        self._control: Any = ctx.Queue()
+        self._replies: Any = ctx.Queue()
+        self._proc = ctx.Process(
+            target=_child_main,
+            args=(spec, self._batches, self._control, self._replies, self._allowed, self._stop,
+                  self._ready, os.getpid()),
+            daemon=True,
+            name="fmstream-fetch",
+        )
+        self._started = False
+        self._stopped = False
+        self._call_id = 0
+        self.cpu_s = 0.0  # CPU seconds of the child so far (as of the last batch)
+        self.timings = timings if timings is not None else {}
+        self.timings.setdefault("poll", 0.0)
+        self.timings.setdefault("decode", 0.0)
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stopped and self._proc.is_alive()
+
+    def start(self) -> FetchProcess:
+        if self._started:  # a dead child is not restarted: the trainer stops on FetchFailed
+            return self
+        self._started = True
+        self._sync_allowed()
+        self._proc.start()
+        threading.Thread(target=self._watch, daemon=True, name="fmstream-fetch-gate").start()
+        return self
+
+    def _watch(self) -> None:
+        """Pass ``may_fetch`` on to the child as it changes (the trainer may be paused)."""
+        while not self._stopped and self._proc.is_alive():
+            self._sync_allowed()
+            self._stop.wait(GATE_S)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before :meth:`start`)."""
+        return self._proc.pid
+
+    @property
+    def ready(self) -> bool:
+        """The child has its consumer and partitions (it can fetch)."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until the child has its consumer and partitions (True), or ``timeout``."""
+        return bool(self._ready.wait(timeout))
+
+    def _sync_allowed(self) -> None:
+        if self._may_fetch():
+            self._allowed.set()
+        else:
+            self._allowed.clear()
+
+    def get(self, timeout: float) -> DecodedBatch | None:
+        """The next decoded batch, or None if none arrives within ``timeout`` seconds."""
+        self._sync_allowed()
+        try:
+            item = self._batches.get(timeout=timeout)
+        except queue.Empty:
+            if self._started and not self._stopped and not self._proc.is_alive():
+                raise FetchFailed(
+                    f"the fetch process exited (code {self._proc.exitcode})"
+                ) from None
+            return None
+        if isinstance(item, BaseException):
+            raise FetchFailed(f"the fetch process failed: {item!r}") from item
+        batch, cpu_s, poll_s, decode_s = item
+        self.cpu_s, self.timings["poll"], self.timings["decode"] = cpu_s, poll_s, decode_s
+        return batch
+
+    def commit(self, offsets: Mapping[tuple[str, int], int], *, wait_s: float | None = None
+               ) -> Future:
+        """Commit ``offsets`` ((topic, partition) -> next offset) for the group, made by the
+        child; with ``wait_s`` it is synchronous and the future holds its outcome."""
+        future: Future = Future()
+        if not self.running:
+            future.set_exception(RuntimeError("the fetch process is not running"))
+            return future
+        self._call_id += 1
+        call = self._call_id
+        self._control.put(("commit", call, dict(offsets), wait_s is not None))
+        if wait_s is None:
+            future.set_result(None)
+            return future
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                future.set_exception(TimeoutError("group commit: no answer from the fetch process"))
+                return future
+            try:
+                got, error = self._replies.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    future.set_exception(RuntimeError("the fetch process exited"))
+                    return future
+                continue
+            if got == call:
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(RuntimeError(error))
+                return future
+
+    def pause(self) -> None:
+        """Poll no more; the child stays up for :meth:`commit` until :meth:`stop`."""
+        self._may_fetch = lambda: False
+        self._allowed.clear()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the child (batches still queued are dropped: they were never applied)."""
+        if not self._started or self._stopped:
+            self._stopped = True
+            return
+        self._stopped = True
+        self._stop.set()
+        self._allowed.clear()
+        deadline = time.monotonic() + timeout
+        while self._proc.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):  # a child blocked on a full queue
+                self._batches.get_nowait()
+            self._proc.join(0.05)
+        if self._proc.is_alive():
+            log.warning("the fetch process did not stop in time: killing it")
+            self._proc.kill()
+            self._proc.join(5)
+        for q in (self._batches, self._control, self._replies):
+            q.cancel_join_thread()
+            q.close()
+
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(Exception):  # Linux only; the getppid check covers the rest
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _child_main(spec: FetchSpec, batches: Any, control: Any, replies: Any, allowed: Any,
+                stop: Any, ready: Any, parent: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s fetch %(name)s: %(message)s")
+    try:
+        _Child(spec, batches, control, replies, allowed, stop, parent).run(ready)
+    except BaseException as exc:  # noqa: BLE001 - reported to the trainer, which stops
+        log.exception("fetch process failed")
+        with contextlib.suppress(Exception):
+            batches.put(RuntimeError(repr(exc)), timeout=5)
+
+
+class _Child:
+    def __init__(self, spec: FetchSpec, batches: Any, control: Any, replies: Any, allowed: Any,
+                 stop: Any, parent: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        from stream.consume import make_consumer, make_producer
+        from train.resilience import DeadLetterOutbox
+
+        threadpool_limits(1)
+        self.spec, self.batches, self.control, self.replies = spec, batches, control, replies
+        self.allowed, self.stop, self.parent = allowed, stop, parent
+        self.consumer = make_consumer(
+            spec.kafka, spec.group, max_poll_records=spec.max_poll_records,
+            check_crcs=spec.check_crcs, reconnect_backoff_max_ms=spec.reconnect_backoff_max_ms,
+        )
+        self.producer = make_producer(spec.kafka)
+        self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
+        self.assigned: set = set()
+        self.assigned_at = 0.0
+        self.cpu0 = time.process_time()
+        self.poll_s = self.decode_s = 0.0
+
+    def run(self, ready: Any) -> None:
+        try:
+            self._refresh_assignment()
+            ready.set()
+            while not self.stop.is_set():
+                self._run_controls()
+                if os.getppid() != self.parent:
+                    return
+                if not self.allowed.is_set():
+                    self.stop.wait(0.05)
+                    continue
+                batch = self._poll()
+                if batch is not None:
+                    self._hand_over(batch)
+        finally:
+            with contextlib.suppress(Exception):
+                self.consumer.close(autocommit=False)
+            with contextlib.suppress(Exception):
+                self.producer.close(timeout=5)
+
+    def _refresh_assignment(self) -> None:
+        from kafka.structs import TopicPartition
+
+        self.assigned_at = time.monotonic()
+        found = set(self.assigned)
+        for topic in self.spec.topics.training:
+            parts = self.consumer.partitions_for_topic(topic)
+            found.update(TopicPartition(topic, p) for p in parts or ())
+        new = sorted(found - self.assigned)
+        if not new:
+            return
+        self.consumer.assign(sorted(found))
+        self.assigned = found
+        for tp in new:
+            pos = self.spec.positions.get(f"{tp.topic}|{tp.partition}")
+            if pos is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, pos)
+
+    def _poll(self) -> DecodedBatch | None:
+        from kafka.errors import KafkaError
+
+        t0 = time.perf_counter()
+        try:
+            if time.monotonic() - self.assigned_at >= ASSIGNMENT_REFRESH_S:
+                self._refresh_assignment()
+            polled = self.consumer.poll(timeout_ms=self.spec.poll_timeout_ms)
+        except KafkaError as exc:  # broker away: positions stay in the consumer; retry
+            log.warning("poll failed (%s); retrying", exc)
+            self.stop.wait(0.2)
+            return None
+        finally:
+            self.poll_s += time.perf_counter() - t0
+        records = [r for rs in polled.values() for r in rs]
+        if not records:
+            return None
+        t0 = time.perf_counter()
+        sent = self.dead_letters.count
+        batch = decode_poll(records, self.dead_letters, self.spec.topics,
+                            self.spec.max_message_bytes)
+        batch = batch._replace(event_records=RecordBlock(list(batch.event_records)),
+                               dead_letters=self.dead_letters.count - sent)
+        self.decode_s += time.perf_counter() - t0
+        return batch
+
+    def _hand_over(self, batch: DecodedBatch) -> None:
+        # A letter is acknowledged before the trainer can checkpoint past its message.
+        while batch.dead_letters and not self.dead_letters.flush(timeout=5.0):
+            if self.stop.is_set():
+                return
+            log.warning("dead letters not acknowledged yet; retrying before handing over")
+            self._run_controls()
+        item = (batch, time.process_time() - self.cpu0, self.poll_s, self.decode_s)
+        while not self.stop.is_set():
+            try:
+                self.batches.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                self._run_controls()  # commits keep flowing while the trainer is busy
+
+    def _run_controls(self) -> None:
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        while True:
+            try:
+                _, call, offsets, sync = self.control.get_nowait()
+            except queue.Empty:
+                return
+            commit = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                      for (t, p), o in offsets.items()}
+            if not sync:
+                self.consumer.commit_async(commit, callback=_log_commit_failure)
+                continue
+            try:
+                self.consumer.commit(commit, timeout_ms=10_000)
+            except Exception as exc:  # noqa: BLE001 - the trainer logs it
+                self.replies.put((call, repr(exc)))
+            else:
+                self.replies.put((call, None))
+
+
+def _log_commit_failure(offsets, response) -> None:
+    if isinstance(response, Exception):
+        log.warning("group commit failed (the checkpoint is safe): %r", response)
