@@ -23,7 +23,7 @@ Same seed + same inputs (in the same batches) + same thread count = identical mo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,11 +100,15 @@ class Learner:
         labels: np.ndarray | None = None,
         contexts: Sequence[Mapping[str, Any] | None] | None = None,
         ts: np.ndarray | float | None = None,
+        *,
+        before_step: Callable[[slice], None] | None = None,
     ) -> float:
         """Learn a batch of events (any size) under the policy; returns the mean step loss.
 
         Same arguments and errors as :meth:`OnlineFM.learn_many`, and all-or-nothing like it:
         the whole batch is validated before its first step, so an error changes nothing.
+        ``before_step(where)`` is called before each step with the slice of the batch it is
+        about to learn (test-then-train metrics score those events there).
         """
         b = len(user_ids)
         if len(item_ids) != b:
@@ -125,6 +129,8 @@ class Learner:
         losses = []
         for lo in range(0, b, step):
             hi = min(b, lo + step)
+            if before_step is not None:
+                before_step(slice(lo, hi))
             losses.append(self.model.learn_prepared(events[lo:hi]))
             if self.policy.replay:
                 u, i = user_ids[lo:hi], item_ids[lo:hi]

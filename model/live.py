@@ -56,8 +56,10 @@ class LiveHitRate:
         user_ids: Sequence[str],
         item_ids: Sequence[str],
         labels: np.ndarray | None = None,
+        limit: int | None = None,
     ) -> int:
-        """Score the sampled positives of a batch BEFORE it is learned; returns how many."""
+        """Score the sampled positives of a batch BEFORE it is learned; returns how many
+        (at most ``max_per_batch``, or ``limit`` when smaller)."""
         n = len(user_ids)
         pos = np.arange(n) if labels is None else np.flatnonzero(np.asarray(labels) >= 0.5)
         if pos.size == 0:
@@ -65,7 +67,8 @@ class LiveHitRate:
         # every sample_every-th positive of the stream, at most max_per_batch of this batch
         offset = (-self._seen) % self.sample_every
         self._seen += pos.size
-        pick = pos[offset :: self.sample_every][: self.max_per_batch]
+        cap = self.max_per_batch if limit is None else min(limit, self.max_per_batch)
+        pick = pos[offset :: self.sample_every][:cap]
         if pick.size == 0:
             return 0
         ids, e_items = self._item_vectors(model)

@@ -564,11 +564,19 @@ class Trainer:
         if missing.any():  # events without a time happen now
             ts = np.where(missing, time.time(), ts)
         users, items, labels = events.user_ids, events.item_ids, events.labels
-        try:  # test, then train; a metric never stops training
-            self.live.observe(self.model, users, items, labels)
-        except Exception:
-            log.exception("live hit rate: scoring a sample failed (training goes on)")
-        self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts)
+        b, per_poll = len(events), self.live.max_per_batch
+
+        def test_then_train(where: slice) -> None:
+            """Score a sample of the step's positives just before the step learns them (the
+            poll's sample spread over its steps, as many as one scoring per poll had)."""
+            limit = -(-per_poll * (where.stop - where.start) // b)
+            try:  # a metric never stops training
+                self.live.observe(self.model, users[where], items[where], labels[where], limit)
+            except Exception:
+                log.exception("live hit rate: scoring a sample failed (training goes on)")
+
+        self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts,
+                           before_step=test_then_train)
         self.progress.live_hit_rate = self.live.rates()
         self.progress.events_applied += len(events)
         newest = float(ts.max())

@@ -236,3 +236,13 @@ def test_accumulator_decay_keeps_steps_from_vanishing() -> None:
         TrainConfig(acc_decay=0.0)
     with pytest.raises(ConfigError):
         TrainConfig(acc_decay=1.5)
+
+
+def test_before_step_sees_each_step_just_before_it_is_learned() -> None:
+    fm = model()
+    u, i, y, c, t = events(10)
+    seen: list[tuple[int, int, int]] = []
+    Learner(fm, LearnPolicy(step_events=4)).learn(
+        u, i, y, c, t, before_step=lambda w: seen.append((w.start, w.stop, fm.n_updates)))
+    start = fm.n_updates - 10
+    assert seen == [(0, 4, start), (4, 8, start + 4), (8, 10, start + 8)]
