@@ -92,8 +92,9 @@ class RecordBlock:
         )
 
     def partition_counts(self, rows: np.ndarray) -> dict[int, int]:
-        parts, counts = np.unique(self.partitions[rows], return_counts=True)
-        return dict(zip(parts.tolist(), counts.tolist(), strict=True))
+        counts = np.bincount(self.partitions[rows])
+        parts = np.flatnonzero(counts)
+        return dict(zip(parts.tolist(), counts[parts].tolist(), strict=True))
 
     def __getstate__(self) -> tuple:
         return (self.topic, self.partitions, self.offsets, self.timestamps, self.keys,
@@ -281,6 +282,7 @@ def _child_main(spec: FetchSpec, batches: Any, control: Any, replies: Any, allow
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s fetch %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # as the CLI sets it for the trainer
     try:
         _Child(spec, batches, control, replies, allowed, stop, parent).run(ready)
     except BaseException as exc:  # noqa: BLE001 - reported to the trainer, which stops

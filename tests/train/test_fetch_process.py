@@ -14,10 +14,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from fmstream.settings import Settings
+from stream.connect import kafka_consumer
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO, wait_for
 from train.fetch import DecodedBatch
@@ -80,8 +80,8 @@ def test_columns_from_the_given_positions_and_letters_acknowledged_first(
         assert first.topic == s.topic_events and first.value is not None
         # the trainer's group commit, made by the child
         fetcher.commit({(s.topic_events, 0): 25}, wait_s=15).result(timeout=20)
-        consumer = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=s.trainer_group,
-                                 enable_auto_commit=False)
+        consumer = kafka_consumer(s.kafka_config(), group_id=s.trainer_group,
+                                  enable_auto_commit=False)
         try:
             assert consumer.committed(TopicPartition(s.topic_events, 0)) == 25
         finally:
