@@ -48,7 +48,9 @@ class LiveHitRate:
         self._items: tuple[list[str], np.ndarray] | None = None
         self._items_at = 0  # model.n_updates when the item vectors were composed
         self._index: dict[str, int] = {}  # item id -> row of the composed item vectors
-        self._items_of = 0  # id() of the model they were composed from
+        self._items_of: OnlineFM | None = None  # the model they were composed from
+        self._buf = np.zeros((0, 0), dtype=np.float32)  # item vectors, with room to grow
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # sampled, unscored
 
     def observe(
         self,
@@ -56,10 +58,26 @@ class LiveHitRate:
         user_ids: Sequence[str],
         item_ids: Sequence[str],
         labels: np.ndarray | None = None,
+    ) -> int:
+        """Score the sampled positives of a batch BEFORE it is learned; returns how many."""
+        n = self.sample(model, user_ids, item_ids, labels)
+        self.score()
+        return n
+
+    def sample(
+        self,
+        model: OnlineFM,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        labels: np.ndarray | None = None,
         limit: int | None = None,
     ) -> int:
-        """Score the sampled positives of a batch BEFORE it is learned; returns how many
-        (at most ``max_per_batch``, or ``limit`` when smaller)."""
+        """Take the sampled positives of a batch BEFORE it is learned (their users' vectors as
+        of now; at most ``max_per_batch``, or ``limit`` when smaller); :meth:`score` ranks them.
+
+        Sampling the steps of a poll one by one and scoring once after the poll gives each
+        step's events the model just before that step, for one pass over the item vectors.
+        """
         n = len(user_ids)
         pos = np.arange(n) if labels is None else np.flatnonzero(np.asarray(labels) >= 0.5)
         if pos.size == 0:
@@ -71,7 +89,7 @@ class LiveHitRate:
         pick = pos[offset :: self.sample_every][:cap]
         if pick.size == 0:
             return 0
-        ids, e_items = self._item_vectors(model)
+        ids, _ = self._item_vectors(model)
         if not ids:  # nothing known yet: nothing can be recommended, every sample misses
             self._hits["cold"].extend([False] * int(pick.size))
             return int(pick.size)
@@ -79,34 +97,59 @@ class LiveHitRate:
         users = [user_ids[j] for j in pick]
         target = np.array([index.get(item_ids[j], -1) for j in pick])
         warm = model.user_positives(users) > 0
-        scores = model.user_vectors(users) @ e_items.T
+        self._pending.append((model.user_vectors(users), target, warm))
+        return int(pick.size)
+
+    def score(self) -> None:
+        """Rank the samples taken since the last call against the item vectors; record hits."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        assert self._items is not None
+        e_items = self._items[1]
+        uvec = np.concatenate([p[0] for p in pending])
+        target = np.concatenate([p[1] for p in pending])
+        warm = np.concatenate([p[2] for p in pending])
+        scores = uvec @ e_items.T
         known = target >= 0
-        t_score = np.where(known, scores[np.arange(pick.size), np.maximum(target, 0)], np.inf)
+        t_score = np.where(known, scores[np.arange(target.size), np.maximum(target, 0)], np.inf)
         rank = (scores > t_score[:, None]).sum(axis=1)  # items strictly better than the target
         hit = known & (rank < self.k)
         for c, m in (("warm", warm), ("cold", ~warm)):
             self._hits[c].extend(hit[m].tolist())
-        return int(pick.size)
 
     def _item_vectors(self, model: OnlineFM) -> tuple[list[str], np.ndarray]:
         n_known = model.n_items
         stale = (
             self._items is None
-            or self._items_of != id(model)
+            or self._items_of is not model
             or model.n_updates - self._items_at >= self.item_refresh_events
             or len(self._items[0]) > n_known
         )
         if stale:
-            self._items = model.item_vectors()
+            self.score()  # samples taken so far index the vectors being replaced
+            ids, vectors = model.item_vectors()
+            self._buf = vectors
+            self._items = (ids, vectors)
             self._items_at = model.n_updates
-            self._items_of = id(model)
-            self._index = {x: j for j, x in enumerate(self._items[0])}  # built once per refresh
+            self._items_of = model
+            self._index = {x: j for j, x in enumerate(ids)}  # built once per refresh
         elif len(self._items[0]) < n_known:  # type: ignore[index]
-            # the catalogue grew (ids only ever append): compose the new items only
-            ids, vectors = self._items  # type: ignore[misc]
-            new_ids, new_vectors = model.item_vectors(model.known_items()[len(ids):])
-            self._index.update((x, len(ids) + j) for j, x in enumerate(new_ids))
-            self._items = (ids + new_ids, np.concatenate([vectors, new_vectors]))
+            # the catalogue grew (ids only ever append): compose the new items only, into a
+            # buffer that doubles (amortised O(new items), not a copy of all of them)
+            ids, _ = self._items  # type: ignore[misc]
+            n = len(ids)
+            new_ids, new_vectors = model.item_vectors(model.known_items()[n:])
+            m = n + len(new_ids)
+            if m > self._buf.shape[0]:
+                grown = np.empty((max(m, 2 * self._buf.shape[0]), self._buf.shape[1]),
+                                 dtype=self._buf.dtype)
+                grown[:n] = self._buf[:n]
+                self._buf = grown
+            self._buf[n:m] = new_vectors
+            self._index.update((x, n + j) for j, x in enumerate(new_ids))
+            ids.extend(new_ids)  # our own list (from model.item_vectors)
+            self._items = (ids, self._buf[:m])
         assert self._items is not None
         return self._items
 

@@ -567,16 +567,22 @@ class Trainer:
         b, per_poll = len(events), self.live.max_per_batch
 
         def test_then_train(where: slice) -> None:
-            """Score a sample of the step's positives just before the step learns them (the
-            poll's sample spread over its steps, as many as one scoring per poll had)."""
+            """Sample the step's positives just before the step learns them (the poll's sample
+            spread over its steps, as many as one per poll); ranked once after the poll."""
             limit = -(-per_poll * (where.stop - where.start) // b)
             try:  # a metric never stops training
-                self.live.observe(self.model, users[where], items[where], labels[where], limit)
+                self.live.sample(self.model, users[where], items[where], labels[where], limit)
             except Exception:
-                log.exception("live hit rate: scoring a sample failed (training goes on)")
+                log.exception("live hit rate: sampling failed (training goes on)")
 
-        self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts,
-                           before_step=test_then_train)
+        try:
+            self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts,
+                               before_step=test_then_train)
+        finally:
+            try:
+                self.live.score()
+            except Exception:
+                log.exception("live hit rate: scoring failed (training goes on)")
         self.progress.live_hit_rate = self.live.rates()
         self.progress.events_applied += len(events)
         newest = float(ts.max())
