@@ -8,8 +8,10 @@ One run, side by side on the same backlog of synthetic events (``stream/syntheti
    and does nothing else: the ceiling the client puts on any trainer written with it.
 3. **trainer** — the real :class:`train.loop.Trainer` with its publisher (Redis) and
    checkpoints on (the configured cadence), from an empty model and an empty checkpoint folder,
-   until every event is applied and a final checkpoint is written. Its ``timings`` split the
-   wall time into poll / decode / update / publish / checkpoint.
+   until every event is applied and a final checkpoint is written. Polling and decoding run in
+   the fetch process (``FMSTREAM_TRAINER_FETCH_PROCESS``, default) or a fetch thread. Its
+   ``timings`` split the wall time into poll / decode / update / publish / checkpoint, and CPU
+   time is reported per thread and for the fetch process.
 
 Services: by default it starts its own Kafka and Redis with ``fmstream.services.up`` under a
 temporary run dir on free ports, and stops them at the end; ``--reuse`` points at the services
@@ -220,6 +222,10 @@ def main() -> None:
         "--no-check-crcs", action="store_true", help="trainer consumer with check_crcs=False"
     )
     ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
+    ap.add_argument("--no-thread-peer", action="store_true",
+                    help="skip the side-by-side run with a fetch thread instead of the process")
+    ap.add_argument("--fetch-thread", action="store_true",
+                    help="the trainer polls in a thread (FMSTREAM_TRAINER_FETCH_PROCESS=false)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--note", default="", help="appended to the notes (e.g. what shared the box)")
     args = ap.parse_args()
@@ -260,6 +266,8 @@ def main() -> None:
         update["max_poll_records"] = args.max_poll_records
     if args.no_check_crcs:
         update["kafka_check_crcs"] = False
+    if args.fetch_thread:
+        update["trainer_fetch_process"] = False
     settings = base.model_copy(update=update)
     started = None
     try:
@@ -311,6 +319,19 @@ def main() -> None:
             publish=False,
         )
         print(f"trainer without publisher: {n / core['loop']:,.0f} events/s", flush=True)
+        threaded = None
+        if settings.trainer_fetch_process and not args.no_thread_peer:
+            threaded = run_trainer_once(  # the same trainer with its fetch thread, side by side
+                settings.model_copy(update={
+                    "checkpoint_dir": tmp / "checkpoints-thread",
+                    "trainer_group": settings.trainer_group + "-thread",
+                    "redis_prefix": settings.redis_prefix + "thread:",
+                    "trainer_fetch_process": False,
+                }),
+                n,
+            )
+            print(f"trainer end to end, fetch thread: {n / threaded['loop']:,.0f} events/s",
+                  flush=True)
         load_before = os.getloadavg()[0]
         full = run_trainer_once(settings, n)
         load_after = os.getloadavg()[0]
@@ -344,9 +365,16 @@ def main() -> None:
         ],
         ["trainer without publisher", f"{core['loop']:.2f}", f"{core['cpu_process'] * us:.1f}",
          "", f"{n / core['loop']:,.0f}"],
-        ["trainer end to end (publisher + checkpoints)", f"{loop_s:.2f}",
-         f"{full['cpu_process'] * us:.1f}", "100%", f"{eps:,.0f}"],
     ]
+    if threaded is not None:
+        rows.append(["trainer end to end, fetch thread instead of process",
+                     f"{threaded['loop']:.2f}", f"{threaded['cpu_process'] * us:.1f}", "",
+                     f"{n / threaded['loop']:,.0f}"])
+        for who in ("trainer", "fetch", "publisher", "other"):
+            rows.append([f"  CPU (fetch thread run): {who}", f"{threaded[f'cpu_{who}']:.2f}",
+                         f"{threaded[f'cpu_{who}'] * us:.1f}", "", ""])
+    rows.append(["trainer end to end (publisher + checkpoints)", f"{loop_s:.2f}",
+                 f"{full['cpu_process'] * us:.1f}", "100%", f"{eps:,.0f}"])
     fetcher = "fetch process" if full["fetch_process"] else "fetch thread"
     for phase in ("poll", "decode"):
         rows.append(row(f"  {fetcher}: {phase} (wall)", full[f"phase_{phase}"]))
@@ -373,6 +401,9 @@ def main() -> None:
         bare_consume_nocrc_per_s=n / nocrc_s,
         bare_consume_confluent_per_s=n / peer_s if peer_s else "n/a",
         trainer_no_publisher_per_s=n / core["loop"],
+        fetch=fetcher,
+        trainer_fetch_thread_per_s=n / threaded["loop"] if threaded else "n/a",
+        cpu_fetch_thread_run_us=threaded["cpu_process"] * us if threaded else "n/a",
         cpu_us_per_event=full["cpu_process"] * us,
         cpu_trainer_us=full["cpu_trainer"] * us,
         cpu_fetch_us=full["cpu_fetch"] * us,
@@ -385,12 +416,15 @@ def main() -> None:
         events_per_s=eps,
     )
     notes = (
-        "Trainer = the real Trainer (fetch thread: poll + decode; trainer thread: model update, "
-        "checkpoints) + Publisher in its own thread (Redis history, vectors, snapshots), "
-        "checkpoints on, from an empty model; the rate counts until every event is applied and "
-        "the final checkpoint written. Phases are wall seconds of the thread that runs them "
-        "(they overlap); CPU us/event is CPU time per event by thread (time.thread_time), "
-        "'other' = the rest of the process (kafka-python's IO thread, GC). Bare consume reads "
+        f"Trainer = the real Trainer ({fetcher}: kafka-python poll + columnar decode; trainer "
+        "thread: model update, checkpoints) + Publisher in its own thread (Redis history, "
+        "vectors, item versions), checkpoints on, from an empty model, as `fmstream train` "
+        "wires it; the rate counts until every event is applied and the final checkpoint "
+        "written (the fetch process's start-up is not in it: startup_s). Phases are wall "
+        "seconds of the thread or process that runs them (they overlap); CPU us/event is CPU "
+        "time per event by thread (time.thread_time; the fetch process: its whole process "
+        "time, kafka-python's IO thread included), 'other' = the rest of the trainer process "
+        "(kafka-python IO, GC). Bare consume reads "
         "the same topic with the same consumer settings and does nothing else. loadavg = 1-min "
         f"load before/after the trainer run on {os.cpu_count()} cores (other processes share "
         f"the machine). CRC32C of fetched batches: {crc}. {args.note}"
