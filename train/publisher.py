@@ -118,17 +118,19 @@ class Publisher:
 
     def applied(self, events: EventColumns | Sequence[Event]) -> None:
         """Remember who was active and record their recent positive items as history."""
-        if not isinstance(events, EventColumns):
-            events = EventColumns.from_events(events)
-        self._active.update(events.user_ids)
-        positives = np.flatnonzero(events.labels == 1).tolist()
+        if isinstance(events, EventColumns):
+            users, items, labels = events.user_ids, events.item_ids, events.labels
+        else:  # anything with user_id, item_id and label
+            users, items = [e.user_id for e in events], [e.item_id for e in events]
+            labels = np.array([e.label for e in events])
+        self._active.update(users)
+        positives = np.flatnonzero(labels == 1).tolist()
         self._positives_seen += len(positives)
         if self._history_skip and positives:  # already in the republished histories
             skip = min(self._history_skip, len(positives))
             self._history_skip -= skip
             positives = positives[skip:]
         if positives:
-            users, items = events.user_ids, events.item_ids
             if len(positives) == len(users):
                 pos_users, pos_items = users, items
             else:
