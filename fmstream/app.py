@@ -43,7 +43,7 @@ def train_config(settings: Settings) -> TrainConfig:
         dim=settings.dim, lr=settings.lr, l2=settings.l2, loss=settings.loss,
         negatives=settings.negatives, neg_sampling=settings.neg_sampling,
         neg_alpha=settings.neg_alpha, seed=settings.seed, neg_pool=settings.neg_pool,
-        acc_decay=settings.acc_decay,
+        acc_decay=settings.acc_decay, neg_candidates=settings.neg_candidates,
         recent_items=settings.history_len,  # serving's histories, rebuilt after Redis loss
     )
 

@@ -78,6 +78,9 @@ class TrainConfig:
             so in its checkpoints) for :meth:`OnlineFM.recent_items`; the trainer uses it to
             rebuild serving's user histories after Redis lost them. 4 bytes per item per user;
             0 (the default) keeps none. Does not change learning.
+        neg_candidates: each negative is the highest-scoring of this many sampled candidates
+            for the positive's user (dynamic negative sampling, WARP-like hard negatives);
+            1 = plain sampling.
     """
 
     dim: int = 32
@@ -94,6 +97,7 @@ class TrainConfig:
     step_scaling: Literal["none", "count"] = "none"
     acc_decay: float = 0.99
     recent_items: int = 0
+    neg_candidates: int = 1
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
@@ -149,6 +153,12 @@ class TrainConfig:
             or self.recent_items < 0
         ):
             raise bad("recent_items must be an integer >= 0", self.recent_items)
+        if (
+            isinstance(self.neg_candidates, bool)
+            or not isinstance(self.neg_candidates, int)
+            or self.neg_candidates < 1
+        ):
+            raise bad("neg_candidates must be an integer >= 1", self.neg_candidates)
         if self.step_scaling not in ("none", "count"):
             raise bad("step_scaling must be 'none' or 'count'", self.step_scaling)
         if not (
@@ -408,9 +418,7 @@ class OnlineFM:
         np.add.at(self._items.counts, ie[pos], 1)
         np.add.at(self._users.counts, ue[pos], 1)
         k = self.config.negatives
-        neg, valid = self._sampler.sample(
-            self._items.counts, self._items.n, ie[pos], k, self.config.neg_pool
-        )
+        neg, valid = self._negatives(ukeys, uw, u_inv[pos], ie[pos], k)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         # sightings: every key of every event (entity keys weighted by occurrences); the
@@ -490,13 +498,43 @@ class OnlineFM:
         uu, u_inv = self._unique(ue)
         ukeys, uw = self._users.keys_of(uu)
         pos = np.arange(b)
-        neg, valid = self._sampler.sample(
-            self._items.counts, self._items.n, ie, self.config.negatives, self.config.neg_pool
-        )
+        neg, valid = self._negatives(ukeys, uw, u_inv, ie, self.config.negatives)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         y = np.ones(b, dtype=np.float32)
         return self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
+
+    def _negatives(
+        self,
+        ukeys: np.ndarray,
+        uw: np.ndarray,
+        owner: np.ndarray,
+        positives: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` negatives per positive (``owner``: each positive's row in ``ukeys``).
+
+        With ``config.neg_candidates = m > 1`` it draws ``k·m`` candidates from the sampler
+        and keeps, of each group of ``m``, the one the current model scores highest for the
+        positive's user (``<E_user, E_item>``, context left out): dynamic negative sampling,
+        a cheap WARP-like hard negative.
+        """
+        m = self.config.neg_candidates
+        counts, n = self._items.counts, self._items.n
+        neg, valid = self._sampler.sample(counts, n, positives, k * m, self.config.neg_pool)
+        if m == 1 or neg.size == 0:
+            return neg, valid
+        b = positives.size
+        e_user = compose_user(*self._side(ukeys, uw))
+        cand, c_inv = np.unique(neg, return_inverse=True)
+        e_item = compose_item(*self._side(*self._items.keys_of(cand)))
+        scores = np.take_along_axis(
+            e_user[owner] @ e_item.T, c_inv.reshape(b, k * m), axis=1
+        ).reshape(b, k, m)
+        best = np.argmax(scores, axis=2)[..., None]
+        neg = np.take_along_axis(neg.reshape(b, k, m), best, axis=2)[..., 0]
+        valid = np.take_along_axis(valid.reshape(b, k, m), best, axis=2)[..., 0]
+        return neg, valid
 
     def _step(
         self,

@@ -246,3 +246,49 @@ def test_before_step_sees_each_step_just_before_it_is_learned() -> None:
         u, i, y, c, t, before_step=lambda w: seen.append((w.start, w.stop, fm.n_updates)))
     start = fm.n_updates - 10
     assert seen == [(0, 4, start), (4, 8, start + 4), (8, 10, start + 8)]
+
+
+def test_hard_negatives_keep_the_highest_scoring_of_their_candidates() -> None:
+    """neg_candidates=m: each negative is the best-scored (for its user) of m sampled ones."""
+    k, m = 3, 4
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=4, negatives=k, neg_candidates=m, seed=3))
+    fm.upsert_items([f"i{x}" for x in range(30)], [{"category": f"c{x % 3}"} for x in range(30)])
+    u, i, y, ctx, ts = events(200, seed=2)
+    Learner(fm, LearnPolicy(step_events=16)).learn(u, i, y, contexts=ctx, ts=ts)
+    users = ["u1", "u2", "u1", "u7"]
+    ents = fm._users.lookup(users)
+    uu, owner = np.unique(ents, return_inverse=True)
+    ukeys, uw = fm._users.keys_of(uu)
+    positives = fm._items.lookup(["i0", "i5", "i9", "i3"])
+    rng_state = fm._sampler.rng.bit_generator.state
+    neg, valid = fm._negatives(ukeys, uw, owner, positives, k)
+    fm._sampler.rng.bit_generator.state = rng_state  # the same draws again, by hand
+    cand, _ = fm._sampler.sample(
+        fm._items.counts, fm._items.n, positives, k * m, fm.config.neg_pool
+    )
+    ids = fm.known_items()
+    expect = np.empty((len(users), k), dtype=np.int64)
+    for r, user in enumerate(users):
+        groups = cand[r].reshape(k, m)
+        for j in range(k):
+            s = fm.score([user] * m, [ids[e] for e in groups[j]])
+            expect[r, j] = groups[j][int(np.argmax(s))]
+    assert valid.all() and neg.shape == (len(users), k)
+    assert np.array_equal(neg, expect)
+    assert not (neg == positives[:, None]).any()
+
+
+def test_one_candidate_is_plain_sampling() -> None:
+    fm = model(seed=5)
+    feed(Learner(fm, LearnPolicy(step_events=32)), [120], events(120))
+    ents = fm._users.lookup(["u1", "u2"])
+    ukeys, uw = fm._users.keys_of(ents)
+    positives = fm._items.lookup(["i0", "i5"])
+    rng_state = fm._sampler.rng.bit_generator.state
+    neg, _ = fm._negatives(ukeys, uw, np.arange(2), positives, 3)
+    fm._sampler.rng.bit_generator.state = rng_state
+    plain, _ = fm._sampler.sample(fm._items.counts, fm._items.n, positives, 3, fm.config.neg_pool)
+    assert np.array_equal(neg, plain)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError):
+            TrainConfig(neg_candidates=bad)
