@@ -81,6 +81,9 @@ class TrainConfig:
         neg_candidates: each negative is the highest-scoring of this many sampled candidates
             for the positive's user (dynamic negative sampling, WARP-like hard negatives);
             1 = plain sampling.
+        user_acc_decay: ``acc_decay`` for the rows of user-side fields (id, profile, history);
+            None = ``acc_decay``. Tastes are what drifts: user rows must keep moving, while
+            item rows learn best as plain Adagrad.
     """
 
     dim: int = 32
@@ -98,6 +101,7 @@ class TrainConfig:
     acc_decay: float = 0.99
     recent_items: int = 0
     neg_candidates: int = 1
+    user_acc_decay: float | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
@@ -159,6 +163,13 @@ class TrainConfig:
             or self.neg_candidates < 1
         ):
             raise bad("neg_candidates must be an integer >= 1", self.neg_candidates)
+        if self.user_acc_decay is not None and not (
+            isinstance(self.user_acc_decay, int | float)
+            and not isinstance(self.user_acc_decay, bool)
+            and math.isfinite(self.user_acc_decay)
+            and 0.0 < self.user_acc_decay <= 1.0
+        ):
+            raise bad("user_acc_decay must be None or a number in (0, 1]", self.user_acc_decay)
         if self.step_scaling not in ("none", "count"):
             raise bad("step_scaling must be 'none' or 'count'", self.step_scaling)
         if not (
@@ -600,7 +611,11 @@ class OnlineFM:
             ent_n += np.bincount(batch.neg_item[valid], minlength=m) / max(k, 1)
             slot_n = np.repeat(ent_n, per_ent) * (x != 0)
             counts = np.bincount(cols, weights=slot_n, minlength=uniq.size)
-        self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, counts, cfg.acc_decay)
+        decay: float | np.ndarray = cfg.acc_decay
+        if cfg.user_acc_decay is not None and cfg.user_acc_decay != cfg.acc_decay:
+            decay = np.full(uniq.size, cfg.acc_decay, dtype=np.float32)
+            decay[cols[: int(np.count_nonzero(live[: ukeys.size]))]] = cfg.user_acc_decay
+        self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, counts, decay)
         g0 = res.g0
         self._w0_acc += g0 * g0
         self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)

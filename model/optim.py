@@ -138,7 +138,7 @@ class RowTable:
         lr: float,
         l2: float,
         counts: np.ndarray | None = None,
-        decay: float = 1.0,
+        decay: float | np.ndarray = 1.0,
     ) -> None:
         """Row-wise Adagrad on unique ``rows`` whose current values are ``values``.
 
@@ -154,7 +154,8 @@ class RowTable:
 
         ``decay < 1`` multiplies a row's accumulator by ``decay`` at each of its updates before
         adding the new squared gradient (RMSprop-like, lazy: only touched rows): steps stop
-        shrinking towards zero, so a row can follow a change of taste; ``1`` = Adagrad.
+        shrinking towards zero, so a row can follow a change of taste; ``1`` = Adagrad. An
+        array gives each row its own decay.
         """
         g = grad
         if l2 != 0.0:
@@ -162,7 +163,9 @@ class RowTable:
         gw = g[:, 0]
         gv = g[:, 1:]
         acc = np.take(self.acc, rows, axis=0)
-        if decay != 1.0:
+        if np.ndim(decay):  # one decay per row
+            acc *= np.asarray(decay, dtype=np.float32)[:, None]
+        elif decay != 1.0:
             acc *= np.float32(decay)
         if counts is None:
             acc[:, 0] += gw * gw

@@ -292,3 +292,45 @@ def test_one_candidate_is_plain_sampling() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError):
             TrainConfig(neg_candidates=bad)
+
+
+def test_per_row_decay_equals_scalar_decay_row_by_row() -> None:
+    g = np.ones((2, 5), dtype=np.float32)
+    t = RowTable(4, 0.0, np.random.default_rng(1))
+    rows = t.alloc(3)[1:]
+    for _ in range(50):
+        t.adagrad_step(rows, t.params[rows].copy(), g.copy(), 0.1, 0.0, None, np.array([1.0, 0.9]))
+    for r, decay in zip(rows.tolist(), (1.0, 0.9), strict=True):
+        s = RowTable(4, 0.0, np.random.default_rng(1))
+        s.alloc(3)
+        for _ in range(50):
+            s.adagrad_step(np.array([r]), s.params[[r]].copy(), g[:1].copy(), 0.1, 0.0, None, decay)
+        assert np.allclose(s.params[r], t.params[r]) and np.allclose(s.acc[r], t.acc[r])
+
+
+def test_user_acc_decay_applies_to_user_side_rows_only() -> None:
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=4, negatives=3, acc_decay=1.0, user_acc_decay=0.5))
+    fm.upsert_users([f"u{x}" for x in range(20)], [{"segment": f"s{x % 3}"} for x in range(20)])
+    fm.upsert_items([f"i{x}" for x in range(30)], [{"category": f"c{x % 3}"} for x in range(30)])
+    u, i, y, ctx, ts = events(64)
+    fm.learn_many(u[:32], i[:32], y[:32], contexts=ctx[:32], ts=ts[:32])  # fills histories
+    seen = []
+    step = fm._table.adagrad_step
+
+    def spy(rows, values, grad, lr, l2, counts, decay):
+        seen.append((rows.copy(), np.broadcast_to(decay, rows.shape).copy()))
+        return step(rows, values, grad, lr, l2, counts, decay)
+
+    fm._table.adagrad_step = spy
+    fm.learn_many(u[32:], i[32:], y[32:], contexts=ctx[32:], ts=ts[32:])
+    rows, decay = seen[0]
+    space = fm._space
+    user_fields = [j for j, f in enumerate(space.specs) if f.side == "user"]
+    kf = space.key_field[: space.n_keys]
+    user_rows = set(space.key_row[: space.n_keys][np.isin(kf, user_fields)].tolist())
+    expect = np.array([0.5 if r in user_rows else 1.0 for r in rows.tolist()])
+    assert np.array_equal(decay, expect)
+    assert (decay == 0.5).sum() > 20 and (decay == 1.0).sum() > 20  # ids, segments, history
+    for bad in (0.0, 1.5, True, float("nan")):
+        with pytest.raises(ConfigError):
+            TrainConfig(user_acc_decay=bad)
