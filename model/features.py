@@ -649,11 +649,19 @@ class Catalog:
         col = 1 + width
         for f, ring in self.hist_keys.items():
             h = ring.shape[1]
-            filled = np.minimum(self.hist_n[f][ents], h)
+            n_seen = self.hist_n[f][ents]
+            filled = np.minimum(n_seen, h)
             keys[:, col : col + h] = np.take(ring, ents, axis=0)
             valid = np.arange(h)[None, :] < filled[:, None]
-            inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
-            weights[:, col : col + h] = np.where(valid, inv[:, None], np.float32(0.0))
+            decay = self.space.specs[f].history_decay
+            if decay == 1.0:
+                inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
+                weights[:, col : col + h] = np.where(valid, inv[:, None], np.float32(0.0))
+            else:  # slot j was written (n - 1 - j) mod h clicks before the newest
+                age = (n_seen[:, None] - 1 - np.arange(h)[None, :]) % h
+                w = np.where(valid, np.power(decay, age), 0.0)
+                w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+                weights[:, col : col + h] = w
             col += h
         return keys, weights
 

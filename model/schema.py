@@ -42,7 +42,15 @@ KINDS: tuple[str, ...] = ("categorical", "multi", "numeric", "history")
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_SPEC_KEYS = ("kind", "boundaries", "hash_buckets", "min_count", "expire_after_s", "history_len")
+_SPEC_KEYS = (
+    "kind",
+    "boundaries",
+    "hash_buckets",
+    "min_count",
+    "expire_after_s",
+    "history_len",
+    "history_decay",
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,9 @@ class FieldSpec:
         expire_after_s: a value not seen for this long (event time) loses its row, which is
             reset and reused; it must then be admitted again.
         history_len: items kept by a ``history`` field (ignored by other kinds).
+        history_decay: recency weighting of a ``history`` field: the item liked ``a`` clicks
+            before the newest weighs ``history_decay ** a`` (weights normalised to sum 1);
+            1 = every kept item weighs ``1/n``.
     """
 
     name: str
@@ -76,6 +87,7 @@ class FieldSpec:
     min_count: int = 1
     expire_after_s: float | None = None
     history_len: int = 20
+    history_decay: float = 1.0
 
     def __post_init__(self) -> None:
         where = f"field {self.name!r}"
@@ -139,6 +151,16 @@ class FieldSpec:
             raise SchemaError(
                 f"{where}: history_len must be an integer >= 1, got {self.history_len!r}"
             )
+        if not (
+            isinstance(self.history_decay, int | float)
+            and not isinstance(self.history_decay, bool)
+            and math.isfinite(self.history_decay)
+            and 0.0 < self.history_decay <= 1.0
+        ):
+            raise SchemaError(
+                f"{where}: history_decay must be a number in (0, 1], got {self.history_decay!r}"
+            )
+        object.__setattr__(self, "history_decay", float(self.history_decay))
         if self.kind == "history" and self.side != "user":
             raise SchemaError(f"{where}: a history field belongs to side 'user', got {self.side!r}")
         if self.name == USER_ID and (self.side != "user" or self.kind != "categorical"):
@@ -182,6 +204,7 @@ class FieldSpec:
             "min_count": self.min_count,
             "expire_after_s": self.expire_after_s,
             "history_len": self.history_len,
+            "history_decay": self.history_decay,
         }
 
 
@@ -294,6 +317,8 @@ class FeatureSchema:
                 attrs["expire_after_s"] = f.expire_after_s
             if f.kind == "history":
                 attrs["history_len"] = f.history_len
+                if f.history_decay != 1.0:
+                    attrs["history_decay"] = f.history_decay
             out.setdefault(f.side, {})[f.name] = attrs
         return out
 

@@ -255,3 +255,27 @@ def test_history_of_one_batch_excludes_its_own_item() -> None:
     fm = _fm(schema)
     fm.learn_many(["u"] * 7, [f"i{j}" for j in range(7)], ts=np.zeros(7))
     assert fm.user_history("u") == {"recent": ["i2", "i3", "i4", "i5", "i6"]}
+
+
+def test_history_decay_weighs_recent_items_more() -> None:
+    """history_decay=d: the item liked a clicks before the newest weighs d**a (normalised)."""
+    schema = FeatureSchema.from_dict(
+        {"user": {"recent": {"kind": "history", "history_len": 3, "history_decay": 0.5}}}
+    )
+    assert FeatureSchema.from_dict(schema.to_dict()) == schema
+    fm = _fm(schema, negatives=2)
+    fm.learn_many(["x", "x"], ["warm-a", "warm-b"], ts=[0.0, 0.0])
+    f = next(j for j, spec in enumerate(fm._space.specs) if spec.name == "recent")
+
+    def weights(user: str) -> dict[str, float]:
+        vocab = {k: v for v, k in fm._space.vocab[f].items()}
+        keys, w = fm._users.keys_of(np.array([fm._users.index[user]]))
+        return {vocab[k]: float(x) for k, x in zip(keys[0, -3:], w[0, -3:], strict=True) if x}
+
+    fm.learn_many(["u", "u"], ["a", "b"], ts=[1.0, 1.0])
+    assert weights("u") == pytest.approx({"b": 2 / 3, "a": 1 / 3})
+    for j, item in enumerate(["c", "d", "e"]):  # the ring wraps: slots are reused
+        fm.learn_many(["u"], [item], ts=[2.0 + j])
+    assert weights("u") == pytest.approx({"e": 4 / 7, "d": 2 / 7, "c": 1 / 7})
+    with pytest.raises(Exception, match="history_decay"):
+        FieldSpec("h", "user", "history", history_decay=0.0)
