@@ -51,7 +51,10 @@ warnings.filterwarnings("ignore", module="implicit")
 
 SCHEMA = FeatureSchema.from_dict(
     {
-        "user": {"segment": {}, "recent_items": {"kind": "history", "history_len": 20}},
+        "user": {
+            "segment": {},
+            "recent_items": {"kind": "history", "history_len": 20, "history_decay": 0.7},
+        },
         "item": {"category": {}},
     }
 )
@@ -206,7 +209,8 @@ def main() -> None:
         f"Zipf 1.0 inside a topic, 3,000 positives/day for 30 days, a third of the users switch "
         f"topic at day 15 (profiles stay stale). Daily refresh from day {args.eval_from}. "
         f"FM: project defaults (TrainConfig(), LearnPolicy()) with schema segment + "
-        f"recent_items | category; ALS {best} chosen on a no-drift validation stream (seed "
+        f"recent_items (20, history_decay 0.7 as config/movielens.toml) | category; "
+        f"ALS {best} chosen on a no-drift validation stream (seed "
         f"1000). Seeds {args.seeds}. Load average {load0[0]:.2f} -> {load1[0]:.2f} (shared "
         f"2-core box). Wall {time.time() - t0:.0f}s."
     )

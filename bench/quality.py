@@ -515,7 +515,7 @@ def grids(quick: bool) -> dict[str, list[dict[str, Any]]]:
     fm_quick = [
         {},
         {"neg_candidates": 1},
-        {"acc_decay": 0.99},
+        {"user_acc_decay": None},
         {"lr": 0.03},
     ]
     if quick:

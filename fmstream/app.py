@@ -45,6 +45,7 @@ def train_config(settings: Settings) -> TrainConfig:
         neg_alpha=settings.neg_alpha, seed=settings.seed, neg_pool=settings.neg_pool,
         acc_decay=settings.acc_decay, neg_candidates=settings.neg_candidates,
         recent_items=settings.history_len,  # serving's histories, rebuilt after Redis loss
+        user_acc_decay=settings.user_acc_decay,
     )
 
 

@@ -127,12 +127,14 @@ class Settings(BaseSettings):
     neg_sampling: Literal["uniform", "popularity"] = "uniform"
     neg_pool: int = Field(512, ge=1, description="negatives of a batch come from one pool this big")
     neg_alpha: float = Field(0.75, ge=0, description="popularity exponent of negative sampling")
-    neg_candidates: int = Field(1, ge=1, description="each negative is the best-scored of this "
+    neg_candidates: int = Field(3, ge=1, description="each negative is the best-scored of this "
                                 "many sampled candidates (hard negatives; model/online.py)")
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch/faiss intra-op threads per process")
-    acc_decay: float = Field(0.99, gt=0, le=1, description="Adagrad accumulator decay per "
+    acc_decay: float = Field(1.0, gt=0, le=1, description="Adagrad accumulator decay per "
                              "update (1 = Adagrad; < 1 follows changing tastes)")
+    user_acc_decay: float | None = Field(0.98, gt=0, le=1, description="acc_decay of user-side "
+                                         "rows (None = acc_decay): users' tastes drift")
     step_events: int = Field(
         256, ge=1, description="events per optimiser step whatever the poll size (model/learner)"
     )

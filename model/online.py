@@ -39,11 +39,14 @@ _CHUNK = 32768  # entities per chunk when composing all item vectors
 class TrainConfig:
     """Hyper-parameters of the online FM.
 
-    Defaults are chosen on the *validation* period of ``bench/quality.py`` (ml-100k, refresh
-    every 2,000 positives, schema ``config/movielens.toml``, steps of 256 events): BPR with 16
-    uniform negatives, lr 0.05 (warm HR@10 0.088; logistic 0.079 at steps of 256 and 0.088 at
-    64; lr 0.1 0.087; dim 64 0.086; 32 negatives 0.086; 4 negatives + lr 0.1 0.091, within
-    noise). Ids only, logistic loss at steps of 64 did best (0.089 vs BPR 0.078).
+    Defaults are chosen on the *validation* period of ``bench/quality.py`` (ml-100k, positives
+    60-80%, refreshes every 2,000 positives and every day, schema ``config/movielens.toml``,
+    steps of 256 events, 2 seeds) and on the drift scenario of ``bench/drift.py``: BPR with 16
+    uniform negatives, each the best-scored of 3 candidates (hard negatives: warm HR@10 1.24x ->
+    1.36x popularity at 2,000 events, 1.13x -> 1.25x daily), plain Adagrad for item-side rows
+    (``acc_decay`` 1) and a decay of 0.98 for user-side rows (drifted users from 5 days after
+    the switch 0.81x -> 0.98x of ALS retrained daily on the last 14 days, 1.12x with the
+    recency-weighted history of ``config/movielens.toml``; ml-100k within noise).
 
     Attributes:
         dim: latent factors per feature row.
@@ -70,10 +73,8 @@ class TrainConfig:
             a fixed size (:class:`model.learner.LearnPolicy`) are the default remedy.
         acc_decay: each update multiplies a row's Adagrad accumulator by this first
             (RMSprop-like, lazy), so steps stop shrinking towards zero and rows can follow a
-            change of taste. 0.99: on ml-100k validation on par with 1.0 (warm HR@10 0.0875 vs
-            0.0883), on the drift scenario (bench/drift.py) drifted users' HR@10 from 5 days
-            after the switch 0.130 vs 0.115; 0.95 / 0.9 follow drift better (0.153 / 0.154)
-            but cost ml-100k 9% / 16%.
+            change of taste; 1 = Adagrad. For all rows, < 1 costs ml-100k (0.95: -14%, with
+            hard negatives), so it is 1 and user rows get ``user_acc_decay``.
         recent_items: keep each user's last ``recent_items`` positive items in the model (and
             so in its checkpoints) for :meth:`OnlineFM.recent_items`; the trainer uses it to
             rebuild serving's user histories after Redis lost them. 4 bytes per item per user;
@@ -98,10 +99,10 @@ class TrainConfig:
     hinge_margin: float = 1.0
     neg_pool: int = 512
     step_scaling: Literal["none", "count"] = "none"
-    acc_decay: float = 0.99
+    acc_decay: float = 1.0
     recent_items: int = 0
-    neg_candidates: int = 1
-    user_acc_decay: float | None = None
+    neg_candidates: int = 3
+    user_acc_decay: float | None = 0.98
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
