@@ -279,7 +279,8 @@ def test_hard_negatives_keep_the_highest_scoring_of_their_candidates() -> None:
 
 
 def test_one_candidate_is_plain_sampling() -> None:
-    fm = model(seed=5)
+    fm = OnlineFM(SCHEMA, TrainConfig(dim=4, negatives=3, seed=5, neg_candidates=1))
+    fm.upsert_items([f"i{x}" for x in range(30)], [{"category": f"c{x % 3}"} for x in range(30)])
     feed(Learner(fm, LearnPolicy(step_events=32)), [120], events(120))
     ents = fm._users.lookup(["u1", "u2"])
     ukeys, uw = fm._users.keys_of(ents)
