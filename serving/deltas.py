@@ -175,15 +175,16 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
             f"{vec_len} bytes; expected version {version} and n * dim * 4 bytes"
         )
     pos = start + hlen
-    ids_raw = raw[pos : pos + ids_len]
+    view = memoryview(raw)  # slices without copies (a version of 100k rows is ~14 MB)
+    ids_raw = view[pos : pos + ids_len]
     pos += ids_len
-    vec_raw = raw[pos : pos + vec_len]
+    vec_raw = view[pos : pos + vec_len]
     pos += vec_len
-    rows_raw = raw[pos : pos + (rows_len or 0)]
+    rows_raw = view[pos : pos + (rows_len or 0)]
     pos += rows_len or 0
     extra: dict[str, bytes] = {}
     for name in sorted(extra_sizes):
-        extra[name] = raw[pos : pos + extra_sizes[name]]
+        extra[name] = bytes(view[pos : pos + extra_sizes[name]])
         pos += extra_sizes[name]
     digest = hashlib.sha256(ids_raw)
     digest.update(vec_raw)
@@ -201,7 +202,8 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
         raise SnapshotCorrupt(f"item delta v{version}: ids are not JSON ({exc})") from None
     if not isinstance(ids, list) or (rows_len is None and len(ids) != n):
         raise SnapshotCorrupt(f"item delta v{version}: expected a list of {n} ids")
-    vectors = np.frombuffer(vec_raw, dtype="<f4").astype(np.float32, copy=True).reshape(n, dim)
+    # read-only views of ``raw`` (no copy): a delta's vectors are only ever read
+    vectors = np.frombuffer(vec_raw, dtype="<f4").astype(np.float32, copy=False).reshape(n, dim)
     rows = None if rows_len is None else np.frombuffer(rows_raw, dtype="<i8").astype(np.int64)
     try:
         return ItemDelta(

@@ -4,8 +4,12 @@
 threads). Each :meth:`~VersionedPublisher.publish_items` makes ONE new version ``v``:
 
 - the items whose vector reads a parameter row written since the previous version
-  (:meth:`model.online.OnlineFM.items_reading`: a gather over the catalogue's keys, no vector
-  composed) are composed and shipped as delta ``v`` (ids + vectors);
+  (:meth:`model.online.OnlineFM.item_entities_reading`: a gather over the catalogue's keys, no
+  vector composed) and those held back earlier are the candidates; their rows are copied under
+  the trainer's lock (one wait per version) and composed after it; the ship policy
+  (:class:`DeltaConfig` ``tolerance`` / ``max_age_s``; default: every change) picks the rows
+  that go out as delta ``v``, by catalogue position (a positional :class:`ItemDelta`); the
+  publisher's mirror of the index holds what was shipped;
 - the shared user rows that changed travel in the same delta (blob ``user_rows``), the context
   table when it changed (blob ``context``), and the bias;
 - a full snapshot of ``v`` is written too at the start, after Redis lost our keys, on demand

@@ -36,6 +36,9 @@ from train.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
+REPORT_S = 10.0
+"""How often the publisher logs where its time went."""
+
 
 @dataclass(frozen=True)
 class PublishStats:
@@ -99,6 +102,9 @@ class Publisher:
         # (positives the model learned before this publisher existed are never handed over)
         self._positives_seen = int(getattr(model, "n_positives", 0))
         self._history_skip = 0
+        self._spent = dict.fromkeys(("items", "users", "i2i", "history"), 0.0)
+        self._reported_at = 0.0
+        self._reported_version = 0
         self._starting = True
         self.last: dict[str, float] = {}
 
@@ -118,6 +124,7 @@ class Publisher:
 
     def applied(self, events: EventColumns | Sequence[Event]) -> None:
         """Remember who was active and record their recent positive items as history."""
+        t0 = time.perf_counter()
         if isinstance(events, EventColumns):
             users, items, labels = events.user_ids, events.item_ids, events.labels
         else:  # anything with user_id, item_id and label
@@ -137,6 +144,7 @@ class Publisher:
                 pos_users, pos_items = [users[j] for j in positives], [items[j] for j in positives]
             self.store.push_history(pos_users, pos_items, self.config.history_len)
         self._items_dirty = True
+        self._spent["history"] += time.perf_counter() - t0
 
     def profiles_changed(self, user_ids: Sequence[str]) -> None:
         """Profiled users (maybe never seen in events) get records from their features."""
@@ -181,14 +189,36 @@ class Publisher:
         # Users first (freshness: a click is not held up by a big item version), except those
         # naming a shared key no version carries yet: they go right after the next version.
         users_due = self._active and now - self.times.users >= s.publish_active_s
+        t0 = time.perf_counter()
         if users_due:
             self.publish_active_users(now, ahead=True)
+        t1 = time.perf_counter()
         if (self._items_dirty or self._active) and now - self.times.items >= s.publish_items_s:
             self.publish_items(now)
+            t2 = time.perf_counter()
             if self._active:
                 self.publish_active_users(now)
+            self._spent["items"] += t2 - t1
+            t1 = time.perf_counter()
+        self._spent["users"] += t1 - t0
         if now - self.times.i2i >= s.offline_i2i_s:
             self.publish_offline_i2i(now)
+            self._spent["i2i"] += time.perf_counter() - t1
+        self._report(now)
+
+    def _report(self, now: float) -> None:
+        """Every ``REPORT_S``: where the publisher's wall time went (one INFO line)."""
+        if now - self._reported_at < REPORT_S:
+            return
+        if self._reported_at:
+            t = self._spent
+            log.info(
+                "publisher, last %.0f s: items %.2f s (%d versions), user records %.2f s, "
+                "i2i %.2f s, history %.2f s", now - self._reported_at, t["items"],
+                self.version - self._reported_version, t["users"], t["i2i"], t["history"],
+            )
+        self._spent = dict.fromkeys(("items", "users", "i2i", "history"), 0.0)
+        self._reported_at, self._reported_version = now, self.version
 
     def publish_all(self) -> None:
         """Publish everything now (used at shutdown and by tests)."""
