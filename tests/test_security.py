@@ -409,7 +409,9 @@ def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_mes
             [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password)]) == {user: None}
         _grant_all(admin, user)  # the broker authorizes: give the new user what fmstream needs
         as_revokee = {"FMSTREAM_KAFKA_USERNAME": user, "FMSTREAM_KAFKA_PASSWORD": password,
-                      "FMSTREAM_CREDENTIALS_CHECK_S": "1"}
+                      "FMSTREAM_CREDENTIALS_CHECK_S": "1",
+                      # the in-process fetch logs "assigned ...": the trainer is running
+                      "FMSTREAM_TRAINER_FETCH_PROCESS": "false"}
         procs = {cmd: subprocess.Popen(  # noqa: S603
             _fmstream("-v", cmd), cwd=REPO_ROOT, env=_env(s, **as_revokee),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
