@@ -152,6 +152,7 @@ class VersionedPublisher:
         self.key = _key_fn(store)
         self.log = DeltaLog(store.redis, self.key, keep=self.config.keep_deltas)
         self.version = self._start_version(version_floor)
+        self._owed = False  # records were stamped with the next version: it must come
         self._need_full = True
         self._no_base = True  # nothing of ours in Redis yet: the first version is full only
         self._full_at = 0.0
@@ -268,7 +269,7 @@ class VersionedPublisher:
             extra["context"] = context
         if shared is not None:
             extra[USER_ROWS] = shared[0]
-        if not (full or force or rows.size or extra or bias != self._bias):
+        if not (full or force or self._owed or rows.size or extra or bias != self._bias):
             return None
         v = self.version + 1
         delta = ItemDelta(
@@ -307,6 +308,7 @@ class VersionedPublisher:
             self._mark_i2i(rows, mirror.n)
         self._context, self._bias = context, bias
         self.version = v
+        self._owed = False
         self._publish_popular()
         self.store.put_status(model_version=v, items_published_at=now)
         self.last = PublishedVersion(
@@ -416,6 +418,8 @@ class VersionedPublisher:
                     own, keys, weights = own[ok], keys[ok], weights[ok]
             if not part:
                 continue
+            if ahead:  # stamped with the next version: publish_items owes one even if
+                self._owed = True  # nothing else changed (a worker must reach the stamp)
             blobs = encode_user_records(stamp, now, own, keys, weights)
             self.store.redis.mset(
                 {self.key("user", u): b for u, b in zip(part, blobs, strict=True)}

@@ -263,3 +263,20 @@ def test_a_version_waits_for_the_trainers_lock_once_for_all_its_reads(stores) ->
     assert follower.refresh()
     np.testing.assert_array_equal(shipped_of(follower, model.known_items()),
                                   model.item_vectors()[1])
+
+
+def test_records_written_ahead_get_their_version_even_when_nothing_else_changed(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    learn(model, np.random.default_rng(10), 200, 300)
+    pub = VersionedPublisher(writer, model)
+    pub.publish_items(now=1.0)
+    assert pub.publish_items(now=2.0) is None  # nothing changed, nothing owed: no version
+    assert pub.publish_users(["u1"], ahead=True) == []  # stamped with the next version
+    published = pub.publish_items(now=3.0)
+    assert published is not None and published.rows == 0
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    got = reader.get_user_vectors(["u1"], shared=follower.current().users)
+    assert got.found.all() and follower.version >= int(got.versions.max())
+    assert pub.publish_items(now=4.0) is None
