@@ -99,13 +99,19 @@ def newest(store: VectorStore) -> int:
     return int(store.get_status().get("model_version", 0) or 0)
 
 
-def test_flushall_with_an_idle_trainer_republishes_by_itself(loop: Loop) -> None:
-    settings = loop.settings
+def fed_store(settings: Settings) -> tuple[redis.Redis, VectorStore]:
+    """Feed 3,000 events and wait until the trainer applied them; the Redis client and store."""
     feed(settings, 3000)
     client_redis = connect_redis(settings.redis_config())
     store = VectorStore(client_redis, settings.redis_keys())
     wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 3000, 120,
              "the trainer to apply the stream")
+    return client_redis, store
+
+
+def test_flushall_with_an_idle_trainer_republishes_by_itself(loop: Loop) -> None:
+    settings = loop.settings
+    client_redis, store = fed_store(settings)
     with FmClient(settings) as client:
         wait_for(lambda: answers_normally(client), 60, "u2i answers before the flush")
         before = max(store.worker_versions().values())
@@ -130,11 +136,7 @@ def test_flushall_with_an_idle_trainer_republishes_by_itself(loop: Loop) -> None
 
 def test_flushall_and_trainer_restart_keep_versions_increasing(loop: Loop) -> None:
     settings = loop.settings
-    feed(settings, 3000)
-    client_redis = connect_redis(settings.redis_config())
-    store = VectorStore(client_redis, settings.redis_keys())
-    wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 3000, 120,
-             "the trainer to apply the stream")
+    client_redis, store = fed_store(settings)
     with FmClient(settings) as client:
         wait_for(lambda: answers_normally(client), 60, "u2i answers before the restart")
         loop.stop_trainer()  # final checkpoint (with its version) and a last publish
