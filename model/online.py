@@ -465,21 +465,6 @@ class OnlineFM:
         self.n_updates += b
         return loss
 
-    def check_events(
-        self,
-        user_ids: Sequence[str],
-        item_ids: Sequence[str],
-        labels: np.ndarray | None = None,
-        contexts: Sequence[Mapping[str, Any] | None] | None = None,
-        ts: np.ndarray | float | None = None,
-    ) -> None:
-        """Raise what :meth:`learn_many` would raise for this batch; changes nothing.
-
-        Lets a caller that applies a batch in several steps (:class:`model.learner.Learner`)
-        keep the batch all-or-nothing.
-        """
-        self.prepare_events(user_ids, item_ids, labels, contexts, ts)
-
     def replay_many(
         self,
         user_ids: Sequence[str],
