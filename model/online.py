@@ -939,16 +939,16 @@ class OnlineFM:
             if e is None:
                 out[spec.name] = []
                 continue
-            n = int(self._users.hist_n[f][e])
-            h = spec.history_len
-            ring = self._users.hist_keys[f][e]
-            order = [(n - m + j) % h for j in range(m)] if (m := min(n, h)) else []
+            newest, m = ring_newest_first(
+                self._users.hist_keys[f][e : e + 1], self._users.hist_n[f][e : e + 1]
+            )
+            keys = newest[0, : m[0]][::-1].tolist()  # oldest first
             if spec.hash_buckets:
                 base = int(self._space.base_key[f])
-                out[spec.name] = [f"#{int(ring[j]) - base}" for j in order]
+                out[spec.name] = [f"#{k - base}" for k in keys]
             else:
                 names = {k: v for v, k in (self._space.vocab[f] or {}).items()}
-                out[spec.name] = [names.get(int(ring[j]), "?") for j in order]
+                out[spec.name] = [names.get(k, "?") for k in keys]
         return out
 
     def recent_items(self, user_ids: Sequence[str]) -> list[list[str]]:
