@@ -158,27 +158,36 @@ class Loop:
             if probe_every is not None and now < end and now >= next_probe:
                 probes.append(self._probe_event())
                 next_probe += probe_every
-            for probe in probes:
-                if probe.asking is not None and now - probe.asked_at > ANSWER_TIMEOUT_S:
-                    self.probe_of.pop(probe.asking, None)  # unanswered: failed, ask again
-                    self.probe_errors += 1
-                    probe.asking = None
-                if probe.asking is None:
-                    probe.asking = self._request(probe.user)
-                    probe.asked_at = now
-                    probe.asks += 1
-                    self.probe_of[probe.asking] = probe
-            while now < end and len(self.inflight) < inflight_n:
-                user = f"u{int(self.rng.integers(self.users))}"
-                self.inflight[self._request(user)] = time.perf_counter()
-            for records in self.consumer.poll(timeout_ms=5).values():
-                done = time.perf_counter()
-                for r in records:
-                    self._answer(r.key, r.value, done, probes)
-            self._expire(time.perf_counter())
+            self._ask_probes(now, probes)
+            self._load_and_answer(now, end, inflight_n, probes)
         if probes:
             log.warning("%d probes never reflected within 10 s after the phase", len(probes))
             self.fresh += [float("inf")] * len(probes)
+
+    def _ask_probes(self, now: float, probes: list[Probe]) -> None:
+        """Ask for every probe's user that has no request out (again after a timeout)."""
+        for probe in probes:
+            if probe.asking is not None and now - probe.asked_at > ANSWER_TIMEOUT_S:
+                self.probe_of.pop(probe.asking, None)  # unanswered: failed, ask again
+                self.probe_errors += 1
+                probe.asking = None
+            if probe.asking is None:
+                probe.asking = self._request(probe.user)
+                probe.asked_at = now
+                probe.asks += 1
+                self.probe_of[probe.asking] = probe
+
+    def _load_and_answer(self, now: float, end: float, inflight_n: int,
+                         probes: list[Probe]) -> None:
+        """Top the load up to ``inflight_n`` (until ``end``), take the answers, expire the rest."""
+        while now < end and len(self.inflight) < inflight_n:
+            user = f"u{int(self.rng.integers(self.users))}"
+            self.inflight[self._request(user)] = time.perf_counter()
+        for records in self.consumer.poll(timeout_ms=5).values():
+            done = time.perf_counter()
+            for r in records:
+                self._answer(r.key, r.value, done, probes)
+        self._expire(time.perf_counter())
 
     def _answer(self, key: bytes, value: bytes, done: float, probes: list[Probe]) -> None:
         sent = self.inflight.pop(key, None)

@@ -20,7 +20,6 @@ import orjson
 
 from bench.common import print_table, record, summary_line
 from bench.freshness import (
-    ANSWER_TIMEOUT_S,
     Loop,
     end_offsets,
     latency_ms,
@@ -148,25 +147,9 @@ class ScaleLoop(Loop):
                 if now >= next_fire and self._pending:
                     self.fire_inactive()
                     next_fire += probe_every
-            for probe in probes:
-                if probe.asking is not None and now - probe.asked_at > ANSWER_TIMEOUT_S:
-                    self.probe_of.pop(probe.asking, None)
-                    self.probe_errors += 1
-                    probe.asking = None
-                if probe.asking is None:
-                    probe.asking = self._request(probe.user)
-                    probe.asked_at = now
-                    probe.asks += 1
-                    self.probe_of[probe.asking] = probe
+            self._ask_probes(now, probes)
             self.poll_inactive(now)
-            while now < end and len(self.inflight) < inflight_n:
-                user = f"u{int(self.rng.integers(self.users))}"
-                self.inflight[self._request(user)] = time.perf_counter()
-            for records in self.consumer.poll(timeout_ms=5).values():
-                done = time.perf_counter()
-                for r in records:
-                    self._answer(r.key, r.value, done, probes)
-            self._expire(time.perf_counter())
+            self._load_and_answer(now, end, inflight_n, probes)
         if probes:
             log.warning("%d active probes never reflected within 10 s", len(probes))
             self.fresh += [float("inf")] * len(probes)
