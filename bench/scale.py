@@ -78,6 +78,25 @@ def start_redis(run_dir: Path) -> tuple[Settings, int]:
     return settings, pid
 
 
+def open_store(settings: Settings):
+    """A Redis client, its keys, and a StoreWriter and a VectorStore on them."""
+    from serving.store import VectorStore
+    from stream.connect import redis_client
+    from train.store_writer import StoreWriter
+
+    client = redis_client(settings.redis_config())
+    keys = settings.redis_keys()
+    return client, keys, StoreWriter(client, keys, 2), VectorStore(client, keys)
+
+
+def delta_publisher(writer, model, **config):  # noqa: ANN001
+    """A VersionedPublisher that ships by change only (no periodic full snapshot)."""
+    from train.deltas import DeltaConfig, VersionedPublisher
+
+    return VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9, full_after_rows=1e9,
+                                                         **config))
+
+
 def trained_model(n_users: int, n_items: int, schema: dict, *, events: int, seed: int = 0):
     from model import FeatureSchema
     from model.online import OnlineFM, TrainConfig
@@ -106,24 +125,16 @@ def trained_model(n_users: int, n_items: int, schema: dict, *, events: int, seed
 
 def part_publish(args: argparse.Namespace) -> None:
     from serving.follow import IndexFollower
-    from serving.store import VectorStore
-    from train.deltas import DeltaConfig, VersionedPublisher
-    from train.store_writer import StoreWriter
 
     started = time.perf_counter()
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-"))
     settings, redis_pid = start_redis(run_dir)
     try:
-        from stream.connect import redis_client
-
-        client = redis_client(settings.redis_config())
-        keys = settings.redis_keys()
-        writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
+        client, keys, writer, reader = open_store(settings)
         t0 = time.perf_counter()
         model = trained_model(10_000, args.items, {"user": {}}, events=args.items)
         log.info("model with %d items trained in %.0f s", args.items, time.perf_counter() - t0)
-        pub = VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9,
-                                                            full_after_rows=1e9))
+        pub = delta_publisher(writer, model)
         follower = IndexFollower(reader)
         # the old way, every tick: one full snapshot written, one full load and index build
         c0, r0, w0 = time.process_time(), cpu_seconds(redis_pid), time.perf_counter()
@@ -218,7 +229,6 @@ def part_versions(args: argparse.Namespace) -> None:
     from serving.store import VectorStore
     from stream.connect import redis_client
     from stream.synthetic import SyntheticStream
-    from train.deltas import DeltaConfig, VersionedPublisher
     from train.store_writer import StoreWriter
 
     started = time.perf_counter()
@@ -257,8 +267,7 @@ def part_versions(args: argparse.Namespace) -> None:
         for tol, max_age in policies:
             client.flushall()
             writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
-            pub = VersionedPublisher(writer, model, DeltaConfig(
-                full_every_s=1e9, full_after_rows=1e9, tolerance=tol, max_age_s=max_age))
+            pub = delta_publisher(writer, model, tolerance=tol, max_age_s=max_age)
             clock = 1e6
             pub.publish_items(now=clock)
             follower = IndexFollower(reader)
@@ -336,26 +345,18 @@ def part_versions(args: argparse.Namespace) -> None:
 
 
 def part_users(args: argparse.Namespace) -> None:
-    from serving.store import VectorStore
     from serving.users import SharedRows, encode_rows, encode_user_records
-    from train.deltas import DeltaConfig, VersionedPublisher
-    from train.store_writer import StoreWriter
 
     started = time.perf_counter()
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-users-"))
     settings, redis_pid = start_redis(run_dir)
     try:
-        from stream.connect import redis_client
-
-        client = redis_client(settings.redis_config())
-        keys = settings.redis_keys()
-        writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
+        client, keys, writer, reader = open_store(settings)
         t0 = time.perf_counter()
         model = trained_model(args.users, 1000, {"user": {"segment": {}}, "item": {}},
                               events=200_000)
         log.info("model with %d users ready in %.0f s", args.users, time.perf_counter() - t0)
-        pub = VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9,
-                                                            full_after_rows=1e9))
+        pub = delta_publisher(writer, model)
         pub.publish_items(now=time.time())
         # one second of training at the bench's rate: which users read a changed row?
         model.drain_changed_rows()
