@@ -423,13 +423,6 @@ class Trainer:
             records, self.dead_letters, self.config.topics, self.config.max_message_bytes
         )
 
-    def apply_records(self, records: list[ConsumerRecord]) -> None:
-        """Decode and apply one polled batch here (without the fetch thread)."""
-        t0 = time.perf_counter()
-        batch = self.decode(records)
-        self.timings["decode"] += time.perf_counter() - t0
-        self.apply(batch)
-
     def apply(self, batch: DecodedBatch) -> None:
         """Apply one decoded batch: profiles first, then events as one model update; record the
         positions of every record in it; hand what changed to the publisher."""
@@ -674,8 +667,3 @@ def _log_future_failure(future) -> None:
     exc = future.exception()
     if exc is not None:
         log.warning("group commit failed (the checkpoint is safe): %r", exc)
-
-
-def _log_commit_failure(offsets, response) -> None:
-    if isinstance(response, Exception):
-        log.warning("group commit failed (the checkpoint is safe): %r", response)
