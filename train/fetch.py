@@ -36,6 +36,20 @@ from stream.schemas import EventColumns, ItemProfile, UserProfile
 log = logging.getLogger(__name__)
 
 
+def put_while_busy(
+    q: Any, item: Any, stop: threading.Event, while_full: Callable[[], None]
+) -> bool:
+    """Put ``item`` on the bounded queue ``q``; while it is full, run ``while_full`` (commits keep
+    flowing while the trainer is busy). False if ``stop`` was set before it went in."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            while_full()
+    return False
+
+
 class DecodedBatch(NamedTuple):
     """One poll, decoded: where it ends (the positions) and the usable messages by topic."""
 
@@ -171,7 +185,7 @@ class Fetcher(Generic[B]):
                   for (t, p), o in offsets.items()}
         if wait_s is not None:
             return self.call(lambda c: c.commit(commit, timeout_ms=int(wait_s * 1000)))
-        return self.call(lambda c: c.commit_async(commit, callback=_log_commit_failure))
+        return self.call(lambda c: c.commit_async(commit, callback=log_commit_failure))
 
     def pause(self) -> None:
         """Poll no more (here: stop the thread; the consumer stays usable from the caller)."""
@@ -230,12 +244,7 @@ class Fetcher(Generic[B]):
                 t0 = time.perf_counter()
                 batch = self._decode(records)
                 self.timings["decode"] += time.perf_counter() - t0
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.05)
-                        break
-                    except queue.Full:
-                        self._run_calls()  # commits keep flowing while the trainer is busy
+                put_while_busy(self._queue, batch, self._stop, self._run_calls)
         except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread by get()
             log.exception("fetch thread failed")
             self._failed = exc
@@ -250,6 +259,6 @@ def _run_call(fn: Callable[[Any], Any], consumer: Any, future: Future) -> None:
         future.set_exception(exc)
 
 
-def _log_commit_failure(offsets, response) -> None:
+def log_commit_failure(offsets, response) -> None:
     if isinstance(response, Exception):
         log.warning("group commit failed (the checkpoint is safe): %r", response)

@@ -41,7 +41,13 @@ import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
 from stream.config import KafkaConfig, Topics
-from train.fetch import DecodedBatch, FetchFailed, decode_poll
+from train.fetch import (
+    DecodedBatch,
+    FetchFailed,
+    decode_poll,
+    log_commit_failure,
+    put_while_busy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -387,12 +393,7 @@ class _Child:
             log.warning("dead letters not acknowledged yet; retrying before handing over")
             self._run_controls()
         item = (batch, time.process_time() - self.cpu0, self.poll_s, self.decode_s)
-        while not self.stop.is_set():
-            try:
-                self.batches.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                self._run_controls()  # commits keep flowing while the trainer is busy
+        put_while_busy(self.batches, item, self.stop, self._run_controls)
 
     def _run_controls(self) -> None:
         from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -405,7 +406,7 @@ class _Child:
             commit = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
                       for (t, p), o in offsets.items()}
             if not sync:
-                self.consumer.commit_async(commit, callback=_log_commit_failure)
+                self.consumer.commit_async(commit, callback=log_commit_failure)
                 continue
             try:
                 self.consumer.commit(commit, timeout_ms=10_000)
@@ -413,8 +414,3 @@ class _Child:
                 self.replies.put((call, repr(exc)))
             else:
                 self.replies.put((call, None))
-
-
-def _log_commit_failure(offsets, response) -> None:
-    if isinstance(response, Exception):
-        log.warning("group commit failed (the checkpoint is safe): %r", response)
