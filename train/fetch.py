@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -48,6 +48,42 @@ def put_while_busy(
         except queue.Full:
             while_full()
     return False
+
+
+def tp_key(topic: str, partition: int) -> str:
+    """A partition's key in checkpoint positions: ``topic|partition``."""
+    return f"{topic}|{partition}"
+
+
+def grow_assignment(
+    consumer: Any, topics: Sequence[str], assigned: set
+) -> tuple[set, list, list[str]]:
+    """Assign every partition of ``topics`` (those already ``assigned`` kept): returns all
+    partitions, the new ones (sorted; empty: nothing was reassigned) and the topics with no
+    partitions (yet)."""
+    from kafka.structs import TopicPartition
+
+    found, missing = set(assigned), []
+    for topic in topics:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            missing.append(topic)
+        found.update(TopicPartition(topic, p) for p in parts or ())
+    new = sorted(found - assigned)
+    if new:
+        consumer.assign(sorted(found))
+    return found, new, missing
+
+
+def seek_to_positions(consumer: Any, tps: Sequence[Any], positions: Mapping[str, int]) -> None:
+    """Position each of ``tps`` at its entry in ``positions`` (see :func:`tp_key`), or at the
+    beginning when it has none."""
+    for tp in tps:
+        pos = positions.get(tp_key(tp.topic, tp.partition))
+        if pos is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, pos)
 
 
 class DecodedBatch(NamedTuple):

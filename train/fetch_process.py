@@ -45,8 +45,10 @@ from train.fetch import (
     DecodedBatch,
     FetchFailed,
     decode_poll,
+    grow_assignment,
     log_commit_failure,
     put_while_busy,
+    seek_to_positions,
 )
 
 log = logging.getLogger(__name__)
@@ -340,24 +342,12 @@ class _Child:
                 self.producer.close(timeout=5)
 
     def _refresh_assignment(self) -> None:
-        from kafka.structs import TopicPartition
-
         self.assigned_at = time.monotonic()
-        found = set(self.assigned)
-        for topic in self.spec.topics.training:
-            parts = self.consumer.partitions_for_topic(topic)
-            found.update(TopicPartition(topic, p) for p in parts or ())
-        new = sorted(found - self.assigned)
+        found, new, _ = grow_assignment(self.consumer, self.spec.topics.training, self.assigned)
         if not new:
             return
-        self.consumer.assign(sorted(found))
         self.assigned = found
-        for tp in new:
-            pos = self.spec.positions.get(f"{tp.topic}|{tp.partition}")
-            if pos is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, pos)
+        seek_to_positions(self.consumer, new, self.spec.positions)
 
     def _poll(self) -> DecodedBatch | None:
         from kafka.errors import KafkaError

@@ -42,7 +42,15 @@ from model.online import OnlineFM
 from stream.consume import Decoded, make_consumer
 from stream.schemas import EventColumns
 from train.config import TrainerConfig
-from train.fetch import DecodedBatch, Fetcher, decode_poll, partition_counts
+from train.fetch import (
+    DecodedBatch,
+    Fetcher,
+    decode_poll,
+    grow_assignment,
+    partition_counts,
+    seek_to_positions,
+    tp_key,
+)
 from train.fetch_process import FetchProcess, FetchSpec
 from train.publish_thread import PublisherThread
 from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
@@ -126,10 +134,6 @@ class Progress:
             newest_event_ts=meta.get("newest_event_ts"),
             published_version=int(meta.get("published_version", 0)),
         )
-
-
-def tp_key(topic: str, partition: int) -> str:
-    return f"{topic}|{partition}"
 
 
 def merge_profile(stored: dict | None, inline: dict | None) -> dict | None:
@@ -314,20 +318,15 @@ class Trainer:
     def refresh_assignment(self) -> None:
         """Assign every partition of the trainer's topics; new ones start at the checkpoint."""
         self._assigned_at = time.monotonic()
-        found = set(self._assigned)
-        for topic in self.topics:
-            parts = self.consumer.partitions_for_topic(topic)
-            if not parts:
-                log.warning(
-                    "topic %s has no partitions (yet); looking again in %.0f s",
-                    topic,
-                    ASSIGNMENT_REFRESH_S,
-                )
-            found.update(TopicPartition(topic, p) for p in parts or ())
-        new = sorted(found - self._assigned)
+        found, new, missing = grow_assignment(self.consumer, self.topics, self._assigned)
+        for topic in missing:
+            log.warning(
+                "topic %s has no partitions (yet); looking again in %.0f s",
+                topic,
+                ASSIGNMENT_REFRESH_S,
+            )
         if not new:
             return
-        self.consumer.assign(sorted(found))
         self._assigned = found
         self.seek_assigned(new)
         log.info("assigned %d partitions (%d new)", len(found), len(new))
@@ -655,12 +654,7 @@ class Trainer:
 
     def seek_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         """Position ``assigned`` partitions at the checkpoint (or the beginning)."""
-        for tp in assigned:
-            pos = self.progress.positions.get(tp_key(tp.topic, tp.partition))
-            if pos is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, pos)
+        seek_to_positions(self.consumer, assigned, self.progress.positions)
 
 
 def _log_future_failure(future) -> None:
