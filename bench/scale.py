@@ -5,7 +5,8 @@ Four parts (``--part``), each bounded in time:
 - ``versions``: CPU, bytes and rows per version as the trainer makes them at ``--users`` x
   ``--items`` (planted segments/categories like the e2e stream), one version per
   ``--publish-items-s`` of ``--rate`` events, for each item ship policy in ``--policies``
-  (``tolerance:max_age_s``), with the top-10 overlap of the served vectors against the model's
+  (``parts``: the default form; or ``tolerance:max_age_s`` of composed vectors), with the
+  top-10 overlap of the served vectors against the model's
   (the price of a tolerance). In one process on a simulated clock: load-robust.
 
 - ``publish``: 1M items in one model; each tick ``N`` item rows change (1k, 10k, 100k per
@@ -241,7 +242,10 @@ def part_versions(args: argparse.Namespace) -> None:
         model.upsert_users([f"u{j}" for j in range(lo, hi)],
                            [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
     per_tick = int(args.rate * args.publish_items_s)
-    policies = [tuple(float(x) for x in p.split(":")) for p in args.policies]
+    # "parts": the parts form (own parts + shared item rows; workers recompose); "tol:age":
+    # composed vectors with that ship policy ("0:5" = every change, exact)
+    policies = [("parts", 0.0, 0.0) if p == "parts"
+                else ("vectors", *(float(x) for x in p.split(":"))) for p in args.policies]
     stream = SyntheticStream(users=args.users, items=args.items, clusters=20)
     events = stream.events(args.warm_events + per_tick * args.ticks * len(policies))
 
@@ -264,10 +268,10 @@ def part_versions(args: argparse.Namespace) -> None:
     try:
         client = redis_client(settings.redis_config())
         keys = settings.redis_keys()
-        for tol, max_age in policies:
+        for form, tol, max_age in policies:
             client.flushall()
             writer, reader = StoreWriter(client, keys, 2), VectorStore(client, keys)
-            pub = delta_publisher(writer, model, tolerance=tol, max_age_s=max_age)
+            pub = delta_publisher(writer, model, tolerance=tol, max_age_s=max_age, form=form)
             clock = 1e6
             pub.publish_items(now=clock)
             follower = IndexFollower(reader)
@@ -297,15 +301,16 @@ def part_versions(args: argparse.Namespace) -> None:
                                 got.held))
             a = np.array(samples, dtype=np.float64)
             med = np.median(a, axis=0)
-            name = ("every change (exact)" if tol == 0
-                    else f"tolerance {tol:g}, max age {max_age:g} s")
+            name = ("parts: own rows + shared item rows, workers compose" if form == "parts"
+                    else "vectors, every change (exact)" if tol == 0
+                    else f"vectors, tolerance {tol:g}, max age {max_age:g} s")
             rows_out.append([
                 name, f"{med[0]:,.0f} (max {a[:, 0].max():,.0f})", f"{med[1] / 1e6:.2f} MB",
                 f"{med[2] * 1e3:.0f} ms", f"{med[2] / max(med[0], 1) * 1e6:.2f} us",
                 f"{med[3] * 1e3:.0f} ms", f"{med[4] * 1e3:.0f} ms",
                 f"{a[:, 5].mean():.3f} (min {a[:, 5].min():.2f})", f"{med[6]:,.0f}",
             ])
-            tag = "exact" if tol == 0 else f"tol{tol:g}"
+            tag = "parts" if form == "parts" else "exact" if tol == 0 else f"tol{tol:g}"
             summary[f"{tag}_rows"] = float(med[0])
             summary[f"{tag}_publish_ms"] = round(med[2] * 1e3, 1)
             summary[f"{tag}_apply_ms"] = round(med[3] * 1e3, 1)
@@ -469,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-active-s", type=float, default=0.1)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--warm-events", type=int, default=200_000, help="versions: training first")
-    parser.add_argument("--policies", nargs="+", default=["0:5", "0.05:10", "0.1:10"],
-                        help="versions: item ship policies as tolerance:max_age_s")
+    parser.add_argument("--policies", nargs="+", default=["parts", "0:5", "0.05:10"],
+                        help="versions: item ship policies: 'parts' (the default form) or "
+                        "tolerance:max_age_s of composed vectors")
     parser.add_argument("--item-tolerance", type=float, default=0.0,
                         help="e2e: FMSTREAM_ITEM_TOLERANCE (0: every change ships at once)")
     parser.add_argument("--item-max-age-s", type=float, default=5.0,

@@ -198,6 +198,11 @@ class Settings(BaseSettings):
     item_max_age_s: float = Field(
         5.0, ge=0, description="...and any change at the latest after this many seconds"
     )
+    item_delta_form: Literal["parts", "vectors"] = Field(
+        "parts", description="what an item version carries: 'parts' (changed items' own "
+        "parameter rows + changed shared item rows; workers recompose) or 'vectors' (composed "
+        "vectors of every item whose vector changed)"
+    )
 
     # --- serving --------------------------------------------------------------------------
     index_kind: Literal["flat", "hnsw"] = "flat"
@@ -380,7 +385,7 @@ class Settings(BaseSettings):
             full_snapshot_s=self.full_snapshot_s, full_after_rows=self.full_after_rows,
             keep_deltas=self.keep_deltas, offline_i2i_per_tick=self.offline_i2i_per_tick,
             lost_check_s=self.lost_check_s, item_tolerance=self.item_tolerance,
-            item_max_age_s=self.item_max_age_s,
+            item_max_age_s=self.item_max_age_s, item_delta_form=self.item_delta_form,
         )
 
     @property

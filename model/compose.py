@@ -114,6 +114,36 @@ def compose_user_parts(
     return compose_user(lin, cross, vec)
 
 
+def split_item(w: np.ndarray, v: np.ndarray, x: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """The part of ``E_item`` that only the item's own rows make: ``[W_o, S_o, V_o]`` float32
+    (the same split as :func:`split_user`; :func:`compose_item_parts` adds the shared rows)."""
+    return split_user(w, v, x, own)
+
+
+def compose_item_parts(
+    own: np.ndarray, w: np.ndarray, v: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """``E_item`` from the item's own part (:func:`split_item`) and its shared feature rows.
+
+    ``E_item = [W + ½(|V|² − S), 1, V]`` with ``W``, ``V``, ``S`` as in
+    :func:`compose_user_parts`: the vector :func:`compose_item` makes from all rows at once (to
+    float32 rounding of the stored own part). Row ``i`` of the result depends only on row ``i``
+    of the inputs (a server recomposing a subset of items gets the same bits).
+
+    Args:
+        own: float32 ``(n, d + 2)`` = ``[W_o, S_o, V_o]``.
+        w, v, x: the shared rows of each item, ``(n, L)``, ``(n, L, d)``, ``(n, L)`` (x = 0 pads).
+    """
+    o = np.asarray(own, dtype=np.float64)
+    x64 = np.asarray(x, dtype=np.float64)
+    xv = np.asarray(v, dtype=np.float64) * x64[..., None]
+    vec = o[:, 2:] + xv.sum(axis=1)
+    sq = o[:, 1] + np.einsum("nld,nld->n", xv, xv)
+    lin = o[:, 0] + np.einsum("nl,nl->n", np.asarray(w, dtype=np.float64), x64)
+    cross = 0.5 * (np.einsum("nd,nd->n", vec, vec) - sq)
+    return compose_item(lin, cross, vec)
+
+
 def context_query(e_user: np.ndarray, ctx_lin: np.ndarray, ctx_vec: np.ndarray) -> np.ndarray:
     """Query ``q = [1, a_u + ctx_lin + <V_u, V_c>, V_u + V_c]`` from ``E_user = [1, a_u, V_u]``.
 

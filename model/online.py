@@ -704,12 +704,22 @@ class OnlineFM:
         if len(user_ids) == 0:
             return (np.zeros((0, d + 2), np.float32), np.zeros((0, 0), np.int64),
                     np.zeros((0, 0), np.float32))
-        space = self._space
         keys, weights = self._users.keys_of_ids(user_ids)
-        id_field = self._users.id_field
+        own_part, shared_k, shared_w, _ = self._split_parts(self._users, keys, weights)
+        return own_part, shared_k, shared_w
+
+    def _split_parts(
+        self, catalog: Catalog, keys: np.ndarray, weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(own, shared_keys, shared_weights, own_row)`` of entities of ``catalog`` reading
+        ``keys`` / ``weights`` (see :meth:`user_parts`); ``own_row`` int64: the parameter row
+        of the entity's own id row, -1 when it has none."""
+        space = self._space
+        id_field = catalog.id_field
         rows = space.key_row[keys]
         own = np.zeros(keys.shape, dtype=bool)
-        if not space.specs[id_field].hash_buckets:
+        own_row = np.full(keys.shape[0], -1, dtype=np.int64)
+        if not space.specs[id_field].hash_buckets and keys.shape[0]:
             first = keys[:, 0]
             own[:, 0] = (first >= space.first_dynamic_key) & (
                 rows[:, 0] >= space.first_dynamic_row
@@ -717,11 +727,53 @@ class OnlineFM:
             # an id without a row of its own reads its field's fallback row: share that key
             fb = int(space.fallback_key[id_field])
             keys[:, 0] = np.where(own[:, 0] | (first == PAD), first, fb)
+            own_row = np.where(own[:, 0], rows[:, 0], -1).astype(np.int64)
         p = self._table.params[rows]
         own_part = split_user(p[..., 0], p[..., 1:], weights, own)
         shared_w = np.where(own, 0.0, weights).astype(np.float32)
         shared_k = np.where(own, PAD, keys)
-        return own_part, shared_k, shared_w
+        return own_part, shared_k, shared_w, own_row
+
+    def item_parts_at(
+        self, ents: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`user_parts` for the items at catalogue positions ``ents``, plus their own row.
+
+        Returns ``(own, keys, weights, own_row)``: ``own`` float32 ``(n, dim + 2)`` from the
+        item's own id row (:func:`model.compose.split_item`), ``keys`` / ``weights`` the shared
+        keys it reads (``(n, L)``, 0 pads), ``own_row`` int64 the parameter row of its own id
+        row (-1: none). ``compose_item_parts(own, *shared_params(keys), weights)`` equals
+        :meth:`item_vectors_at` to float32 rounding.
+        """
+        ents = np.asarray(ents, dtype=np.int64)
+        keys, weights = self._items.keys_of(ents)
+        return self._split_parts(self._items, keys, weights)
+
+    def item_own_rows(self, ents: np.ndarray) -> np.ndarray:
+        """The parameter row of each item's own id row (int64, -1: none) — the cheap part of
+        :meth:`item_parts_at` (finds the items whose own row a step wrote)."""
+        space = self._space
+        items = self._items
+        ents = np.asarray(ents, dtype=np.int64)
+        key = items.ent_key[ents].astype(np.int64)
+        if space.specs[items.id_field].hash_buckets:
+            return np.full(ents.size, -1, dtype=np.int64)
+        rows = space.key_row[key].astype(np.int64)
+        own = (key >= space.first_dynamic_key) & (rows >= space.first_dynamic_row) & (
+            space.key_field[key] == items.id_field
+        )
+        return np.where(own, rows, -1)
+
+    def item_keys_at(self, ents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys, weights)`` every item at catalogue positions ``ents`` reads (its id key
+        first, then its profile; int64 / float32 ``(n, L)``): a reader compares them with what
+        it last shipped to find items whose features changed."""
+        return self._items.keys_of(np.asarray(ents, dtype=np.int64))
+
+    def item_shared_keys_from(self, start: int) -> tuple[np.ndarray, int]:
+        """:meth:`user_shared_keys_from` for the item side: every key an item vector may read
+        besides items' own id keys (profile values, the id fallback or hash buckets)."""
+        return self._shared_keys_from("item", self._items, start)
 
     def user_shared_keys(self) -> np.ndarray:
         """Every key a user vector may read besides users' own id keys (ascending, int64).
@@ -735,16 +787,21 @@ class OnlineFM:
         """The :meth:`user_shared_keys` numbered ``start`` or above, and the key count now
         (pass it as the next ``start``: keys only get added, so a caller extends what it has
         with work proportional to the new keys)."""
+        return self._shared_keys_from("user", self._users, start)
+
+    def _shared_keys_from(
+        self, side: str, catalog: Catalog, start: int
+    ) -> tuple[np.ndarray, int]:
         space = self._space
         n = space.n_keys
         start = max(int(start), 0)
         if start >= n:
             return np.zeros(0, dtype=np.int64), n
-        fields = [i for i, f in enumerate(space.specs) if f.side == "user"]
+        fields = [i for i, f in enumerate(space.specs) if f.side == side]
         keys = np.arange(start, n, dtype=np.int64)
         kf = space.key_field[start:n]
         mask = np.isin(kf, fields) & (keys != PAD)
-        id_field = self._users.id_field
+        id_field = catalog.id_field
         if not space.specs[id_field].hash_buckets:
             mask &= ~((kf == id_field) & (keys >= space.first_dynamic_key))
         return keys[mask], n

@@ -37,6 +37,7 @@ import orjson
 
 from serving.errors import IndexInputError, SnapshotCorrupt, SnapshotError
 from serving.index import rows_for_ids
+from serving.item_parts import ITEM_KEYS, decode_item_keys
 from serving.keys import CAS_FORWARD
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,15 @@ class ItemDelta:
     Attributes:
         version: the version this delta produces (its base is ``version - 1``).
         item_ids: ids of the changed or new items (each at most once); positional: new only.
-        vectors: float32 ``(m, d)``, the new vector of each row.
+        vectors: float32 ``(m, d)``, the new vector of each row (parts form: its own part).
         bias: the global bias of ``version``.
         extra: blobs replaced at this version (absent names keep their previous value).
         created_at: publisher wall-clock time, seconds since epoch.
         rows: int64 ``(m,)`` catalogue positions, or None (by id).
         base_n: items held by the base version (positional deltas).
+        parts: the parts form (:mod:`serving.item_parts`): ``vectors`` are the items' own
+            parts, ``extra`` carries their keys (``item_keys``) and the changed shared item
+            rows (``item_rows``); the reader recomposes the items they touch.
     """
 
     version: int
@@ -76,9 +80,21 @@ class ItemDelta:
     created_at: float = field(default_factory=time.time)
     rows: np.ndarray | None = None
     base_n: int = 0
+    parts: bool = False
 
     def __post_init__(self) -> None:
         what = f"delta v{self.version}"
+        if self.parts:
+            # parts form (serving/item_parts.py): vectors are own parts, positional only
+            blob = self.extra.get(ITEM_KEYS)
+            if self.rows is None or blob is None:
+                raise IndexInputError(
+                    f"{what}: a parts delta needs positional rows and the {ITEM_KEYS!r} blob"
+                )
+            try:
+                decode_item_keys(blob, int(np.asarray(self.vectors).shape[0]))
+            except SnapshotCorrupt as exc:
+                raise IndexInputError(f"{what}: {exc}") from None
         if self.rows is None:
             object.__setattr__(self, "vectors", rows_for_ids(what, self.item_ids, self.vectors))
             return
@@ -139,6 +155,8 @@ def encode_delta(delta: ItemDelta) -> bytes:
     if delta.rows is not None:
         head["rows_bytes"] = len(rows)
         head["base_n"] = int(delta.base_n)
+    if delta.parts:
+        head["kind"] = "parts"
     header = orjson.dumps(head)
     parts = [DELTA_MAGIC, _HEAD.pack(len(header)), header, ids, vec, rows]
     parts += [delta.extra[name] for name in names]
@@ -163,8 +181,16 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
         n, dim, ids_len, vec_len = h["n"], h["dim"], h["ids_bytes"], h["vector_bytes"]
         extra_sizes: Mapping[str, int] = h["extra"]
         rows_len = h.get("rows_bytes")
+        kind = h.get("kind", "vectors")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise SnapshotCorrupt(f"item delta v{version}: bad header ({exc})") from None
+    if not isinstance(extra_sizes, Mapping):
+        raise SnapshotCorrupt(f"item delta v{version}: bad header (extra is not a mapping)")
+    sizes = (n, dim, ids_len, vec_len, rows_len or 0, *extra_sizes.values())
+    if not all(type(x) is int and x >= 0 for x in sizes):
+        raise SnapshotCorrupt(f"item delta v{version}: sizes must be non-negative integers")
+    if kind not in ("vectors", "parts"):
+        raise SnapshotCorrupt(f"item delta v{version}: unknown kind {kind!r}; republish")
     if (
         h.get("version") != version
         or vec_len != n * dim * 4
@@ -215,6 +241,7 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
             created_at=float(h["created_at"]),
             rows=rows,
             base_n=int(h.get("base_n", 0)),
+            parts=kind == "parts",
         )
     except IndexInputError as exc:
         raise SnapshotCorrupt(f"item delta v{version}: {exc}") from None

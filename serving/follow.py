@@ -27,9 +27,17 @@ import numpy as np
 from model.compose import ContextTable
 from model.errors import SnapshotError as ModelSnapshotError
 from serving.deltas import DeltaLog, ItemDelta, plan_delta, plan_positional
-from serving.errors import SnapshotError
+from serving.errors import SnapshotCorrupt, SnapshotError
 from serving.graph import GraphKeeper
 from serving.index import FlatIndex, IndexKind, ItemIndex, ItemSnapshot, LoadedIndex
+from serving.item_parts import (
+    ITEM_KEYS,
+    ITEM_PARTS,
+    ITEM_ROWS,
+    ItemParts,
+    decode_item_keys,
+    decode_item_parts,
+)
 from serving.users import USER_ROWS, SharedRows, decode_rows
 
 log = logging.getLogger(__name__)
@@ -55,7 +63,10 @@ class ItemCopy:
     Mutated only while no reader holds it (the follower guarantees that).
     """
 
-    def __init__(self, snapshot: ItemSnapshot, kind: IndexKind, graphs: GraphKeeper | None) -> None:
+    def __init__(
+        self, snapshot: ItemSnapshot, kind: IndexKind, graphs: GraphKeeper | None, *,
+        lazy: bool = False,
+    ) -> None:
         self.kind = kind
         self.graphs = graphs
         self.ids: list[str] = list(snapshot.item_ids)
@@ -65,6 +76,18 @@ class ItemCopy:
         self.extra = dict(snapshot.extra)
         blob = self.extra.pop(USER_ROWS, None)
         self.users = SharedRows(*decode_rows(blob)) if blob else SharedRows()
+        # the parts form (serving/item_parts.py): own parts, keys and shared item rows held
+        # beside the vectors; parts deltas recompose the items they touch
+        parts_blob = self.extra.pop(ITEM_PARTS, None)
+        rows_blob = self.extra.pop(ITEM_ROWS, None)
+        self.parts: ItemParts | None = None
+        if parts_blob is not None:
+            own, keys, weights = decode_item_parts(parts_blob, len(snapshot.item_ids))
+            shared = SharedRows(*decode_rows(rows_blob)) if rows_blob else SharedRows()
+            self.parts = ItemParts(own, keys, weights, shared)
+        # lazy (the publisher's mirror): recompose on the next read of the vectors, not on apply
+        self.lazy = lazy
+        self._stale: np.ndarray | None = None
         self.created_at = snapshot.created_at
         self.readers = 0
         self._flat: FlatIndex | None = None
@@ -80,6 +103,10 @@ class ItemCopy:
         return len(self.ids)
 
     def vectors(self) -> np.ndarray:
+        self.settle()
+        return self._raw_vectors()
+
+    def _raw_vectors(self) -> np.ndarray:
         if self._flat is not None:
             return self._flat.vectors()
         assert self._buf is not None
@@ -91,6 +118,89 @@ class ItemCopy:
         assert self.graphs is not None
         return self.graphs.fresh_for(self.ids, self.vectors(), appended_only=appended_only)
 
+    def settle(self) -> None:
+        """Recompose the items a lazy apply left stale (no-op when none are)."""
+        stale = self._stale
+        if stale is None:
+            return
+        self._stale = None
+        at = np.flatnonzero(stale)
+        if at.size and self.parts is not None:
+            vectors, _ = self.parts.compose(at)
+            self._write(at, vectors)
+
+    def _write(self, at: np.ndarray, vectors: np.ndarray) -> None:
+        if self._flat is not None:
+            self._flat.set_rows(at, vectors)
+        else:
+            assert self._buf is not None
+            self._buf[at] = vectors
+
+    def _grow(self, added: np.ndarray) -> None:
+        """Append rows ``added`` to the vectors (the ids follow in :meth:`apply`)."""
+        if self._flat is not None:
+            if added.shape[0]:
+                self._flat.append(added)
+            return
+        assert self._buf is not None
+        need = self.n + added.shape[0]
+        if need > self._buf.shape[0]:
+            grown = np.empty(
+                (max(need, self._buf.shape[0] * 2), self._buf.shape[1]), dtype=np.float32
+            )
+            grown[: self.n] = self._buf[: self.n]
+            self._buf = grown
+        self._buf[self.n : need] = added
+
+    def _apply_parts(self, delta: ItemDelta) -> tuple[list[str], int]:
+        """Apply a parts delta: new parts and shared rows, then the touched items recomposed
+        (now, or on the next read when lazy). Returns the appended ids and their count."""
+        parts = self.parts
+        if parts is None:
+            raise SnapshotError(
+                f"delta v{delta.version} carries item parts, this copy holds vectors only; "
+                "reload the full snapshot"
+            )
+        rows, _, new, new_ids = plan_positional(delta, self.n)
+        keys, weights = decode_item_keys(delta.extra[ITEM_KEYS], delta.n)
+        blob = delta.extra.get(ITEM_ROWS)
+        skeys, sparams = decode_rows(blob) if blob else (np.zeros(0, np.int64), None)
+        if skeys.size and parts.shared.params.size and (
+            sparams.shape[1] != parts.shared.params.shape[1]
+        ):
+            raise SnapshotError(
+                f"delta v{delta.version}: shared item rows of width {sparams.shape[1]}, held "
+                f"{parts.shared.params.shape[1]}; reload the full snapshot"
+            )
+        try:
+            touched = parts.apply(rows, delta.vectors, keys, weights, skeys,
+                                  sparams if sparams is not None else np.zeros((0, 0)))
+        except SnapshotCorrupt as exc:
+            raise SnapshotError(
+                f"delta v{delta.version}: {exc}; reload the full snapshot"
+            ) from None
+        width = delta.vectors.shape[1] if delta.n else self._raw_vectors().shape[1]
+        self._grow(np.zeros((new.size, width), dtype=np.float32))
+        if self.lazy:
+            stale = np.zeros(parts.n, dtype=bool)
+            if self._stale is not None:
+                stale[: self._stale.size] = self._stale
+            stale[touched] = True
+            self._stale = stale
+        else:
+            # both copies of a follower apply the same delta to the same base: compose once
+            cached = delta.__dict__.get("_composed")
+            if cached is not None and np.array_equal(cached[0], touched):
+                vectors = cached[1]
+            else:
+                vectors, missing = parts.compose(touched)
+                if missing:
+                    log.warning("delta v%d: %d shared item keys not held (composed as 0)",
+                                delta.version, missing)
+                delta.__dict__["_composed"] = (touched, vectors)
+            self._write(touched, vectors)
+        return new_ids, int(new.size)
+
     def apply(self, delta: ItemDelta) -> None:
         """Apply ``delta`` (base == this copy's version) in place."""
         if delta.base != self.version:
@@ -98,6 +208,12 @@ class ItemCopy:
                 f"delta v{delta.version} applies to v{delta.base}, this copy holds "
                 f"v{self.version}; reload the full snapshot"
             )
+        if delta.parts:
+            new_ids, _ = self._apply_parts(delta)
+            self._finish(delta, new_ids)
+            return
+        self.parts = None  # composed vectors from here on: the parts held no longer match
+        self._stale = None
         if delta.n and delta.vectors.shape[1] != self.vectors().shape[1]:
             raise SnapshotError(
                 f"delta v{delta.version}: width {delta.vectors.shape[1]}, index width "
@@ -129,6 +245,9 @@ class ItemCopy:
                 grown[: self.n] = self._buf[: self.n]
                 self._buf = grown
             self._buf[self.n : need] = added
+        self._finish(delta, new_ids)
+
+    def _finish(self, delta: ItemDelta, new_ids: list[str]) -> None:
         start = self.n
         self.ids.extend(new_ids)
         self.row_of.update(zip(new_ids, range(start, start + len(new_ids)), strict=True))
@@ -138,12 +257,15 @@ class ItemCopy:
         blob = extra.pop(USER_ROWS, None)
         if blob:
             self.users.update(*decode_rows(blob))
+        for name in (ITEM_KEYS, ITEM_ROWS, ITEM_PARTS):  # held in self.parts
+            extra.pop(name, None)
         self.extra.update(extra)
         self.created_at = delta.created_at
         self._index = self._make_index(appended_only=True)
 
     def loaded(self) -> LoadedIndex:
         """A frozen view of this copy's current version (shares its arrays: read while held)."""
+        self.settle()
         snapshot = ItemSnapshot(
             version=self.version,
             item_ids=self.ids,

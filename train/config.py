@@ -65,3 +65,4 @@ class PublishConfig:
     lost_check_s: float = 0.5
     item_tolerance: float = 0.0
     item_max_age_s: float = 5.0
+    item_delta_form: str = "parts"

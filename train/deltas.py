@@ -46,8 +46,9 @@ from model.online import OnlineFM
 from serving.deltas import DeltaLog, ItemDelta
 from serving.follow import ItemCopy
 from serving.index import ItemSnapshot
+from serving.item_parts import ITEM_KEYS, ITEM_ROWS, ItemParts, encode_item_keys
 from serving.queries import item_queries
-from serving.users import USER_ROWS, encode_rows, encode_user_records
+from serving.users import USER_ROWS, SharedRows, encode_rows, encode_user_records
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class DeltaConfig:
             since ``t`` ships in the first version at or after ``t + max_age_s * s``, with
             ``s`` in [0.5, 1] fixed per item (so rows that changed together do not all come
             due in one version). New items always ship at once.
+        form: ``"parts"`` (default): a version ships the changed items' own parts and the
+            changed shared item rows; workers recompose the items they touch
+            (:mod:`serving.item_parts`); ``tolerance`` / ``max_age_s`` do not apply (every
+            change ships, exact). ``"vectors"``: composed vectors of every item whose vector
+            changed (a shared row moving re-ships every item reading it).
     """
 
     full_every_s: float = 600.0
@@ -88,8 +94,11 @@ class DeltaConfig:
     i2i_per_tick: int = 256
     tolerance: float = 0.0
     max_age_s: float = 5.0
+    form: str = "parts"
 
     def __post_init__(self) -> None:
+        if self.form not in ("parts", "vectors"):
+            raise ValueError(f"item delta form must be 'parts' or 'vectors', got {self.form!r}")
         if not (self.tolerance >= 0.0 and self.max_age_s >= 0.0):
             raise ValueError(
                 f"item ship policy: tolerance and max_age_s must be >= 0, got "
@@ -163,6 +172,14 @@ class VersionedPublisher:
         self._context: bytes | None = None
         self._bias: float | None = None
         self._mirror: ItemCopy | None = None  # the published index: what workers hold
+        # parts form: what was shipped per item (own row, raw keys, weights) and the shared
+        # item keys / the rows they read
+        self._item_own = np.zeros(0, dtype=np.int64)
+        self._item_keys = np.zeros((0, 0), dtype=np.int64)
+        self._item_w = np.zeros((0, 0), dtype=np.float32)
+        self._ikeys = np.zeros(0, dtype=np.int64)
+        self._ikeys_end = 0
+        self._irows = np.zeros(0, dtype=np.int64)
         # per catalogue position: when a change held back (under tolerance) was first seen
         self._pending = np.full(1024, np.inf)
         self._i2i_version: int | None = None
@@ -222,6 +239,8 @@ class VersionedPublisher:
         ``v - 1`` gives exactly the full snapshot ``v``).
         """
         now = time.time() if now is None else now
+        if self.config.form == "parts":
+            return self._publish_parts(now, force)
         started = time.perf_counter()
         m = self.model
         mirror = None if self._no_base else self._mirror
@@ -323,6 +342,142 @@ class VersionedPublisher:
         )
         log.debug("published v%d: %d item rows, %s", v, delta.n, "full" if full else "delta")
         return self.last
+
+    def _full_due(self, now: float, n_items: int) -> bool:
+        return (
+            self._need_full
+            or now - self._full_at >= self.config.full_every_s
+            or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
+        )
+
+    def _publish_parts(self, now: float, force: bool) -> PublishedVersion | None:
+        """:meth:`publish_items` in the parts form (see :mod:`serving.item_parts`): the items
+        whose own id row was written, which are new, or whose keys changed ship their own part
+        and keys; the shared item rows written ship once; nothing is composed here (the mirror
+        recomposes lazily, when i2i or a full snapshot reads it)."""
+        started = time.perf_counter()
+        m = self.model
+        mirror = None if self._no_base else self._mirror
+        base_n = 0 if mirror is None else mirror.n
+        with self._lock:  # every read of the model in one critical section
+            changed = m.drain_changed_rows()
+            n_items = int(m.n_items)
+            if n_items == 0:
+                return None
+            full = self._full_due(now, n_items)
+            ents = np.arange(n_items, dtype=np.int64)
+            own_row = m.item_own_rows(ents)
+            raw_k, raw_w = m.item_keys_at(ents)
+            cand = np.zeros(0, dtype=np.int64)
+            if base_n:
+                o = own_row[:base_n]
+                mask = (o >= 0) & changed[np.maximum(o, 0)]
+                mask |= o != self._item_own[:base_n]
+                if raw_k.shape[1] != self._item_keys.shape[1]:
+                    mask[:] = True
+                else:
+                    mask |= (raw_k[:base_n] != self._item_keys[:base_n]).any(axis=1)
+                    mask |= (raw_w[:base_n] != self._item_w[:base_n]).any(axis=1)
+                cand = np.flatnonzero(mask)
+            fresh = np.arange(base_n, n_items, dtype=np.int64)
+            cand = np.concatenate([cand, fresh])
+            own, skeys, sweights, _ = m.item_parts_at(cand)
+            new_ids = m.item_ids_of(fresh)
+            item_rows = self._item_shared_changes(changed, full or mirror is None)
+            shared = self._shared_changes(changed, full)
+            snapshot_rows = m.shared_params(self._shared_keys) if full else None
+            context = m.context_table().to_bytes()
+            bias = float(m.bias)
+        self._item_own, self._item_keys, self._item_w = own_row, raw_k, raw_w
+        extra: dict[str, bytes] = {}
+        if context != self._context:
+            extra["context"] = context
+        if shared is not None:
+            extra[USER_ROWS] = shared[0]
+        if item_rows is not None:
+            extra[ITEM_ROWS] = encode_rows(*item_rows)
+        if not (full or force or self._owed or cand.size or extra or bias != self._bias):
+            return None
+        extra[ITEM_KEYS] = encode_item_keys(skeys, sweights)
+        v = self.version + 1
+        delta = ItemDelta(
+            v, new_ids, np.ascontiguousarray(own, dtype=np.float32), bias, extra, now,
+            rows=cand, base_n=base_n, parts=True,
+        )
+        delta_bytes = 0
+        if mirror is not None:
+            delta_bytes = self.log.put(delta, move_pointer=not full)
+            mirror.apply(delta)
+        else:  # nothing of ours to build on: every item is new, the version is a full one
+            assert item_rows is not None or not skeys.any()
+            shared_items = SharedRows(*item_rows) if item_rows is not None else SharedRows()
+            parts = ItemParts(own, skeys, sweights, shared_items)
+            vectors, _ = parts.compose(np.arange(parts.n))
+            mirror = self._mirror = ItemCopy(
+                ItemSnapshot(v, new_ids, vectors, bias, parts.to_blobs(), now), "flat", None,
+                lazy=True,
+            )
+            full = True
+        if full:
+            snapshot_extra = {"context": context}
+            keys = self._shared_keys
+            if keys.size and snapshot_rows is not None:
+                w, vv = snapshot_rows
+                snapshot_extra[USER_ROWS] = encode_rows(keys, np.concatenate([w[:, None], vv], 1))
+            assert mirror.parts is not None
+            vectors = mirror.vectors().copy()  # settles the lazy mirror
+            snapshot_extra.update(mirror.parts.to_blobs())
+            snapshot = ItemSnapshot(v, list(mirror.ids), vectors, bias, snapshot_extra, now)
+            if not self.store.put_item_snapshot(snapshot):
+                log.warning("full snapshot v%d not taken (Redis has a newer version?)", v)
+            self.log.trim()
+            self._need_full = self._no_base = False
+            self._full_at = now
+            self._rows_since_full = 0
+            self._i2i_dirty = np.ones(mirror.n, dtype=bool)
+        else:
+            self._rows_since_full += delta.n
+            self._mark_i2i(cand, mirror.n)
+        self._context, self._bias = context, bias
+        self.version = v
+        self._owed = False
+        self._publish_popular()
+        self.store.put_status(model_version=v, items_published_at=now)
+        self.last = PublishedVersion(
+            v,
+            delta.n,
+            0 if shared is None else shared[1],
+            full,
+            delta_bytes,
+            time.perf_counter() - started,
+            candidates=int(cand.size),
+            held=0,
+        )
+        log.debug("published v%d: %d item parts, %s", v, delta.n, "full" if full else "delta")
+        return self.last
+
+    def _item_shared_changes(
+        self, changed: np.ndarray, everything: bool
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The shared item rows to ship as ``(keys, [w | v])``: new keys, rows written, keys
+        now reading another row (all of them when ``everything``). Call with the lock held."""
+        m = self.model
+        added, self._ikeys_end = m.item_shared_keys_from(self._ikeys_end)
+        keys = np.concatenate([self._ikeys, added]) if added.size else self._ikeys
+        if keys.size == 0:
+            return None
+        rows = m.key_rows(keys)
+        known = 0 if everything else self._irows.size
+        ship = np.ones(keys.size, dtype=bool)
+        if known:
+            mask = np.zeros(max(int(rows.max()) + 1, changed.size), dtype=bool)
+            mask[: changed.size] = changed
+            ship[:known] = mask[rows[:known]] | (rows[:known] != self._irows)
+        self._ikeys, self._irows = keys, rows
+        if not ship.any():
+            return None
+        w, v = m.shared_params(keys[ship])
+        return keys[ship], np.concatenate([w[:, None], v], axis=1).astype(np.float32)
 
     def _ship_mask(
         self, cand: np.ndarray, vectors: np.ndarray, base_n: int, now: float, *,
@@ -492,6 +647,7 @@ class VersionedPublisher:
         now = time.time() if now is None else now
         self._need_full = self._no_base = True
         self._shared_rows = np.zeros(0, dtype=np.int64)
+        self._irows = np.zeros(0, dtype=np.int64)
         self._context = None
         self._i2i_version = None
         published = self.publish_items(now, force=True)

@@ -90,6 +90,7 @@ class Publisher:
                 i2i_per_tick=config.offline_i2i_per_tick,
                 tolerance=config.item_tolerance,
                 max_age_s=config.item_max_age_s,
+                form=config.item_delta_form,
             ),
             version_floor=version_floor,
             # the raw model: VersionedPublisher takes the lock once per version around all its

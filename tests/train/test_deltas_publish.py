@@ -46,13 +46,23 @@ def stores(redis_client: redis.Redis, settings: Settings) -> tuple[StoreWriter, 
     return StoreWriter(redis_client, keys, 3), VectorStore(redis_client, keys)
 
 
-def check_exact(follower: IndexFollower, reader: VectorStore, model: OnlineFM) -> None:
+def check_exact(
+    follower: IndexFollower, reader: VectorStore, model: OnlineFM, pub: VersionedPublisher
+) -> None:
+    """The worker's items equal the model's (vectors form: bit for bit; parts form: composed
+    from float32 parameter rows, to float32 rounding) and, bit for bit, the publisher's mirror
+    (what full snapshots are made of); every user's vector equals the model's."""
     state = follower.current()
     assert state is not None
     snap = state.loaded.snapshot
     ids, vectors = model.item_vectors()
     rows = [snap.row_of[i] for i in ids]
-    np.testing.assert_array_equal(snap.vectors[rows], vectors)
+    if pub.config.form == "vectors":
+        np.testing.assert_array_equal(snap.vectors[rows], vectors)
+    else:
+        np.testing.assert_allclose(snap.vectors[rows], vectors, rtol=1e-5, atol=1e-6)
+    assert pub._mirror is not None
+    np.testing.assert_array_equal(snap.vectors, pub._mirror.vectors())
     assert snap.bias == pytest.approx(model.bias)
     users = model.known_users()
     got = reader.get_user_vectors(users, shared=state.users)
@@ -60,18 +70,23 @@ def check_exact(follower: IndexFollower, reader: VectorStore, model: OnlineFM) -
     np.testing.assert_allclose(got.vectors, model.user_vectors(users), rtol=3e-5, atol=3e-5)
 
 
-def test_deltas_equal_the_model_at_every_version_for_items_and_all_users(stores) -> None:
+@pytest.mark.parametrize("form", ["parts", "vectors"])
+def test_deltas_equal_the_model_at_every_version_for_items_and_all_users(
+    stores, form: str
+) -> None:
     writer, reader = stores
     model = new_model()
     rng = np.random.default_rng(0)
     learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9, full_after_rows=1e9))
+    pub = VersionedPublisher(
+        writer, model, DeltaConfig(full_every_s=1e9, full_after_rows=1e9, form=form)
+    )
     first = pub.publish_items(now=1.0)
     assert first is not None and first.full and first.version == 1
     pub.publish_users(model.known_users())  # every user once
     follower = IndexFollower(reader)
     assert follower.refresh()
-    check_exact(follower, reader, model)
+    check_exact(follower, reader, model, pub)
     for step in range(8):
         # only users u0..u9 are active; items i300.. are new; every other user is inactive
         learn(model, rng, 10, 320)
@@ -82,11 +97,11 @@ def test_deltas_equal_the_model_at_every_version_for_items_and_all_users(stores)
         pub.publish_users(active)
         assert follower.refresh()
         assert follower.version == published.version
-        check_exact(follower, reader, model)
+        check_exact(follower, reader, model, pub)
     assert follower.full_loads == 1 and follower.deltas_applied == 8
     late = IndexFollower(reader)  # a new worker: full snapshot v1 + the deltas after it
     assert late.refresh()
-    check_exact(late, reader, model)
+    check_exact(late, reader, model, pub)
 
 
 def test_a_delta_ships_only_the_items_that_read_changed_rows(stores) -> None:
@@ -162,7 +177,9 @@ def test_rows_over_the_tolerance_ship_next_version_and_the_rest_wait(stores) -> 
     model = new_model()
     rng = np.random.default_rng(6)
     learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=0.02, max_age_s=1e6))
+    pub = VersionedPublisher(
+        writer, model, DeltaConfig(tolerance=0.02, max_age_s=1e6, form="vectors")
+    )
     pub.publish_items(now=0.0)
     follower = IndexFollower(reader)
     assert follower.refresh()
@@ -188,7 +205,9 @@ def test_a_row_under_the_tolerance_ships_by_its_max_age(stores) -> None:
     model = new_model()
     rng = np.random.default_rng(7)
     learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=1e9, max_age_s=10.0))
+    pub = VersionedPublisher(
+        writer, model, DeltaConfig(tolerance=1e9, max_age_s=10.0, form="vectors")
+    )
     pub.publish_items(now=0.0)
     follower = IndexFollower(reader)
     assert follower.refresh()
@@ -212,7 +231,8 @@ def test_held_rows_never_mix_versions_a_full_snapshot_equals_the_deltas_path(sto
     rng = np.random.default_rng(8)
     learn(model, rng, 200, 300)
     pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=0.05, max_age_s=3.0,
-                                                        full_every_s=1e9, full_after_rows=1e9))
+                                                        full_every_s=1e9, full_after_rows=1e9,
+                                                        form="vectors"))
     pub.publish_items(now=0.0)
     follower = IndexFollower(reader)
     assert follower.refresh()
@@ -261,8 +281,8 @@ def test_a_version_waits_for_the_trainers_lock_once_for_all_its_reads(stores) ->
     assert lock.taken == 2  # the version's reads, then the popularity counts
     follower = IndexFollower(reader)
     assert follower.refresh()
-    np.testing.assert_array_equal(shipped_of(follower, model.known_items()),
-                                  model.item_vectors()[1])
+    np.testing.assert_allclose(shipped_of(follower, model.known_items()),
+                               model.item_vectors()[1], rtol=1e-5, atol=1e-6)
 
 
 def test_records_written_ahead_get_their_version_even_when_nothing_else_changed(stores) -> None:

@@ -1,0 +1,213 @@
+"""Item vectors composed where they are served: own part per item + shared item rows.
+
+An item's ``E_item = [W_i + cross_i, 1, V_i]`` (:mod:`model.compose`) reads its own id row and
+rows it shares with other items (profile values such as a category, the id fallback). A shared
+row moves with almost every event, so shipping composed vectors means shipping every item that
+reads it: at 100k items, every version carried all 100k vectors (14 MB; bench/RESULTS.md). In
+the *parts* form a version carries parameter rows instead:
+
+- per changed item (its own id row written, a new item, or its keys changed): its own part
+  ``[W_o, S_o, V_o]`` (:func:`model.compose.split_item`) as the delta's ``vectors`` and, in the
+  extra blob ``item_keys``, the shared keys it reads with their weights;
+- the shared item rows that changed, ``key -> [w | v]``, in the extra blob ``item_rows``;
+- a full snapshot holds every item's composed vector (the index) plus ``item_parts`` (all own
+  parts, keys, weights) and ``item_rows`` (every shared item row).
+
+The reader (:class:`serving.follow.ItemCopy`) recomposes, with :func:`compose_rows`, exactly the
+items named by the delta and those reading a shared key the delta changed (a gather and a sum in
+numpy), in place. Row ``i`` of a composition depends only on row ``i``'s inputs, so the publisher's
+mirror and every worker hold the same bits at each version.
+
+Blob layouts (little endian): ``item_keys`` = uint32 ``n``, uint32 ``L``, int64 keys ``(n, L)``,
+float32 weights ``(n, L)``; ``item_parts`` = uint32 ``n``, uint32 ``width`` (``d + 2``),
+uint32 ``L``, float32 own ``(n, width)``, int64 keys ``(n, L)``, float32 weights ``(n, L)``;
+``item_rows`` = :func:`serving.users.encode_rows`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from model.compose import compose_item_parts
+from serving.errors import SnapshotCorrupt
+from serving.users import SharedRows
+
+ITEM_KEYS = "item_keys"
+"""Delta blob: the shared keys and weights of the items whose parts the delta carries."""
+ITEM_ROWS = "item_rows"
+"""Delta and snapshot blob: shared item rows (``key -> [w | v]``)."""
+ITEM_PARTS = "item_parts"
+"""Snapshot blob: every item's own part, shared keys and weights."""
+
+MAX_KEYS = 4096
+"""Most shared keys one item may read (a bigger header is a corrupt blob, not an allocation)."""
+
+
+def encode_item_keys(keys: np.ndarray, weights: np.ndarray) -> bytes:
+    """``item_keys`` blob of ``(n, L)`` keys and weights."""
+    keys = np.ascontiguousarray(keys, dtype="<i8")
+    n, width = keys.shape
+    w = np.ascontiguousarray(weights, dtype="<f4").reshape(n, width)
+    return struct.pack("<II", n, width) + keys.tobytes() + w.tobytes()
+
+
+def decode_item_keys(blob: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_item_keys`, for a delta of ``n`` rows.
+
+    Raises:
+        SnapshotCorrupt: truncated, sizes that do not add up, or not ``n`` rows.
+    """
+    if len(blob) < 8:
+        raise SnapshotCorrupt(f"item keys: {len(blob)} bytes, truncated header")
+    rows, width = struct.unpack_from("<II", blob)
+    if rows != n or width > MAX_KEYS or len(blob) != 8 + 12 * rows * width:
+        raise SnapshotCorrupt(
+            f"item keys: {len(blob)} bytes for {rows} x {width}, expected {n} rows of at most "
+            f"{MAX_KEYS} keys"
+        )
+    keys = np.frombuffer(blob, dtype="<i8", count=rows * width, offset=8).reshape(rows, width)
+    w = np.frombuffer(blob, dtype="<f4", count=rows * width, offset=8 + 8 * rows * width)
+    return keys.astype(np.int64), w.reshape(rows, width).astype(np.float32)
+
+
+def encode_item_parts(own: np.ndarray, keys: np.ndarray, weights: np.ndarray) -> bytes:
+    """``item_parts`` blob (a full snapshot's own parts, keys and weights)."""
+    own = np.ascontiguousarray(own, dtype="<f4")
+    n, width = own.shape
+    keys = np.ascontiguousarray(keys, dtype="<i8").reshape(n, -1)
+    w = np.ascontiguousarray(weights, dtype="<f4").reshape(keys.shape)
+    return struct.pack("<III", n, width, keys.shape[1]) + own.tobytes() + keys.tobytes() + (
+        w.tobytes()
+    )
+
+
+def decode_item_parts(blob: bytes, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_item_parts` for a snapshot of ``n`` items.
+
+    Raises:
+        SnapshotCorrupt: truncated, sizes that do not add up, or not ``n`` items.
+    """
+    if len(blob) < 12:
+        raise SnapshotCorrupt(f"item parts: {len(blob)} bytes, truncated header")
+    rows, width, nk = struct.unpack_from("<III", blob)
+    if rows != n or nk > MAX_KEYS or len(blob) != 12 + 4 * rows * width + 12 * rows * nk:
+        raise SnapshotCorrupt(
+            f"item parts: {len(blob)} bytes for {rows} items of width {width} with {nk} keys; "
+            f"expected {n} items"
+        )
+    pos = 12
+    own = np.frombuffer(blob, dtype="<f4", count=rows * width, offset=pos).reshape(rows, width)
+    pos += 4 * rows * width
+    keys = np.frombuffer(blob, dtype="<i8", count=rows * nk, offset=pos).reshape(rows, nk)
+    pos += 8 * rows * nk
+    w = np.frombuffer(blob, dtype="<f4", count=rows * nk, offset=pos).reshape(rows, nk)
+    return own.astype(np.float32), keys.astype(np.int64), w.astype(np.float32)
+
+
+def compose_rows(
+    own: np.ndarray, keys: np.ndarray, weights: np.ndarray, shared: SharedRows
+) -> tuple[np.ndarray, int]:
+    """``E_item`` float32 ``(n, d + 2)`` of items from their parts and the shared rows held,
+    and how many (key, weight != 0) pairs named a row not held (0 in a consistent version)."""
+    n, width = own.shape
+    if keys.shape[1] == 0:
+        w = np.zeros((n, 0), np.float32)
+        v = np.zeros((n, 0, width - 2), np.float32)
+        return compose_item_parts(own, w, v, np.zeros((n, 0), np.float32)), 0
+    w, v, found = shared.lookup(keys)
+    if v.shape[-1] != width - 2:
+        v = np.zeros((*keys.shape, width - 2), np.float32)
+        found = np.zeros(keys.shape, dtype=bool)
+    x = np.where(found, weights, np.float32(0.0))
+    missing = int((~found & (weights != 0) & (keys != 0)).sum())
+    return compose_item_parts(own, w, v, x), missing
+
+
+class ItemParts:
+    """Every item's own part, shared keys and weights, and the shared item rows (mutable)."""
+
+    def __init__(
+        self, own: np.ndarray, keys: np.ndarray, weights: np.ndarray, shared: SharedRows
+    ) -> None:
+        self.own = np.array(own, dtype=np.float32)
+        self.keys = np.array(keys, dtype=np.int64).reshape(self.own.shape[0], -1)
+        self.weights = np.array(weights, dtype=np.float32).reshape(self.keys.shape)
+        self.shared = shared
+
+    @property
+    def n(self) -> int:
+        return int(self.own.shape[0])
+
+    def _fit(self, width: int) -> None:
+        """Widen the key matrix to ``width`` columns (zeros pad)."""
+        if width > self.keys.shape[1]:
+            pad = width - self.keys.shape[1]
+            self.keys = np.pad(self.keys, ((0, 0), (0, pad)))
+            self.weights = np.pad(self.weights, ((0, 0), (0, pad)))
+
+    def apply(
+        self, rows: np.ndarray, own: np.ndarray, keys: np.ndarray, weights: np.ndarray,
+        shared_keys: np.ndarray, shared_params: np.ndarray,
+    ) -> np.ndarray:
+        """Write the parts of items at ``rows`` (ascending; rows >= n append in order) and
+        the changed shared rows; returns the positions (ascending) whose vector must be
+        recomposed: the rows written and every item reading a changed shared key.
+
+        Raises:
+            SnapshotCorrupt: widths that do not match what is held.
+        """
+        if own.shape[0] and own.shape[1] != self.own.shape[1]:
+            raise SnapshotCorrupt(
+                f"item parts of width {own.shape[1]}, held {self.own.shape[1]}"
+            )
+        n = self.n
+        self._fit(keys.shape[1])
+        k = np.zeros((keys.shape[0], self.keys.shape[1]), dtype=np.int64)
+        x = np.zeros(k.shape, dtype=np.float32)
+        k[:, : keys.shape[1]] = keys
+        x[:, : keys.shape[1]] = weights
+        split = int(np.searchsorted(rows, n))
+        at = rows[:split]
+        self.own[at], self.keys[at], self.weights[at] = own[:split], k[:split], x[:split]
+        if split < rows.size:
+            self.own = np.concatenate([self.own, own[split:]])
+            self.keys = np.concatenate([self.keys, k[split:]])
+            self.weights = np.concatenate([self.weights, x[split:]])
+        touched = np.zeros(self.n, dtype=bool)
+        touched[rows] = True
+        if shared_keys.size:
+            self.shared.update(shared_keys, shared_params)
+            reads = np.isin(self.keys, shared_keys) & (self.weights != 0)
+            touched |= reads.any(axis=1)
+        return np.flatnonzero(touched)
+
+    def compose(self, at: np.ndarray) -> tuple[np.ndarray, int]:
+        """``E_item`` of the items at positions ``at`` (see :func:`compose_rows`)."""
+        return compose_rows(self.own[at], self.keys[at], self.weights[at], self.shared)
+
+    def to_blobs(self) -> dict[str, bytes]:
+        """The snapshot blobs (``item_parts``, ``item_rows``)."""
+        from serving.users import encode_rows
+
+        return {
+            ITEM_PARTS: encode_item_parts(self.own, self.keys, self.weights),
+            ITEM_ROWS: encode_rows(self.shared.keys, self.shared.params),
+        }
+
+    def copy(self) -> ItemParts:
+        return ItemParts(self.own, self.keys, self.weights, self.shared.copy())
+
+
+__all__ = [
+    "ITEM_KEYS",
+    "ITEM_PARTS",
+    "ITEM_ROWS",
+    "ItemParts",
+    "compose_rows",
+    "decode_item_keys",
+    "decode_item_parts",
+    "encode_item_keys",
+    "encode_item_parts",
+]
