@@ -129,7 +129,9 @@ class ItemCopy:
             vectors, _ = self.parts.compose(at)
             self._write(at, vectors)
 
-    def _write(self, at: np.ndarray, vectors: np.ndarray) -> None:
+    def _write(self, at: np.ndarray | slice, vectors: np.ndarray) -> None:
+        if isinstance(at, np.ndarray) and at.size and int(at[-1]) - int(at[0]) == at.size - 1:
+            at = slice(int(at[0]), int(at[-1]) + 1)  # ascending and dense: one block copy
         if self._flat is not None:
             self._flat.set_rows(at, vectors)
         else:
