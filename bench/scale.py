@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                         "tolerance:max_age_s of composed vectors")
     parser.add_argument("--item-tolerance", type=float, default=0.0,
                         help="e2e: FMSTREAM_ITEM_TOLERANCE (0: every change ships at once)")
+    parser.add_argument("--item-delta-form", choices=["parts", "vectors"], default="parts",
+                        help="e2e: FMSTREAM_ITEM_DELTA_FORM (what an item version carries)")
     parser.add_argument("--item-max-age-s", type=float, default=5.0,
                         help="e2e: FMSTREAM_ITEM_MAX_AGE_S")
     parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")

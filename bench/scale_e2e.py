@@ -164,6 +164,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         run_dir, ports=(25092, 25093, 25379), schema_path=root / "config" / "synthetic.toml",
         publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
         swap_poll_s=0.1, item_tolerance=args.item_tolerance, item_max_age_s=args.item_max_age_s,
+        item_delta_form=args.item_delta_form,
     )
     procs = {}
     ok = False
@@ -260,12 +261,14 @@ def part_e2e(args: argparse.Namespace) -> None:
          f"{inact.max() if len(inact) else float('nan'):.2f} s", f"{inactive_lost} lost"],
         [f"requests, {len(swaps)} versions in {args.seconds:.0f} s ({versions} published)",
          len(busy), f"{pct(lat_busy, 50):.1f} ms", f"{pct(lat_busy, 99):.1f} ms",
-         f"{lat_busy.max():.0f} ms", f"{failed} failed; events {events:,.0f}/s achieved"],
+         f"{lat_busy.max() if len(lat_busy) else float('nan'):.0f} ms",
+         f"{failed} failed; events {events:,.0f}/s achieved"],
         ["  of which near a version change", len(near), f"{pct(latency_ms(near), 50):.1f} ms",
          f"{pct(latency_ms(near), 99):.1f} ms", "", ""],
         [f"requests, no versions, no events, {args.quiet_seconds:.0f} s", len(quiet),
          f"{pct(lat_quiet, 50):.1f} ms", f"{pct(lat_quiet, 99):.1f} ms",
-         f"{lat_quiet.max():.0f} ms", f"p99 with versions / without = {ratio:.2f}"],
+         f"{lat_quiet.max() if len(lat_quiet) else float('nan'):.0f} ms",
+         f"p99 with versions / without = {ratio:.2f}"],
     ]
     title = f"Freshness at {args.users:,} users x {args.items:,} items (bench/scale.py --part e2e)"
     print_table(title, cols, rows)
@@ -275,7 +278,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
         + f"; Redis input {redis_in / 1e6:.1f} MB/s. Settings: publish_items_s="
         f"{settings.publish_items_s}, publish_active_s={settings.publish_active_s}, swap_poll_s="
-        f"{settings.swap_poll_s}, item_tolerance={settings.item_tolerance}, item_max_age_s="
+        f"{settings.swap_poll_s}, item_delta_form={settings.item_delta_form}, "
+        f"item_tolerance={settings.item_tolerance}, item_max_age_s="
         f"{settings.item_max_age_s}, {args.rate:,} events/s, {args.inflight} requests in flight. "
         f"Setup (profiles of {args.users:,} users applied, first version served) {setup_s:.0f} s. "
         f"{load_note()} at the end; sharing the box: {others()}. Wall "

@@ -15,6 +15,12 @@ key                        type    value
 ``items:deltas``           zset    delta versions written (score = version)
 ========================== ======= =====================================================
 
+Two forms of delta (header ``kind``): ``vectors`` (composed ``E_item`` rows) and ``parts``
+(:mod:`serving.item_parts`: the changed items' own parts as ``vectors``, their shared keys in
+the extra blob ``item_keys``, the changed shared item rows in ``item_rows``; the reader
+recomposes the items they touch). A full snapshot of the parts form carries the extra blobs
+``item_parts`` and ``item_rows`` beside the composed vectors.
+
 ``items:current`` names the newest version, reached by a full snapshot or by a delta. A reader at
 version ``c`` follows deltas ``c+1 .. current``; when one is missing (retention, Redis loss) it
 loads the newest full snapshot and the deltas after it.

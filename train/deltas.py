@@ -1,7 +1,11 @@
 """Publishing whose cost grows with what changed: item deltas, user records, incremental i2i.
 
 :class:`VersionedPublisher` is the content side of the publisher (the caller owns cadences and
-threads). Each :meth:`~VersionedPublisher.publish_items` makes ONE new version ``v``:
+threads). Each :meth:`~VersionedPublisher.publish_items` makes ONE new version ``v``. In the
+default *parts* form (:class:`DeltaConfig` ``form``; :mod:`serving.item_parts`) it ships the own
+parts and keys of the items whose own id row was written, which are new or whose keys changed,
+and the shared item rows written (one row each, however many items read it); workers recompose
+the items touched. In the *vectors* form:
 
 - the items whose vector reads a parameter row written since the previous version
   (:meth:`model.online.OnlineFM.item_entities_reading`: a gather over the catalogue's keys, no
