@@ -33,6 +33,7 @@ from bench.freshness import (
 from bench.scale import load_note, others
 from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers
 from fmstream import services
+from serving.deltas import DeltaLog
 from serving.store import VectorStore
 from serving.users import decode_user_record
 from stream.connect import kafka_consumer, redis_client
@@ -67,6 +68,7 @@ class ScaleLoop(Loop):
         self.inactive_fresh: list[float] = []
         self.inactive_lost = 0
         self._pending: list[tuple[str, list[str]]] = []
+        self.probe_walls: list[tuple[str, float]] = []  # active probes: user, click wall time
 
     def prepare_inactive(self, n: int) -> None:
         """Profiles for ``n`` probes' users (each with its own new segment value), sent now so
@@ -81,6 +83,31 @@ class ScaleLoop(Loop):
                                    value=orjson.dumps(msg))
             self._pending.append((trigger, members))
         self.producer.flush()
+
+    def _probe_event(self):  # noqa: ANN202 - as in Loop
+        probe = super()._probe_event()
+        self.probe_walls.append((probe.user, time.time() - (time.perf_counter() - probe.produced)))
+        return probe
+
+    def breakdown(self) -> dict[str, list[float]]:
+        """Where the active probes' time went, from what Redis holds after the run: click ->
+        the user's record written (trainer + the publisher's user cadence), click -> the start
+        of the version the record is stamped with (its ``created_at``)."""
+        log_ = DeltaLog(self.store.redis, self.store.key)
+        out: dict[str, list[float]] = {"record": [], "version": []}
+        created: dict[int, float | None] = {}
+        for user, wall in self.probe_walls:
+            raw = self.store.redis.get(self.store.keys.user(user))
+            rec = decode_user_record(raw) if raw else None
+            if rec is None:
+                continue
+            out["record"].append(rec.published_at - wall)
+            if rec.version not in created:
+                got = log_.get(rec.version, rec.version)
+                created[rec.version] = got[0].created_at if got else None
+            if created[rec.version] is not None:
+                out["version"].append(created[rec.version] - wall)
+        return out
 
     def fire_inactive(self) -> InactiveProbe | None:
         if not self._pending:
@@ -226,6 +253,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         cpu = {n: (cpu_seconds(p) - cpu0[n]) / wall for n, p in pids.items()}
         cpu["redis"] = (cpu_seconds(redis_pid) - cpu0["redis"]) / wall
         redis_in = (store.redis.info("stats").get("total_net_input_bytes", 0) - mem0) / wall
+        parts = loop.breakdown()
         versions = (store.current_item_version() or 0) - v0
         fresh, probe_errors = list(loop.fresh), loop.probe_errors
         inactive, inactive_lost = list(loop.inactive_fresh), loop.inactive_lost
@@ -256,6 +284,12 @@ def part_e2e(args: argparse.Namespace) -> None:
          f"{pct(fresh_ok, 50):.2f} s", f"{pct(fresh_ok, 99):.2f} s",
          f"{fresh_ok.max() if len(fresh_ok) else float('nan'):.2f} s",
          f"{lost} lost, {probe_errors} probe errors"],
+        ["  click -> the probe user's record written", len(parts["record"]),
+         f"{pct(parts['record'], 50):.2f} s", f"{pct(parts['record'], 99):.2f} s", "",
+         "trainer + publisher's user cadence"],
+        ["  click -> its record's version starts publishing", len(parts["version"]),
+         f"{pct(parts['version'], 50):.2f} s", f"{pct(parts['version'], 99):.2f} s", "",
+         "then: publish, worker poll + apply, answer"],
         ["freshness, inactive (shared row changed -> u2i naming a version that carries it)",
          len(inact) + inactive_lost, f"{pct(inact, 50):.2f} s", f"{pct(inact, 99):.2f} s",
          f"{inact.max() if len(inact) else float('nan'):.2f} s", f"{inactive_lost} lost"],

@@ -119,7 +119,7 @@ def compose_rows(
     """
     n, width = own.shape
     own = np.asarray(own, dtype=np.float32)
-    vec = own[:, 2:].copy()  # float32 accumulation of V (3x faster; E_item is float32)
+    vec: np.ndarray | None = None  # float32 accumulation of V (3x faster; E_item is float32)
     lin = own[:, 0].astype(np.float64)
     sq = own[:, 1].astype(np.float64)
     missing = 0
@@ -137,12 +137,20 @@ def compose_rows(
             if not xl.any():
                 continue
             p = pos[:, col]
-            vec += np.take(t_v, p, axis=0) * xl[:, None]
+            part = np.take(t_v, p, axis=0)
+            part *= xl[:, None]
+            if vec is None:
+                part += own[:, 2:]
+                vec = part
+            else:
+                vec += part
             x64 = xl.astype(np.float64)
             lin += x64 * t_w[p]
             sq += x64 * x64 * tsq[p]
     elif keys.shape[1]:
         missing = int(((weights != 0) & (keys != 0)).sum())
+    if vec is None:
+        vec = own[:, 2:].copy()
     cross = 0.5 * (np.einsum("nd,nd->n", vec, vec, dtype=np.float64) - sq)
     return compose_item(lin, cross, vec), missing
 
@@ -201,13 +209,22 @@ class ItemParts:
         touched[rows] = True
         if shared_keys.size:
             self.shared.update(shared_keys, shared_params)
-            reads = np.isin(self.keys, shared_keys) & (self.weights != 0)
-            touched |= reads.any(axis=1)
+            # which items read a changed key: a lookup table over the key space (a few MB at
+            # most; np.isin sorts the whole key matrix)
+            table = np.zeros(max(int(shared_keys.max()), int(self.keys.max(initial=0))) + 1,
+                             dtype=bool)
+            table[shared_keys] = True
+            table[0] = False  # padding
+            for col in range(self.keys.shape[1]):
+                touched |= table[self.keys[:, col]] & (self.weights[:, col] != 0)
         return np.flatnonzero(touched)
 
     def compose(self, at: np.ndarray) -> tuple[np.ndarray, int]:
-        """``E_item`` of the items at positions ``at`` (see :func:`compose_rows`)."""
-        return compose_rows(self.own[at], self.keys[at], self.weights[at], self.shared)
+        """``E_item`` of the items at positions ``at`` (ascending; see :func:`compose_rows`)."""
+        sel: np.ndarray | slice = at
+        if at.size and int(at[-1]) - int(at[0]) == at.size - 1:
+            sel = slice(int(at[0]), int(at[-1]) + 1)  # dense: views, no gather
+        return compose_rows(self.own[sel], self.keys[sel], self.weights[sel], self.shared)
 
     def to_blobs(self) -> dict[str, bytes]:
         """The snapshot blobs (``item_parts``, ``item_rows``)."""
