@@ -43,6 +43,7 @@ from serving.answering import Pending, decode_request
 from serving.store import VectorStore
 from serving.worker import Worker
 from stream.consume import make_producer
+from stream.lag import group_lag
 from stream.replay import produce_profiles
 from stream.schemas import DecodeError, MessageInvalid, loads_object, parse_event
 from stream.synthetic import SyntheticStream
@@ -231,10 +232,21 @@ def _since(records: list, start: dict[TopicPartition, int]) -> list:
     return [r for r in records if r.offset >= start.get(TopicPartition(r.topic, r.partition), 0)]
 
 
+def _all_committed(s: Settings, kafka_io: KafkaIO) -> bool:
+    """Has the serving group committed every request sent so far?
+
+    A request answered but not yet committed when its worker leaves (or the group rebalances
+    under load) is redelivered to the next owner: at-least-once. A round waits for this
+    before it starts, so a redelivery from an earlier round cannot count as one of its answers.
+    """
+    return all(p.lag == 0 for p in group_lag(kafka_io.kafka, s.serving_group, [s.topic_requests]))
+
+
 def request_round(s: Settings, kafka_io: KafkaIO, messages: list[tuple[bytes | None, bytes | None]],
                   expected: list[tuple[str, str | None]], codes: list[str | None] | None = None,
                   *, exactly_once: bool = True) -> None:
     """Send ``messages`` then one valid probe per partition; check every verdict and count."""
+    wait_for(lambda: _all_committed(s, kafka_io), 90, "the earlier requests committed", poll_s=0.5)
     resp_start = kafka_io.end_offsets(s.topic_responses)
     dlq_start = kafka_io.end_offsets(s.topic_dlq)
     meta = kafka_io.produce(s.topic_requests, messages, timeout_s=60)
