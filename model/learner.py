@@ -16,6 +16,10 @@ Policy (:class:`LearnPolicy`):
   again (no counts, no history, no sightings: they are not new events). The draws come from the
   learner's own seeded generator, and the buffer and generator state are part of
   :meth:`state`, so a restore from a checkpoint replays exactly what an uninterrupted run would.
+* **bootstrap_passes**: :meth:`Learner.bootstrap` makes this many extra passes over retained
+  history (e.g. the Kafka topic read again when a trainer starts, the way a batch job retrains
+  on all history), each pass in a fresh seeded random order, in steps of ``step_events``, as
+  replay (parameters only). Called once, after the history was learned online.
 
 Same seed + same inputs (in the same batches) + same thread count = identical model.
 """
@@ -41,13 +45,15 @@ class LearnPolicy:
         step_events: at most this many events per optimiser step (>= 1).
         replay: past positives replayed per new positive (>= 0; 0 = off).
         replay_buffer: how many recent positives the replay buffer keeps.
-        seed: seeds the replay draws.
+        seed: seeds the replay draws (and the bootstrap passes' order).
+        bootstrap_passes: extra passes :meth:`Learner.bootstrap` makes over retained history.
     """
 
     step_events: int = 256
     replay: float = 0.0
     replay_buffer: int = 20_000
     seed: int = 0
+    bootstrap_passes: int = 0
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
@@ -66,6 +72,8 @@ class LearnPolicy:
             raise bad("replay_buffer must be an integer >= 1", self.replay_buffer)
         if not _is_int(self.seed) or self.seed < 0:
             raise bad("seed must be an integer >= 0", self.seed)
+        if not _is_int(self.bootstrap_passes) or self.bootstrap_passes < 0:
+            raise bad("bootstrap_passes must be an integer >= 0", self.bootstrap_passes)
 
 
 def _is_int(x: Any) -> bool:
@@ -140,6 +148,38 @@ class Learner:
                 self._replay(pos.size)
                 self._push(u, i, c, pos)
         return float(np.mean(losses)) if losses else 0.0
+
+    def bootstrap(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        contexts: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> int:
+        """``policy.bootstrap_passes`` extra passes over retained history positives (each
+        pass in a new random order from the learner's generator, steps of ``step_events``,
+        trained as replay: parameters only, no counts or histories). Returns the number of
+        events trained. The events should already have been learned once (:meth:`learn`).
+
+        Raises:
+            InputError: lengths differ.
+        """
+        b = len(user_ids)
+        if len(item_ids) != b:
+            raise InputError(f"bootstrap: {b} user ids but {len(item_ids)} item ids")
+        if contexts is not None and len(contexts) != b:
+            raise InputError(f"bootstrap: {b} events but {len(contexts)} contexts")
+        step = self.policy.step_events
+        done = 0
+        for _ in range(self.policy.bootstrap_passes if b else 0):
+            order = self._rng.permutation(b)
+            for lo in range(0, b, step):
+                idx = order[lo : lo + step].tolist()
+                ctx = None if contexts is None else [contexts[k] for k in idx]
+                self.model.replay_many(
+                    [user_ids[k] for k in idx], [item_ids[k] for k in idx], contexts=ctx
+                )
+                done += len(idx)
+        return done
 
     def _push(
         self,

@@ -30,7 +30,7 @@ from model.features import PAD, Catalog, FeatureSpace, IdIndex, canon, ring_newe
 from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
-from model.step import StepBatch, step_gradients
+from model.step import StepBatch, softmax_step_gradients, step_gradients
 
 _CHUNK = 32768  # entities per chunk when composing all item vectors
 
@@ -53,8 +53,12 @@ class TrainConfig:
         lr: row-wise Adagrad learning rate.
         l2: L2 strength, applied once per batch to each row the batch touches.
         loss: ``logistic`` (explicit 0/1 labels + sampled negatives as 0), ``bpr`` or ``hinge``
-            (pairwise: each positive against its sampled negatives; label-0 events are skipped).
-        negatives: sampled negatives per positive event.
+            (pairwise: each positive against its sampled negatives; label-0 events are skipped),
+            or ``softmax``: sampled softmax of each positive against ``negatives`` items drawn
+            once per step and shared by all its positives, logits corrected by ``−log q`` (the
+            draw probability; :func:`model.step.softmax_step_gradients`); label-0 events are
+            skipped and ``neg_candidates`` / ``neg_pool`` do not apply.
+        negatives: sampled negatives per positive event (``softmax``: per step, shared).
         neg_sampling: ``uniform`` over known items or ``popularity`` ((count+1)^neg_alpha).
         neg_alpha: popularity exponent (0 = uniform, 1 = proportional).
         seed: seeds row initialisation and negative sampling (training is reproducible on a
@@ -90,7 +94,7 @@ class TrainConfig:
     dim: int = 32
     lr: float = 0.05
     l2: float = 1e-5
-    loss: Literal["logistic", "bpr", "hinge"] = "bpr"
+    loss: Literal["logistic", "bpr", "hinge", "softmax"] = "bpr"
     negatives: int = 16
     neg_sampling: Literal["uniform", "popularity"] = "uniform"
     neg_alpha: float = 0.75
@@ -114,8 +118,8 @@ class TrainConfig:
             raise bad("lr must be a finite number > 0", self.lr)
         if not (isinstance(self.l2, int | float) and math.isfinite(self.l2) and self.l2 >= 0):
             raise bad("l2 must be a finite number >= 0", self.l2)
-        if self.loss not in ("logistic", "bpr", "hinge"):
-            raise bad("loss must be 'logistic', 'bpr' or 'hinge'", self.loss)
+        if self.loss not in ("logistic", "bpr", "hinge", "softmax"):
+            raise bad("loss must be 'logistic', 'bpr', 'hinge' or 'softmax'", self.loss)
         if (
             isinstance(self.negatives, bool)
             or not isinstance(self.negatives, int)
@@ -430,7 +434,10 @@ class OnlineFM:
         np.add.at(self._items.counts, ie[pos], 1)
         np.add.at(self._users.counts, ue[pos], 1)
         k = self.config.negatives
-        neg, valid = self._negatives(ukeys, uw, u_inv[pos], ie[pos], k)
+        if self.config.loss == "softmax":
+            neg, valid = self._shared_negatives(k, pos.size)
+        else:
+            neg, valid = self._negatives(ukeys, uw, u_inv[pos], ie[pos], k)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         # sightings: every key of every event (entity keys weighted by occurrences); the
@@ -450,7 +457,12 @@ class OnlineFM:
             ),
         )
         space.maybe_expire()
-        loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
+        if self.config.loss == "softmax":
+            loss = self._softmax_step(
+                ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ie[pos], valid
+            )
+        else:
+            loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
         if self._users.hist_fields and pos.size:
             # after the step, so an event never sees its own item in the user's history
             appended = []
@@ -495,10 +507,15 @@ class OnlineFM:
         uu, u_inv = self._unique(ue)
         ukeys, uw = self._users.keys_of(uu)
         pos = np.arange(b)
-        neg, valid = self._negatives(ukeys, uw, u_inv, ie, self.config.negatives)
+        if self.config.loss == "softmax":
+            neg, valid = self._shared_negatives(self.config.negatives, b)
+        else:
+            neg, valid = self._negatives(ukeys, uw, u_inv, ie, self.config.negatives)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         y = np.ones(b, dtype=np.float32)
+        if self.config.loss == "softmax":
+            return self._softmax_step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ie, valid)
         return self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
 
     def _negatives(
@@ -532,6 +549,76 @@ class OnlineFM:
         neg = np.take_along_axis(neg.reshape(b, k, m), best, axis=2)[..., 0]
         valid = np.take_along_axis(valid.reshape(b, k, m), best, axis=2)[..., 0]
         return neg, valid
+
+    def _shared_negatives(self, m: int, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(1, m)`` item entities drawn once for a step's ``n_pos`` positives (the sampled
+        softmax's shared set) and their log draw probabilities ``(1, m)`` (float32)."""
+        if n_pos == 0 or self._items.n < 2:
+            return np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.float32)
+        items, logq = self._sampler.draw_shared(self._items.counts, self._items.n, m, n_pos)
+        return items.reshape(1, -1), logq.reshape(1, -1)
+
+    def _softmax_step(
+        self,
+        ukeys: np.ndarray,
+        uw: np.ndarray,
+        u_inv: np.ndarray,
+        ikeys: np.ndarray,
+        iw: np.ndarray,
+        i_inv: np.ndarray,
+        y: np.ndarray,
+        ck: np.ndarray,
+        cw: np.ndarray,
+        pos: np.ndarray,
+        pos_items: np.ndarray,
+        logq: np.ndarray,
+    ) -> float:
+        """One optimiser step of the sampled softmax (``config.loss == "softmax"``): the step's
+        positives (catalogue entities ``pos_items``) against the shared items that follow the
+        events' items in ``i_inv``, with log draw probabilities ``logq`` ``(1, M)`` (arguments
+        otherwise as :meth:`_step`)."""
+        cfg = self.config
+        b = y.size
+        if pos.size == 0:
+            return 0.0
+        nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
+        m = nu + ni + nc
+        parts_k = [ukeys, ikeys] + ([ck] if nc else [])
+        parts_w = [uw, iw] + ([cw] if nc else [])
+        keys = np.concatenate([p.ravel() for p in parts_k])
+        x = np.concatenate([p.ravel() for p in parts_w])
+        live = keys != PAD
+        per_ent = np.concatenate([(p != PAD).sum(axis=1) for p in parts_k])
+        indptr = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(per_ent, out=indptr[1:])
+        uniq, cols = self._table.unique(self._space.key_row[keys[live]])
+        x = x[live]
+        vals = np.take(self._table.params, uniq, axis=0)
+        fixed = [u_inv[pos]] + ([nu + ni + pos] if nc else [])
+        empty = np.zeros((0, 0), dtype=np.int64)
+        batch = StepBatch(
+            indptr=indptr,
+            cols=cols,
+            x=x,
+            ev_fixed=np.stack(fixed, axis=1),
+            ev_item=nu + i_inv[:b][pos],
+            labels=y[pos],
+            neg_owner=np.zeros(0, dtype=np.int64),
+            neg_item=empty,
+            neg_valid=empty.astype(bool),
+        )
+        shared = nu + i_inv[b:]
+        res = softmax_step_gradients(
+            vals, batch, shared, logq.ravel(), self._sampler.log_prob(pos_items, self._items.n)
+        )
+        if res.count == 0:
+            return 0.0
+        decay: float | np.ndarray = cfg.acc_decay
+        if cfg.user_acc_decay is not None and cfg.user_acc_decay != cfg.acc_decay:
+            decay = np.full(uniq.size, cfg.acc_decay, dtype=np.float32)
+            decay[cols[: int(np.count_nonzero(live[: ukeys.size]))]] = cfg.user_acc_decay
+        self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, None, decay)
+        return res.loss / res.count
 
     def _step(
         self,

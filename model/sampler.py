@@ -83,6 +83,33 @@ class NegativeSampler:
             neg[rows, cols] = (pos[rows, 0] + shift) % n_items
         return neg.astype(np.int64, copy=False), np.ones((b, k), dtype=bool)
 
+    def draw_shared(
+        self, counts: np.ndarray, n_items: int, m: int, n_pos: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``m`` items (with replacement) shared by a step of ``n_pos`` positives, and the log
+        of each one's draw probability (for the sampled softmax's log-Q correction)."""
+        if m <= 0 or n_items < 1:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if self.mode == "uniform":
+            items = self.rng.integers(0, n_items, size=m).astype(np.int64)
+        else:
+            self._refresh(counts, n_items, n_pos)
+            items = self._draw((m,)).astype(np.int64)
+        return items, self.log_prob(items, n_items)
+
+    def log_prob(self, items: np.ndarray, n_items: int) -> np.ndarray:
+        """Log probability that one draw returns each of ``items`` (float32). Under popularity
+        sampling it is the cached distribution's; an item newer than the cache gets the
+        smallest weight (``1 ** alpha``)."""
+        items = np.asarray(items, dtype=np.int64)
+        if self.mode == "uniform" or self.cdf.size == 0:
+            return np.full(items.shape, -np.log(max(n_items, 1)), dtype=np.float32)
+        n = self.cdf.size
+        j = np.minimum(items, n - 1)
+        w = self.cdf[j] - np.where(j > 0, self.cdf[np.maximum(j - 1, 0)], 0.0)
+        got = np.where(items < n, w, 1.0)
+        return (np.log(got) - np.log(self.cdf[-1])).astype(np.float32)
+
     def _draw(self, shape: tuple[int, ...]) -> np.ndarray:
         total = self.cdf[-1]
         u = self.rng.random(shape) * total

@@ -313,3 +313,121 @@ def step_gradients_reference(
     grad = s.grad.numpy() if s.grad is not None else np.zeros_like(vals)
     g0 = float(w0t.grad) if w0t.grad is not None else 0.0
     return StepGrads(float(total.detach()), int(count), grad, g0)
+
+
+def softmax_step_gradients(
+    vals: np.ndarray,
+    batch: StepBatch,
+    shared: np.ndarray,
+    logq_shared: np.ndarray,
+    logq_pos: np.ndarray,
+) -> StepGrads:
+    """Sampled softmax with a log-Q correction over negatives *shared* by the whole step.
+
+    Each event of ``batch`` (``ev_fixed`` / ``ev_item``; its ``neg_*`` fields are ignored) is a
+    positive. Its candidates are its own item and the ``M`` entities ``shared`` (drawn once for
+    the step with probabilities ``q``); each candidate's logit is corrected by ``−log q``
+    (``logq_pos`` for the positive's own item, ``logq_shared`` for the shared ones), and a
+    shared candidate equal to the event's own item is left out (an accidental hit). The loss
+    is ``Σ_events logsumexp(z) − z_pos``, so ``c = softmax(z) − onehot(pos)``; ``Σ c = 0`` per
+    event, hence the user/context first-order terms and ``w0`` get exactly 0. The logits of all
+    events against the shared set are one ``(E, M)`` product. ``w0`` cancels (not an input).
+    """
+    n_rows, d1 = vals.shape
+    m = batch.n_entities
+    f32 = np.float32
+    x, cols, indptr = batch.x, batch.cols, batch.indptr
+    n_ev = batch.ev_item.size
+    grad = np.zeros((n_rows, d1), dtype=np.float32)
+    if n_ev == 0:
+        return StepGrads(0.0, 0, grad, 0.0)
+    shared = np.asarray(shared, dtype=np.int64).reshape(-1)
+    ent_of = np.repeat(np.arange(m), np.diff(indptr))
+    x2 = x * x
+    v = vals[:, 1:]
+    sq = np.einsum("rd,rd->r", v, v)
+    agg = gather_sum(indptr, cols, x, vals)
+    V = np.ascontiguousarray(agg[:, 1:])
+    s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
+    q = agg[:, 0] - f32(0.5) * s2
+    a = q + f32(0.5) * np.einsum("md,md->m", V, V)
+
+    ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
+    P = np.take(V, ev_fixed[:, 0], axis=0)
+    for j in range(1, ev_fixed.shape[1]):
+        P += np.take(V, ev_fixed[:, j], axis=0)
+    VP = np.take(V, ev_item, axis=0)  # (E, d) the positives' item vectors
+    VS = np.take(V, shared, axis=0)  # (M, d) the shared negatives'
+    z_pos = np.take(a, ev_item) + np.einsum("ed,ed->e", P, VP) - logq_pos.astype(np.float32)
+    z_neg = (np.take(a, shared) - logq_shared.astype(np.float32))[None, :] + P @ VS.T
+    hit = shared[None, :] == ev_item[:, None]  # accidental hits: not negatives of that event
+    z_neg = np.where(hit, f32(-np.inf), z_neg)
+    top = np.maximum(z_pos, z_neg.max(axis=1, initial=-np.inf))
+    e_pos = np.exp(z_pos - top)
+    e_neg = np.exp(z_neg - top[:, None])
+    norm = e_pos + e_neg.sum(axis=1)
+    total = float((np.log(norm) + top - z_pos).sum(dtype=np.float64))
+    c_pos = (e_pos / norm - f32(1.0)).astype(np.float32)
+    c_neg = (e_neg / norm[:, None]).astype(np.float32)
+
+    dP = c_pos[:, None] * VP + c_neg @ VS  # (E, d)
+    gent = np.zeros((m, d1), dtype=np.float32)
+    dq = np.bincount(ev_item, weights=c_pos, minlength=m)
+    dq += np.bincount(shared, weights=c_neg.sum(axis=0), minlength=m)
+    gent[:, 0] = dq
+    gent[:, 1:] = gent[:, :1] * V
+    np.add.at(gent[:, 1:], ev_item, c_pos[:, None] * P)
+    np.add.at(gent[:, 1:], shared, c_neg.T @ P)
+    for j in range(ev_fixed.shape[1]):
+        np.add.at(gent[:, 1:], ev_fixed[:, j], dP)
+
+    grad = scatter_sum(indptr, cols, x, gent, n_rows)
+    c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
+    grad[:, 1:] -= c2[:, None] * v
+    return StepGrads(total, n_ev, np.ascontiguousarray(grad, dtype=np.float32), 0.0)
+
+
+def softmax_step_gradients_reference(
+    vals: np.ndarray,
+    w0: float,
+    batch: StepBatch,
+    shared: np.ndarray,
+    logq_shared: np.ndarray,
+    logq_pos: np.ndarray,
+) -> StepGrads:
+    """:func:`softmax_step_gradients` by torch autograd over the full FM logits of
+    :mod:`model.fm` (user, context and ``w0`` included: they cancel in the softmax)."""
+    m = batch.n_entities
+    counts = np.diff(batch.indptr)
+    width = max(int(counts.max(initial=0)), 1)
+    inv = np.zeros((m, width), dtype=np.int64)
+    x = np.zeros((m, width), dtype=np.float32)
+    ent_of = np.repeat(np.arange(m), counts)
+    pos_in = np.arange(batch.cols.size) - np.repeat(batch.indptr[:-1], counts)
+    inv[ent_of, pos_in] = batch.cols
+    x[ent_of, pos_in] = batch.x
+    n_ev, n_sh = batch.ev_item.size, int(np.size(shared))
+    if n_ev == 0:
+        return StepGrads(0.0, 0, np.zeros_like(vals), 0.0)
+    s = torch.from_numpy(vals.copy()).requires_grad_(True)
+    w0t = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+    ent = fmath.entity_terms(s, torch.from_numpy(inv), torch.from_numpy(x))
+    cand = np.concatenate(
+        [batch.ev_item[:, None], np.broadcast_to(np.asarray(shared), (n_ev, n_sh))], axis=1
+    )  # (E, 1 + M)
+    fixed = np.repeat(batch.ev_fixed, 1 + n_sh, axis=0)
+    members = np.concatenate([fixed, cand.reshape(-1, 1)], axis=1)
+    logits = fmath.example_logits(w0t, ent, torch.from_numpy(members)).reshape(n_ev, 1 + n_sh)
+    logq = np.concatenate(
+        [np.asarray(logq_pos)[:, None], np.broadcast_to(np.asarray(logq_shared), (n_ev, n_sh))],
+        axis=1,
+    ).astype(np.float32)
+    z = logits - torch.from_numpy(logq)
+    hit = np.zeros((n_ev, 1 + n_sh), dtype=bool)
+    hit[:, 1:] = cand[:, 1:] == batch.ev_item[:, None]
+    z = z.masked_fill(torch.from_numpy(hit), float("-inf"))
+    total = (torch.logsumexp(z, dim=1) - z[:, 0]).sum()
+    total.backward()
+    grad = s.grad.numpy() if s.grad is not None else np.zeros_like(vals)
+    g0 = float(w0t.grad) if w0t.grad is not None else 0.0
+    return StepGrads(float(total.detach()), n_ev, grad, g0)

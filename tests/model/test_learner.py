@@ -335,3 +335,46 @@ def test_user_acc_decay_applies_to_user_side_rows_only() -> None:
     for bad in (0.0, 1.5, True, float("nan")):
         with pytest.raises(ConfigError):
             TrainConfig(user_acc_decay=bad)
+
+
+def test_bootstrap_makes_seeded_passes_over_history_parameters_only() -> None:
+    """Bootstrap passes: ``passes x len(history)`` events replayed (each pass reshuffled),
+    parameters change but counts/histories do not, same seed = same model, and a restored
+    learner keeps the policy."""
+    u, i, y, ctx, ts = events(200)
+    p = np.flatnonzero(y >= 0.5)
+    hu, hi, hc = [u[j] for j in p], [i[j] for j in p], [ctx[j] for j in p]
+    runs = []
+    for seed in (4, 4, 5):
+        learner = Learner(model(), LearnPolicy(step_events=32, seed=seed, bootstrap_passes=2))
+        learner.learn(u, i, y, contexts=ctx, ts=ts)
+        n_pos, before = learner.model.n_positives, params(learner.model)
+        hist = learner.model.user_history("u1")
+        assert learner.bootstrap(hu, hi, hc) == 2 * p.size
+        assert learner.model.n_positives == n_pos
+        assert learner.model.user_history("u1") == hist
+        assert not np.array_equal(params(learner.model), before)
+        runs.append(params(learner.model))
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+    restored = Learner.from_state(learner.model, learner.state())
+    assert restored.policy.bootstrap_passes == 2
+
+
+def test_bootstrap_off_or_empty_changes_nothing_and_bad_input_is_refused() -> None:
+    u, i, y, ctx, ts = events(100)
+    learner = Learner(model(), LearnPolicy(step_events=32))  # bootstrap_passes = 0
+    learner.learn(u, i, y, contexts=ctx, ts=ts)
+    before = params(learner.model)
+    assert learner.bootstrap(u, i, ctx) == 0
+    on = Learner(learner.model, LearnPolicy(bootstrap_passes=3))
+    assert on.bootstrap([], []) == 0
+    assert np.array_equal(params(learner.model), before)
+    with pytest.raises(InputError):
+        on.bootstrap(["u1"], ["i1", "i2"])
+    with pytest.raises(InputError):
+        on.bootstrap(["u1"], ["i1"], contexts=[])
+    assert np.array_equal(params(learner.model), before)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="bootstrap_passes"):
+            LearnPolicy(bootstrap_passes=bad)  # type: ignore[arg-type]
