@@ -120,13 +120,15 @@ class Settings(BaseSettings):
     dim: int = Field(32, ge=1, le=1024, description="latent factors per feature")
     lr: float = Field(0.05, gt=0, description="Adagrad learning rate")
     l2: float = Field(1e-5, ge=0, description="L2 on the rows a batch touches")
-    loss: Literal["logistic", "bpr", "hinge"] = Field(
-        "bpr", description="bpr scored best on ml-100k (bench/quality.py)"
+    loss: Literal["logistic", "bpr", "hinge", "softmax"] = Field(
+        "softmax", description="sampled softmax (log-Q corrected) scored best on ml-100k "
+        "validation (bench/quality.py)"
     )
-    negatives: int = Field(16, ge=0, description="sampled negatives per positive")
-    neg_sampling: Literal["uniform", "popularity"] = "uniform"
+    negatives: int = Field(512, ge=0, description="sampled negatives per positive (softmax: "
+                           "per step, shared by its positives)")
+    neg_sampling: Literal["uniform", "popularity"] = "popularity"
     neg_pool: int = Field(512, ge=1, description="negatives of a batch come from one pool this big")
-    neg_alpha: float = Field(0.75, ge=0, description="popularity exponent of negative sampling")
+    neg_alpha: float = Field(1.0, ge=0, description="popularity exponent of negative sampling")
     neg_candidates: int = Field(3, ge=1, description="each negative is the best-scored of this "
                                 "many sampled candidates (hard negatives; model/online.py)")
     seed: int = 0
@@ -136,7 +138,7 @@ class Settings(BaseSettings):
     user_acc_decay: float | None = Field(0.98, gt=0, le=1, description="acc_decay of user-side "
                                          "rows (None = acc_decay): users' tastes drift")
     step_events: int = Field(
-        256, ge=1, description="events per optimiser step whatever the poll size (model/learner)"
+        128, ge=1, description="events per optimiser step whatever the poll size (model/learner)"
     )
     replay: float = Field(0.0, ge=0, description="past positives replayed per new positive")
     replay_buffer: int = Field(20_000, ge=1, description="recent positives kept for replay")

@@ -49,7 +49,7 @@ class LearnPolicy:
         bootstrap_passes: extra passes :meth:`Learner.bootstrap` makes over retained history.
     """
 
-    step_events: int = 256
+    step_events: int = 128
     replay: float = 0.0
     replay_buffer: int = 20_000
     seed: int = 0

@@ -376,10 +376,14 @@ def softmax_step_gradients(
     dq += np.bincount(shared, weights=c_neg.sum(axis=0), minlength=m)
     gent[:, 0] = dq
     gent[:, 1:] = gent[:, :1] * V
-    np.add.at(gent[:, 1:], ev_item, c_pos[:, None] * P)
-    np.add.at(gent[:, 1:], shared, c_neg.T @ P)
-    for j in range(ev_fixed.shape[1]):
-        np.add.at(gent[:, 1:], ev_fixed[:, j], dP)
+    ones = np.ones(max(n_ev, shared.size) * max(ev_fixed.shape[1], 1), dtype=np.float32)
+    gent[:, 1:] += scatter_sum(np.arange(n_ev + 1), ev_item, ones[:n_ev], c_pos[:, None] * P, m)
+    gent[:, 1:] += scatter_sum(
+        np.arange(shared.size + 1), shared, ones[: shared.size], c_neg.T @ P, m
+    )
+    n_fixed = ev_fixed.shape[1]
+    fixed_ptr = np.arange(0, ev_fixed.size + 1, n_fixed)
+    gent[:, 1:] += scatter_sum(fixed_ptr, ev_fixed.ravel(), ones[: ev_fixed.size], dP, m)
 
     grad = scatter_sum(indptr, cols, x, gent, n_rows)
     c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
