@@ -389,19 +389,25 @@ def _grant_all(admin, user: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("fetch_process", ["true", "false"], ids=["fetch-process", "fetch-thread"])
 def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_message(
-    stack: SecureStack,
+    stack: SecureStack, fetch_process: str,
 ) -> None:
     """A SCRAM user deleted while `train` and `serve` run: both notice within a bounded time
     (FMSTREAM_CREDENTIALS_CHECK_S), stop as on SIGTERM and exit 3 with one clear line, no
-    traceback and no password (instead of retrying for ever once a connection drops)."""
+    traceback and no password (instead of retrying for ever once a connection drops). The
+    trainer polls in a child process (the default) or in a thread of its own process."""
     from kafka.admin._users import UserScramCredentialDeletion, UserScramCredentialUpsertion
     from kafka.errors import KafkaError
 
-    from stream.connect import kafka_admin
+    from serving.store import VectorStore
+    from stream.connect import kafka_admin, kafka_producer, redis_client
     from stream.lag import LagReader
 
     s = stack.settings
+    store = VectorStore(redis_client(s.redis_config()), s.redis_keys())
+    producer = kafka_producer(s.kafka_config())  # as the stack's own user, never revoked
+    probe = f"probe-{secrets.token_hex(4)}"
     user, password = f"revokee-{secrets.token_hex(4)}", f"revokedpw-{secrets.token_hex(8)}"
     admin = kafka_admin(s.kafka_config())
     try:
@@ -410,8 +416,7 @@ def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_mes
         _grant_all(admin, user)  # the broker authorizes: give the new user what fmstream needs
         as_revokee = {"FMSTREAM_KAFKA_USERNAME": user, "FMSTREAM_KAFKA_PASSWORD": password,
                       "FMSTREAM_CREDENTIALS_CHECK_S": "1",
-                      # the in-process fetch logs "assigned ...": the trainer is running
-                      "FMSTREAM_TRAINER_FETCH_PROCESS": "false"}
+                      "FMSTREAM_TRAINER_FETCH_PROCESS": fetch_process}
         procs = {cmd: subprocess.Popen(  # noqa: S603
             _fmstream("-v", cmd), cwd=REPO_ROOT, env=_env(s, **as_revokee),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -422,12 +427,16 @@ def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_mes
         for r in readers:
             r.start()
         try:
-            # running and authenticated (observable state, not a sleep): the trainer assigned
-            # itself its partitions, the worker is a member of its group
+            # running and authenticated (observable state, not a sleep): an event produced
+            # now went through the trainer's consumer (the revokee's) into the model and out
+            # to Redis; the worker is a member of its group
+            producer.send(s.topic_events, key=probe.encode(), value=orjson.dumps(
+                {"user_id": probe, "item_id": "i1", "label": 1, "ts": time.time()}))
+            producer.flush()
             with LagReader(s.kafka_config(), admin=admin) as lag:
 
                 def running() -> bool:
-                    if not any("assigned" in line for line in list(printed["train"])):
+                    if not store.get_user_vectors([probe]).found.all():
                         return False
                     try:  # a fresh broker has no group coordinator for a moment
                         members = lag.group_states([s.serving_group])[s.serving_group].members
@@ -451,6 +460,7 @@ def test_credentials_revoked_while_running_stop_train_and_serve_with_a_clear_mes
                     p.wait()
     finally:
         admin.close()
+        producer.close()
     for cmd, p in procs.items():
         out = outputs[cmd]
         assert p.returncode == 3, f"{cmd}: exit {p.returncode}\n{out[-3000:]}"
