@@ -785,10 +785,6 @@ def _redis_conf(settings: Settings, security: LocalSecurity | None = None) -> st
     )
 
 
-def _redis_url(settings: Settings) -> str:
-    return f"redis://{LOOPBACK}:{settings.redis_port}/0"
-
-
 def _local_redis(settings: Settings) -> RedisConfig:
     """The local Redis with the credentials and TLS of ``settings`` (none by default), those in
     the URL's scheme and user part included."""
@@ -910,14 +906,6 @@ def stop_redis(
         Whether a server was stopped.
     """
     return _stop_pid("Redis", _redis_pid_file(settings), _REDIS_MARKER, timeout_s, kill)
-
-
-def restart_redis(
-    settings: Settings, *, kill: bool = False, security: LocalSecurity | None = None
-) -> int:
-    """Stop and start the local Redis, keeping its data; returns the new pid."""
-    stop_redis(settings, kill=kill)
-    return start_redis(settings, security=security)
 
 
 # --- topics ---------------------------------------------------------------------------------

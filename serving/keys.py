@@ -86,9 +86,6 @@ class RedisKeys:
     def items_extra(self, version: int, name: str) -> str:
         return self.key("items", version, "extra", name)
 
-    def items_delta(self, version: int) -> str:
-        return self.key("items", "delta", version)
-
     def items_deltas(self) -> str:
         return self.key("items", "deltas")
 
