@@ -68,6 +68,7 @@ from stream.connect import kafka_producer, redis_client  # noqa: E402
 from stream.lag import group_lag  # noqa: E402
 
 log = logging.getLogger("bench.quality_kafka")
+INPROC = "fmstream FM (in process)"
 
 
 class KafkaFM(Model):
@@ -89,6 +90,8 @@ class KafkaFM(Model):
         self.waited_s = 0.0
         self.requests = 0
         self.versions: set[int] = set()
+        self.awaited = 0  # the marker records' newest stamp at the last boundary
+        self.stale_answers = 0  # answers naming a version below it (must stay 0)
 
     def produce_profiles(self) -> None:
         t = self.settings
@@ -138,6 +141,7 @@ class KafkaFM(Model):
             got = self.store.get_user_vectors(self.marks)
             served = self.store.worker_versions().values()
             if got.found.all() and served and min(served) >= int(got.versions.max()):
+                self.awaited = int(got.versions.max())
                 break
             if time.monotonic() - t0 > self.timeout_s:
                 raise TimeoutError(f"markers {self.marks} not served within {self.timeout_s} s")
@@ -159,11 +163,57 @@ class KafkaFM(Model):
         for row, a in enumerate(answers):
             if a is None or a.error is not None:
                 raise RuntimeError(f"u2i for {reqs[row]['user_id']} failed: {a!r}")
-            self.versions.add(int(a.model_version or 0))
+            version = int(a.model_version or 0)
+            self.versions.add(version)
+            self.stale_answers += version < self.awaited
             for item in a.items:
                 s[row, index[item.item_id]] = item.score
         self.requests += len(reqs)
         return s
+
+
+class Lists(Model):
+    """A model under ``bench.quality.run`` whose top-10 per user is recorded at every boundary
+    (the same masks as ``run``: items seen before the interval and items no one saw yet)."""
+
+    def __init__(self, inner: Model, d: Data) -> None:
+        self.inner, self.name, self.uses_profile = inner, inner.name, inner.uses_profile
+        self.seen = np.zeros((d.n_users, d.n_items), dtype=bool)
+        self.known = np.zeros(d.n_items, dtype=bool)
+        self.active = np.zeros(d.n_users, dtype=bool)
+        self.tops: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # users, warm, top (n, K)
+
+    def observe(self, d: Data, lo: int, hi: int) -> None:
+        self.inner.observe(d, lo, hi)
+        self.seen[d.u[lo:hi], d.i[lo:hi]] = True
+        self.known[d.i[lo:hi]] = True
+        self.active[d.u[lo:hi]] = True
+
+    def refresh(self, d: Data, upto: int) -> None:
+        self.inner.refresh(d, upto)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        s = np.array(self.inner.scores(users), dtype=np.float64, copy=True)
+        masked = np.where(self.seen[users] | ~self.known, -np.inf, s)
+        top = np.argsort(-masked, axis=1, kind="stable")[:, :K]
+        self.tops.append((users.copy(), self.active[users].copy(), top))
+        return s
+
+
+def overlap(a: Lists, b: Lists) -> dict[str, float]:
+    """How alike two models' lists were, user by user at the same boundaries (warm users):
+    mean shared items of the top-10 (/10), share of identical lists, share of equal top-1."""
+    shared, same, first = [], [], []
+    for (ua, wa, ta), (ub, _, tb) in zip(a.tops, b.tops, strict=True):
+        if not np.array_equal(ua, ub):
+            raise ValueError("the two models were asked for different users")
+        for row in np.flatnonzero(wa):
+            n = len(set(ta[row].tolist()) & set(tb[row].tolist()))
+            shared.append(n / K)
+            same.append(n == K)
+            first.append(ta[row, 0] == tb[row, 0])
+    return {"shared": float(np.mean(shared)), "identical": float(np.mean(same)),
+            "top1": float(np.mean(first)), "lists": len(shared)}
 
 
 def spawn(settings: Settings, command: str, log_path: Path, env: dict[str, str]
@@ -186,11 +236,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def one_run(d: Data, schema_path: Path | None, interval: str, seed: int, start: int, end: int,
-            run_dir: Path) -> tuple[dict[str, Any], KafkaFM]:
-    """The Kafka path and the in-process FM (same seed) plus popularity, in one protocol run."""
+            run_dir: Path, partitions: int = 6
+            ) -> tuple[dict[str, Any], KafkaFM, dict[str, float]]:
+    """The Kafka path and the in-process FM (same seed) plus popularity, in one protocol run;
+    also how alike the two FMs' lists were (:func:`overlap`)."""
     settings = bench_settings(
         run_dir / f"{interval}-{seed}", ports=(27092, 27093, 27379),
-        schema_path=schema_path, seed=seed,
+        schema_path=schema_path, seed=seed, partitions_events=partitions,
     )
     services.up(settings)
     procs: list[subprocess.Popen] = []
@@ -202,15 +254,15 @@ def one_run(d: Data, schema_path: Path | None, interval: str, seed: int, start: 
             kafka = KafkaFM(d, settings, client, store)
             kafka.produce_profiles()
             schema = None if schema_path is None else FeatureSchema.load(schema_path)
-            models = [make(d, ("pop", {}), seed, schema),
-                      make(d, ("fm", {"name": "fmstream FM (in process)"}), seed, schema),
-                      kafka]
-            out = run(d, models, start, end, interval, d.n_items)
+            inproc = Lists(make(d, ("fm", {"name": INPROC}), seed, schema), d)
+            via = Lists(kafka, d)
+            out = run(d, [make(d, ("pop", {}), seed, schema), inproc, via],
+                      start, end, interval, d.n_items)
             kafka.producer.close()
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"a process exited early ({p.args}): see {run_dir}")
-        return out, kafka
+        return out, kafka, overlap(inproc, via)
     finally:
         for p in procs:
             stop(p)
@@ -223,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schema", default="movielens", help="'movielens', 'ids', or a TOML path")
     ap.add_argument("--intervals", default="day,2000")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--partitions", type=int, default=6,
+                    help="partitions of the events topic (6 = the project default)")
     ap.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
@@ -238,27 +293,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for interval in args.intervals.split(","):
             res: dict[str, dict[str, list[float]]] = {}
-            extra = []
-            for seed in range(args.seeds):
-                out, kafka = one_run(d, schema_path, interval, seed, start, end, run_dir)
+            extra, alike = [], []
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                out, kafka, same = one_run(d, schema_path, interval, seed, start, end, run_dir,
+                                           args.partitions)
+                alike.append(same)
                 for name, sc in out.items():
                     r = res.setdefault(name, {"warm": [], "cold": [], "cov": []})
                     r["warm"].append(sc.hr("warm"))
                     r["cold"].append(sc.hr("cold"))
                     r["cov"].append(len(sc.items) / d.n_items)
                     r["n"] = [sc.n["warm"], sc.n["cold"]]
-                extra.append((kafka.requests, kafka.waited_s, len(kafka.versions)))
-                log.info("interval %s seed %d: %s", interval, seed,
-                         {n: round(s.hr("warm"), 4) for n, s in out.items()})
+                extra.append((kafka.requests, kafka.waited_s, len(kafka.versions),
+                              kafka.stale_answers))
+                log.info("interval %s seed %d: %s; lists alike %s", interval, seed,
+                         {n: round(s.hr("warm"), 4) for n, s in out.items()}, same)
             pw = np.mean(res["popularity"]["warm"])
             for name, r in res.items():
                 w = np.mean(r["warm"])
+                sd = np.std(r["warm"], ddof=1) if len(r["warm"]) > 1 else 0.0
                 rows.append([interval, name, len(r["warm"]),
-                             " / ".join(f"{x:.4f}" for x in r["warm"]), f"{w / pw:.2f}x",
+                             " / ".join(f"{x:.4f}" for x in r["warm"]),
+                             f"{w:.4f} ± {sd:.4f}",
+                             f"{w / pw:.2f}x",
                              " / ".join(f"{x:.4f}" for x in r["cold"]),
                              f"{np.mean(r['cov']):.1%}", r["n"][0], r["n"][1]])
-            inproc = np.mean(res["fmstream FM (in process)"]["warm"])
-            via = np.mean(res[KafkaFM.name]["warm"])
+            a, b = np.array(res[INPROC]["warm"]), np.array(res[KafkaFM.name]["warm"])
+            inproc, via = a.mean(), b.mean()
+            if a.size > 1:  # noise: the standard error of the difference of the two means
+                se = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+                kv[f"i{interval}_diff_se"] = se
+                kv[f"i{interval}_within_noise"] = bool(abs(via - inproc) <= 2 * se)
+            kv[f"i{interval}_paired_diff"] = float((b - a).mean())
+            for key in ("shared", "identical", "top1"):
+                kv[f"i{interval}_lists_{key}"] = float(np.mean([x[key] for x in alike]))
+            kv[f"i{interval}_stale_answers"] = sum(e[3] for e in extra)
             kv[f"i{interval}_kafka_warm"] = float(via)
             kv[f"i{interval}_inprocess_warm"] = float(inproc)
             kv[f"i{interval}_kafka_vs_inprocess"] = float(via / inproc)
@@ -272,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("run folder kept: %s", run_dir)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
-    columns = ["interval", "model", "seeds", "warm HR@10 (per seed)", "warm / pop",
+    columns = ["interval", "model", "seeds", "warm HR@10 (per seed)", "mean ± std", "warm / pop",
                "cold HR@10 (per seed)", "coverage", "warm positives", "cold positives"]
     print_table(f"HR@10 through Kafka vs in process, {Path(args.movielens).name}, "
                 f"test = positives 80-100%, schema {args.schema}", columns, rows)

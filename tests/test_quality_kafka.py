@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.quality import Data, make, period, run
-from bench.quality_kafka import KafkaFM
-from fmstream.app import run_trainer, run_worker
+from bench.quality import Data, Model, make, period, run
+from bench.quality_kafka import KafkaFM, Lists, overlap
+from fmstream import app
+from fmstream.app import new_model, run_trainer, run_worker
 from fmstream.settings import Settings
-from model import FeatureSchema
+from model import FeatureSchema, OnlineFM
 from serving.client import FmClient
 from serving.store import VectorStore
 from stream.connect import redis_client as connect_redis
@@ -48,9 +49,35 @@ def synthetic_data(stream: SyntheticStream, n: int) -> Data:
     )
 
 
+class TrainerModel(Model):
+    """The trainer's own model, read directly (scored as ``bench.quality`` scores in process):
+    what the worker's answers must reproduce."""
+
+    name = "the trainer's model"
+    uses_profile = True
+
+    def __init__(self, d: Data, models: list[OnlineFM]) -> None:
+        self.d, self.models = d, models
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        (fm,) = self.models  # one trainer, one model
+        _, e_items = fm.item_vectors(self.d.item_ids)
+        e_users = fm.user_vectors([self.d.user_ids[u] for u in users.tolist()])
+        return (e_users @ e_items.T).astype(np.float64)
+
+
 @pytest.fixture
-def pipeline(settings: Settings) -> Iterator[Settings]:
-    """``fmstream train`` and ``fmstream serve`` (their entry points, in threads)."""
+def pipeline(settings: Settings, monkeypatch: pytest.MonkeyPatch
+             ) -> Iterator[tuple[Settings, list[OnlineFM]]]:
+    """``fmstream train`` and ``fmstream serve`` (their entry points, in threads), and the model
+    the trainer built (kept to be read at interval boundaries, when the trainer is idle)."""
+    built: list[OnlineFM] = []
+
+    def keep(s: Settings) -> OnlineFM:
+        built.append(new_model(s))
+        return built[-1]
+
+    monkeypatch.setattr(app, "new_model", keep)
     settings = settings.model_copy(update={
         "dim": 8, "schema_path": SCHEMA, "publish_items_s": 0.2, "publish_active_s": 0.2,
         "checkpoint_every_s": 0.5, "swap_poll_s": 0.05,
@@ -61,24 +88,27 @@ def pipeline(settings: Settings) -> Iterator[Settings]:
     for t in threads:
         t.start()
     assert ready.wait(180), "the worker got no partitions of the request topic"
-    yield settings
+    yield settings, built
     stop.set()
     for t in threads:
         t.join(60)
 
 
-def test_hit_rate_through_kafka_matches_the_in_process_model(pipeline: Settings) -> None:
-    settings = pipeline
+def test_hit_rate_through_kafka_matches_the_in_process_model(
+    pipeline: tuple[Settings, list[OnlineFM]],
+) -> None:
+    settings, built = pipeline
     d = synthetic_data(STREAM, 6000)
     start, end = period(d, 0.8, 1.0)
     store = VectorStore(connect_redis(settings.redis_config()), settings.redis_keys())
     with FmClient(settings) as client:
         kafka = KafkaFM(d, settings, client, store, timeout_s=180)
         kafka.produce_profiles()
+        served, own = Lists(kafka, d), Lists(TrainerModel(d, built), d)
         models = [make(d, ("pop", {}), 0, None),
                   make(d, ("fm", {"dim": 8, "name": "in process"}), 0,
                        FeatureSchema.load(SCHEMA)),
-                  kafka]
+                  served, own]  # own after served: read once the markers were served
         out = run(d, models, start, end, "300", d.n_items)
         kafka.producer.close()
     via, inproc, pop = (out[KafkaFM.name], out["in process"], out["popularity"])
@@ -86,6 +116,11 @@ def test_hit_rate_through_kafka_matches_the_in_process_model(pipeline: Settings)
     # (KafkaFM raises on a missing or failed answer), from versions that had learned it all
     assert via.intervals == 4 and kafka.requests > 0 and via.n["warm"] > 500
     assert via.n == inproc.n and len(kafka.versions) >= 4
+    # serving is exact: every answer names a version holding the interval's last event, and
+    # each list is the trainer model's own top-10 (seen and unknown items excluded)
+    assert kafka.stale_answers == 0
+    alike = overlap(own, served)
+    assert alike["lists"] > 100 and alike["identical"] == 1.0, alike
     # the planted clusters are learned through Kafka as in process: both well above popularity,
     # and the same within noise (a few hundred hits; polls interleave partitions differently)
     assert inproc.hr("warm") > 1.5 * pop.hr("warm")
