@@ -32,6 +32,7 @@ from kafka.errors import KafkaError
 from stream.config import Topics
 from stream.consume import Decoded, decode_event_columns, decode_records
 from stream.schemas import EventColumns, ItemProfile, UserProfile
+from train.align import EventAligner, aligned_records
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ class Fetcher(Generic[B]):
         depth: decoded batches waiting at most (bounded: memory and work ahead of the model).
         poll_timeout_ms: one poll's wait when nothing has arrived.
         timings: a dict where ``poll`` and ``decode`` seconds are accumulated.
+        aligner: hands one topic's records over in timestamp order across partitions
+            (:mod:`train.align`); None: each poll as kafka-python returns it.
     """
 
     def __init__(
@@ -159,8 +162,10 @@ class Fetcher(Generic[B]):
         depth: int = 2,
         poll_timeout_ms: int = 200,
         timings: dict[str, float] | None = None,
+        aligner: EventAligner | None = None,
     ) -> None:
         self.consumer = consumer
+        self._aligner = aligner
         self._decode = decode
         self._may_fetch = may_fetch
         self._before_poll = before_poll
@@ -266,7 +271,8 @@ class Fetcher(Generic[B]):
                 t0 = time.perf_counter()
                 try:
                     self._before_poll()
-                    polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms)
+                    ready = self._aligner is not None and self._aligner.more
+                    polled = self.consumer.poll(timeout_ms=0 if ready else self._poll_timeout_ms)
                 except KafkaError as exc:
                     # Broker away: positions stay in the consumer; retry shortly, never die.
                     log.warning("poll failed (%s); retrying", exc)
@@ -274,7 +280,10 @@ class Fetcher(Generic[B]):
                     continue
                 finally:
                     self.timings["poll"] += time.perf_counter() - t0
-                records = [r for batch in polled.values() for r in batch]
+                if self._aligner is not None:
+                    records = aligned_records(self._aligner, self.consumer, polled)
+                else:
+                    records = [r for batch in polled.values() for r in batch]
                 if not records:
                     continue
                 t0 = time.perf_counter()

@@ -8,7 +8,8 @@ consumer and dead-letter producer:
 - it assigns itself every partition of the trainer's topics and starts each at the position the
   trainer gave it (its checkpoint's), else at the beginning; partitions added later are found
   every ``ASSIGNMENT_REFRESH_S``;
-- it polls only while the trainer says it may (the lease is provably ours), decodes each poll
+- it polls only while the trainer says it may (the lease is provably ours), hands events over in
+  event-time order across partitions (:mod:`train.align`), decodes each batch
   with :func:`train.fetch.decode_poll`, and waits until the dead letters of a poll are
   acknowledged by the broker *before* handing the poll over; so a checkpoint, which only covers
   what the trainer applied, never covers an unacknowledged letter;
@@ -41,6 +42,7 @@ import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
 from stream.config import KafkaConfig, Topics
+from train.align import EventAligner, aligned_records
 from train.fetch import (
     DecodedBatch,
     FetchFailed,
@@ -72,6 +74,7 @@ class FetchSpec:
     max_message_bytes: int = 65536
     reconnect_backoff_max_ms: int = 1000
     poll_timeout_ms: int = 200
+    align_wait_s: float = 1.0  # longest events wait for a lagging partition (train/align.py)
 
 
 class RecordBlock:
@@ -316,6 +319,8 @@ class _Child:
         )
         self.producer = make_producer(spec.kafka)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
+        self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,
+                                    max_wait_s=spec.align_wait_s)
         self.assigned: set = set()
         self.assigned_at = 0.0
         self.cpu0 = time.process_time()
@@ -356,14 +361,15 @@ class _Child:
         try:
             if time.monotonic() - self.assigned_at >= ASSIGNMENT_REFRESH_S:
                 self._refresh_assignment()
-            polled = self.consumer.poll(timeout_ms=self.spec.poll_timeout_ms)
+            wait_ms = 0 if self.aligner.more else self.spec.poll_timeout_ms  # more is ready
+            polled = self.consumer.poll(timeout_ms=wait_ms)
         except KafkaError as exc:  # broker away: positions stay in the consumer; retry
             log.warning("poll failed (%s); retrying", exc)
             self.stop.wait(0.2)
             return None
         finally:
             self.poll_s += time.perf_counter() - t0
-        records = [r for rs in polled.values() for r in rs]
+        records = aligned_records(self.aligner, self.consumer, polled)  # in event-time order
         if not records:
             return None
         t0 = time.perf_counter()

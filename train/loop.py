@@ -41,6 +41,7 @@ from model.live import LiveHitRate
 from model.online import OnlineFM
 from stream.consume import Decoded, make_consumer
 from stream.schemas import EventColumns
+from train.align import EventAligner
 from train.config import TrainerConfig
 from train.fetch import (
     DecodedBatch,
@@ -242,6 +243,7 @@ class Trainer:
                 before_poll=self._refresh_if_due,
                 depth=FETCH_DEPTH,
                 timings=self.timings,
+                aligner=EventAligner(config.topics.events, max_records=config.max_poll_records),
             )
         if config.fetch_process:  # spawned now (it polls only while the lease is ours)
             self.fetcher.start()

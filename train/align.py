@@ -1,0 +1,179 @@
+"""Event records of several partitions handed over in timestamp order, not partition by partition.
+
+Why: kafka-python's ``poll`` hands out one partition's fetched chunk at a time (about 7,000
+events at the default 1 MB ``max_partition_fetch_bytes``), so a trainer catching up on a backlog
+learned the stream partition by partition: one group of users over a long stretch of time, then
+the next group over the same stretch (ml-100k through ``fmstream train``, 6 partitions: the
+event times of its learn calls went back 18.9M s in all). The Learner's contract is that quality
+does not depend on how Kafka batches; the in-process model fed that order lost warm HR@10
+(-0.005, -0.012, -0.002 on seeds 0-2, bench/RESULTS.md "Quality through Kafka"). This is Kafka
+Streams' *timestamp synchronisation* (``max.task.idle.ms`` = 0): records are buffered per
+partition and handed over by record timestamp, never ahead of a partition that still has
+records on the broker. (Record timestamps are the producers' create times unless they set
+them: a replay produced in event order keeps event order.)
+
+Rules (:meth:`EventAligner.take`):
+
+* per partition, offset order is kept (a record's key is the running maximum of the
+  partition's timestamps, so keys never decrease within a partition); across partitions,
+  records go out by key (ties: partition order);
+* a partition *constrains* while it may hold earlier records than those buffered: it has lag
+  (records on the broker not yet polled) or its lag is unknown. Only records with a key at or
+  below every constraining partition's newest buffered key go out; a constraining partition
+  with nothing buffered holds everything back;
+* held back while records keep arriving (the consumer is working through other partitions'
+  fetched chunks; a backlog of 6 partitions needs about 5 chunks buffered), but at most
+  ``max_wait_s`` without a new record, ``max_hold_s`` in all, or until ``max_buffered`` records
+  wait: then what is buffered goes out in key order anyway (ordering is quality, never
+  availability);
+* records of other topics (profiles) are not held: :meth:`push` returns them at once.
+
+Positions stay exact: the trainer records the positions of the records it was handed, so
+records still buffered when it stops are fetched again by the next trainer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+Partition = Any
+"""A topic partition (``kafka.structs.TopicPartition``; any hashable in tests)."""
+
+
+class EventAligner:
+    """Buffers one topic's records per partition and hands them over in timestamp order.
+
+    Args:
+        topic: the topic whose records are aligned (the events topic).
+        max_records: most records one :meth:`take` returns.
+        max_buffered: records buffered past which they go out without waiting.
+        max_wait_s: longest records are held back while no new record arrives.
+        max_hold_s: longest records are held back at all.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        *,
+        max_records: int,
+        max_buffered: int = 65_536,
+        max_wait_s: float = 1.0,
+        max_hold_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_records < 1 or max_buffered < 1 or max_wait_s < 0 or max_hold_s < 0:
+            raise ValueError(
+                f"EventAligner: max_records and max_buffered >= 1, max_wait_s and max_hold_s "
+                f">= 0; got {max_records}, {max_buffered}, {max_wait_s}, {max_hold_s}"
+            )
+        self.topic = topic
+        self.max_records, self.max_buffered = max_records, max_buffered
+        self.max_wait_s, self.max_hold_s = max_wait_s, max_hold_s
+        self._clock = clock
+        self._arrived_at = clock()  # when the last record was pushed
+        self._records: dict[Partition, list[Any]] = {}
+        self._keys: dict[Partition, np.ndarray] = {}  # running max of timestamps, per partition
+        self._held_since: float | None = None
+        self.released_early = 0  # takes that did not wait for a constraining partition
+        self.more = False  # the last take left records that may go out now: poll without waiting
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(r) for r in self._records.values())
+
+    def push(self, polled: Mapping[Partition, list[Any]]) -> list[Any]:
+        """Buffer one poll's records of the aligned topic; returns the others (not held)."""
+        others: list[Any] = []
+        for tp, records in polled.items():
+            if not records:
+                continue
+            if tp.topic != self.topic:
+                others.extend(records)
+                continue
+            ts = np.fromiter((r.timestamp for r in records), np.int64, len(records))
+            old = self._keys.get(tp)
+            floor = old[-1] if old is not None and old.size else np.iinfo(np.int64).min
+            keys = np.maximum.accumulate(np.maximum(ts, floor))
+            self._arrived_at = self._clock()
+            self._records.setdefault(tp, []).extend(records)
+            self._keys[tp] = keys if old is None or not old.size else np.concatenate([old, keys])
+        return others
+
+    def take(self, lags: Mapping[Partition, int | None]) -> list[Any]:
+        """The next records in key order (at most ``max_records``; maybe none).
+
+        Args:
+            lags: for every assigned partition of the topic, its records on the broker not yet
+                polled (None: not known yet).
+        """
+        self.more = False
+        if not self.buffered:
+            self._held_since = None
+            return []
+        bound = np.iinfo(np.int64).max
+        for tp, lag in lags.items():
+            if lag == 0:
+                continue  # everything it has is buffered: it constrains nothing
+            keys = self._keys.get(tp)
+            bound = min(bound, int(keys[-1]) if keys is not None and keys.size else -1 << 62)
+        parts = [tp for tp, keys in self._keys.items() if keys.size]
+        if not any(self._keys[tp][0] <= bound for tp in parts):
+            now = self._clock()
+            if self._held_since is None:
+                self._held_since = now
+            if (self.buffered < self.max_buffered and now - self._held_since < self.max_hold_s
+                    and now - max(self._arrived_at, self._held_since) < self.max_wait_s):
+                return []
+            bound = np.iinfo(np.int64).max  # waited long enough: in key order, as buffered
+            self.released_early += 1
+        else:
+            self._held_since = None
+        # no partition gives more than max_records: the merge never sorts more than that each
+        counts = [min(self.max_records, int(np.searchsorted(self._keys[tp], bound, side="right")))
+                  for tp in parts]
+        keys = np.concatenate([self._keys[tp][:n] for tp, n in zip(parts, counts, strict=True)])
+        source = np.repeat(np.arange(len(parts)), counts)
+        order = np.argsort(keys, kind="stable")[: self.max_records]
+        taken = np.bincount(source[order], minlength=len(parts))
+        # within a partition, the stable sort keeps offset order, so each partition gives a
+        # prefix: record j of the merged order is the next record of its partition
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        out = [self._records[parts[s]][j - starts[s]] for s, j in zip(source[order], order,
+                                                                       strict=True)]
+        for tp, n in zip(parts, taken.tolist(), strict=True):
+            if n:
+                del self._records[tp][:n]
+                self._keys[tp] = self._keys[tp][n:]
+        self.more = any(k.size and k[0] <= bound for k in self._keys.values())
+        return out
+
+    def clear(self, partitions: Iterable[Partition] | None = None) -> None:
+        """Forget buffered records (of ``partitions``; all by default), e.g. after a seek."""
+        for tp in list(self._records) if partitions is None else list(partitions):
+            self._records.pop(tp, None)
+            self._keys.pop(tp, None)
+
+
+def aligned_records(aligner: EventAligner, consumer: Any, polled: Mapping[Partition, list[Any]]
+                    ) -> list[Any]:
+    """One poll through ``aligner``: the poll's records of other topics, then the aligned
+    topic's records that may go out now (each partition in offset order)."""
+    others = aligner.push(polled)
+    parts = [tp for tp in consumer.assignment() if tp.topic == aligner.topic]
+    return others + aligner.take(consumer_lags(consumer, parts))
+
+
+def consumer_lags(consumer: Any, partitions: Iterable[Partition]) -> dict[Partition, int | None]:
+    """Records on the broker not yet polled, per partition, from what the consumer last heard
+    (kafka-python's ``highwater`` from fetch responses; None before the first one)."""
+    out: dict[Partition, int | None] = {}
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        pos = None if high is None else consumer.position(tp, timeout_ms=0)
+        out[tp] = None if pos is None else max(0, high - pos)
+    return out
