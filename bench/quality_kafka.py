@@ -21,10 +21,14 @@ the worker serves a version at or above the records' stamps, the served model ha
 published every event before the boundary. Then each user is asked ``u2i`` with ``k`` = 10 and
 ``exclude_item_ids`` = the protocol's excluded items, through :class:`serving.client.FmClient`.
 
-The two FMs do not see identical batches: the trainer reads 6 partitions in polls (interleaving
-them), the in-process model learns the interval in time order. Both cut into steps of 256
-events. "Matches within noise" = the difference is of the order of the seed-to-seed spread of
-``bench/quality.py`` (about ±0.003 warm HR@10 at 1 day).
+Besides HR the bench compares the two FMs' lists user by user at the same boundaries
+(:func:`overlap`: shared items of the top-10, identical lists, same top-1) and counts answers
+naming a version older than the one that holds the interval's last event (must be 0). The two
+FMs do not see identical batches: the trainer learns what each poll hands over (sizes set by
+kafka-python, events of 6 partitions merged by record timestamp, :mod:`train.align`), the
+in-process model learns the whole history in one call and each interval in one call, both cut
+into steps of 256. With several seeds the difference of the means is compared with its standard
+error (``within_noise``: at most 2 standard errors).
 
 Run: ``.venv/bin/python bench/quality_kafka.py --movielens ../shared/data/ml-100k``
 (``--intervals day,2000 --seeds 1``; the MovieLens files are never shipped).
