@@ -74,7 +74,7 @@ class FetchSpec:
     max_message_bytes: int = 65536
     reconnect_backoff_max_ms: int = 1000
     poll_timeout_ms: int = 200
-    align_wait_s: float = 1.0  # longest events wait for a lagging partition (train/align.py)
+    align_wait_s: float = 1.0  # longest events wait without a new record (train/align.py)
 
 
 class RecordBlock:
@@ -320,7 +320,8 @@ class _Child:
         self.producer = make_producer(spec.kafka)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
         self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,
-                                    max_wait_s=spec.align_wait_s)
+                                    max_wait_s=spec.align_wait_s,
+                                    max_hold_s=max(10.0, spec.align_wait_s))
         self.assigned: set = set()
         self.assigned_at = 0.0
         self.cpu0 = time.process_time()

@@ -76,7 +76,8 @@ def test_the_fetch_thread_hands_a_backlog_over_in_timestamp_order(
     found, new, _ = grow_assignment(consumer, c.topics.training, set())
     seek_to_positions(consumer, new, {})
     fetcher = Fetcher(consumer, _poll_of, poll_timeout_ms=100,
-                      aligner=EventAligner(s.topic_events, max_records=100, max_wait_s=HOLD_S))
+                      aligner=EventAligner(s.topic_events, max_records=100, max_wait_s=HOLD_S,
+                                           max_hold_s=HOLD_S))
     fetcher.start()
     try:
         stamps = _stamps(_drain(fetcher, ends))
