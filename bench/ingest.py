@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_table, record, summary_line  # noqa: E402
 from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
+from train.loop import CPU_PIECES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,6 +203,7 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True) -> dic
     )
     out.update(startup=t1 - t0, loop=t2 - t1)
     out.update({f"phase_{k}": v for k, v in trainer.timings.items()})
+    out.update({f"cpu_piece_{k}": v for k, v in trainer.cpu.items()})
     return out
 
 
@@ -387,6 +389,10 @@ def main() -> None:
         name = {"other": "other threads (kafka-python IO, GC)",
                 "fetch": f"{fetcher} (kafka-python + decode)"}.get(who, f"{who} thread")
         rows.append(row(f"  CPU: {name}", full[f"cpu_{who}"], cpu=True))
+        if who == "trainer":  # where the trainer thread's CPU goes (Trainer.cpu)
+            for piece in CPU_PIECES:
+                rows.append(row(f"    trainer thread CPU: {piece}", full[f"cpu_piece_{piece}"],
+                                cpu=True))
     columns = ["stage", "seconds", "CPU us/event", "share of trainer wall", "events/s"]
     print_table(f"ingest: {n} events, dim {args.dim}, CRC32C {crc}", columns, rows)
     summary = summary_line(
@@ -409,6 +415,7 @@ def main() -> None:
         cpu_fetch_us=full["cpu_fetch"] * us,
         cpu_publisher_us=full["cpu_publisher"] * us,
         cpu_other_us=full["cpu_other"] * us,
+        **{f"cpu_trainer_{piece}_us": full[f"cpu_piece_{piece}"] * us for piece in CPU_PIECES},
         publisher_dropped=int(full["publisher_dropped"]),
         startup_s=full["startup"],
         crc32c=crc,
@@ -424,7 +431,10 @@ def main() -> None:
         "seconds of the thread or process that runs them (they overlap); CPU us/event is CPU "
         "time per event by thread (time.thread_time; the fetch process: its whole process "
         "time, kafka-python's IO thread included), 'other' = the rest of the trainer process "
-        "(kafka-python IO, GC). Bare consume reads "
+        "(kafka-python IO, GC); the trainer thread's CPU by piece (Trainer.cpu): receive = "
+        "taking a batch from the fetcher (unpickling), learn = the model update, live = live "
+        "hit-rate sampling + ranking, bookkeeping = the rest of applying a poll, checkpoint, "
+        "handover = telling the publisher thread. Bare consume reads "
         "the same topic with the same consumer settings and does nothing else. loadavg = 1-min "
         f"load before/after the trainer run on {os.cpu_count()} cores (other processes share "
         f"the machine). CRC32C of fetched batches: {crc}. {args.note}"

@@ -70,6 +70,12 @@ fetch thread, overlapped with the rest; ``wait`` is the trainer thread waiting f
 ``publish`` is handing changes over (the publishing itself runs in the publisher thread)."""
 FETCH_DEPTH = 2
 """Decoded batches the fetch thread keeps ready ahead of the model update."""
+CPU_PIECES = ("receive", "learn", "live", "bookkeeping", "checkpoint", "handover")
+"""The pieces of :attr:`Trainer.cpu` (cumulative CPU seconds of the trainer thread): ``receive``
+takes a batch from the fetcher (unpickling when it is a process), ``learn`` is the model update
+(``live`` excluded), ``live`` the live hit-rate sampling and ranking, ``bookkeeping`` the rest of
+applying a batch (profiles, positions, counts), ``checkpoint`` writing checkpoints, ``handover``
+telling the publisher what changed."""
 
 
 class EventSink(Protocol):
@@ -175,6 +181,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.cpu: dict[str, float] = dict.fromkeys(CPU_PIECES, 0.0)  # trainer thread, seconds
         self._sink: EventSink | None = None
         self.sink = sink
         self.metrics: BatchObserver | None = None  # train.metrics.TrainerMetrics while served
@@ -360,9 +367,11 @@ class Trainer:
         finally:
             self.close()
             log.info(
-                "trainer stopped at %d events applied; seconds by phase: %s",
+                "trainer stopped at %d events applied; seconds by phase: %s; trainer thread "
+                "CPU seconds: %s",
                 self.progress.events_applied,
                 ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()),
+                ", ".join(f"{k} {v:.3f}" for k, v in self.cpu.items()),
             )
         return self.progress
 
@@ -383,9 +392,10 @@ class Trainer:
         self.paused = False
         if not self.fetcher.running:
             self.fetcher.start()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         batch = self.fetcher.get(timeout=timeout_ms / 1000)
         self.timings["wait"] += time.perf_counter() - t0
+        self.cpu["receive"] += time.thread_time() - c0
         if batch is not None:
             t0 = time.perf_counter()
             self.apply(batch)
@@ -395,9 +405,10 @@ class Trainer:
         if self._checkpoint_due():
             self.checkpoint()
         if self._sink is not None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             self._sink.tick(time.time())
             self.timings["publish"] += time.perf_counter() - t0
+            self.cpu["handover"] += time.thread_time() - c0
         return 0 if batch is None else batch.n_records
 
     def close(self) -> None:
@@ -427,7 +438,8 @@ class Trainer:
     def apply(self, batch: DecodedBatch) -> None:
         """Apply one decoded batch: profiles first, then events as one model update; record the
         positions of every record in it; hand what changed to the publisher."""
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        learned = self.cpu["learn"] + self.cpu["live"]
         with self.model_lock:
             users = self._apply_profiles(batch.users, self.model.upsert_users, "user_id")
             self._apply_profiles(batch.items, self.model.upsert_items, "item_id")
@@ -442,14 +454,16 @@ class Trainer:
         self._fetched_dead_letters += batch.dead_letters
         self.progress.dead_letters = self._dead_letters_restored + self.dead_letter_count
         self._since_checkpoint += batch.n_records
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         self.timings["update"] += t2 - t1
+        self.cpu["bookkeeping"] += c2 - c1 - (self.cpu["learn"] + self.cpu["live"] - learned)
         if self._sink is not None:
             if users:
                 self._sink.profiles_changed([d.message.user_id for d in users])
             if len(applied):
                 self._sink.applied(applied)
             self.timings["publish"] += time.perf_counter() - t2
+            self.cpu["handover"] += time.thread_time() - c2
 
     def _apply_profiles(self, decoded: list[Decoded], upsert, id_field: str) -> list[Decoded]:
         """Upsert profiles in order; a profile the model rejects is dead-lettered (stage
@@ -564,19 +578,27 @@ class Trainer:
             """Sample the step's positives just before the step learns them (the poll's sample
             spread over its steps, as many as one per poll); ranked once after the poll."""
             limit = -(-per_poll * (where.stop - where.start) // b)
+            c0 = time.thread_time()
             try:  # a metric never stops training
                 self.live.sample(self.model, users[where], items[where], labels[where], limit)
             except Exception:
                 log.exception("live hit rate: sampling failed (training goes on)")
+            live[0] += time.thread_time() - c0
 
+        live = [0.0]
+        c0 = time.thread_time()
         try:
             self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts,
                                before_step=test_then_train)
         finally:
+            c1 = time.thread_time()
             try:
                 self.live.score()
             except Exception:
                 log.exception("live hit rate: scoring failed (training goes on)")
+            c2 = time.thread_time()
+            self.cpu["learn"] += c1 - c0 - live[0]
+            self.cpu["live"] += live[0] + c2 - c1
         self.progress.live_hit_rate = self.live.rates()
         self.progress.events_applied += len(events)
         newest = float(ts.max())
@@ -595,7 +617,7 @@ class Trainer:
         Raises:
             LeaseLost: another trainer holds the lease (write nothing more, stop).
         """
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if not self.dead_letters.flush(timeout=30.0 if final else 5.0):
                 log.warning(
@@ -626,6 +648,7 @@ class Trainer:
             return True
         finally:
             self.timings["checkpoint"] += time.perf_counter() - t0
+            self.cpu["checkpoint"] += time.thread_time() - c0
 
     def _defer_checkpoint(self) -> bool:
         self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S

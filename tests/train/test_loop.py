@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import consume_all, end_offsets
+from train.loop import CPU_PIECES
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +90,26 @@ def test_restart_resumes_exactly_where_the_checkpoint_left(settings: Settings) -
     model, meta = latest_checkpoint(settings.checkpoint_dir)
     assert meta["events_applied"] == 4000
     assert model.n_updates == 4000
+
+
+def test_the_trainer_reports_where_its_thread_cpu_went(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _small(settings)
+    producer = make_producer(settings.kafka_config())
+    produce_events(producer, settings.topics(), list(STREAM.events(1500)))
+    producer.close()
+    with caplog.at_level(logging.INFO, logger="train.loop"):
+        assert _train(settings).events_applied == 1500
+
+    line = next(r.getMessage() for r in caplog.records if "trainer stopped" in r.getMessage())
+    pieces = dict(
+        (k, float(v)) for k, v in
+        (p.split() for p in line.split("trainer thread CPU seconds: ")[1].split(", "))
+    )
+    assert set(pieces) == set(CPU_PIECES)
+    assert all(v >= 0 for v in pieces.values())
+    assert pieces["learn"] > 0 and pieces["checkpoint"] > 0  # it learned and checkpointed
 
 
 def test_a_1mb_event_is_one_bounded_dead_letter_and_the_trainer_checkpoints(
