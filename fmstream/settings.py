@@ -144,9 +144,12 @@ class Settings(BaseSettings):
     replay_buffer: int = Field(20_000, ge=1, description="recent positives kept for replay")
     live_sample_every: int = Field(16, ge=1, description="every n-th positive is scored "
                                    "before it is learned (fmstream_live_hit_rate)")
+    live_cpu_share: float = Field(0.03, gt=0, le=1, description="most of the trainer thread's "
+                                  "CPU the live hit rate may take (polls beyond it not sampled)")
 
     # --- trainer --------------------------------------------------------------------------
-    max_poll_records: int = Field(2048, ge=1)
+    max_poll_records: int = Field(8192, ge=1, description="events per trainer poll (learned "
+                                  "in steps of step_events whatever the poll size)")
     kafka_check_crcs: bool = Field(
         True, description="trainer verifies fetched batches' CRC32C (bench/ingest.py: cost)"
     )
@@ -372,7 +375,7 @@ class Settings(BaseSettings):
             max_message_bytes=self.max_message_bytes, check_crcs=self.kafka_check_crcs,
             policy=LearnPolicy(step_events=self.step_events, replay=self.replay,
                                replay_buffer=self.replay_buffer, seed=self.seed),
-            live_sample_every=self.live_sample_every,
+            live_sample_every=self.live_sample_every, live_cpu_share=self.live_cpu_share,
             fetch_process=self.trainer_fetch_process,
         )
 

@@ -29,6 +29,8 @@ class TrainerConfig:
         policy: how polls become optimiser steps (model/learner.py); checkpointed with its
             replay state.
         live_sample_every: every n-th positive is scored before it is learned (live HR@10).
+        live_cpu_share: most of the trainer thread's CPU the live HR@10 may take: a poll is
+            sampled only while the metric's CPU so far is within this share (1 = every poll).
         fetch_process: poll and decode in a child process (its own core, not the trainer's
             GIL; :mod:`train.fetch_process`) instead of a thread.
     """
@@ -39,11 +41,12 @@ class TrainerConfig:
     group: str = "fmstream-trainer"
     checkpoint_every_events: int = 50_000
     checkpoint_every_s: float = 10.0
-    max_poll_records: int = 2048
+    max_poll_records: int = 8192
     max_message_bytes: int = 65536
     check_crcs: bool = True
     policy: LearnPolicy = field(default_factory=LearnPolicy)
     live_sample_every: int = 16
+    live_cpu_share: float = 0.03
     fetch_process: bool = False
 
 

@@ -69,7 +69,7 @@ class FetchSpec:
     topics: Topics
     group: str
     positions: Mapping[str, int] = field(default_factory=dict)  # "topic|partition" -> next
-    max_poll_records: int = 2048
+    max_poll_records: int = 8192
     check_crcs: bool = True
     max_message_bytes: int = 65536
     reconnect_backoff_max_ms: int = 1000

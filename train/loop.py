@@ -78,6 +78,31 @@ applying a batch (profiles, positions, counts), ``checkpoint`` writing checkpoin
 telling the publisher what changed."""
 
 
+class CpuShare:
+    """Admits an optional piece of work (the live hit rate) while its CPU so far is within
+    ``share`` of the CPU of the work it rides on (training), so a metric's cost stays bounded
+    whatever the catalogue or poll size; the first call is always admitted.
+
+    Raises:
+        ValueError: ``share`` not in (0, 1].
+    """
+
+    def __init__(self, share: float) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"the live metric's CPU share must be in (0, 1], got {share!r}")
+        self.share = float(share)
+        self.admitted = 0
+        self.skipped = 0
+
+    def due(self, piece_s: float, other_s: float) -> bool:
+        """May the piece run again, having used ``piece_s`` CPU seconds next to ``other_s``?"""
+        if piece_s <= self.share * (piece_s + other_s):
+            self.admitted += 1
+            return True
+        self.skipped += 1
+        return False
+
+
 class EventSink(Protocol):
     """What the trainer tells the serving side after each applied batch."""
 
@@ -259,6 +284,7 @@ class Trainer:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_retry_at = 0.0
         self.live = LiveHitRate(k=10, sample_every=config.live_sample_every)
+        self.live_budget = CpuShare(config.live_cpu_share)  # polls sampled for the live HR
 
     @property
     def dead_letter_count(self) -> int:
@@ -586,10 +612,11 @@ class Trainer:
             live[0] += time.thread_time() - c0
 
         live = [0.0]
+        sampled = self.live_budget.due(self.cpu["live"], self.cpu["learn"])
         c0 = time.thread_time()
         try:
             self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts,
-                               before_step=test_then_train)
+                               before_step=test_then_train if sampled else None)
         finally:
             c1 = time.thread_time()
             try:
