@@ -173,6 +173,7 @@ class Fetcher(Generic[B]):
         self._calls: queue.SimpleQueue[tuple[Callable[[Any], Any], Future]] = queue.SimpleQueue()
         self._poll_timeout_ms = poll_timeout_ms
         self._stop = threading.Event()
+        self._caught_up = threading.Event()
         self._failed: BaseException | None = None
         self.cpu_s = 0.0  # CPU seconds the fetch thread used so far
         self.timings = timings if timings is not None else {}
@@ -188,6 +189,12 @@ class Fetcher(Generic[B]):
     def ready(self) -> bool:
         """Started (a thread fetches at once)."""
         return self.running
+
+    @property
+    def caught_up(self) -> bool:
+        """The last poll found nothing and every batch before it is handed over (nothing is
+        being decoded or waiting for the queue): the trainer is idle, not the fetcher busy."""
+        return self._caught_up.is_set()
 
     def start(self) -> Fetcher[B]:
         self._thread.start()
@@ -276,6 +283,7 @@ class Fetcher(Generic[B]):
                 except KafkaError as exc:
                     # Broker away: positions stay in the consumer; retry shortly, never die.
                     log.warning("poll failed (%s); retrying", exc)
+                    self._caught_up.set()  # nothing in hand: the trainer may count idle time
                     self._stop.wait(min(1.0, self._poll_timeout_ms / 1000))
                     continue
                 finally:
@@ -285,7 +293,9 @@ class Fetcher(Generic[B]):
                 else:
                     records = [r for batch in polled.values() for r in batch]
                 if not records:
+                    self._caught_up.set()
                     continue
+                self._caught_up.clear()
                 t0 = time.perf_counter()
                 batch = self._decode(records)
                 self.timings["decode"] += time.perf_counter() - t0

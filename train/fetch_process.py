@@ -141,13 +141,14 @@ class FetchProcess:
         self._allowed = ctx.Event()
         self._stop = ctx.Event()
         self._ready = ctx.Event()
+        self._caught_up = ctx.Event()
         self._batches: Any = ctx.Queue(maxsize=depth)
         self._control: Any = ctx.Queue()
         self._replies: Any = ctx.Queue()
         self._proc = ctx.Process(
             target=_child_main,
             args=(spec, self._batches, self._control, self._replies, self._allowed, self._stop,
-                  self._ready, os.getpid()),
+                  self._ready, self._caught_up, os.getpid()),
             daemon=True,
             name="fmstream-fetch",
         )
@@ -187,6 +188,12 @@ class FetchProcess:
     def ready(self) -> bool:
         """The child has its consumer and partitions (it can fetch)."""
         return self._ready.is_set()
+
+    @property
+    def caught_up(self) -> bool:
+        """The child's last poll found nothing and every batch before it is handed over
+        (nothing is being decoded or waiting for the queue)."""
+        return self._caught_up.is_set()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until the child has its consumer and partitions (True), or ``timeout``."""
@@ -288,14 +295,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _child_main(spec: FetchSpec, batches: Any, control: Any, replies: Any, allowed: Any,
-                stop: Any, ready: Any, parent: int) -> None:
+                stop: Any, ready: Any, caught_up: Any, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s fetch %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # as the CLI sets it for the trainer
     try:
-        _Child(spec, batches, control, replies, allowed, stop, parent).run(ready)
+        _Child(spec, batches, control, replies, allowed, stop, parent, caught_up).run(ready)
     except BaseException as exc:  # noqa: BLE001 - reported to the trainer, which stops
         log.exception("fetch process failed")
         with contextlib.suppress(Exception):
@@ -304,7 +311,7 @@ def _child_main(spec: FetchSpec, batches: Any, control: Any, replies: Any, allow
 
 class _Child:
     def __init__(self, spec: FetchSpec, batches: Any, control: Any, replies: Any, allowed: Any,
-                 stop: Any, parent: int) -> None:
+                 stop: Any, parent: int, caught_up: Any) -> None:
         from threadpoolctl import threadpool_limits
 
         from stream.consume import make_consumer, make_producer
@@ -313,6 +320,7 @@ class _Child:
         threadpool_limits(1)
         self.spec, self.batches, self.control, self.replies = spec, batches, control, replies
         self.allowed, self.stop, self.parent = allowed, stop, parent
+        self.caught_up = caught_up  # set: the last poll was empty and everything is handed over
         self.consumer = make_consumer(
             spec.kafka, spec.group, max_poll_records=spec.max_poll_records,
             check_crcs=spec.check_crcs, reconnect_backoff_max_ms=spec.reconnect_backoff_max_ms,
@@ -366,13 +374,16 @@ class _Child:
             polled = self.consumer.poll(timeout_ms=wait_ms)
         except KafkaError as exc:  # broker away: positions stay in the consumer; retry
             log.warning("poll failed (%s); retrying", exc)
+            self.caught_up.set()  # nothing in hand: the trainer may count idle time
             self.stop.wait(0.2)
             return None
         finally:
             self.poll_s += time.perf_counter() - t0
         records = aligned_records(self.aligner, self.consumer, polled)  # in event-time order
         if not records:
+            self.caught_up.set()
             return None
+        self.caught_up.clear()
         t0 = time.perf_counter()
         sent = self.dead_letters.count
         batch = decode_poll(records, self.dead_letters, self.spec.topics,

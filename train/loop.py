@@ -369,7 +369,8 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> Progress:
-        """Train until ``stop`` is set (or nothing arrives for ``idle_exit_s``), then checkpoint.
+        """Train until ``stop`` is set (or, for ``idle_exit_s``, nothing is applied while the
+        fetcher finds nothing new: a slow decode of a big poll is not idleness), then checkpoint.
 
         Raises:
             LeaseLost: another trainer holds the lease; nothing was written after that.
@@ -379,7 +380,9 @@ class Trainer:
             while not stop.is_set():
                 n = self.step()
                 now = time.monotonic()
-                if n or self.paused or not self.fetcher.ready:  # idle once it could fetch
+                # idle: nothing applied while the fetcher could fetch and found nothing (not
+                # while it decodes a big poll or waits for dead letters to be acknowledged)
+                if n or self.paused or not self.fetcher.ready or not self.fetcher.caught_up:
                     idle_since = now
                 elif idle_exit_s is not None and now - idle_since > idle_exit_s:
                     break

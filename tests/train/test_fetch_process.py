@@ -99,10 +99,13 @@ def test_nothing_is_polled_while_not_allowed(settings: Settings, kafka_io: Kafka
     try:
         assert fetcher.wait_ready(60)
         assert fetcher.get(timeout=1.0) is None
+        assert not fetcher.caught_up  # it has not looked: the trainer is not idle yet
         allowed.set()
         ends = {(tp.topic, tp.partition): o
                 for tp, o in kafka_io.end_offsets(s.topic_events).items()}
         assert sum(len(b.events) for b in _drain(fetcher, ends)) == 20
+        # everything handed over and an empty poll since: caught up (the trainer's idle clock)
+        wait_for(lambda: fetcher.caught_up, 30, "an empty poll after the last batch")
     finally:
         fetcher.stop()
 

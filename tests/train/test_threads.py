@@ -152,6 +152,26 @@ def test_no_poll_while_fetching_is_not_allowed() -> None:
         fetcher.stop()
 
 
+def test_caught_up_only_after_an_empty_poll_with_nothing_in_hand() -> None:
+    consumer = Consumer([{"tp0": [1, 2]}])
+    decoding, release = threading.Event(), threading.Event()
+
+    def slow_decode(records: list) -> list:
+        decoding.set()
+        release.wait(30)  # a big poll being decoded
+        return list(records)
+
+    fetcher = Fetcher(consumer, slow_decode, poll_timeout_ms=10).start()
+    try:
+        assert decoding.wait(10)
+        assert not fetcher.caught_up  # records in hand: the trainer must not count idle time
+        release.set()
+        wait_for(lambda: fetcher.get(timeout=0.1) == [1, 2], what="the slow batch")
+        wait_for(lambda: fetcher.caught_up, what="an empty poll after it")
+    finally:
+        fetcher.stop()
+
+
 def test_a_decode_bug_surfaces_in_the_trainer() -> None:
     def decode(records):
         raise ValueError("decoder bug")
