@@ -293,7 +293,11 @@ class Fetcher(Generic[B]):
                 else:
                     records = [r for batch in polled.values() for r in batch]
                 if not records:
-                    self._caught_up.set()
+                    # caught up unless the aligner still holds records back for a while
+                    if self._aligner is not None and self._aligner.buffered:
+                        self._caught_up.clear()
+                    else:
+                        self._caught_up.set()
                     continue
                 self._caught_up.clear()
                 t0 = time.perf_counter()

@@ -381,7 +381,10 @@ class _Child:
             self.poll_s += time.perf_counter() - t0
         records = aligned_records(self.aligner, self.consumer, polled)  # in event-time order
         if not records:
-            self.caught_up.set()
+            if self.aligner.buffered:  # held back for a while: not idle yet
+                self.caught_up.clear()
+            else:
+                self.caught_up.set()
             return None
         self.caught_up.clear()
         t0 = time.perf_counter()
