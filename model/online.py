@@ -30,7 +30,7 @@ from model.features import PAD, Catalog, FeatureSpace, IdIndex, canon, ring_newe
 from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
-from model.step import StepBatch, softmax_step_gradients, step_gradients
+from model.step import StepBatch, gather_sum, softmax_step_gradients, step_gradients
 
 _CHUNK = 32768  # entities per chunk when composing all item vectors
 
@@ -540,15 +540,20 @@ class OnlineFM:
         if m == 1 or neg.size == 0:
             return neg, valid
         b = positives.size
-        e_user = compose_user(*self._side(ukeys, uw))
-        cand, c_inv = np.unique(neg, return_inverse=True)
-        e_item = compose_item(*self._side(*self._items.keys_of(cand)))
-        scores = np.take_along_axis(
-            e_user[owner] @ e_item.T, c_inv.reshape(b, k * m), axis=1
-        ).reshape(b, k, m)
-        best = np.argmax(scores, axis=2)[..., None]
-        neg = np.take_along_axis(neg.reshape(b, k, m), best, axis=2)[..., 0]
-        valid = np.take_along_axis(valid.reshape(b, k, m), best, axis=2)[..., 0]
+        # <E_user, E_item> = (W_u + cross_u) + a_i + <V_u, V_i>: the user's own term is the same
+        # for all of a positive's candidates, so the argmax needs only a_i + <V_u, V_i>
+        # (float32, composed once per unique user / candidate, scored per candidate only)
+        cand, c_inv = self._unique(neg)
+        a_c, v_c = self._terms32(*self._items.keys_of(cand), with_a=True)
+        _, v_u = self._terms32(ukeys, uw, with_a=False)
+        c_inv = c_inv.reshape(b, k * m)
+        gathered = np.take(v_c, c_inv, axis=0)  # (b, k·m, d)
+        scores = np.matmul(gathered, np.take(v_u, owner, axis=0)[:, :, None])[..., 0]
+        scores += np.take(a_c, c_inv)
+        best = np.argmax(scores.reshape(b, k, m), axis=2).ravel()
+        sel = np.arange(b * k, dtype=np.int64) * m + best
+        neg = np.take(neg, sel).reshape(b, k)
+        valid = np.take(valid, sel).reshape(b, k)
         return neg, valid
 
     def _shared_negatives(self, m: int, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -620,6 +625,33 @@ class OnlineFM:
             decay[cols[: int(np.count_nonzero(live[: ukeys.size]))]] = cfg.user_acc_decay
         self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, None, decay)
         return res.loss / res.count
+
+    def _terms32(
+        self, keys: np.ndarray, weights: np.ndarray, with_a: bool
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Float32 ``(a, V)`` of entities from their ``(n, L)`` keys and weights.
+
+        ``V = Σ x v`` ``(n, d)`` and, when ``with_a``, ``a = W + ½(|V|² − Σ x²|v|²)`` ``(n,)``
+        (``E_item = [a, 1, V]``); the same sums as :func:`model.compose.aggregate`, in float32
+        over the live slots only (one compiled CSR gather).
+        """
+        n = keys.shape[0]
+        live = keys != PAD
+        rows = np.take(self._space.key_row, keys[live])
+        x = weights[live].astype(np.float32, copy=False)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.count_nonzero(live, axis=1), out=indptr[1:])
+        params = self._table.params
+        agg = gather_sum(indptr, rows, x, params)  # [Σ x w | Σ x v]
+        vec = agg[:, 1:]
+        if not with_a:
+            return None, vec
+        v = np.take(params, rows, axis=0)[:, 1:]
+        sq = np.einsum("rd,rd->r", v, v) * (x * x)
+        ent_of = np.repeat(np.arange(n), np.diff(indptr))
+        s2 = np.bincount(ent_of, weights=sq, minlength=n).astype(np.float32)
+        a = agg[:, 0] + np.float32(0.5) * (np.einsum("nd,nd->n", vec, vec) - s2)
+        return a, vec
 
     def _step(
         self,

@@ -1,0 +1,120 @@
+"""The training step's fast paths equal the plain float64 computations they replace.
+
+Hard negatives (``neg_candidates > 1``) are picked by float32 entity terms composed once per
+unique user/candidate (``OnlineFM._terms32``); the picks must be the argmax of the float64
+``<E_user, E_item>`` of :func:`model.compose.compose_user` / ``compose_item`` (the former path),
+except where two candidates' scores differ by float rounding only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import FeatureSchema, OnlineFM, TrainConfig
+from model.compose import aggregate, compose_item, compose_user
+
+SCHEMA = FeatureSchema.from_dict(
+    {
+        "user": {
+            "gender": {},
+            "recent": {"kind": "history", "history_len": 5, "history_decay": 0.7},
+        },
+        "item": {"genres": {"kind": "multi"}, "year": {"kind": "numeric",
+                                                       "boundaries": [1980, 1990]}},
+        "context": {"hour": {}},
+    }
+)
+IDS_ONLY = FeatureSchema.ids_only()
+
+
+def trained(schema: FeatureSchema, seed: int, context: bool, k: int = 4, m: int = 3) -> OnlineFM:
+    """A model after a few steps of random events (users with partly filled histories)."""
+    fm = OnlineFM(schema, TrainConfig(dim=8, negatives=k, neg_candidates=m, seed=seed,
+                                      init_std=0.3))
+    rng = np.random.default_rng(seed)
+    users = [f"u{j}" for j in range(40)]
+    items = [f"i{j}" for j in range(60)]
+    if schema is SCHEMA:
+        fm.upsert_users(users[:30], [{"gender": "MF"[j % 2]} for j in range(30)])
+        genres = ["a", "b", "c", "d"]
+        fm.upsert_items(items, [{"genres": genres[: 1 + j % 3], "year": 1970 + j}
+                                for j in range(len(items))])
+    for step in range(6):
+        n = 40
+        u = [users[j] for j in rng.integers(0, len(users), n)]
+        i = [items[j] for j in rng.integers(0, len(items), n)]
+        ctx = [{"hour": str(h)} for h in rng.integers(0, 5, n)] if context else None
+        fm.learn_many(u, i, contexts=ctx, ts=1e9 + step)
+    return fm
+
+
+def reference_negatives(fm: OnlineFM, ukeys, uw, owner, positives, k):
+    """The former path: float64 E_user, E_item of every candidate, argmax per group; and the
+    gap between each group's two best scores (for rounding-level ties)."""
+    m = fm.config.neg_candidates
+    neg, valid = fm._sampler.sample(fm._items.counts, fm._items.n, positives, k * m,
+                                    fm.config.neg_pool)
+    e_user = compose_user(*fm._side(ukeys, uw)).astype(np.float64)
+    e_item = compose_item(*fm._side(*fm._items.keys_of(neg.ravel()))).astype(np.float64)
+    b = positives.size
+    scores = np.einsum("bd,bjd->bj", e_user[owner], e_item.reshape(b, k * m, -1))
+    scores = scores.reshape(b, k, m)
+    best = np.argmax(scores, axis=2)
+    top2 = np.sort(scores, axis=2)[..., -2:] if m > 1 else np.zeros((b, k, 2))
+    gap = top2[..., 1] - top2[..., 0]
+    pick = np.take_along_axis(neg.reshape(b, k, m), best[..., None], axis=2)[..., 0]
+    return pick, gap, np.abs(scores).max(initial=1.0)
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, IDS_ONLY], ids=["profiles+history", "ids-only"])
+@pytest.mark.parametrize("context", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("b", [1, 7, 33])
+def test_hard_negatives_equal_the_float64_argmax(schema, context, seed, b) -> None:
+    k, m = 4, 3
+    fm = trained(schema, seed, context, k, m)
+    rng = np.random.default_rng(100 + seed)
+    # duplicate users and duplicate positives on purpose
+    ents = fm._users.lookup([f"u{j}" for j in rng.integers(0, 12, b)])
+    uu, owner = np.unique(ents, return_inverse=True)
+    ukeys, uw = fm._users.keys_of(uu)
+    positives = rng.integers(0, fm._items.n, b)
+    state = fm._sampler.rng.bit_generator.state
+    neg, valid = fm._negatives(ukeys, uw, owner, positives, k)
+    fm._sampler.rng.bit_generator.state = state
+    expect, gap, scale = reference_negatives(fm, ukeys, uw, owner, positives, k)
+    assert neg.shape == (b, k) and valid.shape == (b, k) and valid.all()
+    assert fm._sampler.rng.bit_generator.state != state  # the same draws were consumed
+    clear = gap > 1e-5 * scale  # picks between rounding-level ties may differ
+    assert clear.mean() > 0.5  # the comparison is not vacuous
+    assert np.array_equal(neg[clear], expect[clear])
+    assert not (neg == positives[:, None]).any()
+
+
+def test_hard_negatives_of_one_item_catalogue_are_invalid() -> None:
+    fm = OnlineFM(IDS_ONLY, TrainConfig(dim=4, negatives=2, neg_candidates=3))
+    fm.learn_many(["u"], ["only"], ts=1e9)
+    ents = fm._users.lookup(["u"])
+    ukeys, uw = fm._users.keys_of(ents)
+    neg, valid = fm._negatives(ukeys, uw, np.zeros(1, np.int64), fm._items.lookup(["only"]), 2)
+    assert neg.shape == (1, 2) and not valid.any()
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, IDS_ONLY], ids=["profiles+history", "ids-only"])
+@pytest.mark.parametrize("n", [0, 1, 9])
+def test_float32_terms_equal_the_float64_aggregates(schema, n) -> None:
+    fm = trained(schema, 1, True)
+    for cat, side in ((fm._users, "user"), (fm._items, "item")):
+        ents = np.arange(min(n, cat.n))
+        if n > 1:
+            ents = np.concatenate([ents, ents[:2]])  # duplicates
+        keys, weights = cat.keys_of(ents)
+        a, vec = fm._terms32(keys, weights, with_a=True)
+        none, vec_only = fm._terms32(keys, weights, with_a=False)
+        lin, cross, v64 = aggregate(*fm._rows_params(keys), weights)
+        assert a.dtype == np.float32 and vec.dtype == np.float32 and none is None
+        assert a.shape == (ents.size,) and vec.shape == (ents.size, fm.config.dim)
+        np.testing.assert_allclose(vec, v64, rtol=1e-5, atol=1e-6, err_msg=side)
+        np.testing.assert_allclose(vec_only, vec, rtol=0, atol=0)
+        np.testing.assert_allclose(a, lin + cross, rtol=1e-5, atol=1e-6, err_msg=side)
