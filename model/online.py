@@ -30,7 +30,14 @@ from model.features import PAD, Catalog, FeatureSpace, IdIndex, canon, ring_newe
 from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
-from model.step import StepBatch, gather_sum, softmax_step_gradients, step_gradients
+from model.step import (
+    EntityTerms,
+    StepBatch,
+    entity_terms,
+    gather_sum,
+    softmax_step_gradients,
+    step_gradients,
+)
 
 _CHUNK = 32768  # entities per chunk when composing all item vectors
 
@@ -282,6 +289,9 @@ class OnlineFM:
         self._scratch = np.zeros(1024, dtype=np.int32)  # for _unique
         # the step's gradient function; tests swap in model.step.step_gradients_reference
         self._gradients = step_gradients
+        # hard negatives picked inside the step from its entity terms (False: by _negatives,
+        # composed separately; the tests compare the two)
+        self.fused_pick = True
 
     # ------------------------------------------------------------------------ profiles
     def upsert_users(
@@ -437,8 +447,9 @@ class OnlineFM:
         k = self.config.negatives
         if self.config.loss == "softmax":
             neg, valid = self._shared_negatives(k, pos.size)
+            pick = 1
         else:
-            neg, valid = self._negatives(ukeys, uw, u_inv[pos], ie[pos], k)
+            neg, valid, pick = self._negatives_or_candidates(ukeys, uw, u_inv[pos], ie[pos], k)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         # sightings: every key of every event (entity keys weighted by occurrences); the
@@ -463,7 +474,8 @@ class OnlineFM:
                 ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ie[pos], valid
             )
         else:
-            loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
+            loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid,
+                              pick=pick)
         if self._users.hist_fields and pos.size:
             # after the step, so an event never sees its own item in the user's history
             appended = []
@@ -510,14 +522,37 @@ class OnlineFM:
         pos = np.arange(b)
         if self.config.loss == "softmax":
             neg, valid = self._shared_negatives(self.config.negatives, b)
+            pick = 1
         else:
-            neg, valid = self._negatives(ukeys, uw, u_inv, ie, self.config.negatives)
+            neg, valid, pick = self._negatives_or_candidates(ukeys, uw, u_inv, ie,
+                                                             self.config.negatives)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         y = np.ones(b, dtype=np.float32)
         if self.config.loss == "softmax":
             return self._softmax_step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ie, valid)
-        return self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid)
+        return self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid,
+                          pick=pick)
+
+    def _negatives_or_candidates(
+        self, ukeys: np.ndarray, uw: np.ndarray, owner: np.ndarray, positives: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """What a step's negatives come from: ``(neg, valid, pick)``.
+
+        Hard negatives (``neg_candidates = m > 1``) with :attr:`fused_pick` on: the sampler's
+        ``k·m`` candidates per positive and ``pick = m``; :meth:`_step` keeps the best of
+        each ``m`` using the entity terms it computes anyway (nothing composed twice). Otherwise
+        :meth:`_negatives` (``pick = 1``).
+        """
+        m = self.config.neg_candidates
+        if m > 1 and self.fused_pick:
+            neg, valid = self._sampler.sample(
+                self._items.counts, self._items.n, positives, k * m, self.config.neg_pool
+            )
+            return neg, valid, m
+        neg, valid = self._negatives(ukeys, uw, owner, positives, k)
+        return neg, valid, 1
 
     def _negatives(
         self,
@@ -667,16 +702,24 @@ class OnlineFM:
         pos: np.ndarray,
         neg: np.ndarray,
         valid: np.ndarray,
+        *,
+        pick: int = 1,
     ) -> float:
         """One optimiser step on the events and their sampled negatives.
 
         Two levels, both O(k·n): per unique entity (and per event context) ``[W − ½Σx²|v|², V]``
         from its feature rows, then per example the FM over its 2-3 entity terms:
         ``y = w0 + Σ_s q_s + ½|Σ_s V_s|²``; gradients in closed form (:mod:`model.step`).
+
+        ``pick = m > 1``: ``neg`` holds ``k·m`` candidates per positive (``i_inv`` numbers them
+        among the items); each group of ``m`` keeps the one with the highest
+        ``<E_user, E_item>`` (context left out, as :meth:`_negatives`), scored from this step's
+        entity terms. Rows that only unpicked candidates read are not updated (no L2, no
+        Adagrad state change): the step equals one on the picked negatives alone.
         """
         cfg = self.config
         b = y.size
-        k = neg.shape[1]
+        k = neg.shape[1] // pick
         nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
         m = nu + ni + nc
         parts_k = [ukeys, ikeys] + ([ck] if nc else [])
@@ -695,6 +738,11 @@ class OnlineFM:
         ctx_ent = nu + ni + np.arange(b) if nc else None
         ev = np.arange(b) if cfg.loss == "logistic" else pos
         fixed = [u_inv[ev]] + ([ctx_ent[ev]] if nc else [])
+        neg_item = nu + i_inv[b:].reshape(pos.size, k * pick)
+        terms = None
+        if pick > 1:
+            terms = entity_terms(vals, indptr, cols, x)
+            neg_item, valid = _pick_best(terms, u_inv[pos], neg_item, valid, k, pick)
         batch = StepBatch(
             indptr=indptr,
             cols=cols,
@@ -703,12 +751,13 @@ class OnlineFM:
             ev_item=nu + i_inv[:b][ev],
             labels=y[ev],
             neg_owner=pos if cfg.loss == "logistic" else np.arange(pos.size),
-            neg_item=nu + i_inv[b:].reshape(pos.size, k),
+            neg_item=neg_item,
             neg_valid=valid,
         )
-        res = self._gradients(vals, self._w0, batch, cfg.loss, cfg.hinge_margin)
+        res = self._gradients(vals, self._w0, batch, cfg.loss, cfg.hinge_margin, terms=terms)
         if res.count == 0:
             return 0.0
+        grad = res.grad
         counts = None
         if cfg.step_scaling == "count":
             # events behind each row: an entity counts its events (a sampled negative 1/k)
@@ -721,7 +770,21 @@ class OnlineFM:
         if cfg.user_acc_decay is not None and cfg.user_acc_decay != cfg.acc_decay:
             decay = np.full(uniq.size, cfg.acc_decay, dtype=np.float32)
             decay[cols[: int(np.count_nonzero(live[: ukeys.size]))]] = cfg.user_acc_decay
-        self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, counts, decay)
+        if terms is not None:  # rows of unpicked candidates only: not part of this step
+            used = np.ones(m, dtype=bool)
+            used[nu : nu + ni] = False
+            used[nu + i_inv[:b]] = True
+            used[batch.neg_item.ravel()] = True
+            row_used = np.zeros(uniq.size, dtype=bool)
+            row_used[cols[used[terms.ent_of]]] = True
+            if not row_used.all():
+                keep = np.flatnonzero(row_used)
+                uniq, vals, grad = uniq[keep], vals[keep], grad[keep]
+                if counts is not None:
+                    counts = counts[keep]
+                if np.ndim(decay):
+                    decay = np.asarray(decay)[keep]
+        self._table.adagrad_step(uniq, vals, grad, cfg.lr, cfg.l2, counts, decay)
         g0 = res.g0
         self._w0_acc += g0 * g0
         self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)
@@ -1309,6 +1372,21 @@ class OnlineFM:
         model.n_updates = int(header["n_updates"])
         model.n_positives = int(header.get("n_positives", 0))
         return model
+
+
+def _pick_best(
+    terms: EntityTerms, users: np.ndarray, cand: np.ndarray, valid: np.ndarray, k: int, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of each group of ``m`` candidate entities (``cand`` ``(P, k·m)``), the one scoring
+    highest for its row's user entity (``users`` ``(P,)``): ``a_i + <V_u, V_i>`` (the user's
+    own term is the same for the whole group). Returns ``(picked (P, k), valid (P, k))``."""
+    n = users.size
+    gathered = np.take(terms.V, cand, axis=0)  # (P, k·m, d)
+    scores = np.matmul(gathered, np.take(terms.V, users, axis=0)[:, :, None])[..., 0]
+    scores += np.take(terms.a, cand)
+    best = np.argmax(scores.reshape(n, k, m), axis=2).ravel()
+    sel = np.arange(n * k, dtype=np.int64) * m + best
+    return np.take(cand, sel).reshape(n, k), np.take(valid, sel).reshape(n, k)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -152,8 +152,50 @@ def scatter_sum(
     return out
 
 
+@dataclass(frozen=True)
+class EntityTerms:
+    """Per-entity FM terms of a step's slot matrix (:func:`entity_terms`), float32.
+
+    Attributes:
+        ent_of: ``(nnz,)`` entity of each slot.
+        q: ``(m,)`` ``Σ x w − ½ Σ x² |v|²``.
+        V: ``(m, d)`` ``Σ x v`` (contiguous).
+        a: ``(m,)`` ``q + ½ |V|²`` (an item's part of every logit; ``E_item = [a, 1, V]``).
+    """
+
+    ent_of: np.ndarray
+    q: np.ndarray
+    V: np.ndarray
+    a: np.ndarray
+
+
+def entity_terms(vals: np.ndarray, indptr: np.ndarray, cols: np.ndarray,
+                 x: np.ndarray) -> EntityTerms:
+    """The entity terms ``q, V, a`` of the CSR slot matrix ``(indptr, cols, x)`` over ``vals``.
+
+    Computed once per step: :func:`step_gradients` takes them (``terms=``) when the caller
+    already needed them, e.g. to pick hard negatives by score.
+    """
+    m = indptr.size - 1
+    f32 = np.float32
+    ent_of = np.repeat(np.arange(m), np.diff(indptr))  # entity of each slot
+    v = vals[:, 1:]
+    sq = np.einsum("rd,rd->r", v, v)
+    agg = gather_sum(indptr, cols, x, vals)  # [Σ x w | Σ x v]
+    V = np.ascontiguousarray(agg[:, 1:])  # row gathers below: np.take (2-4x fancy indexing)
+    s2 = np.bincount(ent_of, weights=(x * x) * sq[cols], minlength=m).astype(np.float32)
+    q = agg[:, 0] - f32(0.5) * s2  # float32 throughout (bincount sums in float64)
+    a = q + f32(0.5) * np.einsum("md,md->m", V, V)
+    return EntityTerms(ent_of, q, V, a)
+
+
 def step_gradients(
-    vals: np.ndarray, w0: float, batch: StepBatch, loss: str, margin: float = 1.0
+    vals: np.ndarray,
+    w0: float,
+    batch: StepBatch,
+    loss: str,
+    margin: float = 1.0,
+    terms: EntityTerms | None = None,
 ) -> StepGrads:
     """Loss and gradients of one step in closed form (see the module docstring).
 
@@ -163,20 +205,18 @@ def step_gradients(
         batch: the step's entities and examples.
         loss: ``logistic``, ``bpr`` or ``hinge`` (summed over examples / pairs).
         margin: hinge margin.
+        terms: :func:`entity_terms` of ``vals`` and the batch's slot matrix, if computed
+            already (None: computed here).
     """
     n_rows, d1 = vals.shape
     m = batch.n_entities
     f32 = np.float32
     x, cols, indptr = batch.x, batch.cols, batch.indptr
-    ent_of = np.repeat(np.arange(m), np.diff(indptr))  # entity of each slot
+    if terms is None:
+        terms = entity_terms(vals, indptr, cols, x)
+    ent_of, q, V, a = terms.ent_of, terms.q, terms.V, terms.a
     x2 = x * x
     v = vals[:, 1:]
-    sq = np.einsum("rd,rd->r", v, v)
-    agg = gather_sum(indptr, cols, x, vals)  # [Σ x w | Σ x v]
-    V = np.ascontiguousarray(agg[:, 1:])  # row gathers below: np.take (2-4x fancy indexing)
-    s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
-    q = agg[:, 0] - f32(0.5) * s2  # float32 throughout (bincount sums in float64)
-    a = q + f32(0.5) * np.einsum("md,md->m", V, V)
 
     ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
     n_ev = ev_item.size
@@ -266,12 +306,18 @@ def step_gradients(
 
 
 def step_gradients_reference(
-    vals: np.ndarray, w0: float, batch: StepBatch, loss: str, margin: float = 1.0
+    vals: np.ndarray,
+    w0: float,
+    batch: StepBatch,
+    loss: str,
+    margin: float = 1.0,
+    terms: EntityTerms | None = None,
 ) -> StepGrads:
     """:func:`step_gradients` by torch autograd over :mod:`model.fm` (the former kernel).
 
-    Kept as the reference the tests compare the closed form against. Note that for pairwise
-    losses its ``w0`` and user/context ``w`` gradients are float rounding of an exact zero.
+    Kept as the reference the tests compare the closed form against (``terms`` is ignored:
+    autograd recomputes everything). Note that for pairwise losses its ``w0`` and user/context
+    ``w`` gradients are float rounding of an exact zero.
     """
     m = batch.n_entities
     counts = np.diff(batch.indptr)

@@ -118,3 +118,80 @@ def test_float32_terms_equal_the_float64_aggregates(schema, n) -> None:
         np.testing.assert_allclose(vec, v64, rtol=1e-5, atol=1e-6, err_msg=side)
         np.testing.assert_allclose(vec_only, vec, rtol=0, atol=0)
         np.testing.assert_allclose(a, lin + cross, rtol=1e-5, atol=1e-6, err_msg=side)
+
+
+def twins(loss: str, context: bool, schema: FeatureSchema, **cfg: object):
+    """Two equal models after a warm-up that admitted every user and item (picks by
+    ``_negatives``), and the events of six more steps."""
+    made = []
+    for _ in range(2):
+        fm = OnlineFM(schema, TrainConfig(dim=8, loss=loss, negatives=3, neg_candidates=3,  # type: ignore[arg-type]
+                                          seed=7, init_std=0.3, l2=0.01, **cfg))
+        fm.fused_pick = False
+        made.append(fm)
+    rng = np.random.default_rng(11)
+    users = [f"u{j}" for j in range(25)]
+    items = [f"i{j}" for j in range(50)]
+    for fm in made:
+        if schema is SCHEMA:
+            fm.upsert_users(users[:20], [{"gender": "MF"[j % 2]} for j in range(20)])
+            fm.upsert_items(items, [{"genres": ["a", "b", "c"][: 1 + j % 3], "year": 1975 + j}
+                                    for j in range(len(items))])
+    steps = []
+    for step in range(9):
+        n = 30 if step < 3 else int(rng.integers(1, 40))
+        u = users if step == 0 else [users[j] for j in rng.integers(0, len(users), n)]
+        i = (items[:25] if step == 0 else items[25:] if step == 1
+             else [items[j] for j in rng.integers(0, len(items), len(u))])
+        u = u[: len(i)]
+        y = (rng.random(len(u)) < 0.7).astype(np.float32) if loss == "logistic" else None
+        ctx = [{"hour": str(h)} for h in rng.integers(0, 4, len(u))] if context else None
+        steps.append((u, i, y, ctx, 1e9 + step))
+    for fm in made:
+        for u, i, y, ctx, t in steps[:3]:
+            fm.learn_many(u, i, y, contexts=ctx, ts=t)
+        fm._table.drain_dirty()
+    return made[0], made[1], steps[3:]
+
+
+@pytest.mark.parametrize("loss", ["bpr", "logistic", "hinge"])
+@pytest.mark.parametrize("context", [False, True])
+@pytest.mark.parametrize("schema", [SCHEMA, IDS_ONLY], ids=["profiles+history", "ids-only"])
+@pytest.mark.parametrize("cfg", [{}, {"step_scaling": "count"}, {"user_acc_decay": None},
+                                 {"neg_pool": 0}])
+def test_fused_pick_trains_what_separate_picking_trains(loss, context, schema, cfg) -> None:
+    fused, plain, steps = twins(loss, context, schema, **cfg)
+    fused.fused_pick = True
+    for u, i, y, ctx, t in steps:
+        lf = fused.learn_many(u, i, y, contexts=ctx, ts=t)
+        lp = plain.learn_many(u, i, y, contexts=ctx, ts=t)
+        assert lf == pytest.approx(lp, rel=1e-5, abs=1e-6)
+        # the same rows written (rows only unpicked candidates read are left alone)
+        assert np.array_equal(fused._table.drain_dirty(), plain._table.drain_dirty())
+    n = plain._table.n_rows
+    assert fused._table.n_rows == n
+    np.testing.assert_allclose(fused._table.params[:n], plain._table.params[:n], atol=1e-5)
+    np.testing.assert_allclose(fused._table.acc[:n], plain._table.acc[:n], rtol=1e-4, atol=1e-9)
+    assert fused.bias == pytest.approx(plain.bias, abs=1e-6)
+
+
+@pytest.mark.parametrize("empty", ["no events", "no positives"])
+def test_fused_pick_handles_steps_without_positives(empty) -> None:
+    fused, plain, _ = twins("logistic", True, SCHEMA)
+    fused.fused_pick = True
+    n = 0 if empty == "no events" else 3
+    args = (["u1", "u2", "u3"][:n], ["i1", "i2", "i2"][:n], np.zeros(n, np.float32))
+    ctx = [{"hour": "1"}] * n
+    assert fused.learn_many(*args, contexts=ctx, ts=2e9) == pytest.approx(
+        plain.learn_many(*args, contexts=ctx, ts=2e9), rel=1e-6)
+    np.testing.assert_allclose(fused._table.params, plain._table.params, atol=1e-6)
+
+
+def test_fused_pick_replay_equals_separate_picking() -> None:
+    fused, plain, steps = twins("bpr", True, SCHEMA)
+    fused.fused_pick = True
+    for u, i, _, ctx, _ in steps:
+        assert fused.replay_many(u, i, ctx) == pytest.approx(plain.replay_many(u, i, ctx),
+                                                             rel=1e-5, abs=1e-6)
+    n = plain._table.n_rows
+    np.testing.assert_allclose(fused._table.params[:n], plain._table.params[:n], atol=1e-5)
