@@ -213,6 +213,9 @@ class FeatureSpace:
         # user id keys that lost their own row since the last drain (their records changed)
         self.expired_user_keys: list[np.ndarray] = []
         self.n_admitted = 0
+        # when a list: (keys, their previous rows) of every key whose row observe/expire change
+        # (the trainer scores hard negatives with the rows from before its step's sightings)
+        self.row_log: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._side_fidx: dict[str, list[int]] = {}
 
     # ----------------------------------------------------------------------------- keys
@@ -412,6 +415,8 @@ class FeatureSpace:
         self.key_count[uniq] = total
         ok = uniq[total >= self.min_count[self.key_field[uniq]]]
         if ok.size:
+            if self.row_log is not None:
+                self.row_log.append((ok.copy(), self.key_row[ok].astype(np.int64)))
             self.key_row[ok] = self.table.alloc(ok.size)
             self.n_admitted += int(ok.size)
         return int(ok.size)
@@ -442,6 +447,8 @@ class FeatureSpace:
         dead_keys = k[dead]
         if dead_keys.size == 0:
             return 0
+        if self.row_log is not None:
+            self.row_log.append((dead_keys.copy(), self.key_row[dead_keys].astype(np.int64)))
         self.table.release(self.key_row[dead_keys])
         self.key_row[dead_keys] = self.fallback_row[self.key_field[dead_keys]]
         # what used these keys now reads the fallback rows: mark them so publishers resend it

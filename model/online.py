@@ -457,25 +457,29 @@ class OnlineFM:
         u_cnt = np.bincount(u_inv, minlength=uu.size)
         i_cnt = np.bincount(i_inv[:b], minlength=ii.size)
         seen = np.flatnonzero(i_cnt)
-        space.observe(
-            np.concatenate([ukeys.ravel(), ikeys[seen].ravel(), ck.ravel()]),
-            float(t.max()),
-            np.concatenate(
-                [
-                    np.repeat(u_cnt, ukeys.shape[1]),
-                    np.repeat(i_cnt[seen], ikeys.shape[1]),
-                    np.ones(ck.size, dtype=np.int64),
-                ]
-            ),
-        )
-        space.maybe_expire()
+        space.row_log = [] if pick > 1 else None  # rows the candidates had when drawn
+        try:
+            space.observe(
+                np.concatenate([ukeys.ravel(), ikeys[seen].ravel(), ck.ravel()]),
+                float(t.max()),
+                np.concatenate(
+                    [
+                        np.repeat(u_cnt, ukeys.shape[1]),
+                        np.repeat(i_cnt[seen], ikeys.shape[1]),
+                        np.ones(ck.size, dtype=np.int64),
+                    ]
+                ),
+            )
+            space.maybe_expire()
+        finally:
+            before, space.row_log = space.row_log, None
         if self.config.loss == "softmax":
             loss = self._softmax_step(
                 ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ie[pos], valid
             )
         else:
             loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid,
-                              pick=pick)
+                              pick=pick, rows_before=before)
         if self._users.hist_fields and pos.size:
             # after the step, so an event never sees its own item in the user's history
             appended = []
@@ -704,6 +708,7 @@ class OnlineFM:
         valid: np.ndarray,
         *,
         pick: int = 1,
+        rows_before: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> float:
         """One optimiser step on the events and their sampled negatives.
 
@@ -716,6 +721,9 @@ class OnlineFM:
         ``<E_user, E_item>`` (context left out, as :meth:`_negatives`), scored from this step's
         entity terms. Rows that only unpicked candidates read are not updated (no L2, no
         Adagrad state change): the step equals one on the picked negatives alone.
+        ``rows_before``: ``(keys, rows)`` of keys whose row changed since the candidates were
+        drawn (admission, expiry: :attr:`FeatureSpace.row_log`); entities reading them are
+        scored with those rows, as :meth:`_negatives` would have scored them then.
         """
         cfg = self.config
         b = y.size
@@ -742,7 +750,11 @@ class OnlineFM:
         terms = None
         if pick > 1:
             terms = entity_terms(vals, indptr, cols, x)
-            neg_item, valid = _pick_best(terms, u_inv[pos], neg_item, valid, k, pick)
+            scored = terms
+            if rows_before:
+                scored = self._terms_before(terms, keys[live], indptr, x, uniq[cols],
+                                            rows_before)
+            neg_item, valid = _pick_best(scored, u_inv[pos], neg_item, valid, k, pick)
         batch = StepBatch(
             indptr=indptr,
             cols=cols,
@@ -789,6 +801,40 @@ class OnlineFM:
         self._w0_acc += g0 * g0
         self._w0 -= cfg.lr * g0 / (math.sqrt(self._w0_acc) + EPS)
         return res.loss / res.count
+
+    def _terms_before(
+        self,
+        terms: EntityTerms,
+        slot_keys: np.ndarray,
+        indptr: np.ndarray,
+        x: np.ndarray,
+        slot_rows: np.ndarray,
+        rows_before: list[tuple[np.ndarray, np.ndarray]],
+    ) -> EntityTerms:
+        """``terms`` with the entities that read a key of ``rows_before`` recomposed from the
+        rows those keys had before (the first logged row of each key)."""
+        changed = np.concatenate([k for k, _ in rows_before]).astype(np.int64)
+        old = np.concatenate([r for _, r in rows_before])
+        changed, first = np.unique(changed[::-1], return_index=True)  # earliest log wins
+        old = old[::-1][first]
+        hit = np.isin(slot_keys, changed)
+        if not hit.any():
+            return terms
+        ents = np.unique(terms.ent_of[hit])
+        lo, hi = indptr[ents], indptr[ents + 1]
+        n_slots = hi - lo
+        sub_ptr = np.zeros(ents.size + 1, dtype=np.int64)
+        np.cumsum(n_slots, out=sub_ptr[1:])
+        slots = np.repeat(lo - sub_ptr[:-1], n_slots) + np.arange(sub_ptr[-1])
+        rows = slot_rows[slots].astype(np.int64)
+        was = hit[slots]
+        rows[was] = old[np.searchsorted(changed, slot_keys[slots][was])]
+        sub = entity_terms(np.take(self._table.params, rows, axis=0), sub_ptr,
+                           np.arange(rows.size), x[slots])
+        V, a = terms.V.copy(), terms.a.copy()
+        V[ents] = sub.V
+        a[ents] = sub.a
+        return EntityTerms(terms.ent_of, terms.q, V, a)
 
     def _unique(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(uniq, inverse)`` of user or item entity indices, O(n) (:func:`scratch_unique`)."""

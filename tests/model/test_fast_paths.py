@@ -26,6 +26,15 @@ SCHEMA = FeatureSchema.from_dict(
     }
 )
 IDS_ONLY = FeatureSchema.ids_only()
+# ids admitted after 2 sightings, expiring after 3 s of event time: rows change between the
+# draw of a step's candidates and its gradients (admission, expiry)
+CHURN = FeatureSchema.from_dict(
+    {
+        "user": {"user_id": {"min_count": 2, "expire_after_s": 3.0}, "gender": {}},
+        "item": {"item_id": {"min_count": 2, "expire_after_s": 3.0}, "genres": {"kind": "multi"}},
+        "context": {"hour": {}},
+    }
+)
 
 
 def trained(schema: FeatureSchema, seed: int, context: bool, k: int = 4, m: int = 3) -> OnlineFM:
@@ -120,9 +129,10 @@ def test_float32_terms_equal_the_float64_aggregates(schema, n) -> None:
         np.testing.assert_allclose(a, lin + cross, rtol=1e-5, atol=1e-6, err_msg=side)
 
 
-def twins(loss: str, context: bool, schema: FeatureSchema, **cfg: object):
+def twins(loss: str, context: bool, schema: FeatureSchema, fresh: bool = False,
+          **cfg: object):
     """Two equal models after a warm-up that admitted every user and item (picks by
-    ``_negatives``), and the events of six more steps."""
+    ``_negatives``), and the events of six more steps (``fresh``: with ids never seen)."""
     made = []
     for _ in range(2):
         fm = OnlineFM(schema, TrainConfig(dim=8, loss=loss, negatives=3, neg_candidates=3,  # type: ignore[arg-type]
@@ -133,9 +143,12 @@ def twins(loss: str, context: bool, schema: FeatureSchema, **cfg: object):
     users = [f"u{j}" for j in range(25)]
     items = [f"i{j}" for j in range(50)]
     for fm in made:
-        if schema is SCHEMA:
+        if schema is not IDS_ONLY:
             fm.upsert_users(users[:20], [{"gender": "MF"[j % 2]} for j in range(20)])
-            fm.upsert_items(items, [{"genres": ["a", "b", "c"][: 1 + j % 3], "year": 1975 + j}
+            # CHURN: a genre of its own per item, so two items whose ids read the fallback row
+            # never tie exactly (a tie may be broken either way by float rounding)
+            fm.upsert_items(items, [{"genres": ["a", "b", "c"][: 1 + j % 3] if schema is SCHEMA
+                                     else [f"g{j}"], "year": 1975 + j}
                                     for j in range(len(items))])
     steps = []
     for step in range(9):
@@ -144,9 +157,16 @@ def twins(loss: str, context: bool, schema: FeatureSchema, **cfg: object):
         i = (items[:25] if step == 0 else items[25:] if step == 1
              else [items[j] for j in rng.integers(0, len(items), len(u))])
         u = u[: len(i)]
+        if fresh and step >= 3:  # new users and items, some seen twice (admitted)
+            u = u + [f"new-u{step}", f"new-u{step}", f"new-u{step - 1}"]
+            i = i + [f"new-i{step}", f"new-i{step - 1}", f"new-i{step}"]
         y = (rng.random(len(u)) < 0.7).astype(np.float32) if loss == "logistic" else None
         ctx = [{"hour": str(h)} for h in rng.integers(0, 4, len(u))] if context else None
-        steps.append((u, i, y, ctx, 1e9 + step))
+        if y is not None:
+            y = np.concatenate([y, np.ones(len(u) - y.size, np.float32)])
+        if ctx is not None:
+            ctx = ctx + [{"hour": "9"}] * (len(u) - len(ctx))
+        steps.append((u, i, y, ctx, 1e9 + step * (2.0 if schema is CHURN else 1.0)))
     for fm in made:
         for u, i, y, ctx, t in steps[:3]:
             fm.learn_many(u, i, y, contexts=ctx, ts=t)
@@ -156,11 +176,16 @@ def twins(loss: str, context: bool, schema: FeatureSchema, **cfg: object):
 
 @pytest.mark.parametrize("loss", ["bpr", "logistic", "hinge"])
 @pytest.mark.parametrize("context", [False, True])
-@pytest.mark.parametrize("schema", [SCHEMA, IDS_ONLY], ids=["profiles+history", "ids-only"])
+@pytest.mark.parametrize("schema", [SCHEMA, IDS_ONLY, CHURN],
+                         ids=["profiles+history", "ids-only", "admission+expiry"])
 @pytest.mark.parametrize("cfg", [{}, {"step_scaling": "count"}, {"user_acc_decay": None},
                                  {"neg_pool": 0}])
-def test_fused_pick_trains_what_separate_picking_trains(loss, context, schema, cfg) -> None:
-    fused, plain, steps = twins(loss, context, schema, **cfg)
+@pytest.mark.parametrize("fresh", [False, True], ids=["known ids", "new ids"])
+def test_fused_pick_trains_what_separate_picking_trains(loss, context, schema, cfg,
+                                                        fresh) -> None:
+    fused, plain, steps = twins(loss, context, schema, fresh, **cfg)
+    changed = []
+    fused._space.observe = _logging(fused._space.observe, fused._space, changed)
     fused.fused_pick = True
     for u, i, y, ctx, t in steps:
         lf = fused.learn_many(u, i, y, contexts=ctx, ts=t)
@@ -173,6 +198,19 @@ def test_fused_pick_trains_what_separate_picking_trains(loss, context, schema, c
     np.testing.assert_allclose(fused._table.params[:n], plain._table.params[:n], atol=1e-5)
     np.testing.assert_allclose(fused._table.acc[:n], plain._table.acc[:n], rtol=1e-4, atol=1e-9)
     assert fused.bias == pytest.approx(plain.bias, abs=1e-6)
+    if fresh or schema is CHURN:  # the rows-before path ran
+        assert any(changed)
+    assert fused._space.row_log is None
+
+
+def _logging(observe, space, out):
+    """Wrap ``observe``: record whether rows changed while the trainer logged them."""
+    def wrapped(*args, **kwargs):
+        n = observe(*args, **kwargs)
+        if space.row_log is not None:
+            out.append(n)
+        return n
+    return wrapped
 
 
 @pytest.mark.parametrize("empty", ["no events", "no positives"])
