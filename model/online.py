@@ -817,7 +817,9 @@ class OnlineFM:
         old = np.concatenate([r for _, r in rows_before])
         changed, first = np.unique(changed[::-1], return_index=True)  # earliest log wins
         old = old[::-1][first]
-        hit = np.isin(slot_keys, changed)
+        mark = np.zeros(self._space.n_keys, dtype=bool)  # O(slots + keys), no sort
+        mark[changed] = True
+        hit = np.take(mark, slot_keys)
         if not hit.any():
             return terms
         ents = np.unique(terms.ent_of[hit])
