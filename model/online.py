@@ -813,10 +813,13 @@ class OnlineFM:
     ) -> EntityTerms:
         """``terms`` with the entities that read a key of ``rows_before`` recomposed from the
         rows those keys had before (the first logged row of each key)."""
-        changed = np.concatenate([k for k, _ in rows_before]).astype(np.int64)
-        old = np.concatenate([r for _, r in rows_before])
-        changed, first = np.unique(changed[::-1], return_index=True)  # earliest log wins
-        old = old[::-1][first]
+        if len(rows_before) == 1:  # one admission or one sweep: keys unique and ascending
+            changed, old = rows_before[0]
+        else:
+            changed = np.concatenate([k for k, _ in rows_before]).astype(np.int64)
+            old = np.concatenate([r for _, r in rows_before])
+            changed, first = np.unique(changed[::-1], return_index=True)  # earliest log wins
+            old = old[::-1][first]
         mark = np.zeros(self._space.n_keys, dtype=bool)  # O(slots + keys), no sort
         mark[changed] = True
         hit = np.take(mark, slot_keys)
