@@ -818,8 +818,8 @@ class OnlineFM:
         else:
             changed = np.concatenate([k for k, _ in rows_before]).astype(np.int64)
             old = np.concatenate([r for _, r in rows_before])
-            changed, first = np.unique(changed[::-1], return_index=True)  # earliest log wins
-            old = old[::-1][first]
+            changed, first = np.unique(changed, return_index=True)  # the earliest log wins
+            old = old[first]
         mark = np.zeros(self._space.n_keys, dtype=bool)  # O(slots + keys), no sort
         mark[changed] = True
         hit = np.take(mark, slot_keys)

@@ -233,3 +233,35 @@ def test_fused_pick_replay_equals_separate_picking() -> None:
                                                              rel=1e-5, abs=1e-6)
     n = plain._table.n_rows
     np.testing.assert_allclose(fused._table.params[:n], plain._table.params[:n], atol=1e-5)
+
+
+@pytest.mark.parametrize("entries", [1, 2])
+def test_terms_before_recompose_entities_with_the_earliest_logged_rows(entries) -> None:
+    from model.features import PAD
+    from model.step import entity_terms
+
+    fm = trained(SCHEMA, 0, True)
+    keys, weights = fm._items.keys_of(np.arange(6))
+    live = keys != PAD
+    slot_keys, x = keys[live], weights[live]
+    indptr = np.concatenate([[0], np.cumsum(live.sum(axis=1))]).astype(np.int64)
+    rows = fm._space.key_row[slot_keys].astype(np.int64)
+    uniq, cols = np.unique(rows, return_inverse=True)
+    terms = entity_terms(fm._table.params[uniq], indptr, cols, x)
+    ka, kb = int(keys[1, 0]), int(keys[4, 0])  # two items' id keys
+    if entries == 1:
+        log = [(np.array([min(ka, kb), max(ka, kb)]), np.array([2, 3]))]
+        want = {min(ka, kb): 2, max(ka, kb): 3}
+    else:  # a key logged twice: its first (earliest) row is the one from before the step
+        log = [(np.array([ka]), np.array([2])), (np.array([ka, kb]), np.array([5, 3]))]
+        want = {ka: 2, kb: 3}
+    got = fm._terms_before(terms, slot_keys, indptr, x, uniq[cols], log)
+    before = rows.copy()
+    for k, r in want.items():
+        before[slot_keys == k] = r
+    expect = entity_terms(fm._table.params[before], indptr, np.arange(before.size), x)
+    np.testing.assert_allclose(got.V, expect.V, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.a, expect.a, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got.V, terms.V)  # the logged rows made a difference
+    untouched = [0, 2, 3, 5]
+    np.testing.assert_array_equal(got.V[untouched], terms.V[untouched])
