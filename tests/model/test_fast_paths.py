@@ -39,8 +39,8 @@ CHURN = FeatureSchema.from_dict(
 
 def trained(schema: FeatureSchema, seed: int, context: bool, k: int = 4, m: int = 3) -> OnlineFM:
     """A model after a few steps of random events (users with partly filled histories)."""
-    fm = OnlineFM(schema, TrainConfig(dim=8, negatives=k, neg_candidates=m, seed=seed,
-                                      init_std=0.3))
+    fm = OnlineFM(schema, TrainConfig(dim=8, loss="bpr", negatives=k, neg_candidates=m,
+                                      neg_sampling="uniform", seed=seed, init_std=0.3))
     rng = np.random.default_rng(seed)
     users = [f"u{j}" for j in range(40)]
     items = [f"i{j}" for j in range(60)]
@@ -102,7 +102,7 @@ def test_hard_negatives_equal_the_float64_argmax(schema, context, seed, b) -> No
 
 
 def test_hard_negatives_of_one_item_catalogue_are_invalid() -> None:
-    fm = OnlineFM(IDS_ONLY, TrainConfig(dim=4, negatives=2, neg_candidates=3))
+    fm = OnlineFM(IDS_ONLY, TrainConfig(dim=4, loss="bpr", negatives=2, neg_candidates=3))
     fm.learn_many(["u"], ["only"], ts=1e9)
     ents = fm._users.lookup(["u"])
     ukeys, uw = fm._users.keys_of(ents)
@@ -136,7 +136,8 @@ def twins(loss: str, context: bool, schema: FeatureSchema, fresh: bool = False,
     made = []
     for _ in range(2):
         fm = OnlineFM(schema, TrainConfig(dim=8, loss=loss, negatives=3, neg_candidates=3,  # type: ignore[arg-type]
-                                          seed=7, init_std=0.3, l2=0.01, **cfg))
+                                          neg_sampling="uniform", seed=7, init_std=0.3,
+                                          l2=0.01, **cfg))
         fm.fused_pick = False
         made.append(fm)
     rng = np.random.default_rng(11)
