@@ -389,7 +389,7 @@ class IndexFollower:
                 return False
             started = time.perf_counter()
             if have is not None and head > have:
-                deltas = self.log.get(have + 1, head)
+                deltas = self._deltas(have + 1, head)
                 if deltas is not None:
                     try:
                         self._advance(deltas)
@@ -399,8 +399,9 @@ class IndexFollower:
                         self.last_apply_s = time.perf_counter() - started
                         self._changed()
                         return True
-                elif max((v for v in self.store.item_versions() if v <= head), default=-1) <= have:
-                    # a gap, and no full snapshot newer than what we hold: wait for one
+                if max((v for v in self.store.item_versions() if v <= head), default=-1) <= have:
+                    # a gap (or a delta that does not apply), and no full snapshot newer than
+                    # what we hold: wait for one (reloading the same one would loop)
                     if self._gap_logged != head:
                         log.warning(
                             "deltas v%d..v%d are not all in Redis and no newer full "
@@ -424,6 +425,17 @@ class IndexFollower:
                 self._changed()
             return moved
 
+    def _deltas(self, first: int, last: int) -> list[ItemDelta] | None:
+        """Deltas ``first .. last`` from Redis; None when one is missing or does not decode
+        (a corrupt delta is treated as a gap: wait for a newer full snapshot, then reload)."""
+        try:
+            return self.log.get(first, last)
+        except SnapshotError as exc:
+            if self._gap_logged != last:
+                log.warning("item deltas v%d..v%d unusable (%s); treating as a gap", first, last,
+                            exc)
+            return None
+
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change(self.current())
@@ -443,13 +455,26 @@ class IndexFollower:
             log.warning("no usable full item snapshot in Redis for v%d yet; retrying", head)
             return False
         held, standby = ItemCopy(snapshot, self.kind, self.graphs), None
-        deltas = self.log.get(snapshot.version + 1, head) if head > snapshot.version else []
+        # a corrupt delta after the snapshot: serve the snapshot's version meanwhile
+        deltas = self._deltas(snapshot.version + 1, head) if head > snapshot.version else []
+        good: list[ItemDelta] = []
         for delta in deltas or []:
-            held.apply(delta)
+            try:
+                held.apply(delta)
+            except SnapshotError as exc:  # serve the last good version until a newer full one
+                log.warning("delta v%d does not apply to full snapshot v%d + %d delta(s) (%s); "
+                            "serving v%d until a newer full snapshot", delta.version,
+                            snapshot.version, len(good), exc, delta.version - 1)
+                held = ItemCopy(snapshot, self.kind, self.graphs)  # no half-applied delta
+                for ok in good:
+                    held.apply(ok)
+                break
+            good.append(delta)
             self.deltas_applied += 1
+        deltas = good
         # the standby copy: built from the same snapshot (+ deltas) so both hold one version
         standby = ItemCopy(snapshot, self.kind, self.graphs)
-        for delta in deltas or []:
+        for delta in deltas:
             standby.apply(delta)
         with self._cond:
             self._held = _Held(held, self._state_of(held))
@@ -460,7 +485,7 @@ class IndexFollower:
             "loaded full item snapshot v%d (%d items) and %d delta(s): serving v%d",
             snapshot.version,
             held.n,
-            len(deltas or []),
+            len(deltas),
             held.version,
         )
         return True

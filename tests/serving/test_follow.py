@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from fmstream.settings import Settings
-from serving.deltas import DeltaLog, ItemDelta
+from serving.deltas import DeltaLog, ItemDelta, encode_delta
 from serving.follow import IndexFollower
 from serving.graph import GraphKeeper
 from serving.index import FlatIndex, ItemSnapshot
@@ -99,6 +99,38 @@ def test_a_missing_delta_means_a_full_reload_once_a_newer_snapshot_exists(
     assert follower.refresh()
     same(follower, newer)
     assert follower.full_loads == 2
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "wrong base"])
+def test_a_bad_delta_is_waited_out_then_a_newer_full_snapshot_is_loaded(
+    store: VectorStore, writer: StoreWriter, bad: str
+) -> None:
+    base, deltas, full = evolve(100, 6)
+    log = DeltaLog(store.redis, store.key)
+    writer.put_item_snapshot(base)
+    follower = IndexFollower(store)
+    assert follower.refresh()
+    for d in deltas:
+        log.put(d)
+    if bad == "corrupt":
+        store.redis.set(log.key(3), b"FMDELTA1 not a delta")
+    else:  # well formed, but for a base of another size: it cannot apply to v2
+        n = len(base.item_ids)
+        store.redis.set(log.key(3), encode_delta(ItemDelta(
+            3, [], np.zeros((0, DIM), np.float32), rows=np.zeros(0, np.int64), base_n=n + 7)))
+    # no exception, no reload loop: the follower serves what it has
+    for _ in range(3):
+        assert not follower.refresh()
+    assert follower.version == 1 and follower.full_loads == 1
+    late = IndexFollower(store)  # a new worker: the full snapshot and the deltas before the bad one
+    assert late.refresh() and late.version == (1 if bad == "corrupt" else 2)
+    assert not late.refresh() and late.full_loads == 1
+    newer = ItemSnapshot(full.version + 1, full.item_ids, full.vectors, bias=full.bias)
+    writer.put_item_snapshot(newer)  # the publisher's next full snapshot
+    for f in (follower, late):
+        assert f.refresh()
+        same(f, newer)
+        assert f.full_loads == 2
 
 
 def test_store_lost_then_republished_and_version_going_back(
