@@ -5,10 +5,14 @@ applies deltas ``v+1, v+2, ...`` in order. Each delta is applied in place (chang
 overwritten, new items appended) to one of two copies of the index, the *standby* one, which
 no request is using; then the two swap roles with one reference assignment and the delta is
 applied to the other copy the next time. So a delta costs O(changed rows) twice, never a rebuild,
-and a batch that pinned a state (:meth:`IndexFollower.pinned`) sees one version throughout.
+and a batch that pinned a state (:meth:`IndexFollower.pinned`) sees one version throughout. A
+delta in the parts form (:mod:`serving.item_parts`) is recomposed once (the items it names and
+those reading a shared row it changed) and the result written to both copies.
 
 Falls back to a full reload when a delta is missing (retention, Redis lost it), when the store's
-version went backwards (a trainer restarted without its version), or a delta does not check out.
+version went backwards (a trainer restarted without its version), or a delta does not check out
+(corrupt, or not applicable to the version held) and a newer full snapshot exists; until one
+does, it serves the last good version (no reload loop).
 When Redis holds no version at all (``FLUSHALL``), it keeps serving what it has and reloads as
 soon as the publisher republishes (:attr:`IndexFollower.store_lost` says so meanwhile).
 """
