@@ -330,7 +330,7 @@ def part_versions(args: argparse.Namespace) -> None:
         f"In one process on a simulated clock (CPU seconds of this thread, so load-robust): a "
         f"model with planted segments/categories (20 each, like the e2e stream) trained on "
         f"{args.warm_events:,} events, then per version {per_tick:,} events in steps of 256 "
-        f"(BPR, 16 negatives from a shared pool of 512), the publisher's version (candidates "
+        f"(TrainConfig defaults: loss {model.config.loss}), the publisher's version (candidates "
         f"found from the changed-row mask, composed, the ship policy, a positional delta into "
         f"Redis), a worker-side IndexFollower applying it to its 2 copies, then the records of "
         f"the tick's active users and one i2i refresh. Medians over {args.ticks} versions per "
