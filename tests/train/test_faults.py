@@ -251,7 +251,9 @@ def test_kill_9_every_few_seconds_loses_and_repeats_nothing(
     n = 100_000
     s = _fast(settings)
     assert s.partitions_events >= 3
-    producer = Background(_produce, s, _encode(list(STREAM.events(n))))  # the replay
+    # the replay arrives over ~20 s, as a live stream does: a trainer that drains a backlog
+    # faster than it is killed would otherwise finish between two kills
+    producer = Background(_produce, s, _encode(list(STREAM.events(n))), rate=5_000)
     log = tmp_path / "trainer.log"
     rng = random.Random(0)
     kills: list[int] = []  # events covered by the newest checkpoint after each kill
