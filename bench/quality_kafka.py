@@ -96,6 +96,7 @@ class KafkaFM(Model):
         self.versions: set[int] = set()
         self.awaited = 0  # the marker records' newest stamp at the last boundary
         self.stale_answers = 0  # answers naming a version below it (must stay 0)
+        self.retried = 0  # requests asked again after no answer within timeout_s
 
     def produce_profiles(self) -> None:
         t = self.settings
@@ -163,6 +164,14 @@ class KafkaFM(Model):
             reqs.append({"type": "u2i", "user_id": d.user_ids[u], "k": K,
                          "exclude_item_ids": [d.item_ids[i] for i in excl.tolist()]})
         answers = self.client.request_many(reqs, timeout=self.timeout_s)
+        missing = [j for j, a in enumerate(answers) if a is None]
+        if missing:  # requests are at least once: a client with no answer asks again, once
+            log.warning("%d of %d u2i unanswered within %.0f s (worker rebalancing?); asking "
+                        "again", len(missing), len(reqs), self.timeout_s)
+            again = self.client.request_many([reqs[j] for j in missing], timeout=self.timeout_s)
+            for j, a in zip(missing, again, strict=True):
+                answers[j] = a
+            self.retried += len(missing)
         index = {iid: j for j, iid in enumerate(d.item_ids)}
         for row, a in enumerate(answers):
             if a is None or a.error is not None:
