@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2
 """Acknowledged offsets are committed at most this often (and at shutdown)."""
+METADATA_MAX_AGE_MS = 5_000
+"""How often a worker refreshes topic metadata (a missed partition assignment heals then)."""
 POLL_MAX_RECORDS = 512
 """Requests answered together at most (one Redis round trip and one search per type)."""
 FETCH_MAX_WAIT_MS = 100
@@ -652,6 +654,10 @@ class Worker:
             max_poll_records=POLL_MAX_RECORDS,
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=max(300, self.config.session_timeout_ms // 4),
+            # A join made while the request topic was missing from the member's metadata (just
+            # created, or a metadata answer without it while the broker is busy) is assigned
+            # nothing until the next metadata refresh: every 5 s instead of kafka-python's 5 min.
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
         )
         replies = _Replies(self, consumer, producer)
         self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
