@@ -308,44 +308,13 @@ class VersionedPublisher:
             mirror = self._mirror = ItemCopy(
                 ItemSnapshot(v, new_ids, delta.vectors, bias, {}, now), "flat", None
             )
-        if full:
-            # the full snapshot is what the delta path makes: v - 1 + delta v, bit for bit
-            snapshot_extra = {"context": context}
-            keys = self._shared_keys
-            if keys.size and snapshot_rows is not None:
-                w, vv = snapshot_rows
-                snapshot_extra[USER_ROWS] = encode_rows(keys, np.concatenate([w[:, None], vv], 1))
-            snapshot = ItemSnapshot(
-                v, list(mirror.ids), mirror.vectors().copy(), bias, snapshot_extra, now
-            )
-            if not self.store.put_item_snapshot(snapshot):
-                log.warning("full snapshot v%d not taken (Redis has a newer version?)", v)
-            self.log.trim()
+        if full:  # the full snapshot is what the delta path makes: v - 1 + delta v, bit for bit
             self._pending[:] = np.inf
-            self._need_full = self._no_base = False
-            self._full_at = now
-            self._rows_since_full = 0
-            self._i2i_dirty = np.ones(mirror.n, dtype=bool)
-        else:
-            self._rows_since_full += delta.n
-            self._mark_i2i(rows, mirror.n)
-        self._context, self._bias = context, bias
-        self.version = v
-        self._owed = False
-        self._publish_popular()
-        self.store.put_status(model_version=v, items_published_at=now)
-        self.last = PublishedVersion(
-            v,
-            delta.n,
-            0 if shared is None else shared[1],
-            full,
-            delta_bytes,
-            time.perf_counter() - started,
-            candidates=int(cand.size),
-            held=int(np.isfinite(self._pending).sum()),
+        return self._finish(
+            v, delta, shared, full, delta_bytes, started, mirror, context, bias, now,
+            snapshot_rows, {}, cand, mark=rows, held=int(np.isfinite(self._pending).sum()),
+            what="item rows",
         )
-        log.debug("published v%d: %d item rows, %s", v, delta.n, "full" if full else "delta")
-        return self.last
 
     def _full_due(self, now: float, n_items: int) -> bool:
         return (
@@ -422,15 +391,30 @@ class VersionedPublisher:
                 lazy=True,
             )
             full = True
+        assert mirror.parts is not None
+        return self._finish(
+            v, delta, shared, full, delta_bytes, started, mirror, context, bias, now,
+            snapshot_rows, mirror.parts.to_blobs() if full else {}, cand, mark=cand, held=0,
+            what="item parts",
+        )
+
+    def _finish(
+        self, v: int, delta: Any, shared: tuple[bytes, int] | None, full: bool,
+        delta_bytes: int, started: float, mirror: ItemCopy, context: Any, bias: float,
+        now: float, snapshot_rows: tuple[np.ndarray, np.ndarray] | None,
+        snapshot_blobs: dict[str, bytes], cand: np.ndarray, *, mark: np.ndarray, held: int,
+        what: str,
+    ) -> PublishedVersion:
+        """The end of either version form: the full snapshot when due, the bookkeeping of
+        what shipped, the status and the published version."""
         if full:
             snapshot_extra = {"context": context}
             keys = self._shared_keys
             if keys.size and snapshot_rows is not None:
                 w, vv = snapshot_rows
                 snapshot_extra[USER_ROWS] = encode_rows(keys, np.concatenate([w[:, None], vv], 1))
-            assert mirror.parts is not None
-            vectors = mirror.vectors().copy()  # settles the lazy mirror
-            snapshot_extra.update(mirror.parts.to_blobs())
+            vectors = mirror.vectors().copy()  # settles a lazy mirror
+            snapshot_extra.update(snapshot_blobs)
             snapshot = ItemSnapshot(v, list(mirror.ids), vectors, bias, snapshot_extra, now)
             if not self.store.put_item_snapshot(snapshot):
                 log.warning("full snapshot v%d not taken (Redis has a newer version?)", v)
@@ -441,23 +425,17 @@ class VersionedPublisher:
             self._i2i_dirty = np.ones(mirror.n, dtype=bool)
         else:
             self._rows_since_full += delta.n
-            self._mark_i2i(cand, mirror.n)
+            self._mark_i2i(mark, mirror.n)
         self._context, self._bias = context, bias
         self.version = v
         self._owed = False
         self._publish_popular()
         self.store.put_status(model_version=v, items_published_at=now)
         self.last = PublishedVersion(
-            v,
-            delta.n,
-            0 if shared is None else shared[1],
-            full,
-            delta_bytes,
-            time.perf_counter() - started,
-            candidates=int(cand.size),
-            held=0,
+            v, delta.n, 0 if shared is None else shared[1], full, delta_bytes,
+            time.perf_counter() - started, candidates=int(cand.size), held=held,
         )
-        log.debug("published v%d: %d item parts, %s", v, delta.n, "full" if full else "delta")
+        log.debug("published v%d: %d %s, %s", v, delta.n, what, "full" if full else "delta")
         return self.last
 
     def _item_shared_changes(
