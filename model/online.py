@@ -626,19 +626,9 @@ class OnlineFM:
         b = y.size
         if pos.size == 0:
             return 0.0
-        nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
-        m = nu + ni + nc
-        parts_k = [ukeys, ikeys] + ([ck] if nc else [])
-        parts_w = [uw, iw] + ([cw] if nc else [])
-        keys = np.concatenate([p.ravel() for p in parts_k])
-        x = np.concatenate([p.ravel() for p in parts_w])
-        live = keys != PAD
-        per_ent = np.concatenate([(p != PAD).sum(axis=1) for p in parts_k])
-        indptr = np.zeros(m + 1, dtype=np.int64)
-        np.cumsum(per_ent, out=indptr[1:])
-        uniq, cols = self._table.unique(self._space.key_row[keys[live]])
-        x = x[live]
-        vals = np.take(self._table.params, uniq, axis=0)
+        nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals = self._slots(
+            ukeys, uw, ikeys, iw, ck, cw, b
+        )
         fixed = [u_inv[pos]] + ([nu + ni + pos] if nc else [])
         empty = np.zeros((0, 0), dtype=np.int64)
         batch = StepBatch(
@@ -728,19 +718,9 @@ class OnlineFM:
         cfg = self.config
         b = y.size
         k = neg.shape[1] // pick
-        nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
-        m = nu + ni + nc
-        parts_k = [ukeys, ikeys] + ([ck] if nc else [])
-        parts_w = [uw, iw] + ([cw] if nc else [])
-        keys = np.concatenate([p.ravel() for p in parts_k])
-        x = np.concatenate([p.ravel() for p in parts_w])
-        live = keys != PAD
-        per_ent = np.concatenate([(p != PAD).sum(axis=1) for p in parts_k])
-        indptr = np.zeros(m + 1, dtype=np.int64)
-        np.cumsum(per_ent, out=indptr[1:])
-        uniq, cols = self._table.unique(self._space.key_row[keys[live]])
-        x = x[live]
-        vals = np.take(self._table.params, uniq, axis=0)  # (2-4x faster than params[uniq])
+        nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals = self._slots(
+            ukeys, uw, ikeys, iw, ck, cw, b
+        )
 
         # examples: logistic = every event (+ negatives of the positives); pairwise = positives
         ctx_ent = nu + ni + np.arange(b) if nc else None
@@ -776,7 +756,7 @@ class OnlineFM:
             ent_n = np.bincount(batch.ev_fixed.ravel(), minlength=m).astype(np.float64)
             ent_n += np.bincount(batch.ev_item, minlength=m)
             ent_n += np.bincount(batch.neg_item[valid], minlength=m) / max(k, 1)
-            slot_n = np.repeat(ent_n, per_ent) * (x != 0)
+            slot_n = np.repeat(ent_n, np.diff(indptr)) * (x != 0)
             counts = np.bincount(cols, weights=slot_n, minlength=uniq.size)
         decay: float | np.ndarray = cfg.acc_decay
         if cfg.user_acc_decay is not None and cfg.user_acc_decay != cfg.acc_decay:
@@ -840,6 +820,27 @@ class OnlineFM:
         V[ents] = sub.V
         a[ents] = sub.a
         return EntityTerms(terms.ent_of, terms.q, V, a)
+
+    def _slots(
+        self, ukeys: np.ndarray, uw: np.ndarray, ikeys: np.ndarray, iw: np.ndarray,
+        ck: np.ndarray, cw: np.ndarray, b: int,
+    ) -> tuple:
+        """A step's entities (users, items, per-event contexts) as one sparse slot matrix:
+        ``(nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals)``, rows gathered once."""
+        nu, ni, nc = ukeys.shape[0], ikeys.shape[0], (b if ck.shape[1] else 0)
+        m = nu + ni + nc
+        parts_k = [ukeys, ikeys] + ([ck] if nc else [])
+        parts_w = [uw, iw] + ([cw] if nc else [])
+        keys = np.concatenate([p.ravel() for p in parts_k])
+        x = np.concatenate([p.ravel() for p in parts_w])
+        live = keys != PAD
+        per_ent = np.concatenate([(p != PAD).sum(axis=1) for p in parts_k])
+        indptr = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(per_ent, out=indptr[1:])
+        uniq, cols = self._table.unique(self._space.key_row[keys[live]])
+        x = x[live]
+        vals = np.take(self._table.params, uniq, axis=0)  # (2-4x faster than params[uniq])
+        return nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals
 
     def _unique(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(uniq, inverse)`` of user or item entity indices, O(n) (:func:`scratch_unique`)."""
