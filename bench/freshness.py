@@ -71,9 +71,10 @@ ANSWER_TIMEOUT_S = 10.0
 # --- processes -----------------------------------------------------------------------------
 
 
-def spawn(settings: Settings, args: list[str], log_path: Path) -> subprocess.Popen:
-    """``python -m fmstream.cli ARGS`` with the settings in its environment."""
-    env = {**os.environ, **settings.to_env()}
+def spawn(settings: Settings, args: list[str], log_path: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m fmstream.cli ARGS`` with the settings (and ``env``) in its environment."""
+    env = {**os.environ, **settings.to_env(), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "fmstream.cli", *args],
         env=env,

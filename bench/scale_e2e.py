@@ -183,6 +183,37 @@ class ScaleLoop(Loop):
         self.inactive_lost = sum(p.done is None for p in self.inactive)
 
 
+def worker_windows(log_path: Path, start: int, end: int | None = None) -> list[dict[str, float]]:
+    """The worker's 10-s request-path summaries (serving/timing.py) logged between byte
+    offsets ``start`` and ``end`` of its log."""
+    from serving.timing import parse_stats
+
+    with log_path.open("rb") as f:
+        f.seek(start)
+        text = f.read(None if end is None else max(0, end - start)).decode(errors="replace")
+    return [parse_stats(line) for line in text.splitlines() if "request path, last" in line]
+
+
+def worker_note(windows: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """Worst 10-s window of the worker's own request path, and the follower's apply cost."""
+    def worst(key: str) -> float:
+        return max((w[key] for w in windows if key in w), default=float("nan"))
+
+    applies = [w["apply_cpu_p50_ms"] for w in windows if "apply_cpu_p50_ms" in w]
+    stats = {
+        "busy_p99_ms": worst("busy_p99_ms"), "blocked_p99_ms": worst("blocked_p99_ms"),
+        "runq_p99_ms": worst("runq_p99_ms"), "queued_p99_ms": worst("queued_p99_ms"),
+        "apply_cpu_ms": float(np.median(applies)) if applies else float("nan"),
+        "versions": sum(w.get("versions", 0) for w in windows),
+    }
+    text = (f"worst 10-s window of {len(windows)}: batch busy p99 {stats['busy_p99_ms']:.1f} "
+            f"ms (of which blocked on the store/GIL p99 {stats['blocked_p99_ms']:.1f}, waiting "
+            f"for a core p99 {stats['runq_p99_ms']:.1f}), request queued in Kafka before its "
+            f"poll p99 {stats['queued_p99_ms']:.1f} ms; follower apply CPU per move (median "
+            f"of windows) {stats['apply_cpu_ms']:.1f} ms")
+    return text, stats
+
+
 def part_e2e(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-e2e-"))
@@ -200,7 +231,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         log.info("services: %s", services.up(settings))
         store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
         procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
-        procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log")
+        # unwrapped log lines: the request-path summaries are read back (worker_windows)
+        procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log",
+                                env={"COLUMNS": "2000"})
         # enough events for the longest setup too: the producer must outlive the measurement
         total = int(args.rate * (args.seconds + args.warmup + args.quiet_seconds
                                  + args.setup_timeout + 120))
@@ -245,9 +278,12 @@ def part_e2e(args: argparse.Namespace) -> None:
         v0 = store.current_item_version() or 0
         mem0 = store.redis.info("stats").get("total_net_input_bytes", 0)
 
+        worker_log = run_dir / "worker.log"
+        at_busy = worker_log.stat().st_size
         loop.run(args.seconds, args.inflight, args.probe_every)
         loop.drain()
         busy = loop.take()
+        at_quiet_end = worker_log.stat().st_size
         wall = time.perf_counter() - t0
         events = (end_offsets(offsets, settings.topic_events) - events0) / wall
         cpu = {n: (cpu_seconds(p) - cpu0[n]) / wall for n, p in pids.items()}
@@ -261,10 +297,17 @@ def part_e2e(args: argparse.Namespace) -> None:
         stop_workers([procs["producer"]])
         wait_versions_settle(store)
         loop.inactive = []
+        at_quiet = worker_log.stat().st_size
         loop.run(args.quiet_seconds, args.inflight, None)
         loop.drain()
         quiet = loop.take()
         offsets.close()
+        # the worker logs a window every 10 s: wait for the one that closes the quiet phase
+        deadline = time.monotonic() + 15
+        while (len(worker_windows(worker_log, at_quiet)) < 2 and time.monotonic() < deadline):
+            time.sleep(0.5)
+        path_busy = worker_note(worker_windows(worker_log, at_busy, at_quiet_end))
+        path_quiet = worker_note(worker_windows(worker_log, at_quiet))
         ok = True
     finally:
         tear_down(loop, list(procs.values()), settings, run_dir,
@@ -316,6 +359,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         f"item_tolerance={settings.item_tolerance}, item_max_age_s="
         f"{settings.item_max_age_s}, {args.rate:,} events/s, {args.inflight} requests in flight. "
         f"Setup (profiles of {args.users:,} users applied, first version served) {setup_s:.0f} s. "
+        f"Worker's own request path (serving/timing.py), with versions: {path_busy[0]}; "
+        f"without: {path_quiet[0]}. "
         f"{load_note()} at the end; sharing the box: {others()}. Wall "
         f"{time.perf_counter() - started:.0f} s. Worker and trainer logs: {run_dir} (removed)."
     )
@@ -325,6 +370,12 @@ def part_e2e(args: argparse.Namespace) -> None:
         active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
         inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
         versions=len(swaps), p99_ratio=round(ratio, 2),
+        worker_busy_p99_ms=path_busy[1]["busy_p99_ms"],
+        worker_busy_p99_ms_quiet=path_quiet[1]["busy_p99_ms"],
+        worker_blocked_p99_ms=path_busy[1]["blocked_p99_ms"],
+        worker_queued_p99_ms=path_busy[1]["queued_p99_ms"],
+        worker_queued_p99_ms_quiet=path_quiet[1]["queued_p99_ms"],
+        apply_cpu_ms=path_busy[1]["apply_cpu_ms"],
     )
     print(line)
     if not args.no_record:

@@ -312,12 +312,15 @@ class Answerer:
     def __init__(self, store: AnswerStore, config: ServingConfig) -> None:
         self.store = store
         self.config = config
+        self.store_s = 0.0
+        """Seconds the last :meth:`answer` spent reading the store (user records, histories)."""
 
     def answer(
         self, pendings: Sequence[Pending], state: ServingState | None, now_ms: float | None = None
     ) -> None:
         """Give every pending not yet done its answer or its error (never raises)."""
         now_ms = time.time() * 1000 if now_ms is None else now_ms
+        self.store_s = 0.0
         todo = [p for p in pendings if not p.done and admit(p, state, self.config, now_ms)]
         if todo and state is not None:  # admit() fails every pending without a state
             self._answer_isolated(todo, state)
@@ -362,6 +365,7 @@ class _Batch:
     one batched search per request type."""
 
     def __init__(self, answerer: Answerer, todo: list[Pending], state: ServingState) -> None:
+        started = time.perf_counter()
         self.store = answerer.store
         self.config = answerer.config
         self.todo = todo
@@ -388,6 +392,7 @@ class _Batch:
             if need_hist
             else {}
         )
+        answerer.store_s += time.perf_counter() - started
 
     def answer(self) -> None:
         by_type: dict[str, list[Pending]] = {}

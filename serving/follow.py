@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -42,9 +42,16 @@ from serving.item_parts import (
     decode_item_keys,
     decode_item_parts,
 )
+from serving.timing import ApplyTimes, PathLog
 from serving.users import USER_ROWS, SharedRows, decode_rows
 
 log = logging.getLogger(__name__)
+
+WRITE_CHUNK = 32_768
+"""Rows written into an index copy between two pauses of a sliced apply."""
+PAUSE_MAX_S = 0.05
+"""Longest a slice of an apply waits for the batch being answered (then it goes on anyway:
+versions never starve under a steady request load)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class ItemCopy:
 
     def __init__(
         self, snapshot: ItemSnapshot, kind: IndexKind, graphs: GraphKeeper | None, *,
-        lazy: bool = False,
+        lazy: bool = False, parts: ItemParts | None = None,
     ) -> None:
         self.kind = kind
         self.graphs = graphs
@@ -85,15 +92,29 @@ class ItemCopy:
         parts_blob = self.extra.pop(ITEM_PARTS, None)
         rows_blob = self.extra.pop(ITEM_ROWS, None)
         self.parts: ItemParts | None = None
-        if parts_blob is not None:
+        if parts_blob is not None and parts is not None:
+            # shared with another copy of the same snapshot (see _apply_parts), which may
+            # have moved them on already: decoded once
+            if parts.version is None or parts.version < snapshot.version or (
+                parts.n < len(snapshot.item_ids)
+            ):
+                raise SnapshotError(
+                    f"shared item parts at v{parts.version} ({parts.n} items) for snapshot "
+                    f"v{snapshot.version} ({len(snapshot.item_ids)} items)"
+                )
+            self.parts = parts
+        elif parts_blob is not None:
             own, keys, weights = decode_item_parts(parts_blob, len(snapshot.item_ids))
             shared = SharedRows(*decode_rows(rows_blob)) if rows_blob else SharedRows()
             self.parts = ItemParts(own, keys, weights, shared)
+            self.parts.version = snapshot.version
         # lazy (the publisher's mirror): recompose on the next read of the vectors, not on apply
         self.lazy = lazy
         self._stale: np.ndarray | None = None
         self.created_at = snapshot.created_at
         self.readers = 0
+        self.pause: Callable[[], None] | None = None
+        """Called between slices of a big apply (the follower: let a batch be answered)."""
         self._flat: FlatIndex | None = None
         self._buf: np.ndarray | None = None
         if kind == "flat":
@@ -134,6 +155,16 @@ class ItemCopy:
             self._write(at, vectors)
 
     def _write(self, at: np.ndarray | slice, vectors: np.ndarray) -> None:
+        pause = self.pause
+        if pause is not None and isinstance(at, np.ndarray) and at.size > WRITE_CHUNK:
+            for lo in range(0, at.size, WRITE_CHUNK):  # slices, requests answered between
+                if lo:
+                    pause()
+                self._write_rows(at[lo : lo + WRITE_CHUNK], vectors[lo : lo + WRITE_CHUNK])
+            return
+        self._write_rows(at, vectors)
+
+    def _write_rows(self, at: np.ndarray | slice, vectors: np.ndarray) -> None:
         if isinstance(at, np.ndarray) and at.size and int(at[-1]) - int(at[0]) == at.size - 1:
             at = slice(int(at[0]), int(at[-1]) + 1)  # ascending and dense: one block copy
         if self._flat is not None:
@@ -160,12 +191,25 @@ class ItemCopy:
 
     def _apply_parts(self, delta: ItemDelta) -> tuple[list[str], int]:
         """Apply a parts delta: new parts and shared rows, then the touched items recomposed
-        (now, or on the next read when lazy). Returns the appended ids and their count."""
+        (now, or on the next read when lazy). Returns the appended ids and their count.
+
+        The parts may be shared by two copies (the follower's held and standby copies): the
+        first copy to apply a delta moves the parts to its version and leaves the composed
+        rows on the delta; the other copy, applying the same delta later, only writes them
+        (one decode, one key scan and one composition per version, not one per copy).
+        """
         parts = self.parts
         if parts is None:
             raise SnapshotError(
                 f"delta v{delta.version} carries item parts, this copy holds vectors only; "
                 "reload the full snapshot"
+            )
+        if parts.version is not None and parts.version >= delta.version:
+            return self._apply_composed(delta, parts.version)
+        if parts.version is not None and parts.version != delta.base:
+            raise SnapshotError(
+                f"delta v{delta.version} applies to v{delta.base}, the item parts are at "
+                f"v{parts.version}; reload the full snapshot"
             )
         rows, _, new, new_ids = plan_positional(delta, self.n)
         keys, weights = decode_item_keys(delta.extra[ITEM_KEYS], delta.n)
@@ -185,6 +229,8 @@ class ItemCopy:
             raise SnapshotError(
                 f"delta v{delta.version}: {exc}; reload the full snapshot"
             ) from None
+        if parts.version is not None:
+            parts.version = delta.version
         width = delta.vectors.shape[1] if delta.n else self._raw_vectors().shape[1]
         self._grow(np.zeros((new.size, width), dtype=np.float32))
         if self.lazy:
@@ -194,17 +240,27 @@ class ItemCopy:
             stale[touched] = True
             self._stale = stale
         else:
-            # both copies of a follower apply the same delta to the same base: compose once
-            cached = delta.__dict__.get("_composed")
-            if cached is not None and np.array_equal(cached[0], touched):
-                vectors = cached[1]
-            else:
-                vectors, missing = parts.compose(touched)
-                if missing:
-                    log.warning("delta v%d: %d shared item keys not held (composed as 0)",
-                                delta.version, missing)
-                delta.__dict__["_composed"] = (touched, vectors)
+            vectors, missing = parts.compose(touched, pause=self.pause)
+            if missing:
+                log.warning("delta v%d: %d shared item keys not held (composed as 0)",
+                            delta.version, missing)
+            delta.__dict__["_composed"] = (touched, vectors)
             self._write(touched, vectors)
+        return new_ids, int(new.size)
+
+    def _apply_composed(self, delta: ItemDelta, parts_at: int) -> tuple[list[str], int]:
+        """Write the rows another copy composed for ``delta`` (the shared parts are past it)."""
+        cached = delta.__dict__.get("_composed")
+        if cached is None or self.lazy:
+            raise SnapshotError(
+                f"delta v{delta.version}: the shared item parts are already at v{parts_at} and "
+                "the delta holds no composed rows; reload the full snapshot"
+            )
+        touched, vectors = cached
+        _, _, new, new_ids = plan_positional(delta, self.n)
+        width = vectors.shape[1] if vectors.shape[0] else self._raw_vectors().shape[1]
+        self._grow(np.zeros((new.size, width), dtype=np.float32))
+        self._write(touched, vectors)
         return new_ids, int(new.size)
 
     def apply(self, delta: ItemDelta) -> None:
@@ -333,6 +389,14 @@ class IndexFollower:
         self.last_apply_s = 0.0
         self.store_lost = False
         self._gap_logged: int | None = None
+        self.timings: PathLog | None = None  # set by the worker: per-version apply costs
+        self._fetch_s = 0.0
+        self._wait_s = 0.0
+        self._answering = 0
+        self.pauses_waited = 0
+        """Slices of an apply that waited for a batch being answered."""
+        self._idle = threading.Event()
+        self._idle.set()
 
     # --- what readers see ------------------------------------------------------------------
 
@@ -348,19 +412,53 @@ class IndexFollower:
 
     @contextmanager
     def pinned(self) -> Iterator[ServingState | None]:
-        """The newest state, guaranteed unchanged until the block ends (None before any)."""
+        """The newest state, guaranteed unchanged until the block ends (None before any).
+
+        The block counts as :meth:`busy` (an apply in progress waits at its next slice).
+        """
+        with self.busy():
+            with self._cond:
+                held = self._held
+                if held is not None:
+                    held.copy.readers += 1
+            try:
+                yield None if held is None else held.state
+            finally:
+                if held is not None:
+                    with self._cond:
+                        held.copy.readers -= 1
+                        if held.copy.readers == 0:
+                            self._cond.notify_all()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark a batch being answered (the worker: answering and sending its replies): while
+        a block runs, an apply in progress on the follow thread waits at its next slice
+        (:meth:`pause`), so the batch does not share the GIL and the cores with it."""
         with self._cond:
-            held = self._held
-            if held is not None:
-                held.copy.readers += 1
+            self._answering += 1
+            self._idle.clear()
         try:
-            yield None if held is None else held.state
+            yield
         finally:
-            if held is not None:
-                with self._cond:
-                    held.copy.readers -= 1
-                    if held.copy.readers == 0:
-                        self._cond.notify_all()
+            with self._cond:
+                self._answering -= 1
+                if self._answering == 0:
+                    self._idle.set()
+
+    @property
+    def answering(self) -> bool:
+        """Whether a batch is being answered (inside :meth:`pinned`) right now."""
+        return not self._idle.is_set()
+
+    def pause(self) -> None:
+        """Between two slices of an apply: wait (at most :data:`PAUSE_MAX_S`) while a batch
+        is being answered, then hand the GIL over once (a request that just arrived gets it
+        before the next slice)."""
+        if not self._idle.is_set():
+            self.pauses_waited += 1
+            self._idle.wait(PAUSE_MAX_S)
+        time.sleep(0)
 
     # --- following -------------------------------------------------------------------------
 
@@ -391,8 +489,9 @@ class IndexFollower:
             have = None if held is None else held.state.version
             if have == head:
                 return False
-            started = time.perf_counter()
+            started, cpu0 = time.perf_counter(), time.thread_time()
             if have is not None and head > have:
+                self._fetch_s = self._wait_s = 0.0
                 deltas = self._deltas(have + 1, head)
                 if deltas is not None:
                     try:
@@ -401,6 +500,10 @@ class IndexFollower:
                         log.warning("delta apply failed (%s); reloading the full snapshot", exc)
                     else:
                         self.last_apply_s = time.perf_counter() - started
+                        if self.timings is not None:
+                            self.timings.applied(ApplyTimes(
+                                len(deltas), self.last_apply_s, time.thread_time() - cpu0,
+                                self._fetch_s, self._wait_s))
                         self._changed()
                         return True
                 if max((v for v in self.store.item_versions() if v <= head), default=-1) <= have:
@@ -432,6 +535,7 @@ class IndexFollower:
     def _deltas(self, first: int, last: int) -> list[ItemDelta] | None:
         """Deltas ``first .. last`` from Redis; None when one is missing or does not decode
         (a corrupt delta is treated as a gap: wait for a newer full snapshot, then reload)."""
+        started = time.perf_counter()
         try:
             return self.log.get(first, last)
         except SnapshotError as exc:
@@ -439,6 +543,8 @@ class IndexFollower:
                 log.warning("item deltas v%d..v%d unusable (%s); treating as a gap", first, last,
                             exc)
             return None
+        finally:
+            self._fetch_s += time.perf_counter() - started
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -458,7 +564,7 @@ class IndexFollower:
         if snapshot is None:
             log.warning("no usable full item snapshot in Redis for v%d yet; retrying", head)
             return False
-        held, standby = ItemCopy(snapshot, self.kind, self.graphs), None
+        held, standby = self._copy_of(snapshot), None
         # a corrupt delta after the snapshot: serve the snapshot's version meanwhile
         deltas = self._deltas(snapshot.version + 1, head) if head > snapshot.version else []
         good: list[ItemDelta] = []
@@ -469,7 +575,7 @@ class IndexFollower:
                 log.warning("delta v%d does not apply to full snapshot v%d + %d delta(s) (%s); "
                             "serving v%d until a newer full snapshot", delta.version,
                             snapshot.version, len(good), exc, delta.version - 1)
-                held = ItemCopy(snapshot, self.kind, self.graphs)  # no half-applied delta
+                held = self._copy_of(snapshot)  # no half-applied delta
                 for ok in good:
                     held.apply(ok)
                 break
@@ -477,7 +583,7 @@ class IndexFollower:
             self.deltas_applied += 1
         deltas = good
         # the standby copy: built from the same snapshot (+ deltas) so both hold one version
-        standby = ItemCopy(snapshot, self.kind, self.graphs)
+        standby = self._copy_of(snapshot, held)
         for delta in deltas:
             standby.apply(delta)
         with self._cond:
@@ -494,6 +600,16 @@ class IndexFollower:
         )
         return True
 
+    def _copy_of(self, snapshot: ItemSnapshot, other: ItemCopy | None = None) -> ItemCopy:
+        """A copy of ``snapshot``; with ``other`` (built from the same snapshot), one sharing
+        its item parts (each version's parts are applied and composed once, for both)."""
+        parts = other.parts if other is not None else None
+        # ``other`` may have applied deltas since the snapshot: the new copy then takes those
+        # deltas' composed rows from the deltas (ItemCopy._apply_composed)
+        copy = ItemCopy(snapshot, self.kind, self.graphs, parts=parts)
+        copy.pause = self.pause
+        return copy
+
     def _advance(self, deltas: list[ItemDelta]) -> None:
         """Apply ``deltas`` to the standby copy (waiting for its readers), then swap."""
         standby = self._standby
@@ -502,11 +618,13 @@ class IndexFollower:
         blob = next((d.extra["context"] for d in reversed(deltas) if "context" in d.extra), None)
         if blob is not None:
             self._parse_context(blob)  # before anything changes: a bad blob changes nothing
+        waited = time.perf_counter()
         with self._cond:
             while not self._cond.wait_for(lambda: standby.readers == 0, timeout=5.0):
                 log.warning(
                     "a batch has held v%d for over 5 s; waiting to update it", standby.version
                 )
+        self._wait_s += time.perf_counter() - waited
         for delta in (*self._behind, *deltas):
             if delta.version > standby.version:
                 standby.apply(delta)

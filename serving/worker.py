@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +55,7 @@ from serving.errors import InternalError, ServingError
 from serving.follow import IndexFollower as DeltaFollower
 from serving.graph import GraphKeeper
 from serving.index import configure_faiss
+from serving.timing import BatchTimes, PathLog, thread_clock
 from stream.consume import dead_letter_for, dead_letter_key, flatten
 from stream.schemas import dumps
 
@@ -592,6 +594,11 @@ class Worker:
         self.dead_letters = 0
         self.metrics = None  # a serving.metrics.WorkerMetrics while /metrics is served
         self.membership: Membership | None = None  # while running
+        # where the request path's time goes, logged every 10 s (read by bench/scale.py e2e)
+        self.path_log = PathLog()
+        self._decode_s = 0.0
+        if hasattr(self.index, "timings"):
+            self.index.timings = self.path_log
 
     # --- the index -------------------------------------------------------------------------
 
@@ -701,14 +708,32 @@ class Worker:
             if ready is not None:
                 ready.set()
         if records:
-            started = time.perf_counter()
-            replies.send(records, self.handle(records), started)
+            started, (cpu0, runq0), now = time.perf_counter(), thread_clock(), time.time()
+            oldest = min((r.timestamp for r in records if r.timestamp and r.timestamp > 0),
+                         default=None)
+            with self._busy():  # the follower's apply slices wait for this batch
+                outcomes = self.handle(records)
+                answered = time.perf_counter()
+                replies.send(records, outcomes, started)
+            sent, (cpu1, runq1) = time.perf_counter(), thread_clock()
+            self.path_log.batch(BatchTimes(
+                len(records), 0.0 if oldest is None else max(0.0, now - oldest / 1000),
+                self._decode_s, self.answerer.store_s,
+                answered - started - self._decode_s - self.answerer.store_s, sent - answered,
+                cpu1 - cpu0, runq1 - runq0))
         replies.settle()
         replies.commit()
+        self.path_log.maybe_log()
+
+    def _busy(self) -> AbstractContextManager[None]:
+        busy = getattr(self.index, "busy", None)  # serving.follow.IndexFollower has it
+        return busy() if busy is not None else nullcontext()
 
     def handle(self, records: Sequence[ConsumerRecord]) -> list[Pending | Rejected]:
         """Decode and answer a batch of request records: one outcome per record, in order."""
+        started = time.perf_counter()
         outcomes = [_decode(r.value, self.config) for r in records]
+        self._decode_s = time.perf_counter() - started
         pendings = [o for o in outcomes if isinstance(o, Pending)]
         with self.index.pinned() as state:  # the whole batch uses one version
             self.answerer.answer(pendings, state)

@@ -199,3 +199,45 @@ def test_a_pinned_batch_never_sees_two_versions(store: VectorStore, writer: Stor
             t.join()
     assert not bad, bad[:5]
     assert follower.version == versions and len(seen) > 5
+
+
+def test_an_apply_slice_waits_while_a_batch_is_answered(
+    store: VectorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serving.follow as follow
+
+    monkeypatch.setattr(follow, "PAUSE_MAX_S", 60.0)  # the bound is not what is tested here
+    follower = IndexFollower(store)
+    assert not follower.answering
+    follower.pause()  # nobody answering: goes straight on
+    assert follower.pauses_waited == 0
+    resumed = threading.Event()
+
+    def slice_boundary() -> None:
+        follower.pause()
+        resumed.set()
+
+    with follower.pinned():
+        with follower.pinned():  # batches may overlap: answering until the last one ends
+            assert follower.answering
+        assert follower.answering
+        apply = threading.Thread(target=slice_boundary)
+        apply.start()
+        while follower.pauses_waited == 0:  # the slice is waiting for this batch
+            assert apply.is_alive()
+            threading.Event().wait(0.01)
+        assert not resumed.is_set()
+    apply.join(timeout=60)
+    assert resumed.is_set() and not follower.answering and follower.pauses_waited == 1
+
+
+def test_a_pause_is_bounded_so_versions_never_starve(
+    store: VectorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serving.follow as follow
+
+    monkeypatch.setattr(follow, "PAUSE_MAX_S", 0.0)
+    follower = IndexFollower(store)
+    with follower.pinned():
+        follower.pause()  # returns although the batch still holds the state
+        assert follower.answering and follower.pauses_waited == 1

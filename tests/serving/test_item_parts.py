@@ -221,3 +221,94 @@ def test_parts_delta_on_the_wrong_base_or_a_vectors_copy_means_a_full_reload() -
     with pytest.raises(SnapshotError, match="width"):
         copy.apply(bad)
     assert copy.version == 1
+
+
+def _deltas_from(model: OnlineFM, versions: range, base_n: int) -> list[ItemDelta]:
+    """Parts deltas of ``model`` for ``versions`` (clicks, new items, every category moving)."""
+    rng = np.random.default_rng(11)
+    out = []
+    for v in versions:
+        model.drain_changed_rows()
+        model.learn_many([f"u{k}" for k in rng.integers(0, 30, 40)],
+                         [f"i{k}" for k in rng.integers(0, base_n + 2, 40)])
+        changed = model.drain_changed_rows()
+        own_rows = model.item_own_rows(np.arange(base_n))
+        ents = np.flatnonzero((own_rows >= 0) & changed[np.maximum(own_rows, 0)])
+        out.append(delta_from_model(model, v, base_n, ents))
+        base_n = model.n_items
+    return out
+
+
+def test_copies_sharing_parts_compose_each_version_once_and_hold_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = trained_model()
+    base = model_parts_snapshot(model, 1)
+    alone = ItemCopy(base, "flat", None)
+    first = ItemCopy(base, "flat", None)
+    second = ItemCopy(base, "flat", None, parts=first.parts)  # the follower's two copies
+    assert second.parts is first.parts and first.parts.version == 1
+    deltas = _deltas_from(model, range(2, 6), 80)
+    composed = []
+    real = ItemParts._compose
+    monkeypatch.setattr(ItemParts, "_compose",
+                        lambda self, at: composed.append(at.size) or real(self, at))
+    for d in deltas[:2]:  # the held copy moves first, the standby catches up later
+        first.apply(d)
+    assert len(composed) == 2 and first.parts.version == 3
+    for d in deltas[:2]:
+        second.apply(d)  # the rows the first copy composed, taken from the deltas
+    assert len(composed) == 2
+    for d in deltas[2:]:
+        second.apply(d)
+        first.apply(d)
+    assert len(composed) == 4 and first.parts.version == 5
+    monkeypatch.undo()
+    for d in _deltas_from_copy(deltas):
+        alone.apply(d)
+    full = model_parts_snapshot(model, 5)
+    for copy in (first, second, alone):
+        got = copy.loaded().snapshot
+        assert got.version == 5 and got.item_ids == full.item_ids
+        np.testing.assert_array_equal(got.vectors, full.vectors)
+
+
+def _deltas_from_copy(deltas: list[ItemDelta]) -> list[ItemDelta]:
+    """The same deltas as fresh objects (no composed rows left on them by another copy)."""
+    return [decode_delta(encode_delta(d), d.version) for d in deltas]
+
+
+def test_a_copy_whose_shared_parts_are_ahead_needs_the_composed_rows_or_a_reload() -> None:
+    model = trained_model()
+    base = model_parts_snapshot(model, 1)
+    first = ItemCopy(base, "flat", None)
+    second = ItemCopy(base, "flat", None, parts=first.parts)
+    delta = _deltas_from(model, range(2, 3), 80)[0]
+    first.apply(delta)
+    with pytest.raises(SnapshotError, match="no composed rows"):
+        second.apply(_deltas_from_copy([delta])[0])  # another object: nothing cached on it
+    assert second.version == 1
+    with pytest.raises(SnapshotError, match="shared item parts"):
+        ItemCopy(model_parts_snapshot(model, 9), "flat", None, parts=first.parts)
+
+
+def test_a_sliced_apply_pauses_between_slices_and_writes_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import serving.follow as follow
+    import serving.item_parts as item_parts
+
+    model = trained_model()
+    base = model_parts_snapshot(model, 1)
+    whole, sliced = ItemCopy(base, "flat", None), ItemCopy(base, "flat", None)
+    pauses = []
+    sliced.pause = lambda: pauses.append(sliced.version)
+    monkeypatch.setattr(item_parts, "COMPOSE_CHUNK", 7)
+    monkeypatch.setattr(follow, "WRITE_CHUNK", 5)
+    deltas = _deltas_from(model, range(2, 5), 80)
+    for d, again in zip(deltas, _deltas_from_copy(deltas), strict=True):
+        whole.apply(d)
+        sliced.apply(again)
+    assert len(pauses) >= 3 * (80 // 7 + 80 // 5)  # every category moved: all items, sliced
+    np.testing.assert_array_equal(sliced.loaded().snapshot.vectors,
+                                  whole.loaded().snapshot.vectors)
