@@ -18,6 +18,9 @@ Four parts (``--part``), each bounded in time:
   training, how many users read a changed shared row, and what rewriting them would cost (the
   "track the users a changed shared row touches" option), against what composing at request
   time costs (shared rows shipped per version, and the worker's read+compose time per batch).
+- ``follow``: in one process, a request thread answering batches while the worker's follow
+  thread applies real parts-form versions, phases with and without versions alternating: the
+  version handling's own share of the request tail (bench/scale_follow.py).
 - ``e2e``: the whole loop as deployed (trainer + worker + producer, subprocesses), like
   ``bench/freshness.py`` but at ``--users`` x ``--items`` (default 1M x 100k) and with two
   kinds of freshness probes: *active* (a new user's first event -> its first u2i answer from its
@@ -457,7 +460,9 @@ def part_users(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["publish", "users", "e2e", "versions"], required=True)
+    parser.add_argument("--part", choices=["publish", "users", "e2e", "versions", "follow"],
+                        required=True)
+    parser.add_argument("--rounds", type=int, default=2, help="follow: quiet/versions rounds")
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--changed", type=int, nargs="+", default=[1000, 10_000, 100_000])
@@ -493,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
         part_users(args)
     elif args.part == "versions":
         part_versions(args)
+    elif args.part == "follow":
+        from bench.scale_follow import part_follow
+
+        part_follow(args)
     else:
         from bench.scale_e2e import part_e2e
 

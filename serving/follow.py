@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 
 WRITE_CHUNK = 32_768
 """Rows written into an index copy between two pauses of a sliced apply."""
-PAUSE_MAX_S = 0.05
+PAUSE_MAX_S = 0.02
 """Longest a slice of an apply waits for the batch being answered (then it goes on anyway:
-versions never starve under a steady request load)."""
+versions never starve under a steady request load; a 100k-item apply has ~10 slices)."""
 
 
 @dataclass(frozen=True)
