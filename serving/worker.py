@@ -65,6 +65,12 @@ COMMIT_INTERVAL_S = 0.2
 """Acknowledged offsets are committed at most this often (and at shutdown)."""
 METADATA_MAX_AGE_MS = 5_000
 """How often a worker refreshes topic metadata (a missed partition assignment heals then)."""
+REBALANCE_TIMEOUT_MS = 30_000
+"""kafka-python's ``max_poll_interval_ms``, which is also the JoinGroup *rebalance timeout*: the
+broker holds a rebalance open this long for every member to rejoin, and a member that does not
+poll for this long leaves the group. A worker polls every <= 100 ms (a batch of requests takes
+well under a second), so 30 s instead of the default 300 s: one starved or hung member delays a
+rebalance of the whole group by at most 30 s (seen as members stuck "rebalancing" > 90 s)."""
 POLL_MAX_RECORDS = 512
 """Requests answered together at most (one Redis round trip and one search per type)."""
 FETCH_MAX_WAIT_MS = 100
@@ -665,6 +671,7 @@ class Worker:
             # created, or a metadata answer without it while the broker is busy) is assigned
             # nothing until the next metadata refresh: every 5 s instead of kafka-python's 5 min.
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
+            max_poll_interval_ms=REBALANCE_TIMEOUT_MS,
         )
         replies = _Replies(self, consumer, producer)
         self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
