@@ -52,7 +52,7 @@ from serving.follow import ItemCopy
 from serving.index import ItemSnapshot
 from serving.item_parts import ITEM_KEYS, ITEM_ROWS, ItemParts, encode_item_keys
 from serving.queries import item_queries
-from serving.users import USER_ROWS, SharedRows, encode_rows, encode_user_records
+from serving.users import USER_ROWS, SharedRows, encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -557,10 +557,7 @@ class VersionedPublisher:
                 continue
             if ahead:  # stamped with the next version: publish_items owes one even if
                 self._owed = True  # nothing else changed (a worker must reach the stamp)
-            blobs = encode_user_records(stamp, now, own, keys, weights)
-            self.store.redis.mset(
-                {self.key("user", u): b for u, b in zip(part, blobs, strict=True)}
-            )
+            self.store.put_user_records(part, stamp, now, own, keys, weights)
         return later
 
     # --- offline i2i -----------------------------------------------------------------------

@@ -59,6 +59,12 @@ ASSIGNMENT_REFRESH_S = 30.0
 """How often the child looks for partitions added to its topics."""
 GATE_S = 0.02
 """How often the trainer's ``may_fetch`` is passed on to the child."""
+FETCH_CPU_PIECES = ("poll", "align", "decode")
+"""The child's main-thread CPU by piece (:attr:`FetchProcess.cpu_pieces`): ``poll`` =
+kafka-python (fetch requests, record parsing), ``align`` = :mod:`train.align`, ``decode`` =
+JSON + validation into columns (:func:`train.fetch.decode_poll`) and the record block. The rest of
+the child's CPU (:attr:`FetchProcess.cpu_s` minus these) is mostly the queue's feeder thread
+pickling batches for the trainer."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,8 @@ class FetchProcess:
         self._stopped = False
         self._call_id = 0
         self.cpu_s = 0.0  # CPU seconds of the child so far (as of the last batch)
+        # the child's main-thread CPU seconds by piece (as of the last batch): FETCH_CPU_PIECES
+        self.cpu_pieces: dict[str, float] = dict.fromkeys(FETCH_CPU_PIECES, 0.0)
         self.timings = timings if timings is not None else {}
         self.timings.setdefault("poll", 0.0)
         self.timings.setdefault("decode", 0.0)
@@ -218,8 +226,9 @@ class FetchProcess:
             return None
         if isinstance(item, BaseException):
             raise FetchFailed(f"the fetch process failed: {item!r}") from item
-        batch, cpu_s, poll_s, decode_s = item
+        batch, cpu_s, poll_s, decode_s, pieces = item
         self.cpu_s, self.timings["poll"], self.timings["decode"] = cpu_s, poll_s, decode_s
+        self.cpu_pieces = pieces
         return batch
 
     def commit(self, offsets: Mapping[tuple[str, int], int], *, wait_s: float | None = None
@@ -334,6 +343,7 @@ class _Child:
         self.assigned_at = 0.0
         self.cpu0 = time.process_time()
         self.poll_s = self.decode_s = 0.0
+        self.cpu_pieces = dict.fromkeys(FETCH_CPU_PIECES, 0.0)
 
     def run(self, ready: Any) -> None:
         try:
@@ -366,7 +376,7 @@ class _Child:
     def _poll(self) -> DecodedBatch | None:
         from kafka.errors import KafkaError
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if time.monotonic() - self.assigned_at >= ASSIGNMENT_REFRESH_S:
                 self._refresh_assignment()
@@ -379,7 +389,11 @@ class _Child:
             return None
         finally:
             self.poll_s += time.perf_counter() - t0
+            c1 = time.thread_time()
+            self.cpu_pieces["poll"] += c1 - c0
         records = aligned_records(self.aligner, self.consumer, polled)  # in event-time order
+        c2 = time.thread_time()
+        self.cpu_pieces["align"] += c2 - c1
         if not records:
             if self.aligner.buffered:  # held back for a while: not idle yet
                 self.caught_up.clear()
@@ -394,6 +408,7 @@ class _Child:
         batch = batch._replace(event_records=RecordBlock(list(batch.event_records)),
                                dead_letters=self.dead_letters.count - sent)
         self.decode_s += time.perf_counter() - t0
+        self.cpu_pieces["decode"] += time.thread_time() - c2
         return batch
 
     def _hand_over(self, batch: DecodedBatch) -> None:
@@ -403,7 +418,8 @@ class _Child:
                 return
             log.warning("dead letters not acknowledged yet; retrying before handing over")
             self._run_controls()
-        item = (batch, time.process_time() - self.cpu0, self.poll_s, self.decode_s)
+        item = (batch, time.process_time() - self.cpu0, self.poll_s, self.decode_s,
+                dict(self.cpu_pieces))
         put_while_busy(self.batches, item, self.stop, self._run_controls)
 
     def _run_controls(self) -> None:

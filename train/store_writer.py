@@ -24,10 +24,12 @@ from serving.errors import ServingError, SnapshotCorrupt
 from serving.index import ItemSnapshot, as_matrix
 from serving.keys import CAS_FORWARD, SNAPSHOT_FORMAT, USER_HEADER, RedisKeys
 from serving.store import check_binary_client, parse_manifest
+from serving.users import USER_MAGIC
 
 logger = logging.getLogger(__name__)
 
 _BATCH = 5_000  # keys per MSET / HSET command: bounded requests, few round trips
+_RECORDS_PER_MSET = 8192  # user records per hand-built MSET (~1.5 MB at dim 32, L 8)
 _WRITE_BYTES = 64 << 20  # snapshot bytes written per pipeline round trip
 
 # ARGV: key prefix of user vectors (RedisKeys.user("")), JSON list of user ids, their vectors as
@@ -142,6 +144,89 @@ class StoreWriter:
             )
         pipe.execute()
 
+
+    def put_user_records(
+        self,
+        user_ids: Sequence[str],
+        version: int,
+        published_at: float,
+        own: np.ndarray,
+        keys: np.ndarray,
+        weights: np.ndarray,
+    ) -> None:
+        """Write users' records (``serving.users`` layout: byte for byte what
+        :func:`serving.users.encode_user_records` gives) under ``keys.user(id)``.
+
+        Built without a Python object per field: the records of users reading the same number of
+        shared keys are one numpy structured array, and each MSET's request is assembled here as
+        one RESP payload (redis-py's per-argument packing cost ~2 us of client CPU per user).
+
+        Args:
+            user_ids: n user ids.
+            version, published_at: the stamp of every record.
+            own: float32 ``(n, d + 2)`` own parts; keys: int64 ``(n, L)`` shared keys (0 =
+                padding, dropped); weights: float32 ``(n, L)``.
+
+        Raises:
+            ServingError: shapes that do not match ``user_ids``.
+            redis.RedisError: Redis refused or is unreachable (nothing is retried here).
+        """
+        n = len(user_ids)
+        own = np.asarray(own)
+        keys, weights = np.asarray(keys), np.asarray(weights)
+        if own.ndim != 2 or own.shape[0] != n or keys.shape != weights.shape or (
+                keys.ndim != 2 or keys.shape[0] != n):
+            raise ServingError(
+                f"put_user_records: {n} user ids with own {own.shape}, keys {keys.shape}, "
+                f"weights {weights.shape}; expected (n, d + 2), (n, L) and (n, L)"
+            )
+        if not n:
+            return
+        width = own.shape[1]
+        kept = keys != 0
+        counts = kept.sum(axis=1)
+        values: list[Any] = [None] * n
+        for count in np.unique(counts).tolist():
+            rows = np.flatnonzero(counts == count)
+            rec = np.empty(rows.size, dtype=np.dtype([
+                ("magic", "S4"), ("version", "<i8"), ("at", "<f8"), ("width", "<u2"),
+                ("n_keys", "<u2"), ("own", "<f4", (width,)), ("keys", "<i8", (count,)),
+                ("weights", "<f4", (count,)),
+            ]))
+            rec["magic"], rec["version"], rec["at"] = USER_MAGIC, int(version), published_at
+            rec["width"], rec["n_keys"] = width, count
+            rec["own"] = own[rows]
+            sel = kept[rows]
+            rec["keys"] = keys[rows][sel].reshape(rows.size, count)
+            rec["weights"] = weights[rows][sel].reshape(rows.size, count)
+            blob, size = rec.tobytes(), rec.dtype.itemsize
+            for j, r in enumerate(rows.tolist()):
+                values[r] = blob[j * size : (j + 1) * size]
+        prefix = self.keys.user("").encode()
+        for start in range(0, n, _RECORDS_PER_MSET):
+            part = range(start, min(n, start + _RECORDS_PER_MSET))
+            names = [prefix + user_ids[j].encode() for j in part]
+            payload = [b"*%d\r\n$4\r\nMSET\r\n" % (2 * len(part) + 1)]
+            payload += [b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(v), v)
+                        for k, v in zip(names, (values[j] for j in part), strict=True)]
+            self._send_packed(b"".join(payload))
+
+    def _send_packed(self, payload: bytes) -> Any:
+        """One command already in RESP form, on a pooled connection; its reply (an error reply
+        raises). The connection is dropped on any failure (it may hold half a request)."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([payload])
+            reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
 
     def push_history(
         self, user_ids: Sequence[str], item_ids: Sequence[str], max_len: int
