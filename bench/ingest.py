@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_table, record, summary_line  # noqa: E402
 from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
+from train.fetch_process import FETCH_CPU_PIECES  # noqa: E402
 from train.loop import CPU_PIECES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,31 @@ def bare_consume_confluent(settings: Settings, n: int) -> float | None:
     return elapsed
 
 
-def run_trainer_once(settings: Settings, n: int, *, publish: bool = True) -> dict[str, float]:
+def service_pids(settings: Settings) -> dict[str, int]:
+    """The broker's and Redis's process ids from their pid files (services this bench started;
+    empty for reused ones, whose CPU is then not reported)."""
+    out = {}
+    for name, folder in (("broker", services.kafka_dir(settings)),
+                         ("redis", services.redis_dir(settings))):
+        try:
+            out[name] = int((folder / f"{'kafka' if name == 'broker' else 'redis'}.pid")
+                            .read_text().strip())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc (NaN if unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
+                     pids: dict[str, int] | None = None) -> dict[str, float]:
     """The trainer from scratch until ``n`` events are applied and checkpointed.
 
     ``publish``: with the publisher (Redis history, vectors, snapshots) in its own thread, as
@@ -131,7 +156,9 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True) -> dic
     Returns seconds: ``startup``, ``loop`` (incl. the final checkpoint), the trainer's phases
     (wall time of the thread that runs each), ``cpu_*`` (CPU seconds per thread: trainer, fetch,
     publisher, the rest of the process = kafka-python's IO thread, GC), ``drain`` (the publisher
-    still busy after the loop, not in the rate) and ``checkpoints`` written.
+    still busy after the loop, not in the rate) and ``checkpoints`` written; with ``pids``
+    (name -> process id, e.g. the broker's and Redis's) also ``cpu_<name>``, their CPU seconds
+    over the same loop, and ``fetch_piece_*`` (the fetch process's CPU by piece).
     """
     import redis
 
@@ -168,6 +195,8 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True) -> dic
     trainer.checkpoint = counting_checkpoint  # type: ignore[method-assign]
     if trainer.consumer is None:  # a fetch process: its start-up (spawn, imports) is startup
         trainer.fetcher.start().wait_ready()
+    pids = pids or {}
+    services0 = {name: process_cpu_s(pid) for name, pid in pids.items()}
     proc0, thread0 = time.process_time(), time.thread_time()
     t1 = time.perf_counter()
     try:
@@ -176,10 +205,14 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True) -> dic
         trainer.fetcher.pause()
         trainer.checkpoint(final=True)
         t2 = time.perf_counter()
+        for name, pid in pids.items():
+            out[f"cpu_{name}"] = process_cpu_s(pid) - services0[name]
         out["cpu_trainer"] = time.thread_time() - thread0
         out["cpu_process"] = time.process_time() - proc0
         out["cpu_fetch"] = trainer.fetcher.cpu_s
         out["fetch_process"] = float(trainer.consumer is None)
+        for piece, secs in getattr(trainer.fetcher, "cpu_pieces", {}).items():
+            out[f"fetch_piece_{piece}"] = secs
         if trainer.consumer is None:  # the fetch process's CPU is not in ours: add it
             out["cpu_process"] += out["cpu_fetch"]
         out["cpu_publisher"] = background.cpu_s if background is not None else 0.0
@@ -335,7 +368,7 @@ def main() -> None:
             print(f"trainer end to end, fetch thread: {n / threaded['loop']:,.0f} events/s",
                   flush=True)
         load_before = os.getloadavg()[0]
-        full = run_trainer_once(settings, n)
+        full = run_trainer_once(settings, n, pids=service_pids(settings) if started else None)
         load_after = os.getloadavg()[0]
     finally:
         _cleanup(settings, own_services=started is not None)
@@ -389,10 +422,26 @@ def main() -> None:
         name = {"other": "other threads (kafka-python IO, GC)",
                 "fetch": f"{fetcher} (kafka-python + decode)"}.get(who, f"{who} thread")
         rows.append(row(f"  CPU: {name}", full[f"cpu_{who}"], cpu=True))
+        if who == "fetch" and full["fetch_process"]:  # where the fetch process's CPU goes
+            rest = full["cpu_fetch"]
+            for piece in FETCH_CPU_PIECES:
+                rows.append(row(f"    fetch process CPU: {piece}", full[f"fetch_piece_{piece}"],
+                                cpu=True))
+                rest -= full[f"fetch_piece_{piece}"]
+            rows.append(row("    fetch process CPU: rest (pickling to the trainer, IO)",
+                            max(0.0, rest), cpu=True))
         if who == "trainer":  # where the trainer thread's CPU goes (Trainer.cpu)
             for piece in CPU_PIECES:
                 rows.append(row(f"    trainer thread CPU: {piece}", full[f"cpu_piece_{piece}"],
                                 cpu=True))
+    for name in ("broker", "redis"):
+        if f"cpu_{name}" in full:
+            rows.append(row(f"  CPU: {'Kafka broker' if name == 'broker' else 'Redis'} "
+                            "(whole process, same interval)", full[f"cpu_{name}"], cpu=True))
+    if "cpu_broker" in full and "cpu_redis" in full:
+        rows.append(row("  CPU: all of the above (trainer process + fetch process + broker + "
+                        "Redis)", full["cpu_process"] + full["cpu_broker"] + full["cpu_redis"],
+                        cpu=True))
     columns = ["stage", "seconds", "CPU us/event", "share of trainer wall", "events/s"]
     print_table(f"ingest: {n} events, dim {args.dim}, CRC32C {crc}", columns, rows)
     summary = summary_line(
@@ -416,6 +465,10 @@ def main() -> None:
         cpu_publisher_us=full["cpu_publisher"] * us,
         cpu_other_us=full["cpu_other"] * us,
         **{f"cpu_trainer_{piece}_us": full[f"cpu_piece_{piece}"] * us for piece in CPU_PIECES},
+        **{f"cpu_fetch_{piece}_us": full[f"fetch_piece_{piece}"] * us
+           for piece in FETCH_CPU_PIECES if f"fetch_piece_{piece}" in full},
+        cpu_broker_us=full["cpu_broker"] * us if "cpu_broker" in full else "n/a",
+        cpu_redis_us=full["cpu_redis"] * us if "cpu_redis" in full else "n/a",
         publisher_dropped=int(full["publisher_dropped"]),
         startup_s=full["startup"],
         crc32c=crc,
@@ -434,7 +487,12 @@ def main() -> None:
         "(kafka-python IO, GC); the trainer thread's CPU by piece (Trainer.cpu): receive = "
         "taking a batch from the fetcher (unpickling), learn = the model update, live = live "
         "hit-rate sampling + ranking, bookkeeping = the rest of applying a poll, checkpoint, "
-        "handover = telling the publisher thread. Bare consume reads "
+        "handover = telling the publisher thread; the fetch process's CPU by piece "
+        "(FetchProcess.cpu_pieces, its main thread): poll = kafka-python (fetches, record "
+        "parsing), align = train/align.py, decode = JSON + validation into columns, rest = "
+        "its other threads (the queue's feeder pickling batches); broker and Redis = CPU of "
+        "their whole processes over the same interval (/proc/<pid>/stat; they serve only this "
+        "bench). Bare consume reads "
         "the same topic with the same consumer settings and does nothing else. loadavg = 1-min "
         f"load before/after the trainer run on {os.cpu_count()} cores (other processes share "
         f"the machine). CRC32C of fetched batches: {crc}. {args.note}"

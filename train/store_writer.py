@@ -47,7 +47,8 @@ return #ids
 _USERS_PER_CALL = 1000
 # ARGV[1]: JSON object user id -> [item ids, oldest first]; ARGV[2]: max_len; ARGV[3]: the key
 # prefix of history lists (RedisKeys.history("")). LPUSH leaves the newest at the head; LTRIM
-# bounds the list. The keys are built here rather than passed as KEYS: packing two arguments per
+# bounds the list (only when LPUSH's new length says it is over: a call less per user whose list
+# is not full). The keys are built here rather than passed as KEYS: packing two arguments per
 # user in redis-py cost ~3.5 us of client CPU per event, one JSON blob ~0.5 us (standalone Redis;
 # a Redis Cluster would need the keys declared).
 _PUSH_HISTORY = """
@@ -57,8 +58,9 @@ local prefix = ARGV[3]
 local n = 0
 for uid, items in pairs(data) do
   local key = prefix .. uid
-  redis.call('LPUSH', key, unpack(items))
-  redis.call('LTRIM', key, 0, max_len - 1)
+  if redis.call('LPUSH', key, unpack(items)) > max_len then
+    redis.call('LTRIM', key, 0, max_len - 1)
+  end
   n = n + 1
 end
 return n
