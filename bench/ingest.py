@@ -261,6 +261,9 @@ def main() -> None:
                     help="skip the side-by-side run with a fetch thread instead of the process")
     ap.add_argument("--fetch-thread", action="store_true",
                     help="the trainer polls in a thread (FMSTREAM_TRAINER_FETCH_PROCESS=false)")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="Python's default collector thresholds in the trainer process (the "
+                         "fetch process always relaxes them), not train.runtime.relax_gc")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--note", default="", help="appended to the notes (e.g. what shared the box)")
     args = ap.parse_args()
@@ -269,6 +272,10 @@ def main() -> None:
     from fmstream.app import configure_threads
 
     configure_threads(Settings())  # one torch/faiss/BLAS thread, as `fmstream train` runs
+    if not args.default_gc:
+        from train.runtime import relax_gc
+
+        relax_gc()  # the collector's thresholds, as `fmstream train` sets them
     tmp = Path(tempfile.mkdtemp(prefix="fmstream-bench-"))
     if args.reuse:
         base = Settings()
@@ -472,6 +479,7 @@ def main() -> None:
         publisher_dropped=int(full["publisher_dropped"]),
         startup_s=full["startup"],
         crc32c=crc,
+        gc="default" if args.default_gc else "relaxed",
         loadavg=f"{load_before:.1f}-{load_after:.1f}",
         events_per_s=eps,
     )

@@ -171,8 +171,10 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
                topics=[settings.topic_events, settings.topic_users, settings.topic_items,
                        settings.topic_dlq], groups=[settings.trainer_group])
     from fmstream.app import configure_threads, run_trainer
+    from train.runtime import relax_gc
 
     configure_threads(settings)
+    relax_gc()  # fewer collector passes: ~1.7 us CPU per event (train/runtime.py)
     stop = _stop_on_signals()
     with _credential_watch(settings, stop, redis=True):
         progress = run_trainer(settings, stop, idle_exit_s=args.idle_exit)

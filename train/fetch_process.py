@@ -325,8 +325,10 @@ class _Child:
 
         from stream.consume import make_consumer, make_producer
         from train.resilience import DeadLetterOutbox
+        from train.runtime import relax_gc
 
         threadpool_limits(1)
+        relax_gc()  # a poll decodes ~8k fresh objects; young passes over them found nothing
         self.spec, self.batches, self.control, self.replies = spec, batches, control, replies
         self.allowed, self.stop, self.parent = allowed, stop, parent
         self.caught_up = caught_up  # set: the last poll was empty and everything is handed over
