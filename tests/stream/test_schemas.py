@@ -194,7 +194,7 @@ _event_dicts = st.fixed_dictionaries(
                             max_size=2),
             st.none(), st.text(max_size=2)),
         "user": st.one_of(st.none(), st.dictionaries(st.just("age"), st.integers(0, 99),
-                                                     max_size=1), st.integers()),
+                                                     max_size=1), st.integers(-(2**63), 2**63 - 1)),
         "item": st.one_of(st.none(), st.dictionaries(st.just("genre"), st.text(max_size=3),
                                                      max_size=1)),
     },
