@@ -376,65 +376,82 @@ def softmax_step_gradients(
     (``logq_pos`` for the positive's own item, ``logq_shared`` for the shared ones), and a
     shared candidate equal to the event's own item is left out (an accidental hit). The loss
     is ``Σ_events logsumexp(z) − z_pos``, so ``c = softmax(z) − onehot(pos)``; ``Σ c = 0`` per
-    event, hence the user/context first-order terms and ``w0`` get exactly 0. The logits of all
-    events against the shared set are one ``(E, M)`` product. ``w0`` cancels (not an input).
+    event, hence the user/context first-order terms and ``w0`` get exactly 0. ``w0`` cancels
+    (not an input).
+
+    Draws of the same entity are merged first (popularity sampling with replacement repeats
+    items): ``Σ_copies exp(s − log q_j) = exp(s + log Σ_copies 1/q_j)``, so the ``U`` distinct
+    shared entities with that bias give the same loss and gradients as the ``M`` draws, and
+    every ``(E, ·)`` pass (logits, softmax, the two products back) is over ``U`` columns. The
+    logits of all events against them are one ``(E, U)`` product; accidental hits are found
+    per event through an entity -> column index (O(E)), the softmax runs in place.
     """
     n_rows, d1 = vals.shape
     m = batch.n_entities
     f32 = np.float32
     x, cols, indptr = batch.x, batch.cols, batch.indptr
     n_ev = batch.ev_item.size
-    grad = np.zeros((n_rows, d1), dtype=np.float32)
     if n_ev == 0:
-        return StepGrads(0.0, 0, grad, 0.0)
+        return StepGrads(0.0, 0, np.zeros((n_rows, d1), dtype=np.float32), 0.0)
     shared = np.asarray(shared, dtype=np.int64).reshape(-1)
-    ent_of = np.repeat(np.arange(m), np.diff(indptr))
-    x2 = x * x
-    v = vals[:, 1:]
-    sq = np.einsum("rd,rd->r", v, v)
-    agg = gather_sum(indptr, cols, x, vals)
-    V = np.ascontiguousarray(agg[:, 1:])
-    s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
-    q = agg[:, 0] - f32(0.5) * s2
-    a = q + f32(0.5) * np.einsum("md,md->m", V, V)
-
+    terms = entity_terms(vals, indptr, cols, x)
+    ent_of, V, a = terms.ent_of, terms.V, terms.a
     ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
+
+    # distinct shared entities (ascending) and their merged log-Q bias
+    inv_q = np.bincount(
+        shared, weights=np.exp(-np.asarray(logq_shared, dtype=np.float64).reshape(-1)),
+        minlength=m,
+    )
+    us = np.flatnonzero(inv_q)
+    VS = np.take(V, us, axis=0)  # (U, d)
+    bias = (np.take(a, us) + np.log(np.take(inv_q, us))).astype(np.float32)
+
     P = np.take(V, ev_fixed[:, 0], axis=0)
     for j in range(1, ev_fixed.shape[1]):
         P += np.take(V, ev_fixed[:, j], axis=0)
     VP = np.take(V, ev_item, axis=0)  # (E, d) the positives' item vectors
-    VS = np.take(V, shared, axis=0)  # (M, d) the shared negatives'
-    z_pos = np.take(a, ev_item) + np.einsum("ed,ed->e", P, VP) - logq_pos.astype(np.float32)
-    z_neg = (np.take(a, shared) - logq_shared.astype(np.float32))[None, :] + P @ VS.T
-    hit = shared[None, :] == ev_item[:, None]  # accidental hits: not negatives of that event
-    z_neg = np.where(hit, f32(-np.inf), z_neg)
-    top = np.maximum(z_pos, z_neg.max(axis=1, initial=-np.inf))
+    z_pos = np.take(a, ev_item) + np.einsum("ed,ed->e", P, VP)
+    z_pos -= np.asarray(logq_pos, dtype=np.float32).reshape(-1)
+    c = P @ VS.T  # (E, U) logits of the shared candidates, then their softmax in place
+    c += bias
+    col_of = np.full(m, -1, dtype=np.int64)
+    col_of[us] = np.arange(us.size)
+    hit_col = np.take(col_of, ev_item)
+    hit_ev = np.flatnonzero(hit_col >= 0)  # accidental hits: not negatives of that event
+    c[hit_ev, hit_col[hit_ev]] = -np.inf
+    top = c.max(axis=1, initial=-np.inf)
+    np.maximum(top, z_pos, out=top)
+    c -= top[:, None]
+    np.exp(c, out=c)
     e_pos = np.exp(z_pos - top)
-    e_neg = np.exp(z_neg - top[:, None])
-    norm = e_pos + e_neg.sum(axis=1)
+    norm = c.sum(axis=1)
+    norm += e_pos
     total = float((np.log(norm) + top - z_pos).sum(dtype=np.float64))
-    c_pos = (e_pos / norm - f32(1.0)).astype(np.float32)
-    c_neg = (e_neg / norm[:, None]).astype(np.float32)
+    inv_norm = f32(1.0) / norm
+    c *= inv_norm[:, None]  # c_neg
+    c_pos = e_pos * inv_norm - f32(1.0)
 
-    dP = c_pos[:, None] * VP + c_neg @ VS  # (E, d)
-    gent = np.zeros((m, d1), dtype=np.float32)
-    dq = np.bincount(ev_item, weights=c_pos, minlength=m)
-    dq += np.bincount(shared, weights=c_neg.sum(axis=0), minlength=m)
+    dP = c @ VS  # (E, d)
+    dP += c_pos[:, None] * VP
+    dq = np.bincount(ev_item, weights=c_pos, minlength=m).astype(np.float32)
+    dq[us] += c.sum(axis=0)
+    gent = np.empty((m, d1), dtype=np.float32)  # entity gradients [dq | dV]
     gent[:, 0] = dq
-    gent[:, 1:] = gent[:, :1] * V
-    ones = np.ones(max(n_ev, shared.size) * max(ev_fixed.shape[1], 1), dtype=np.float32)
-    gent[:, 1:] += scatter_sum(np.arange(n_ev + 1), ev_item, ones[:n_ev], c_pos[:, None] * P, m)
-    gent[:, 1:] += scatter_sum(
-        np.arange(shared.size + 1), shared, ones[: shared.size], c_neg.T @ P, m
-    )
+    np.multiply(dq[:, None], V, out=gent[:, 1:])
+    gent[us, 1:] += c.T @ P  # distinct entities: a plain indexed add
+    # the positives' items get c_pos P, every fixed entity (user, context) its event's dP: one
+    # scatter (CSC: source row -> its targets) over [c_pos P ; dP]
     n_fixed = ev_fixed.shape[1]
-    fixed_ptr = np.arange(0, ev_fixed.size + 1, n_fixed)
-    gent[:, 1:] += scatter_sum(fixed_ptr, ev_fixed.ravel(), ones[: ev_fixed.size], dP, m)
+    src_ptr = np.concatenate([np.arange(n_ev), n_ev + n_fixed * np.arange(n_ev + 1)])
+    targets = np.concatenate([ev_item, ev_fixed.ravel()])
+    src = np.concatenate([c_pos[:, None] * P, dP])
+    gent[:, 1:] += scatter_sum(src_ptr, targets, np.ones(targets.size, dtype=np.float32), src, m)
 
     grad = scatter_sum(indptr, cols, x, gent, n_rows)
-    c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
-    grad[:, 1:] -= c2[:, None] * v
-    return StepGrads(total, n_ev, np.ascontiguousarray(grad, dtype=np.float32), 0.0)
+    c2 = np.bincount(cols, weights=(x * x) * np.take(dq, ent_of), minlength=n_rows)
+    grad[:, 1:] -= c2.astype(np.float32)[:, None] * vals[:, 1:]
+    return StepGrads(total, n_ev, grad, 0.0)
 
 
 def softmax_step_gradients_reference(

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from model import OnlineFM, TrainConfig
+from model import step as kernel
 from model.errors import ConfigError
 from model.sampler import NegativeSampler
-from model.step import softmax_step_gradients, softmax_step_gradients_reference
+from model.step import StepBatch, softmax_step_gradients, softmax_step_gradients_reference
 from tests.model.test_step import random_batch
 
 
@@ -136,3 +137,178 @@ def test_shared_draws_and_their_log_probabilities() -> None:
     # an item newer than the cached distribution gets the smallest weight
     assert pop.log_prob(np.array([7]), 8)[0] == pytest.approx(np.log(1.0 / w.sum()))
     assert uni.draw_shared(np.zeros(3), 3, 0, 5)[0].size == 0
+
+
+# ----------------------------------------------------------------------------- kernel shapes
+def test_softmax_merges_repeated_draws_and_hits() -> None:
+    """Draws with replacement repeat entities (each copy with its own log q here, the general
+    case); the kernel merges them per entity: same loss and gradients as autograd over every
+    draw, accidental hits (all copies of an event's own item) left out."""
+    vals, batch = random_batch(5, context=True)
+    nu = int(batch.ev_fixed[:, 0].max()) + 1
+    rng = np.random.default_rng(7)
+    items = np.unique(batch.ev_item)
+    shared = rng.choice(np.concatenate([items, items[:1] + 0]), 60)  # few entities, many copies
+    lq_s = np.log(rng.uniform(0.01, 0.5, shared.size)).astype(np.float32)
+    lq_p = np.log(rng.uniform(0.01, 0.5, batch.ev_item.size)).astype(np.float32)
+    assert np.isin(batch.ev_item, shared).any() and np.unique(shared).size < shared.size
+    got = softmax_step_gradients(vals, batch, shared, lq_s, lq_p)
+    ref = softmax_step_gradients_reference(vals, 0.0, batch, shared, lq_s, lq_p)
+    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-4, atol=1e-4)
+    scale = max(1.0, float(np.abs(ref.grad).max()))
+    np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-4, atol=1e-5 * scale)
+    assert nu >= 1
+
+
+def test_softmax_every_shared_item_a_hit() -> None:
+    """An event whose only shared candidate is its own item has the positive alone: zero loss
+    and zero gradient from it."""
+    vals, batch = random_batch(2, context=False)
+    item = int(batch.ev_item[0])
+    only = type(batch)(
+        **{
+            **batch.__dict__,
+            "ev_item": np.full_like(batch.ev_item, item),
+            "ev_fixed": batch.ev_fixed,
+        }
+    )
+    got = softmax_step_gradients(
+        vals,
+        only,
+        np.array([item, item]),
+        np.zeros(2, np.float32),
+        np.zeros(only.ev_item.size, np.float32),
+    )
+    assert got.loss == 0.0 and not got.grad.any()
+
+
+def test_softmax_at_the_default_step_size_equals_autograd() -> None:
+    """The production shape: 128 events, 512 popularity draws with repeats over a few hundred
+    items, users with many slots, contexts."""
+    rng = np.random.default_rng(11)
+    d, n_rows, nu, ni, n_ev = 32, 900, 100, 400, 128
+    per_ent = np.concatenate([rng.integers(3, 25, nu), rng.integers(1, 5, ni), np.ones(n_ev, int)])
+    indptr = np.concatenate([[0], np.cumsum(per_ent)]).astype(np.int64)
+    cols = rng.integers(0, n_rows, int(indptr[-1]))
+    x = rng.uniform(0.05, 1.0, cols.size).astype(np.float32)
+    vals = rng.normal(0, 0.3, (n_rows, d + 1)).astype(np.float32)
+    pop = 1.0 / np.arange(1, ni + 1)
+    pop /= pop.sum()
+    ev_item = nu + rng.choice(ni, n_ev, p=pop)
+    batch = StepBatch(
+        indptr=indptr,
+        cols=cols,
+        x=x,
+        ev_fixed=np.stack([rng.integers(0, nu, n_ev), nu + ni + np.arange(n_ev)], 1),
+        ev_item=ev_item,
+        labels=np.ones(n_ev, np.float32),
+        neg_owner=np.zeros(0, np.int64),
+        neg_item=np.zeros((0, 0), np.int64),
+        neg_valid=np.zeros((0, 0), bool),
+    )
+    draws = rng.choice(ni, 512, p=pop)
+    shared = nu + draws
+    lq_s = np.log(pop[draws]).astype(np.float32)
+    lq_p = np.log(pop[ev_item - nu]).astype(np.float32)
+    got = softmax_step_gradients(vals, batch, shared, lq_s, lq_p)
+    ref = softmax_step_gradients_reference(vals, 0.0, batch, shared, lq_s, lq_p)
+    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-4)
+    scale = max(1.0, float(np.abs(ref.grad).max()))
+    np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-3, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("schema_name", ["history", "ids"])
+def test_softmax_model_equals_the_plain_kernel_model(monkeypatch, schema_name: str) -> None:
+    """Steps of the default loss through OnlineFM: the kernel (repeated draws merged, softmax in
+    place) trains the same model as the former plain closed form over every draw (float rounding
+    apart; autograd is no model-level reference: its rounding noise in the exact-zero ``w``
+    gradients of users and contexts becomes Adagrad steps)."""
+    import model.online as online
+    from tests.model.test_fast_paths import IDS_ONLY, SCHEMA
+
+    def train() -> OnlineFM:
+        schema = SCHEMA if schema_name == "history" else IDS_ONLY
+        fm = OnlineFM(schema, TrainConfig(dim=8, negatives=32, seed=4, init_std=0.3))
+        rng = np.random.default_rng(4)
+        users, items = [f"u{j}" for j in range(30)], [f"i{j}" for j in range(50)]
+        for step in range(8):
+            u = [users[j] for j in rng.integers(0, 30, 40)]
+            i = [items[j] for j in rng.zipf(1.3, 40) % 50]
+            ctx = [{"hour": str(h)} for h in rng.integers(0, 4, 40)]
+            fm.learn_many(u, i, contexts=ctx, ts=1e9 + step)
+        return fm
+
+    fast = train()
+    monkeypatch.setattr(online, "softmax_step_gradients", plain_softmax_gradients)
+    ref = train()
+    n = ref._table.n_rows
+    np.testing.assert_allclose(fast._table.params[:n], ref._table.params[:n], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast._table.acc[:n], ref._table.acc[:n], rtol=1e-3, atol=1e-7)
+
+
+def plain_softmax_gradients(
+    vals: np.ndarray,
+    batch: StepBatch,
+    shared: np.ndarray,
+    logq_shared: np.ndarray,
+    logq_pos: np.ndarray,
+) -> kernel.StepGrads:
+    """The former closed form over every draw (no merging): the model-level reference."""
+    n_rows, d1 = vals.shape
+    m = batch.n_entities
+    f32 = np.float32
+    x, cols, indptr = batch.x, batch.cols, batch.indptr
+    n_ev = batch.ev_item.size
+    grad = np.zeros((n_rows, d1), dtype=np.float32)
+    if n_ev == 0:
+        return kernel.StepGrads(0.0, 0, grad, 0.0)
+    shared = np.asarray(shared, dtype=np.int64).reshape(-1)
+    ent_of = np.repeat(np.arange(m), np.diff(indptr))
+    x2 = x * x
+    v = vals[:, 1:]
+    sq = np.einsum("rd,rd->r", v, v)
+    agg = kernel.gather_sum(indptr, cols, x, vals)
+    V = np.ascontiguousarray(agg[:, 1:])
+    s2 = np.bincount(ent_of, weights=x2 * sq[cols], minlength=m).astype(np.float32)
+    q = agg[:, 0] - f32(0.5) * s2
+    a = q + f32(0.5) * np.einsum("md,md->m", V, V)
+
+    ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
+    P = np.take(V, ev_fixed[:, 0], axis=0)
+    for j in range(1, ev_fixed.shape[1]):
+        P += np.take(V, ev_fixed[:, j], axis=0)
+    VP = np.take(V, ev_item, axis=0)  # (E, d) the positives' item vectors
+    VS = np.take(V, shared, axis=0)  # (M, d) the shared negatives'
+    z_pos = np.take(a, ev_item) + np.einsum("ed,ed->e", P, VP) - logq_pos.astype(np.float32)
+    z_neg = (np.take(a, shared) - logq_shared.astype(np.float32))[None, :] + P @ VS.T
+    hit = shared[None, :] == ev_item[:, None]  # accidental hits: not negatives of that event
+    z_neg = np.where(hit, f32(-np.inf), z_neg)
+    top = np.maximum(z_pos, z_neg.max(axis=1, initial=-np.inf))
+    e_pos = np.exp(z_pos - top)
+    e_neg = np.exp(z_neg - top[:, None])
+    norm = e_pos + e_neg.sum(axis=1)
+    total = float((np.log(norm) + top - z_pos).sum(dtype=np.float64))
+    c_pos = (e_pos / norm - f32(1.0)).astype(np.float32)
+    c_neg = (e_neg / norm[:, None]).astype(np.float32)
+
+    dP = c_pos[:, None] * VP + c_neg @ VS  # (E, d)
+    gent = np.zeros((m, d1), dtype=np.float32)
+    dq = np.bincount(ev_item, weights=c_pos, minlength=m)
+    dq += np.bincount(shared, weights=c_neg.sum(axis=0), minlength=m)
+    gent[:, 0] = dq
+    gent[:, 1:] = gent[:, :1] * V
+    ones = np.ones(max(n_ev, shared.size) * max(ev_fixed.shape[1], 1), dtype=np.float32)
+    gent[:, 1:] += kernel.scatter_sum(
+        np.arange(n_ev + 1), ev_item, ones[:n_ev], c_pos[:, None] * P, m
+    )
+    gent[:, 1:] += kernel.scatter_sum(
+        np.arange(shared.size + 1), shared, ones[: shared.size], c_neg.T @ P, m
+    )
+    n_fixed = ev_fixed.shape[1]
+    fixed_ptr = np.arange(0, ev_fixed.size + 1, n_fixed)
+    gent[:, 1:] += kernel.scatter_sum(fixed_ptr, ev_fixed.ravel(), ones[: ev_fixed.size], dP, m)
+
+    grad = kernel.scatter_sum(indptr, cols, x, gent, n_rows)
+    c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
+    grad[:, 1:] -= c2[:, None] * v
+    return kernel.StepGrads(total, n_ev, np.ascontiguousarray(grad, dtype=np.float32), 0.0)
