@@ -101,14 +101,18 @@ def _check(indptr: np.ndarray, idx: np.ndarray, n_rows: int, n_cols: int) -> Non
         raise ValueError("sparse index out of range")
 
 
-def gather_sum(indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, table: np.ndarray) -> np.ndarray:
+def gather_sum(
+    indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, table: np.ndarray, check: bool = True
+) -> np.ndarray:
     """``out[e] = Σ_j w_j · table[idx_j]`` over ``j`` in ``indptr[e] : indptr[e + 1]``.
 
     The CSR product ``A @ table`` with ``A[e, idx_j] += w_j`` (float32 ``(len(indptr) - 1, D)``).
+    ``check=False`` skips the bounds check (callers that checked the same structure already).
     """
     m = indptr.size - 1
     n, dcols = table.shape
-    _check(indptr, idx, m, n)
+    if check:
+        _check(indptr, idx, m, n)
     if _kernels is None:
         return np.asarray(sp.csr_array((w, idx, indptr), shape=(m, n)) @ table, dtype=np.float32)
     out = np.zeros((m, dcols), dtype=np.float32)
@@ -126,19 +130,37 @@ def gather_sum(indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, table: np.nda
 
 
 def scatter_sum(
-    indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, src: np.ndarray, n_out: int
+    indptr: np.ndarray,
+    idx: np.ndarray,
+    w: np.ndarray,
+    src: np.ndarray,
+    n_out: int,
+    check: bool = True,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``out[idx_j] += w_j · src[e]`` for ``j`` in ``indptr[e] : indptr[e + 1]``.
 
-    The transpose of :func:`gather_sum`: ``Aᵀ @ src`` (float32 ``(n_out, D)``).
+    The transpose of :func:`gather_sum`: ``Aᵀ @ src`` (float32 ``(n_out, D)``). ``out``: a
+    C-contiguous float32 ``(n_out, D)`` array to add into (returned); ``check`` as
+    :func:`gather_sum`.
     """
     m = indptr.size - 1
     dcols = src.shape[1]
-    _check(indptr, idx, m, n_out)
+    if check:
+        _check(indptr, idx, m, n_out)
+    if out is not None and (
+        out.shape != (n_out, dcols) or out.dtype != np.float32 or not out.flags.c_contiguous
+    ):
+        raise ValueError(f"scatter_sum: out must be C-contiguous float32 {(n_out, dcols)}")
     if _kernels is None:
         a_t = sp.csc_array((w, idx, indptr), shape=(n_out, m))
-        return np.asarray(a_t @ src, dtype=np.float32)
-    out = np.zeros((n_out, dcols), dtype=np.float32)
+        got = np.asarray(a_t @ src, dtype=np.float32)
+        if out is None:
+            return got
+        out += got
+        return out
+    if out is None:
+        out = np.zeros((n_out, dcols), dtype=np.float32)
     _kernels.csc_matvecs(
         n_out,
         m,
@@ -383,29 +405,41 @@ def softmax_step_gradients(
     items): ``Σ_copies exp(s − log q_j) = exp(s + log Σ_copies 1/q_j)``, so the ``U`` distinct
     shared entities with that bias give the same loss and gradients as the ``M`` draws, and
     every ``(E, ·)`` pass (logits, softmax, the two products back) is over ``U`` columns. The
-    logits of all events against them are one ``(E, U)`` product; accidental hits are found
-    per event through an entity -> column index (O(E)), the softmax runs in place.
+    logits of all events against them, less each event's positive logit (the softmax's
+    stabiliser; the bias and it ride along as two extra columns), are one ``(E, U)`` product;
+    accidental hits are found per event through an entity -> column index (O(E)); exp, sum and
+    scaling run in place. Float32 throughout, as the former plain form (the tests hold both to
+    autograd and to each other).
     """
     n_rows, d1 = vals.shape
+    d = d1 - 1
     m = batch.n_entities
     f32 = np.float32
     x, cols, indptr = batch.x, batch.cols, batch.indptr
     n_ev = batch.ev_item.size
     if n_ev == 0:
         return StepGrads(0.0, 0, np.zeros((n_rows, d1), dtype=np.float32), 0.0)
+    _check(indptr, cols, m, n_rows)  # once: the products below reuse the structure
     shared = np.asarray(shared, dtype=np.int64).reshape(-1)
-    terms = entity_terms(vals, indptr, cols, x)
-    ent_of, V, a = terms.ent_of, terms.V, terms.a
+    x = x.astype(np.float32, copy=False)
+    x2 = x * x
+    # entity terms: V = Σ x v, a = Σ x w − ½ Σ x² |v|² + ½ |V|² (two compiled gathers)
+    agg = gather_sum(indptr, cols, x, vals, check=False)  # [Σ x w | Σ x v]
+    v = vals[:, 1:]
+    sq = np.einsum("rd,rd->r", v, v)
+    s2 = gather_sum(indptr, cols, x2, sq[:, None], check=False)[:, 0]
+    V = agg[:, 1:]
+    a = agg[:, 0] + f32(0.5) * (np.einsum("md,md->m", V, V) - s2)
     ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
 
     # distinct shared entities (ascending) and their merged log-Q bias
     inv_q = np.bincount(
-        shared, weights=np.exp(-np.asarray(logq_shared, dtype=np.float64).reshape(-1)),
+        shared,
+        weights=np.exp(-np.asarray(logq_shared, dtype=np.float64).reshape(-1)),
         minlength=m,
     )
     us = np.flatnonzero(inv_q)
-    VS = np.take(V, us, axis=0)  # (U, d)
-    bias = (np.take(a, us) + np.log(np.take(inv_q, us))).astype(np.float32)
+    n_u = us.size
 
     P = np.take(V, ev_fixed[:, 0], axis=0)
     for j in range(1, ev_fixed.shape[1]):
@@ -413,44 +447,66 @@ def softmax_step_gradients(
     VP = np.take(V, ev_item, axis=0)  # (E, d) the positives' item vectors
     z_pos = np.take(a, ev_item) + np.einsum("ed,ed->e", P, VP)
     z_pos -= np.asarray(logq_pos, dtype=np.float32).reshape(-1)
-    c = P @ VS.T  # (E, U) logits of the shared candidates, then their softmax in place
-    c += bias
+    # z − z_pos of every (event, shared entity) in one product: [P | 1 | −z_pos] · [V | b | 1]
+    # (each row stabilised by its positive's logit: exp(z − z_pos) <= 1 unless a negative
+    # outscores the positive; rows whose sum overflows are redone with their true maximum)
+    pa = np.empty((n_ev, d + 2), dtype=np.float32)
+    pa[:, :d] = P
+    pa[:, d] = 1.0
+    pa[:, d + 1] = -z_pos
+    sa = np.empty((n_u, d + 2), dtype=np.float32)
+    sa[:, :d] = np.take(V, us, axis=0)
+    sa[:, d] = np.take(a, us) + np.log(np.take(inv_q, us))
+    sa[:, d + 1] = 1.0
+    VS = sa[:, :d]
+    c = pa @ sa.T  # (E, U)
     col_of = np.full(m, -1, dtype=np.int64)
-    col_of[us] = np.arange(us.size)
+    col_of[us] = np.arange(n_u)
     hit_col = np.take(col_of, ev_item)
     hit_ev = np.flatnonzero(hit_col >= 0)  # accidental hits: not negatives of that event
-    c[hit_ev, hit_col[hit_ev]] = -np.inf
-    top = c.max(axis=1, initial=-np.inf)
-    np.maximum(top, z_pos, out=top)
-    c -= top[:, None]
-    np.exp(c, out=c)
-    e_pos = np.exp(z_pos - top)
-    norm = c.sum(axis=1)
-    norm += e_pos
-    total = float((np.log(norm) + top - z_pos).sum(dtype=np.float64))
+    hit_col = hit_col[hit_ev]
+    top = np.zeros(n_ev, dtype=np.float32)  # the stabiliser, relative to z_pos
+    with np.errstate(over="ignore"):  # overflow: the rows redone below
+        np.exp(c, out=c)
+        c[hit_ev, hit_col] = 0.0
+        norm = c.sum(axis=1)
+    norm += f32(1.0)  # the positive: exp(z_pos − z_pos)
+    bad = np.flatnonzero(~np.isfinite(norm))
+    if bad.size:  # a negative outscores its positive by ~88+: the max-stabilised softmax
+        zb = pa[bad] @ sa.T
+        inb = np.isin(hit_ev, bad)
+        zb[np.searchsorted(bad, hit_ev[inb]), hit_col[inb]] = -np.inf
+        tb = np.maximum(zb.max(axis=1, initial=-np.inf), f32(0.0))
+        zb -= tb[:, None]
+        np.exp(zb, out=zb)
+        c[bad] = zb
+        top[bad] = tb
+        norm[bad] = zb.sum(axis=1) + np.exp(-tb)
+    total = float((np.log(norm) + top).sum(dtype=np.float64))
     inv_norm = f32(1.0) / norm
     c *= inv_norm[:, None]  # c_neg
-    c_pos = e_pos * inv_norm - f32(1.0)
+    c_pos = np.exp(-top) * inv_norm - f32(1.0)
 
+    # entity gradients [dq | dV]
     dP = c @ VS  # (E, d)
     dP += c_pos[:, None] * VP
     dq = np.bincount(ev_item, weights=c_pos, minlength=m).astype(np.float32)
     dq[us] += c.sum(axis=0)
-    gent = np.empty((m, d1), dtype=np.float32)  # entity gradients [dq | dV]
+    gent = np.empty((m, d1), dtype=np.float32)
     gent[:, 0] = dq
-    np.multiply(dq[:, None], V, out=gent[:, 1:])
-    gent[us, 1:] += c.T @ P  # distinct entities: a plain indexed add
-    # the positives' items get c_pos P, every fixed entity (user, context) its event's dP: one
-    # scatter (CSC: source row -> its targets) over [c_pos P ; dP]
-    n_fixed = ev_fixed.shape[1]
-    src_ptr = np.concatenate([np.arange(n_ev), n_ev + n_fixed * np.arange(n_ev + 1)])
-    targets = np.concatenate([ev_item, ev_fixed.ravel()])
-    src = np.concatenate([c_pos[:, None] * P, dP])
-    gent[:, 1:] += scatter_sum(src_ptr, targets, np.ones(targets.size, dtype=np.float32), src, m)
+    dV = dq[:, None] * V  # (m, d) contiguous: the scatters below add into it
+    dV[us] += c.T @ P  # distinct entities: a plain indexed add
+    one = np.ones(max(n_ev * ev_fixed.shape[1], 1), dtype=np.float32)
+    ev_ptr = np.arange(n_ev + 1)
+    scatter_sum(ev_ptr, ev_item, c_pos, P, m, out=dV)  # positives: c_pos P
+    fixed_ptr = ev_ptr * ev_fixed.shape[1]
+    scatter_sum(fixed_ptr, ev_fixed.ravel(), one, dP, m, out=dV)  # users, contexts
+    gent[:, 1:] = dV
 
-    grad = scatter_sum(indptr, cols, x, gent, n_rows)
-    c2 = np.bincount(cols, weights=(x * x) * np.take(dq, ent_of), minlength=n_rows)
-    grad[:, 1:] -= c2.astype(np.float32)[:, None] * vals[:, 1:]
+    grad = scatter_sum(indptr, cols, x, gent, n_rows, check=False)
+    c2 = scatter_sum(indptr, cols, x2, dq[:, None], n_rows, check=False)
+    c2 *= f32(-1.0)
+    grad[:, 1:] += c2 * v
     return StepGrads(total, n_ev, grad, 0.0)
 
 

@@ -182,6 +182,26 @@ def test_softmax_every_shared_item_a_hit() -> None:
     assert got.loss == 0.0 and not got.grad.any()
 
 
+@pytest.mark.parametrize("context", [False, True])
+def test_softmax_negative_far_above_its_positive(context: bool) -> None:
+    """Rows are stabilised by the positive's logit; a negative that outscores it by far more
+    than float32's exp range (here a log q of -300) takes the max-stabilised path for its rows,
+    hits included, and still equals autograd."""
+    vals, batch = random_batch(4, context)
+    nu = int(batch.ev_fixed[:, 0].max()) + 1
+    n_ent = batch.n_entities - (batch.ev_item.size if context else 0)
+    other = next(e for e in range(nu, n_ent) if e != batch.ev_item[0])
+    shared = np.array([batch.ev_item[0], other, other, batch.ev_item[-1]])
+    lq_s = np.array([-1.0, -300.0, -300.0, -2.0], dtype=np.float32)
+    lq_p = np.full(batch.ev_item.size, -1.5, dtype=np.float32)
+    got = softmax_step_gradients(vals, batch, shared, lq_s, lq_p)
+    ref = softmax_step_gradients_reference(vals, 0.0, batch, shared, lq_s, lq_p)
+    assert np.isfinite(got.loss) and np.isfinite(got.grad).all()
+    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-4)
+    scale = max(1.0, float(np.abs(ref.grad).max()))
+    np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_softmax_at_the_default_step_size_equals_autograd() -> None:
     """The production shape: 128 events, 512 popularity draws with repeats over a few hundred
     items, users with many slots, contexts."""
