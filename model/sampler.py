@@ -26,6 +26,8 @@ class NegativeSampler:
         self.alpha = float(alpha)
         self.rng = rng
         self.cdf = np.zeros(0, dtype=np.float64)
+        self._logq = np.zeros(0, dtype=np.float32)  # log q per item of the cdf it was made of
+        self._logq_of: np.ndarray | None = None
         self.since_rebuild = 0
 
     def _refresh(self, counts: np.ndarray, n_items: int, n_pos: int) -> None:
@@ -94,7 +96,7 @@ class NegativeSampler:
             items = self.rng.integers(0, n_items, size=m).astype(np.int64)
         else:
             self._refresh(counts, n_items, n_pos)
-            items = self._draw((m,)).astype(np.int64)
+            items = self._draw((m,)).astype(np.int64, copy=False)
         return items, self.log_prob(items, n_items)
 
     def log_prob(self, items: np.ndarray, n_items: int) -> np.ndarray:
@@ -105,10 +107,14 @@ class NegativeSampler:
         if self.mode == "uniform" or self.cdf.size == 0:
             return np.full(items.shape, -np.log(max(n_items, 1)), dtype=np.float32)
         n = self.cdf.size
-        j = np.minimum(items, n - 1)
-        w = self.cdf[j] - np.where(j > 0, self.cdf[np.maximum(j - 1, 0)], 0.0)
-        got = np.where(items < n, w, 1.0)
-        return (np.log(got) - np.log(self.cdf[-1])).astype(np.float32)
+        if self._logq_of is not self.cdf:  # once per cdf: [log q of each item | of a newer one]
+            w = np.empty(n + 1, dtype=np.float64)
+            w[0] = self.cdf[0]
+            np.subtract(self.cdf[1:], self.cdf[:-1], out=w[1:n])
+            w[n] = 1.0
+            self._logq = (np.log(w) - np.log(self.cdf[-1])).astype(np.float32)
+            self._logq_of = self.cdf
+        return np.take(self._logq, np.minimum(items, n))
 
     def _draw(self, shape: tuple[int, ...]) -> np.ndarray:
         total = self.cdf[-1]

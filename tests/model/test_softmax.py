@@ -332,3 +332,21 @@ def plain_softmax_gradients(
     c2 = np.bincount(cols, weights=x2 * gent[ent_of, 0], minlength=n_rows).astype(np.float32)
     grad[:, 1:] -= c2[:, None] * v
     return kernel.StepGrads(total, n_ev, np.ascontiguousarray(grad, dtype=np.float32), 0.0)
+
+
+def test_log_prob_follows_each_rebuilt_distribution() -> None:
+    """log q is read from a table made once per cached distribution: a rebuild (or a cdf
+    restored from a checkpoint) is reflected at once, bit for bit the cdf's own ratios."""
+    pop = NegativeSampler("popularity", 1.0, np.random.default_rng(0))
+    pop.draw_shared(np.array([0, 1, 3, 7], dtype=np.float64), 4, 8, 1)
+    first = pop.log_prob(np.arange(5), 4)
+    pop.since_rebuild = 10**9  # due: the next draw rebuilds from the new counts
+    pop.draw_shared(np.array([9, 0, 0, 0, 0], dtype=np.float64), 5, 8, 1)
+    w = np.array([10.0, 1, 1, 1, 1])
+    np.testing.assert_allclose(pop.log_prob(np.arange(5), 5), np.log(w / w.sum()), rtol=1e-6)
+    assert not np.allclose(pop.log_prob(np.arange(4), 5), first[:4])
+    pop.cdf = np.cumsum([1.0, 3.0])  # as OnlineFM.from_state sets it
+    np.testing.assert_allclose(pop.log_prob(np.arange(3), 3), np.log([0.25, 0.75, 0.25]))
+    cdf = pop.cdf
+    expect = (np.log(np.diff(cdf, prepend=0.0)) - np.log(cdf[-1])).astype(np.float32)
+    np.testing.assert_array_equal(pop.log_prob(np.arange(2), 2), expect)
