@@ -454,12 +454,12 @@ def softmax_step_gradients(
     pa[:, :d] = P
     pa[:, d] = 1.0
     pa[:, d + 1] = -z_pos
-    sa = np.empty((n_u, d + 2), dtype=np.float32)
-    sa[:, :d] = np.take(V, us, axis=0)
-    sa[:, d] = np.take(a, us) + np.log(np.take(inv_q, us))
-    sa[:, d + 1] = 1.0
-    VS = sa[:, :d]
-    c = pa @ sa.T  # (E, U)
+    VS = np.take(V, us, axis=0)  # (U, d)
+    sa = np.empty((d + 2, n_u), dtype=np.float32)  # transposed: BLAS reads it faster
+    sa[:d] = VS.T
+    sa[d] = np.take(a, us) + np.log(np.take(inv_q, us))
+    sa[d + 1] = 1.0
+    c = pa @ sa  # (E, U)
     col_of = np.full(m, -1, dtype=np.int64)
     col_of[us] = np.arange(n_u)
     hit_col = np.take(col_of, ev_item)
@@ -473,7 +473,7 @@ def softmax_step_gradients(
     norm += f32(1.0)  # the positive: exp(z_pos − z_pos)
     bad = np.flatnonzero(~np.isfinite(norm))
     if bad.size:  # a negative outscores its positive by ~88+: the max-stabilised softmax
-        zb = pa[bad] @ sa.T
+        zb = pa[bad] @ sa
         inb = np.isin(hit_ev, bad)
         zb[np.searchsorted(bad, hit_ev[inb]), hit_col[inb]] = -np.inf
         tb = np.maximum(zb.max(axis=1, initial=-np.inf), f32(0.0))
@@ -495,12 +495,12 @@ def softmax_step_gradients(
     gent = np.empty((m, d1), dtype=np.float32)
     gent[:, 0] = dq
     dV = dq[:, None] * V  # (m, d) contiguous: the scatters below add into it
-    dV[us] += c.T @ P  # distinct entities: a plain indexed add
-    one = np.ones(max(n_ev * ev_fixed.shape[1], 1), dtype=np.float32)
+    one = np.ones(max(n_ev * ev_fixed.shape[1], n_u, 1), dtype=np.float32)
+    scatter_sum(np.arange(n_u + 1), us, one[:n_u], c.T @ P, m, check=False, out=dV)
     ev_ptr = np.arange(n_ev + 1)
     scatter_sum(ev_ptr, ev_item, c_pos, P, m, out=dV)  # positives: c_pos P
     fixed_ptr = ev_ptr * ev_fixed.shape[1]
-    scatter_sum(fixed_ptr, ev_fixed.ravel(), one, dP, m, out=dV)  # users, contexts
+    scatter_sum(fixed_ptr, ev_fixed.ravel(), one[: ev_fixed.size], dP, m, out=dV)  # users, contexts
     gent[:, 1:] = dV
 
     grad = scatter_sum(indptr, cols, x, gent, n_rows, check=False)
