@@ -3,9 +3,10 @@
 Schema: 8 fields (user_id, gender, age buckets, occupation | item_id, genres (multi), year
 buckets | context hour); one more row at the defaults with ``config/movielens.toml`` (adds the
 hashed zip, absent from these profiles, and each user's model-kept history of 20 items).
-Ours runs the trainer's call: ``Learner.learn`` on polls of 2,048 events under the default
-policy (steps of ``LearnPolicy().step_events``), at the default ``TrainConfig`` (16 uniform
-negatives per positive) and with 4 negatives. River's ``facto.FMClassifier.learn_one`` and
+Ours runs the trainer's call: ``Learner.learn`` on polls of the trainer's default
+``max_poll_records`` (``--poll``) under the default policy (steps of
+``LearnPolicy().step_events``), at the default ``TrainConfig`` (sampled softmax: 512 popularity
+negatives shared per step) and with 4 negatives. River's ``facto.FMClassifier.learn_one`` and
 Vowpal Wabbit (``--lrq`` rank 32 on user x item, user x context, item x context namespaces,
 logistic loss) get each positive plus 4 sampled negatives (one example each, time-boxed), so
 every rate counts *positive events* per second. The training math is closed-form numpy/scipy
@@ -37,6 +38,7 @@ from bench.common import (  # noqa: E402
     summary_line,
     synthetic_profiles,
 )
+from fmstream.settings import Settings  # noqa: E402
 from model import FeatureSchema, OnlineFM, TrainConfig  # noqa: E402
 from model.learner import Learner, LearnPolicy  # noqa: E402
 
@@ -227,13 +229,19 @@ def main() -> None:
     ap.add_argument("--peer-calls", type=int, default=40_000, help="examples for River and VW")
     ap.add_argument("--no-peers", action="store_true", help="skip River and Vowpal Wabbit")
     ap.add_argument("--quick", action="store_true", help="defaults only (smoke run)")
+    ap.add_argument(
+        "--poll",
+        type=int,
+        default=Settings.model_fields["max_poll_records"].default,
+        help="events per Learner.learn call (default: the trainer's max_poll_records)",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(1)  # one intra-op thread per process (see PERF-NOTES)
     threadpool_limits(1)  # and one BLAS thread, as the trainer (fmstream.app.configure_threads)
     prof = synthetic_profiles(args.users, args.items, seed=0)
     warm = args.users + args.items * 4
-    poll = 2048  # the trainer's max_poll_records
+    poll = args.poll
     defaults = TrainConfig()
     configs = [
         ("defaults", defaults.negatives, SCHEMA),
