@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Field(Path(".fmstream/checkpoints"))
     checkpoint_every_events: int = Field(50_000, ge=1)
     checkpoint_every_s: float = Field(10.0, gt=0)
+    checkpoint_background: bool = Field(
+        True, description="periodic checkpoints written by a forked child (the trainer thread "
+        "only forks); false: written in the trainer thread, which stops meanwhile"
+    )
     history_len: int = Field(50, ge=1, description="recent items kept per user in Redis")
     # --- ops: credentials revoked while running (fmstream/credentials.py) ------------------
     credentials_check_s: float = Field(
@@ -377,6 +381,7 @@ class Settings(BaseSettings):
                                replay_buffer=self.replay_buffer, seed=self.seed),
             live_sample_every=self.live_sample_every, live_cpu_share=self.live_cpu_share,
             fetch_process=self.trainer_fetch_process,
+            checkpoint_background=self.checkpoint_background,
         )
 
     def publish_config(self) -> PublishConfig:

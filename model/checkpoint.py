@@ -8,9 +8,10 @@ continues training identically.
 File layout: ``FMCKPT01`` magic, format version, payload length, sha256 of the payload, then
 the payload (JSON header + raw arrays, no pickle; see :mod:`model.codec`). Files are named
 ``ckpt-<12-digit sequence>.fmck`` and written atomically: temp file in the same folder, fsync,
-rename, fsync of the folder. A reader therefore sees a whole old file or a whole new one; a
-file damaged later (bit rot, truncation) fails its length or checksum test and is refused with
-:class:`CheckpointError` before anything is built.
+rename, fsync of the folder. The write may run in another process (:func:`write_pending`, e.g.
+a forked child) and the rename in the owner (:func:`install_pending`). A reader therefore sees a
+whole old file or a whole new one; a file damaged later (bit rot, truncation) fails its length
+or checksum test and is refused with :class:`CheckpointError` before anything is built.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ MAGIC = b"FMCKPT01"
 VERSION = 1
 SUFFIX = ".fmck"
 _NAME_RE = re.compile(r"^ckpt-(\d{12})\.fmck$")
+_TEMP_RE = re.compile(r"^\.ckpt-.*\.tmp$")  # this version's and the previous one's temp names
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
@@ -49,6 +51,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a new checkpoint atomically and keep only the newest ``keep`` files.
 
+    The same as :func:`write_pending` then :func:`install_pending` (a trainer that writes in the
+    background runs the first in a child process and the second itself).
+
     Args:
         directory: created if missing.
         model: the model to save (not modified).
@@ -64,38 +69,100 @@ def save_checkpoint(
     """
     if keep < 1:
         raise CheckpointError(f"keep must be >= 1, got {keep}")
+    pending = pending_path(directory)
+    write_pending(pending, model, metadata)
+    return install_pending(pending, keep)
+
+
+def pending_path(directory: Path) -> Path:
+    """A fresh temp name in ``directory`` (created if missing) for :func:`write_pending`.
+
+    Temp names start with ``.ckpt-`` and end with ``.tmp``: never a checkpoint name, so a
+    half-written one is never read; :func:`remove_stale_pending` deletes those a killed writer
+    left behind.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-pending.", suffix=".tmp", dir=d)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_pending(path: Path, model: OnlineFM, metadata: dict[str, Any]) -> None:
+    """Serialise ``model`` + ``metadata`` into ``path`` (a temp name) and fsync it.
+
+    Raises:
+        CheckpointError: metadata not JSON-serialisable, or the write failed; ``path`` is then
+            removed.
+    """
     header, arrays = model.state()
     header = {"format": "fmstream-checkpoint", "model": header, "metadata": metadata}
     try:
-        chunks = pack_chunks(header, arrays)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"cannot serialise the checkpoint (is metadata JSON?): {exc}"
-        ) from exc
-    prefix = seal_prefix(MAGIC, VERSION, chunks)
+        try:
+            chunks = pack_chunks(header, arrays)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot serialise the checkpoint (is metadata JSON?): {exc}"
+            ) from exc
+        prefix = seal_prefix(MAGIC, VERSION, chunks)
+        try:
+            with open(path, "wb") as fh:
+                fh.write(prefix)
+                for c in chunks:
+                    fh.write(c)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def install_pending(pending: Path, keep: int = 3) -> Path:
+    """Give a complete, fsynced temp file the next checkpoint name (atomic rename, fsync of the
+    folder) and delete all but the newest ``keep`` checkpoints.
+
+    Raises:
+        CheckpointError: the rename failed (the temp file is removed; no file under a final
+            name changed).
+    """
+    if keep < 1:
+        raise CheckpointError(f"keep must be >= 1, got {keep}")
+    d = Path(pending).parent
     existing = checkpoint_files(d)
     seq = int(_NAME_RE.match(existing[-1].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
     final = d / f"ckpt-{seq:012d}{SUFFIX}"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=d)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(prefix)
-            for c in chunks:
-                fh.write(c)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        os.replace(pending, final)
     except OSError as exc:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise CheckpointError(f"cannot write checkpoint {final}: {exc}") from exc
+            os.unlink(pending)
+        raise CheckpointError(f"cannot install checkpoint {final}: {exc}") from exc
     _fsync_dir(d)
     for old in checkpoint_files(d)[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
     return final
+
+
+def remove_stale_pending(directory: Path) -> int:
+    """Delete temp files that writers killed mid-write left in ``directory``; returns how many.
+
+    Call it only while no writer of this folder runs (the trainer does, holding the lease,
+    before its first checkpoint).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    removed = 0
+    for p in d.iterdir():
+        if _TEMP_RE.match(p.name):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 def load_checkpoint(path: Path) -> tuple[OnlineFM, dict[str, Any]]:

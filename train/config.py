@@ -33,6 +33,9 @@ class TrainerConfig:
             sampled only while the metric's CPU so far is within this share (1 = every poll).
         fetch_process: poll and decode in a child process (its own core, not the trainer's
             GIL; :mod:`train.fetch_process`) instead of a thread.
+        checkpoint_background: periodic checkpoints are written by a forked child
+            (:mod:`train.checkpointer`) so the trainer thread is not stopped by them; the final
+            one is always written in the trainer thread.
     """
 
     kafka: KafkaConfig
@@ -48,6 +51,7 @@ class TrainerConfig:
     live_sample_every: int = 16
     live_cpu_share: float = 0.03
     fetch_process: bool = False
+    checkpoint_background: bool = True
 
 
 @dataclass(frozen=True)

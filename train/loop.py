@@ -21,6 +21,7 @@ Guarantees (see README "Trainer guarantees"):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -34,7 +35,13 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from model.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
+from model.checkpoint import (
+    checkpoint_files,
+    install_pending,
+    load_checkpoint,
+    remove_stale_pending,
+    save_checkpoint,
+)
 from model.errors import CheckpointError, ModelError
 from model.learner import Learner
 from model.live import LiveHitRate
@@ -42,6 +49,7 @@ from model.online import OnlineFM
 from stream.consume import Decoded, make_consumer
 from stream.schemas import EventColumns
 from train.align import EventAligner
+from train.checkpointer import BackgroundCheckpoint, ChildResult
 from train.config import TrainerConfig
 from train.fetch import (
     DecodedBatch,
@@ -74,8 +82,9 @@ CPU_PIECES = ("receive", "learn", "live", "bookkeeping", "checkpoint", "handover
 """The pieces of :attr:`Trainer.cpu` (cumulative CPU seconds of the trainer thread): ``receive``
 takes a batch from the fetcher (unpickling when it is a process), ``learn`` is the model update
 (``live`` excluded), ``live`` the live hit-rate sampling and ranking, ``bookkeeping`` the rest of
-applying a batch (profiles, positions, counts), ``checkpoint`` writing checkpoints, ``handover``
-telling the publisher what changed."""
+applying a batch (profiles, positions, counts), ``checkpoint`` writing checkpoints (with
+background checkpoints: forking the writer and installing its file; the writer's own CPU is
+:attr:`Trainer.checkpoint_child_cpu_s`), ``handover`` telling the publisher what changed."""
 
 
 class CpuShare:
@@ -283,6 +292,14 @@ class Trainer:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._checkpoint_retry_at = 0.0
+        # Periodic checkpoints written by a forked child (train/checkpointer.py). Temp files of a
+        # writer killed with an earlier trainer are removed: we hold the lease, nobody else writes.
+        if remove_stale_pending(config.checkpoint_dir):
+            log.info("removed unfinished checkpoint temp files in %s", config.checkpoint_dir)
+        self.background = BackgroundCheckpoint(config.checkpoint_dir)
+        self.checkpoints_written = 0
+        self.checkpoint_child_cpu_s = 0.0  # CPU of the background writers (not this thread's)
+        self.checkpoint_stall_s: list[float] = []  # trainer-thread wall per background start
         self.live = LiveHitRate(k=10, sample_every=config.live_sample_every)
         self.live_budget = CpuShare(config.live_cpu_share)  # polls sampled for the live HR
 
@@ -431,6 +448,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.batch_applied(batch.per_topic, time.perf_counter() - t0,
                                            self.stats())
+        if self.background.running:
+            self._reap_checkpoint()
         if self._checkpoint_due():
             self.checkpoint()
         if self._sink is not None:
@@ -441,13 +460,16 @@ class Trainer:
         return 0 if batch is None else batch.n_records
 
     def close(self) -> None:
-        """Stop the fetch thread (or process) and close the consumer (idempotent)."""
+        """Stop the fetch thread (or process) and a background checkpoint writer, and close the
+        consumer (idempotent)."""
+        if self.background.cancel() is not None:
+            log.info("background checkpoint cancelled (trainer closing): nothing was committed")
         self.fetcher.stop()
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
 
     def _checkpoint_due(self) -> bool:
-        if not self._since_checkpoint:
+        if not self._since_checkpoint or self.background.running:  # at most one in flight
             return False
         now = time.monotonic()
         if now < self._checkpoint_retry_at:
@@ -640,15 +662,30 @@ class Trainer:
     def checkpoint(self, *, final: bool = False) -> bool:
         """Write model + positions atomically, then commit the same positions to the group.
 
+        Periodic checkpoints (``checkpoint_background``) are written by a forked child from a
+        copy-on-write snapshot: this thread only forks and returns (True: started); the file is
+        installed, and its positions committed and reported, by :meth:`step` once the child has
+        exited cleanly (:meth:`_reap_checkpoint`). The final checkpoint (and every one without
+        ``checkpoint_background``) is written here and waited for; a background one still
+        running is cancelled first (the final one covers more).
+
         Nothing is written (returns False, retried later) while a dead letter it would cover is
         not acknowledged (broker away) or while the lease is not provably ours (Redis away past
-        the TTL). ``final``: the checkpoint at shutdown; waits longer and commits synchronously.
+        the TTL), nor while a background checkpoint is still running (at most one in flight).
+        ``final``: the checkpoint at shutdown; waits longer and commits synchronously.
 
         Raises:
             LeaseLost: another trainer holds the lease (write nothing more, stop).
         """
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
+            if final:
+                if self.background.cancel() is not None:
+                    log.info("background checkpoint cancelled: the final one supersedes it")
+            elif self.background.running:
+                self._reap_checkpoint()
+                if self.background.running:
+                    return False
             if not self.dead_letters.flush(timeout=30.0 if final else 5.0):
                 log.warning(
                     "checkpoint deferred: %d dead letters not acknowledged by the broker",
@@ -664,34 +701,105 @@ class Trainer:
             self.progress.published_version = max(
                 self.progress.published_version, int(getattr(publisher, "version", 0) or 0)
             )
-            path = save_checkpoint(
-                self.config.checkpoint_dir,
-                self.model,
-                {**self.progress.to_metadata(), "learner": self.learner.state()},
-            )
-            self._own_checkpoint = path.name
-            self._since_checkpoint = 0
-            self._last_checkpoint = time.monotonic()
-            self._commit(final)
-            if self._sink is not None:
-                self._sink.checkpointed(self.progress)
+            if final or not self.config.checkpoint_background:
+                path = save_checkpoint(self.config.checkpoint_dir, self.model, self._metadata())
+                self._checkpointed(
+                    path, self.progress, self._since_checkpoint, time.monotonic(), final
+                )
+                return True
+            # The snapshot: this thread is the only one that changes checkpointed state (the
+            # publisher reads it, and drains change marks that are not checkpointed), so the
+            # fork sees the model between two batches. Positions etc. are copied for the commit.
+            snapshot = (_copy_progress(self.progress), self._since_checkpoint, time.monotonic())
+            try:
+                self.background.start(self.model, self._metadata, token=snapshot)
+            except OSError as exc:
+                log.warning("cannot start a background checkpoint (%r): retrying later", exc)
+                return self._defer_checkpoint()
+            self.checkpoint_stall_s.append(time.perf_counter() - t0)
             return True
         finally:
             self.timings["checkpoint"] += time.perf_counter() - t0
             self.cpu["checkpoint"] += time.thread_time() - c0
 
+    def _metadata(self) -> dict[str, Any]:
+        """What a checkpoint stores beside the model (in a background writer: its snapshot)."""
+        return {**self.progress.to_metadata(), "learner": self.learner.state()}
+
+    def _reap_checkpoint(self) -> None:
+        """Install a background checkpoint whose writer has exited cleanly, then commit and
+        report its positions; after a failed writer nothing is committed and the next one is
+        due after :data:`CHECKPOINT_RETRY_S`.
+
+        Raises:
+            LeaseLost: another trainer holds the lease (the file is not installed).
+        """
+        done = self.background.poll()
+        if done is None:
+            return
+        self.checkpoint_child_cpu_s += done.cpu_s
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            self._install(done)
+        finally:
+            self.timings["checkpoint"] += time.perf_counter() - t0
+            self.cpu["checkpoint"] += time.thread_time() - c0
+
+    def _install(self, done: ChildResult) -> None:
+        if not done.ok:
+            log.warning(
+                "background checkpoint failed (writer exit status %d): nothing committed; "
+                "retrying in %.0f s",
+                done.status,
+                CHECKPOINT_RETRY_S,
+            )
+            self._defer_checkpoint()
+            return
+        progress, since, started = done.token
+        try:
+            # The file becomes a checkpoint only while the lease is provably ours (as at start).
+            if not self.lease.keep(force=True):
+                log.warning("background checkpoint dropped: the trainer lease is not provably ours")
+                done.pending.unlink(missing_ok=True)
+                self._defer_checkpoint()
+                return
+            path = install_pending(done.pending)
+        except CheckpointError as exc:
+            log.warning("background checkpoint not installed (%s): retrying later", exc)
+            self._defer_checkpoint()
+            return
+        except BaseException:  # LeaseLost: nothing more is written
+            done.pending.unlink(missing_ok=True)
+            raise
+        log.debug("background checkpoint %s: %.2f s, writer CPU %.2f s", path.name,
+                  done.wall_s, done.cpu_s)
+        self._checkpointed(path, progress, since, started, final=False)
+
+    def _checkpointed(
+        self, path: Path, progress: Progress, since: int, started: float, final: bool
+    ) -> None:
+        """``path`` holds ``progress`` (the ``since`` records counted at ``started``): commit
+        its positions to the group and report it to the sink."""
+        self._own_checkpoint = path.name
+        self.checkpoints_written += 1
+        self._since_checkpoint = max(0, self._since_checkpoint - since)
+        self._last_checkpoint = started
+        self._commit(progress.positions, final)
+        if self._sink is not None:
+            self._sink.checkpointed(progress)
+
     def _defer_checkpoint(self) -> bool:
         self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S
         return False
 
-    def _commit(self, final: bool) -> None:
-        """Commit the checkpointed positions for lag monitoring (the checkpoint rules).
+    def _commit(self, positions: Mapping[str, int], final: bool) -> None:
+        """Commit checkpointed ``positions`` for lag monitoring (the checkpoint rules).
 
         Made by whoever owns the consumer: the fetch thread (or process) while it runs (queued,
         never waited for), else here; the final commit is synchronous.
         """
         offsets = {}
-        for key, pos in self.progress.positions.items():
+        for key, pos in positions.items():
             topic, part = key.rsplit("|", 1)
             if self.consumer is None or TopicPartition(topic, int(part)) in self._assigned:
                 offsets[(topic, int(part))] = pos
@@ -710,6 +818,16 @@ class Trainer:
     def seek_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         """Position ``assigned`` partitions at the checkpoint (or the beginning)."""
         seek_to_positions(self.consumer, assigned, self.progress.positions)
+
+
+def _copy_progress(progress: Progress) -> Progress:
+    """A copy whose dicts are not shared with ``progress`` (which keeps changing)."""
+    return dataclasses.replace(
+        progress,
+        positions=dict(progress.positions),
+        applied=dict(progress.applied),
+        live_hit_rate=dict(progress.live_hit_rate),
+    )
 
 
 def _log_future_failure(future) -> None:

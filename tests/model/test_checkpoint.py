@@ -3,6 +3,7 @@ retention, and corrupt / truncated files refused with CheckpointError."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,11 +16,19 @@ from model import (
     FeatureSchema,
     OnlineFM,
     TrainConfig,
+    codec,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from model.checkpoint import checkpoint_files
+from model.checkpoint import (
+    checkpoint_files,
+    install_pending,
+    pending_path,
+    remove_stale_pending,
+    write_pending,
+)
+from model.codec import dumps_json
 
 SCHEMA = FeatureSchema.from_dict(
     {
@@ -155,3 +164,82 @@ def test_metadata_must_be_json(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path, OnlineFM(config=TrainConfig(dim=2)), {"x": object()})
     assert checkpoint_files(tmp_path) == []
+    assert os.listdir(tmp_path) == []  # the temp file is gone too
+
+
+# --- the header codec (orjson for long lists) and the split write ---------------------------
+
+
+def _json_text(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"ids": [f"u{j}" for j in range(500)], "n": 3},
+        {"vocab": [(f"k{j}", j) for j in range(500)]},  # tuples: arrays, as json writes them
+        {"rng": np.random.default_rng(1).bit_generator.state},  # 128-bit ints
+        {"long": [2**70] + list(range(200))},  # a big int inside a long list
+        {"nan": [float("nan"), float("inf"), -float("inf")] * 40, "x": float("nan")},
+        {"p": [{"age": float("inf")}] + [{"a": j} for j in range(300)]},  # profile with inf
+        {"none": [None] * 100, "s": ["null"] * 100},  # legit nulls / a "null" string
+        {"keys": [{1: "int key"}] * 100, "short": {2: 3}},  # non-str keys: json stringifies
+        {"np": [np.float64(0.1)] * 100},  # float subclass orjson refuses
+        {"unicode": ["ünïcode \u2028 \ud7ff"] * 100, "e": [1e16, -0.0, 5e-324] * 50},
+        [[], {}, "", 0, [[1, 2]] * 70],
+    ],
+)
+def test_dumps_json_reads_back_as_json_dumps(obj: object) -> None:
+    want = json.loads(_json_text(obj))
+    got = json.loads(dumps_json(obj))
+    assert repr(got) == repr(want)  # repr: NaN != NaN, and int vs float must not slip
+
+
+def test_a_checkpoint_with_a_json_dumps_header_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files written before dumps_json (header by json.dumps) read back identically."""
+    fm = _model()
+    monkeypatch.setattr(codec, "dumps_json", _json_text)
+    old = save_checkpoint(tmp_path / "old", fm, {"k": 1})
+    monkeypatch.undo()
+    new = save_checkpoint(tmp_path / "new", fm, {"k": 1})
+    a, meta_a = load_checkpoint(old)
+    b, meta_b = load_checkpoint(new)
+    assert meta_a == meta_b == {"k": 1}
+    assert np.array_equal(_probe(a), _probe(b)) and np.array_equal(_probe(a), _probe(fm))
+    assert a.state()[0] == b.state()[0]
+
+
+def test_split_write_then_install_and_stale_temps(tmp_path: Path) -> None:
+    fm = _model()
+    save_checkpoint(tmp_path, fm, {"n": 1})
+    pending = pending_path(tmp_path)
+    assert pending.name.startswith(".ckpt-") and pending.name.endswith(".tmp")
+    write_pending(pending, fm, {"n": 2})
+    assert latest_checkpoint(tmp_path)[1] == {"n": 1}  # a written temp is not a checkpoint
+    final = install_pending(pending, keep=3)
+    assert final.name == "ckpt-000000000002.fmck" and not pending.exists()
+    assert latest_checkpoint(tmp_path)[1] == {"n": 2}
+    # temps of writers killed mid-write (this version's name and the previous one's)
+    (tmp_path / ".ckpt-pending.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".ckpt-000000000003.fmck.x1y2.tmp").write_bytes(b"half")
+    assert remove_stale_pending(tmp_path) == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000000001.fmck", "ckpt-000000000002.fmck"]
+    assert remove_stale_pending(tmp_path / "missing") == 0
+
+
+def test_a_failed_pending_write_leaves_nothing(tmp_path: Path) -> None:
+    pending = pending_path(tmp_path)
+    with pytest.raises(CheckpointError, match="JSON"):
+        write_pending(pending, OnlineFM(config=TrainConfig(dim=2)), {"x": object()})
+    assert os.listdir(tmp_path) == []
+    pending = pending_path(tmp_path / "sub")
+    pending.unlink()
+    pending.parent.rmdir()  # the folder vanished: the write fails with an OSError
+    with pytest.raises(CheckpointError, match="cannot write"):
+        write_pending(pending, OnlineFM(config=TrainConfig(dim=2)), {})
+    with pytest.raises(CheckpointError, match="cannot install"):
+        install_pending(tmp_path / ".ckpt-pending.gone.tmp")
+    assert os.listdir(tmp_path) == []
