@@ -5,8 +5,11 @@ One process, no Kafka/Redis: a model like the 1M-user e2e's (``segment`` user pr
 checkpoints are taken while this thread keeps training in steps (``learn_many`` of 2,048 events,
 like the trainer between checkpoints):
 
-- ``inline``: ``model.checkpoint.save_checkpoint`` in this thread (the trainer before this change;
-  this thread and, through the GIL, the publisher thread stop for all of it);
+- ``inline, json``: ``model.checkpoint.save_checkpoint`` in this thread with the header written by
+  ``json.dumps`` (the trainer before this change; this thread and, through the GIL, the publisher
+  thread stop for all of it);
+- ``inline``: the same with ``model.codec.dumps_json`` (orjson for the long lists): the final
+  checkpoint, and every one with ``FMSTREAM_CHECKPOINT_BACKGROUND=false``;
 - ``fork``: ``train.checkpointer.BackgroundCheckpoint.start`` (the fork) in this thread, then
   training on while the child writes, reaping it with ``poll()`` between steps and installing the
   file (``install_pending``) as the trainer does.
@@ -105,26 +108,37 @@ def main(argv: list[str] | None = None) -> int:
     assert json.loads(fast) == json.loads(slow), "dumps_json does not read back as json.dumps"
     out.update(header_json_cpu_s=json_s, header_fast_cpu_s=fast_s, header_mb=len(slow) / 1e6)
 
-    # inline: the trainer thread writes
-    walls, cpus = [], []
-    for _ in range(args.reps):
-        for _ in range(3):
-            train_step()
-        t0, c0 = time.perf_counter(), time.thread_time()
-        path = save_checkpoint(folder, model, meta)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.thread_time() - c0)
+    # inline: the trainer thread writes (header by json.dumps as before, then by dumps_json)
+    import model.codec as codec
+
+    fast_dumps = codec.dumps_json
+    for key, label, dumps in (
+        ("inline_json", "inline, json.dumps header (before)",
+         lambda h: json.dumps(h, separators=(",", ":")).encode()),
+        ("inline", "inline, dumps_json header (final checkpoint)", fast_dumps),
+    ):
+        codec.dumps_json = dumps
+        walls, cpus = [], []
+        try:
+            for _ in range(args.reps):
+                for _ in range(3):
+                    train_step()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                path = save_checkpoint(folder, model, meta)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.thread_time() - c0)
+        finally:
+            codec.dumps_json = fast_dumps
+        rows.append([label, f"{statistics.median(walls) * 1e3:.0f} ms",
+                     f"{statistics.median(cpus) * 1e3:.0f} ms", "-", "-", "-"])
+        out[f"{key}_stall_wall_ms"] = statistics.median(walls) * 1e3
+        out[f"{key}_stall_cpu_ms"] = statistics.median(cpus) * 1e3
     size_mb = path.stat().st_size / 1e6
-    rows.append(["inline (save_checkpoint in the trainer thread)",
-                 f"{statistics.median(walls) * 1e3:.0f} ms", f"{statistics.median(cpus) * 1e3:.0f} ms",
-                 "-", "-", "-"])
-    out.update(inline_stall_wall_ms=statistics.median(walls) * 1e3,
-               inline_stall_cpu_ms=statistics.median(cpus) * 1e3)
 
     # fork: the trainer thread forks, trains on, reaps and installs
     bg = BackgroundCheckpoint(folder)
     quiet = [train_step() for _ in range(10)]
-    stalls, stall_cpu, child_wall, child_cpu, during, installs = [], [], [], [], [], []
+    stalls, stall_cpu, child_wall, child_cpu, during, installs, install_cpu = ([] for _ in range(7))
     for _ in range(args.reps):
         t0, c0 = time.perf_counter(), time.thread_time()
         bg.start(model, lambda: meta)
@@ -139,24 +153,28 @@ def main(argv: list[str] | None = None) -> int:
                 assert done.ok, done
                 install_pending(done.pending)
                 installs.append(time.perf_counter() - t0)
+                install_cpu.append(time.thread_time() - c0)
         child_wall.append(done.wall_s)
         child_cpu.append(done.cpu_s)
     rows.append(["fork (BackgroundCheckpoint)",
                  f"{statistics.median(stalls) * 1e3:.1f} ms",
                  f"{statistics.median(stall_cpu) * 1e3:.1f} ms",
-                 f"{statistics.median(installs) * 1e3:.1f} ms",
+                 f"{statistics.median(installs) * 1e3:.1f} ms wall, "
+                 f"{statistics.median(install_cpu) * 1e3:.1f} ms CPU",
                  f"{statistics.median(child_wall):.2f} s / {statistics.median(child_cpu):.2f} s",
-                 f"{statistics.median(during) * 1e3:.1f} vs {statistics.median(quiet) * 1e3:.1f} ms"])
+                 f"{statistics.median(during) * 1e3:.1f} vs "
+                 f"{statistics.median(quiet) * 1e3:.1f} ms"])
     out.update(fork_stall_wall_ms=statistics.median(stalls) * 1e3,
                fork_stall_cpu_ms=statistics.median(stall_cpu) * 1e3,
                fork_install_wall_ms=statistics.median(installs) * 1e3,
+               fork_install_cpu_ms=statistics.median(install_cpu) * 1e3,
                child_wall_s=statistics.median(child_wall), child_cpu_s=statistics.median(child_cpu),
                step_cpu_ms_child_running=statistics.median(during) * 1e3,
                step_cpu_ms_no_child=statistics.median(quiet) * 1e3,
                steps_while_child_ran=len(during) / args.reps,
                file_mb=size_mb, rss_mb=rss_mb, build_s=build_s,
                loadavg="/".join(f"{x:.1f}" for x in os.getloadavg()))
-    columns = ["mode", "trainer thread stall: wall", "stall: CPU", "install (rename)",
+    columns = ["mode", "trainer thread stall: wall", "stall: CPU", "install (reap, rename, prune)",
                "writer wall / CPU", "CPU per 2,048-event step: during / without"]
     print_table(f"checkpoint stall at {args.users:,} users x {args.items:,} items", columns, rows)
     notes = (f"Header JSON alone ({out['header_mb']:.1f} MB): json.dumps {json_s:.2f} s CPU, "

@@ -695,3 +695,78 @@ def test_dead_letter_outbox_resends_what_the_broker_never_acked() -> None:
     letter = orjson.loads(producer.sent[-1])
     assert letter["source_offset"] == 5 and base64.b64decode(letter["value_b64"]) == b"bad"
     assert letter["stage"] == "decode" and letter["reason"] == "not JSON"
+
+
+# --- background checkpoints (a forked writer, train/checkpointer.py) -------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of every thread of ``pid``."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, T, Z ...); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _stop_a_checkpoint_writer(trainer: TrainerProcess, timeout: float = 60.0) -> int:
+    """SIGSTOP the trainer's checkpoint writer (a fork: same command line as the trainer; the
+    fetch process is a spawned interpreter) while it is in flight; its pid."""
+    cmdline = Path(f"/proc/{trainer.proc.pid}/cmdline").read_bytes()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert trainer.alive(), trainer.tail()
+        for child in _children(trainer.proc.pid):
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() != cmdline:
+                    continue
+                os.kill(child, signal.SIGSTOP)
+            except (OSError, ProcessLookupError):
+                continue  # it finished meanwhile: wait for the next one
+            if _proc_state(child) == "T":  # stopped before it exited: in flight
+                return child
+        time.sleep(0.005)
+    pytest.fail(f"no checkpoint writer caught in flight within {timeout} s\n{trainer.tail()}")
+
+
+def test_kill_9_while_a_background_checkpoint_is_written_loses_and_repeats_nothing(
+    settings: Settings, tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    """The writer is frozen mid-checkpoint, then the trainer is killed with -9: the writer dies
+    with it, its file never becomes a checkpoint, and the restarted trainer removes the temp
+    file and applies every event exactly once."""
+    n = 40_000
+    s = _fast(settings)
+    producer = Background(_produce, s, _encode(list(STREAM.events(n))), rate=5_000)
+    log = tmp_path / "trainer.log"
+    with TrainerProcess(s, log) as trainer:
+        _wait_for("a first checkpoint", lambda: _checkpoint_seq(s) > 0, 60, trainer)
+        writer = _stop_a_checkpoint_writer(trainer)
+        seq = _checkpoint_seq(s)
+        applied = _applied(s)
+        trainer.kill9()
+    _wait_for("the writer to die with its trainer", lambda: _proc_state(writer) in (None, "Z"), 30)
+    assert _checkpoint_seq(s) == seq  # the frozen writer's file was never installed
+    stale = [p.name for p in s.checkpoint_dir.iterdir() if p.name.endswith(".tmp")]
+    assert stale, "the writer in flight left no temp file"
+    assert 0 < applied < n, applied  # killed mid-stream
+    redis_client.delete(s.redis_key("trainer", "lease"))
+    producer.result(timeout=60)
+
+    with TrainerProcess(s, log, idle_exit=3.0) as trainer:
+        assert trainer.wait(timeout=90) == 0, trainer.tail()
+    model, _ = assert_exactly_once(s, n)
+    assert_finite(model)
+    assert not [p.name for p in s.checkpoint_dir.iterdir() if p.name.endswith(".tmp")]
+    lags = group_lag(s.kafka_config(), s.trainer_group, [s.topic_events])
+    assert [p.lag for p in lags] == [0] * len(lags)  # the final checkpoint's commit
