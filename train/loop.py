@@ -419,6 +419,16 @@ class Trainer:
                 ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()),
                 ", ".join(f"{k} {v:.3f}" for k, v in self.cpu.items()),
             )
+            stalls = sorted(self.checkpoint_stall_s)
+            log.info(
+                "checkpoints: %d written; %d started in the background (trainer thread per "
+                "start: median %.1f ms, max %.1f ms wall), their writers' CPU %.2f s",
+                self.checkpoints_written,
+                len(stalls),
+                1e3 * stalls[len(stalls) // 2] if stalls else 0.0,
+                1e3 * stalls[-1] if stalls else 0.0,
+                self.checkpoint_child_cpu_s,
+            )
         return self.progress
 
     def step(self, timeout_ms: int = 200) -> int:
