@@ -12,6 +12,8 @@ Guarantees (see README "Trainer guarantees"):
 - Kafka positions live inside the model checkpoint. On start the newest valid checkpoint is
   restored and every partition is sought to its stored position, so an event is applied once
   even across kill -9. Group commits follow checkpoints (for lag monitoring) and never lead them.
+  Periodic checkpoints are written by a forked child (:mod:`train.checkpointer`); the loop
+  installs its file and only then commits and reports that snapshot's positions.
 - One trainer per model holds the Redis lease (:mod:`train.resilience` has the rules for Redis
   outages). Because only the lease holder consumes, the trainer assigns itself every partition of
   its topics instead of joining a group rebalance: a restart after kill -9 resumes at once instead
