@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = path.stat().st_size / 1e6
 
     # fork: the trainer thread forks, trains on, reaps and installs
-    bg = BackgroundCheckpoint(folder)
+    bg = BackgroundCheckpoint(folder, keep=3)  # as the trainer: the writer prunes
     quiet = [train_step() for _ in range(10)]
     stalls, stall_cpu, child_wall, child_cpu, during, installs, install_cpu = ([] for _ in range(7))
     for _ in range(args.reps):
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             done = bg.poll()
             if done is not None:
                 assert done.ok, done
-                install_pending(done.pending)
+                install_pending(done.pending, keep=None)
                 installs.append(time.perf_counter() - t0)
                 install_cpu.append(time.thread_time() - c0)
         child_wall.append(done.wall_s)

@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 
 ASSIGNMENT_REFRESH_S = 30.0
 """How often the trainer looks for partitions added to its topics."""
+CHECKPOINTS_KEPT = 3
+"""Checkpoint files kept (a background checkpoint's writer deletes the older ones first)."""
 CHECKPOINT_RETRY_S = 1.0
 """Wait before retrying a checkpoint that could not be written (broker or lease unconfirmed)."""
 RECONNECT_BACKOFF_MAX_MS = 1000
@@ -298,7 +300,7 @@ class Trainer:
         # writer killed with an earlier trainer are removed: we hold the lease, nobody else writes.
         if remove_stale_pending(config.checkpoint_dir):
             log.info("removed unfinished checkpoint temp files in %s", config.checkpoint_dir)
-        self.background = BackgroundCheckpoint(config.checkpoint_dir)
+        self.background = BackgroundCheckpoint(config.checkpoint_dir, keep=CHECKPOINTS_KEPT)
         self.checkpoints_written = 0
         self.checkpoint_child_cpu_s = 0.0  # CPU of the background writers (not this thread's)
         self.checkpoint_stall_s: list[float] = []  # trainer-thread wall per background start
@@ -714,7 +716,9 @@ class Trainer:
                 self.progress.published_version, int(getattr(publisher, "version", 0) or 0)
             )
             if final or not self.config.checkpoint_background:
-                path = save_checkpoint(self.config.checkpoint_dir, self.model, self._metadata())
+                path = save_checkpoint(
+                    self.config.checkpoint_dir, self.model, self._metadata(), keep=CHECKPOINTS_KEPT
+                )
                 self._checkpointed(
                     path, self.progress, self._since_checkpoint, time.monotonic(), final
                 )
@@ -775,7 +779,7 @@ class Trainer:
                 done.pending.unlink(missing_ok=True)
                 self._defer_checkpoint()
                 return
-            path = install_pending(done.pending)
+            path = install_pending(done.pending, keep=None)  # the next writer prunes
         except CheckpointError as exc:
             log.warning("background checkpoint not installed (%s): retrying later", exc)
             self._defer_checkpoint()

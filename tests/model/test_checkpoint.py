@@ -25,6 +25,7 @@ from model.checkpoint import (
     checkpoint_files,
     install_pending,
     pending_path,
+    prune_checkpoints,
     remove_stale_pending,
     write_pending,
 )
@@ -243,3 +244,20 @@ def test_a_failed_pending_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot install"):
         install_pending(tmp_path / ".ckpt-pending.gone.tmp")
     assert os.listdir(tmp_path) == []
+
+
+def test_prune_keeps_the_newest(tmp_path: Path) -> None:
+    fm = OnlineFM(config=TrainConfig(dim=2))
+    for j in range(4):
+        install_pending(_pending_with(tmp_path, fm, j), keep=None)  # nothing deleted
+    assert len(checkpoint_files(tmp_path)) == 4
+    assert prune_checkpoints(tmp_path, keep=1) == 3
+    assert latest_checkpoint(tmp_path)[1] == {"n": 3}
+    with pytest.raises(CheckpointError, match="keep"):
+        prune_checkpoints(tmp_path, keep=0)
+
+
+def _pending_with(folder: Path, fm: OnlineFM, n: int) -> Path:
+    pending = pending_path(folder)
+    write_pending(pending, fm, {"n": n})
+    return pending

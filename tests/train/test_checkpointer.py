@@ -168,3 +168,16 @@ def _state(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_the_writer_prunes_what_the_last_install_left(tmp_path: Path) -> None:
+    """The caller installs without deleting (keep=None: no 0.1 s unlink on its thread); the next
+    writer deletes all but the newest ``keep`` before writing."""
+    bg = BackgroundCheckpoint(tmp_path, keep=2)
+    for _ in range(4):
+        bg.start(_model(), dict)
+        done = _wait_done(bg)
+        assert done.ok
+        install_pending(done.pending, keep=None)
+    names = [p.name for p in checkpoint_files(tmp_path)]
+    assert names == [f"ckpt-{j:012d}.fmck" for j in (2, 3, 4)]  # 2 kept + the newest install
