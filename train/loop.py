@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,7 +304,8 @@ class Trainer:
         self.background = BackgroundCheckpoint(config.checkpoint_dir, keep=CHECKPOINTS_KEPT)
         self.checkpoints_written = 0
         self.checkpoint_child_cpu_s = 0.0  # CPU of the background writers (not this thread's)
-        self.checkpoint_stall_s: list[float] = []  # trainer-thread wall per background start
+        # trainer-thread wall per background start (dead letters, lease, fork), newest 10k
+        self.checkpoint_stall_s: deque[float] = deque(maxlen=10_000)
         self.live = LiveHitRate(k=10, sample_every=config.live_sample_every)
         self.live_budget = CpuShare(config.live_cpu_share)  # polls sampled for the live HR
 
