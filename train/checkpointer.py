@@ -40,6 +40,17 @@ from model.online import OnlineFM
 Writer = Callable[[Path, OnlineFM, dict[str, Any]], None]
 """``write_pending``'s signature; tests pass one that fails to prove the failure paths."""
 
+def _resolve_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once in the parent: the child must not dlopen/dlsym (another
+    thread may have held the dynamic loader's lock at the fork)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc Linux: the getppid check covers it
+        return None
+
+
+_PRCTL = _resolve_prctl()
+
 EXIT_OK = 0
 EXIT_FAILED = 3  # the writer raised (disk full, unserialisable metadata, ...)
 
@@ -55,6 +66,7 @@ class ChildResult:
         status: the child's exit code, or ``-signal`` when a signal killed it.
         wall_s: fork to reaped exit.
         cpu_s: the child's own CPU (user + system), from ``wait4``.
+        timed_out: killed by :meth:`BackgroundCheckpoint.poll` after ``timeout_s``.
     """
 
     ok: bool
@@ -63,6 +75,7 @@ class ChildResult:
     status: int
     wall_s: float
     cpu_s: float
+    timed_out: bool = False
 
 
 class BackgroundCheckpoint:
@@ -75,14 +88,22 @@ class BackgroundCheckpoint:
         keep: the child first deletes all but the newest ``keep`` checkpoints (so the caller
             installs with ``install_pending(pending, keep=None)``: deleting old files, ~0.1 s
             each at 1M users, is then off the caller's thread); None: the child deletes none.
+        timeout_s: a child still running this long after its fork is killed by :meth:`poll`
+            (reported as failed, ``timed_out``): a writer stuck for good (e.g. on a lock some
+            other thread held at the fork) must not stop checkpoints for good.
     """
 
     def __init__(
-        self, directory: Path, writer: Writer | None = None, keep: int | None = None
+        self,
+        directory: Path,
+        writer: Writer | None = None,
+        keep: int | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
         self.directory = Path(directory)
         self.writer = writer
         self.keep = keep
+        self.timeout_s = timeout_s
         self._pid: int | None = None
         self._pending: Path | None = None
         self._token: Any = None
@@ -123,12 +144,15 @@ class BackgroundCheckpoint:
         self._started = time.monotonic()
 
     def poll(self) -> ChildResult | None:
-        """The result once the child has exited (reaping it), else None (also when idle)."""
+        """The result once the child has exited (reaping it), else None (also when idle); a
+        child running past ``timeout_s`` is killed and reported failed."""
         if self._pid is None:
             return None
         pid, status, usage = os.wait4(self._pid, os.WNOHANG)
         if pid == 0:
-            return None
+            if time.monotonic() - self._started <= self.timeout_s:
+                return None
+            return self.cancel(timed_out=True)
         return self._finish(status, usage)
 
     def wait(self, timeout_s: float) -> ChildResult | None:
@@ -144,16 +168,18 @@ class BackgroundCheckpoint:
             delay = min(delay * 2, 0.05)
         return None
 
-    def cancel(self) -> ChildResult | None:
+    def cancel(self, *, timed_out: bool = False) -> ChildResult | None:
         """Kill a running child, reap it and remove its temp file (idempotent)."""
         if self._pid is None:
             return None
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._pid, signal.SIGKILL)
         _, status, usage = os.wait4(self._pid, 0)
-        return self._finish(status, usage)
+        return self._finish(status, usage, timed_out)
 
-    def _finish(self, status: int, usage: resource.struct_rusage) -> ChildResult:
+    def _finish(
+        self, status: int, usage: resource.struct_rusage, timed_out: bool = False
+    ) -> ChildResult:
         code = os.waitstatus_to_exitcode(status)
         pending, token = self._pending, self._token
         assert pending is not None  # set with _pid
@@ -169,6 +195,7 @@ class BackgroundCheckpoint:
             status=code,
             wall_s=time.monotonic() - self._started,
             cpu_s=usage.ru_utime + usage.ru_stime,
+            timed_out=timed_out,
         )
 
 
@@ -180,9 +207,8 @@ def _child(
     code = EXIT_FAILED
     try:
         gc.disable()  # a collection would touch (copy) every tracked object of the snapshot
-        with contextlib.suppress(Exception):  # Linux only; the getppid check covers the rest
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if _PRCTL is not None:
+            _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the trainer died before prctl took effect
             os._exit(EXIT_FAILED)
         with contextlib.suppress(ValueError, OSError):  # the trainer's handlers are not ours

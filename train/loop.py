@@ -766,9 +766,10 @@ class Trainer:
     def _install(self, done: ChildResult) -> None:
         if not done.ok:
             log.warning(
-                "background checkpoint failed (writer exit status %d): nothing committed; "
+                "background checkpoint failed (writer exit status %d%s): nothing committed; "
                 "retrying in %.0f s",
                 done.status,
+                f", killed after {done.wall_s:.0f} s" if done.timed_out else "",
                 CHECKPOINT_RETRY_S,
             )
             self._defer_checkpoint()

@@ -181,3 +181,22 @@ def test_the_writer_prunes_what_the_last_install_left(tmp_path: Path) -> None:
         install_pending(done.pending, keep=None)
     names = [p.name for p in checkpoint_files(tmp_path)]
     assert names == [f"ckpt-{j:012d}.fmck" for j in (2, 3, 4)]  # 2 kept + the newest install
+
+
+def test_a_writer_stuck_past_the_timeout_is_killed_and_the_next_one_runs(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    os.environ["FMSTREAM_TEST_BLOCK_FD"] = str(r)
+    try:
+        bg = BackgroundCheckpoint(tmp_path, writer=_blocked, timeout_s=0.2)
+        bg.start(_model(), dict)
+        done = _wait_done(bg)  # poll() kills it once it has run 0.2 s
+        assert not done.ok and done.timed_out and done.status == -signal.SIGKILL
+        assert os.listdir(tmp_path) == []
+        bg.writer, bg.timeout_s = None, 600.0
+        bg.start(_model(), dict)
+        done = _wait_done(bg)
+        assert done.ok and not done.timed_out
+    finally:
+        os.environ.pop("FMSTREAM_TEST_BLOCK_FD")
+        os.close(r)
+        os.close(w)
