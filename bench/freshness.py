@@ -275,14 +275,20 @@ def split_near_swaps(
 # --- main ----------------------------------------------------------------------------------
 
 
-def wait_versions_settle(store, quiet_s: float = 3.0) -> None:
-    """Return once the store's item version has not moved for ``quiet_s`` seconds."""
-    idle_since, last = time.monotonic(), store.current_item_version()
+def wait_versions_settle(store, quiet_s: float = 3.0, timeout_s: float | None = None) -> bool:
+    """Return True once the store's item version has not moved for ``quiet_s`` seconds; False
+    when ``timeout_s`` passed first (a trainer still draining a backlog keeps publishing)."""
+    started = idle_since = time.monotonic()
+    last = store.current_item_version()
     while time.monotonic() - idle_since < quiet_s:
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            log.warning("item versions still moving after %.0f s; measuring anyway", timeout_s)
+            return False
         time.sleep(0.2)
         now_version = store.current_item_version()
         if now_version != last:
             idle_since, last = time.monotonic(), now_version
+    return True
 
 
 def tear_down(loop, procs: list, settings: Settings, run_dir: Path, *, keep_logs: bool) -> None:

@@ -295,7 +295,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         inactive, inactive_lost = list(loop.inactive_fresh), loop.inactive_lost
 
         stop_workers([procs["producer"]])
-        wait_versions_settle(store)
+        # a trainer still draining a backlog (an overloaded box) keeps publishing: bounded
+        settled = wait_versions_settle(store, timeout_s=120)
         loop.inactive = []
         at_quiet = worker_log.stat().st_size
         loop.run(args.quiet_seconds, args.inflight, None)
@@ -318,6 +319,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     lost = sum(1 for f in fresh if not np.isfinite(f))
     near, away = split_near_swaps(busy, swaps)
     lat_busy, lat_quiet = latency_ms(busy), latency_ms(quiet)
+    quiet_versions = len(swap_times(quiet))
     fresh_ok = np.array([f for f in fresh if np.isfinite(f)])
     inact = np.array(inactive)
     ratio = pct(lat_busy, 99) / pct(lat_quiet, 99)
@@ -342,7 +344,8 @@ def part_e2e(args: argparse.Namespace) -> None:
          f"{failed} failed; events {events:,.0f}/s achieved"],
         ["  of which near a version change", len(near), f"{pct(latency_ms(near), 50):.1f} ms",
          f"{pct(latency_ms(near), 99):.1f} ms", "", ""],
-        [f"requests, no versions, no events, {args.quiet_seconds:.0f} s", len(quiet),
+        [f"requests, no events, {quiet_versions} versions (0 unless the trainer lagged), "
+         f"{args.quiet_seconds:.0f} s", len(quiet),
          f"{pct(lat_quiet, 50):.1f} ms", f"{pct(lat_quiet, 99):.1f} ms",
          f"{lat_quiet.max() if len(lat_quiet) else float('nan'):.0f} ms",
          f"p99 with versions / without = {ratio:.2f}"],
@@ -359,7 +362,10 @@ def part_e2e(args: argparse.Namespace) -> None:
         f"item_tolerance={settings.item_tolerance}, item_max_age_s="
         f"{settings.item_max_age_s}, {args.rate:,} events/s, {args.inflight} requests in flight. "
         f"Setup (profiles of {args.users:,} users applied, first version served) {setup_s:.0f} s. "
-        f"Worker's own request path (serving/timing.py), with versions: {path_busy[0]}; "
+        + ("" if settled else "Versions had NOT settled 120 s after the producer stopped "
+           "(the trainer was still draining a backlog): the phase without events still had "
+           "versions and a busy trainer. ")
+        + f"Worker's own request path (serving/timing.py), with versions: {path_busy[0]}; "
         f"without: {path_quiet[0]}. "
         f"{load_note()} at the end; sharing the box: {others()}. Wall "
         f"{time.perf_counter() - started:.0f} s. Worker and trainer logs: {run_dir} (removed)."
