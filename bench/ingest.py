@@ -185,14 +185,6 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
         background = PublisherThread(publisher).start()
         trainer.sink = background
     out: dict[str, float] = {"checkpoints": 0}
-    original = trainer.checkpoint
-
-    def counting_checkpoint(**kw):
-        ok = original(**kw)
-        out["checkpoints"] += bool(ok)
-        return ok
-
-    trainer.checkpoint = counting_checkpoint  # type: ignore[method-assign]
     if trainer.consumer is None:  # a fetch process: its start-up (spawn, imports) is startup
         trainer.fetcher.start().wait_ready()
     pids = pids or {}
@@ -215,6 +207,11 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
             out[f"fetch_piece_{piece}"] = secs
         if trainer.consumer is None:  # the fetch process's CPU is not in ours: add it
             out["cpu_process"] += out["cpu_fetch"]
+        # forked checkpoint writers (FMSTREAM_CHECKPOINT_BACKGROUND): their CPU is not in
+        # process_time(); count it, and count checkpoints written, not background starts
+        out["cpu_ckpt_writer"] = trainer.checkpoint_child_cpu_s
+        out["cpu_process"] += out["cpu_ckpt_writer"]
+        out["checkpoints"] = trainer.checkpoints_written
         out["cpu_publisher"] = background.cpu_s if background is not None else 0.0
         if background is not None:
             t3 = time.perf_counter()
@@ -233,6 +230,7 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
             pass
     out["cpu_other"] = max(
         0.0, out["cpu_process"] - out["cpu_trainer"] - out["cpu_fetch"] - out["cpu_publisher"]
+        - out["cpu_ckpt_writer"]
     )
     out.update(startup=t1 - t0, loop=t2 - t1)
     out.update({f"phase_{k}": v for k, v in trainer.timings.items()})
@@ -425,8 +423,9 @@ def main() -> None:
         rows.append(row(f"  trainer thread: {label} (wall)", full[f"phase_{phase}"]))
     rows.append(row("  publisher thread busy (wall)", full["publisher_busy"]))
     rows.append(row("  publisher still busy after the loop", full["drain"]))
-    for who in ("trainer", "fetch", "publisher", "other"):
+    for who in ("trainer", "fetch", "publisher", "ckpt_writer", "other"):
         name = {"other": "other threads (kafka-python IO, GC)",
+                "ckpt_writer": "checkpoint writers (forked children)",
                 "fetch": f"{fetcher} (kafka-python + decode)"}.get(who, f"{who} thread")
         rows.append(row(f"  CPU: {name}", full[f"cpu_{who}"], cpu=True))
         if who == "fetch" and full["fetch_process"]:  # where the fetch process's CPU goes
@@ -470,6 +469,7 @@ def main() -> None:
         cpu_trainer_us=full["cpu_trainer"] * us,
         cpu_fetch_us=full["cpu_fetch"] * us,
         cpu_publisher_us=full["cpu_publisher"] * us,
+        cpu_ckpt_writer_us=full["cpu_ckpt_writer"] * us,
         cpu_other_us=full["cpu_other"] * us,
         **{f"cpu_trainer_{piece}_us": full[f"cpu_piece_{piece}"] * us for piece in CPU_PIECES},
         **{f"cpu_fetch_{piece}_us": full[f"fetch_piece_{piece}"] * us
@@ -495,7 +495,10 @@ def main() -> None:
         "(kafka-python IO, GC); the trainer thread's CPU by piece (Trainer.cpu): receive = "
         "taking a batch from the fetcher (unpickling), learn = the model update, live = live "
         "hit-rate sampling + ranking, bookkeeping = the rest of applying a poll, checkpoint, "
-        "handover = telling the publisher thread; the fetch process's CPU by piece "
+        "handover = telling the publisher thread (checkpoint = the trainer thread's part: the "
+        "fork of a background writer and installing its file, or a whole inline write); "
+        "checkpoint writers = CPU of the forked children that write the files (from wait4); "
+        "the fetch process's CPU by piece "
         "(FetchProcess.cpu_pieces, its main thread): poll = kafka-python (fetches, record "
         "parsing), align = train/align.py, decode = JSON + validation into columns, rest = "
         "its other threads (the queue's feeder pickling batches); broker and Redis = CPU of "
