@@ -230,6 +230,8 @@ def part_e2e(args: argparse.Namespace) -> None:
     try:
         log.info("services: %s", services.up(settings))
         store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
+        if args.redis_aof_rewrite == "off":  # the A/B of RESULTS.md 'Redis' AOF rewrites'
+            store.redis.config_set("auto-aof-rewrite-percentage", 0)
         procs["trainer"] = spawn(settings, ["-v", "train"], run_dir / "trainer.log")
         # unwrapped log lines: the request-path summaries are read back (worker_windows)
         procs["worker"] = spawn(settings, ["-v", "serve"], run_dir / "worker.log",
@@ -277,6 +279,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         events0, t0 = end_offsets(offsets, settings.topic_events), time.perf_counter()
         v0 = store.current_item_version() or 0
         mem0 = store.redis.info("stats").get("total_net_input_bytes", 0)
+        rewrites0 = store.redis.info("persistence").get("aof_rewrites", 0)
 
         worker_log = run_dir / "worker.log"
         at_busy = worker_log.stat().st_size
@@ -289,6 +292,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         cpu = {n: (cpu_seconds(p) - cpu0[n]) / wall for n, p in pids.items()}
         cpu["redis"] = (cpu_seconds(redis_pid) - cpu0["redis"]) / wall
         redis_in = (store.redis.info("stats").get("total_net_input_bytes", 0) - mem0) / wall
+        aof_rewrites = store.redis.info("persistence").get("aof_rewrites", 0) - rewrites0
         parts = loop.breakdown()
         versions = (store.current_item_version() or 0) - v0
         fresh, probe_errors = list(loop.fresh), loop.probe_errors
@@ -356,7 +360,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         "Targets (issue 10): active p50 <= 0.5 s, p99 <= 1.5 s, 0 probes lost, 0 failed over "
         ">= 30 versions, p99 with versions <= 2x without. CPU cores in the measured phase: "
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
-        + f"; Redis input {redis_in / 1e6:.1f} MB/s. Settings: publish_items_s="
+        + f"; Redis input {redis_in / 1e6:.1f} MB/s; Redis AOF rewrites in the measured phase "
+        f"{aof_rewrites} (automatic rewrite {args.redis_aof_rewrite}; each forks Redis and runs "
+        "a rewrite child on the same cores, not in Redis' CPU figure). Settings: publish_items_s="
         f"{settings.publish_items_s}, publish_active_s={settings.publish_active_s}, swap_poll_s="
         f"{settings.swap_poll_s}, item_delta_form={settings.item_delta_form}, "
         f"item_tolerance={settings.item_tolerance}, item_max_age_s="
@@ -368,14 +374,15 @@ def part_e2e(args: argparse.Namespace) -> None:
         + f"Worker's own request path (serving/timing.py), with versions: {path_busy[0]}; "
         f"without: {path_quiet[0]}. "
         f"{load_note()} at the end; sharing the box: {others()}. Wall "
-        f"{time.perf_counter() - started:.0f} s. Worker and trainer logs: {run_dir} (removed)."
+        f"{time.perf_counter() - started:.0f} s. Worker, trainer and Redis logs: {run_dir} "
+        + ("(kept)." if args.keep_logs else "(removed).")
     )
     print(notes)
     line = summary_line(
         active_p50_s=round(pct(fresh_ok, 50), 2), active_p99_s=round(pct(fresh_ok, 99), 2),
         active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
         inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
-        versions=len(swaps), p99_ratio=round(ratio, 2),
+        versions=len(swaps), p99_ratio=round(ratio, 2), aof_rewrites=aof_rewrites,
         worker_busy_p99_ms=path_busy[1]["busy_p99_ms"],
         worker_busy_p99_ms_quiet=path_quiet[1]["busy_p99_ms"],
         worker_blocked_p99_ms=path_busy[1]["blocked_p99_ms"],
