@@ -39,18 +39,34 @@ USER_ROWS = "user_rows"
 def encode_user_records(
     version: int, published_at: float, own: np.ndarray, keys: np.ndarray, weights: np.ndarray
 ) -> list[bytes]:
-    """One record per row of ``own`` (see the module docstring); padding keys (0) dropped."""
-    own = np.ascontiguousarray(own, dtype="<f4")
+    """One record per row of ``own`` (see the module docstring); padding keys (0) dropped.
+
+    Built without a Python object per field: the records of users reading the same number of
+    shared keys are one numpy structured array (the ``<qdHH`` header packed as its fields), cut
+    into values.
+    """
+    own = np.asarray(own, dtype="<f4")
+    keys, weights = np.asarray(keys), np.asarray(weights)
     n, width = own.shape
-    out = []
-    for j in range(n):
-        sel = keys[j] != 0
-        k = np.ascontiguousarray(keys[j][sel], dtype="<i8")
-        w = np.ascontiguousarray(weights[j][sel], dtype="<f4")
-        out.append(
-            USER_MAGIC + _REC.pack(int(version), published_at, width, k.size)
-            + own[j].tobytes() + k.tobytes() + w.tobytes()
-        )
+    kept = keys != 0
+    counts = kept.sum(axis=1)
+    out: list[bytes] = [b""] * n
+    for count in np.unique(counts).tolist():
+        rows = np.flatnonzero(counts == count)
+        rec = np.empty(rows.size, dtype=np.dtype([
+            ("magic", "S4"), ("version", "<i8"), ("at", "<f8"), ("width", "<u2"),
+            ("n_keys", "<u2"), ("own", "<f4", (width,)), ("keys", "<i8", (count,)),
+            ("weights", "<f4", (count,)),
+        ]))
+        rec["magic"], rec["version"], rec["at"] = USER_MAGIC, int(version), published_at
+        rec["width"], rec["n_keys"] = width, count
+        rec["own"] = own[rows]
+        sel = kept[rows]
+        rec["keys"] = keys[rows][sel].reshape(rows.size, count)
+        rec["weights"] = weights[rows][sel].reshape(rows.size, count)
+        blob, size = rec.tobytes(), rec.dtype.itemsize
+        for j, r in enumerate(rows.tolist()):
+            out[r] = blob[j * size : (j + 1) * size]
     return out
 
 
