@@ -87,6 +87,10 @@ class ItemDelta:
     rows: np.ndarray | None = None
     base_n: int = 0
     parts: bool = False
+    composed: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    """A reader's cache, not wire data: the positions (``touched``) and vectors (``vectors``)
+    the first index copy composed from this parts delta, written as they are by the second
+    copy of the same item parts (:mod:`serving.follow`)."""
 
     def __post_init__(self) -> None:
         what = f"delta v{self.version}"

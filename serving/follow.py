@@ -244,19 +244,18 @@ class ItemCopy:
             if missing:
                 log.warning("delta v%d: %d shared item keys not held (composed as 0)",
                             delta.version, missing)
-            delta.__dict__["_composed"] = (touched, vectors)
+            delta.composed.update(touched=touched, vectors=vectors)
             self._write(touched, vectors)
         return new_ids, int(new.size)
 
     def _apply_composed(self, delta: ItemDelta, parts_at: int) -> tuple[list[str], int]:
         """Write the rows another copy composed for ``delta`` (the shared parts are past it)."""
-        cached = delta.__dict__.get("_composed")
-        if cached is None or self.lazy:
+        if not delta.composed or self.lazy:
             raise SnapshotError(
                 f"delta v{delta.version}: the shared item parts are already at v{parts_at} and "
                 "the delta holds no composed rows; reload the full snapshot"
             )
-        touched, vectors = cached
+        touched, vectors = delta.composed["touched"], delta.composed["vectors"]
         _, _, new, new_ids = plan_positional(delta, self.n)
         width = vectors.shape[1] if vectors.shape[0] else self._raw_vectors().shape[1]
         self._grow(np.zeros((new.size, width), dtype=np.float32))
