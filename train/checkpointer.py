@@ -15,7 +15,8 @@ file under a checkpoint name; its temp file is removed.
 The child touches only the model's arrays and Python objects, its own temp file and the
 filesystem: no logging (inherited handlers and their locks), no sockets, no threads (only the
 forking thread exists in it), no BLAS; the garbage collector is off (it would touch, and so copy,
-every object). It dies with the trainer (``PR_SET_PDEATHSIG``, and a parent check), so a kill -9
+every object). It runs at a lower priority (:data:`CHILD_NICE`), so on a shared host it takes
+only idle cores. It dies with the trainer (``PR_SET_PDEATHSIG``, and a parent check), so a kill -9
 of the trainer never leaves a writer behind.
 """
 
@@ -53,6 +54,10 @@ _PRCTL = _resolve_prctl()
 
 EXIT_OK = 0
 EXIT_FAILED = 3  # the writer raised (disk full, unserialisable metadata, ...)
+CHILD_NICE = 10
+"""Niceness the writer adds to itself: it is background work (seconds of a core at 1M users)
+that must not take a core from the trainer thread, a serving worker or Redis on a shared host;
+it runs whenever a core is otherwise idle. Checkpoints come later when the host is saturated."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class BackgroundCheckpoint:
         timeout_s: a child still running this long after its fork is killed by :meth:`poll`
             (reported as failed, ``timed_out``): a writer stuck for good (e.g. on a lock some
             other thread held at the fork) must not stop checkpoints for good.
+        nice: niceness the child adds to itself (:data:`CHILD_NICE`; 0: none).
     """
 
     def __init__(
@@ -99,8 +105,10 @@ class BackgroundCheckpoint:
         writer: Writer | None = None,
         keep: int | None = None,
         timeout_s: float = 600.0,
+        nice: int = CHILD_NICE,
     ) -> None:
         self.directory = Path(directory)
+        self.nice = nice
         self.writer = writer
         self.keep = keep
         self.timeout_s = timeout_s
@@ -139,7 +147,7 @@ class BackgroundCheckpoint:
                 os.unlink(pending)
             raise
         if pid == 0:  # the child: never returns
-            _child(parent, pending, writer, model, metadata, self.keep)
+            _child(parent, pending, writer, model, metadata, self.keep, self.nice)
         self._pid, self._pending, self._token = pid, pending, token
         self._started = time.monotonic()
 
@@ -201,7 +209,7 @@ class BackgroundCheckpoint:
 
 def _child(
     parent: int, pending: Path, writer: Writer, model: OnlineFM,
-    metadata: Callable[[], dict[str, Any]], keep: int | None,
+    metadata: Callable[[], dict[str, Any]], keep: int | None, nice: int = 0,
 ) -> None:
     """The forked writer: exits with EXIT_OK once ``pending`` is complete and fsynced."""
     code = EXIT_FAILED
@@ -214,6 +222,9 @@ def _child(
         with contextlib.suppress(ValueError, OSError):  # the trainer's handlers are not ours
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the trainer decides
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if nice:
+            with contextlib.suppress(OSError):  # a lower priority only; never a failure
+                os.nice(nice)
         if keep is not None:
             prune_checkpoints(pending.parent, keep)  # what the last install left for us
         writer(pending, model, metadata())

@@ -20,7 +20,7 @@ from model import OnlineFM, TrainConfig
 from model.checkpoint import checkpoint_files, install_pending, load_checkpoint, write_pending
 from model.codec import dumps_json
 from model.errors import CheckpointError
-from train.checkpointer import EXIT_FAILED, BackgroundCheckpoint
+from train.checkpointer import CHILD_NICE, EXIT_FAILED, BackgroundCheckpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,3 +200,20 @@ def test_a_writer_stuck_past_the_timeout_is_killed_and_the_next_one_runs(tmp_pat
         os.environ.pop("FMSTREAM_TEST_BLOCK_FD")
         os.close(r)
         os.close(w)
+
+
+def _records_nice(pending: Path, model: OnlineFM, metadata: dict) -> None:
+    write_pending(pending, model, metadata)
+    (pending.parent / "child-nice").write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
+
+
+@pytest.mark.parametrize("nice", [CHILD_NICE, 0])
+def test_the_writer_runs_at_a_lower_priority(tmp_path: Path, nice: int) -> None:
+    """Background work: the child adds ``nice`` to its niceness (the trainer keeps its own)."""
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    bg = BackgroundCheckpoint(tmp_path, writer=_records_nice, nice=nice)
+    bg.start(_model(), dict)
+    done = _wait_done(bg)
+    assert done.ok
+    assert int((tmp_path / "child-nice").read_text()) == min(19, parent + nice)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == parent
