@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import redis
@@ -29,6 +30,25 @@ def configure_threads(settings: Settings) -> None:
     torch.set_num_threads(settings.threads)
     faiss.omp_set_num_threads(settings.threads)
     threadpool_limits(settings.threads)
+
+
+def lower_priority(nice: int) -> int:
+    """Add ``nice`` to this process's niceness (``FMSTREAM_TRAINER_NICE``); returns the niceness
+    now in force. Children started afterwards (the fetch process, checkpoint writers) inherit it.
+
+    Only lowers: a process may not raise its own priority without privileges. Niceness orders
+    processes that compete for a core inside one scheduling group (a session with
+    autogroup, a cgroup): containers with their own cgroup are weighed by the cgroup's
+    ``cpu.weight`` instead, where this has no effect.
+    """
+    if nice < 0:
+        raise ValueError(f"nice must be >= 0 (only lowering is allowed), got {nice}")
+    if nice == 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    now = os.nice(nice)
+    log.info("running at niceness %d (FMSTREAM_TRAINER_NICE=%d): serving workers, Redis "
+             "and the broker on this host get a core first", now, nice)
+    return now
 
 
 def feature_schema(settings: Settings) -> FeatureSchema:

@@ -170,9 +170,10 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     _preflight(settings, redis=True,  # before torch is imported: fail in a second
                topics=[settings.topic_events, settings.topic_users, settings.topic_items,
                        settings.topic_dlq], groups=[settings.trainer_group])
-    from fmstream.app import configure_threads, run_trainer
+    from fmstream.app import configure_threads, lower_priority, run_trainer
     from train.runtime import relax_gc
 
+    lower_priority(settings.trainer_nice)  # before its children start: they inherit it
     configure_threads(settings)
     relax_gc()  # fewer collector passes: ~1.7 us CPU per event (train/runtime.py)
     stop = _stop_on_signals()

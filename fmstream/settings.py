@@ -173,6 +173,13 @@ class Settings(BaseSettings):
         True, description="poll and decode Kafka in a child process (a core of its own) "
         "instead of a thread of the trainer"
     )
+    # worker (issue 10: request p99 with versions): who gets a core first on a shared host
+    trainer_nice: int = Field(
+        0, ge=0, le=19, description="niceness `fmstream train` adds to itself at start (its "
+        "fetch and checkpoint children inherit it): on a host shared with serving workers, "
+        "Redis and the broker, they get a core before the trainer; no effect on a host of "
+        "its own; 0 = none"
+    )
 
     # --- publisher ------------------------------------------------------------------------
     publish_active_s: float = Field(1.0, gt=0, description="cadence of active users' vectors")
