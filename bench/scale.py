@@ -97,8 +97,8 @@ def delta_publisher(writer, model, **config):  # noqa: ANN001
     """A VersionedPublisher that ships by change only (no periodic full snapshot)."""
     from train.deltas import DeltaConfig, VersionedPublisher
 
-    return VersionedPublisher(writer, model, DeltaConfig(full_every_s=1e9, full_after_rows=1e9,
-                                                         **config))
+    return VersionedPublisher(writer, model, DeltaConfig(
+        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, **config))
 
 
 def trained_model(n_users: int, n_items: int, schema: dict, *, events: int, seed: int = 0):
@@ -460,7 +460,8 @@ def part_users(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["publish", "users", "e2e", "versions", "follow"],
+    parser.add_argument("--part", choices=["publish", "users", "e2e", "versions", "follow",
+                                                   "bytes"],
                         required=True)
     parser.add_argument("--rounds", type=int, default=2, help="follow: quiet/versions rounds")
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -502,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         part_users(args)
     elif args.part == "versions":
         part_versions(args)
+    elif args.part == "bytes":
+        from bench.scale_bytes import part_bytes
+
+        part_bytes(args)
     elif args.part == "follow":
         from bench.scale_follow import part_follow
 

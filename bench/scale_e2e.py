@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from bench.aof_bytes import AofWindow, short_note
+from bench.aof_bytes import table as aof_table
 from bench.common import print_table, record, summary_line
 from bench.freshness import (
     Loop,
@@ -280,6 +282,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         v0 = store.current_item_version() or 0
         mem0 = store.redis.info("stats").get("total_net_input_bytes", 0)
         rewrites0 = store.redis.info("persistence").get("aof_rewrites", 0)
+        aof = AofWindow.start(store.redis, settings.redis_prefix)
 
         worker_log = run_dir / "worker.log"
         at_busy = worker_log.stat().st_size
@@ -293,6 +296,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         cpu["redis"] = (cpu_seconds(redis_pid) - cpu0["redis"]) / wall
         redis_in = (store.redis.info("stats").get("total_net_input_bytes", 0) - mem0) / wall
         aof_rewrites = store.redis.info("persistence").get("aof_rewrites", 0) - rewrites0
+        aof_sizes, aof_counts, _ = aof.stop()
         parts = loop.breakdown()
         versions = (store.current_item_version() or 0) - v0
         fresh, probe_errors = list(loop.fresh), loop.probe_errors
@@ -356,19 +360,25 @@ def part_e2e(args: argparse.Namespace) -> None:
     ]
     title = f"Freshness at {args.users:,} users x {args.items:,} items (bench/scale.py --part e2e)"
     print_table(title, cols, rows)
+    aof_total = sum(aof_sizes.values())
+    print_table("Redis AOF bytes appended in the measured phase, by kind of write",
+                ["kind", "MB/s", "bytes / event", "commands / s", "share"],
+                aof_table(aof_sizes, aof_counts, wall, events * wall))
     notes = (
         "Targets (issue 10): active p50 <= 0.5 s, p99 <= 1.5 s, 0 probes lost, 0 failed over "
         ">= 30 versions, p99 with versions <= 2x without. CPU cores in the measured phase: "
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
-        + f"; Redis input {redis_in / 1e6:.1f} MB/s; Redis AOF rewrites in the measured phase "
-        f"{aof_rewrites} (automatic rewrite {args.redis_aof_rewrite}; each forks Redis and runs "
-        "a rewrite child on the same cores, not in Redis' CPU figure). Settings: publish_items_s="
-        f"{settings.publish_items_s}, publish_active_s={settings.publish_active_s}, swap_poll_s="
-        f"{settings.swap_poll_s}, item_delta_form={settings.item_delta_form}, "
-        f"item_tolerance={settings.item_tolerance}, item_max_age_s="
-        f"{settings.item_max_age_s}, trainer_nice={settings.trainer_nice}, {args.rate:,} "
-        f"events/s, {args.inflight} requests in flight. "
-        f"Setup (profiles of {args.users:,} users applied, first version served) {setup_s:.0f} s. "
+        + f"; Redis input {redis_in / 1e6:.1f} MB/s; Redis AOF appended "
+        f"{aof_total / wall / 1e6:.2f} MB/s = {aof_total / max(events * wall, 1):.0f} bytes per "
+        f"event (by kind, MB/s: {short_note(aof_sizes, wall)}); Redis AOF rewrites in the "
+        f"measured phase {aof_rewrites} (automatic rewrite {args.redis_aof_rewrite}; each forks "
+        "Redis and runs a rewrite child on the same cores, not in Redis' CPU figure). Settings: "
+        f"publish_items_s={settings.publish_items_s}, publish_active_s="
+        f"{settings.publish_active_s}, swap_poll_s={settings.swap_poll_s}, "
+        f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
+        f"item_max_age_s={settings.item_max_age_s}, trainer_nice={settings.trainer_nice}, "
+        f"{args.rate:,} events/s, {args.inflight} requests in flight. Setup (profiles of "
+        f"{args.users:,} users applied, first version served) {setup_s:.0f} s. "
         + ("" if settled else "Versions had NOT settled 120 s after the producer stopped "
            "(the trainer was still draining a backlog): the phase without events still had "
            "versions and a busy trainer. ")
@@ -384,6 +394,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
         inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
         versions=len(swaps), p99_ratio=round(ratio, 2), aof_rewrites=aof_rewrites,
+        aof_mb_s=round(aof_total / wall / 1e6, 2),
+        aof_bytes_per_event=round(aof_total / max(events * wall, 1)),
         worker_busy_p99_ms=path_busy[1]["busy_p99_ms"],
         worker_busy_p99_ms_quiet=path_quiet[1]["busy_p99_ms"],
         worker_blocked_p99_ms=path_busy[1]["blocked_p99_ms"],

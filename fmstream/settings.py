@@ -197,7 +197,10 @@ class Settings(BaseSettings):
         600.0, gt=0, description="a full item snapshot at least this often (deltas between)"
     )
     full_after_rows: float = Field(
-        1.0, gt=0, description="...or once delta rows since the last reach this x the items"
+        10.0, gt=0, description="...or once delta rows since the last reach this x the items"
+    )
+    full_after_bytes: float = Field(
+        1.0, gt=0, description="...or once delta bytes since the last reach this x its bytes"
     )
     keep_deltas: int = Field(600, ge=1, description="most item deltas kept in Redis")
     offline_i2i_per_tick: int = Field(
@@ -400,6 +403,7 @@ class Settings(BaseSettings):
             publish_items_s=self.publish_items_s, offline_i2i_s=self.offline_i2i_s,
             offline_i2i_k=self.offline_i2i_k, history_len=self.history_len,
             full_snapshot_s=self.full_snapshot_s, full_after_rows=self.full_after_rows,
+            full_after_bytes=self.full_after_bytes,
             keep_deltas=self.keep_deltas, offline_i2i_per_tick=self.offline_i2i_per_tick,
             lost_check_s=self.lost_check_s, item_tolerance=self.item_tolerance,
             item_max_age_s=self.item_max_age_s, item_delta_form=self.item_delta_form,

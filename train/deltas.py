@@ -17,9 +17,10 @@ the items touched. In the *vectors* form:
 - the shared user rows that changed travel in the same delta (blob ``user_rows``), the context
   table when it changed (blob ``context``), and the bias;
 - a full snapshot of ``v`` is written too at the start, after Redis lost our keys, on demand
-  (:meth:`~VersionedPublisher.request_full`), every ``full_every_s`` and when the rows shipped
-  since the last one reach ``full_after_rows`` times the catalogue (so a new worker never replays
-  more than about one snapshot's worth of deltas). Deltas older than the oldest kept full
+  (:meth:`~VersionedPublisher.request_full`), every ``full_every_s`` and when the delta bytes
+  written since the last one reach ``full_after_bytes`` times that snapshot's bytes (or the rows
+  ``full_after_rows`` times the catalogue), so a new worker never replays more than about one
+  snapshot's worth of deltas. Deltas older than the oldest kept full
   snapshot are dropped (bounded retention).
 
 User records (:mod:`serving.users`) are written only for users whose own data changed; workers
@@ -73,7 +74,12 @@ class DeltaConfig:
     Attributes:
         full_every_s: a full snapshot at least this often (besides start, loss, on demand).
         full_after_rows: ...or once the delta rows since the last one reach this many times the
-            number of items.
+            number of items;
+        full_after_bytes: ...or once the delta bytes since the last one reach this many times
+            the last full snapshot's bytes. A full snapshot writes every item (own part, keys,
+            composed vector): counting delta bytes, not rows, keeps fulls from outweighing the
+            deltas they bound (with rows: at 100k items, 5,000 events/s, a full every ~4.5 s,
+            62% of the publisher's Redis bytes; bench/RESULTS.md 'Redis AOF bytes by kind').
         keep_deltas: most deltas kept in Redis (older than the oldest full are dropped anyway).
         i2i_k: offline neighbours per item.
         i2i_per_tick: most items whose offline neighbours one :meth:`refresh_i2i` recomputes.
@@ -92,7 +98,8 @@ class DeltaConfig:
     """
 
     full_every_s: float = 600.0
-    full_after_rows: float = 1.0
+    full_after_rows: float = 10.0
+    full_after_bytes: float = 1.0
     keep_deltas: int = 600
     i2i_k: int = 20
     i2i_per_tick: int = 256
@@ -103,6 +110,11 @@ class DeltaConfig:
     def __post_init__(self) -> None:
         if self.form not in ("parts", "vectors"):
             raise ValueError(f"item delta form must be 'parts' or 'vectors', got {self.form!r}")
+        if not (self.full_after_rows > 0 and self.full_after_bytes > 0):
+            raise ValueError(
+                f"full snapshot policy: full_after_rows and full_after_bytes must be > 0, got "
+                f"{self.full_after_rows} and {self.full_after_bytes}"
+            )
         if not (self.tolerance >= 0.0 and self.max_age_s >= 0.0):
             raise ValueError(
                 f"item ship policy: tolerance and max_age_s must be >= 0, got "
@@ -170,6 +182,8 @@ class VersionedPublisher:
         self._no_base = True  # nothing of ours in Redis yet: the first version is full only
         self._full_at = 0.0
         self._rows_since_full = 0
+        self._bytes_since_full = 0  # delta bytes written since the last full snapshot
+        self._full_bytes = 0  # bytes of the last full snapshot
         self._shared_keys = np.zeros(0, dtype=np.int64)
         self._keys_end = 0  # keys numbered below this were looked at (user_shared_keys_from)
         self._shared_rows = np.zeros(0, dtype=np.int64)
@@ -257,11 +271,7 @@ class VersionedPublisher:
             n_items = int(m.n_items)
             if n_items == 0:
                 return None
-            full = (
-                self._need_full
-                or now - self._full_at >= self.config.full_every_s
-                or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
-            )
+            full = self._full_due(now, n_items)
             if self._pending.size < n_items:
                 grown = np.full(max(n_items, 2 * self._pending.size), np.inf)
                 grown[: self._pending.size] = self._pending
@@ -317,10 +327,17 @@ class VersionedPublisher:
         )
 
     def _full_due(self, now: float, n_items: int) -> bool:
+        """A full snapshot with this version: at start / on demand, every ``full_every_s``,
+        or once the deltas since the last one reach ``full_after_rows`` x the catalogue in rows
+        or ``full_after_bytes`` x the last full snapshot in bytes (a new worker replays at most
+        about that much after loading it; a full costs every item's bytes, so not sooner)."""
+        c = self.config
         return (
             self._need_full
-            or now - self._full_at >= self.config.full_every_s
-            or self._rows_since_full >= self.config.full_after_rows * max(n_items, 1)
+            or now - self._full_at >= c.full_every_s
+            or self._rows_since_full >= c.full_after_rows * max(n_items, 1)
+            or (self._full_bytes > 0
+                and self._bytes_since_full >= c.full_after_bytes * self._full_bytes)
         )
 
     def _publish_parts(self, now: float, force: bool) -> PublishedVersion | None:
@@ -421,10 +438,12 @@ class VersionedPublisher:
             self.log.trim()
             self._need_full = self._no_base = False
             self._full_at = now
-            self._rows_since_full = 0
+            self._rows_since_full = self._bytes_since_full = 0
+            self._full_bytes = vectors.nbytes + sum(len(b) for b in snapshot_extra.values())
             self._i2i_dirty = np.ones(mirror.n, dtype=bool)
         else:
             self._rows_since_full += delta.n
+            self._bytes_since_full += delta_bytes
             self._mark_i2i(mark, mirror.n)
         self._context, self._bias = context, bias
         self.version = v

@@ -4,7 +4,8 @@ Runs beside the trainer (it reads the in-memory model between batches) and write
 work that grows with what changed (see :mod:`train.deltas` for the content):
 - item versions every ``publish_items_s`` when the model changed: a delta of the changed item
   rows plus the changed shared user rows, the context table and the bias; a full snapshot at the
-  start, after Redis lost our keys, and every ``full_snapshot_s`` (or ``full_after_rows``);
+  start, after Redis lost our keys, every ``full_snapshot_s`` and once the deltas since the
+  last one weigh ``full_after_bytes`` times it (or ``full_after_rows``);
 - the records (own part + shared keys) of users active since the last cycle, every
   ``publish_active_s``: workers compose every user's exact vector with the shared rows;
 - the offline i2i table refreshed incrementally: every ``offline_i2i_s`` the neighbours of at
@@ -85,6 +86,7 @@ class Publisher:
             DeltaConfig(
                 full_every_s=config.full_snapshot_s,
                 full_after_rows=config.full_after_rows,
+                full_after_bytes=config.full_after_bytes,
                 keep_deltas=config.keep_deltas,
                 i2i_k=config.offline_i2i_k,
                 i2i_per_tick=config.offline_i2i_per_tick,

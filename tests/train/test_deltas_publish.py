@@ -78,9 +78,8 @@ def test_deltas_equal_the_model_at_every_version_for_items_and_all_users(
     model = new_model()
     rng = np.random.default_rng(0)
     learn(model, rng, 200, 300)
-    pub = VersionedPublisher(
-        writer, model, DeltaConfig(full_every_s=1e9, full_after_rows=1e9, form=form)
-    )
+    pub = VersionedPublisher(writer, model, DeltaConfig(
+        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, form=form))
     first = pub.publish_items(now=1.0)
     assert first is not None and first.full and first.version == 1
     pub.publish_users(model.known_users())  # every user once
@@ -232,7 +231,7 @@ def test_held_rows_never_mix_versions_a_full_snapshot_equals_the_deltas_path(sto
     learn(model, rng, 200, 300)
     pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=0.05, max_age_s=3.0,
                                                         full_every_s=1e9, full_after_rows=1e9,
-                                                        form="vectors"))
+                                                        full_after_bytes=1e9, form="vectors"))
     pub.publish_items(now=0.0)
     follower = IndexFollower(reader)
     assert follower.refresh()
@@ -300,3 +299,50 @@ def test_records_written_ahead_get_their_version_even_when_nothing_else_changed(
     got = reader.get_user_vectors(["u1"], shared=follower.current().users)
     assert got.found.all() and follower.version >= int(got.versions.max())
     assert pub.publish_items(now=4.0) is None
+
+
+@pytest.mark.parametrize("form", ["parts", "vectors"])
+def test_a_full_snapshot_comes_once_the_deltas_since_the_last_weigh_as_much(
+    stores, redis_client: redis.Redis, settings: Settings, form: str
+) -> None:
+    """``full_after_bytes``: the deltas written since the last full snapshot reach that many
+    times its bytes -> the next version is full too (not before); each full is exact."""
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(11)
+    learn(model, rng, 200, 300)
+    pub = VersionedPublisher(writer, model, DeltaConfig(
+        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=0.5, form=form))
+    keys = settings.redis_keys()
+
+    def full_bytes(v: int) -> int:
+        import orjson
+
+        m = orjson.loads(redis_client.get(keys.items_manifest(v)))
+        return m["vector_bytes"] + sum(m["extra"].values())
+
+    first = pub.publish_items(now=1.0)
+    assert first is not None and first.full
+    pub.publish_users(model.known_users())
+    last_full, since, fulls = full_bytes(first.version), 0, 0
+    follower = IndexFollower(reader)
+    for step in range(40):
+        learn(model, rng, 200, 300, n=16)
+        got = pub.publish_items(now=2.0 + step)
+        assert got is not None
+        pub.publish_users(model.known_users())
+        assert got.full == (since >= 0.5 * last_full), (step, since, last_full)
+        if got.full:
+            fulls += 1
+            last_full, since = full_bytes(got.version), 0
+            assert follower.refresh() and follower.version == got.version
+            check_exact(follower, reader, model, pub)
+        else:
+            assert got.delta_bytes > 0
+            since += got.delta_bytes
+    assert fulls >= 2  # the rule fired, more than once
+
+
+def test_full_after_bytes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="full_after_bytes"):
+        DeltaConfig(full_after_bytes=0)
