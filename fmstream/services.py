@@ -776,9 +776,14 @@ def _redis_conf(settings: Settings, security: LocalSecurity | None = None) -> st
             f"dir {quoted(home)}",
             f"logfile {quoted(home / 'redis.log')}",
             "loglevel notice",
-            # The append-only file is the persistence; a restart replays it.
+            # The append-only file is the persistence; a restart replays it. Redis rewrites it
+            # (a fork plus a child writing the whole data set, seconds of a core) each time it
+            # doubled; at the publisher's write rate that was every 20-40 s (bench/RESULTS.md
+            # 'Redis AOF bytes by kind'), so the file may grow to this size first (README).
             "appendonly yes",
             "appendfsync everysec",
+            "auto-aof-rewrite-percentage 100",
+            f"auto-aof-rewrite-min-size {settings.redis_aof_rewrite_min_mb}mb",
             'save ""',
             "",
         ]

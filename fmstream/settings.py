@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     kafka_port: int = Field(9092, description="port of the local broker started by `up`")
     kafka_controller_port: int = Field(9093, description="KRaft controller port of `up`'s broker")
     redis_port: int = Field(6379, description="port of the local Redis started by `up`")
+    redis_aof_rewrite_min_mb: int = Field(
+        2048, ge=64, description="local Redis: no automatic AOF rewrite before the file reaches "
+        "this size (each rewrite forks Redis and rewrites the whole data set; README)"
+    )
     kafka_libs: Path = Field(
         Path("infra/kafka/target/libs"), description="folder of the Kafka jars (make kafka)"
     )
@@ -191,7 +195,10 @@ class Settings(BaseSettings):
         1.0, gt=0, description="cadence of incremental offline i2i refreshes"
     )
     offline_i2i_k: int = Field(20, ge=1)
-    keep_versions: int = Field(3, ge=1, description="item snapshots kept besides the current")
+    keep_versions: int = Field(
+        1, ge=1, description="full item snapshots kept besides the current (and the deltas "
+        "after the oldest kept)"
+    )
     # deltas (issue 10 part 3-5): items ship as changed rows; full snapshots only now and then
     full_snapshot_s: float = Field(
         600.0, gt=0, description="a full item snapshot at least this often (deltas between)"
@@ -200,7 +207,7 @@ class Settings(BaseSettings):
         10.0, gt=0, description="...or once delta rows since the last reach this x the items"
     )
     full_after_bytes: float = Field(
-        1.0, gt=0, description="...or once delta bytes since the last reach this x its bytes"
+        2.0, gt=0, description="...or once delta bytes since the last reach this x its bytes"
     )
     keep_deltas: int = Field(600, ge=1, description="most item deltas kept in Redis")
     offline_i2i_per_tick: int = Field(

@@ -67,7 +67,7 @@ class PublishConfig:
     # deltas: see train/deltas.py and the settings of the same names
     full_snapshot_s: float = 600.0
     full_after_rows: float = 10.0
-    full_after_bytes: float = 1.0
+    full_after_bytes: float = 2.0
     keep_deltas: int = 600
     offline_i2i_per_tick: int = 128
     lost_check_s: float = 0.5

@@ -19,9 +19,9 @@ the items touched. In the *vectors* form:
 - a full snapshot of ``v`` is written too at the start, after Redis lost our keys, on demand
   (:meth:`~VersionedPublisher.request_full`), every ``full_every_s`` and when the delta bytes
   written since the last one reach ``full_after_bytes`` times that snapshot's bytes (or the rows
-  ``full_after_rows`` times the catalogue), so a new worker never replays more than about one
-  snapshot's worth of deltas. Deltas older than the oldest kept full
-  snapshot are dropped (bounded retention).
+  ``full_after_rows`` times the catalogue), so a new worker never replays more than about
+  ``full_after_bytes`` snapshots' worth of deltas, and fulls never outweigh the deltas. Deltas
+  older than the oldest kept full snapshot are dropped (bounded retention).
 
 User records (:mod:`serving.users`) are written only for users whose own data changed; workers
 compose every user's vector with the shared rows of the version they serve.
@@ -99,7 +99,7 @@ class DeltaConfig:
 
     full_every_s: float = 600.0
     full_after_rows: float = 10.0
-    full_after_bytes: float = 1.0
+    full_after_bytes: float = 2.0
     keep_deltas: int = 600
     i2i_k: int = 20
     i2i_per_tick: int = 256

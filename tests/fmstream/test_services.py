@@ -145,6 +145,21 @@ def test_redis_restart_keeps_data(
     assert redis_client.get(key) == b"kept"  # the same client reconnects
 
 
+def test_local_redis_rewrites_its_aof_only_past_the_configured_size(
+    services: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The running Redis took the settings' rewrite threshold (bytes), and another value is
+    written into the config of a Redis started with it."""
+    got = redis_client.config_get("auto-aof-rewrite-min-size")["auto-aof-rewrite-min-size"]
+    assert int(got) == services.redis_aof_rewrite_min_mb << 20
+    assert redis_client.config_get("appendonly")["appendonly"] == "yes"
+    other = services.model_copy(update={"redis_aof_rewrite_min_mb": 100, "run_dir": tmp_path})
+    conf = svc._redis_conf(other).splitlines()
+    assert "auto-aof-rewrite-min-size 100mb" in conf and "appendonly yes" in conf
+    with pytest.raises(ValueError, match="redis_aof_rewrite_min_mb"):
+        Settings(redis_aof_rewrite_min_mb=1)
+
+
 def test_kafka_restart_keeps_messages(
     services: Settings, settings: Settings, kafka_io: KafkaIO
 ) -> None:
