@@ -297,6 +297,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         redis_in = (store.redis.info("stats").get("total_net_input_bytes", 0) - mem0) / wall
         aof_rewrites = store.redis.info("persistence").get("aof_rewrites", 0) - rewrites0
         aof_sizes, aof_counts, _ = aof.stop()
+        persistence = store.redis.info("persistence")
+        redis_mb = (store.redis.info("memory").get("used_memory", 0) / 1e6,
+                    persistence.get("aof_current_size", 0) / 1e6)
         parts = loop.breakdown()
         versions = (store.current_item_version() or 0) - v0
         fresh, probe_errors = list(loop.fresh), loop.probe_errors
@@ -370,9 +373,11 @@ def part_e2e(args: argparse.Namespace) -> None:
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
         + f"; Redis input {redis_in / 1e6:.1f} MB/s; Redis AOF appended "
         f"{aof_total / wall / 1e6:.2f} MB/s = {aof_total / max(events * wall, 1):.0f} bytes per "
-        f"event (by kind, MB/s: {short_note(aof_sizes, wall)}); Redis AOF rewrites in the "
-        f"measured phase {aof_rewrites} (automatic rewrite {args.redis_aof_rewrite}; each forks "
-        "Redis and runs a rewrite child on the same cores, not in Redis' CPU figure). Settings: "
+        f"event (by kind, MB/s: {short_note(aof_sizes, wall)}); Redis data set "
+        f"{redis_mb[0]:.0f} MB, AOF {redis_mb[1]:.0f} MB at the end of the phase; Redis AOF "
+        f"rewrites in the measured phase {aof_rewrites} (automatic rewrite "
+        f"{args.redis_aof_rewrite}; each forks Redis and runs a rewrite child on the same "
+        "cores, not in Redis' CPU figure). Settings: "
         f"publish_items_s={settings.publish_items_s}, publish_active_s="
         f"{settings.publish_active_s}, swap_poll_s={settings.swap_poll_s}, "
         f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
