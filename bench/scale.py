@@ -1,6 +1,6 @@
 """Scale benchmark of publishing by change (issue 10): item deltas, user records, freshness.
 
-Four parts (``--part``), each bounded in time:
+Six parts (``--part``), each bounded in time:
 
 - ``versions``: CPU, bytes and rows per version as the trainer makes them at ``--users`` x
   ``--items`` (planted segments/categories like the e2e stream), one version per
@@ -21,6 +21,9 @@ Four parts (``--part``), each bounded in time:
 - ``follow``: in one process, a request thread answering batches while the worker's follow
   thread applies real parts-form versions, phases with and without versions alternating: the
   version handling's own share of the request tail (bench/scale_follow.py).
+- ``bytes``: what the trainer's publisher writes into Redis per event, by kind (item deltas,
+  full snapshots, user records, histories, ...), measured from Redis' AOF on a simulated clock
+  (bench/scale_bytes.py; load-robust).
 - ``e2e``: the whole loop as deployed (trainer + worker + producer, subprocesses), like
   ``bench/freshness.py`` but at ``--users`` x ``--items`` (default 1M x 100k) and with two
   kinds of freshness probes: *active* (a new user's first event -> its first u2i answer from its
