@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,12 @@ class AofWindow:
         """
         self._done.set()
         self._thread.join()
+        # appendfsync everysec: Redis may hold writes back (up to 2 s) while a background
+        # fsync runs; read the files once its AOF buffer is empty
+        deadline = time.monotonic() + 10.0
+        while (self.client.info("persistence").get("aof_buffer_length", 0)
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
         self._open_new()
         sizes: Counter = Counter()
         counts: Counter = Counter()
