@@ -493,10 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-max-age-s", type=float, default=5.0,
                         help="e2e: FMSTREAM_ITEM_MAX_AGE_S")
     parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")
-    parser.add_argument("--redis-aof-rewrite", choices=["default", "off"], default="default",
+    parser.add_argument("--redis-aof-rewrite", choices=["default", "off", "mid"],
+                        default="default",
                         help="e2e: Redis' automatic AOF rewrite ('off': CONFIG SET "
                         "auto-aof-rewrite-percentage 0 on the bench's Redis; the AOF then grows "
-                        "without bound, an A/B only)")
+                        "without bound, an A/B only; 'mid': the default plus one rewrite "
+                        "(BGREWRITEAOF) halfway through the phase, the probes near it in rows "
+                        "of their own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class ScaleLoop(Loop):
         self.inactive_lost = 0
         self._pending: list[tuple[str, list[str]]] = []
         self.probe_walls: list[tuple[str, float]] = []  # active probes: user, click wall time
+        # (click perf_counter, freshness s) of active probes reflected; clicks of inactive ones
+        self.fresh_at: list[tuple[float, float]] = []
+        self.inactive_at: list[float] = []
 
     def prepare_inactive(self, n: int) -> None:
         """Profiles for ``n`` probes' users (each with its own new segment value), sent now so
@@ -154,9 +158,16 @@ class ScaleLoop(Loop):
     def _answer(self, key, value, done, probes) -> None:  # noqa: ANN001 - as in Loop
         if self.inactive:
             resp = orjson.loads(value)
+            n = len(self.inactive_fresh)
             if self.answer_inactive(key, resp, done):
+                if len(self.inactive_fresh) > n:
+                    self.inactive_at.append(done - self.inactive_fresh[-1])
                 return
+        probe = self.probe_of.get(key)
+        n = len(self.fresh)
         super()._answer(key, value, done, probes)
+        if probe is not None and len(self.fresh) > n:
+            self.fresh_at.append((probe.produced, self.fresh[-1]))
 
     def run(self, seconds: float, inflight_n: int, probe_every: float | None) -> None:
         """Loop.run plus an inactive probe fired between two active ones."""
@@ -183,6 +194,56 @@ class ScaleLoop(Loop):
             log.warning("%d active probes never reflected within 10 s", len(probes))
             self.fresh += [float("inf")] * len(probes)
         self.inactive_lost = sum(p.done is None for p in self.inactive)
+
+
+class RewriteWatch:
+    """When Redis' AOF rewrites ran during a phase (``perf_counter`` start, end), polled every
+    0.1 s from a thread of its own; with ``force_at`` it also starts one (BGREWRITEAOF) then."""
+
+    def __init__(self, client, force_at: float | None = None) -> None:  # noqa: ANN001
+        self.client = client
+        self.force_at = force_at
+        self.windows: list[tuple[float, float]] = []
+        self.forced = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started: float | None = None
+        while not self._stop.wait(0.1):
+            now = time.perf_counter()
+            try:
+                if self.force_at is not None and not self.forced and now >= self.force_at:
+                    self.client.bgrewriteaof()
+                    self.forced = True
+                busy = self.client.info("persistence").get("aof_rewrite_in_progress", 0)
+            except Exception as exc:  # noqa: BLE001 - a bench helper: say it, keep measuring
+                log.warning("AOF rewrite watch: %r", exc)
+                continue
+            if busy and started is None:
+                started = now
+            elif not busy and started is not None:
+                self.windows.append((started, now))
+                started = None
+        if started is not None:
+            self.windows.append((started, time.perf_counter()))
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.windows
+
+
+def near_rewrite(clicks: list[float], windows: list[tuple[float, float]], before: float = 2.0
+                 ) -> np.ndarray:
+    """Which clicks came from ``before`` s ahead of a rewrite to its end (its tail reaches
+    them)."""
+    at = np.asarray(clicks, dtype=np.float64)
+    hit = np.zeros(at.size, dtype=bool)
+    for start, end in windows:
+        hit |= (at >= start - before) & (at <= end)
+    return hit
 
 
 def worker_windows(log_path: Path, start: int, end: int | None = None) -> list[dict[str, float]]:
@@ -214,6 +275,32 @@ def worker_note(windows: list[dict[str, float]]) -> tuple[str, dict[str, float]]
             f"poll p99 {stats['queued_p99_ms']:.1f} ms; follower apply CPU per move (median "
             f"of windows) {stats['apply_cpu_ms']:.1f} ms")
     return text, stats
+
+
+def rewrite_rows(fresh_at: list[tuple[float, float]], inactive_at: list[float],
+                 inactive: np.ndarray, windows: list[tuple[float, float]]) -> list[list]:
+    """Freshness of the probes clicked from 2 s before an AOF rewrite to its end, and of the
+    others (rows only when a rewrite ran in the phase)."""
+    if not windows:
+        return []
+    rows = []
+    clicks = [c for c, _ in fresh_at]
+    active = np.array([f for _, f in fresh_at])
+    for name, values, hit in (
+        ("active", active, near_rewrite(clicks, windows)),
+        ("inactive", np.asarray(inactive, dtype=np.float64)[: len(inactive_at)],
+         near_rewrite(inactive_at, windows)),
+    ):
+        for label, sel in ((f"within a Redis AOF rewrite (2 s before it to its end; "
+                            f"{len(windows)} rewrite(s), "
+                            f"{sum(e - s for s, e in windows):.1f} s)", hit),
+                           ("outside the rewrites", ~hit)):
+            v = values[sel] if values.size == sel.size else np.zeros(0)
+            rows.append([f"  {name} probes {label}", int(v.size),
+                         f"{pct(v, 50):.2f} s" if v.size else "-",
+                         f"{pct(v, 99):.2f} s" if v.size else "-",
+                         f"{v.max():.2f} s" if v.size else "-", ""])
+    return rows
 
 
 def part_e2e(args: argparse.Namespace) -> None:
@@ -286,7 +373,14 @@ def part_e2e(args: argparse.Namespace) -> None:
 
         worker_log = run_dir / "worker.log"
         at_busy = worker_log.stat().st_size
+        # "mid": one rewrite forced halfway through the phase (what a user meets every few
+        # minutes at the local services' threshold; README 'Redis persistence and AOF rewrites')
+        watch = RewriteWatch(
+            redis_client(settings.redis_config()),
+            time.perf_counter() + args.seconds / 2 if args.redis_aof_rewrite == "mid" else None,
+        )
         loop.run(args.seconds, args.inflight, args.probe_every)
+        rewrite_windows = watch.stop()
         loop.drain()
         busy = loop.take()
         at_quiet_end = worker_log.stat().st_size
@@ -349,6 +443,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         ["freshness, inactive (shared row changed -> u2i naming a version that carries it)",
          len(inact) + inactive_lost, f"{pct(inact, 50):.2f} s", f"{pct(inact, 99):.2f} s",
          f"{inact.max() if len(inact) else float('nan'):.2f} s", f"{inactive_lost} lost"],
+        *rewrite_rows(loop.fresh_at, loop.inactive_at, inact, rewrite_windows),
         [f"requests, {len(swaps)} versions in {args.seconds:.0f} s ({versions} published)",
          len(busy), f"{pct(lat_busy, 50):.1f} ms", f"{pct(lat_busy, 99):.1f} ms",
          f"{lat_busy.max() if len(lat_busy) else float('nan'):.0f} ms",
@@ -399,6 +494,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
         inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
         versions=len(swaps), p99_ratio=round(ratio, 2), aof_rewrites=aof_rewrites,
+        rewrite_seconds=round(sum(e - b for b, e in rewrite_windows), 1),
         aof_mb_s=round(aof_total / wall / 1e6, 2),
         aof_bytes_per_event=round(aof_total / max(events * wall, 1)),
         worker_busy_p99_ms=path_busy[1]["busy_p99_ms"],

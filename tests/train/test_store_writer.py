@@ -60,7 +60,13 @@ def test_many_users_go_out_in_several_commands(
     monkeypatch.setattr(store_writer, "_RECORDS_PER_MSET", 3)
     own, keys, weights = parts(10, seed=1)
     ids = [f"c{j}" for j in range(10)]
+
+    def msets() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_mset", {}).get("calls", 0))
+
+    before = msets()
     writer.put_user_records(ids, 3, 5.0, own, keys, weights)
+    assert msets() - before == 4  # bounded commands (a worker's MGET waits for each one)
     got = redis_client.mget([settings.redis_keys().user(u) for u in ids])
     assert got == encode_user_records(3, 5.0, own, keys, weights)
     writer.put_user_records([], 4, 5.0, own[:0], keys[:0], weights[:0])  # nothing: no command
