@@ -63,3 +63,29 @@ def test_window_needs_an_aof(redis_client: redis.Redis, monkeypatch: pytest.Monk
     monkeypatch.setattr(AofWindow, "_incr_files", staticmethod(lambda directory: []))
     with pytest.raises(RuntimeError, match="appendonly off"):
         AofWindow.start(redis_client)
+
+
+def test_e2e_rows_split_probes_by_the_rewrite_windows() -> None:
+    import numpy as np
+
+    from bench.scale_e2e import near_rewrite, rewrite_rows
+
+    windows = [(10.0, 14.0)]
+    hit = near_rewrite([5.0, 8.5, 12.0, 14.0, 14.5], windows)
+    assert hit.tolist() == [False, True, True, True, False]  # from 2 s before to its end
+    rows = rewrite_rows([(9.0, 3.0), (20.0, 0.5)], [11.0], np.array([2.5]), windows)
+    assert [r[1] for r in rows] == [1, 1, 1, 0]  # active in / out, inactive in / out
+    assert rows[0][2] == "3.00 s" and rows[1][2] == "0.50 s" and rows[3][2] == "-"
+    assert rewrite_rows([(9.0, 3.0)], [], np.zeros(0), []) == []  # no rewrite: no rows
+
+
+@pytest.mark.integration
+def test_rewrite_watch_sees_a_forced_rewrite(redis_client: redis.Redis) -> None:
+    from bench.scale_e2e import RewriteWatch
+
+    watch = RewriteWatch(redis_client, force_at=time.perf_counter())
+    deadline = time.monotonic() + 60
+    while not watch.windows and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the watcher saw a rewrite begin and end
+    windows = watch.stop()
+    assert watch.forced and len(windows) >= 1 and windows[0][1] >= windows[0][0]
