@@ -32,6 +32,7 @@ from stream.schemas import (
     dumps,
     loads_object,
     parse_event,
+    parse_event_values,
     parse_events,
 )
 
@@ -221,12 +222,17 @@ def decode_event_columns(
     each one's index in ``records``), the others dead-lettered (stage ``decode`` or
     ``validate``, same reasons, in record order).
 
-    The JSON of every record is parsed in one C-level pass when all of them are present,
-    within ``max_bytes`` and valid; otherwise record by record.
+    A poll whose every record is present, within ``max_bytes`` and in the common shape is
+    decoded by :func:`~stream.schemas.parse_event_values` (typed, in C); otherwise the JSON of
+    every record is parsed in one C-level pass when all of them are valid, else record by record,
+    and judged by :func:`~stream.schemas.parse_events`.
     """
     values = [r.value for r in records]
     objs: list[Any] | None = None
     if values and None not in values and max(map(len, values)) <= max_bytes:
+        columns = parse_event_values(values)
+        if columns is not None:
+            return columns
         try:
             objs = list(map(orjson.loads, values))
         except orjson.JSONDecodeError:

@@ -3,9 +3,11 @@
 Messages are validated once, here, at the edge; inside the system they become arrays. Each
 message has one decoder: events :func:`parse_event` (hand-written: the trainer decodes every
 event, pydantic cost about three times as much per event), profiles, requests and responses
-their pydantic models. The trainer decodes a whole poll of events at once with
-:func:`parse_events` into :class:`EventColumns` (no object per event): it checks the common shape
-column by column and hands anything else to :func:`parse_event`, so the rules are one.
+their pydantic models. The trainer decodes a whole poll of events at once into
+:class:`EventColumns` (no object per event): :func:`parse_event_values` reads the raw bytes of a
+poll whose every message has the common shape in one typed C pass (msgspec), and anything else
+takes :func:`parse_events` (orjson, then :func:`parse_event` per message), so the rules and the
+reasons are one.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
+from operator import attrgetter
 from typing import Annotated, Any, Literal, NamedTuple
 
+import msgspec
 import numpy as np
 import orjson
 from pydantic import (
@@ -447,6 +451,59 @@ def _common_shape(objs: Sequence[Any]) -> EventColumns | None:
         return None
     return EventColumns(uids, iids, np.array(labels, dtype=np.float32), ts, contexts,
                         np.arange(n, dtype=np.int64))
+
+
+class _CommonEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """The common shape of an ``fm.events`` message, typed for msgspec's C decoder: string ids,
+    a 0/1 integer label, a float (or integer) ``ts`` in range or none, a context of at most
+    MAX_FEATURES strings, no inline profiles, no other field. Whatever msgspec refuses here
+    (a field it does not know included, so nothing unread can hide a JSON error) is decoded again
+    by the general path, which holds the rules and writes the reasons."""
+
+    user_id: str
+    item_id: str
+    label: Literal[0, 1] = 1
+    ts: Annotated[float, msgspec.Meta(ge=0.0, lt=1e11)] | None = None
+    context: (Annotated[dict[str, str], msgspec.Meta(max_length=MAX_FEATURES)]
+              | msgspec.UnsetType) = msgspec.UNSET
+    user: None = None
+    item: None = None
+
+
+_COMMON_DECODER = msgspec.json.Decoder(_CommonEvent)
+_USER_ID, _ITEM_ID, _LABEL, _TS, _CONTEXT = map(
+    attrgetter, ("user_id", "item_id", "label", "ts", "context"))
+
+
+def parse_event_values(values: Sequence[bytes]) -> EventColumns | None:
+    """Columns of raw ``fm.events`` values when every one has the common shape, else None.
+
+    Row ``j`` is exactly what ``parse_event(orjson.loads(values[j]))`` returns (ids stripped and
+    checked the same way); one message outside the common shape, or not valid JSON, makes it
+    return None: the caller then decodes the poll with :func:`parse_events`, which judges each
+    message and gives the reason. One C-level decode per message (no dict per message), ~3x
+    less CPU than orjson plus the column checks of :func:`parse_events`.
+    """
+    n = len(values)
+    if n == 0:
+        return None
+    try:
+        decoded = list(map(_COMMON_DECODER.decode, values))
+    except (msgspec.MsgspecError, ValueError):  # ValueError: e.g. bytes that are not UTF-8
+        return None
+    uids = list(map(str.strip, map(_USER_ID, decoded), repeat(_WHITESPACE, n)))
+    iids = list(map(str.strip, map(_ITEM_ID, decoded), repeat(_WHITESPACE, n)))
+    lens = list(map(len, uids))
+    lens.extend(map(len, iids))
+    if min(lens) < 1 or max(lens) > MAX_ID_LEN:
+        return None
+    labels, ts = list(map(_LABEL, decoded)), list(map(_TS, decoded))
+    contexts = list(map(_CONTEXT, decoded))
+    if msgspec.UNSET in contexts:
+        contexts = [_EMPTY if c is msgspec.UNSET else c for c in contexts]
+    return EventColumns(uids, iids, np.array(labels, dtype=np.float32),
+                        np.array(ts, dtype=np.float64),  # None (no ts) reads NaN
+                        contexts, np.arange(n, dtype=np.int64))
 
 
 def decode_event(raw: bytes | None) -> Event:

@@ -250,3 +250,89 @@ def test_batch_decoder_keeps_the_common_shape_as_columns() -> None:
     assert columns.ts[:4].tolist() == [1e9, 1e9 + 1, 1e9 + 2, 1e9 + 3]
     assert math.isnan(columns.ts[4]) and list(columns)[4].ts is None
     assert columns.contexts[4] == {} and columns.users is None and columns.items is None
+
+
+# --- the typed fast path (msgspec) accepts exactly what the rules accept ----------------------
+
+def _one_by_one(value: bytes) -> Event | None:
+    """What the general path makes of one value: its event, or None (a dead letter)."""
+    try:
+        return parse_event(loads_object(value))
+    except (DecodeError, MessageInvalid):
+        return None
+
+
+_B = b'{"user_id": "u1", "item_id": "i1"'
+_EDGE_VALUES = [
+    _B + b"}", _B + b', "label": 0, "ts": 5, "context": {}}', _B + b', "ts": -0.0}',
+    _B + b', "ts": 1e-400}', _B + b', "ts": 99999999999.99999}', _B + b', "ts": 1e11}',
+    _B + b', "ts": 1e400}', _B + b', "ts": 123456789012345678901234567890}', _B + b', "ts": "5"}',
+    _B + b', "ts": NaN}', _B + b', "ts": -1}', _B + b', "ts": 01}', _B + b', "ts": 1.}',
+    _B + b', "ts": .5}', _B + b', "ts": +1}', _B + b', "label": 1.0}', _B + b', "label": -0}',
+    _B + b', "label": true}', _B + b', "label": 1e0}', _B + b', "label": 1, "label": 0}',
+    _B + b', "x": 1e999}', _B + b', "x": ' + b"[" * 1100 + b"]" * 1100 + b"}",
+    _B + b', "x": 1}', _B + b', "user": null, "item": null}', _B + b', "user": {}}',
+    _B + b', "context": null}', _B + b', "context": {"a": "b", "a": 1}}',
+    _B + b', "context": {"a": 1, "a": "b"}}', _B + b', "context": {"h": "\\u0000"}}',
+    _B + b', "context": {"h": "\x01"}}', _B + b', "context": {"h": "\\ud800"}}',
+    _B + b', "context": {"h": "\\ud83d\\ude00"}}', _B + b', "context": {"h": "\xff"}}',
+    b'{"user_id": "\\u3000u\\t", "item_id": " i "}', b'{"user_id": "", "item_id": "i"}',
+    b'{"user_id": 7, "item_id": "i"}', b'{"user_id": "' + b"x" * 257 + b'", "item_id": "i"}',
+    b"\xef\xbb\xbf" + _B + b"}", b" " + _B + b"} \n", _B + b"} x", _B + b"}}", b"[1]", b"1",
+    b'{"user_id": "u1", "item_id": "i1", "context": {' + b",".join(
+        b'"k%d": "v"' % j for j in range(65)) + b"}}",
+]
+
+
+@pytest.mark.parametrize("value", _EDGE_VALUES)
+def test_fast_path_accepts_exactly_what_the_rules_accept(value: bytes) -> None:
+    from stream.schemas import parse_event_values
+
+    columns = parse_event_values([value])
+    expected = _one_by_one(value)
+    if columns is None:  # the general path decides (and gives the reason)
+        return
+    assert expected is not None, f"fast path took {value!r}, the rules refuse it"
+    assert list(columns) == [expected]
+
+
+_texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=8)
+
+
+@given(st.lists(st.one_of(
+    _good_event.map(dumps), _event_dicts.map(dumps),
+    st.builds(lambda u, i, t, c: dumps({"user_id": u, "item_id": i, "ts": t, "context": c}),
+              _texts, _texts, st.one_of(st.none(), st.floats(0, 1.2e11), st.integers(0, 10**12)),
+              st.dictionaries(_texts, _texts, max_size=3)),
+    st.binary(max_size=30).map(lambda b: _B + b"," + b + b"}"),
+), min_size=1, max_size=12))
+def test_fast_path_rows_equal_the_rules(values: list[bytes]) -> None:
+    from stream.schemas import parse_event_values
+
+    columns = parse_event_values(values)
+    if columns is not None:  # else the general path decides each message (and says why)
+        assert list(columns) == [_one_by_one(v) for v in values]
+        assert columns.rows.tolist() == list(range(len(values)))
+
+
+@given(st.lists(_good_event.map(dumps), min_size=1, max_size=12))
+def test_fast_path_takes_every_poll_of_the_common_shape(values: list[bytes]) -> None:
+    from stream.schemas import parse_event_values
+
+    columns = parse_event_values(values)
+    assert columns is not None
+    assert list(columns) == [_one_by_one(v) for v in values]
+
+
+def test_fast_path_takes_the_common_shape() -> None:
+    from stream.schemas import parse_event_values
+
+    values = [dumps({"user_id": f" u{j} ", "item_id": "i1", "label": j % 2, "ts": 1e9 + j,
+                     "context": {"hour": "3"}}) for j in range(3)]
+    values.append(b'{"user_id": "u9", "item_id": "i2"}')
+    columns = parse_event_values(values)
+    assert columns is not None
+    assert columns.user_ids == ["u0", "u1", "u2", "u9"] and columns.labels.tolist() == [0, 1, 0, 1]
+    assert math.isnan(columns.ts[3]) and columns.contexts[3] == {}
+    assert parse_event_values(values + [b'{"user_id": "u9", "item_id": "i2", "x": 1}']) is None
+    assert parse_event_values([]) is None
