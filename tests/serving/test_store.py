@@ -183,3 +183,27 @@ def test_rejects_a_decoding_client(settings: Settings) -> None:
     with pytest.raises(ServingError, match="decode_responses=False"):
         VectorStore(client, settings.redis_keys())
     client.close()
+
+
+def test_history_pushes_in_one_call_equal_one_push_per_event(
+    store: VectorStore, writer: StoreWriter
+) -> None:
+    """The history script groups a call's pairs per user: the lists are those that one push
+    per event, in order, would leave (interleaved users, a user over max_len in one call, ids
+    with spaces, quotes and non-ASCII text)."""
+    rng = np.random.default_rng(3)
+    users = ["u 1", 'u"2', "ü3", "u4"]
+    pairs = [(users[u], f"i{i}") for u, i in zip(rng.integers(0, 4, 60), rng.integers(0, 9, 60),
+                                                 strict=True)]
+    writer.push_history([u for u, _ in pairs[:50]], [i for _, i in pairs[:50]], max_len=7)
+    writer.push_history([u for u, _ in pairs[50:]], [i for _, i in pairs[50:]], max_len=7)
+    expected = {u: [] for u in users}
+    for u, i in pairs:
+        expected[u] = ([i, *expected[u]])[:7]
+    for u in users:
+        assert [x.decode() for x in store.redis.lrange(store.keys.history(u), 0, -1)] == expected[u]
+    with pytest.raises(ServingError, match="expected pairs"):
+        writer.push_history(["u"], [], max_len=3)
+    with pytest.raises(ServingError, match="max_len must be >= 1"):
+        writer.push_history(["u"], ["i"], max_len=0)
+    writer.push_history([], [], max_len=3)  # nothing to write: no call
