@@ -147,3 +147,24 @@ def _alive(pid: int) -> bool:
         return False
     except OSError:
         return os.path.exists(f"/proc/{pid}")
+
+
+def test_record_block_rebuilds_each_record_after_pickling() -> None:
+    """Keys and values travel as two blobs; each record comes back as it was (None kept)."""
+    import pickle
+
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    kv = [(b"k0", b'{"a": 1}'), (None, b"v1"), (b"", None), (b"k3", b""), (None, None),
+          (b"k\x005", b"\xff\x00")]
+    records = [ConsumerRecord("t", j % 3, -1, 100 + j, 1_000 + j, 0, k, v, [], None,
+                              -1, -1, -1) for j, (k, v) in enumerate(kv)]
+    block = pickle.loads(pickle.dumps(RecordBlock(records)))
+    assert len(block) == len(kv)
+    for j, (k, v) in enumerate(kv):
+        r = block[j]
+        assert (r.topic, r.partition, r.offset, r.timestamp, r.key, r.value) == (
+            "t", j % 3, 100 + j, 1_000 + j, k, v)
+        assert r.serialized_value_size == (-1 if v is None else len(v))
+    assert block.partition_counts(block.offsets >= 0) == {0: 2, 1: 2, 2: 2}
+    assert len(RecordBlock([])) == 0
