@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
+
+_TIMESTAMP = attrgetter("timestamp")
 
 Partition = Any
 """A topic partition (``kafka.structs.TopicPartition``; any hashable in tests)."""
@@ -95,7 +98,7 @@ class EventAligner:
             if tp.topic != self.topic:
                 others.extend(records)
                 continue
-            ts = np.fromiter((r.timestamp for r in records), np.int64, len(records))
+            ts = np.fromiter(map(_TIMESTAMP, records), np.int64, len(records))
             old = self._keys.get(tp)
             floor = old[-1] if old is not None and old.size else np.iinfo(np.int64).min
             keys = np.maximum.accumulate(np.maximum(ts, floor))
@@ -143,8 +146,11 @@ class EventAligner:
         # within a partition, the stable sort keeps offset order, so each partition gives a
         # prefix: record j of the merged order is the next record of its partition
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        out = [self._records[parts[s]][j - starts[s]] for s, j in zip(source[order], order,
-                                                                       strict=True)]
+        sources = source[order]
+        buffers = [self._records[tp] for tp in parts]
+        # Python ints, not numpy scalars, in the per-record lookup (~5x less CPU per record)
+        out = list(map(list.__getitem__, map(buffers.__getitem__, sources.tolist()),
+                       (order - starts[sources]).tolist()))
         for tp, n in zip(parts, taken.tolist(), strict=True):
             if n:
                 del self._records[tp][:n]
