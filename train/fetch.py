@@ -24,6 +24,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from operator import attrgetter
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from kafka.consumer.fetcher import ConsumerRecord
@@ -35,6 +36,8 @@ from stream.schemas import EventColumns, ItemProfile, UserProfile
 from train.align import EventAligner, aligned_records
 
 log = logging.getLogger(__name__)
+
+_TOPIC, _PARTITION, _OFFSET = map(attrgetter, ("topic", "partition", "offset"))
 
 
 def put_while_busy(
@@ -108,12 +111,19 @@ def decode_poll(
 ) -> DecodedBatch:
     """Decode one poll's records; unusable messages are dead-lettered (stage ``decode`` or
     ``validate``) through ``dead_letters``."""
+    names = list(map(_TOPIC, records))
     by_topic: dict[str, list[ConsumerRecord]] = defaultdict(list)
-    for r in records:
-        by_topic[r.topic].append(r)
+    if len(set(names)) == 1:  # the usual poll: one topic (C-level passes, no loop per record)
+        by_topic[names[0]] = records
+    else:
+        for r in records:
+            by_topic[r.topic].append(r)
     events = by_topic[topics.events]
+    # the last record of each partition (records are in offset order within one)
+    last = dict(zip(zip(names, map(_PARTITION, records), strict=True), map(_OFFSET, records),
+                    strict=True))
     return DecodedBatch(
-        {(r.topic, r.partition): r.offset + 1 for r in records},  # in offset order
+        {tp: offset + 1 for tp, offset in last.items()},
         {topic: len(rs) for topic, rs in by_topic.items() if rs},
         decode_records(by_topic[topics.users], UserProfile, dead_letters, max_bytes=max_bytes),
         decode_records(by_topic[topics.items], ItemProfile, dead_letters, max_bytes=max_bytes),
