@@ -189,14 +189,14 @@ def test_history_pushes_in_one_call_equal_one_push_per_event(
     store: VectorStore, writer: StoreWriter
 ) -> None:
     """The history script groups a call's pairs per user: the lists are those that one push
-    per event, in order, would leave (interleaved users, a user over max_len in one call, ids
-    with spaces, quotes and non-ASCII text)."""
+    per event, in order, would leave (interleaved users, a user over max_len in one call, a
+    push cut into several script calls, ids with spaces, quotes and non-ASCII text)."""
     rng = np.random.default_rng(3)
     users = ["u 1", 'u"2', "ü3", "u4"]
-    pairs = [(users[u], f"i{i}") for u, i in zip(rng.integers(0, 4, 60), rng.integers(0, 9, 60),
-                                                 strict=True)]
-    writer.push_history([u for u, _ in pairs[:50]], [i for _, i in pairs[:50]], max_len=7)
-    writer.push_history([u for u, _ in pairs[50:]], [i for _, i in pairs[50:]], max_len=7)
+    pairs = [(users[u], f"i{i}") for u, i in zip(rng.integers(0, 4, 300),
+                                                 rng.integers(0, 99, 300), strict=True)]
+    writer.push_history([u for u, _ in pairs[:250]], [i for _, i in pairs[:250]], max_len=7)
+    writer.push_history([u for u, _ in pairs[250:]], [i for _, i in pairs[250:]], max_len=7)
     expected = {u: [] for u in users}
     for u, i in pairs:
         expected[u] = ([i, *expected[u]])[:7]
