@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from operator import itemgetter, methodcaller
 from typing import Any
@@ -366,6 +366,55 @@ class FeatureSpace:
             weights = np.concatenate(parts_w, axis=1)
         return _left_pack(keys, weights)
 
+    def known_keys(self, side: str, columns: Sequence[Sequence[Any]], n: int) -> np.ndarray | None:
+        """Keys ``(n, fields)`` of :meth:`tokenize`'s columns as far as they exist now, ``-1``
+        where a vocabulary value has no key yet; changes nothing.
+
+        :meth:`resolve_keys` finishes them (slice by slice) exactly as :meth:`encode_tokens`
+        with ``create`` would: the lookups of a batch run once, the key creation per step.
+        None when a field of ``side`` is multi-valued (use :meth:`encode_tokens`).
+        """
+        fidx = self._fields_of(side)
+        if any(self.specs[i].kind in ("multi", "history") for i in fidx):
+            return None
+        keys = np.empty((n, len(fidx)), dtype=np.int64)
+        for c, (i, toks) in enumerate(zip(fidx, columns, strict=True)):
+            if self.specs[i].has_fixed_rows:
+                base = int(self.base_key[i])
+                keys[:, c] = [PAD if t is None else base + t for t in toks]
+                continue
+            vocab = self.vocab[i]
+            assert vocab is not None
+            col = np.fromiter(map(vocab.get, toks, repeat(-1, n)), dtype=np.int64, count=n)
+            for j in np.flatnonzero(col < 0).tolist():
+                if toks[j] is None:
+                    col[j] = PAD
+            keys[:, c] = col
+        return keys
+
+    def resolve_keys(
+        self, side: str, keys: np.ndarray, columns: Sequence[Sequence[Any]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and weights ``(n, L)`` of :meth:`known_keys`' output (or a slice of it, with the
+        same slice of the token columns): values still without a key get one now, in the order
+        :meth:`encode_tokens` creates them. Same result as ``encode_tokens(..., create=True)``.
+        """
+        lo = int(keys.min()) if keys.size else 1
+        if lo > 0:  # every value has a key, none missing: nothing to create or to pack
+            return keys, np.ones(keys.shape, dtype=np.float32)
+        if lo < 0:
+            keys = keys.copy()
+            for c, i in enumerate(self._fields_of(side)):
+                vocab = self.vocab[i]
+                for j in np.flatnonzero(keys[:, c] < 0).tolist():
+                    t = columns[c][j]
+                    k = vocab.get(t)  # type: ignore[union-attr]
+                    if k is None:  # created by no earlier step either
+                        k = int(self._new_keys(i, 1)[0])
+                        vocab[t] = k  # type: ignore[index]
+                    keys[j, c] = k
+        return _left_pack(keys, (keys != PAD).astype(np.float32))
+
     def _fields_of(self, side: str) -> list[int]:
         """Indices of the fields of ``side`` read from feature dicts (cached)."""
         got = self._side_fidx.get(side)
@@ -386,29 +435,49 @@ class FeatureSpace:
         own = (keys >= self.first_dynamic_key) & (self.key_row[keys] >= self.first_dynamic_row)
         return (fixed & (keys != PAD)) | own
 
-    def observe(self, keys: np.ndarray, now: float, mult: np.ndarray | None = None) -> int:
+    def observe(
+        self,
+        keys: np.ndarray,
+        now: float,
+        mult: np.ndarray | Callable[[], np.ndarray] | None = None,
+    ) -> int:
         """Count sightings of ``keys`` (flat, padding allowed) at event time ``now``.
 
-        ``mult`` gives how many sightings each entry stands for (default 1). Values reaching
-        their field's ``min_count`` get a fresh row. Returns the number of rows admitted.
+        ``mult`` gives how many sightings each entry stands for (default 1), or a function
+        that returns them (called only when a key is still waiting for admission: usually
+        none is). Values reaching their field's ``min_count`` get a fresh row. Returns the
+        number of rows admitted.
         """
         if now > self.watermark:
             self.watermark = now
-        sel = keys >= self.first_dynamic_key
-        keys = keys[sel]
         if keys.size == 0:
             return 0
+        dynamic = keys >= self.first_dynamic_key
         if self.key_last is not None:
-            self.key_last[keys] = now
-        pending = self.key_row[keys] < self.first_dynamic_row
-        if not pending.any():
+            self.key_last[keys[dynamic]] = now
+        # pending: a dynamic key still on its field's fallback row (fixed keys and padding
+        # read rows below first_dynamic_row too, hence the mask)
+        pending = np.take(self.key_row, keys) < self.first_dynamic_row
+        pending &= dynamic
+        at = np.flatnonzero(pending)
+        if at.size == 0:
             return 0
-        pend = keys[pending]
-        uniq, inverse = np.unique(pend, return_inverse=True)
+        pend = np.take(keys, at)
+        # np.unique(pend, return_inverse=True) by one stable sort (ascending uniq, as it)
+        order = np.argsort(pend, kind="stable")
+        srt = np.take(pend, order)
+        first = np.empty(srt.size, dtype=bool)
+        first[0] = True
+        np.not_equal(srt[1:], srt[:-1], out=first[1:])
+        uniq = srt[first]
+        run = np.cumsum(first) - 1
         if mult is None:
-            counts = np.bincount(inverse, minlength=uniq.size)
+            counts = np.bincount(run, minlength=uniq.size)
         else:
-            counts = np.bincount(inverse, weights=mult[sel][pending], minlength=uniq.size)
+            if callable(mult):
+                mult = mult()
+            counts = np.bincount(run, weights=np.take(np.take(mult, at), order),
+                                 minlength=uniq.size)
         total = np.minimum(
             self.key_count[uniq].astype(np.int64) + counts.astype(np.int64), 2**31 - 1
         )
@@ -518,6 +587,7 @@ class Catalog:
         # recent positive items (item entity indices) per user, for serving's history (off: 0)
         self.recent = np.zeros((cap, 0), dtype=np.int32)
         self.recent_n = np.zeros(0, dtype=np.int64)  # sized only when kept
+        self._ring_tables: dict[int, np.ndarray] = {}
 
     def keep_recent(self, length: int) -> None:
         """Keep each user's last ``length`` positive items (ring of item entity indices)."""
@@ -656,21 +726,26 @@ class Catalog:
         col = 1 + width
         for f, ring in self.hist_keys.items():
             h = ring.shape[1]
-            n_seen = self.hist_n[f][ents]
-            filled = np.minimum(n_seen, h)
             keys[:, col : col + h] = np.take(ring, ents, axis=0)
-            valid = np.arange(h)[None, :] < filled[:, None]
-            decay = self.space.specs[f].history_decay
-            if decay == 1.0:
-                inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
-                weights[:, col : col + h] = np.where(valid, inv[:, None], np.float32(0.0))
-            else:  # slot j was written (n - 1 - j) mod h clicks before the newest
-                age = (n_seen[:, None] - 1 - np.arange(h)[None, :]) % h
-                w = np.where(valid, np.power(decay, age), 0.0)
-                w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
-                weights[:, col : col + h] = w
+            # a ring's weights depend only on its fill count (partial rings) or on its
+            # rotation (full rings): rows of a per-field table computed by _ring_weights
+            n_seen = np.take(self.hist_n[f], ents)
+            row = np.where(n_seen < h, n_seen, n_seen % h + h)
+            weights[:, col : col + h] = np.take(self._ring_table(f, h), row, axis=0)
             col += h
         return keys, weights
+
+    def _ring_table(self, field_idx: int, h: int) -> np.ndarray:
+        """Weights ``(2h, h)`` float32 of a history ring by its state: row ``n < h`` for a ring
+        with ``n`` appends, row ``h + r`` for a full ring whose next slot is ``r``."""
+        table = self._ring_tables.get(field_idx)
+        if table is None:
+            table = _ring_weights(
+                np.concatenate([np.arange(h), h + np.arange(h)]), h,
+                self.space.specs[field_idx].history_decay,
+            ).astype(np.float32)
+            self._ring_tables[field_idx] = table
+        return table
 
     def history_keys(self, field_idx: int, ents: np.ndarray) -> np.ndarray:
         """Keys of items (entity indices of this item catalog) as values of a history field."""
@@ -757,16 +832,51 @@ def ring_newest_first(ring: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, 
     return np.take_along_axis(ring, slots, axis=1), np.minimum(count, h)
 
 
+def _ring_weights(n_seen: np.ndarray, h: int, decay: float) -> np.ndarray:
+    """Weights ``(n, h)`` of history rings with ``n_seen`` appends each (float64): the slot
+    written ``a`` clicks before the newest weighs ``decay ** a``, normalised to sum 1; unwritten
+    slots 0."""
+    filled = np.minimum(n_seen, h)
+    valid = np.arange(h)[None, :] < filled[:, None]
+    if decay == 1.0:
+        inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
+        return np.where(valid, inv[:, None], np.float32(0.0))
+    # slot j was written (n - 1 - j) mod h clicks before the newest
+    age = (n_seen[:, None] - 1 - np.arange(h)[None, :]) % h
+    w = np.where(valid, np.power(decay, age), 0.0)
+    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+    return w
+
+
 def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np.ndarray) -> None:
     """Append ``vals`` to the rings of ``ents`` in event order (oldest drop out)."""
     h = ring.shape[1]
+    n = ents.size
+    if n == 0:
+        return
     order = np.argsort(ents, kind="stable")
-    e, k = ents[order], vals[order]
-    uniq, start, per = np.unique(e, return_index=True, return_counts=True)
-    rank = np.arange(e.size) - np.repeat(start, per)  # position among this user's events
-    last = rank >= np.repeat(per, per) - h  # only the newest h of a burst survive
-    slot = (count[e] + rank) % h
-    ring[e[last], slot[last]] = k[last]
+    e = np.take(ents, order)
+    first = np.empty(n, dtype=bool)  # e is sorted: a user's events are one run, in event order
+    first[0] = True
+    np.not_equal(e[1:], e[:-1], out=first[1:])
+    start = np.flatnonzero(first)
+    if start.size == n:  # one event per entity (no sort order needed)
+        slot = np.take(count, ents) % h
+        ring[ents, slot] = vals
+        count[ents] += 1
+        return
+    per = np.empty_like(start)
+    per[:-1] = start[1:]
+    per[-1] = n
+    per -= start
+    uniq = np.take(e, start)
+    rank = np.arange(n) - np.repeat(start, per)  # position among this entity's events
+    slot = (np.take(count, e) + rank) % h
+    k = np.take(vals, order)
+    if int(per.max()) > h:  # only the newest h of a burst survive
+        last = rank >= np.repeat(per, per) - h
+        e, slot, k = e[last], slot[last], k[last]
+    ring[e, slot] = k
     count[uniq] += per
 
 

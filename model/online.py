@@ -202,6 +202,8 @@ class EventBatch:
         labels: float32 labels, ts: float64 event times.
         users, items: entity indices known when prepared (-1: unknown then).
         context: token columns of the context fields (None: no context).
+        context_keys: their keys as known when prepared (-1: created by the step;
+            :meth:`model.features.FeatureSpace.known_keys`), None: encoded by the step.
     """
 
     user_ids: Sequence[Any]
@@ -211,6 +213,7 @@ class EventBatch:
     users: np.ndarray
     items: np.ndarray
     context: list[list[Any]] | None
+    context_keys: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -226,6 +229,7 @@ class EventBatch:
             self.users[sl],
             self.items[sl],
             None if self.context is None else [col[sl] for col in self.context],
+            None if self.context_keys is None else self.context_keys[sl],
         )
 
 
@@ -410,15 +414,16 @@ class OnlineFM:
                 raise InputError("learn_many: ts must be finite seconds since the epoch")
         if contexts is not None and len(contexts) != b:
             raise InputError(f"learn_many: {b} events but {len(contexts)} contexts")
-        tokens = None
+        tokens = ckeys = None
         if self._has_context and contexts is not None and b:
             tokens = self._space.tokenize("context", contexts)
+            ckeys = self._space.known_keys("context", tokens, b)
         users = self._users.lookup(user_ids)
         items = self._items.lookup(item_ids)
         for cat, ids, ents in ((self._users, user_ids, users), (self._items, item_ids, items)):
             if (ents < 0).any():
                 cat.prepare(ids, ents)  # raises FeatureError for a value that is not an id
-        return EventBatch(user_ids, item_ids, y, t, users, items, tokens)
+        return EventBatch(user_ids, item_ids, y, t, users, items, tokens, ckeys)
 
     def learn_prepared(self, batch: EventBatch) -> float:
         """One optimiser step on a batch from :meth:`prepare_events` (or a slice of one).
@@ -431,7 +436,9 @@ class OnlineFM:
             return 0.0
         y, t = batch.labels, batch.ts
         space = self._space
-        if batch.context is not None:
+        if batch.context_keys is not None and batch.context is not None:
+            ck, cw = space.resolve_keys("context", batch.context_keys, batch.context)
+        elif batch.context is not None:
             ck, cw = space.encode_tokens("context", batch.context, True, b)
         else:
             ck, cw = np.zeros((b, 0), dtype=np.int64), np.zeros((b, 0), dtype=np.float32)
@@ -454,21 +461,25 @@ class OnlineFM:
         ikeys, iw = self._items.keys_of(ii)
         # sightings: every key of every event (entity keys weighted by occurrences); the
         # sampled negatives are not sightings
-        u_cnt = np.bincount(u_inv, minlength=uu.size)
         i_cnt = np.bincount(i_inv[:b], minlength=ii.size)
         seen = np.flatnonzero(i_cnt)
+
+        def sightings() -> np.ndarray:  # per key below (only needed while some wait)
+            return np.concatenate(
+                [
+                    np.repeat(np.bincount(u_inv, minlength=uu.size), ukeys.shape[1]),
+                    np.repeat(i_cnt[seen], ikeys.shape[1]),
+                    np.ones(ck.size, dtype=np.int64),
+                ]
+            )
+
         space.row_log = [] if pick > 1 else None  # rows the candidates had when drawn
         try:
             space.observe(
-                np.concatenate([ukeys.ravel(), ikeys[seen].ravel(), ck.ravel()]),
+                np.concatenate([ukeys.ravel(), np.take(ikeys, seen, axis=0).ravel(),
+                                ck.ravel()]),
                 float(t.max()),
-                np.concatenate(
-                    [
-                        np.repeat(u_cnt, ukeys.shape[1]),
-                        np.repeat(i_cnt[seen], ikeys.shape[1]),
-                        np.ones(ck.size, dtype=np.int64),
-                    ]
-                ),
+                sightings,
             )
             space.maybe_expire()
         finally:
@@ -629,13 +640,17 @@ class OnlineFM:
         nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals = self._slots(
             ukeys, uw, ikeys, iw, ck, cw, b
         )
-        fixed = [u_inv[pos]] + ([nu + ni + pos] if nc else [])
+        ev_fixed = np.empty((pos.size, 2 if nc else 1), dtype=np.int64)
+        ev_fixed[:, 0] = np.take(u_inv, pos)
+        if nc:
+            ev_fixed[:, 1] = pos
+            ev_fixed[:, 1] += nu + ni
         empty = np.zeros((0, 0), dtype=np.int64)
         batch = StepBatch(
             indptr=indptr,
             cols=cols,
             x=x,
-            ev_fixed=np.stack(fixed, axis=1),
+            ev_fixed=ev_fixed,
             ev_item=nu + i_inv[:b][pos],
             labels=y[pos],
             neg_owner=np.zeros(0, dtype=np.int64),
@@ -644,7 +659,8 @@ class OnlineFM:
         )
         shared = nu + i_inv[b:]
         res = softmax_step_gradients(
-            vals, batch, shared, logq.ravel(), self._sampler.log_prob(pos_items, self._items.n)
+            vals, batch, shared, logq.ravel(), self._sampler.log_prob(pos_items, self._items.n),
+            check=False,  # indices made here from the step's own unique rows and entities
         )
         if res.count == 0:
             return 0.0

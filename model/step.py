@@ -389,6 +389,7 @@ def softmax_step_gradients(
     shared: np.ndarray,
     logq_shared: np.ndarray,
     logq_pos: np.ndarray,
+    check: bool = True,
 ) -> StepGrads:
     """Sampled softmax with a log-Q correction over negatives *shared* by the whole step.
 
@@ -410,6 +411,9 @@ def softmax_step_gradients(
     accidental hits are found per event through an entity -> column index (O(E)); exp, sum and
     scaling run in place. Float32 throughout, as the former plain form (the tests hold both to
     autograd and to each other).
+
+    ``check=False`` skips the index bounds checks (for callers that built the indices from
+    their own tables, e.g. :meth:`model.online.OnlineFM._softmax_step`).
     """
     n_rows, d1 = vals.shape
     d = d1 - 1
@@ -419,8 +423,13 @@ def softmax_step_gradients(
     n_ev = batch.ev_item.size
     if n_ev == 0:
         return StepGrads(0.0, 0, np.zeros((n_rows, d1), dtype=np.float32), 0.0)
-    _check(indptr, cols, m, n_rows)  # once: the products below reuse the structure
     shared = np.asarray(shared, dtype=np.int64).reshape(-1)
+    ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
+    if check:  # once: the products below reuse the structure
+        _check(indptr, cols, m, n_rows)
+        for ents in (ev_item, ev_fixed, shared):
+            if ents.size and (int(ents.min()) < 0 or int(ents.max()) >= m):
+                raise ValueError("entity index out of range")
     x = x.astype(np.float32, copy=False)
     x2 = x * x
     # entity terms: V = Σ x v, a = Σ x w − ½ Σ x² |v|² + ½ |V|² (two compiled gathers)
@@ -430,7 +439,6 @@ def softmax_step_gradients(
     s2 = gather_sum(indptr, cols, x2, sq[:, None], check=False)[:, 0]
     V = agg[:, 1:]
     a = agg[:, 0] + f32(0.5) * (np.einsum("md,md->m", V, V) - s2)
-    ev_fixed, ev_item = batch.ev_fixed, batch.ev_item
 
     # distinct shared entities (ascending) and their merged log-Q bias
     inv_q = np.bincount(
@@ -460,11 +468,8 @@ def softmax_step_gradients(
     sa[d] = np.take(a, us) + np.log(np.take(inv_q, us))
     sa[d + 1] = 1.0
     c = pa @ sa  # (E, U)
-    col_of = np.full(m, -1, dtype=np.int64)
-    col_of[us] = np.arange(n_u)
-    hit_col = np.take(col_of, ev_item)
-    hit_ev = np.flatnonzero(hit_col >= 0)  # accidental hits: not negatives of that event
-    hit_col = hit_col[hit_ev]
+    hit_ev = np.flatnonzero(np.take(inv_q, ev_item))  # accidental hits: not negatives of
+    hit_col = np.searchsorted(us, np.take(ev_item, hit_ev))  # that event (us ascending)
     top = np.zeros(n_ev, dtype=np.float32)  # the stabiliser, relative to z_pos
     with np.errstate(over="ignore"):  # overflow: the rows redone below
         np.exp(c, out=c)
@@ -494,13 +499,18 @@ def softmax_step_gradients(
     dq[us] += c.sum(axis=0)
     gent = np.empty((m, d1), dtype=np.float32)
     gent[:, 0] = dq
-    dV = dq[:, None] * V  # (m, d) contiguous: the scatters below add into it
-    one = np.ones(max(n_ev * ev_fixed.shape[1], n_u, 1), dtype=np.float32)
-    scatter_sum(np.arange(n_u + 1), us, one[:n_u], c.T @ P, m, check=False, out=dV)
-    ev_ptr = np.arange(n_ev + 1)
-    scatter_sum(ev_ptr, ev_item, c_pos, P, m, out=dV)  # positives: c_pos P
-    fixed_ptr = ev_ptr * ev_fixed.shape[1]
-    scatter_sum(fixed_ptr, ev_fixed.ravel(), one[: ev_fixed.size], dP, m, out=dV)  # users, contexts
+    dV = dq[:, None] * V  # (m, d) contiguous: the scatter below adds into it
+    # one scatter, in this order: shared entities (c.T P), positives (c_pos P), each event's
+    # users and contexts (dP)
+    n_fix = ev_fixed.size
+    src = np.concatenate([c.T @ P, P, dP])
+    ptr = np.empty(n_u + n_ev + n_ev + 1, dtype=np.int64)
+    ptr[: n_u + n_ev + 1] = np.arange(n_u + n_ev + 1)
+    ptr[n_u + n_ev + 1 :] = n_u + n_ev + ev_fixed.shape[1] * np.arange(1, n_ev + 1)
+    dst = np.concatenate([us, ev_item, ev_fixed.ravel()])
+    w = np.ones(n_u + n_ev + n_fix, dtype=np.float32)
+    w[n_u : n_u + n_ev] = c_pos
+    scatter_sum(ptr, dst, w, src, m, check=False, out=dV)
     gent[:, 1:] = dV
 
     grad = scatter_sum(indptr, cols, x, gent, n_rows, check=False)
