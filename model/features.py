@@ -457,15 +457,15 @@ class FeatureSpace:
             self.key_last[keys[dynamic]] = now
         # pending: a dynamic key still on its field's fallback row (fixed keys and padding
         # read rows below first_dynamic_row too, hence the mask)
-        pending = np.take(self.key_row, keys) < self.first_dynamic_row
+        pending = self.key_row.take(keys) < self.first_dynamic_row
         pending &= dynamic
-        at = np.flatnonzero(pending)
+        at = pending.nonzero()[0]
         if at.size == 0:
             return 0
-        pend = np.take(keys, at)
+        pend = keys.take(at)
         # np.unique(pend, return_inverse=True) by one stable sort (ascending uniq, as it)
         order = np.argsort(pend, kind="stable")
-        srt = np.take(pend, order)
+        srt = pend.take(order)
         first = np.empty(srt.size, dtype=bool)
         first[0] = True
         np.not_equal(srt[1:], srt[:-1], out=first[1:])
@@ -476,7 +476,7 @@ class FeatureSpace:
         else:
             if callable(mult):
                 mult = mult()
-            counts = np.bincount(run, weights=np.take(np.take(mult, at), order),
+            counts = np.bincount(run, weights=np.asarray(mult).take(at).take(order),
                                  minlength=uniq.size)
         total = np.minimum(
             self.key_count[uniq].astype(np.int64) + counts.astype(np.int64), 2**31 - 1
@@ -721,17 +721,17 @@ class Catalog:
         keys[:, 0] = self.ent_key[ents]
         weights[:, 0] = 1.0
         if width:
-            keys[:, 1 : 1 + width] = np.take(self.prof_keys, ents, axis=0)  # take: 2-4x [ents]
-            weights[:, 1 : 1 + width] = np.take(self.prof_w, ents, axis=0)
+            keys[:, 1 : 1 + width] = self.prof_keys.take(ents, axis=0)  # take: 2-4x [ents]
+            weights[:, 1 : 1 + width] = self.prof_w.take(ents, axis=0)
         col = 1 + width
         for f, ring in self.hist_keys.items():
             h = ring.shape[1]
-            keys[:, col : col + h] = np.take(ring, ents, axis=0)
+            keys[:, col : col + h] = ring.take(ents, axis=0)
             # a ring's weights depend only on its fill count (partial rings) or on its
             # rotation (full rings): rows of a per-field table computed by _ring_weights
-            n_seen = np.take(self.hist_n[f], ents)
+            n_seen = self.hist_n[f].take(ents)
             row = np.where(n_seen < h, n_seen, n_seen % h + h)
-            weights[:, col : col + h] = np.take(self._ring_table(f, h), row, axis=0)
+            weights[:, col : col + h] = self._ring_table(f, h).take(row, axis=0)
             col += h
         return keys, weights
 
@@ -855,13 +855,13 @@ def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np
     if n == 0:
         return
     order = np.argsort(ents, kind="stable")
-    e = np.take(ents, order)
+    e = ents.take(order)
     first = np.empty(n, dtype=bool)  # e is sorted: a user's events are one run, in event order
     first[0] = True
     np.not_equal(e[1:], e[:-1], out=first[1:])
-    start = np.flatnonzero(first)
+    start = first.nonzero()[0]
     if start.size == n:  # one event per entity (no sort order needed)
-        slot = np.take(count, ents) % h
+        slot = count.take(ents) % h
         ring[ents, slot] = vals
         count[ents] += 1
         return
@@ -869,10 +869,10 @@ def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np
     per[:-1] = start[1:]
     per[-1] = n
     per -= start
-    uniq = np.take(e, start)
+    uniq = e.take(start)
     rank = np.arange(n) - np.repeat(start, per)  # position among this entity's events
-    slot = (np.take(count, e) + rank) % h
-    k = np.take(vals, order)
+    slot = (count.take(e) + rank) % h
+    k = vals.take(order)
     if int(per.max()) > h:  # only the newest h of a burst survive
         last = rank >= np.repeat(per, per) - h
         e, slot, k = e[last], slot[last], k[last]

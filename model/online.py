@@ -448,21 +448,22 @@ class OnlineFM:
         self._items.commit(new_items)
         uu, u_inv = self._unique(ue)
         ukeys, uw = self._users.keys_of(uu)
-        pos = np.flatnonzero(y >= 0.5)
-        np.add.at(self._items.counts, ie[pos], 1)
-        np.add.at(self._users.counts, ue[pos], 1)
+        pos = (y >= 0.5).nonzero()[0]
+        ipos, upos = ie.take(pos), ue.take(pos)  # the positives' items and users
+        np.add.at(self._items.counts, ipos, 1)
+        np.add.at(self._users.counts, upos, 1)
         k = self.config.negatives
         if self.config.loss == "softmax":
             neg, valid = self._shared_negatives(k, pos.size)
             pick = 1
         else:
-            neg, valid, pick = self._negatives_or_candidates(ukeys, uw, u_inv[pos], ie[pos], k)
+            neg, valid, pick = self._negatives_or_candidates(ukeys, uw, u_inv[pos], ipos, k)
         ii, i_inv = self._unique(np.concatenate([ie, neg.ravel()]))
         ikeys, iw = self._items.keys_of(ii)
         # sightings: every key of every event (entity keys weighted by occurrences); the
         # sampled negatives are not sightings
         i_cnt = np.bincount(i_inv[:b], minlength=ii.size)
-        seen = np.flatnonzero(i_cnt)
+        seen = i_cnt.nonzero()[0]
 
         def sightings() -> np.ndarray:  # per key below (only needed while some wait)
             return np.concatenate(
@@ -475,10 +476,11 @@ class OnlineFM:
 
         space.row_log = [] if pick > 1 else None  # rows the candidates had when drawn
         try:
+            now = float(t.max())
             space.observe(
-                np.concatenate([ukeys.ravel(), np.take(ikeys, seen, axis=0).ravel(),
+                np.concatenate([ukeys.ravel(), ikeys.take(seen, axis=0).ravel(),
                                 ck.ravel()]),
-                float(t.max()),
+                now,
                 sightings,
             )
             space.maybe_expire()
@@ -486,7 +488,7 @@ class OnlineFM:
             before, space.row_log = space.row_log, None
         if self.config.loss == "softmax":
             loss = self._softmax_step(
-                ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ie[pos], valid
+                ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, ipos, valid
             )
         else:
             loss = self._step(ukeys, uw, u_inv, ikeys, iw, i_inv, y, ck, cw, pos, neg, valid,
@@ -495,12 +497,13 @@ class OnlineFM:
             # after the step, so an event never sees its own item in the user's history
             appended = []
             for f in self._users.hist_fields:
-                hk = self._items.history_keys(f, ie[pos])
-                self._users.append_history(f, ue[pos], hk)
+                hk = self._items.history_keys(f, ipos)
+                self._users.append_history(f, upos, hk)
                 appended.append(hk)
-            space.observe(np.concatenate(appended), float(t.max()))  # a click is a sighting
+            # a click is a sighting
+            space.observe(appended[0] if len(appended) == 1 else np.concatenate(appended), now)
         if pos.size:
-            self._users.append_recent(ue[pos], ie[pos])
+            self._users.append_recent(upos, ipos)
         self.n_positives += int(pos.size)
         self.n_updates += b
         return loss
@@ -597,13 +600,13 @@ class OnlineFM:
         a_c, v_c = self._terms32(*self._items.keys_of(cand), with_a=True)
         _, v_u = self._terms32(ukeys, uw, with_a=False)
         c_inv = c_inv.reshape(b, k * m)
-        gathered = np.take(v_c, c_inv, axis=0)  # (b, k·m, d)
-        scores = np.matmul(gathered, np.take(v_u, owner, axis=0)[:, :, None])[..., 0]
-        scores += np.take(a_c, c_inv)
+        gathered = v_c.take(c_inv, axis=0)  # (b, k·m, d)
+        scores = np.matmul(gathered, v_u.take(owner, axis=0)[:, :, None])[..., 0]
+        scores += a_c.take(c_inv)
         best = np.argmax(scores.reshape(b, k, m), axis=2).ravel()
         sel = np.arange(b * k, dtype=np.int64) * m + best
-        neg = np.take(neg, sel).reshape(b, k)
-        valid = np.take(valid, sel).reshape(b, k)
+        neg = neg.take(sel).reshape(b, k)
+        valid = valid.take(sel).reshape(b, k)
         return neg, valid
 
     def _shared_negatives(self, m: int, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -641,7 +644,7 @@ class OnlineFM:
             ukeys, uw, ikeys, iw, ck, cw, b
         )
         ev_fixed = np.empty((pos.size, 2 if nc else 1), dtype=np.int64)
-        ev_fixed[:, 0] = np.take(u_inv, pos)
+        ev_fixed[:, 0] = u_inv.take(pos)
         if nc:
             ev_fixed[:, 1] = pos
             ev_fixed[:, 1] += nu + ni
@@ -651,8 +654,8 @@ class OnlineFM:
             cols=cols,
             x=x,
             ev_fixed=ev_fixed,
-            ev_item=nu + i_inv[:b][pos],
-            labels=y[pos],
+            ev_item=i_inv.take(pos) + nu,
+            labels=y.take(pos),
             neg_owner=np.zeros(0, dtype=np.int64),
             neg_item=empty,
             neg_valid=empty.astype(bool),
@@ -666,8 +669,9 @@ class OnlineFM:
             return 0.0
         decay: float | np.ndarray = cfg.acc_decay
         if cfg.user_acc_decay is not None and cfg.user_acc_decay != cfg.acc_decay:
-            decay = np.full(uniq.size, cfg.acc_decay, dtype=np.float32)
-            decay[cols[: int(np.count_nonzero(live[: ukeys.size]))]] = cfg.user_acc_decay
+            decay = np.empty(uniq.size, dtype=np.float32)
+            decay.fill(cfg.acc_decay)
+            decay[cols[: int(indptr[nu])]] = cfg.user_acc_decay  # the users' slots come first
         self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, None, decay)
         return res.loss / res.count
 
@@ -682,7 +686,7 @@ class OnlineFM:
         """
         n = keys.shape[0]
         live = keys != PAD
-        rows = np.take(self._space.key_row, keys[live])
+        rows = self._space.key_row.take(keys[live])
         x = weights[live].astype(np.float32, copy=False)
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.count_nonzero(live, axis=1), out=indptr[1:])
@@ -691,7 +695,7 @@ class OnlineFM:
         vec = agg[:, 1:]
         if not with_a:
             return None, vec
-        v = np.take(params, rows, axis=0)[:, 1:]
+        v = params.take(rows, axis=0)[:, 1:]
         sq = np.einsum("rd,rd->r", v, v) * (x * x)
         ent_of = np.repeat(np.arange(n), np.diff(indptr))
         s2 = np.bincount(ent_of, weights=sq, minlength=n).astype(np.float32)
@@ -818,7 +822,7 @@ class OnlineFM:
             old = old[first]
         mark = np.zeros(self._space.n_keys, dtype=bool)  # O(slots + keys), no sort
         mark[changed] = True
-        hit = np.take(mark, slot_keys)
+        hit = mark.take(slot_keys)
         if not hit.any():
             return terms
         ents = np.unique(terms.ent_of[hit])
@@ -830,7 +834,7 @@ class OnlineFM:
         rows = slot_rows[slots].astype(np.int64)
         was = hit[slots]
         rows[was] = old[np.searchsorted(changed, slot_keys[slots][was])]
-        sub = entity_terms(np.take(self._table.params, rows, axis=0), sub_ptr,
+        sub = entity_terms(self._table.params.take(rows, axis=0), sub_ptr,
                            np.arange(rows.size), x[slots])
         V, a = terms.V.copy(), terms.a.copy()
         V[ents] = sub.V
@@ -850,12 +854,19 @@ class OnlineFM:
         keys = np.concatenate([p.ravel() for p in parts_k])
         x = np.concatenate([p.ravel() for p in parts_w])
         live = keys != PAD
-        per_ent = np.concatenate([(p != PAD).sum(axis=1) for p in parts_k])
-        indptr = np.zeros(m + 1, dtype=np.int64)
-        np.cumsum(per_ent, out=indptr[1:])
-        uniq, cols = self._table.unique(self._space.key_row[keys[live]])
+        indptr = np.empty(m + 1, dtype=np.int64)
+        indptr[0] = 0
+        lo = at = 0
+        for p in parts_k:  # live slots per entity, then their running sum
+            n_ent, width = p.shape
+            np.add.reduce(live[lo : lo + n_ent * width].reshape(n_ent, width), axis=1,
+                          dtype=np.int64, out=indptr[1 + at : 1 + at + n_ent])
+            lo += n_ent * width
+            at += n_ent
+        np.cumsum(indptr, out=indptr)
+        uniq, cols = self._table.unique(self._space.key_row.take(keys[live]))
         x = x[live]
-        vals = np.take(self._table.params, uniq, axis=0)  # (2-4x faster than params[uniq])
+        vals = self._table.params.take(uniq, axis=0)  # (2-4x faster than params[uniq])
         return nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals
 
     def _unique(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1449,12 +1460,12 @@ def _pick_best(
     highest for its row's user entity (``users`` ``(P,)``): ``a_i + <V_u, V_i>`` (the user's
     own term is the same for the whole group). Returns ``(picked (P, k), valid (P, k))``."""
     n = users.size
-    gathered = np.take(terms.V, cand, axis=0)  # (P, k·m, d)
-    scores = np.matmul(gathered, np.take(terms.V, users, axis=0)[:, :, None])[..., 0]
-    scores += np.take(terms.a, cand)
+    gathered = terms.V.take(cand, axis=0)  # (P, k·m, d)
+    scores = np.matmul(gathered, terms.V.take(users, axis=0)[:, :, None])[..., 0]
+    scores += terms.a.take(cand)
     best = np.argmax(scores.reshape(n, k, m), axis=2).ravel()
     sel = np.arange(n * k, dtype=np.int64) * m + best
-    return np.take(cand, sel).reshape(n, k), np.take(valid, sel).reshape(n, k)
+    return cand.take(sel).reshape(n, k), valid.take(sel).reshape(n, k)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -162,7 +162,7 @@ class RowTable:
             g += np.float32(l2) * values
         gw = g[:, 0]
         gv = g[:, 1:]
-        acc = np.take(self.acc, rows, axis=0)
+        acc = self.acc.take(rows, axis=0)
         if np.ndim(decay):  # one decay per row
             acc *= np.asarray(decay, dtype=np.float32)[:, None]
         elif decay != 1.0:

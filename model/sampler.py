@@ -114,7 +114,7 @@ class NegativeSampler:
             w[n] = 1.0
             self._logq = (np.log(w) - np.log(self.cdf[-1])).astype(np.float32)
             self._logq_of = self.cdf
-        return np.take(self._logq, np.minimum(items, n))
+        return self._logq.take(np.minimum(items, n))
 
     def _draw(self, shape: tuple[int, ...]) -> np.ndarray:
         total = self.cdf[-1]

@@ -257,11 +257,11 @@ def step_gradients(
         mask = np.zeros((n_ev, 1 + k), dtype=bool)
         mask[:, 0] = True
         mask[batch.neg_owner, 1:] = batch.neg_valid
-    P = np.take(V, ev_fixed[:, 0], axis=0)
+    P = V.take(ev_fixed[:, 0], axis=0)
     for j in range(1, ev_fixed.shape[1]):
-        P += np.take(V, ev_fixed[:, j], axis=0)
-    VX = np.take(V, idx, axis=0)  # (E, 1 + k, d)
-    s = np.take(a, idx) + np.matmul(VX, P[:, :, None])[..., 0]  # the logits' item part
+        P += V.take(ev_fixed[:, j], axis=0)
+    VX = V.take(idx, axis=0)  # (E, 1 + k, d)
+    s = a.take(idx) + np.matmul(VX, P[:, :, None])[..., 0]  # the logits' item part
     pairwise = loss != "logistic"
     if not pairwise:
         qf = q[ev_fixed].sum(axis=1)
@@ -432,6 +432,9 @@ def softmax_step_gradients(
                 raise ValueError("entity index out of range")
     x = x.astype(np.float32, copy=False)
     x2 = x * x
+    indptr = indptr.astype(np.int64, copy=False)
+    cols = cols.astype(np.int64, copy=False)
+    vals = np.ascontiguousarray(vals, dtype=np.float32)
     # entity terms: V = Σ x v, a = Σ x w − ½ Σ x² |v|² + ½ |V|² (two compiled gathers)
     agg = gather_sum(indptr, cols, x, vals, check=False)  # [Σ x w | Σ x v]
     v = vals[:, 1:]
@@ -446,14 +449,14 @@ def softmax_step_gradients(
         weights=np.exp(-np.asarray(logq_shared, dtype=np.float64).reshape(-1)),
         minlength=m,
     )
-    us = np.flatnonzero(inv_q)
+    us = inv_q.nonzero()[0]
     n_u = us.size
 
-    P = np.take(V, ev_fixed[:, 0], axis=0)
+    P = V.take(ev_fixed[:, 0], axis=0)
     for j in range(1, ev_fixed.shape[1]):
-        P += np.take(V, ev_fixed[:, j], axis=0)
-    VP = np.take(V, ev_item, axis=0)  # (E, d) the positives' item vectors
-    z_pos = np.take(a, ev_item) + np.einsum("ed,ed->e", P, VP)
+        P += V.take(ev_fixed[:, j], axis=0)
+    VP = V.take(ev_item, axis=0)  # (E, d) the positives' item vectors
+    z_pos = a.take(ev_item) + np.einsum("ed,ed->e", P, VP)
     z_pos -= np.asarray(logq_pos, dtype=np.float32).reshape(-1)
     # z − z_pos of every (event, shared entity) in one product: [P | 1 | −z_pos] · [V | b | 1]
     # (each row stabilised by its positive's logit: exp(z − z_pos) <= 1 unless a negative
@@ -462,21 +465,21 @@ def softmax_step_gradients(
     pa[:, :d] = P
     pa[:, d] = 1.0
     pa[:, d + 1] = -z_pos
-    VS = np.take(V, us, axis=0)  # (U, d)
+    VS = V.take(us, axis=0)  # (U, d)
     sa = np.empty((d + 2, n_u), dtype=np.float32)  # transposed: BLAS reads it faster
     sa[:d] = VS.T
-    sa[d] = np.take(a, us) + np.log(np.take(inv_q, us))
+    sa[d] = a.take(us) + np.log(inv_q.take(us))
     sa[d + 1] = 1.0
     c = pa @ sa  # (E, U)
-    hit_ev = np.flatnonzero(np.take(inv_q, ev_item))  # accidental hits: not negatives of
-    hit_col = np.searchsorted(us, np.take(ev_item, hit_ev))  # that event (us ascending)
+    hit_ev = inv_q.take(ev_item).nonzero()[0]  # accidental hits: not negatives of
+    hit_col = us.searchsorted(ev_item.take(hit_ev))  # that event (us ascending)
     top = np.zeros(n_ev, dtype=np.float32)  # the stabiliser, relative to z_pos
     with np.errstate(over="ignore"):  # overflow: the rows redone below
         np.exp(c, out=c)
         c[hit_ev, hit_col] = 0.0
         norm = c.sum(axis=1)
     norm += f32(1.0)  # the positive: exp(z_pos − z_pos)
-    bad = np.flatnonzero(~np.isfinite(norm))
+    bad = (~np.isfinite(norm)).nonzero()[0]
     if bad.size:  # a negative outscores its positive by ~88+: the max-stabilised softmax
         zb = pa[bad] @ sa
         inb = np.isin(hit_ev, bad)
@@ -515,8 +518,7 @@ def softmax_step_gradients(
 
     grad = scatter_sum(indptr, cols, x, gent, n_rows, check=False)
     c2 = scatter_sum(indptr, cols, x2, dq[:, None], n_rows, check=False)
-    c2 *= f32(-1.0)
-    grad[:, 1:] += c2 * v
+    grad[:, 1:] -= c2 * v  # (exactly += (−c2) v)
     return StepGrads(total, n_ev, grad, 0.0)
 
 
