@@ -174,6 +174,28 @@ def scatter_sum(
     return out
 
 
+def _gather(indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, table: np.ndarray,
+            out: np.ndarray) -> np.ndarray:
+    """:func:`gather_sum` into ``out`` (zeros) for arrays already int64 / float32 and
+    C-contiguous, unchecked: the softmax kernel's inner calls."""
+    if _kernels is None:
+        out += gather_sum(indptr, idx, w, table, check=False)
+        return out
+    _kernels.csr_matvecs(indptr.size - 1, table.shape[0], table.shape[1], indptr, idx, w,
+                         table.reshape(-1), out.reshape(-1))
+    return out
+
+
+def _scatter(indptr: np.ndarray, idx: np.ndarray, w: np.ndarray, src: np.ndarray,
+             out: np.ndarray) -> np.ndarray:
+    """:func:`scatter_sum` adding into ``out`` under :func:`_gather`'s conditions."""
+    if _kernels is None:
+        return scatter_sum(indptr, idx, w, src, out.shape[0], check=False, out=out)
+    _kernels.csc_matvecs(out.shape[0], indptr.size - 1, src.shape[1], indptr, idx, w,
+                         np.ascontiguousarray(src).reshape(-1), out.reshape(-1))
+    return out
+
+
 @dataclass(frozen=True)
 class EntityTerms:
     """Per-entity FM terms of a step's slot matrix (:func:`entity_terms`), float32.
@@ -430,16 +452,16 @@ def softmax_step_gradients(
         for ents in (ev_item, ev_fixed, shared):
             if ents.size and (int(ents.min()) < 0 or int(ents.max()) >= m):
                 raise ValueError("entity index out of range")
-    x = x.astype(np.float32, copy=False)
+    x = np.ascontiguousarray(x, dtype=np.float32)  # the compiled calls below take them as is
     x2 = x * x
-    indptr = indptr.astype(np.int64, copy=False)
-    cols = cols.astype(np.int64, copy=False)
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    cols = np.ascontiguousarray(cols, dtype=np.int64)
     vals = np.ascontiguousarray(vals, dtype=np.float32)
     # entity terms: V = Σ x v, a = Σ x w − ½ Σ x² |v|² + ½ |V|² (two compiled gathers)
-    agg = gather_sum(indptr, cols, x, vals, check=False)  # [Σ x w | Σ x v]
+    agg = _gather(indptr, cols, x, vals, np.zeros((m, d1), dtype=np.float32))  # [Σ x w | Σ x v]
     v = vals[:, 1:]
     sq = np.einsum("rd,rd->r", v, v)
-    s2 = gather_sum(indptr, cols, x2, sq[:, None], check=False)[:, 0]
+    s2 = _gather(indptr, cols, x2, sq[:, None], np.zeros((m, 1), dtype=np.float32))[:, 0]
     V = agg[:, 1:]
     a = agg[:, 0] + f32(0.5) * (np.einsum("md,md->m", V, V) - s2)
 
@@ -473,27 +495,32 @@ def softmax_step_gradients(
     c = pa @ sa  # (E, U)
     hit_ev = inv_q.take(ev_item).nonzero()[0]  # accidental hits: not negatives of
     hit_col = us.searchsorted(ev_item.take(hit_ev))  # that event (us ascending)
-    top = np.zeros(n_ev, dtype=np.float32)  # the stabiliser, relative to z_pos
     with np.errstate(over="ignore"):  # overflow: the rows redone below
         np.exp(c, out=c)
         c[hit_ev, hit_col] = 0.0
         norm = c.sum(axis=1)
     norm += f32(1.0)  # the positive: exp(z_pos − z_pos)
     bad = (~np.isfinite(norm)).nonzero()[0]
+    top = None  # the stabiliser relative to z_pos, where not 0
     if bad.size:  # a negative outscores its positive by ~88+: the max-stabilised softmax
         zb = pa[bad] @ sa
         inb = np.isin(hit_ev, bad)
         zb[np.searchsorted(bad, hit_ev[inb]), hit_col[inb]] = -np.inf
         tb = np.maximum(zb.max(axis=1, initial=-np.inf), f32(0.0))
+        top = np.zeros(n_ev, dtype=np.float32)
         zb -= tb[:, None]
         np.exp(zb, out=zb)
         c[bad] = zb
         top[bad] = tb
         norm[bad] = zb.sum(axis=1) + np.exp(-tb)
-    total = float((np.log(norm) + top).sum(dtype=np.float64))
+    logn = np.log(norm)
+    if top is not None:
+        logn += top
+    total = float(logn.sum(dtype=np.float64))
     inv_norm = f32(1.0) / norm
     c *= inv_norm[:, None]  # c_neg
-    c_pos = np.exp(-top) * inv_norm - f32(1.0)
+    # c_pos = exp(−top) / norm − 1 (top = 0: exactly 1 / norm − 1)
+    c_pos = inv_norm - f32(1.0) if top is None else np.exp(-top) * inv_norm - f32(1.0)
 
     # entity gradients [dq | dV]
     dP = c @ VS  # (E, d)
@@ -513,11 +540,11 @@ def softmax_step_gradients(
     dst = np.concatenate([us, ev_item, ev_fixed.ravel()])
     w = np.ones(n_u + n_ev + n_fix, dtype=np.float32)
     w[n_u : n_u + n_ev] = c_pos
-    scatter_sum(ptr, dst, w, src, m, check=False, out=dV)
+    _scatter(ptr, dst, w, src, dV)
     gent[:, 1:] = dV
 
-    grad = scatter_sum(indptr, cols, x, gent, n_rows, check=False)
-    c2 = scatter_sum(indptr, cols, x2, dq[:, None], n_rows, check=False)
+    grad = _scatter(indptr, cols, x, gent, np.zeros((n_rows, d1), dtype=np.float32))
+    c2 = _scatter(indptr, cols, x2, dq[:, None], np.zeros((n_rows, 1), dtype=np.float32))
     grad[:, 1:] -= c2 * v  # (exactly += (−c2) v)
     return StepGrads(total, n_ev, grad, 0.0)
 

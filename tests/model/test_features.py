@@ -279,3 +279,105 @@ def test_history_decay_weighs_recent_items_more() -> None:
     assert weights("u") == pytest.approx({"e": 4 / 7, "d": 2 / 7, "c": 1 / 7})
     with pytest.raises(Exception, match="history_decay"):
         FieldSpec("h", "user", "history", history_decay=0.0)
+
+
+def _ring_weights_direct(n_seen: np.ndarray, h: int, decay: float) -> np.ndarray:
+    """The former per-step computation of history weights (float32), for comparison."""
+    filled = np.minimum(n_seen, h)
+    valid = np.arange(h)[None, :] < filled[:, None]
+    if decay == 1.0:
+        inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
+        return np.where(valid, inv[:, None], np.float32(0.0))
+    age = (n_seen[:, None] - 1 - np.arange(h)[None, :]) % h
+    w = np.where(valid, np.power(decay, age), 0.0)
+    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.7])
+def test_history_weights_from_the_table_equal_the_direct_computation(decay: float) -> None:
+    """keys_of reads history weights from a per-field table by fill count / rotation: bit for
+    bit the weights computed per row (empty, partial, full and wrapped rings)."""
+    h = 5
+    schema = FeatureSchema.from_dict(
+        {"user": {"recent": {"kind": "history", "history_len": h, "history_decay": decay}}}
+    )
+    fm = _fm(schema)
+    users = [f"u{j}" for j in range(13)]
+    for step in range(4):  # user j clicks j times in all (0 .. 12 appends: wraps twice)
+        u = [x for j, x in enumerate(users) for _ in range(max(0, min(j - 4 * step, 4)))]
+        if u:
+            fm.learn_many(u, [f"i{k % 7}" for k in range(len(u))], ts=1e9 + step)
+    ents = fm._users.lookup(users)
+    ents = ents[ents >= 0]
+    _, w = fm._users.keys_of(ents)
+    f = fm._space.index_of["recent"]
+    n_seen = fm._users.hist_n[f][ents]
+    assert set(n_seen.tolist()) >= {1, 4, 5, 6, 10, 12}
+    np.testing.assert_array_equal(w[:, 1:], _ring_weights_direct(n_seen, h, decay))
+
+
+def test_ring_append_of_bursts_keeps_the_newest_in_order() -> None:
+    """Several events of one user in a batch append in event order; a burst longer than the
+    ring keeps only its newest values; users with one event each take the short path."""
+    from model.features import _ring_append, ring_newest_first
+
+    ring = np.zeros((4, 3), dtype=np.int32)
+    count = np.zeros(4, dtype=np.int64)
+    _ring_append(ring, count, np.array([2, 0, 1]), np.array([7, 8, 9]))  # one event each
+    _ring_append(ring, count, np.array([1, 3, 1, 1, 3, 1, 1]), np.array([1, 2, 3, 4, 5, 6, 7]))
+    got, m = ring_newest_first(ring, count)
+    assert count.tolist() == [1, 6, 1, 2]
+    assert [got[r, : m[r]].tolist() for r in range(4)] == [[8], [7, 6, 4], [7], [5, 2]]
+
+
+def test_context_keys_resolved_per_slice_equal_encoding_each_slice() -> None:
+    """Keys looked up once per batch and finished per slice (known_keys + resolve_keys) are the
+    keys encode_tokens(create=True) gives slice by slice: same keys, created in the same order,
+    missing values as padding; multi-valued fields are left to encode_tokens."""
+    schema = FeatureSchema.from_dict(
+        {"context": {"hour": {}, "device": {}, "slot": {"hash_buckets": 16}}}
+    )
+    ctx = [
+        {"hour": "1", "device": "a", "slot": "x"},
+        {"hour": "2", "slot": "y"},
+        {"hour": "1", "device": "b", "slot": "x"},
+        {"hour": None, "device": "a", "slot": "z"},
+        {"hour": "3", "device": "c", "slot": "x"},
+        {"hour": "2", "device": "b", "slot": "w"},
+    ]
+    a, b = _fm(schema), _fm(schema)
+    a._space.encode("context", ctx[:1], create=True)  # a value known before the batch
+    b._space.encode("context", ctx[:1], create=True)
+    cols = a._space.tokenize("context", ctx)
+    known = a._space.known_keys("context", cols, len(ctx))
+    assert known is not None and (known < 0).any() and (known == 0).any()
+    for lo, hi in ((0, 2), (2, 5), (5, 6)):
+        got = a._space.resolve_keys("context", known[lo:hi], [c[lo:hi] for c in cols])
+        want = b._space.encode_tokens("context", [c[lo:hi] for c in cols], True, hi - lo)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    assert a._space.vocab == b._space.vocab and a._space.n_keys == b._space.n_keys
+    multi = _fm(FeatureSchema.from_dict({"context": {"tags": {"kind": "multi"}}}))
+    tags = multi._space.tokenize("context", [{"tags": ["a", "b"]}])
+    assert multi._space.known_keys("context", tags, 1) is None
+
+
+def test_sighting_counts_are_computed_only_when_a_key_waits() -> None:
+    """observe takes the sighting multiplicities as an array or as a function; the function is
+    called only when some key still waits for admission, and counts as the array would."""
+    schema = FeatureSchema.from_dict({"user": {"city": {"min_count": 3}}})
+    fm = _fm(schema)
+    fm.upsert_users(["u"], [{"city": "x"}])
+    sp = fm._space
+    key = int(fm._users.prof_keys[fm._users.index["u"], 0])
+    calls = []
+
+    def mult() -> np.ndarray:
+        calls.append(1)
+        return np.array([2, 0])
+
+    assert sp.observe(np.array([key, 0]), 1.0, mult) == 0  # 2 of 3 sightings
+    assert sp.observe(np.array([key, 0]), 2.0, np.array([1, 0])) == 1  # admitted
+    assert sp.observe(np.array([key, 0]), 3.0, mult) == 0
+    assert len(calls) == 1 and int(sp.key_count[key]) == 3

@@ -3,6 +3,8 @@ the model option that uses it (TrainConfig(loss="softmax"))."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -272,8 +274,10 @@ def plain_softmax_gradients(
     shared: np.ndarray,
     logq_shared: np.ndarray,
     logq_pos: np.ndarray,
+    check: bool = True,
 ) -> kernel.StepGrads:
-    """The former closed form over every draw (no merging): the model-level reference."""
+    """The former closed form over every draw (no merging): the model-level reference
+    (``check``: the kernel's signature; this form checks nothing)."""
     n_rows, d1 = vals.shape
     m = batch.n_entities
     f32 = np.float32
@@ -350,3 +354,21 @@ def test_log_prob_follows_each_rebuilt_distribution() -> None:
     cdf = pop.cdf
     expect = (np.log(np.diff(cdf, prepend=0.0)) - np.log(cdf[-1])).astype(np.float32)
     np.testing.assert_array_equal(pop.log_prob(np.arange(2), 2), expect)
+
+
+def test_softmax_refuses_entity_indices_out_of_range() -> None:
+    """With its checks on (the default) the kernel refuses events, fixed parts or shared draws
+    that name no entity of the slot matrix, instead of reading past its arrays."""
+    vals, batch = random_batch(3, True)
+    nu = int(batch.ev_fixed[:, 0].max()) + 1
+    shared, lq_s, lq_p = shared_set(3, batch, nu, batch.n_entities - batch.ev_item.size, True)
+    m = batch.n_entities
+    bad_item = dataclasses.replace(batch, ev_item=batch.ev_item + m)
+    bad_fixed = dataclasses.replace(batch, ev_fixed=batch.ev_fixed - m)
+    for b, sh in ((bad_item, shared), (bad_fixed, shared), (batch, np.asarray(shared) + m)):
+        with pytest.raises(ValueError, match="out of range"):
+            softmax_step_gradients(vals, b, sh, lq_s, lq_p)
+    ok = softmax_step_gradients(vals, batch, shared, lq_s, lq_p)
+    unchecked = softmax_step_gradients(vals, batch, shared, lq_s, lq_p, check=False)
+    np.testing.assert_array_equal(ok.grad, unchecked.grad)
+    assert ok.loss == unchecked.loss
