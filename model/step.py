@@ -532,15 +532,12 @@ def softmax_step_gradients(
     dV = dq[:, None] * V  # (m, d) contiguous: the scatter below adds into it
     # one scatter, in this order: shared entities (c.T P), positives (c_pos P), each event's
     # users and contexts (dP)
-    n_fix = ev_fixed.size
-    src = np.concatenate([c.T @ P, P, dP])
-    ptr = np.empty(n_u + n_ev + n_ev + 1, dtype=np.int64)
-    ptr[: n_u + n_ev + 1] = np.arange(n_u + n_ev + 1)
-    ptr[n_u + n_ev + 1 :] = n_u + n_ev + ev_fixed.shape[1] * np.arange(1, n_ev + 1)
+    n_fix = ev_fixed.size  # dP once per fixed entity of its event (event-major: same order)
+    src = np.concatenate([c.T @ P, P, dP.repeat(ev_fixed.shape[1], axis=0)])
     dst = np.concatenate([us, ev_item, ev_fixed.ravel()])
     w = np.ones(n_u + n_ev + n_fix, dtype=np.float32)
     w[n_u : n_u + n_ev] = c_pos
-    _scatter(ptr, dst, w, src, dV)
+    _scatter(np.arange(dst.size + 1), dst, w, src, dV)
     gent[:, 1:] = dV
 
     grad = _scatter(indptr, cols, x, gent, np.zeros((n_rows, d1), dtype=np.float32))
