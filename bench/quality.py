@@ -19,6 +19,8 @@ Protocol (the same for every model, in one run):
   list. Then the interval's events are learned / added;
 * a positive is **warm** if its user interacted before the interval, **cold** otherwise (only
   the profile is known; batch peers fall back to popularity);
+* warm HR is also reported apart by the item's age (first event < / >= 120 days before the
+  interval) and by the user's positives before the interval (< / >= 50);
 * HR@10 = hits / positives; mean ± std over seeds (popularity is deterministic); catalogue
   coverage = distinct items in any list / items in the catalogue (the test period's lists);
 * CPU: process CPU seconds per interval spent making each model current (FM: learning the
@@ -65,6 +67,7 @@ SCHEMAS = {"movielens": ROOT / "config" / "movielens.toml", "ids": None}
 K = 10
 DAY = 86400.0
 OLD_ITEM_S = 120 * DAY  # warm HR is also reported apart for items older than this
+HEAVY_USER = 50  # ... and for users with at least this many positives before the interval
 AGE = (18, 25, 35, 45, 50, 56)
 
 
@@ -418,6 +421,11 @@ class Score:
     by_age: dict[str, list[int]] = dataclasses.field(
         default_factory=lambda: {"new": [0, 0], "old": [0, 0]}
     )
+    # warm positives by their user's positives before the interval (< / >= HEAVY_USER):
+    # "light" -> [hits, n], "heavy" -> [hits, n]
+    by_user: dict[str, list[int]] = dataclasses.field(
+        default_factory=lambda: {"light": [0, 0], "heavy": [0, 0]}
+    )
 
     def hr(self, cohort: str) -> float:
         return self.hits[cohort] / max(self.n[cohort], 1)
@@ -426,6 +434,12 @@ class Score:
         """Warm HR@10 on items first seen less (``new``) or more (``old``) than
         :data:`OLD_ITEM_S` before the interval."""
         h, n = self.by_age[age]
+        return h / max(n, 1)
+
+    def hr_user(self, kind: str) -> float:
+        """Warm HR@10 of users with fewer (``light``) or at least (``heavy``)
+        :data:`HEAVY_USER` positives before the interval."""
+        h, n = self.by_user[kind]
         return h / max(n, 1)
 
 
@@ -455,6 +469,7 @@ def run(
     seen[d.u[:start], d.i[:start]] = True
     known[d.i[:start]] = True
     active[d.u[:start]] = True
+    n_pos = np.bincount(d.u[:start][d.pos[:start]], minlength=d.n_users)  # positives so far
     pop = Popularity(d)
     pop.observe(d, 0, start)
     for m in models:
@@ -470,10 +485,12 @@ def run(
             seen[d.u[done:a], d.i[done:a]] = True
             known[d.i[done:a]] = True
             active[d.u[done:a]] = True
+            n_pos += np.bincount(d.u[done:a][d.pos[done:a]], minlength=d.n_users)
         ev_u, ev_i = d.u[a:b][m_pos], d.i[a:b][m_pos]
         users, row = np.unique(ev_u, return_inverse=True)
         warm = active[users]
         old_item = (d.ts[a] - first_ts[ev_i]) >= OLD_ITEM_S
+        heavy = n_pos[ev_u] >= HEAVY_USER
         mask = seen[users] | ~known
         for m in models:
             c0 = time.process_time()
@@ -498,6 +515,9 @@ def run(
             for age, sel in (("old", w & old_item), ("new", w & ~old_item)):
                 sc.by_age[age][0] += int(hit[sel].sum())
                 sc.by_age[age][1] += int(sel.sum())
+            for kind, sel in (("light", w & ~heavy), ("heavy", w & heavy)):
+                sc.by_user[kind][0] += int(hit[sel].sum())
+                sc.by_user[kind][1] += int(sel.sum())
             if group is not None:
                 g = group[a:b][m_pos]
                 for gv in np.unique(g[g >= 0]).tolist():
@@ -708,15 +728,33 @@ def main() -> None:
             out = run(d, models, start, end, interval, d.n_items)
             for name, s in out.items():
                 r = res.setdefault(
-                    name, {"warm": [], "cold": [], "cov": [], "cpu": [], "new": [], "old": []}
+                    name,
+                    {
+                        "warm": [],
+                        "cold": [],
+                        "cov": [],
+                        "cpu": [],
+                        "new": [],
+                        "old": [],
+                        "light": [],
+                        "heavy": [],
+                    },
                 )
                 r["warm"].append(s.hr("warm"))
                 r["new"].append(s.hr_age("new"))
                 r["old"].append(s.hr_age("old"))
+                r["light"].append(s.hr_user("light"))
+                r["heavy"].append(s.hr_user("heavy"))
                 r["cold"].append(s.hr("cold"))
                 r["cov"].append(len(s.items) / d.n_items)
                 r["cpu"].append(s.cpu_s / max(s.intervals, 1))
-                r["n"] = [s.n["warm"], s.n["cold"], s.by_age["new"][1], s.by_age["old"][1]]
+                r["n"] = [
+                    s.n["warm"],
+                    s.n["cold"],
+                    s.by_age["new"][1],
+                    s.by_age["old"][1],
+                    s.by_user["heavy"][1],
+                ]
             print(f"  test interval={interval} seed={seed} done", file=sys.stderr)
         pw = np.mean(res["popularity"]["warm"])
         pc = np.mean(res["popularity"]["cold"])
@@ -737,6 +775,7 @@ def main() -> None:
                     f"{np.mean(r['cold']) / pc:.2f}x",
                     f"{np.mean(r['new']):.4f}",
                     f"{np.mean(r['old']):.4f}",
+                    f"{np.mean(r['light']):.4f} / {np.mean(r['heavy']):.4f}",
                     f"{np.mean(r['cov']):.1%}",
                     f"{np.mean(r['cpu']) * 1e3:.1f}",
                 )
@@ -759,6 +798,10 @@ def main() -> None:
         kv[f"{tag}_fm_warm_old_items"] = float(np.mean(fm["old"]))
         if best_peer:
             kv[f"{tag}_best_peer_warm_old_items"] = float(np.mean(res[best_peer]["old"]))
+        kv[f"{tag}_warm_heavy_user_events"] = fm["n"][4]
+        kv[f"{tag}_fm_warm_heavy_users"] = float(np.mean(fm["heavy"]))
+        if best_peer:
+            kv[f"{tag}_best_peer_warm_heavy_users"] = float(np.mean(res[best_peer]["heavy"]))
     columns = (
         "interval",
         "model",
@@ -770,6 +813,7 @@ def main() -> None:
         "cold / pop",
         "warm, items < 120 d",
         "warm, items >= 120 d",
+        f"warm, users < / >= {HEAVY_USER} prior positives",
         "coverage",
         "CPU ms / interval",
     )
