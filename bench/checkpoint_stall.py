@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, record, summary_line  # noqa: E402
+from bench.scale import synthetic_shop  # noqa: E402
 
 
 def _model(n_users: int, n_items: int, events: int):
@@ -45,14 +46,7 @@ def _model(n_users: int, n_items: int, events: int):
 
     schema = {"user": {"segment": {}}, "item": {"category": {}}, "context": {"hour": {}}}
     model = OnlineFM(FeatureSchema.from_dict(schema), TrainConfig(dim=32, seed=0))
-    for lo in range(0, n_users, 200_000):
-        hi = min(n_users, lo + 200_000)
-        model.upsert_users([f"u{j}" for j in range(lo, hi)],
-                           [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
-    for lo in range(0, n_items, 100_000):
-        hi = min(n_items, lo + 100_000)
-        model.upsert_items([f"i{j}" for j in range(lo, hi)],
-                           [{"category": f"c{j % 20}"} for j in range(lo, hi)])
+    synthetic_shop(model, n_users, n_items)
     rng = np.random.default_rng(0)
     done = 0
     while done < events:

@@ -38,6 +38,7 @@ Appends each part's table to bench/RESULTS.md with the load average and what els
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,30 @@ def delta_publisher(writer, model, **config):  # noqa: ANN001
 
     return VersionedPublisher(writer, model, DeltaConfig(
         full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, **config))
+
+
+def synthetic_shop(model, n_users: int, n_items: int) -> None:  # noqa: ANN001
+    """Upsert the benches' catalogue into ``model``: items ``i0..`` in 20 categories, users
+    ``u0..`` in 20 segments (in chunks: bounded temporaries at 1M)."""
+    for lo in range(0, n_items, 100_000):
+        hi = min(n_items, lo + 100_000)
+        model.upsert_items([f"i{j}" for j in range(lo, hi)],
+                           [{"category": f"c{j % 20}"} for j in range(lo, hi)])
+    for lo in range(0, n_users, 200_000):
+        hi = min(n_users, lo + 200_000)
+        model.upsert_users([f"u{j}" for j in range(lo, hi)],
+                           [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
+
+
+def learn_in_steps(model, events: Iterator[dict], n: int, step: int) -> list[dict]:  # noqa: ANN001
+    """Take the next ``n`` events of a synthetic stream and learn them in steps of ``step``
+    events, as the trainer does; returns the events."""
+    batch = list(itertools.islice(events, n))
+    for lo in range(0, len(batch), step):
+        b = batch[lo : lo + step]
+        model.learn_many([e["user_id"] for e in b], [e["item_id"] for e in b],
+                         contexts=[e["context"] for e in b])
+    return batch
 
 
 def trained_model(n_users: int, n_items: int, schema: dict, *, events: int, seed: int = 0):
@@ -241,12 +267,7 @@ def part_versions(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     schema = {"user": {"segment": {}}, "item": {"category": {}}, "context": {"hour": {}}}
     model = OnlineFM(FeatureSchema.from_dict(schema), TrainConfig(dim=32))
-    items = [f"i{j}" for j in range(args.items)]
-    model.upsert_items(items, [{"category": f"c{j % 20}"} for j in range(args.items)])
-    for lo in range(0, args.users, 200_000):
-        hi = min(args.users, lo + 200_000)
-        model.upsert_users([f"u{j}" for j in range(lo, hi)],
-                           [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
+    synthetic_shop(model, args.users, args.items)
     per_tick = int(args.rate * args.publish_items_s)
     # "parts": the parts form (own parts + shared item rows; workers recompose); "tol:age":
     # composed vectors with that ship policy ("0:5" = every change, exact)
@@ -255,13 +276,8 @@ def part_versions(args: argparse.Namespace) -> None:
     stream = SyntheticStream(users=args.users, items=args.items, clusters=20)
     events = stream.events(args.warm_events + per_tick * args.ticks * len(policies))
 
-    def learn(n: int) -> list[str]:
-        batch = [next(events) for _ in range(n)]
-        for lo in range(0, n, 256):  # the trainer's steps (FMSTREAM_STEP_EVENTS)
-            b = batch[lo : lo + 256]
-            model.learn_many([e["user_id"] for e in b], [e["item_id"] for e in b],
-                             contexts=[e["context"] for e in b])
-        return sorted({e["user_id"] for e in batch})
+    def learn(n: int) -> list[str]:  # steps of 256 (FMSTREAM_STEP_EVENTS when measured)
+        return sorted({e["user_id"] for e in learn_in_steps(model, events, n, 256)})
 
     t0 = time.perf_counter()
     learn(args.warm_events)

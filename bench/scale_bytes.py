@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.aof_bytes import AofWindow, short_note
 from bench.aof_bytes import table as aof_table
 from bench.common import print_table, record, summary_line
-from bench.scale import load_note, others
+from bench.scale import learn_in_steps, load_note, others, synthetic_shop
 from bench.serve import bench_settings, cpu_seconds
 from fmstream import services
 
@@ -53,12 +53,7 @@ def part_bytes(args: argparse.Namespace) -> None:
         publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
     )
     model = new_model(settings)
-    model.upsert_items([f"i{j}" for j in range(args.items)],
-                       [{"category": f"c{j % 20}"} for j in range(args.items)])
-    for lo in range(0, args.users, 200_000):
-        hi = min(args.users, lo + 200_000)
-        model.upsert_users([f"u{j}" for j in range(lo, hi)],
-                           [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
+    synthetic_shop(model, args.users, args.items)
     tick_s = args.publish_active_s
     per_tick = int(round(args.rate * tick_s))
     warm_ticks = int(round(args.warmup / tick_s))
@@ -68,12 +63,8 @@ def part_bytes(args: argparse.Namespace) -> None:
     step = settings.step_events
 
     def learn(n: int) -> list[_Event]:
-        batch = [next(events) for _ in range(n)]
-        for lo in range(0, n, step):
-            b = batch[lo : lo + step]
-            model.learn_many([e["user_id"] for e in b], [e["item_id"] for e in b],
-                             contexts=[e["context"] for e in b])
-        return [_Event(e["user_id"], e["item_id"], e["label"]) for e in batch]
+        return [_Event(e["user_id"], e["item_id"], e["label"])
+                for e in learn_in_steps(model, events, n, step)]
 
     t0 = time.perf_counter()
     learn(args.warm_events)

@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import print_table, record, summary_line
-from bench.scale import delta_publisher, load_note, others, start_redis
+from bench.scale import (
+    delta_publisher,
+    learn_in_steps,
+    load_note,
+    others,
+    start_redis,
+    synthetic_shop,
+)
 from fmstream import services
 from serving.timing import thread_clock
 
@@ -67,22 +74,12 @@ def part_follow(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     schema = {"user": {"segment": {}}, "item": {"category": {}}, "context": {"hour": {}}}
     model = OnlineFM(FeatureSchema.from_dict(schema), TrainConfig(dim=32))
-    model.upsert_items([f"i{j}" for j in range(args.items)],
-                       [{"category": f"c{j % 20}"} for j in range(args.items)])
-    for lo in range(0, args.users, 200_000):
-        hi = min(args.users, lo + 200_000)
-        model.upsert_users([f"u{j}" for j in range(lo, hi)],
-                           [{"segment": f"s{j % 20}"} for j in range(lo, hi)])
+    synthetic_shop(model, args.users, args.items)
     events = SyntheticStream(users=args.users, items=args.items, clusters=20).events(10**9)
     step = 128  # the trainer's steps (FMSTREAM_STEP_EVENTS)
 
     def learn(n: int) -> list[str]:
-        batch = [next(events) for _ in range(n)]
-        for lo in range(0, n, step):
-            b = batch[lo : lo + step]
-            model.learn_many([e["user_id"] for e in b], [e["item_id"] for e in b],
-                             contexts=[e["context"] for e in b])
-        return sorted({e["user_id"] for e in batch})
+        return sorted({e["user_id"] for e in learn_in_steps(model, events, n, step)})
 
     learn(args.warm_events)
     per_version = int(args.rate * args.publish_items_s)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from model import FeatureError, FeatureSchema, OnlineFM, TrainConfig
-from model.features import FeatureSpace, bucketize, canon, stable_hash, tokenize_column
+from model.features import (
+    FeatureSpace,
+    _ring_weights,
+    bucketize,
+    canon,
+    stable_hash,
+    tokenize_column,
+)
 from model.optim import RowTable
 from model.schema import FieldSpec
 
@@ -282,16 +289,9 @@ def test_history_decay_weighs_recent_items_more() -> None:
 
 
 def _ring_weights_direct(n_seen: np.ndarray, h: int, decay: float) -> np.ndarray:
-    """The former per-step computation of history weights (float32), for comparison."""
-    filled = np.minimum(n_seen, h)
-    valid = np.arange(h)[None, :] < filled[:, None]
-    if decay == 1.0:
-        inv = (1.0 / np.maximum(filled, 1)).astype(np.float32)
-        return np.where(valid, inv[:, None], np.float32(0.0))
-    age = (n_seen[:, None] - 1 - np.arange(h)[None, :]) % h
-    w = np.where(valid, np.power(decay, age), 0.0)
-    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
-    return w.astype(np.float32)
+    """The weights computed per row from each ring's own append count (float32), as keys_of
+    computed them before the per-field table, for comparison."""
+    return _ring_weights(n_seen, h, decay).astype(np.float32)
 
 
 @pytest.mark.parametrize("decay", [1.0, 0.7])
