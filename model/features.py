@@ -466,9 +466,7 @@ class FeatureSpace:
         # np.unique(pend, return_inverse=True) by one stable sort (ascending uniq, as it)
         order = np.argsort(pend, kind="stable")
         srt = pend.take(order)
-        first = np.empty(srt.size, dtype=bool)
-        first[0] = True
-        np.not_equal(srt[1:], srt[:-1], out=first[1:])
+        first = _run_starts(srt)
         uniq = srt[first]
         run = np.cumsum(first) - 1
         if mult is None:
@@ -848,6 +846,15 @@ def _ring_weights(n_seen: np.ndarray, h: int, decay: float) -> np.ndarray:
     return w
 
 
+def _run_starts(srt: np.ndarray) -> np.ndarray:
+    """Mask of the first element of each run of equal values in the sorted, non-empty
+    ``srt`` (what ``np.unique`` finds, without its sort and bookkeeping)."""
+    first = np.empty(srt.size, dtype=bool)
+    first[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=first[1:])
+    return first
+
+
 def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np.ndarray) -> None:
     """Append ``vals`` to the rings of ``ents`` in event order (oldest drop out)."""
     h = ring.shape[1]
@@ -855,11 +862,8 @@ def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np
     if n == 0:
         return
     order = np.argsort(ents, kind="stable")
-    e = ents.take(order)
-    first = np.empty(n, dtype=bool)  # e is sorted: a user's events are one run, in event order
-    first[0] = True
-    np.not_equal(e[1:], e[:-1], out=first[1:])
-    start = first.nonzero()[0]
+    e = ents.take(order)  # sorted: an entity's events are one run, in event order
+    start = _run_starts(e).nonzero()[0]
     if start.size == n:  # one event per entity (no sort order needed)
         slot = count.take(ents) % h
         ring[ents, slot] = vals
