@@ -81,12 +81,21 @@ def _encode(events: list[dict]) -> Pairs:
     return [(e["user_id"].encode(), orjson.dumps(e)) for e in events]
 
 
-def _produce(settings: Settings, pairs: Pairs, *, rate: float | None = None) -> None:
-    """Produce to the events topic (idempotent, acks=all, batched), optionally at ``rate``/s."""
+def _produce(
+    settings: Settings, pairs: Pairs, *, rate: float | None = None, tap: Tap | None = None
+) -> None:
+    """Produce to the events topic (idempotent, acks=all, batched), optionally at ``rate``/s.
+
+    With a ``tap``, each block of 1,000 events waits until the tap grants it (see :class:`Tap`).
+    """
     producer = make_producer(settings.kafka_config(), linger_ms=20, batch_size=256 * 1024)
     start = time.monotonic()
     try:
         for n, (key, value) in enumerate(pairs, 1):
+            if tap is not None and n % 1000 == 1:
+                producer.flush(timeout=60)
+                tap.take(min(1000, len(pairs) - n + 1))
+                start = time.monotonic() - (n - 1) / rate if rate else start
             producer.send(settings.topic_events, key=key, value=value)
             if rate and n % 1000 == 0:
                 ahead = n / rate - (time.monotonic() - start)
@@ -95,6 +104,33 @@ def _produce(settings: Settings, pairs: Pairs, *, rate: float | None = None) -> 
         producer.flush(timeout=60)
     finally:
         producer.close(timeout=10)
+
+
+class Tap:
+    """Lets a producer through only while open, and at most ``quota`` events per opening.
+
+    The kill -9 test opens it once a new trainer holds the lease and closes it before the kill,
+    so every trainer's life sees the stream arriving, however slowly a loaded machine starts one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._left = 0
+
+    def open(self, quota: int) -> None:
+        with self._cond:
+            self._left = quota
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._left = 0
+
+    def take(self, n: int, timeout: float = 300.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._left >= n, timeout):
+                raise TimeoutError(f"the tap stayed closed for {timeout} s")
+            self._left -= n
 
 
 class Background(threading.Thread):
@@ -252,22 +288,30 @@ def test_kill_9_every_few_seconds_loses_and_repeats_nothing(
     n = 100_000
     s = _fast(settings)
     assert s.partitions_events >= 3
-    # the replay arrives over ~20 s, as a live stream does: a trainer that drains a backlog
-    # faster than it is killed would otherwise finish between two kills
-    producer = Background(_produce, s, _encode(list(STREAM.events(n))), rate=5_000)
+    # The replay arrives at up to 5,000 events/s, as a live stream does, and only while a trainer
+    # holds the lease, at most 15,000 events per trainer: each life sees the stream arriving, so
+    # the trainer is killed mid-stream repeatedly however long a loaded machine takes to start one
+    # (a trainer that drains a backlog faster than it is killed would finish between two kills).
+    tap = Tap()
+    producer = Background(_produce, s, _encode(list(STREAM.events(n))), rate=5_000, tap=tap)
     log = tmp_path / "trainer.log"
+    lease_key = s.redis_key("trainer", "lease")
     rng = random.Random(0)
     kills: list[int] = []  # events covered by the newest checkpoint after each kill
     while len(kills) < 8 and _applied(s) < n:
         with TrainerProcess(s, log) as trainer:
             seq = _checkpoint_seq(s)
+            _wait_for("the lease", lambda: redis_client.exists(lease_key) == 1, 60, trainer)
+            tap.open(15_000)
             _wait_for("a new checkpoint", lambda seq=seq: _checkpoint_seq(s) > seq, 60, trainer)
             time.sleep(rng.uniform(0.1, 0.8))  # between checkpoints, mid-batch
+            tap.close()
             trainer.kill9()
             kills.append(_applied(s))
             # A killed holder's lease stays until its TTL (15 s) runs out, and the next trainer
             # waits as a standby until then (test_second_trainer_waits...); skip the wait.
             redis_client.delete(s.redis_key("trainer", "lease"))
+    tap.open(n)  # the rest of the replay, if the kills ended first
     producer.result(timeout=60)
     assert len([k for k in kills if 0 < k < n]) >= 3, kills  # killed mid-stream, repeatedly
     assert kills == sorted(kills), kills
