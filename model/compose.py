@@ -69,9 +69,7 @@ def compose_item(lin: np.ndarray, cross: np.ndarray, vec: np.ndarray) -> np.ndar
     return out
 
 
-def split_user(
-    w: np.ndarray, v: np.ndarray, x: np.ndarray, own: np.ndarray
-) -> np.ndarray:
+def split_user(w: np.ndarray, v: np.ndarray, x: np.ndarray, own: np.ndarray) -> np.ndarray:
     """The part of ``E_user`` that only the user's own rows make: ``[W_o, S_o, V_o]`` float32.
 
     ``W_o = Σ x_j w_j``, ``S_o = Σ x_j² |v_j|²``, ``V_o = Σ x_j v_j`` over the features where
@@ -91,9 +89,22 @@ def split_user(
     return out
 
 
-def compose_user_parts(
+def _terms_from_parts(
     own: np.ndarray, w: np.ndarray, v: np.ndarray, x: np.ndarray
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(W, ½(|V|² − S), V)`` in float64 from an own part ``[W_o, S_o, V_o]`` and shared rows
+    (shapes as in :func:`compose_user_parts`): what both entity sides compose from parts."""
+    o = np.asarray(own, dtype=np.float64)
+    x64 = np.asarray(x, dtype=np.float64)
+    xv = np.asarray(v, dtype=np.float64) * x64[..., None]
+    vec = o[:, 2:] + xv.sum(axis=1)
+    sq = o[:, 1] + np.einsum("nld,nld->n", xv, xv)
+    lin = o[:, 0] + np.einsum("nl,nl->n", np.asarray(w, dtype=np.float64), x64)
+    cross = 0.5 * (np.einsum("nd,nd->n", vec, vec) - sq)
+    return lin, cross, vec
+
+
+def compose_user_parts(own: np.ndarray, w: np.ndarray, v: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``E_user`` from the user's own part (:func:`split_user`) and its shared feature rows.
 
     With ``W = W_o + Σ x_s w_s``, ``V = V_o + Σ x_s v_s``, ``S = S_o + Σ x_s² |v_s|²``:
@@ -104,14 +115,7 @@ def compose_user_parts(
         own: float32 ``(n, d + 2)`` = ``[W_o, S_o, V_o]``.
         w, v, x: the shared rows of each user, ``(n, L)``, ``(n, L, d)``, ``(n, L)`` (x = 0 pads).
     """
-    o = np.asarray(own, dtype=np.float64)
-    x64 = np.asarray(x, dtype=np.float64)
-    xv = np.asarray(v, dtype=np.float64) * x64[..., None]
-    vec = o[:, 2:] + xv.sum(axis=1)
-    sq = o[:, 1] + np.einsum("nld,nld->n", xv, xv)
-    lin = o[:, 0] + np.einsum("nl,nl->n", np.asarray(w, dtype=np.float64), x64)
-    cross = 0.5 * (np.einsum("nd,nd->n", vec, vec) - sq)
-    return compose_user(lin, cross, vec)
+    return compose_user(*_terms_from_parts(own, w, v, x))
 
 
 def split_item(w: np.ndarray, v: np.ndarray, x: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -120,9 +124,7 @@ def split_item(w: np.ndarray, v: np.ndarray, x: np.ndarray, own: np.ndarray) -> 
     return split_user(w, v, x, own)
 
 
-def compose_item_parts(
-    own: np.ndarray, w: np.ndarray, v: np.ndarray, x: np.ndarray
-) -> np.ndarray:
+def compose_item_parts(own: np.ndarray, w: np.ndarray, v: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``E_item`` from the item's own part (:func:`split_item`) and its shared feature rows.
 
     ``E_item = [W + ½(|V|² − S), 1, V]`` with ``W``, ``V``, ``S`` as in
@@ -134,14 +136,7 @@ def compose_item_parts(
         own: float32 ``(n, d + 2)`` = ``[W_o, S_o, V_o]``.
         w, v, x: the shared rows of each item, ``(n, L)``, ``(n, L, d)``, ``(n, L)`` (x = 0 pads).
     """
-    o = np.asarray(own, dtype=np.float64)
-    x64 = np.asarray(x, dtype=np.float64)
-    xv = np.asarray(v, dtype=np.float64) * x64[..., None]
-    vec = o[:, 2:] + xv.sum(axis=1)
-    sq = o[:, 1] + np.einsum("nld,nld->n", xv, xv)
-    lin = o[:, 0] + np.einsum("nl,nl->n", np.asarray(w, dtype=np.float64), x64)
-    cross = 0.5 * (np.einsum("nd,nd->n", vec, vec) - sq)
-    return compose_item(lin, cross, vec)
+    return compose_item(*_terms_from_parts(own, w, v, x))
 
 
 def context_query(e_user: np.ndarray, ctx_lin: np.ndarray, ctx_vec: np.ndarray) -> np.ndarray:
