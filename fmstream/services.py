@@ -6,10 +6,11 @@ CLI that started it), with its data, logs and a pid file under ``settings.run_di
 
     run_dir/kafka/  server.properties  log4j2.xml  cluster.id  kafka.pid  kafka.out
                     logs/server.log (the broker's log)  data/ (its log.dirs)
-    run_dir/redis/  redis.conf  redis.pid  redis.log  appendonlydir/
+    run_dir/redis/  redis.conf  redis.pid  redis.log  (appendonlydir/ with aof)
 
 :func:`down` stops only what a pid file in ``run_dir`` says was started there. The stop/start
-helpers keep the data folders, so "broker restarted" and "Redis restarted" keep their data.
+helpers keep the data folders, so a restarted broker keeps its data (Redis too with
+``redis_persistence=aof``; by default it has none and starts empty: the trainer republishes).
 Every wait is bounded and fails with a :class:`ServiceError` naming the log file to read.
 """
 
@@ -776,18 +777,31 @@ def _redis_conf(settings: Settings, security: LocalSecurity | None = None) -> st
             f"dir {quoted(home)}",
             f"logfile {quoted(home / 'redis.log')}",
             "loglevel notice",
-            # The append-only file is the persistence; a restart replays it. Redis rewrites it
-            # (a fork plus a child writing the whole data set, seconds of a core) each time it
-            # doubled; at the publisher's write rate that was every 20-40 s (bench/RESULTS.md
-            # 'Redis AOF bytes by kind'), so the file may grow to this size first (README).
-            "appendonly yes",
-            "appendfsync everysec",
-            "auto-aof-rewrite-percentage 100",
-            f"auto-aof-rewrite-min-size {settings.redis_aof_rewrite_min_mb}mb",
-            'save ""',
+            *_redis_persistence_conf(settings),
+            'save ""',  # never RDB snapshots (each one forks Redis like an AOF rewrite)
             "",
         ]
     )
+
+
+def _redis_persistence_conf(settings: Settings) -> list[str]:
+    """The persistence lines of the local Redis (README 'Redis persistence').
+
+    ``none``: everything fmstream keeps in Redis is rebuilt by the trainer (the publisher
+    republishes from the model when its version is gone; the lease and worker registrations are
+    re-taken and re-written within seconds), so the store is a cache: no disk writes, no forks.
+    ``aof``: the append-only file; a clean restart replays it. Redis rewrites it (a fork plus a
+    child writing the whole data set, seconds of a core) each time it doubled past
+    ``redis_aof_rewrite_min_mb`` (bench/RESULTS.md 'Redis AOF bytes by kind').
+    """
+    if settings.redis_persistence == "none":
+        return ["appendonly no"]
+    return [
+        "appendonly yes",
+        "appendfsync everysec",
+        "auto-aof-rewrite-percentage 100",
+        f"auto-aof-rewrite-min-size {settings.redis_aof_rewrite_min_mb}mb",
+    ]
 
 
 def _local_redis(settings: Settings) -> RedisConfig:
@@ -849,7 +863,8 @@ def start_redis(
 ) -> int:
     """Start the local ``redis-server`` (or return the pid of the one already started here).
 
-    Append-only persistence in ``run_dir/redis``: a restart keeps every key.
+    Persistence as ``settings.redis_persistence``: ``none`` (default) starts empty after every
+    restart (the trainer republishes); ``aof`` keeps every key in ``run_dir/redis``.
 
     Returns:
         The server's pid.
@@ -902,10 +917,11 @@ def start_redis(
 def stop_redis(
     settings: Settings, *, timeout_s: float = STOP_TIMEOUT_S, kill: bool = False
 ) -> bool:
-    """Stop the Redis started from this ``run_dir`` (SIGTERM flushes the append-only file).
+    """Stop the Redis started from this ``run_dir`` (SIGTERM flushes the append-only file when
+    ``redis_persistence`` is ``aof``; with ``none`` its keys are gone).
 
     Args:
-        kill: SIGKILL at once, as a crash would (up to a second of writes may be lost).
+        kill: SIGKILL at once, as a crash would (with ``aof`` up to a second of writes is lost).
 
     Returns:
         Whether a server was stopped.

@@ -56,9 +56,15 @@ class Settings(BaseSettings):
     kafka_port: int = Field(9092, description="port of the local broker started by `up`")
     kafka_controller_port: int = Field(9093, description="KRaft controller port of `up`'s broker")
     redis_port: int = Field(6379, description="port of the local Redis started by `up`")
+    redis_persistence: Literal["none", "aof"] = Field(
+        "none", description="local Redis: 'none' (default: no AOF, no RDB; a restart starts "
+        "empty and the publisher republishes everything from the model) or 'aof' (append-only "
+        "file: a clean restart keeps the store; rewrites fork Redis; README 'Redis persistence')"
+    )
     redis_aof_rewrite_min_mb: int = Field(
-        2048, ge=64, description="local Redis: no automatic AOF rewrite before the file reaches "
-        "this size (each rewrite forks Redis and rewrites the whole data set; README)"
+        2048, ge=64, description="local Redis with redis_persistence=aof: no automatic AOF "
+        "rewrite before the file reaches this size (each rewrite forks Redis and rewrites the "
+        "whole data set; README)"
     )
     kafka_libs: Path = Field(
         Path("infra/kafka/target/libs"), description="folder of the Kafka jars (make kafka)"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 
+from fmstream import services as fm_services
 from fmstream.app import run_trainer, run_worker
 from fmstream.monitor import read_lag, version_warnings
 from fmstream.settings import Settings
@@ -183,3 +184,55 @@ def test_lag_warns_when_a_worker_serves_a_version_the_store_no_longer_has(
     reader.set_worker_version("fresh", 3)
     report = read_lag(settings)
     assert any("holds no item version" in p for p in report.problems)
+
+
+def test_redis_killed_and_restarted_empty_recovers_by_itself(
+    loop: Loop, services: Settings
+) -> None:
+    """kill -9 of redis-server while the trainer and a worker run, then a new one on the same
+    port with the default persistence (none: it starts empty). Without any other action: requests
+    meanwhile get an answer (an error with its code while Redis is away, never a hang), u2i
+    answers normally again, versions keep increasing, the trainer holds its lease again, the
+    worker registers again, and events sent after the restart are all applied (positions live in
+    Kafka and the checkpoint, not in Redis)."""
+    settings = loop.settings
+    assert services.redis_persistence == "none"
+    client_redis, store = fed_store(settings)
+    lease_key = settings.redis_keys().trainer_lease()
+    with FmClient(settings) as client:
+        wait_for(lambda: answers_normally(client), 60, "u2i answers before the kill")
+        before = store.current_item_version()
+        assert before is not None
+        holder = client_redis.get(lease_key)
+        assert holder is not None
+        assert fm_services.stop_redis(services, kill=True)
+        try:
+            # Redis is away: every request still gets a response, an error naming its code
+            down = client.request_many(
+                [{"type": "u2i", "user_id": u, "k": 5} for u in USERS], timeout=30
+            )
+            assert all(r is not None for r in down), "a request hung while Redis was away"
+            for r in down:  # the store read failed: the worker's backend-fault code
+                assert r.error is not None and r.error.code == "internal", r
+                assert "ConnectionError" in r.error.message
+        finally:
+            fm_services.start_redis(services)
+        wait_for(lambda: (store.current_item_version() or 0) > before, 60,
+                 "the publisher to republish above the version before the kill")
+        wait_for(lambda: answers_normally(client), 60, "u2i answers after the restart")
+        after = store.current_item_version()
+        assert after is not None and after > before
+        wait_for(lambda: client_redis.get(lease_key) == holder, 30,
+                 "the trainer to hold its lease again")
+        wait_for(lambda: min(store.worker_versions().values(), default=-1) >= after, 60,
+                 "the worker to register again at the republished version")
+        versions = {r.model_version for r in client.request_many(
+            [{"type": "u2i", "user_id": u, "k": 5} for u in USERS], timeout=10) if r}
+        assert versions and min(versions) >= after
+        # nothing lost: events sent after the restart are applied on top of the 3,000 before
+        producer = make_producer(settings.kafka_config())
+        produce_events(producer, settings.topics(), STREAM.events(1000))
+        producer.close()
+        wait_for(lambda: int(store.get_status().get("events_applied", 0)) == 4000, 120,
+                 "the trainer to apply the events sent after the restart")
+        assert (store.current_item_version() or 0) >= after
