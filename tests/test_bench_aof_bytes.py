@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -40,7 +41,21 @@ def test_parser_rejects_what_is_not_resp() -> None:
         parse_resp_commands(b"SET a b\r\n", b"")
 
 
+@pytest.fixture
+def aof_on(redis_client: redis.Redis) -> Iterator[None]:
+    """The session's Redis has no persistence (the default): AOF on for one test, then off."""
+    redis_client.config_set("appendonly", "yes")
+    # turning it on starts a rewrite that writes the base file: wait for its state, not a time
+    while (info := redis_client.info("persistence"))["aof_rewrite_in_progress"] or info.get(
+        "aof_rewrite_scheduled"
+    ) or not info["aof_enabled"]:
+        time.sleep(0.05)
+    yield
+    redis_client.config_set("appendonly", "no")
+
+
 @pytest.mark.integration
+@pytest.mark.usefixtures("aof_on")
 def test_window_counts_writes_across_an_aof_rewrite(
     redis_client: redis.Redis, settings: Settings
 ) -> None:

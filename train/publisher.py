@@ -126,7 +126,12 @@ class Publisher:
     # --- fed by the trainer ----------------------------------------------------------------
 
     def applied(self, events: EventColumns | Sequence[Event]) -> None:
-        """Remember who was active and record their recent positive items as history."""
+        """Remember who was active and record their recent positive items as history.
+
+        All or nothing for the history counts: when the history write raises (Redis away), the
+        caller hands the same events over again later (``GuardedSink``), so they are counted as
+        seen (and taken off a republish's skip) only once the write succeeded.
+        """
         t0 = time.perf_counter()
         if isinstance(events, EventColumns):
             users, items, labels = events.user_ids, events.item_ids, events.labels
@@ -134,19 +139,20 @@ class Publisher:
             users, items = [e.user_id for e in events], [e.item_id for e in events]
             labels = np.array([e.label for e in events])
         self._active.update(users)
+        self._items_dirty = True
         positives = np.flatnonzero(labels == 1).tolist()
-        self._positives_seen += len(positives)
-        if self._history_skip and positives:  # already in the republished histories
-            skip = min(self._history_skip, len(positives))
-            self._history_skip -= skip
-            positives = positives[skip:]
+        seen = len(positives)
+        # the first ones may be in the republished histories already
+        skip = min(self._history_skip, seen)
+        positives = positives[skip:]
         if positives:
             if len(positives) == len(users):
                 pos_users, pos_items = users, items
             else:
                 pos_users, pos_items = [users[j] for j in positives], [items[j] for j in positives]
             self.store.push_history(pos_users, pos_items, self.config.history_len)
-        self._items_dirty = True
+        self._positives_seen += seen
+        self._history_skip -= skip
         self._spent["history"] += time.perf_counter() - t0
 
     def profiles_changed(self, user_ids: Sequence[str]) -> None:

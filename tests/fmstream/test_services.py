@@ -1,4 +1,5 @@
-"""Local services: topics, idempotent `up`, a foreign client, restarts that keep data."""
+"""Local services: topics, idempotent `up`, a foreign client, restarts (Kafka keeps its data;
+Redis starts empty by default and keeps its data with AOF)."""
 
 from __future__ import annotations
 
@@ -134,30 +135,51 @@ def test_kcat_sees_the_broker_and_exchanges_messages(settings: Settings, kafka_i
     assert read.stdout.splitlines() == ["k1=from-kcat", "k2=from-python"]
 
 
-def test_redis_restart_keeps_data(
+def test_redis_restarts_empty_by_default(
     services: Settings, settings: Settings, redis_client: redis.Redis
 ) -> None:
+    """No persistence (README 'Redis persistence'): no AOF, no RDB saves, a restart is empty."""
+    assert services.redis_persistence == "none"
+    assert redis_client.config_get("appendonly")["appendonly"] == "no"
+    assert redis_client.config_get("save")["save"] == ""
     key = settings.redis_key("restart")
-    redis_client.set(key, b"kept")
-    assert svc.stop_redis(services)
+    redis_client.set(key, b"gone")
+    assert svc.stop_redis(services, kill=True)
     assert not svc.port_open(services.redis_port)
     svc.start_redis(services)
-    assert redis_client.get(key) == b"kept"  # the same client reconnects
+    assert redis_client.get(key) is None  # the same client reconnects to an empty store
+    assert not (svc.redis_dir(services) / "appendonlydir").exists()
 
 
-def test_local_redis_rewrites_its_aof_only_past_the_configured_size(
-    services: Settings, redis_client: redis.Redis, tmp_path: Path
+def test_redis_with_aof_keeps_data_and_rewrites_only_past_the_configured_size(
+    services: Settings, tmp_path: Path
 ) -> None:
-    """The running Redis took the settings' rewrite threshold (bytes), and another value is
-    written into the config of a Redis started with it."""
-    got = redis_client.config_get("auto-aof-rewrite-min-size")["auto-aof-rewrite-min-size"]
-    assert int(got) == services.redis_aof_rewrite_min_mb << 20
-    assert redis_client.config_get("appendonly")["appendonly"] == "yes"
-    other = services.model_copy(update={"redis_aof_rewrite_min_mb": 100, "run_dir": tmp_path})
-    conf = svc._redis_conf(other).splitlines()
+    """``redis_persistence=aof``: a restart replays the append-only file; the rewrite threshold
+    of the settings is the server's."""
+    port = _free_port()
+    own = services.model_copy(update={
+        "run_dir": tmp_path, "redis_port": port, "redis_persistence": "aof",
+        "redis_aof_rewrite_min_mb": 100, "redis_url": f"redis://{svc.LOOPBACK}:{port}/0",
+    })
+    conf = svc._redis_conf(own).splitlines()
     assert "auto-aof-rewrite-min-size 100mb" in conf and "appendonly yes" in conf
+    svc.start_redis(own)
+    client = redis.Redis(host=svc.LOOPBACK, port=port)
+    try:
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert int(client.config_get("auto-aof-rewrite-min-size")[
+            "auto-aof-rewrite-min-size"]) == 100 << 20
+        client.set("restart", b"kept")
+        assert svc.stop_redis(own)  # SIGTERM: the AOF is flushed
+        svc.start_redis(own)
+        assert client.get("restart") == b"kept"
+    finally:
+        client.close()
+        svc.stop_redis(own)
     with pytest.raises(ValueError, match="redis_aof_rewrite_min_mb"):
         Settings(redis_aof_rewrite_min_mb=1)
+    with pytest.raises(ValueError, match="redis_persistence"):
+        Settings(redis_persistence="rdb")
 
 
 def test_kafka_restart_keeps_messages(

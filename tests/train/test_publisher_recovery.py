@@ -4,6 +4,8 @@ record (its vector now reads the id fallback row)."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import redis
@@ -115,3 +117,47 @@ def test_a_republish_never_repeats_positives_whose_hand_over_was_in_flight(
     assert raw("u1") == ["i6", "i4", "i1"]
     assert raw("u2") == ["i7", "i5", "i2"]
     assert raw("old") == ["o3", "o2", "o1"]
+
+
+def test_a_history_write_that_failed_is_counted_once_when_handed_over_again(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Redis went away in the middle of a hand-over: ``applied`` raised and the trainer's
+    ``GuardedSink`` hands the same events over again once Redis answers (an empty Redis after a
+    restart without persistence). Those positives count once, so a republish that follows still
+    skips exactly the hand-overs in flight (no positive pushed twice)."""
+    keys = settings.redis_keys()
+    writer = StoreWriter(redis_client, keys, 3)
+    with socket.socket() as sock:  # a port nobody listens on: a real refused connection
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    away = StoreWriter(redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1.0),
+                       keys, 3)
+    model = OnlineFM(config=TrainConfig(dim=4, recent_items=8))
+    pub = Publisher(PublishConfig(history_len=8, lost_check_s=0.0), writer, model)
+    a, b, d = [Ev("u1", "i1"), Ev("u2", "i2")], [Ev("u1", "i3"), Ev("u2", "i4")], [Ev("u1", "i5")]
+
+    def learn(batch: list[Ev]) -> None:
+        model.learn_many([e.user_id for e in batch], [e.item_id for e in batch])
+
+    learn(a)
+    pub.applied(a)
+    pub.tick(1.0)  # the first version (into an empty Redis: everything)
+    republished = pub.republished
+    learn(b)
+    pub.store = away
+    with pytest.raises(redis.ConnectionError):
+        pub.applied(b)  # Redis away: the history write raised
+    pub.store = writer
+    redis_client.flushall()  # it comes back empty
+    pub.applied(b)  # handed over again
+    learn(d)  # learned; its hand-over is in flight when the publisher notices the loss
+    pub.tick(2.0)
+    assert pub.republished == republished + 1
+    pub.applied(d)
+
+    def raw(user: str) -> list[str]:
+        return [v.decode() for v in redis_client.lrange(keys.history(user), 0, -1)]
+
+    assert raw("u1") == ["i5", "i3", "i1"]
+    assert raw("u2") == ["i4", "i2"]
