@@ -15,6 +15,12 @@ cadences, feeds a synthetic stream (profiles + ``--events`` events over ``--user
 2. **FLUSHALL + trainer restart** (``--restarts`` times): SIGTERM the trainer (final checkpoint),
    FLUSHALL, start it again; seconds until the probes answer normally at a version above every
    version served before (versions keep increasing; the worker follows).
+3. **Redis killed and restarted** (``--redis-kills`` times): ``kill -9`` of redis-server while the
+   trainer and the worker run, ``--redis-down-s`` seconds away, then a new one on the same port
+   with the settings' persistence (default none: it starts empty). From the kill: seconds until
+   the store holds a version, the probes answer normally at a version above the one before, the
+   histories are back, the worker follows, the trainer holds its lease again; and what the
+   probes got meanwhile (answers by error code / fallback / normal, and unanswered within 2 s).
 
 Probes are sent in rounds (one round = all probes at once, answered or timed out within 2 s);
 the figures are the end of the first all-normal round, so they include up to one round of
@@ -26,12 +32,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +62,9 @@ log = logging.getLogger("bench.recovery")
 
 COLUMNS = ["case", "#", "store has a version s", "u2i normal s", "histories back s",
            "worker follows s", "version before -> after", "first probe round normal"]
+KILL_COLUMNS = ["#", "Redis away s", "store has a version s", "u2i normal s",
+                "histories back s", "worker follows s", "lease back s",
+                "version before -> after", "probe answers meanwhile"]
 
 
 def spawn(settings: Settings, command: str, log_path: Path) -> subprocess.Popen:
@@ -89,6 +100,7 @@ class Probe:
         self.client, self.users, self.k = client, users, k
         self.rounds = 0
         self.last_versions: set[int] = set()
+        self.outcomes: Counter[str] = Counter()  # what the answers were, since the last reset
 
     def normal(self, min_version: int = 0) -> bool:
         self.rounds += 1
@@ -96,6 +108,15 @@ class Probe:
             [{"type": "u2i", "user_id": u, "k": self.k} for u in self.users], timeout=2.0
         )
         self.last_versions = {a.model_version for a in answers if a and a.model_version}
+        for a in answers:
+            if a is None:
+                self.outcomes["no answer in 2 s"] += 1
+            elif a.error is not None:
+                self.outcomes[f"error {a.error.code}"] += 1
+            elif a.fallback is not None:
+                self.outcomes[f"fallback {a.fallback}"] += 1
+            else:
+                self.outcomes["normal" if len(a.items) == self.k else "short"] += 1
         return all(
             a is not None and a.error is None and a.fallback is None and len(a.items) == self.k
             and (a.model_version or 0) >= min_version
@@ -111,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=64, help="users asked each round")
     ap.add_argument("--flushes", type=int, default=3)
     ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--redis-kills", type=int, default=2,
+                    help="kill -9 of redis-server, then a new one (empty by default)")
+    ap.add_argument("--redis-down-s", type=float, default=2.0,
+                    help="how long Redis stays away after each kill")
+    ap.add_argument("--setup-timeout", type=float, default=900.0)
+    ap.add_argument("--redis-persistence", choices=["none", "aof"], default="none",
+                    help="FMSTREAM_REDIS_PERSISTENCE of the bench's Redis")
     ap.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args(argv)
@@ -118,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-recovery-"))
     settings = bench_settings(
-        run_dir, ports=(26092, 26093, 26379), schema_path=ROOT / "config" / "synthetic.toml"
+        run_dir, ports=(26092, 26093, 26379), schema_path=ROOT / "config" / "synthetic.toml",
+        redis_persistence=args.redis_persistence,
     )
     rows: list[list] = []
+    kills: list[list] = []
     try:
         log.info("services: %s", services.up(settings))
         stream = SyntheticStream(users=args.users, items=args.items, clusters=10, seed=7)
@@ -133,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         events = list(stream.events(args.events))
         produce_events(producer, settings.topics(), events)
         producer.close()
-        wait(lambda: int(store.get_status().get("events_applied", 0) or 0) >= args.events, 900,
-             "the trainer to apply the stream", step_s=0.5)
-        clicked = list(dict.fromkeys(e["user_id"] for e in events[-20_000:]
-                                     if e.get("label", 1) == 1))
-        users = clicked[: args.probes]
+        wait(lambda: int(store.get_status().get("events_applied", 0) or 0) >= args.events,
+             args.setup_timeout, "the trainer to apply the stream", step_s=0.5)
+        clicked = sorted({e["user_id"] for e in events if e.get("label", 1) == 1})
+        # arbitrary users with a history (any of them may be the last a republish writes)
+        pick = random.Random(3).sample(range(len(clicked)), min(args.probes, len(clicked)))
+        users = [clicked[j] for j in pick]
+        del events
         with FmClient(settings) as client:
             probe = Probe(client, users)
             wait(probe.normal, 120, "u2i answers before any flush", step_s=0.2)
@@ -193,7 +225,45 @@ def main(argv: list[str] | None = None) -> int:
                              round(t_normal, 2), round(t_hist, 2), round(t_follow, 2),
                              f"v{served} -> v{after}", False])
                 log.info("restart %d: %s", n, rows[-1])
+            lease_key = settings.redis_keys().trainer_lease()
+            for n in range(1, args.redis_kills + 1):
+                time.sleep(3.0)
+                histories = store.get_histories(users)
+                before = store.current_item_version() or 0
+                probe.outcomes.clear()
+                services.stop_redis(settings, kill=True)
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < args.redis_down_s:  # Redis away: ask anyway
+                    probe.normal()
+                services.start_redis(settings)
+                away = time.monotonic() - t0
+                # none: an empty store, the trainer must publish above `before`; aof: the file
+                # may hold `before` (then nothing needs republishing)
+                need = before + 1 if store.current_item_version() != before else before
+                t_version = t_normal = None
+                while t_normal is None:
+                    if t_version is None and (store.current_item_version() or 0) >= need:
+                        t_version = time.monotonic() - t0
+                    if probe.normal(min_version=need):
+                        t_normal = time.monotonic() - t0
+                    elif time.monotonic() - t0 > args.setup_timeout:
+                        raise TimeoutError("u2i not normal after the Redis restart")
+                meanwhile = ", ".join(f"{k} {v}" for k, v in probe.outcomes.most_common())
+                t_version = t_normal if t_version is None else t_version
+                wait(lambda h=histories: store.get_histories(users) == h, 120, "histories back")
+                t_hist = time.monotonic() - t0
+                after = store.current_item_version() or 0
+                wait(lambda a=after: min(store.worker_versions().values(), default=-1) >= a, 60,
+                     "the worker to follow")
+                t_follow = time.monotonic() - t0
+                wait(lambda: r.get(lease_key) is not None, 60, "the trainer lease back")
+                t_lease = time.monotonic() - t0
+                kills.append([n, round(away, 2), round(t_version, 2), round(t_normal, 2),
+                              round(t_hist, 2), round(t_follow, 2), round(t_lease, 2),
+                              f"v{before} -> v{after}", meanwhile])
+                log.info("redis kill %d: %s", n, kills[-1])
         assert worker.poll() is None, "the worker died"
+        assert trainer.poll() is None, "the trainer died"
         stop(worker)
         stop(trainer)
     finally:
@@ -203,12 +273,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("run folder kept: %s", run_dir)
     print_table("Recovery after Redis FLUSHALL (bench/recovery.py)", COLUMNS, rows)
+    kill_title = (f"Redis killed (kill -9) and restarted with persistence "
+                  f"'{settings.redis_persistence}' (bench/recovery.py)")
+    if kills:
+        print_table(kill_title, KILL_COLUMNS, kills)
     idle = [row[3] for row in rows if row[0].startswith("FLUSHALL, idle")]
     restart = [row[3] for row in rows if "restart" in row[0]]
     summary = summary_line(
         users=args.users, items=args.items, events=args.events, probes=args.probes,
         flush_u2i_normal_max_s=max(idle, default=float("nan")),
         restart_u2i_normal_max_s=max(restart, default=float("nan")),
+        redis_kill_u2i_normal_max_s=max((k[3] for k in kills), default=float("nan")),
+        redis_persistence=settings.redis_persistence,
         load=os.getloadavg()[0],
     )
     print(summary)
@@ -222,7 +298,21 @@ def main(argv: list[str] | None = None) -> int:
             "With a restart, times include the trainer's start (checkpoint load) and the version "
             "must be above every version served before."
         )
-        record("Recovery after Redis FLUSHALL (bench/recovery.py)", COLUMNS, rows, summary, notes)
+        if rows:
+            record("Recovery after Redis FLUSHALL (bench/recovery.py)", COLUMNS, rows, summary,
+                   notes)
+        if kills:
+            record(kill_title, KILL_COLUMNS, kills, summary, (
+                f"{args.users:,} users x {args.items:,} items, {args.events:,} events. "
+                f"redis-server got SIGKILL while trainer and worker ran, stayed away "
+                f"{args.redis_down_s:g} s (probe rounds meanwhile), then a new one started on the "
+                f"same port with redis_persistence={settings.redis_persistence}; times from the "
+                "kill; 'u2i normal' = every probe (arbitrary users with a history) answered "
+                "with k items from its vector at a version above the one before the kill "
+                "(with aof and nothing lost no new version is needed: then the first normal "
+                "round at any version); 'probe answers meanwhile' counts every probe answer "
+                "from the kill to the first all-normal round. " + notes.split(". ", 1)[0] + "."
+            ))
     return 0
 
 

@@ -509,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-max-age-s", type=float, default=5.0,
                         help="e2e: FMSTREAM_ITEM_MAX_AGE_S")
     parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")
+    parser.add_argument("--redis-persistence", choices=["none", "aof"], default=None,
+                        help="e2e: FMSTREAM_REDIS_PERSISTENCE of the bench's Redis (default: "
+                        "the settings' default, none); 'aof' measures the AOF bytes by kind "
+                        "and allows --redis-aof-rewrite")
     parser.add_argument("--redis-aof-rewrite", choices=["default", "off", "mid"],
                         default="default",
                         help="e2e: Redis' automatic AOF rewrite ('off': CONFIG SET "
@@ -517,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(BGREWRITEAOF) halfway through the phase, the probes near it in rows "
                         "of their own)")
     args = parser.parse_args(argv)
+    if args.redis_aof_rewrite != "default" and args.redis_persistence != "aof":
+        parser.error("--redis-aof-rewrite needs --redis-persistence aof (the default has no AOF)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
     if args.part == "publish":

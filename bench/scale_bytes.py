@@ -51,6 +51,7 @@ def part_bytes(args: argparse.Namespace) -> None:
     settings = bench_settings(
         run_dir, ports=(26092, 26093, 26379), schema_path=root / "config" / "synthetic.toml",
         publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
+        redis_persistence="aof",  # the instrument: the bytes are read from the AOF
     )
     model = new_model(settings)
     synthetic_shop(model, args.users, args.items)

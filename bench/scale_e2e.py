@@ -13,6 +13,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,7 +319,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         publish_items_s=args.publish_items_s, publish_active_s=args.publish_active_s,
         swap_poll_s=0.1, item_tolerance=args.item_tolerance, item_max_age_s=args.item_max_age_s,
         item_delta_form=args.item_delta_form,
+        **({} if args.redis_persistence is None else {"redis_persistence": args.redis_persistence}),
     )
+    aof_on = settings.redis_persistence == "aof"
     procs = {}
     ok = False
     loop = None
@@ -375,7 +378,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         v0 = store.current_item_version() or 0
         mem0 = store.redis.info("stats").get("total_net_input_bytes", 0)
         rewrites0 = store.redis.info("persistence").get("aof_rewrites", 0)
-        aof = AofWindow.start(store.redis, settings.redis_prefix)
+        aof = AofWindow.start(store.redis, settings.redis_prefix) if aof_on else None
+        saves0 = store.redis.info("persistence").get("rdb_saves", 0)
 
         worker_log = run_dir / "worker.log"
         at_busy = worker_log.stat().st_size
@@ -396,7 +400,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         cpu["redis"] = (cpu_seconds(redis_pid) - cpu0["redis"]) / wall
         redis_in = (store.redis.info("stats").get("total_net_input_bytes", 0) - mem0) / wall
         aof_rewrites = store.redis.info("persistence").get("aof_rewrites", 0) - rewrites0
-        aof_sizes, aof_counts, _ = aof.stop()
+        aof_sizes, aof_counts, _ = aof.stop() if aof is not None else (Counter(), Counter(), 0)
+        forks = store.redis.info("persistence").get("rdb_saves", 0) - saves0 + aof_rewrites
         persistence = store.redis.info("persistence")
         redis_mb = (store.redis.info("memory").get("used_memory", 0) / 1e6,
                     persistence.get("aof_current_size", 0) / 1e6)
@@ -465,20 +470,30 @@ def part_e2e(args: argparse.Namespace) -> None:
     title = f"Freshness at {args.users:,} users x {args.items:,} items (bench/scale.py --part e2e)"
     print_table(title, cols, rows)
     aof_total = sum(aof_sizes.values())
-    print_table("Redis AOF bytes appended in the measured phase, by kind of write",
-                ["kind", "MB/s", "bytes / event", "commands / s", "share"],
-                aof_table(aof_sizes, aof_counts, wall, events * wall))
+    if aof_on:
+        print_table("Redis AOF bytes appended in the measured phase, by kind of write",
+                    ["kind", "MB/s", "bytes / event", "commands / s", "share"],
+                    aof_table(aof_sizes, aof_counts, wall, events * wall))
+        persisted = (
+            f"Redis AOF appended {aof_total / wall / 1e6:.2f} MB/s = "
+            f"{aof_total / max(events * wall, 1):.0f} bytes per event (by kind, MB/s: "
+            f"{short_note(aof_sizes, wall)}); Redis data set {redis_mb[0]:.0f} MB, AOF "
+            f"{redis_mb[1]:.0f} MB at the end of the phase; Redis AOF rewrites in the measured "
+            f"phase {aof_rewrites} (automatic rewrite {args.redis_aof_rewrite}; each forks Redis "
+            "and runs a rewrite child on the same cores, not in Redis' CPU figure)"
+        )
+    else:
+        persisted = (
+            f"Redis persistence none (no AOF, no RDB): Redis data set {redis_mb[0]:.0f} MB at "
+            f"the end of the phase; forks of Redis (AOF rewrites + RDB saves) in the measured "
+            f"phase {forks}"
+        )
     notes = (
         "Targets (issue 10): active p50 <= 0.5 s, p99 <= 1.5 s, 0 probes lost, 0 failed over "
         ">= 30 versions, p99 with versions <= 2x without. CPU cores in the measured phase: "
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
-        + f"; Redis input {redis_in / 1e6:.1f} MB/s; Redis AOF appended "
-        f"{aof_total / wall / 1e6:.2f} MB/s = {aof_total / max(events * wall, 1):.0f} bytes per "
-        f"event (by kind, MB/s: {short_note(aof_sizes, wall)}); Redis data set "
-        f"{redis_mb[0]:.0f} MB, AOF {redis_mb[1]:.0f} MB at the end of the phase; Redis AOF "
-        f"rewrites in the measured phase {aof_rewrites} (automatic rewrite "
-        f"{args.redis_aof_rewrite}; each forks Redis and runs a rewrite child on the same "
-        "cores, not in Redis' CPU figure). Settings: "
+        + f"; Redis input {redis_in / 1e6:.1f} MB/s = {redis_in / max(events, 1):.0f} bytes "
+        f"per event; {persisted}. Settings: redis_persistence={settings.redis_persistence}, "
         f"publish_items_s={settings.publish_items_s}, publish_active_s="
         f"{settings.publish_active_s}, swap_poll_s={settings.swap_poll_s}, "
         f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
@@ -499,7 +514,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         active_p50_s=round(pct(fresh_ok, 50), 2), active_p99_s=round(pct(fresh_ok, 99), 2),
         active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
         inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
-        versions=len(swaps), p99_ratio=round(ratio, 2), aof_rewrites=aof_rewrites,
+        versions=len(swaps), p99_ratio=round(ratio, 2), redis_forks=forks,
+        redis_in_bytes_per_event=round(redis_in / max(events, 1)), aof_rewrites=aof_rewrites,
         rewrite_seconds=round(sum(e - b for b, e in rewrite_windows), 1),
         aof_mb_s=round(aof_total / wall / 1e6, 2),
         aof_bytes_per_event=round(aof_total / max(events * wall, 1)),

@@ -73,12 +73,25 @@ def new_model(settings: Settings) -> OnlineFM:
     return OnlineFM(feature_schema(settings), train_config(settings))
 
 
+REDIS_RETRIES = 1
+"""Retries of a Redis command that failed on its connection (then the error is raised).
+
+redis-py's default (10 retries, exponential backoff up to seconds) held every command ~4.7 s on a
+Redis that refused connections (killed, restarting): a worker's requests waited that long for an
+``internal`` error, the publisher thread for its ``GuardedSink`` to take over. One quick retry
+covers a connection Redis closed (idle timeout, a restart already done); an outage is for the
+callers' own handling (error responses, ``GuardedSink``, the lease keeper)."""
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """The trainer's and worker's Redis client (credentials and TLS from the settings)."""
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
     from stream.connect import redis_client as connect
 
     return connect(settings.redis_config(), socket_timeout=10, health_check_interval=10,
-                   retry_on_timeout=True)
+                   retry_on_timeout=True, retry=Retry(ConstantBackoff(0.02), REDIS_RETRIES))
 
 
 def store(settings: Settings):

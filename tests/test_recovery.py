@@ -3,6 +3,7 @@ FLUSHALL plus a trainer restart; `fmstream lag` warns about versions the store n
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +237,39 @@ def test_redis_killed_and_restarted_empty_recovers_by_itself(
         wait_for(lambda: int(store.get_status().get("events_applied", 0)) == 4000, 120,
                  "the trainer to apply the events sent after the restart")
         assert (store.current_item_version() or 0) >= after
+
+
+def test_the_services_redis_client_gives_up_after_one_quick_retry() -> None:
+    """A Redis that is away (killed, restarting) fails a command after one retry, so a worker
+    answers its requests with an error instead of holding them through redis-py's default
+    backoff (10 retries; ~4.7 s per command on a refused connection)."""
+    from fmstream.app import REDIS_RETRIES, redis_client
+
+    accepted = []
+    with socket.socket() as srv:  # accepts and closes at once: a Redis dying under us
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        srv.settimeout(0.2)
+        client = redis_client(Settings(redis_url=f"redis://127.0.0.1:{srv.getsockname()[1]}/0"))
+        assert client.get_retry().get_retries() == REDIS_RETRIES == 1
+        done = threading.Event()
+
+        def accept() -> None:
+            while not done.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                accepted.append(1)
+                conn.close()
+
+        t = threading.Thread(target=accept, daemon=True)
+        t.start()
+        try:
+            with pytest.raises(redis.ConnectionError):
+                client.get("k")
+        finally:
+            done.set()
+            t.join(5)
+    # each attempt opens at most a connection and its re-connect: 2 attempts, not 11
+    assert 1 <= len(accepted) <= 2 * (REDIS_RETRIES + 1)
