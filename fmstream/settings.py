@@ -192,11 +192,13 @@ class Settings(BaseSettings):
     )
 
     # --- publisher ------------------------------------------------------------------------
-    publish_active_s: float = Field(1.0, gt=0, description="cadence of active users' vectors")
+    # 0.1 / 0.5 (and swap_poll_s 0.1): the cadences the 1M-user e2e freshness is measured at
+    # (bench/scale.py --part e2e; README 'Serving: scale'); were 1.0 / 1.0 (and 0.2)
+    publish_active_s: float = Field(0.1, gt=0, description="cadence of active users' records")
     publish_all_s: float = Field(
         60.0, gt=0, description="unused: user vectors are composed, no sweep (kept for configs)"
     )
-    publish_items_s: float = Field(1.0, gt=0, description="cadence of item index snapshots")
+    publish_items_s: float = Field(0.5, gt=0, description="cadence of item versions")
     offline_i2i_s: float = Field(
         1.0, gt=0, description="cadence of incremental offline i2i refreshes"
     )
@@ -245,7 +247,7 @@ class Settings(BaseSettings):
     )
     max_k: int = Field(1000, ge=1)
     worker_metrics_port: int = Field(0, description="Prometheus port of a worker (0 = off)")
-    swap_poll_s: float = Field(0.2, gt=0, description="how often a worker looks for a snapshot")
+    swap_poll_s: float = Field(0.1, gt=0, description="how often a worker looks for a version")
     worker_session_timeout_ms: int = Field(
         10_000, ge=1000, description="a dead worker's partitions move after this long"
     )

@@ -43,7 +43,7 @@ class ServingConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 64
     hnsw_rebuild_s: float = 300.0
-    swap_poll_s: float = 0.2
+    swap_poll_s: float = 0.1
 
 
 @dataclass(frozen=True)

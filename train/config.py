@@ -58,9 +58,9 @@ class TrainerConfig:
 class PublishConfig:
     """Cadences and sizes of what the publisher writes to Redis (seconds unless named)."""
 
-    publish_active_s: float = 1.0
+    publish_active_s: float = 0.1
     publish_all_s: float = 60.0
-    publish_items_s: float = 1.0
+    publish_items_s: float = 0.5
     offline_i2i_s: float = 60.0
     offline_i2i_k: int = 20
     history_len: int = 50
