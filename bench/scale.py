@@ -480,7 +480,7 @@ def part_users(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["publish", "users", "e2e", "versions", "follow",
-                                                   "bytes"],
+                                                   "bytes", "republish"],
                         required=True)
     parser.add_argument("--rounds", type=int, default=2, help="follow: quiet/versions rounds")
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -535,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.scale_bytes import part_bytes
 
         part_bytes(args)
+    elif args.part == "republish":
+        from bench.scale_republish import part_republish
+
+        part_republish(args)
     elif args.part == "follow":
         from bench.scale_follow import part_follow
 
