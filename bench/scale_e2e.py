@@ -320,6 +320,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         swap_poll_s=0.1, item_tolerance=args.item_tolerance, item_max_age_s=args.item_max_age_s,
         item_delta_form=args.item_delta_form,
         **({} if args.redis_persistence is None else {"redis_persistence": args.redis_persistence}),
+        **({} if args.offline_i2i_s is None else {"offline_i2i_s": args.offline_i2i_s}),
     )
     aof_on = settings.redis_persistence == "aof"
     procs = {}
@@ -494,7 +495,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
         + f"; Redis input {redis_in / 1e6:.1f} MB/s = {redis_in / max(events, 1):.0f} bytes "
         f"per event; {persisted}. Settings: redis_persistence={settings.redis_persistence}, "
-        f"publish_items_s={settings.publish_items_s}, publish_active_s="
+        f"publish_items_s={settings.publish_items_s}, offline_i2i_s={settings.offline_i2i_s}, "
+        f"publish_active_s="
         f"{settings.publish_active_s}, swap_poll_s={settings.swap_poll_s}, "
         f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
         f"item_max_age_s={settings.item_max_age_s}, trainer_nice={settings.trainer_nice}, "
