@@ -16,6 +16,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from fmstream import services as svc
 from fmstream.settings import Settings
 from stream.connect import RedisConfig
+from stream.connect import redis_client as connect_redis
 from tests.kafka_helpers import KafkaIO
 
 
@@ -164,7 +165,7 @@ def test_redis_with_aof_keeps_data_and_rewrites_only_past_the_configured_size(
     conf = svc._redis_conf(own).splitlines()
     assert "auto-aof-rewrite-min-size 100mb" in conf and "appendonly yes" in conf
     svc.start_redis(own)
-    client = redis.Redis(host=svc.LOOPBACK, port=port)
+    client = connect_redis(own.redis_config())
     try:
         assert client.config_get("appendonly")["appendonly"] == "yes"
         assert int(client.config_get("auto-aof-rewrite-min-size")[

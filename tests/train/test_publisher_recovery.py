@@ -15,6 +15,7 @@ from model import FeatureSchema
 from model.online import OnlineFM, TrainConfig
 from serving.follow import IndexFollower
 from serving.store import VectorStore
+from stream.connect import redis_client as connect_redis
 from train.config import PublishConfig
 from train.publisher import Publisher
 from train.store_writer import StoreWriter
@@ -131,8 +132,8 @@ def test_a_history_write_that_failed_is_counted_once_when_handed_over_again(
     with socket.socket() as sock:  # a port nobody listens on: a real refused connection
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    away = StoreWriter(redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1.0),
-                       keys, 3)
+    away_conf = Settings(redis_url=f"redis://127.0.0.1:{port}/0").redis_config()
+    away = StoreWriter(connect_redis(away_conf, socket_connect_timeout=1.0), keys, 3)
     model = OnlineFM(config=TrainConfig(dim=4, recent_items=8))
     pub = Publisher(PublishConfig(history_len=8, lost_check_s=0.0), writer, model)
     a, b, d = [Ev("u1", "i1"), Ev("u2", "i2")], [Ev("u1", "i3"), Ev("u2", "i4")], [Ev("u1", "i5")]
