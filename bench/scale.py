@@ -483,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "bytes", "republish"],
                         required=True)
     parser.add_argument("--rounds", type=int, default=2, help="follow: quiet/versions rounds")
+    parser.add_argument("--switch-ms", nargs="+", default=["5"],
+                        help="follow: GIL switch interval(s) in ms, each a quiet/versions pair")
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--changed", type=int, nargs="+", default=[1000, 10_000, 100_000])

@@ -273,12 +273,16 @@ def worker_note(windows: list[dict[str, float]]) -> tuple[str, dict[str, float]]
     stats = {
         "busy_p99_ms": worst("busy_p99_ms"), "blocked_p99_ms": worst("blocked_p99_ms"),
         "runq_p99_ms": worst("runq_p99_ms"), "queued_p99_ms": worst("queued_p99_ms"),
+        "blocked_store_p99_ms": worst("blocked_store_p99_ms"),
+        "blocked_other_p99_ms": worst("blocked_other_p99_ms"),
         "apply_cpu_ms": float(np.median(applies)) if applies else float("nan"),
         "versions": sum(w.get("versions", 0) for w in windows),
     }
     text = (f"worst 10-s window of {len(windows)}: batch busy p99 {stats['busy_p99_ms']:.1f} "
-            f"ms (of which blocked on the store/GIL p99 {stats['blocked_p99_ms']:.1f}, waiting "
-            f"for a core p99 {stats['runq_p99_ms']:.1f}), request queued in Kafka before its "
+            f"ms (of which blocked on the store/GIL p99 {stats['blocked_p99_ms']:.1f} [in the "
+            f"store reads {stats['blocked_store_p99_ms']:.1f}, elsewhere "
+            f"{stats['blocked_other_p99_ms']:.1f}], waiting for a core p99 "
+            f"{stats['runq_p99_ms']:.1f}), request queued in Kafka before its "
             f"poll p99 {stats['queued_p99_ms']:.1f} ms; follower apply CPU per move (median "
             f"of windows) {stats['apply_cpu_ms']:.1f} ms")
     return text, stats

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -86,7 +87,11 @@ def part_follow(args: argparse.Namespace) -> None:
     n_versions = int(args.seconds / args.publish_items_s) + 1
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-follow-"))
     settings, _ = start_redis(run_dir)
-    phases: dict[str, list[dict[str, np.ndarray]]] = {"quiet": [], "versions": []}
+    switches = [float(x) for x in args.switch_ms]
+    names = [f"{p} @ {s:g} ms" if len(switches) > 1 else p
+             for s in switches for p in ("quiet", "versions")]
+    phases: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
+    default_switch = sys.getswitchinterval()
     try:
         client = redis_client(settings.redis_config())
         keys = settings.redis_keys()
@@ -112,7 +117,10 @@ def part_follow(args: argparse.Namespace) -> None:
         configure_faiss(1, blas_threshold=BLAS_THRESHOLD)
         answerer = Answerer(reader, ServingConfig())
         rng = np.random.default_rng(0)
-        for phase in ["quiet", "versions"] * args.rounds:
+        for name in names * args.rounds:
+            phase = name.split(" @ ")[0]
+            switch = switches[names.index(name) // 2]
+            sys.setswitchinterval(switch / 1000)  # the GIL's hand-over interval (process-wide)
             head = _Head(reader, v0)
             follower = IndexFollower(head)
             follower.refresh()
@@ -155,13 +163,14 @@ def part_follow(args: argparse.Namespace) -> None:
             stop.set()
             thread.join()
             w, c, r = (np.array(x) * 1e3 for x in (wall, cpu, runq))
-            phases[phase].append({"wall": w, "cpu": c, "runq": r,
+            phases[name].append({"wall": w, "cpu": c, "runq": r,
                                   "blocked": np.maximum(w - c - r, 0),
                                   "apply": np.array(applied) * 1e3})
-            log.info("%s: %d batches, wall p99 %.1f ms, %d versions applied", phase, len(w),
+            log.info("%s: %d batches, wall p99 %.1f ms, %d versions applied", name, len(w),
                      np.percentile(w, 99), len(applied))
         client.close()
     finally:
+        sys.setswitchinterval(default_switch)
         services.stop_redis(settings)
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -174,7 +183,7 @@ def part_follow(args: argparse.Namespace) -> None:
     cols = ["phase", "batches", "wall p50 / p99", "CPU p50 / p99", "waiting for a core p99",
             "blocked p50 / p99", "versions applied", "apply CPU per version"]
     out = []
-    for phase in ("quiet", "versions"):
+    for phase in names:
         w, c, r, b, a = (cat(phase, k) for k in ("wall", "cpu", "runq", "blocked", "apply"))
         out.append([phase, f"{w.size:,}", f"{pc(w, 50):.1f} / {pc(w, 99):.1f} ms",
                     f"{pc(c, 50):.1f} / {pc(c, 99):.1f} ms", f"{pc(r, 99):.1f} ms",
@@ -184,7 +193,8 @@ def part_follow(args: argparse.Namespace) -> None:
              f"version per {args.publish_items_s:g} s of {args.rate:,} events/s (bench/scale.py "
              "--part follow)")
     print_table(title, cols, out)
-    quiet_w, busy_w = cat("quiet", "wall"), cat("versions", "wall")
+    first, second = names[0], names[1]  # quiet / versions at the first switch interval
+    quiet_w, busy_w = cat(first, "wall"), cat(second, "wall")
     notes = (
         f"In one process: a request thread answering batches of {args.inflight} u2i (user "
         f"records from Redis composed with the version's shared rows, exact flat search, replies "
@@ -193,7 +203,9 @@ def part_follow(args: argparse.Namespace) -> None:
         f"{args.publish_items_s:g} s; versions made by the trainer's publisher from a model "
         f"({args.users:,} users, {args.items:,} items, planted segments/categories) learning "
         f"{per_version:,} events each (every category row moves: every item is recomposed). "
-        f"Phases of {args.seconds:g} s alternate quiet / versions, {args.rounds} rounds. "
+        f"Phases of {args.seconds:g} s alternate quiet / versions, {args.rounds} rounds, at "
+        f"GIL switch interval(s) {', '.join(f'{x:g}' for x in switches)} ms (sys."
+        "setswitchinterval; Python's default 5 ms). "
         f"CPU, run-queue wait and blocked time from /proc/thread-self/schedstat of the request "
         f"thread (blocked: Redis round trips, BLAS threads, the GIL). {load_note()} at the end; "
         f"sharing the box: {others()}. Wall {time.perf_counter() - started:.0f} s."
@@ -202,11 +214,13 @@ def part_follow(args: argparse.Namespace) -> None:
     line = summary_line(
         p99_ratio=round(pc(busy_w, 99) / pc(quiet_w, 99), 2),
         wall_p99_ms_versions=round(pc(busy_w, 99), 1), wall_p99_ms_quiet=round(pc(quiet_w, 99), 1),
-        blocked_p99_ms_versions=round(pc(cat("versions", "blocked"), 99), 2),
-        blocked_p99_ms_quiet=round(pc(cat("quiet", "blocked"), 99), 2),
-        cpu_p99_ms_versions=round(pc(cat("versions", "cpu"), 99), 2),
-        cpu_p99_ms_quiet=round(pc(cat("quiet", "cpu"), 99), 2),
-        apply_cpu_ms=round(pc(cat("versions", "apply"), 50), 1),
+        blocked_p99_ms_versions=round(pc(cat(second, "blocked"), 99), 2),
+        blocked_p99_ms_quiet=round(pc(cat(first, "blocked"), 99), 2),
+        cpu_p99_ms_versions=round(pc(cat(second, "cpu"), 99), 2),
+        cpu_p99_ms_quiet=round(pc(cat(first, "cpu"), 99), 2),
+        apply_cpu_ms=round(pc(cat(second, "apply"), 50), 1),
+        **{f"blocked_p99_ms_versions_{s:g}ms": round(pc(cat(names[2 * i + 1], "blocked"), 99), 2)
+           for i, s in enumerate(switches) if len(switches) > 1},
     )
     print(line)
     if not args.no_record:

@@ -40,6 +40,7 @@ from serving.errors import (
 from serving.follow import ServingState
 from serving.index import LoadedIndex
 from serving.queries import item_queries, user_queries
+from serving.timing import thread_clock
 from serving.users import SharedRows
 from stream.schemas import MAX_ID_LEN, DecodeError, Request, describe_validation_error, loads_object
 
@@ -314,13 +315,16 @@ class Answerer:
         self.config = config
         self.store_s = 0.0
         """Seconds the last :meth:`answer` spent reading the store (user records, histories)."""
+        self.store_idle_s = 0.0
+        """Of :attr:`store_s`, seconds the thread neither ran nor waited for a core (Redis
+        round trips, and the GIL when another thread held it on the way back)."""
 
     def answer(
         self, pendings: Sequence[Pending], state: ServingState | None, now_ms: float | None = None
     ) -> None:
         """Give every pending not yet done its answer or its error (never raises)."""
         now_ms = time.time() * 1000 if now_ms is None else now_ms
-        self.store_s = 0.0
+        self.store_s = self.store_idle_s = 0.0
         todo = [p for p in pendings if not p.done and admit(p, state, self.config, now_ms)]
         if todo and state is not None:  # admit() fails every pending without a state
             self._answer_isolated(todo, state)
@@ -365,7 +369,7 @@ class _Batch:
     one batched search per request type."""
 
     def __init__(self, answerer: Answerer, todo: list[Pending], state: ServingState) -> None:
-        started = time.perf_counter()
+        started, (cpu0, runq0) = time.perf_counter(), thread_clock()
         self.store = answerer.store
         self.config = answerer.config
         self.todo = todo
@@ -392,7 +396,9 @@ class _Batch:
             if need_hist
             else {}
         )
-        answerer.store_s += time.perf_counter() - started
+        wall, (cpu1, runq1) = time.perf_counter() - started, thread_clock()
+        answerer.store_s += wall
+        answerer.store_idle_s += max(0.0, wall - (cpu1 - cpu0) - (runq1 - runq0))
 
     def answer(self) -> None:
         by_type: dict[str, list[Pending]] = {}

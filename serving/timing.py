@@ -32,11 +32,24 @@ class BatchTimes:
     send: float  # handing the replies to the producer
     cpu: float  # thread CPU of decode + answer + send
     runq: float = 0.0  # of the same span, waiting for a core (Linux schedstat; else 0)
+    store_idle: float = 0.0  # of ``store``, neither running nor waiting for a core
 
     @property
     def blocked(self) -> float:
         """Neither running nor waiting for a core: the store's round trips and the GIL."""
         return max(0.0, self.decode + self.store + self.answer + self.send - self.cpu - self.runq)
+
+    @property
+    def blocked_store(self) -> float:
+        """Of :attr:`blocked`, the part inside the store reads (Redis round trips, Redis busy
+        with other clients' commands, the GIL on the way back)."""
+        return min(self.store_idle, self.blocked)
+
+    @property
+    def blocked_other(self) -> float:
+        """Of :attr:`blocked`, the rest: decode, search and send waiting for the GIL (another
+        thread of the process: the follower's apply, Kafka's IO threads) or BLAS threads."""
+        return self.blocked - self.blocked_store
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,8 @@ def summarise(span: float, batches: list[BatchTimes], applies: list[ApplyTimes])
     if batches:
         parts.append("per batch p50/p99/max ms: " + ", ".join(
             f"{name} {_ms([getattr(b, name) for b in batches])}"
-            for name in ("queued", "decode", "store", "answer", "send", "cpu", "runq", "blocked")
+            for name in ("queued", "decode", "store", "answer", "send", "cpu", "runq", "blocked",
+                         "blocked_store", "blocked_other")
         ))
         busy = [b.decode + b.store + b.answer + b.send for b in batches]
         parts.append(f"busy {_ms(busy)}")
@@ -125,7 +139,7 @@ def summarise(span: float, batches: list[BatchTimes], applies: list[ApplyTimes])
         )
     stats = {"batches": len(batches), "requests": n}
     if batches:
-        for name in ("queued", "busy", "blocked", "runq", "cpu"):
+        for name in ("queued", "busy", "blocked", "blocked_store", "blocked_other", "runq", "cpu"):
             values = busy if name == "busy" else [getattr(b, name) for b in batches]
             stats[f"{name}_p99_ms"] = round(float(np.percentile(values, 99)) * 1000, 2)
     if applies:

@@ -727,7 +727,7 @@ class Worker:
                 len(records), 0.0 if oldest is None else max(0.0, now - oldest / 1000),
                 self._decode_s, self.answerer.store_s,
                 answered - started - self._decode_s - self.answerer.store_s, sent - answered,
-                cpu1 - cpu0, runq1 - runq0))
+                cpu1 - cpu0, runq1 - runq0, self.answerer.store_idle_s))
         replies.settle()
         replies.commit()
         self.path_log.maybe_log()

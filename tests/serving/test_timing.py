@@ -20,6 +20,20 @@ def test_blocked_is_what_neither_ran_nor_waited_for_a_core() -> None:
     assert batch(10, 8, 5).blocked == 0.0  # clock granularity never makes it negative
 
 
+def test_blocked_splits_into_the_store_reads_and_the_rest() -> None:
+    b = BatchTimes(requests=4, queued=0.0, decode=0.001, store=0.004, answer=0.004, send=0.001,
+                   cpu=0.004, runq=0.001, store_idle=0.003)
+    assert b.blocked == pytest.approx(0.005)
+    assert b.blocked_store == pytest.approx(0.003) and b.blocked_other == pytest.approx(0.002)
+    # the store's idle time never exceeds the batch's blocked time (clocks read apart)
+    b = BatchTimes(requests=1, queued=0.0, decode=0.0, store=0.004, answer=0.0, send=0.0,
+                   cpu=0.003, runq=0.0, store_idle=0.002)
+    assert b.blocked_store == pytest.approx(0.001) and b.blocked_other == 0.0
+    stats = parse_stats(summarise(10.0, [b], []))
+    assert stats["blocked_store_p99_ms"] == pytest.approx(1.0)
+    assert stats["blocked_other_p99_ms"] == 0.0
+
+
 def test_summary_line_round_trips_its_stats() -> None:
     batches = [batch(10, 4, 1) for _ in range(99)] + [batch(50, 5, 40)]
     applies = [ApplyTimes(1, 0.05, 0.03, 0.004, 0.0), ApplyTimes(2, 0.09, 0.05, 0.01, 0.001)]
