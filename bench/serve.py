@@ -114,6 +114,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def runq_seconds(pid: int, *, main_thread: bool = False) -> float:
+    """Seconds a process' threads (or only its main thread) waited for a core so far: the
+    second field of each ``/proc/PID/task/TID/schedstat`` (0 when gone or not Linux). Threads
+    that ended before the call are not counted (a figure over a phase is a lower bound)."""
+    tids = [str(pid)] if main_thread else None
+    try:
+        tids = tids or os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    total = 0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 def total_cpu_seconds() -> tuple[float, float]:
     """(busy, idle) seconds of the whole machine since boot."""
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
