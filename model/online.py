@@ -97,6 +97,14 @@ class TrainConfig:
         user_acc_decay: ``acc_decay`` for the rows of user-side fields (id, profile, history);
             None = ``acc_decay``. Tastes are what drifts: user rows must keep moving, while
             item rows learn best as plain Adagrad.
+        neg_updates: ``softmax`` only: of a step's distinct shared negatives, only this many
+            get their item-side gradient (users still learn against all of them), weighted
+            ``1 / p`` so the gradient stays unbiased (:func:`model.step.update_subset`); the
+            other negatives' rows are not updated by the step at all (less Adagrad work and
+            fewer changed item rows per published version). 0 = every negative.
+        neg_update_by: how ``neg_updates`` picks: ``uniform`` (k of the distinct negatives)
+            or ``mass`` (threshold sampling by each negative's softmax mass in the step:
+            the negatives the users confused with their positives are always kept).
     """
 
     dim: int = 32
@@ -115,6 +123,8 @@ class TrainConfig:
     recent_items: int = 0
     neg_candidates: int = 3
     user_acc_decay: float | None = 0.98
+    neg_updates: int = 0
+    neg_update_by: Literal["uniform", "mass"] = "uniform"
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:
@@ -183,6 +193,17 @@ class TrainConfig:
             and 0.0 < self.user_acc_decay <= 1.0
         ):
             raise bad("user_acc_decay must be None or a number in (0, 1]", self.user_acc_decay)
+        if (
+            isinstance(self.neg_updates, bool)
+            or not isinstance(self.neg_updates, int)
+            or self.neg_updates < 0
+        ):
+            raise bad("neg_updates must be an integer >= 0", self.neg_updates)
+        if self.neg_updates and self.loss != "softmax":
+            raise bad("neg_updates applies to loss 'softmax' only (0 otherwise)",
+                      self.neg_updates)
+        if self.neg_update_by not in ("uniform", "mass"):
+            raise bad("neg_update_by must be 'uniform' or 'mass'", self.neg_update_by)
         if self.step_scaling not in ("none", "count"):
             raise bad("step_scaling must be 'none' or 'count'", self.step_scaling)
         if not (
@@ -664,6 +685,9 @@ class OnlineFM:
         res = softmax_step_gradients(
             vals, batch, shared, logq.ravel(), self._sampler.log_prob(pos_items, self._items.n),
             check=False,  # indices made here from the step's own unique rows and entities
+            neg_updates=cfg.neg_updates,
+            neg_update_by=cfg.neg_update_by,
+            rng=self._sampler.rng,
         )
         if res.count == 0:
             return 0.0
@@ -672,7 +696,19 @@ class OnlineFM:
             decay = np.empty(uniq.size, dtype=np.float32)
             decay.fill(cfg.acc_decay)
             decay[cols[: int(indptr[nu])]] = cfg.user_acc_decay  # the users' slots come first
-        self._table.adagrad_step(uniq, vals, res.grad, cfg.lr, cfg.l2, None, decay)
+        grad = res.grad
+        if res.skipped is not None and res.skipped.size:
+            # rows read only by negatives left out of the update: not updated at all (no L2,
+            # no accumulator decay, not changed for the publisher), as if never sampled
+            skip = np.zeros(m, dtype=bool)
+            skip[res.skipped] = True
+            skip[i_inv[:b] + nu] = False  # the events' own items keep their usual update
+            slot_keep = ~skip.repeat(np.diff(indptr))
+            keep = np.bincount(cols, weights=slot_keep, minlength=uniq.size).nonzero()[0]
+            uniq, vals, grad = uniq.take(keep), vals.take(keep, axis=0), grad.take(keep, axis=0)
+            if np.ndim(decay):
+                decay = decay.take(keep)
+        self._table.adagrad_step(uniq, vals, grad, cfg.lr, cfg.l2, None, decay)
         return res.loss / res.count
 
     def _terms32(

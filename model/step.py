@@ -75,12 +75,53 @@ class StepBatch:
 
 @dataclass(frozen=True)
 class StepGrads:
-    """Summed loss, number of loss terms, row gradients ``(R, d + 1)`` and the ``w0`` gradient."""
+    """Summed loss, number of loss terms, row gradients ``(R, d + 1)`` and the ``w0`` gradient.
+
+    ``skipped``: entities whose gradient as a sampled negative was left out of ``grad`` (the
+    softmax kernel's ``neg_updates``; None = none left out). Their rows need no update unless
+    another entity of the step reads them.
+    """
 
     loss: float
     count: int
     grad: np.ndarray
     g0: float
+    skipped: np.ndarray | None = None
+
+
+def update_subset(
+    mass: np.ndarray, k: int, by: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``n`` negatives get their item-side gradient, and the weight that keeps the
+    sum unbiased: ``(kept, weight)``, ``kept`` ascending column indices, ``weight`` ``1 / p``.
+
+    ``by="uniform"``: ``k`` of the ``n`` columns without replacement (``p = k / n``).
+    ``by="mass"``: threshold sampling (Duffield, Lund, Thorup 2007, "Priority sampling"'s
+    Poisson form): column ``j`` is kept with ``p_j = min(1, mass_j / τ)``, ``τ`` chosen so that
+    ``Σ p = k`` — the columns with most softmax mass (the negatives the step's users actually
+    confused with their positives) are always kept, the long tail of near-zero gradients is
+    sampled. Both are unbiased: ``E[Σ_kept weight_j g_j] = Σ_j g_j``.
+    """
+    n = mass.size
+    if k >= n:
+        return np.arange(n), np.ones(n, dtype=np.float32)
+    if by == "uniform":
+        kept = np.sort(rng.choice(n, size=k, replace=False))
+        return kept, np.full(k, n / k, dtype=np.float32)
+    w = np.maximum(np.asarray(mass, dtype=np.float64), 0.0)
+    order = np.argsort(-w, kind="stable")
+    ws = w[order]
+    # τ_i = (Σ_{j >= i} ws_j) / (k − i) if the i largest are kept with p = 1; the smallest i
+    # with ws_i <= τ_i is the consistent one (at most k − 1 columns are certain)
+    tail = np.cumsum(ws[::-1])[::-1][:k]
+    tau = tail / (k - np.arange(k))
+    ok = (ws[:k] <= tau).nonzero()[0]
+    t = float(tau[ok[0]]) if ok.size else float(ws[k - 1])
+    if not t > 0.0:  # no mass at all: nothing to update
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    p = np.minimum(w / t, 1.0)
+    kept = (rng.random(n) < p).nonzero()[0]
+    return kept, (1.0 / p[kept]).astype(np.float32)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -412,6 +453,9 @@ def softmax_step_gradients(
     logq_shared: np.ndarray,
     logq_pos: np.ndarray,
     check: bool = True,
+    neg_updates: int = 0,
+    neg_update_by: str = "uniform",
+    rng: np.random.Generator | None = None,
 ) -> StepGrads:
     """Sampled softmax with a log-Q correction over negatives *shared* by the whole step.
 
@@ -436,6 +480,11 @@ def softmax_step_gradients(
 
     ``check=False`` skips the index bounds checks (for callers that built the indices from
     their own tables, e.g. :meth:`model.online.OnlineFM._softmax_step`).
+
+    ``neg_updates = k > 0``: the item side of only ``k`` of the ``U`` distinct shared negatives
+    is kept (:func:`update_subset` with ``neg_update_by`` and ``rng``, weighted ``1 / p`` so the
+    gradient stays unbiased); the others' gradient *as negatives* is left out (listed in
+    :attr:`StepGrads.skipped`). Users and contexts still learn against all ``U``. 0 = all.
     """
     n_rows, d1 = vals.shape
     d = d1 - 1
@@ -526,24 +575,40 @@ def softmax_step_gradients(
     dP = c @ VS  # (E, d)
     dP += c_pos[:, None] * VP
     dq = np.bincount(ev_item, weights=c_pos, minlength=m).astype(np.float32)
-    dq[us] += c.sum(axis=0)
+    mass = c.sum(axis=0)  # each shared entity's Σ c: its dq as a negative
+    ctp = c.T @ P  # (U, d): its Σ c P
+    us_item = us
+    skipped = None
+    if 0 < neg_updates < n_u:  # the item side of a subset of the negatives (unbiased)
+        if rng is None:
+            raise ValueError("softmax_step_gradients: neg_updates needs an rng")
+        kept, kw = update_subset(mass, neg_updates, neg_update_by, rng)
+        drop = np.ones(n_u, dtype=bool)
+        drop[kept] = False
+        skipped = us[drop]
+        us_item = us.take(kept)
+        mass = mass.take(kept) * kw
+        ctp = ctp.take(kept, axis=0)
+        ctp *= kw[:, None]
+    n_ui = us_item.size
+    dq[us_item] += mass
     gent = np.empty((m, d1), dtype=np.float32)
     gent[:, 0] = dq
     dV = dq[:, None] * V  # (m, d) contiguous: the scatter below adds into it
     # one scatter, in this order: shared entities (c.T P), positives (c_pos P), each event's
     # users and contexts (dP)
     n_fix = ev_fixed.size  # dP once per fixed entity of its event (event-major: same order)
-    src = np.concatenate([c.T @ P, P, dP.repeat(ev_fixed.shape[1], axis=0)])
-    dst = np.concatenate([us, ev_item, ev_fixed.ravel()])
-    w = np.ones(n_u + n_ev + n_fix, dtype=np.float32)
-    w[n_u : n_u + n_ev] = c_pos
+    src = np.concatenate([ctp, P, dP.repeat(ev_fixed.shape[1], axis=0)])
+    dst = np.concatenate([us_item, ev_item, ev_fixed.ravel()])
+    w = np.ones(n_ui + n_ev + n_fix, dtype=np.float32)
+    w[n_ui : n_ui + n_ev] = c_pos
     _scatter(np.arange(dst.size + 1), dst, w, src, dV)
     gent[:, 1:] = dV
 
     grad = _scatter(indptr, cols, x, gent, np.zeros((n_rows, d1), dtype=np.float32))
     c2 = _scatter(indptr, cols, x2, dq[:, None], np.zeros((n_rows, 1), dtype=np.float32))
     grad[:, 1:] -= c2 * v  # (exactly += (−c2) v)
-    return StepGrads(total, n_ev, grad, 0.0)
+    return StepGrads(total, n_ev, grad, 0.0, skipped)
 
 
 def softmax_step_gradients_reference(
