@@ -682,12 +682,14 @@ class OnlineFM:
             neg_valid=empty.astype(bool),
         )
         shared = nu + i_inv[b:]
+        subset = {} if not cfg.neg_updates else {
+            "neg_updates": cfg.neg_updates, "neg_update_by": cfg.neg_update_by,
+            "rng": self._sampler.rng,
+        }
         res = softmax_step_gradients(
             vals, batch, shared, logq.ravel(), self._sampler.log_prob(pos_items, self._items.n),
             check=False,  # indices made here from the step's own unique rows and entities
-            neg_updates=cfg.neg_updates,
-            neg_update_by=cfg.neg_update_by,
-            rng=self._sampler.rng,
+            **subset,
         )
         if res.count == 0:
             return 0.0

@@ -31,6 +31,21 @@ def scratch_unique(values: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray,
     return uniq, inverse
 
 
+def set_rows(table: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """``table[rows] = values`` for a C-contiguous 2-D ``table`` and ``values`` of its dtype.
+
+    The same bytes as the fancy assignment, copied as one opaque item per row (a ``void``
+    view): numpy's fancy row assignment iterates element by element, ~5-20x slower for the
+    row widths here.
+    """
+    values = np.ascontiguousarray(values, dtype=table.dtype)
+    if not table.flags.c_contiguous or values.shape[1:] != table.shape[1:] or table.ndim != 2:
+        table[rows] = values  # views need a C-contiguous table
+        return
+    row = np.dtype((np.void, table.dtype.itemsize * table.shape[1]))
+    table.view(row).reshape(-1)[rows] = values.view(row).reshape(-1)
+
+
 class RowTable:
     """Growable ``(capacity, dim + 1)`` float32 parameter table plus row-wise Adagrad state.
 
@@ -174,14 +189,14 @@ class RowTable:
             inv_n = (1.0 / np.maximum(counts, 1.0)).astype(np.float32)
             acc[:, 0] += gw * gw * inv_n
             acc[:, 1] += np.einsum("ij,ij->i", gv, gv) * (inv_n / np.float32(self.dim))
-        self.acc[rows] = acc
+        set_rows(self.acc, rows, acc)
         scale = np.sqrt(acc)
         scale += np.float32(EPS)
         np.divide(np.float32(lr), scale, out=scale)
         gw *= scale[:, 0]
         gv *= scale[:, 1:2]
         values -= g
-        self.params[rows] = values
+        set_rows(self.params, rows, values)
         self.dirty[rows] = True
         self.params[0] = 0.0  # padding stays zero
         self.acc[0] = 0.0

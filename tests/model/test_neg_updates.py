@@ -181,3 +181,21 @@ def test_neg_updates_survives_a_checkpoint() -> None:
     a.learn_many(users[30:], items[30:], ts=2.0)
     b.learn_many(users[30:], items[30:], ts=2.0)
     np.testing.assert_array_equal(a._table.params, b._table.params)
+
+
+def test_set_rows_equals_fancy_assignment() -> None:
+    from model.optim import set_rows
+
+    rng = np.random.default_rng(3)
+    for width in (1, 2, 33):
+        a = rng.normal(size=(50, width)).astype(np.float32)
+        b = a.copy()
+        rows = rng.choice(50, 17, replace=False)
+        vals = rng.normal(size=(17, width)).astype(np.float32)
+        set_rows(a, rows, vals)
+        b[rows] = vals
+        np.testing.assert_array_equal(a, b)
+    # a table that is not C-contiguous takes the plain assignment
+    t = np.zeros((6, 4), dtype=np.float32)[:, :3]
+    set_rows(t, np.array([1, 4]), np.ones((2, 3), dtype=np.float32))
+    assert t[[1, 4]].all() and not t[[0, 2, 3, 5]].any()
