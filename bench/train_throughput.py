@@ -22,6 +22,7 @@ Run: ``.venv/bin/python bench/train_throughput.py [--seconds 3] [--quick] [--no-
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def run_ours(
     rounds: int = 5,
     negatives: int = NEG,
     schema: FeatureSchema = SCHEMA,
+    extra: dict | None = None,
 ) -> tuple[float, float, float]:
     """(best-round and median-round positive events per wall second, per CPU second).
 
@@ -105,8 +107,10 @@ def run_ours(
     other processes on a shared machine, the median shows the spread.
     """
     torch.set_num_threads(threads)
-    fm = OnlineFM(schema, TrainConfig(dim=d, negatives=negatives))
-    learner = Learner(fm, LearnPolicy())
+    cfg = {k: v for k, v in (extra or {}).items() if k in TrainConfig.__dataclass_fields__}
+    pol = {k: v for k, v in (extra or {}).items() if k in LearnPolicy.__dataclass_fields__}
+    fm = OnlineFM(schema, TrainConfig(dim=d, negatives=negatives, **cfg))
+    learner = Learner(fm, LearnPolicy(**pol))
     fm.upsert_users(prof.user_ids, prof.user_feats)
     fm.upsert_items(prof.item_ids, prof.item_feats)
     u, i, h = make_stream(prof, warm_events, seed=1)
@@ -130,6 +134,23 @@ def run_ours(
         done_all += done
         cpu_all += time.process_time() - c0
     return max(walls), float(np.median(walls)), done_all / cpu_all
+
+
+def extra_fields(text: str) -> dict:
+    """``--also``: a JSON object of TrainConfig / LearnPolicy fields (argparse type)."""
+    try:
+        got = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--also wants a JSON object, got {text!r}: {e}") from e
+    if not isinstance(got, dict):
+        raise argparse.ArgumentTypeError(f"--also wants a JSON object, got {text!r}")
+    known = set(TrainConfig.__dataclass_fields__) | set(LearnPolicy.__dataclass_fields__)
+    unknown = sorted(set(got) - known)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"--also: {unknown} are not TrainConfig/LearnPolicy fields (known: {sorted(known)})"
+        )
+    return got
 
 
 def bucket(x: float, bounds) -> str:
@@ -235,7 +256,18 @@ def main() -> None:
         default=Settings.model_fields["max_poll_records"].default,
         help="events per Learner.learn call (default: the trainer's max_poll_records)",
     )
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="JSON",
+        type=extra_fields,
+        help="an extra row (synthetic and movielens.toml schemas) at the defaults with these "
+        'TrainConfig/LearnPolicy fields, e.g. \'{"neg_updates": 128, "neg_update_by": "mass"}\''
+        " or '{\"step_events\": 256}' (repeatable)",
+    )
     args = ap.parse_args()
+    also = args.also
 
     torch.set_num_threads(1)  # one intra-op thread per process (see PERF-NOTES)
     threadpool_limits(1)  # and one BLAS thread, as the trainer (fmstream.app.configure_threads)
@@ -243,19 +275,25 @@ def main() -> None:
     warm = args.users + args.items * 4
     poll = args.poll
     defaults = TrainConfig()
-    configs = [
-        ("defaults", defaults.negatives, SCHEMA),
-        ("4 negatives", NEG, SCHEMA),
-        ("defaults, config/movielens.toml", defaults.negatives, ML_SCHEMA),
+    configs: list[tuple[str, int, FeatureSchema, dict]] = [
+        ("defaults", defaults.negatives, SCHEMA, {}),
+        ("4 negatives", NEG, SCHEMA, {}),
+        ("defaults, config/movielens.toml", defaults.negatives, ML_SCHEMA, {}),
     ]
     if args.quick:
         configs = configs[:1]
+    configs += [(f"defaults + {json.dumps(a)}", defaults.negatives, SCHEMA, a) for a in also]
+    configs += [
+        (f"defaults + {json.dumps(a)}, config/movielens.toml", defaults.negatives, ML_SCHEMA, a)
+        for a in also
+    ]
     load_before = load_average()
     rates = {
         name: run_ours(
-            prof, poll, defaults.dim, 1, args.seconds, warm, negatives=neg, schema=schema
+            prof, poll, defaults.dim, 1, args.seconds, warm, negatives=neg, schema=schema,
+            extra=extra,
         )
-        for name, neg, schema in configs
+        for name, neg, schema, extra in configs
     }
     peers: dict[str, tuple[float, float, int]] = {}
     if not args.no_peers:
@@ -264,13 +302,13 @@ def main() -> None:
         peers["vowpalwabbit --lrq (rank 32)"] = run_vw(prof, 32, args.peer_calls, secs)
     rows = []
     step = LearnPolicy().step_events
-    for name, neg, _ in configs:
+    for name, neg, _, extra in configs:
         wall, med, cpu = rates[name]
         note = "; ".join(f"{cpu / p[1]:.1f}x {n.split()[0]} (CPU)" for n, p in peers.items())
         rows.append(
             (
                 f"fmstream Learner.learn ({name})",
-                f"polls {poll}, steps {step}",
+                f"polls {poll}, steps {extra.get('step_events', step)}",
                 neg,
                 f"{wall:,.0f}",
                 f"{med:,.0f}",
@@ -313,6 +351,11 @@ def main() -> None:
         key = name.split()[0].lower()
         kv[f"{key}_events_per_cpu_s"] = p[1]
         kv[f"ratio_vs_{key}_cpu"] = ours[2] / p[1]
+    for j, a in enumerate(also):
+        kv[f"events_per_cpu_s_also{j}"] = rates[f"defaults + {json.dumps(a)}"][2]
+        kv[f"events_per_cpu_s_also{j}_movielens_toml"] = rates[
+            f"defaults + {json.dumps(a)}, config/movielens.toml"
+        ][2]
     kv.update(step_events=step, poll=poll, loadavg=f"{load_before}->{load_average()}")
     summary = summary_line(**kv)
     notes = (
