@@ -684,7 +684,7 @@ class OnlineFM:
         shared = nu + i_inv[b:]
         subset = {} if not cfg.neg_updates else {
             "neg_updates": cfg.neg_updates, "neg_update_by": cfg.neg_update_by,
-            "rng": self._sampler.rng,
+            "rng": self._sampler.rng, "keep": i_inv[:b] + nu,  # every event's item
         }
         res = softmax_step_gradients(
             vals, batch, shared, logq.ravel(), self._sampler.log_prob(pos_items, self._items.n),
@@ -699,14 +699,10 @@ class OnlineFM:
             decay.fill(cfg.acc_decay)
             decay[cols[: int(indptr[nu])]] = cfg.user_acc_decay  # the users' slots come first
         grad = res.grad
-        if res.skipped is not None and res.skipped.size:
+        if res.rows is not None:
             # rows read only by negatives left out of the update: not updated at all (no L2,
             # no accumulator decay, not changed for the publisher), as if never sampled
-            skip = np.zeros(m, dtype=bool)
-            skip[res.skipped] = True
-            skip[i_inv[:b] + nu] = False  # the events' own items keep their usual update
-            slot_keep = ~skip.repeat(np.diff(indptr))
-            keep = np.bincount(cols, weights=slot_keep, minlength=uniq.size).nonzero()[0]
+            keep = res.rows
             uniq, vals, grad = uniq.take(keep), vals.take(keep, axis=0), grad.take(keep, axis=0)
             if np.ndim(decay):
                 decay = decay.take(keep)

@@ -78,8 +78,8 @@ class StepGrads:
     """Summed loss, number of loss terms, row gradients ``(R, d + 1)`` and the ``w0`` gradient.
 
     ``skipped``: entities whose gradient as a sampled negative was left out of ``grad`` (the
-    softmax kernel's ``neg_updates``; None = none left out). Their rows need no update unless
-    another entity of the step reads them.
+    softmax kernel's ``neg_updates``; None = none left out). ``rows``: then the rows the step
+    updates (ascending; those read by an entity not skipped); None = every row.
     """
 
     loss: float
@@ -87,6 +87,7 @@ class StepGrads:
     grad: np.ndarray
     g0: float
     skipped: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
 
 def update_subset(
@@ -109,14 +110,21 @@ def update_subset(
         kept = np.sort(rng.choice(n, size=k, replace=False))
         return kept, np.full(k, n / k, dtype=np.float32)
     w = np.maximum(np.asarray(mass, dtype=np.float64), 0.0)
-    order = np.argsort(-w, kind="stable")
-    ws = w[order]
-    # τ_i = (Σ_{j >= i} ws_j) / (k − i) if the i largest are kept with p = 1; the smallest i
-    # with ws_i <= τ_i is the consistent one (at most k − 1 columns are certain)
-    tail = np.cumsum(ws[::-1])[::-1][:k]
-    tau = tail / (k - np.arange(k))
-    ok = (ws[:k] <= tau).nonzero()[0]
-    t = float(tau[ok[0]]) if ok.size else float(ws[k - 1])
+    # τ: the fixed point of τ = (Σ w of the columns below τ) / (k − #columns at or above τ),
+    # reached from above in a few passes (each pass only adds columns at p = 1)
+    total = float(w.sum())
+    t = total / k
+    n_big = 0
+    while t > 0.0:
+        big = w >= t
+        nb = int(np.count_nonzero(big))
+        if nb == n_big:
+            break
+        if nb >= k:  # cannot happen at the fixed point; numerically: keep the k largest
+            t = float(np.partition(w, n - k)[n - k])
+            break
+        n_big = nb
+        t = (total - float(w[big].sum())) / (k - nb)
     if not t > 0.0:  # no mass at all: nothing to update
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     p = np.minimum(w / t, 1.0)
@@ -456,6 +464,7 @@ def softmax_step_gradients(
     neg_updates: int = 0,
     neg_update_by: str = "uniform",
     rng: np.random.Generator | None = None,
+    keep: np.ndarray | None = None,
 ) -> StepGrads:
     """Sampled softmax with a log-Q correction over negatives *shared* by the whole step.
 
@@ -485,6 +494,8 @@ def softmax_step_gradients(
     is kept (:func:`update_subset` with ``neg_update_by`` and ``rng``, weighted ``1 / p`` so the
     gradient stays unbiased); the others' gradient *as negatives* is left out (listed in
     :attr:`StepGrads.skipped`). Users and contexts still learn against all ``U``. 0 = all.
+    :attr:`StepGrads.rows` then lists the rows read by any other entity (and by ``keep``,
+    entities whose rows the caller updates anyway, e.g. its label-0 events' items).
     """
     n_rows, d1 = vals.shape
     d = d1 - 1
@@ -606,9 +617,21 @@ def softmax_step_gradients(
     gent[:, 1:] = dV
 
     grad = _scatter(indptr, cols, x, gent, np.zeros((n_rows, d1), dtype=np.float32))
-    c2 = _scatter(indptr, cols, x2, dq[:, None], np.zeros((n_rows, 1), dtype=np.float32))
+    rows = None
+    if skipped is None:
+        c2 = _scatter(indptr, cols, x2, dq[:, None], np.zeros((n_rows, 1), dtype=np.float32))
+    else:  # second column: Σ x² over the slots of entities not skipped (> 0: row updated)
+        src2 = np.ones((m, 2), dtype=np.float32)
+        src2[:, 0] = dq
+        src2[skipped, 1] = 0.0
+        src2[ev_item, 1] = 1.0
+        if keep is not None:
+            src2[keep, 1] = 1.0
+        c2 = _scatter(indptr, cols, x2, src2, np.zeros((n_rows, 2), dtype=np.float32))
+        rows = c2[:, 1].nonzero()[0]
+        c2 = c2[:, :1]
     grad[:, 1:] -= c2 * v  # (exactly += (−c2) v)
-    return StepGrads(total, n_ev, grad, 0.0, skipped)
+    return StepGrads(total, n_ev, grad, 0.0, skipped, rows)
 
 
 def softmax_step_gradients_reference(

@@ -40,6 +40,18 @@ def test_update_subset_by_mass_keeps_the_heavy_negatives() -> None:
         assert np.all(w >= 1.0)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_update_subset_by_mass_threshold_sums_to_k(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mass = (rng.pareto(1.0, 300) * rng.random(300)).astype(np.float32)  # heavy-tailed
+    k = int(rng.integers(2, 120))
+    kept, w = update_subset(mass, k, "mass", rng)
+    light = w > 1.0  # kept with p < 1: weight 1/p = τ / mass
+    tau = float(np.median(w[light] * mass[kept][light]))
+    np.testing.assert_allclose(w[light] * mass[kept][light], tau, rtol=1e-5)
+    assert np.minimum(1.0, mass / tau).sum() == pytest.approx(k, rel=1e-5)
+
+
 def test_update_subset_uniform_picks_exactly_k() -> None:
     kept, w = update_subset(np.ones(10, np.float32), 4, "uniform", np.random.default_rng(1))
     assert kept.size == 4 and np.all(w == np.float32(2.5))
@@ -92,6 +104,7 @@ def test_kernel_subset_leaves_users_alone_and_is_unbiased(context: bool, by: str
                                 batch.ev_item)
             only = np.setdiff1d(_rows_of(batch, sub.skipped), _rows_of(batch, others))
             assert not sub.grad[only].any()
+            np.testing.assert_array_equal(sub.rows, _rows_of(batch, others))  # what is updated
             acc += sub.grad
         # rows that no item entity reads (user and context rows) get exactly the full gradient
         items = np.unique(np.concatenate([shared, batch.ev_item]))
@@ -112,6 +125,15 @@ def test_kernel_subset_of_all_equals_the_full_step() -> None:
                                   rng=np.random.default_rng(0))
     np.testing.assert_array_equal(same.grad, full.grad)
     assert same.skipped is None and full.skipped is None
+
+
+def test_kernel_subset_keeps_the_rows_the_caller_names() -> None:
+    vals, batch = random_batch(7, False, d=4)
+    shared, lq_s, lq_p = _shared(batch, 7)
+    got = softmax_step_gradients(vals, batch, shared, lq_s, lq_p, neg_updates=1,
+                                 rng=np.random.default_rng(0), keep=np.unique(shared))
+    np.testing.assert_array_equal(got.rows, np.unique(batch.cols))  # every row read
+    assert got.skipped is not None and got.skipped.size
 
 
 def test_kernel_subset_needs_an_rng() -> None:
