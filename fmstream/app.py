@@ -66,6 +66,7 @@ def train_config(settings: Settings) -> TrainConfig:
         acc_decay=settings.acc_decay, neg_candidates=settings.neg_candidates,
         recent_items=settings.history_len,  # serving's histories, rebuilt after Redis loss
         user_acc_decay=settings.user_acc_decay,
+        neg_updates=settings.neg_updates, neg_update_by=settings.neg_update_by,
     )
 
 

@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     step_events: int = Field(
         128, ge=1, description="events per optimiser step whatever the poll size (model/learner)"
     )
+    neg_updates: int = Field(0, ge=0, description="softmax: only this many of a step's shared "
+                             "negatives get item-side updates (0 = all; fewer changed item rows "
+                             "per version; model/online.py TrainConfig.neg_updates)")
+    neg_update_by: Literal["uniform", "mass"] = Field(
+        "mass", description="how neg_updates picks them: by softmax mass (threshold sampling) "
+        "or uniformly"
+    )
     replay: float = Field(0.0, ge=0, description="past positives replayed per new positive")
     replay_buffer: int = Field(20_000, ge=1, description="recent positives kept for replay")
     live_sample_every: int = Field(16, ge=1, description="every n-th positive is scored "

@@ -102,9 +102,10 @@ class TrainConfig:
             ``1 / p`` so the gradient stays unbiased (:func:`model.step.update_subset`); the
             other negatives' rows are not updated by the step at all (less Adagrad work and
             fewer changed item rows per published version). 0 = every negative.
-        neg_update_by: how ``neg_updates`` picks: ``uniform`` (k of the distinct negatives)
-            or ``mass`` (threshold sampling by each negative's softmax mass in the step:
-            the negatives the users confused with their positives are always kept).
+        neg_update_by: how ``neg_updates`` picks: ``mass`` (the default: threshold sampling
+            by each negative's softmax mass in the step: the negatives the users confused with
+            their positives are always kept) or
+            ``uniform`` (k of the distinct negatives; -10% HR at k 64 on ml-100k validation).
     """
 
     dim: int = 32
@@ -124,7 +125,7 @@ class TrainConfig:
     neg_candidates: int = 3
     user_acc_decay: float | None = 0.98
     neg_updates: int = 0
-    neg_update_by: Literal["uniform", "mass"] = "uniform"
+    neg_update_by: Literal["uniform", "mass"] = "mass"
 
     def __post_init__(self) -> None:
         def bad(what: str, got: Any) -> ConfigError:

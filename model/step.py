@@ -462,7 +462,7 @@ def softmax_step_gradients(
     logq_pos: np.ndarray,
     check: bool = True,
     neg_updates: int = 0,
-    neg_update_by: str = "uniform",
+    neg_update_by: str = "mass",
     rng: np.random.Generator | None = None,
     keep: np.ndarray | None = None,
 ) -> StepGrads:

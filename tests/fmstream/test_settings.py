@@ -255,3 +255,24 @@ def test_every_client_is_built_by_the_factories() -> None:
                 if direct.search(line):
                     offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert not offenders, "build clients with stream.connect:\n" + "\n".join(offenders)
+
+
+def test_neg_updates_reach_the_model_and_bad_values_are_errors(clean_env) -> None:
+    from fmstream.app import train_config
+    from model.errors import ConfigError
+
+    assert train_config(Settings()).neg_updates == 0  # default: every negative updated
+    clean_env.setenv("FMSTREAM_NEG_UPDATES", "128")
+    cfg = train_config(Settings())
+    assert (cfg.neg_updates, cfg.neg_update_by) == (128, "mass")
+    clean_env.setenv("FMSTREAM_NEG_UPDATE_BY", "by-luck")
+    with pytest.raises(ValidationError, match="neg_update_by"):
+        Settings()
+    clean_env.setenv("FMSTREAM_NEG_UPDATE_BY", "uniform")
+    clean_env.setenv("FMSTREAM_NEG_UPDATES", "-1")
+    with pytest.raises(ValidationError, match="neg_updates"):
+        Settings()
+    clean_env.setenv("FMSTREAM_NEG_UPDATES", "8")
+    clean_env.setenv("FMSTREAM_LOSS", "bpr")
+    with pytest.raises(ConfigError, match="softmax"):
+        train_config(Settings())
