@@ -71,15 +71,19 @@ def _fill(settings_json: str, n: int, seed: int, out: mp.Queue) -> None:
     out.put((n, elapsed, sum(len(v) for _, v in pairs)))
 
 
-def bare_consume(settings: Settings, n: int, **overrides: object) -> tuple[float, float]:
+def bare_consume(settings: Settings, n: int, *, fast_records: bool = False,
+                 **overrides: object) -> tuple[float, float]:
     """Seconds (wall, process CPU) for a kafka-python consumer (the trainer's config) to read
-    ``n`` records."""
+    ``n`` records; ``fast_records``: parsed by stream/record_parse.py, not kafka-python."""
     from kafka import TopicPartition
 
     from stream.consume import make_consumer
+    from stream.record_parse import use_fast_records
 
     options = {"max_poll_records": settings.max_poll_records, **overrides}
     consumer = make_consumer(settings.kafka_config(), None, **options)
+    if fast_records:
+        use_fast_records(consumer)
     tps = [
         TopicPartition(settings.topic_events, p)
         for p in sorted(consumer.partitions_for_topic(settings.topic_events))
@@ -254,6 +258,9 @@ def main() -> None:
     ap.add_argument(
         "--no-check-crcs", action="store_true", help="trainer consumer with check_crcs=False"
     )
+    ap.add_argument("--kafka-python-records", action="store_true",
+                    help="the trainer parses records with kafka-python's own parser "
+                         "(FMSTREAM_KAFKA_FAST_RECORDS=false), not stream/record_parse.py")
     ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
     ap.add_argument("--no-thread-peer", action="store_true",
                     help="skip the side-by-side run with a fetch thread instead of the process")
@@ -308,6 +315,8 @@ def main() -> None:
         update["kafka_check_crcs"] = False
     if args.fetch_thread:
         update["trainer_fetch_process"] = False
+    if args.kafka_python_records:
+        update["kafka_fast_records"] = False
     settings = base.model_copy(update=update)
     started = None
     try:
@@ -345,6 +354,8 @@ def main() -> None:
         print(f"bare kafka-python consume: {n / bare_s:,.0f} events/s", flush=True)
         nocrc_s, nocrc_cpu = bare_consume(settings, n, check_crcs=False)
         print(f"bare consume, CRC checks off: {n / nocrc_s:,.0f} events/s", flush=True)
+        fast_s, fast_cpu = bare_consume(settings, n, fast_records=True)
+        print(f"bare consume, stream/record_parse: {n / fast_s:,.0f} events/s", flush=True)
         peer_s = bare_consume_confluent(settings, n)
         if peer_s is not None:
             print(f"bare consume, confluent-kafka: {n / peer_s:,.0f} events/s", flush=True)
@@ -396,6 +407,8 @@ def main() -> None:
          f"{n / bare_s:,.0f}"],
         ["bare consume, check_crcs=False", f"{nocrc_s:.2f}", f"{nocrc_cpu * us:.1f}", "",
          f"{n / nocrc_s:,.0f}"],
+        ["bare consume, records parsed by stream/record_parse.py", f"{fast_s:.2f}",
+         f"{fast_cpu * us:.1f}", "", f"{n / fast_s:,.0f}"],
         [
             "bare consume, confluent-kafka (peer)",
             f"{peer_s:.2f}" if peer_s else "not installed",
@@ -456,10 +469,14 @@ def main() -> None:
         partitions=args.partitions,
         max_poll_records=settings.max_poll_records,
         check_crcs=settings.kafka_check_crcs,
+        fast_records=settings.kafka_fast_records,
         checkpoints=int(full["checkpoints"]),
         produce_per_s=n / produce_s,
         bare_consume_per_s=n / bare_s,
         bare_consume_nocrc_per_s=n / nocrc_s,
+        bare_consume_fast_records_per_s=n / fast_s,
+        bare_consume_cpu_us=bare_cpu * us,
+        bare_consume_fast_records_cpu_us=fast_cpu * us,
         bare_consume_confluent_per_s=n / peer_s if peer_s else "n/a",
         trainer_no_publisher_per_s=n / core["loop"],
         fetch=fetcher,
@@ -504,7 +521,10 @@ def main() -> None:
         "its other threads (the queue's feeder pickling batches); broker and Redis = CPU of "
         "their whole processes over the same interval (/proc/<pid>/stat; they serve only this "
         "bench). Bare consume reads "
-        "the same topic with the same consumer settings and does nothing else. loadavg = 1-min "
+        "the same topic with the same consumer settings and does nothing else (kafka-python's "
+        "record parser; the 'record_parse' row: stream/record_parse.py's, which the trainer "
+        f"uses {'' if settings.kafka_fast_records else 'NOT (--kafka-python-records) '}by "
+        "default: FMSTREAM_KAFKA_FAST_RECORDS). loadavg = 1-min "
         f"load before/after the trainer run on {os.cpu_count()} cores (other processes share "
         f"the machine). CRC32C of fetched batches: {crc}. {args.note}"
     ).strip()

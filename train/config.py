@@ -26,6 +26,8 @@ class TrainerConfig:
         max_poll_records: records per poll.
         max_message_bytes: larger messages are dead-lettered.
         check_crcs: verify the CRC32C of fetched record batches.
+        fast_records: parse fetched records with :mod:`stream.record_parse` (the same records
+            as kafka-python's own parser, less CPU).
         policy: how polls become optimiser steps (model/learner.py); checkpointed with its
             replay state.
         live_sample_every: every n-th positive is scored before it is learned (live HR@10).
@@ -47,6 +49,7 @@ class TrainerConfig:
     max_poll_records: int = 8192
     max_message_bytes: int = 65536
     check_crcs: bool = True
+    fast_records: bool = True
     policy: LearnPolicy = field(default_factory=LearnPolicy)
     live_sample_every: int = 16
     live_cpu_share: float = 0.03

@@ -78,6 +78,7 @@ class FetchSpec:
     positions: Mapping[str, int] = field(default_factory=dict)  # "topic|partition" -> next
     max_poll_records: int = 8192
     check_crcs: bool = True
+    fast_records: bool = True  # stream/record_parse.py
     max_message_bytes: int = 65536
     reconnect_backoff_max_ms: int = 1000
     poll_timeout_ms: int = 200
@@ -354,6 +355,7 @@ class _Child:
         from threadpoolctl import threadpool_limits
 
         from stream.consume import make_consumer, make_producer
+        from stream.record_parse import use_fast_records
         from train.resilience import DeadLetterOutbox
         from train.runtime import relax_gc
 
@@ -366,6 +368,8 @@ class _Child:
             spec.kafka, spec.group, max_poll_records=spec.max_poll_records,
             check_crcs=spec.check_crcs, reconnect_backoff_max_ms=spec.reconnect_backoff_max_ms,
         )
+        if spec.fast_records:
+            use_fast_records(self.consumer)
         self.producer = make_producer(spec.kafka)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
         self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,

@@ -50,6 +50,7 @@ from model.learner import Learner
 from model.live import LiveHitRate
 from model.online import OnlineFM
 from stream.consume import Decoded, make_consumer
+from stream.record_parse import use_fast_records
 from stream.schemas import EventColumns
 from train.align import EventAligner
 from train.checkpointer import BackgroundCheckpoint, ChildResult
@@ -264,6 +265,7 @@ class Trainer:
                 FetchSpec(
                     config.kafka, config.topics, config.group, dict(self.progress.positions),
                     max_poll_records=config.max_poll_records, check_crcs=config.check_crcs,
+                    fast_records=config.fast_records,
                     max_message_bytes=config.max_message_bytes,
                     reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 ),
@@ -281,6 +283,8 @@ class Trainer:
                 check_crcs=config.check_crcs,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             )
+            if config.fast_records:
+                use_fast_records(self.consumer)
             self.refresh_assignment()
             self.fetcher = Fetcher(
                 self.consumer,
