@@ -261,6 +261,13 @@ def main() -> None:
     ap.add_argument("--kafka-python-records", action="store_true",
                     help="the trainer parses records with kafka-python's own parser "
                          "(FMSTREAM_KAFKA_FAST_RECORDS=false), not stream/record_parse.py")
+    ap.add_argument("--fetch-depth", type=int, default=None,
+                    help="decoded polls kept ready (FMSTREAM_TRAINER_FETCH_DEPTH; default: the "
+                         "settings' value)")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="the trainer process's GIL switch interval (sys.setswitchinterval; "
+                         "Python's default 5 ms): how long the publisher thread may keep the "
+                         "GIL once the trainer thread wants it back")
     ap.add_argument("--quick", action="store_true", help="20,000 events (smoke run)")
     ap.add_argument("--no-thread-peer", action="store_true",
                     help="skip the side-by-side run with a fetch thread instead of the process")
@@ -317,6 +324,10 @@ def main() -> None:
         update["trainer_fetch_process"] = False
     if args.kafka_python_records:
         update["kafka_fast_records"] = False
+    if args.fetch_depth is not None:
+        update["trainer_fetch_depth"] = args.fetch_depth
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     settings = base.model_copy(update=update)
     started = None
     try:
@@ -470,6 +481,8 @@ def main() -> None:
         max_poll_records=settings.max_poll_records,
         check_crcs=settings.kafka_check_crcs,
         fast_records=settings.kafka_fast_records,
+        fetch_depth=settings.trainer_fetch_depth,
+        switch_interval_ms=sys.getswitchinterval() * 1000,
         checkpoints=int(full["checkpoints"]),
         produce_per_s=n / produce_s,
         bare_consume_per_s=n / bare_s,

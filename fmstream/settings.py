@@ -194,6 +194,10 @@ class Settings(BaseSettings):
         True, description="poll and decode Kafka in a child process (a core of its own) "
         "instead of a thread of the trainer"
     )
+    trainer_fetch_depth: int = Field(
+        2, ge=1, le=64, description="decoded polls the fetch process/thread keeps ready ahead "
+        "of the model update (each up to max_poll_records events)"
+    )
     # worker (issue 10: request p99 with versions): who gets a core first on a shared host
     trainer_nice: int = Field(
         0, ge=0, le=19, description="niceness `fmstream train` adds to itself at start (its "
@@ -417,7 +421,7 @@ class Settings(BaseSettings):
             policy=LearnPolicy(step_events=self.step_events, replay=self.replay,
                                replay_buffer=self.replay_buffer, seed=self.seed),
             live_sample_every=self.live_sample_every, live_cpu_share=self.live_cpu_share,
-            fetch_process=self.trainer_fetch_process,
+            fetch_process=self.trainer_fetch_process, fetch_depth=self.trainer_fetch_depth,
             checkpoint_background=self.checkpoint_background,
         )
 

@@ -35,6 +35,7 @@ class TrainerConfig:
             sampled only while the metric's CPU so far is within this share (1 = every poll).
         fetch_process: poll and decode in a child process (its own core, not the trainer's
             GIL; :mod:`train.fetch_process`) instead of a thread.
+        fetch_depth: decoded polls kept ready ahead of the model update.
         checkpoint_background: periodic checkpoints are written by a forked child
             (:mod:`train.checkpointer`) so the trainer thread is not stopped by them; the final
             one is always written in the trainer thread.
@@ -54,7 +55,14 @@ class TrainerConfig:
     live_sample_every: int = 16
     live_cpu_share: float = 0.03
     fetch_process: bool = False
+    fetch_depth: int = 2
     checkpoint_background: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fetch_depth < 1:
+            raise ValueError(
+                f"fetch_depth: decoded polls kept ready must be >= 1, got {self.fetch_depth}"
+            )
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,6 @@ PHASES = ("poll", "decode", "wait", "update", "publish", "checkpoint")
 """The phases of :attr:`Trainer.timings` (cumulative seconds). ``poll`` and ``decode`` run in the
 fetch thread, overlapped with the rest; ``wait`` is the trainer thread waiting for a batch;
 ``publish`` is handing changes over (the publishing itself runs in the publisher thread)."""
-FETCH_DEPTH = 2
-"""Decoded batches the fetch thread keeps ready ahead of the model update."""
 CPU_PIECES = ("receive", "learn", "live", "bookkeeping", "checkpoint", "handover")
 """The pieces of :attr:`Trainer.cpu` (cumulative CPU seconds of the trainer thread): ``receive``
 takes a batch from the fetcher (unpickling when it is a process), ``learn`` is the model update
@@ -270,7 +268,7 @@ class Trainer:
                     reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 ),
                 may_fetch=lambda: self.lease.valid,
-                depth=FETCH_DEPTH,
+                depth=config.fetch_depth,
                 timings=self.timings,
             )
         else:
@@ -291,7 +289,7 @@ class Trainer:
                 self.decode,
                 may_fetch=lambda: self.lease.valid,
                 before_poll=self._refresh_if_due,
-                depth=FETCH_DEPTH,
+                depth=config.fetch_depth,
                 timings=self.timings,
                 aligner=EventAligner(config.topics.events, max_records=config.max_poll_records),
             )

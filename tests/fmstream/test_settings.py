@@ -276,3 +276,23 @@ def test_neg_updates_reach_the_model_and_bad_values_are_errors(clean_env) -> Non
     clean_env.setenv("FMSTREAM_LOSS", "bpr")
     with pytest.raises(ConfigError, match="softmax"):
         train_config(Settings())
+
+
+def test_trainer_fetch_options_reach_the_trainer_config(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("FMSTREAM_TRAINER_FETCH_DEPTH", "5")
+    clean_env.setenv("FMSTREAM_KAFKA_FAST_RECORDS", "false")
+    config = Settings().trainer_config()
+    assert config.fetch_depth == 5 and config.fast_records is False
+    defaults = Settings(trainer_fetch_depth=2, kafka_fast_records=True).trainer_config()
+    assert defaults.fetch_depth == 2 and defaults.fast_records is True
+
+
+def test_a_fetch_depth_below_one_is_refused_with_its_name(clean_env: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    clean_env.setenv("FMSTREAM_TRAINER_FETCH_DEPTH", "0")
+    with pytest.raises(ValidationError, match="trainer_fetch_depth"):
+        Settings()
+    config = Settings(trainer_fetch_depth=1).trainer_config()
+    with pytest.raises(ValueError, match="fetch_depth: decoded polls kept ready must be >= 1"):
+        replace(config, fetch_depth=0)
