@@ -92,3 +92,38 @@ def test_redis_unreachable_raises_a_connection_error(settings: Settings) -> None
     own, keys, weights = parts(2)
     with pytest.raises(redis.ConnectionError):
         writer.put_user_records(["a", "b"], 1, 0.0, own, keys, weights)
+
+
+def test_packed_commands_are_what_redis_pys_packer_sends(
+    writer: StoreWriter, redis_client: redis.Redis, settings: Settings
+) -> None:
+    from hiredis import pack_command
+
+    own, keys, weights = parts(3, seed=2)
+    ids = ["p0", "p\u00e9", "p2"]  # a non-ASCII id: encoded as redis-py would (UTF-8)
+    values = encode_user_records(7, 1.5, own, keys, weights)
+    prefix = settings.redis_keys().user("")
+    args = ("MSET", *[x for u, v in zip(ids, values, strict=True) for x in (prefix + u, v)])
+    conn = redis_client.connection_pool.get_connection()
+    try:
+        assert b"".join(conn.pack_command(*args)) == pack_command(args)
+    finally:
+        redis_client.connection_pool.release(conn)
+    writer.put_user_records(ids, 7, 1.5, own, keys, weights)
+    assert redis_client.mget([prefix + u for u in ids]) == values
+
+
+def test_a_refused_packed_command_raises_and_leaves_the_pool_usable(
+    writer: StoreWriter, redis_client: redis.Redis, settings: Settings
+) -> None:
+    from hiredis import pack_command
+
+    key = settings.redis_keys().user("refused")
+    commands = [pack_command(("SET", key, b"1")), pack_command(("NOSUCHCOMMAND", "x")),
+                pack_command(("PING",))]
+    with pytest.raises(redis.ResponseError, match="(?i)unknown command"):
+        writer.send_packed(commands)
+    assert redis_client.get(key) == b"1"  # the commands before it took effect
+    assert writer.send_packed([pack_command(("PING",))]) == [b"PONG"]  # no stale reply left
+    assert redis_client.ping() is True
+    assert writer.send_packed([]) == []
