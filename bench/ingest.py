@@ -196,11 +196,16 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
     proc0, thread0 = time.process_time(), time.thread_time()
     t1 = time.perf_counter()
     try:
+        while not trainer.progress.events_applied:  # the first batch: the pipeline fills
+            trainer.step()
+        out["first_wait"] = trainer.timings.get("wait", 0.0)
         while trainer.progress.events_applied < n:
             trainer.step()
         trainer.fetcher.pause()
+        t_final = time.perf_counter()
         trainer.checkpoint(final=True)
         t2 = time.perf_counter()
+        out["final_checkpoint"] = t2 - t_final
         for name, pid in pids.items():
             out[f"cpu_{name}"] = process_cpu_s(pid) - services0[name]
         out["cpu_trainer"] = time.thread_time() - thread0
@@ -445,6 +450,10 @@ def main() -> None:
     for phase in ("wait", "update", "publish", "checkpoint"):
         label = "hand-over to publisher" if phase == "publish" else phase
         rows.append(row(f"  trainer thread: {label} (wall)", full[f"phase_{phase}"]))
+        if phase == "wait":
+            rows.append(row("    of it: for the first batch (fetch start-up)", full["first_wait"]))
+        if phase == "checkpoint":
+            rows.append(row("    of it: the final checkpoint (inline)", full["final_checkpoint"]))
     rows.append(row("  publisher thread busy (wall)", full["publisher_busy"]))
     rows.append(row("  publisher still busy after the loop", full["drain"]))
     for who in ("trainer", "fetch", "publisher", "ckpt_writer", "other"):
@@ -482,6 +491,8 @@ def main() -> None:
         check_crcs=settings.kafka_check_crcs,
         fast_records=settings.kafka_fast_records,
         fetch_depth=settings.trainer_fetch_depth,
+        first_wait_s=full["first_wait"],
+        final_checkpoint_s=full["final_checkpoint"],
         switch_interval_ms=sys.getswitchinterval() * 1000,
         checkpoints=int(full["checkpoints"]),
         produce_per_s=n / produce_s,
