@@ -89,6 +89,25 @@ return #order
 """
 
 
+_PUT_HISTORIES = """
+local data = cjson.decode(ARGV[1])
+local prefix = ARGV[2]
+local users, lists = data[1], data[2]
+for i = 1, #users do
+  local key = prefix .. users[i]
+  local list = lists[i]
+  redis.call('DEL', key)
+  for lo = 1, #list, 1000 do
+    redis.call('RPUSH', key, unpack(list, lo, math.min(#list, lo + 999)))
+  end
+end
+return #users
+"""
+_HISTORY_USERS_PER_CALL = 200
+"""Users whose history one scripted call replaces (a republish): at 50 items each ~1 ms inside
+Redis, so a worker's read waits at most that long behind one."""
+
+
 def _chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
@@ -120,6 +139,7 @@ class StoreWriter:
         self.keep_versions = keep_versions
         self._cas_forward = client.register_script(CAS_FORWARD)
         self._push_history = client.register_script(_PUSH_HISTORY)
+        self._put_histories = client.register_script(_PUT_HISTORIES)
         self._put_users = client.register_script(_PUT_USERS)
 
     def key(self, *parts: str | int) -> str:
@@ -280,19 +300,20 @@ class StoreWriter:
             raise ServingError(
                 f"put_histories: {len(user_ids)} users for {len(histories)} histories"
             )
-        written = 0
-        for start in range(0, len(user_ids), 1000):
+        # one scripted call per _HISTORY_USERS_PER_CALL users (DEL + RPUSH inside Redis), the
+        # calls of 25 at a time in a pipeline: two pipelined commands per user cost ~10 us of
+        # client CPU each in redis-py (bench/RESULTS.md 'redis — Redis persistence ...')
+        kept = [(uid, items[:max_len])
+                for uid, items in zip(user_ids, histories, strict=True) if items]
+        prefix, step = self.keys.history(""), _HISTORY_USERS_PER_CALL
+        for start in range(0, len(kept), 25 * step):
             pipe = self.redis.pipeline(transaction=False)
-            for uid, items in zip(
-                user_ids[start : start + 1000], histories[start : start + 1000], strict=True
-            ):
-                if items:
-                    key = self.keys.history(uid)
-                    pipe.delete(key)
-                    pipe.rpush(key, *items[:max_len])
-                    written += 1
+            for lo in range(start, min(start + 25 * step, len(kept)), step):
+                part = kept[lo : lo + step]
+                payload = orjson.dumps([[u for u, _ in part], [h for _, h in part]])
+                self._put_histories(keys=[], args=[payload, prefix], client=pipe)
             pipe.execute()
-        return written
+        return len(kept)
 
 
     def put_item_snapshot(self, snapshot: ItemSnapshot, chunk_bytes: int = 4 << 20) -> bool:

@@ -127,3 +127,39 @@ def test_a_refused_packed_command_raises_and_leaves_the_pool_usable(
     assert writer.send_packed([pack_command(("PING",))]) == [b"PONG"]  # no stale reply left
     assert redis_client.ping() is True
     assert writer.send_packed([]) == []
+
+
+def test_put_histories_replaces_lists_in_bounded_scripted_calls(
+    writer: StoreWriter, redis_client: redis.Redis, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A republish's histories: each user's list replaced (newest first, cut to max_len), users
+    with an empty history left alone, ids of any text, at most _HISTORY_USERS_PER_CALL users per
+    scripted call; more than 1,000 items of one user still go (RPUSH in slices)."""
+    monkeypatch.setattr(store_writer, "_HISTORY_USERS_PER_CALL", 2)
+    keys = settings.redis_keys()
+    redis_client.rpush(keys.history("old"), b"stale1", b"stale2")
+    redis_client.rpush(keys.history("kept"), b"k1")
+    users = ["old", "kept", 'ü:"é 1', "u3", "long"]
+    lists = [["i3", "i2", "i1"], [], ["x\\y", "z\"w"], ["a", "b", "c", "d"],
+             [f"i{j}" for j in range(1500)]]
+
+    def evals() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(int(v.get("calls", 0)) for k, v in stats.items() if k.startswith("cmdstat_eval"))
+
+    before = evals()
+    assert writer.put_histories(users, lists, max_len=1200) == 4
+    assert evals() - before == 2  # 4 users with a history, 2 per call
+
+    def raw(user: str) -> list[str]:
+        return [v.decode() for v in redis_client.lrange(keys.history(user), 0, -1)]
+
+    assert raw("old") == ["i3", "i2", "i1"]
+    assert raw("kept") == ["k1"]
+    assert raw('ü:"é 1') == ["x\\y", "z\"w"]
+    assert raw("u3") == ["a", "b", "c", "d"]
+    assert raw("long") == [f"i{j}" for j in range(1200)]
+    assert writer.put_histories([], [], max_len=5) == 0
+    with pytest.raises(ServingError, match="2 users for 1 histories"):
+        writer.put_histories(["a", "b"], [["i"]], max_len=5)
