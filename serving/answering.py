@@ -34,6 +34,7 @@ from serving.errors import (
     InvalidRequest,
     NotReady,
     RequestError,
+    StoreUnavailable,
     UnknownItem,
     UnknownUser,
 )
@@ -335,17 +336,44 @@ class Answerer:
         try:
             _Batch(self, todo, state).answer()
             return
+        except StoreUnavailable as exc:
+            # Every request that reads the store would wait on it again: fail them at once; the
+            # ones that read nothing from it (online i2i, rank without a user) are still answered.
+            left = [p for p in todo if not p.done]
+            free = [p for p in left if not _reads_store(p.request)]
+            if len(free) == len(left):  # they read it after all (e.g. popular items): fail all
+                free = []
+            log.warning("%s: %d requests answered %r", exc, len(left) - len(free), exc.code)
+            for p in left:
+                if not free or _reads_store(p.request):
+                    p.fail(exc, state.version)
+            if free:
+                self._answer_isolated(free, state)
+            return
         except Exception as exc:  # noqa: BLE001 - answer, never crash the consumer
             if len(todo) == 1:
                 todo[0].fail(_as_request_error(todo[0], exc), state.version)
                 return
             log.info("batch of %d requests failed (%r); answering them one by one", len(todo), exc)
+        down: StoreUnavailable | None = None  # once the store is away, do not wait on it again
         for p in todo:
-            if not p.done:
-                try:
-                    _Batch(self, [p], state).answer()
-                except Exception as exc:  # noqa: BLE001
-                    p.fail(_as_request_error(p, exc), state.version)
+            if p.done:
+                continue
+            if down is not None and _reads_store(p.request):
+                p.fail(down, state.version)
+                continue
+            try:
+                _Batch(self, [p], state).answer()
+            except StoreUnavailable as exc:
+                down = exc
+                p.fail(exc, state.version)
+            except Exception as exc:  # noqa: BLE001
+                p.fail(_as_request_error(p, exc), state.version)
+
+
+def _reads_store(r: Request) -> bool:
+    """Whether answering ``r`` reads the store: a user's vector or history, offline i2i tables."""
+    return r.user_id is not None or (r.type == "i2i" and r.source == "offline")
 
 
 def _as_request_error(p: Pending, exc: Exception) -> RequestError:

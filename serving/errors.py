@@ -79,6 +79,14 @@ class InternalError(RequestError):
     code: ClassVar[ErrorCode] = "internal"
 
 
+class StoreUnavailable(InternalError):
+    """The store (Redis) did not answer a read a request needs: code ``internal``; retry shortly.
+
+    A whole batch fails with it at once: answering its requests one by one would only wait on
+    the same unreachable store again, once per request.
+    """
+
+
 REQUEST_ERRORS: tuple[type[RequestError], ...] = (
     InvalidRequest, UnknownUser, UnknownItem, DeadlineExceeded, NotReady, InternalError,
 )

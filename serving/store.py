@@ -6,17 +6,18 @@ A reader that follows a version pointer always finds a complete, checksummed ver
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import orjson
 import redis
 
-from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing
+from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing, StoreUnavailable
 from serving.index import ItemSnapshot
 from serving.keys import USER_HEADER, RedisKeys
 from serving.users import USER_MAGIC, SharedRows, decode_user_record
@@ -25,6 +26,26 @@ logger = logging.getLogger(__name__)
 
 _BATCH = 5_000  # keys per MGET / MSET / HSET command: bounded replies, few round trips
 _FETCH_BYTES = 64 << 20  # snapshot bytes fetched per pipeline round trip
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _request_read(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A read that answers requests: Redis unreachable (connection refused or lost, a timeout,
+    still loading its data) becomes :class:`StoreUnavailable`, which the worker answers at once."""
+
+    @functools.wraps(fn)
+    def read(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(
+                f"the store (Redis) did not answer: {type(exc).__name__}: {exc}; retry shortly"
+            ) from exc
+
+    return read
+
 
 @dataclass(frozen=True, eq=False)
 class UserVectors:
@@ -92,6 +113,7 @@ class VectorStore:
 
     # --- user vectors ----------------------------------------------------------------------
 
+    @_request_read
     def get_user_vectors(
         self, user_ids: Sequence[str], *, dim: int | None = None, shared: SharedRows | None = None
     ) -> UserVectors:
@@ -173,6 +195,7 @@ class VectorStore:
 
     # --- user history ----------------------------------------------------------------------
 
+    @_request_read
     def get_histories(
         self, user_ids: Sequence[str], *, limit: int | None = None
     ) -> list[list[str]]:
@@ -306,6 +329,7 @@ class VectorStore:
 
     # --- offline i2i -----------------------------------------------------------------------
 
+    @_request_read
     def get_offline_i2i(
         self, item_ids: Sequence[str]
     ) -> tuple[int | None, list[list[tuple[str, float]] | None]]:
@@ -337,6 +361,7 @@ class VectorStore:
 
     # --- popular items ---------------------------------------------------------------------
 
+    @_request_read
     def get_popular(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` most popular items, best first (empty before the first publish)."""
         raw = self.redis.get(self.keys.popular())

@@ -19,7 +19,7 @@ from serving.answering import (
     decode_request,
 )
 from serving.config import ServingConfig
-from serving.errors import REQUEST_ERRORS, InvalidRequest, RequestError
+from serving.errors import REQUEST_ERRORS, InvalidRequest, RequestError, StoreUnavailable
 from serving.index import ItemSnapshot, LoadedIndex
 from serving.queries import item_queries
 from serving.store import UserVectors
@@ -63,6 +63,26 @@ class MemoryStore:
 class BrokenStore(MemoryStore):
     def get_user_vectors(self, user_ids, *, shared=None):
         raise RuntimeError("redis fell over")
+
+
+class DownStore(MemoryStore):
+    """Every read fails as the real store's do while Redis is away; counts the attempts."""
+
+    def _down(self, what: str):
+        self.calls.append(what)
+        raise StoreUnavailable("the store (Redis) did not answer: ConnectionError; retry shortly")
+
+    def get_user_vectors(self, user_ids, *, shared=None):
+        self._down("vectors")
+
+    def get_histories(self, user_ids):
+        self._down("histories")
+
+    def get_offline_i2i(self, item_ids):
+        self._down("offline")
+
+    def get_popular(self, k):
+        self._down("popular")
 
 
 @pytest.fixture
@@ -331,3 +351,37 @@ def test_a_store_failure_is_internal_and_the_deadline_still_counts(world) -> Non
                {"type": "i2i", "item_id": "i1"})
     assert code(a) == "internal" and "redis fell over" in str(a.error)
     assert b.error is None  # i2i needs no user vector: answered on its own
+
+
+def test_a_store_away_fails_the_requests_reading_it_at_once_and_answers_the_others(world) -> None:
+    store, state, _ = world
+    down = DownStore(store.users, store.histories, store.offline, store.popular)
+    requests = [{"type": "u2i", "user_id": f"u{n}"} for n in range(6)]
+    requests += [{"type": "i2i", "item_id": "i1"}, {"type": "i2i", "item_id": "i1",
+                                                    "source": "offline"}]
+    out = ask(down, state, *requests)
+    for p in out[:6] + out[7:]:
+        assert code(p) == "internal" and "retry shortly" in str(p.error), p.error
+        assert p.version == VERSION
+    assert out[6].error is None and len(out[6].items) == 10  # online i2i reads nothing from it
+    # one attempt for the batch, none per request: a dead Redis is not waited on eight times
+    assert down.calls == ["vectors"]
+
+
+def test_a_store_away_in_the_one_by_one_retry_is_not_waited_on_again(world) -> None:
+    store, state, _ = world
+
+    class Flaky(DownStore):
+        """The batch fails for another reason first (a bad request), then Redis is away."""
+
+        def get_user_vectors(self, user_ids, *, shared=None):
+            if len(user_ids) > 1:
+                self.calls.append("batch")
+                raise RuntimeError("something else")
+            self._down("vectors")
+
+    flaky = Flaky(store.users, store.histories, store.offline, store.popular)
+    out = ask(flaky, state, *[{"type": "u2i", "user_id": f"u{n}"} for n in range(5)])
+    assert [code(p) for p in out] == ["internal"] * 5
+    assert all("retry shortly" in str(p.error) for p in out)
+    assert flaky.calls == ["batch", "vectors"]  # the first lone request found it away

@@ -3,6 +3,7 @@ the test session."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import redis
 
 from fmstream.settings import Settings
-from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing
+from serving.errors import ServingError, SnapshotCorrupt, SnapshotMissing, StoreUnavailable
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
 from stream.connect import redis_client
@@ -207,3 +208,25 @@ def test_history_pushes_in_one_call_equal_one_push_per_event(
     with pytest.raises(ServingError, match="max_len must be >= 1"):
         writer.push_history(["u"], ["i"], max_len=0)
     writer.push_history([], [], max_len=3)  # nothing to write: no call
+
+
+def test_the_request_reads_say_the_store_is_unavailable_when_redis_is_away(
+    settings: Settings,
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=2.0)
+    store = VectorStore(client, settings.redis_keys())
+    reads = {
+        "vectors": lambda: store.get_user_vectors(["u1"]),
+        "histories": lambda: store.get_histories(["u1"]),
+        "offline": lambda: store.get_offline_i2i(["i1"]),
+        "popular": lambda: store.get_popular(10),
+    }
+    for what, read in reads.items():
+        with pytest.raises(StoreUnavailable, match="did not answer.*retry shortly") as info:
+            read()
+        assert info.value.code == "internal", what
+        assert isinstance(info.value.__cause__, redis.ConnectionError), what
+    client.close()
