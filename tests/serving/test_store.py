@@ -216,7 +216,8 @@ def test_the_request_reads_say_the_store_is_unavailable_when_redis_is_away(
     with socket.socket() as s:  # a port nothing listens on: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=2.0)
+    away = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    client = redis_client(away.redis_config(), socket_connect_timeout=2.0)
     store = VectorStore(client, settings.redis_keys())
     reads = {
         "vectors": lambda: store.get_user_vectors(["u1"]),
