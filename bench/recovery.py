@@ -93,6 +93,23 @@ def wait(pred: Callable[[], bool], timeout_s: float, what: str, step_s: float = 
     return time.monotonic() - t0
 
 
+def _worker_at(store: VectorStore, version: int, t0: float) -> float:
+    """Seconds since ``t0`` until every registered worker serves ``version`` or later."""
+    wait(lambda: min(store.worker_versions().values(), default=-1) >= version, 60,
+         "the worker to follow")
+    return time.monotonic() - t0
+
+
+def _back(store: VectorStore, users: list[str], histories: list[list[str]], t0: float,
+          timeout_s: float) -> tuple[float, int, float]:
+    """After a loss: seconds since ``t0`` until the probed users' histories are ``histories``
+    again, the store's version then, and seconds until the worker serves it."""
+    wait(lambda: store.get_histories(users) == histories, timeout_s, "the histories back")
+    t_hist = time.monotonic() - t0
+    after = store.current_item_version() or 0
+    return t_hist, after, _worker_at(store, after, t0)
+
+
 class Probe:
     """Rounds of u2i requests for the probed users through the request topic."""
 
@@ -193,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise TimeoutError("u2i not normal within 120 s of FLUSHALL")
                 if t_version is None:
                     t_version = t_normal
-                wait(lambda h=histories: store.get_histories(users) == h, 60, "the histories back")
-                t_hist = time.monotonic() - t0
-                after = store.current_item_version() or 0
-                wait(lambda a=after: min(store.worker_versions().values(), default=-1) >= a, 60,
-                     "the worker to follow")
-                t_follow = time.monotonic() - t0
+                t_hist, after, t_follow = _back(store, users, histories, t0, 60)
                 rows.append(["FLUSHALL, idle trainer", n, round(t_version, 2),
                              round(t_normal, 2), round(t_hist, 2), round(t_follow, 2),
                              f"v{before} -> v{after}", first_normal])
@@ -218,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_normal = time.monotonic() - t0
                 wait(lambda: all(store.get_histories(users)), 60, "histories back")
                 t_hist = time.monotonic() - t0
-                wait(lambda a=after: min(store.worker_versions().values(), default=-1) >= a, 60,
-                     "the worker to follow")
-                t_follow = time.monotonic() - t0
+                t_follow = _worker_at(store, after, t0)
                 rows.append(["FLUSHALL + trainer restart", n, round(t_version, 2),
                              round(t_normal, 2), round(t_hist, 2), round(t_follow, 2),
                              f"v{served} -> v{after}", False])
@@ -250,12 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise TimeoutError("u2i not normal after the Redis restart")
                 meanwhile = ", ".join(f"{k} {v}" for k, v in probe.outcomes.most_common())
                 t_version = t_normal if t_version is None else t_version
-                wait(lambda h=histories: store.get_histories(users) == h, 120, "histories back")
-                t_hist = time.monotonic() - t0
-                after = store.current_item_version() or 0
-                wait(lambda a=after: min(store.worker_versions().values(), default=-1) >= a, 60,
-                     "the worker to follow")
-                t_follow = time.monotonic() - t0
+                t_hist, after, t_follow = _back(store, users, histories, t0, 120)
                 wait(lambda: r.get(lease_key) is not None, 60, "the trainer lease back")
                 t_lease = time.monotonic() - t0
                 kills.append([n, round(away, 2), round(t_version, 2), round(t_normal, 2),

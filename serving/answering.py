@@ -332,30 +332,21 @@ class Answerer:
 
     def _answer_isolated(self, todo: list[Pending], state: ServingState) -> None:
         """Answer the batch together; if that fails, answer the unanswered ones one by one so a
-        bad request (e.g. a context value of the wrong type) fails alone."""
+        bad request (e.g. a context value of the wrong type) fails alone. Once the store is
+        found away (:class:`StoreUnavailable`), every request that reads it fails at once with
+        that error instead of waiting on it again; the others are still answered."""
+        down: StoreUnavailable | None = None
         try:
             _Batch(self, todo, state).answer()
             return
         except StoreUnavailable as exc:
-            # Every request that reads the store would wait on it again: fail them at once; the
-            # ones that read nothing from it (online i2i, rank without a user) are still answered.
-            left = [p for p in todo if not p.done]
-            free = [p for p in left if not _reads_store(p.request)]
-            if len(free) == len(left):  # they read it after all (e.g. popular items): fail all
-                free = []
-            log.warning("%s: %d requests answered %r", exc, len(left) - len(free), exc.code)
-            for p in left:
-                if not free or _reads_store(p.request):
-                    p.fail(exc, state.version)
-            if free:
-                self._answer_isolated(free, state)
-            return
+            down = exc
+            log.warning("%s: answering the batch's %d requests without it", exc, len(todo))
         except Exception as exc:  # noqa: BLE001 - answer, never crash the consumer
             if len(todo) == 1:
                 todo[0].fail(_as_request_error(todo[0], exc), state.version)
                 return
             log.info("batch of %d requests failed (%r); answering them one by one", len(todo), exc)
-        down: StoreUnavailable | None = None  # once the store is away, do not wait on it again
         for p in todo:
             if p.done:
                 continue

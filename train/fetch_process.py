@@ -98,8 +98,8 @@ class RecordBlock:
     the hand-over's CPU on both sides (the trainer reads a record's bytes only to dead-letter it).
     """
 
-    __slots__ = ("key_lengths", "keys_blob", "offsets", "partitions", "timestamps", "topic",
-                 "value_lengths", "values_blob")
+    __slots__ = ("_starts", "key_lengths", "keys_blob", "offsets", "partitions", "timestamps",
+                 "topic", "value_lengths", "values_blob")
 
     def __init__(self, records: list[ConsumerRecord]) -> None:
         n = len(records)
@@ -109,13 +109,16 @@ class RecordBlock:
         self.timestamps = np.fromiter(map(_TIMESTAMP, records), np.int64, n)
         self.keys_blob, self.key_lengths = _blob(list(map(_KEY, records)))
         self.values_blob, self.value_lengths = _blob(list(map(_VALUE, records)))
+        self._starts: tuple[np.ndarray, np.ndarray] | None = None  # by the first block[j]
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getitem__(self, j: int) -> ConsumerRecord:
-        key = _cut(self.keys_blob, self.key_lengths, j)
-        value = _cut(self.values_blob, self.value_lengths, j)
+        if self._starts is None:  # once per block, not per record: a poll may be all bad
+            self._starts = (_starts(self.key_lengths), _starts(self.value_lengths))
+        key = _cut(self.keys_blob, self.key_lengths, self._starts[0], j)
+        value = _cut(self.values_blob, self.value_lengths, self._starts[1], j)
         return ConsumerRecord(
             self.topic, int(self.partitions[j]), -1, int(self.offsets[j]),
             int(self.timestamps[j]), 0, key, value, [], None,
@@ -134,6 +137,7 @@ class RecordBlock:
     def __setstate__(self, state: tuple) -> None:
         (self.topic, self.partitions, self.offsets, self.timestamps, self.keys_blob,
          self.key_lengths, self.values_blob, self.value_lengths) = state
+        self._starts = None
 
 
 def _blob(parts: list[bytes | None]) -> tuple[bytes, np.ndarray]:
@@ -144,12 +148,19 @@ def _blob(parts: list[bytes | None]) -> tuple[bytes, np.ndarray]:
     return b"".join(p for p in parts if p is not None), lengths
 
 
-def _cut(blob: bytes, lengths: np.ndarray, j: int) -> bytes | None:
-    """Part ``j`` of a :func:`_blob` (None where it was None)."""
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each part of a :func:`_blob` starts in it."""
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(np.maximum(lengths[:-1], 0), out=starts[1:])
+    return starts
+
+
+def _cut(blob: bytes, lengths: np.ndarray, starts: np.ndarray, j: int) -> bytes | None:
+    """Part ``j`` of a :func:`_blob` (None where it was None); ``starts`` from :func:`_starts`."""
     size = int(lengths[j])
     if size < 0:
         return None
-    start = int(np.maximum(lengths[:j], 0).sum())
+    start = int(starts[j])
     return blob[start:start + size]
 
 

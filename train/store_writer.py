@@ -106,6 +106,7 @@ return #users
 _HISTORY_USERS_PER_CALL = 200
 """Users whose history one scripted call replaces (a republish): at 50 items each ~1 ms inside
 Redis, so a worker's read waits at most that long behind one."""
+_HISTORY_CALLS_PER_PIPELINE = 25  # of those calls, sent per round trip
 
 
 def _chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -301,14 +302,15 @@ class StoreWriter:
                 f"put_histories: {len(user_ids)} users for {len(histories)} histories"
             )
         # one scripted call per _HISTORY_USERS_PER_CALL users (DEL + RPUSH inside Redis), the
-        # calls of 25 at a time in a pipeline: two pipelined commands per user cost ~10 us of
-        # client CPU each in redis-py (bench/RESULTS.md 'redis — Redis persistence ...')
+        # calls _HISTORY_CALLS_PER_PIPELINE at a time in a pipeline: two pipelined commands per
+        # user cost ~10 us of client CPU each in redis-py (bench/RESULTS.md 'redis — ...')
         kept = [(uid, items[:max_len])
                 for uid, items in zip(user_ids, histories, strict=True) if items]
         prefix, step = self.keys.history(""), _HISTORY_USERS_PER_CALL
-        for start in range(0, len(kept), 25 * step):
+        per_pipe = _HISTORY_CALLS_PER_PIPELINE * step
+        for start in range(0, len(kept), per_pipe):
             pipe = self.redis.pipeline(transaction=False)
-            for lo in range(start, min(start + 25 * step, len(kept)), step):
+            for lo in range(start, min(start + per_pipe, len(kept)), step):
                 part = kept[lo : lo + step]
                 payload = orjson.dumps([[u for u, _ in part], [h for _, h in part]])
                 self._put_histories(keys=[], args=[payload, prefix], client=pipe)
