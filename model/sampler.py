@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 
 _MAX_REDRAWS = 8
+# draw table (see NegativeSampler._draw_table): at most this many entries (int32), and at most
+# this many per positive between two rebuilds (its build is O(entries), once per rebuild)
+_TABLE_MAX = 1 << 21
+_TABLE_PER_REBUILD = 256
 
 
 class NegativeSampler:
@@ -28,6 +32,8 @@ class NegativeSampler:
         self.cdf = np.zeros(0, dtype=np.float64)
         self._logq = np.zeros(0, dtype=np.float32)  # log q per item of the cdf it was made of
         self._logq_of: np.ndarray | None = None
+        self._table: np.ndarray | None = None  # draw table of the cdf it was made of
+        self._table_of: np.ndarray | None = None
         self.since_rebuild = 0
 
     def _refresh(self, counts: np.ndarray, n_items: int, n_pos: int) -> None:
@@ -119,7 +125,36 @@ class NegativeSampler:
     def _draw(self, shape: tuple[int, ...]) -> np.ndarray:
         total = self.cdf[-1]
         u = self.rng.random(shape) * total
+        table = self._draw_table()
+        if table is not None:  # the same indices as the search below, by one gather
+            return table.take(np.minimum(u.astype(np.int64), table.size - 1)).astype(np.int64)
         return np.minimum(np.searchsorted(self.cdf, u, side="right"), self.cdf.size - 1)
+
+    def _draw_table(self) -> np.ndarray | None:
+        """``table[k] = #(cdf <= k)`` for ``k < cdf[-1]`` when the cdf holds small integers
+        (popularity weights ``(count + 1) ** alpha`` with ``alpha`` 0 or 1), else None.
+
+        Then ``searchsorted(cdf, u, side="right") == table[floor(u)]`` exactly (an integer
+        ``c <= u`` iff ``c <= floor(u)``): a draw is one gather instead of a binary search
+        (~70 ns per draw on ml-100k). Built once per cdf (O(cdf[-1])), and only while that
+        stays within :data:`_TABLE_PER_REBUILD` entries per positive between rebuilds.
+        """
+        cdf = self.cdf
+        if self._table_of is cdf:
+            return self._table
+        self._table, self._table_of = None, cdf
+        n = cdf.size
+        total = float(cdf[-1]) if n else 0.0
+        cap = min(_TABLE_MAX, _TABLE_PER_REBUILD * max(1024, n // 8))
+        if not 1.0 <= total <= cap:
+            return None
+        w = np.empty(n, dtype=np.float64)
+        w[0] = cdf[0]
+        np.subtract(cdf[1:], cdf[:-1], out=w[1:])
+        if not (np.all(w >= 0.0) and np.array_equal(w, np.floor(w))):
+            return None
+        self._table = np.repeat(np.arange(n, dtype=np.int32), w.astype(np.int64))
+        return self._table
 
     def state(self) -> dict[str, Any]:
         return {"mode": self.mode, "alpha": self.alpha, "since_rebuild": self.since_rebuild}

@@ -356,6 +356,59 @@ def test_log_prob_follows_each_rebuilt_distribution() -> None:
     np.testing.assert_array_equal(pop.log_prob(np.arange(2), 2), expect)
 
 
+def _searched(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The draws by binary search over the cdf (what the draw table replaces)."""
+    return np.minimum(np.searchsorted(cdf, u, side="right"), cdf.size - 1)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0, 0.5])
+def test_draw_table_draws_what_the_binary_search_draws(alpha: float) -> None:
+    """Popularity weights ``(count + 1) ** alpha`` are integers for alpha 1 and 0: draws are
+    then read from a table by ``floor(u)``, the same indices as the binary search for every
+    ``u`` (cdf values and the points between them included) and draw for draw from one
+    generator state; other alphas keep the search."""
+    counts = np.random.default_rng(3).zipf(1.5, 500).clip(0, 300).astype(np.int64)
+    counts[:7] = 0
+    s = NegativeSampler("popularity", alpha, np.random.default_rng(7))
+    state = s.rng.bit_generator.state
+    items, _ = s.draw_shared(counts, 500, 5000, 1)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    np.testing.assert_array_equal(items, _searched(s.cdf, rng.random(5000) * s.cdf[-1]))
+    assert items.dtype == np.int64
+    table = s._draw_table()
+    assert (table is not None) == (alpha in (0.0, 1.0))
+    if table is not None:
+        total = int(s.cdf[-1])
+        u = np.arange(4 * total) / 4.0  # every integer, every cdf value, points between
+        np.testing.assert_array_equal(
+            table.take(np.minimum(u.astype(np.int64), table.size - 1)), _searched(s.cdf, u)
+        )
+
+
+def test_draw_table_follows_the_cdf_and_its_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuilt or restored cdf gets its own table; a cdf whose total exceeds the cap (or
+    whose weights are not integers) is searched, with the same draws."""
+    import model.sampler as sampler
+
+    s = NegativeSampler("popularity", 1.0, np.random.default_rng(0))
+    s.cdf = np.cumsum([1.0, 3.0])  # as OnlineFM.from_state sets it
+    np.testing.assert_array_equal(s._draw_table(), [0, 1, 1, 1])
+    s.cdf = np.cumsum([2.0, 0.0, 1.0])  # a zero weight: never drawn
+    np.testing.assert_array_equal(s._draw_table(), [0, 0, 2])
+    s.cdf = np.cumsum([1.5, 2.0])
+    assert s._draw_table() is None
+    monkeypatch.setattr(sampler, "_TABLE_MAX", 100)
+    counts = np.full(10, 20, dtype=np.int64)  # total 210 > 100
+    s.since_rebuild = 10**9
+    state = s.rng.bit_generator.state
+    items, _ = s.draw_shared(counts, 10, 300, 1)
+    assert s._draw_table() is None
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    np.testing.assert_array_equal(items, _searched(s.cdf, rng.random(300) * 210.0))
+
+
 def test_softmax_refuses_entity_indices_out_of_range() -> None:
     """With its checks on (the default) the kernel refuses events, fixed parts or shared draws
     that name no entity of the slot matrix, instead of reading past its arrays."""
