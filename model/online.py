@@ -889,18 +889,22 @@ class OnlineFM:
         keys = np.concatenate([p.ravel() for p in parts_k])
         x = np.concatenate([p.ravel() for p in parts_w])
         live = keys != PAD
-        indptr = np.empty(m + 1, dtype=np.int64)
-        indptr[0] = 0
+        # indptr[e + 1] = live slots up to the end of entity e: the running count of live
+        # slots read at each entity's last slot (entities are consecutive rows of the parts)
+        ends = np.empty(m, dtype=np.int64)
         lo = at = 0
-        for p in parts_k:  # live slots per entity, then their running sum
+        for p in parts_k:
             n_ent, width = p.shape
-            np.add.reduce(live[lo : lo + n_ent * width].reshape(n_ent, width), axis=1,
-                          dtype=np.int64, out=indptr[1 + at : 1 + at + n_ent])
+            ends[at : at + n_ent] = np.arange(lo + width - 1, lo + n_ent * width, width)
             lo += n_ent * width
             at += n_ent
-        np.cumsum(indptr, out=indptr)
-        uniq, cols = self._table.unique(self._space.key_row.take(keys[live]))
-        x = x[live]
+        indptr = np.empty(m + 1, dtype=np.int64)
+        indptr[0] = 0
+        live_run = np.cumsum(live, dtype=np.int64)
+        live_run.take(ends, out=indptr[1:])
+        at = live.nonzero()[0]
+        uniq, cols = self._table.unique(self._space.key_row.take(keys.take(at)))
+        x = x.take(at)
         vals = self._table.params.take(uniq, axis=0)  # (2-4x faster than params[uniq])
         return nu, ni, nc, m, keys, x, live, indptr, uniq, cols, vals
 

@@ -43,7 +43,7 @@ def set_rows(table: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
         table[rows] = values  # views need a C-contiguous table
         return
     row = np.dtype((np.void, table.dtype.itemsize * table.shape[1]))
-    table.view(row).reshape(-1)[rows] = values.view(row).reshape(-1)
+    table.view(row).reshape(-1).put(rows, values.view(row).reshape(-1))
 
 
 class RowTable:
@@ -178,7 +178,7 @@ class RowTable:
         gw = g[:, 0]
         gv = g[:, 1:]
         acc = self.acc.take(rows, axis=0)
-        if np.ndim(decay):  # one decay per row
+        if type(decay) is not float and np.ndim(decay):  # one decay per row
             acc *= np.asarray(decay, dtype=np.float32)[:, None]
         elif decay != 1.0:
             acc *= np.float32(decay)
@@ -193,8 +193,9 @@ class RowTable:
         scale = np.sqrt(acc)
         scale += np.float32(EPS)
         np.divide(np.float32(lr), scale, out=scale)
-        gw *= scale[:, 0]
-        gv *= scale[:, 1:2]
+        w_step = gw * scale[:, 0]
+        g *= scale[:, 1:2]  # full rows (contiguous: ~2x the strided gv), then w's own scale
+        g[:, 0] = w_step
         values -= g
         set_rows(self.params, rows, values)
         self.dirty[rows] = True
