@@ -728,7 +728,9 @@ class Catalog:
             # a ring's weights depend only on its fill count (partial rings) or on its
             # rotation (full rings): rows of a per-field table computed by _ring_weights
             n_seen = self.hist_n[f].take(ents)
-            row = np.where(n_seen < h, n_seen, n_seen % h + h)
+            row = n_seen % h  # n < h: n itself; else h + n % h (<= n): the smaller of the two
+            row += h
+            np.minimum(row, n_seen, out=row)
             weights[:, col : col + h] = self._ring_table(f, h).take(row, axis=0)
             col += h
         return keys, weights
@@ -748,8 +750,8 @@ class Catalog:
     def history_keys(self, field_idx: int, ents: np.ndarray) -> np.ndarray:
         """Keys of items (entity indices of this item catalog) as values of a history field."""
         cache = self.hist_key_of_item[field_idx]
-        keys = cache[ents].astype(np.int64)
-        missing = np.flatnonzero(keys == PAD)
+        keys = cache.take(ents).astype(np.int64)
+        missing = (keys == PAD).nonzero()[0]
         if missing.size:
             spec = self.space.specs[field_idx]
             vocab = self.space.vocab[field_idx]

@@ -25,9 +25,9 @@ def scratch_unique(values: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray,
     n = values.size
     pos = np.arange(n, dtype=np.int32)
     scratch[values] = pos  # the last occurrence of each value wins
-    uniq = values[scratch[values] == pos]
+    uniq = values.take((scratch.take(values) == pos).nonzero()[0])
     scratch[uniq] = np.arange(uniq.size, dtype=np.int32)
-    inverse = scratch[values].astype(np.int64)
+    inverse = scratch.take(values).astype(np.int64)
     return uniq, inverse
 
 
@@ -99,6 +99,11 @@ class RowTable:
         n = int(n)
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
+        if not self.free and self.n_rows + n <= self.capacity:  # the usual case: fresh rows
+            rows = np.arange(self.n_rows, self.n_rows + n, dtype=np.int64)
+            self.n_rows += n
+            self.reset(rows)
+            return rows
         take = min(n, len(self.free))
         reused = self.free[len(self.free) - take :]
         del self.free[len(self.free) - take :]
