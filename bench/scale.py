@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup-timeout", type=float, default=900.0)
     parser.add_argument("--publish-items-s", type=float, default=0.5)
     parser.add_argument("--publish-active-s", type=float, default=0.1)
+    parser.add_argument("--publish-shared-s", type=float, default=None,
+                        help="e2e: FMSTREAM_PUBLISH_SHARED_S, shared-rows versions between item "
+                        "versions (default: the settings' default, 0.1 s; 0 = none)")
     parser.add_argument("--offline-i2i-s", type=float, default=None,
                         help="e2e: FMSTREAM_OFFLINE_I2I_S (default: the settings' default, 1 s)")
     parser.add_argument("--no-record", action="store_true")

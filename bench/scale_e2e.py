@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import struct
 import tempfile
 import threading
 import time
@@ -37,7 +39,7 @@ from bench.freshness import (
 from bench.scale import load_note, others
 from bench.serve import bench_settings, cpu_seconds, runq_seconds, service_pid, stop_workers
 from fmstream import services
-from serving.deltas import DeltaLog
+from serving.deltas import DELTA_MAGIC, DeltaLog
 from serving.store import VectorStore
 from serving.users import decode_user_record
 from stream.connect import kafka_consumer, redis_client
@@ -57,7 +59,9 @@ class InactiveProbe:
     trigger: str
     members: list[str]
     produced: float
+    clicked: float = 0.0  # wall time of the click (time.time())
     carried: int | None = None  # the version whose delta carries the row
+    record_at: float | None = None  # wall time the trigger's record was written (published_at)
     asking: dict[bytes, str] = field(default_factory=dict)
     done: float | None = None
 
@@ -122,10 +126,10 @@ class ScaleLoop(Loop):
         trigger, members = self._pending.pop(0)
         event = {"user_id": trigger, "item_id": f"i{int(self.rng.integers(self.items))}",
                  "label": 1, "ts": time.time(), "context": {"hour": "12"}}
-        produced = time.perf_counter()
+        produced, clicked = time.perf_counter(), time.time()
         self.producer.send(self.settings.topic_events, key=trigger.encode(),
                            value=orjson.dumps(event))
-        probe = InactiveProbe(trigger, members, produced)
+        probe = InactiveProbe(trigger, members, produced, clicked)
         self.inactive.append(probe)
         return probe
 
@@ -140,6 +144,7 @@ class ScaleLoop(Loop):
                 clicked_at = time.time() - (time.perf_counter() - probe.produced)
                 if rec is not None and rec.published_at >= clicked_at:
                     probe.carried = rec.version
+                    probe.record_at = rec.published_at
             if not probe.asking:
                 for m in probe.members:
                     probe.asking[self._request(m)] = m
@@ -195,6 +200,124 @@ class ScaleLoop(Loop):
             log.warning("%d active probes never reflected within 10 s", len(probes))
             self.fresh += [float("inf")] * len(probes)
         self.inactive_lost = sum(p.done is None for p in self.inactive)
+
+
+class VersionWatch:
+    """When each item version first showed up in Redis (``items:current``) and first served
+    by the worker (its ``worker:{id}`` report, written right after its swap): wall times,
+    polled every ``every_s`` from a thread of its own (the inactive-probe breakdown)."""
+
+    def __init__(self, store: VectorStore, every_s: float = 0.005) -> None:
+        self.store = store
+        self.every_s = every_s
+        self.head: list[tuple[int, float]] = []  # (version, wall first seen), versions ascending
+        self.served: list[tuple[int, float]] = []
+        self.created: dict[int, float] = {}  # version -> its delta's created_at (build start)
+        self._log = DeltaLog(store.redis, store.key)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        r = self.store.redis
+        keys = [self.store.keys.items_current()] + [
+            self.store.keys.worker(w) for w in sorted(self.store.worker_versions())]
+        while not self._stop.wait(self.every_s):
+            try:
+                values = r.mget(keys)
+            except Exception as exc:  # noqa: BLE001 - a bench helper: say it, keep measuring
+                log.warning("version watch: %r", exc)
+                continue
+            now = time.time()
+            head = int(values[0]) if values[0] is not None else None
+            served = [int(v) for v in values[1:] if v is not None]
+            if head is not None and self.head and head > self.head[-1][0]:
+                self._read_created(self.head[-1][0] + 1, head)
+            for seen, v in ((self.head, head), (self.served, min(served, default=None))):
+                if v is not None and (not seen or v > seen[-1][0]):
+                    seen.append((v, now))
+
+    def _read_created(self, first: int, last: int) -> None:
+        """``created_at`` of deltas ``first .. last`` from their headers (GETRANGE: the
+        blobs are MBs; deltas get trimmed after the next full snapshot, so read them now)."""
+        magic = len(DELTA_MAGIC) + 4
+        for v in range(first, last + 1):
+            raw = self.store.redis.getrange(self._log.key(v), 0, 4095)
+            if len(raw) < magic or not raw.startswith(DELTA_MAGIC):
+                continue
+            (n,) = struct.unpack_from("<I", raw, len(DELTA_MAGIC))
+            try:
+                self.created[v] = float(orjson.loads(raw[magic : magic + n])["created_at"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+
+    @staticmethod
+    def first_at(seen: list[tuple[int, float]], version: int) -> float | None:
+        """Wall time a version >= ``version`` was first seen (None: never)."""
+        for v, at in seen:
+            if v >= version:
+                return at
+        return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def inactive_breakdown(probes: list[InactiveProbe], watch: VersionWatch, store: VectorStore
+                       ) -> dict[str, list[float]]:
+    """Per reflected inactive probe, seconds from the click to each step of its path: the
+    trigger's record written (trainer apply + the publisher's user cadence), the version that
+    carries its row starts building (its delta's ``created_at``), that version in Redis
+    (``items:current``), the worker serving it (its report after the swap), the member's
+    answer naming it (the probe done)."""
+    log_ = DeltaLog(store.redis, store.key)
+    created: dict[int, float | None] = {}
+    out: dict[str, list[float]] = {k: [] for k in ("record", "build", "redis", "worker",
+                                                   "answer")}
+    for p in probes:
+        if p.done is None or p.carried is None or p.record_at is None:
+            continue
+        if p.carried not in created:
+            if p.carried in watch.created:
+                created[p.carried] = watch.created[p.carried]
+            else:
+                got = log_.get(p.carried, p.carried)
+                created[p.carried] = got[0].created_at if got else None
+        build, redis_at = created[p.carried], watch.first_at(watch.head, p.carried)
+        worker_at = watch.first_at(watch.served, p.carried)
+        if build is None or redis_at is None or worker_at is None:
+            continue
+        out["record"].append(p.record_at - p.clicked)
+        out["build"].append(build - p.clicked)
+        out["redis"].append(redis_at - p.clicked)
+        out["worker"].append(worker_at - p.clicked)
+        out["answer"].append(p.done - p.produced)
+    return out
+
+
+def breakdown_rows(parts: dict[str, list[float]], apply_wall_ms: float) -> list[list]:
+    """Table rows: the inactive path's steps (cumulative from the click) and the step
+    between each and the one before (p50 of the per-probe differences)."""
+    names = [
+        ("record", "the trigger's record written", "trainer apply + publisher user cadence"),
+        ("build", "the version carrying its row starts building", "wait for the version tick"),
+        ("redis", "that version in Redis (items:current)", "the version's build + writes"),
+        ("worker", "the worker serves it (its report after the swap)",
+         f"worker poll + fetch + apply (apply wall p50 {apply_wall_ms:.0f} ms)"),
+        ("answer", "a member's u2i answer names it", "requests in flight + answer"),
+    ]
+    rows = []
+    prev: np.ndarray | None = None
+    for key, what, step in names:
+        v = np.asarray(parts[key], dtype=np.float64)
+        d = v - prev if prev is not None else v
+        rows.append([f"  click -> {what}", int(v.size), f"{pct(v, 50):.3f} s",
+                     f"{pct(v, 99):.3f} s", "",
+                     f"step p50 {pct(d, 50) * 1000:.0f} ms, p90 {pct(d, 90) * 1000:.0f} ms: "
+                     f"{step}"])
+        prev = v
+    return rows
 
 
 class RewriteWatch:
@@ -264,6 +387,16 @@ def worker_windows(log_path: Path, start: int, end: int | None = None) -> list[d
     return [parse_stats(line) for line in text.splitlines() if "request path, last" in line]
 
 
+def apply_wall_p50_ms(log_path: Path, start: int, end: int | None = None) -> float:
+    """Median over the worker's 10-s windows of its follower's apply wall p50 (ms)."""
+    with log_path.open("rb") as f:
+        f.seek(start)
+        text = f.read(None if end is None else max(0, end - start)).decode(errors="replace")
+    found = [float(m) for m in re.findall(r"follow: \d+ moves, \d+ versions; wall ([0-9.]+)/",
+                                          text)]
+    return float(np.median(found)) if found else float("nan")
+
+
 def worker_note(windows: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
     """Worst 10-s window of the worker's own request path, and the follower's apply cost."""
     def worst(key: str) -> float:
@@ -325,6 +458,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         item_delta_form=args.item_delta_form,
         **({} if args.redis_persistence is None else {"redis_persistence": args.redis_persistence}),
         **({} if args.offline_i2i_s is None else {"offline_i2i_s": args.offline_i2i_s}),
+        **({} if args.publish_shared_s is None
+           else {"publish_shared_s": args.publish_shared_s}),
     )
     aof_on = settings.redis_persistence == "aof"
     procs = {}
@@ -398,8 +533,10 @@ def part_e2e(args: argparse.Namespace) -> None:
             redis_client(settings.redis_config()),
             time.perf_counter() + args.seconds / 2 if args.redis_aof_rewrite == "mid" else None,
         )
+        versions_watch = VersionWatch(store)
         loop.run(args.seconds, args.inflight, args.probe_every)
         rewrite_windows = watch.stop()
+        versions_watch.stop()
         loop.drain()
         busy = loop.take()
         at_quiet_end = worker_log.stat().st_size
@@ -417,6 +554,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         redis_mb = (store.redis.info("memory").get("used_memory", 0) / 1e6,
                     persistence.get("aof_current_size", 0) / 1e6)
         parts = loop.breakdown()
+        inactive_parts = inactive_breakdown(loop.inactive, versions_watch, store)
         versions = (store.current_item_version() or 0) - v0
         fresh, probe_errors = list(loop.fresh), loop.probe_errors
         inactive, inactive_lost = list(loop.inactive_fresh), loop.inactive_lost
@@ -435,6 +573,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         while (len(worker_windows(worker_log, at_quiet)) < 2 and time.monotonic() < deadline):
             time.sleep(0.5)
         path_busy = worker_note(worker_windows(worker_log, at_busy, at_quiet_end))
+        apply_wall = apply_wall_p50_ms(worker_log, at_busy, at_quiet_end)
         path_quiet = worker_note(worker_windows(worker_log, at_quiet))
         ok = True
     finally:
@@ -465,6 +604,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         ["freshness, inactive (shared row changed -> u2i naming a version that carries it)",
          len(inact) + inactive_lost, f"{pct(inact, 50):.2f} s", f"{pct(inact, 99):.2f} s",
          f"{inact.max() if len(inact) else float('nan'):.2f} s", f"{inactive_lost} lost"],
+        *breakdown_rows(inactive_parts, apply_wall),
         *rewrite_rows(loop.fresh_at, loop.inactive_at, inact, rewrite_windows),
         [f"requests, {len(swaps)} versions in {args.seconds:.0f} s ({versions} published)",
          len(busy), f"{pct(lat_busy, 50):.1f} ms", f"{pct(lat_busy, 99):.1f} ms",
@@ -508,7 +648,8 @@ def part_e2e(args: argparse.Namespace) -> None:
         + " (redis: its event-loop thread)"
         + f"; Redis input {redis_in / 1e6:.1f} MB/s = {redis_in / max(events, 1):.0f} bytes "
         f"per event; {persisted}. Settings: redis_persistence={settings.redis_persistence}, "
-        f"publish_items_s={settings.publish_items_s}, offline_i2i_s={settings.offline_i2i_s}, "
+        f"publish_items_s={settings.publish_items_s}, "
+        f"publish_shared_s={settings.publish_shared_s}, offline_i2i_s={settings.offline_i2i_s}, "
         f"publish_active_s="
         f"{settings.publish_active_s}, swap_poll_s={settings.swap_poll_s}, "
         f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
@@ -540,6 +681,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         worker_queued_p99_ms=path_busy[1]["queued_p99_ms"],
         worker_queued_p99_ms_quiet=path_quiet[1]["queued_p99_ms"],
         apply_cpu_ms=path_busy[1]["apply_cpu_ms"],
+        **{f"inactive_{k}_p50_s": round(pct(v, 50), 3) for k, v in inactive_parts.items()},
     )
     print(line)
     if not args.no_record:
