@@ -214,6 +214,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="unused: user vectors are composed, no sweep (kept for configs)"
     )
     publish_items_s: float = Field(0.5, gt=0, description="cadence of item versions")
+    publish_shared_s: float = Field(
+        0.1, ge=0, description="cadence of versions carrying only the changed shared user rows, "
+        "between item versions (moves inactive users' vectors; 0 = none)"
+    )
     offline_i2i_s: float = Field(
         1.0, gt=0, description="cadence of incremental offline i2i refreshes"
     )
@@ -431,7 +435,8 @@ class Settings(BaseSettings):
 
         return PublishConfig(
             publish_active_s=self.publish_active_s, publish_all_s=self.publish_all_s,
-            publish_items_s=self.publish_items_s, offline_i2i_s=self.offline_i2i_s,
+            publish_items_s=self.publish_items_s, publish_shared_s=self.publish_shared_s,
+            offline_i2i_s=self.offline_i2i_s,
             offline_i2i_k=self.offline_i2i_k, history_len=self.history_len,
             full_snapshot_s=self.full_snapshot_s, full_after_rows=self.full_after_rows,
             full_after_bytes=self.full_after_bytes,

@@ -187,6 +187,9 @@ class VersionedPublisher:
         self._shared_keys = np.zeros(0, dtype=np.int64)
         self._keys_end = 0  # keys numbered below this were looked at (user_shared_keys_from)
         self._shared_rows = np.zeros(0, dtype=np.int64)
+        # rows a shared-rows version (publish_shared) drained and shipped only the user side
+        # of: the next item version still looks at them for the items reading them
+        self._held_changed = np.zeros(0, dtype=bool)
         self._context: bytes | None = None
         self._bias: float | None = None
         self._mirror: ItemCopy | None = None  # the published index: what workers hold
@@ -267,7 +270,7 @@ class VersionedPublisher:
         # changes the model): the rows the candidates read are gathered (copied) here, the
         # float64 composition runs after the lock is released.
         with self._lock:
-            changed = m.drain_changed_rows()
+            fresh, changed = self._drain()
             n_items = int(m.n_items)
             if n_items == 0:
                 return None
@@ -282,14 +285,14 @@ class VersionedPublisher:
                 reading = m.item_entities_reading(changed)
                 mask[reading[reading < base_n]] = True
                 cand = np.flatnonzero(mask)
-            fresh = np.arange(base_n, n_items, dtype=np.int64)
-            cand = np.concatenate([cand, fresh])
+            new_items = np.arange(base_n, n_items, dtype=np.int64)
+            cand = np.concatenate([cand, new_items])
             if cand.size <= _GATHER_MAX:
                 parts = m.item_rows_at(cand)
             else:  # a huge version (a start): composed here in bounded chunks
                 parts, vectors = None, m.item_vectors_at(cand)
-            new_ids = m.item_ids_of(fresh)
-            shared = self._shared_changes(changed, full)
+            new_ids = m.item_ids_of(new_items)
+            shared = self._shared_changes(fresh, full)
             snapshot_rows = m.shared_params(self._shared_keys) if full else None
             context = m.context_table().to_bytes()
             bias = float(m.bias)
@@ -350,7 +353,7 @@ class VersionedPublisher:
         mirror = None if self._no_base else self._mirror
         base_n = 0 if mirror is None else mirror.n
         with self._lock:  # every read of the model in one critical section
-            changed = m.drain_changed_rows()
+            fresh, changed = self._drain()
             n_items = int(m.n_items)
             if n_items == 0:
                 return None
@@ -369,12 +372,12 @@ class VersionedPublisher:
                     mask |= (raw_k[:base_n] != self._item_keys[:base_n]).any(axis=1)
                     mask |= (raw_w[:base_n] != self._item_w[:base_n]).any(axis=1)
                 cand = np.flatnonzero(mask)
-            fresh = np.arange(base_n, n_items, dtype=np.int64)
-            cand = np.concatenate([cand, fresh])
+            new_items = np.arange(base_n, n_items, dtype=np.int64)
+            cand = np.concatenate([cand, new_items])
             own, skeys, sweights, _ = m.item_parts_at(cand)
-            new_ids = m.item_ids_of(fresh)
+            new_ids = m.item_ids_of(new_items)
             item_rows = self._item_shared_changes(changed, full or mirror is None)
-            shared = self._shared_changes(changed, full)
+            shared = self._shared_changes(fresh, full)
             snapshot_rows = m.shared_params(self._shared_keys) if full else None
             context = m.context_table().to_bytes()
             bias = float(m.bias)
@@ -414,6 +417,77 @@ class VersionedPublisher:
             snapshot_rows, mirror.parts.to_blobs() if full else {}, cand, mark=cand, held=0,
             what="item parts",
         )
+
+    def _drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(fresh, changed)`` masks over parameter rows: written since the last version of
+        any kind (the shared user rows to ship), and that plus what shared-rows versions
+        drained since the last item version (the item side to ship). Call with the lock held."""
+        fresh = self.model.drain_changed_rows()
+        held, self._held_changed = self._held_changed, np.zeros(0, dtype=bool)
+        if not held.size:
+            return fresh, fresh
+        changed = fresh.copy()
+        changed[: held.size] |= held[: changed.size]
+        return fresh, changed
+
+    def publish_shared(self, now: float | None = None) -> PublishedVersion | None:
+        """One new version carrying only the shared user rows written since the last version
+        (new keys, rows written, keys now reading another row) — or nothing but the version,
+        when user records were stamped with it (``publish_users(ahead=True)``).
+
+        No item row, context or bias change, never a full snapshot: built without looking at
+        the catalogue (a mask over the changed rows and the shared user keys) and applied by
+        a worker without recomposing any item. Between two item versions it lets the vectors
+        of users who did nothing (composed from the shared rows of the version served) follow
+        the shared rows at a faster cadence. The item side of the rows drained here is kept
+        for the next :meth:`publish_items`.
+
+        Returns:
+            The version, or None when nothing is to ship, nothing of ours is in Redis yet or a
+            full snapshot is due (the next item version writes it).
+        """
+        now = time.time() if now is None else now
+        mirror = None if self._no_base else self._mirror
+        if mirror is None or self._need_full or self._bias is None:
+            return None
+        started = time.perf_counter()
+        with self._lock:
+            fresh = self.model.drain_changed_rows()
+            held = self._held_changed
+            if held.size:
+                fresh_all = fresh.copy()
+                fresh_all[: held.size] |= held[: fresh.size]
+                self._held_changed = fresh_all
+            else:
+                self._held_changed = fresh
+            shared = self._shared_changes(fresh, False)
+        if shared is None and not self._owed:
+            return None
+        v = self.version + 1
+        parts = self.config.form == "parts"
+        extra: dict[str, bytes] = {} if shared is None else {USER_ROWS: shared[0]}
+        if parts:
+            extra[ITEM_KEYS] = encode_item_keys(np.zeros((0, 0), np.int64),
+                                                np.zeros((0, 0), np.float32))
+        # no rows, of the width the reader holds (own parts, or composed vectors)
+        width = mirror.parts.own.shape[1] if parts and mirror.parts is not None else (
+            mirror.vectors().shape[1])
+        delta = ItemDelta(
+            v, [], np.zeros((0, width), dtype=np.float32), self._bias, extra, now,
+            rows=np.zeros(0, dtype=np.int64), base_n=mirror.n, parts=parts,
+        )
+        delta_bytes = self.log.put(delta)
+        mirror.apply(delta)
+        self._bytes_since_full += delta_bytes
+        self.version = v
+        self._owed = False
+        self.store.put_status(model_version=v, shared_published_at=now)
+        self.last = PublishedVersion(
+            v, 0, 0 if shared is None else shared[1], False, delta_bytes,
+            time.perf_counter() - started,
+        )
+        log.debug("published v%d: %d shared user rows only", v, self.last.shared_rows)
+        return self.last
 
     def _finish(
         self, v: int, delta: Any, shared: tuple[bytes, int] | None, full: bool,
@@ -646,6 +720,7 @@ class VersionedPublisher:
         self._need_full = self._no_base = True
         self._shared_rows = np.zeros(0, dtype=np.int64)
         self._irows = np.zeros(0, dtype=np.int64)
+        self._held_changed = np.zeros(0, dtype=bool)
         self._context = None
         self._i2i_version = None
         published = self.publish_items(now, force=True)

@@ -6,6 +6,9 @@ work that grows with what changed (see :mod:`train.deltas` for the content):
   rows plus the changed shared user rows, the context table and the bias; a full snapshot at the
   start, after Redis lost our keys, every ``full_snapshot_s`` and once the deltas since the
   last one weigh ``full_after_bytes`` times it (or ``full_after_rows``);
+- between them, every ``publish_shared_s`` (0: never), a version of the changed shared user
+  rows only (:meth:`train.deltas.VersionedPublisher.publish_shared`): cheap to build and to
+  apply, it is what moves the vectors of users who did nothing themselves;
 - the records (own part + shared keys) of users active since the last cycle, every
   ``publish_active_s``: workers compose every user's exact vector with the shared rows;
 - the offline i2i table refreshed incrementally: every ``offline_i2i_s`` the neighbours of at
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REPORT_S = 10.0
 """How often the publisher logs where its time went."""
+SPENT = ("items", "shared", "users", "i2i", "history")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class PublishTimes:
     items: float = 0.0
     i2i: float = 0.0
     lost_check: float = 0.0
+    shared: float = 0.0
 
 
 class Publisher:
@@ -105,9 +110,10 @@ class Publisher:
         # (positives the model learned before this publisher existed are never handed over)
         self._positives_seen = int(getattr(model, "n_positives", 0))
         self._history_skip = 0
-        self._spent = dict.fromkeys(("items", "users", "i2i", "history"), 0.0)
+        self._spent = dict.fromkeys(SPENT, 0.0)
         self._reported_at = 0.0
         self._reported_version = 0
+        self._shared_versions = 0  # shared-rows versions since the last report
         self._starting = True
         self.last: dict[str, float] = {}
 
@@ -115,7 +121,8 @@ class Publisher:
         """The version and publish times now (a copy, safe to read from another thread)."""
         t = self.times
         return PublishStats(
-            self.version, PublishTimes(t.users, t.sweep, t.items, t.i2i, t.lost_check)
+            self.version,
+            PublishTimes(t.users, t.sweep, t.items, t.i2i, t.lost_check, t.shared),
         )
 
     @property
@@ -208,6 +215,22 @@ class Publisher:
             if self._active:
                 self.publish_active_users(now)
             self._spent["items"] += t2 - t1
+            self.times.shared = now  # an item version carries the shared rows too
+            t1 = time.perf_counter()
+        elif (
+            s.publish_shared_s > 0
+            and (self._items_dirty or self._active)
+            and now - self.times.shared >= s.publish_shared_s
+        ):
+            self.times.shared = now
+            if self.versions.publish_shared(now) is not None:
+                self._shared_versions += 1
+                t2 = time.perf_counter()
+                if self._active:  # those waiting for a shared key this version shipped
+                    self.publish_active_users(now)
+                self._spent["shared"] += t2 - t1
+            else:
+                self._spent["shared"] += time.perf_counter() - t1
             t1 = time.perf_counter()
         self._spent["users"] += t1 - t0
         if now - self.times.i2i >= s.offline_i2i_s:
@@ -222,12 +245,15 @@ class Publisher:
         if self._reported_at:
             t = self._spent
             log.info(
-                "publisher, last %.0f s: items %.2f s (%d versions), user records %.2f s, "
-                "i2i %.2f s, history %.2f s", now - self._reported_at, t["items"],
-                self.version - self._reported_version, t["users"], t["i2i"], t["history"],
+                "publisher, last %.0f s: items %.2f s (%d versions), shared rows %.2f s (%d "
+                "versions), user records %.2f s, i2i %.2f s, history %.2f s",
+                now - self._reported_at, t["items"],
+                self.version - self._reported_version - self._shared_versions, t["shared"],
+                self._shared_versions, t["users"], t["i2i"], t["history"],
             )
-        self._spent = dict.fromkeys(("items", "users", "i2i", "history"), 0.0)
+        self._spent = dict.fromkeys(SPENT, 0.0)
         self._reported_at, self._reported_version = now, self.version
+        self._shared_versions = 0
 
     def publish_all(self) -> None:
         """Publish everything now (used at shutdown and by tests)."""

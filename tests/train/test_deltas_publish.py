@@ -346,3 +346,96 @@ def test_a_full_snapshot_comes_once_the_deltas_since_the_last_weigh_as_much(
 def test_full_after_bytes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="full_after_bytes"):
         DeltaConfig(full_after_bytes=0)
+
+
+def check_users(follower: IndexFollower, reader: VectorStore, model: OnlineFM,
+                users: list[str]) -> None:
+    """Every one of ``users``' vectors, composed by the worker from its record and the shared
+    rows of the version it serves, equals the model's now."""
+    state = follower.current()
+    assert state is not None
+    got = reader.get_user_vectors(users, shared=state.users)
+    assert got.found.all()
+    np.testing.assert_allclose(got.vectors, model.user_vectors(users), rtol=3e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("form", ["parts", "vectors"])
+def test_shared_rows_versions_move_inactive_users_and_leave_the_items_to_the_next_version(
+    stores, form: str
+) -> None:
+    """``publish_shared``: a version of the changed shared user rows only. Inactive users'
+    vectors are exact at it (their segment rows moved); the item rows it drained are not lost:
+    the next item version ships them and every item and user is exact again, also for a new
+    worker replaying the deltas (shared-rows ones included) from the full snapshot."""
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(11)
+    learn(model, rng, 200, 300)
+    pub = VersionedPublisher(writer, model, DeltaConfig(
+        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, form=form))
+    first = pub.publish_items(now=1.0)
+    assert first is not None and first.full
+    pub.publish_users(model.known_users())
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    inactive = [f"u{k}" for k in range(10, 200)]
+    items = model.known_items()
+    for step in range(3):
+        shipped = shipped_of(follower, items)
+        learn(model, rng, 10, 300)  # u0..u9 active: the segment rows of everyone move
+        assert not np.allclose(model.item_vectors()[1], shipped)
+        shared = pub.publish_shared(now=2.0 + step)
+        assert shared is not None and shared.rows == 0 and shared.shared_rows > 0
+        assert not shared.full and follower.refresh() and follower.version == shared.version
+        check_users(follower, reader, model, inactive)
+        # the items stay as the last item version shipped them
+        np.testing.assert_array_equal(shipped_of(follower, items), shipped)
+        assert pub.publish_shared(now=2.5 + step) is None  # nothing changed since: no version
+        published = pub.publish_items(now=3.0 + step)  # nothing learned since the shared one
+        assert published is not None and published.rows > 0
+        assert published.shared_rows == 0  # shipped by the shared-rows version already
+        pub.publish_users([f"u{k}" for k in range(10)])
+        assert follower.refresh()
+        check_exact(follower, reader, model, pub)
+    late = IndexFollower(reader)  # full v1 + item deltas + shared-rows deltas
+    assert late.refresh()
+    check_exact(late, reader, model, pub)
+
+
+def test_a_shared_rows_version_carries_records_written_ahead_and_new_keys(stores) -> None:
+    """Records stamped with the next version (``ahead``) get it from a shared-rows version
+    even when nothing else changed; a user naming a segment value no version shipped yet is
+    written once a shared-rows version ships its row."""
+    writer, reader = stores
+    model = new_model()
+    learn(model, np.random.default_rng(12), 200, 300)
+    pub = VersionedPublisher(writer, model)
+    assert pub.publish_shared(now=0.5) is None  # nothing of ours in Redis yet: items first
+    pub.publish_items(now=1.0)
+    assert pub.publish_shared(now=1.5) is None  # nothing changed, nothing owed
+    assert pub.publish_users(["u1"], ahead=True) == []
+    owed = pub.publish_shared(now=2.0)
+    assert owed is not None and owed.shared_rows == 0
+    model.upsert_users(["fresh"], [{"segment": "brand-new"}])
+    assert pub.publish_users(["fresh"], ahead=True) == ["fresh"]
+    carried = pub.publish_shared(now=3.0)
+    assert carried is not None and carried.shared_rows >= 1
+    assert pub.publish_users(["fresh"]) == []
+    follower = IndexFollower(reader)
+    assert follower.refresh() and follower.version == carried.version
+    got = reader.get_user_vectors(["u1", "fresh"], shared=follower.current().users)
+    assert got.versions.tolist() == [owed.version, carried.version]
+    check_users(follower, reader, model, ["u1", "fresh"])
+
+
+def test_no_shared_rows_version_while_a_full_snapshot_is_due(stores) -> None:
+    writer, reader = stores
+    model = new_model()
+    learn(model, np.random.default_rng(13), 200, 300)
+    pub = VersionedPublisher(writer, model)
+    pub.publish_items(now=1.0)
+    pub.request_full()
+    learn(model, np.random.default_rng(14), 200, 300)
+    assert pub.publish_shared(now=2.0) is None  # the item version writes the full one
+    published = pub.publish_items(now=3.0)
+    assert published is not None and published.full and published.shared_rows > 0

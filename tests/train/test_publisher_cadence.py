@@ -1,0 +1,104 @@
+"""The publisher's cadences on the real Redis: between two item versions (``publish_items_s``),
+versions of the changed shared user rows only (``publish_shared_s``) move inactive users'
+vectors; a user reading a brand-new shared key is written right after the version carrying it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from fmstream.settings import Settings
+from model import FeatureSchema
+from model.online import OnlineFM, TrainConfig
+from serving.follow import IndexFollower
+from serving.store import VectorStore
+from train.config import PublishConfig
+from train.publisher import Publisher
+from train.store_writer import StoreWriter
+
+pytestmark = pytest.mark.integration
+
+
+class Ev:
+    def __init__(self, user_id: str, item_id: str, label: int = 1) -> None:
+        self.user_id, self.item_id, self.label = user_id, item_id, label
+
+
+def setup(redis_client: redis.Redis, settings: Settings, shared_s: float
+          ) -> tuple[OnlineFM, Publisher, VectorStore]:
+    keys = settings.redis_keys()
+    writer, reader = StoreWriter(redis_client, keys, 3), VectorStore(redis_client, keys)
+    model = OnlineFM(FeatureSchema.from_dict({"user": {"segment": {}}}),
+                     TrainConfig(dim=4, seed=3))
+    users = [f"u{j}" for j in range(40)]
+    model.upsert_users(users, [{"segment": f"s{j % 3}"} for j in range(40)])
+    model.learn_many(users, [f"i{j % 7}" for j in range(40)])
+    pub = Publisher(PublishConfig(publish_active_s=0.1, publish_items_s=0.5,
+                                  publish_shared_s=shared_s, offline_i2i_s=1e9,
+                                  lost_check_s=1e9), writer, model)
+    pub.profiles_changed(users)
+    pub.tick(100.0)  # an empty Redis: everything (the first version, full)
+    return model, pub, reader
+
+
+def learn(model: OnlineFM, pub: Publisher, users: list[str]) -> None:
+    model.learn_many(users, ["i1"] * len(users))
+    pub.applied([Ev(u, "i1") for u in users])
+
+
+def test_shared_rows_versions_come_between_item_versions(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    model, pub, reader = setup(redis_client, settings, 0.1)
+    first = pub.version
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    inactive = [f"u{j}" for j in range(2, 40)]
+    learn(model, pub, ["u0", "u1"])  # u0, u1 active: their segments' rows moved
+    pub.tick(100.1)
+    shared = pub.versions.last
+    assert shared is not None and pub.version == first + 1
+    assert shared.rows == 0 and shared.shared_rows >= 1 and not shared.full
+    assert follower.refresh()
+    state = follower.current()
+    got = reader.get_user_vectors(inactive + ["u0", "u1"], shared=state.users)
+    np.testing.assert_allclose(got.vectors, model.user_vectors(inactive + ["u0", "u1"]),
+                               rtol=3e-5, atol=3e-5)
+    pub.tick(100.15)  # neither cadence due
+    assert pub.version == first + 1
+    learn(model, pub, ["u3"])
+    pub.tick(100.5)  # the item version (it carries the shared rows too)
+    assert pub.version == first + 2 and pub.versions.last.rows > 0
+    assert pub.times.shared == 100.5
+    pub.tick(100.55)  # shared cadence counts from the item version
+    assert pub.version == first + 2
+
+
+def test_no_shared_rows_versions_when_the_cadence_is_zero(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    model, pub, _ = setup(redis_client, settings, 0.0)
+    first = pub.version
+    learn(model, pub, ["u0", "u1"])
+    for t in (100.1, 100.2, 100.3, 100.4):
+        pub.tick(t)
+    assert pub.version == first  # records only; the next version is the item version
+    pub.tick(100.5)
+    assert pub.version == first + 1 and pub.versions.last.rows > 0
+
+
+def test_a_user_with_a_new_segment_value_is_written_right_after_the_shared_version(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    model, pub, reader = setup(redis_client, settings, 0.1)
+    model.upsert_users(["newbie"], [{"segment": "never-seen"}])
+    pub.profiles_changed(["newbie"])
+    pub.tick(100.1)  # held back by the records' pass (no version has its key), then shipped
+    assert reader.redis.get(reader.keys.user("newbie")) is not None
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    got = reader.get_user_vectors(["newbie"], shared=follower.current().users)
+    assert got.found.all() and int(got.versions[0]) <= follower.version
+    np.testing.assert_allclose(got.vectors, model.user_vectors(["newbie"]), rtol=3e-5,
+                               atol=3e-5)
