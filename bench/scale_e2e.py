@@ -300,8 +300,11 @@ def breakdown_rows(parts: dict[str, list[float]], apply_wall_ms: float) -> list[
     """Table rows: the inactive path's steps (cumulative from the click) and the step
     between each and the one before (p50 of the per-probe differences)."""
     names = [
-        ("record", "the trigger's record written", "trainer apply + publisher user cadence"),
-        ("build", "the version carrying its row starts building", "wait for the version tick"),
+        ("record", "the trigger's record written",
+         "trainer apply + the publisher's tick; a record naming a key no version carries yet "
+         "is written right after the version that ships it, with that tick's time"),
+        ("build", "the version carrying its row starts building",
+         "wait for the version tick (0 when the record waited for it)"),
         ("redis", "that version in Redis (items:current)", "the version's build + writes"),
         ("worker", "the worker serves it (its report after the swap)",
          f"worker poll + fetch + apply (apply wall p50 {apply_wall_ms:.0f} ms)"),

@@ -20,8 +20,14 @@ the items touched. In the *vectors* form:
   (:meth:`~VersionedPublisher.request_full`), every ``full_every_s`` and when the delta bytes
   written since the last one reach ``full_after_bytes`` times that snapshot's bytes (or the rows
   ``full_after_rows`` times the catalogue), so a new worker never replays more than about
-  ``full_after_bytes`` snapshots' worth of deltas, and fulls never outweigh the deltas. Deltas
-  older than the oldest kept full snapshot are dropped (bounded retention).
+  ``full_after_bytes`` snapshots' worth of deltas, and fulls never outweigh the deltas; and
+  once the deltas since the last one number ``FULL_AT_DELTAS`` x ``keep_deltas`` (so trimming
+  to ``keep_deltas`` never leaves a kept full snapshot without its deltas). Deltas older than
+  the oldest kept full snapshot are dropped (bounded retention).
+
+Between item versions, :meth:`~VersionedPublisher.publish_shared` makes versions of the changed
+shared user rows only (the inactive users' freshness; ``train.publisher`` runs it every
+``publish_shared_s``).
 
 User records (:mod:`serving.users`) are written only for users whose own data changed; workers
 compose every user's vector with the shared rows of the version they serve.
@@ -63,7 +69,12 @@ _GATHER_MAX = 262_144
 it (bounds that copy's memory; a bigger version is composed under the lock, in chunks)."""
 RESTART_GAP = 1000
 """Versions skipped when restarting from a checkpoint into an empty Redis (more than a trainer
-publishes between two checkpoints: 10 s / ``publish_items_s``)."""
+publishes between two checkpoints: 10 s / ``publish_items_s`` plus the shared-rows versions,
+at most 10 s / ``publish_shared_s`` more: 120 at the defaults)."""
+FULL_AT_DELTAS = 0.9
+"""A full snapshot once the deltas since the last one reach this share of ``keep_deltas``:
+trimming to ``keep_deltas`` must never drop a delta a worker loading the oldest kept full
+snapshot needs (with shared-rows versions a quiet catalogue makes ~12 versions a second)."""
 POPULAR_K = 1000
 
 
@@ -182,6 +193,7 @@ class VersionedPublisher:
         self._no_base = True  # nothing of ours in Redis yet: the first version is full only
         self._full_at = 0.0
         self._rows_since_full = 0
+        self._deltas_since_full = 0
         self._bytes_since_full = 0  # delta bytes written since the last full snapshot
         self._full_bytes = 0  # bytes of the last full snapshot
         self._shared_keys = np.zeros(0, dtype=np.int64)
@@ -339,6 +351,7 @@ class VersionedPublisher:
             self._need_full
             or now - self._full_at >= c.full_every_s
             or self._rows_since_full >= c.full_after_rows * max(n_items, 1)
+            or self._deltas_since_full >= max(1, int(FULL_AT_DELTAS * c.keep_deltas))
             or (self._full_bytes > 0
                 and self._bytes_since_full >= c.full_after_bytes * self._full_bytes)
         )
@@ -448,7 +461,7 @@ class VersionedPublisher:
         """
         now = time.time() if now is None else now
         mirror = None if self._no_base else self._mirror
-        if mirror is None or self._need_full or self._bias is None:
+        if mirror is None or self._bias is None or self._full_due(now, mirror.n):
             return None
         started = time.perf_counter()
         with self._lock:
@@ -479,6 +492,7 @@ class VersionedPublisher:
         delta_bytes = self.log.put(delta)
         mirror.apply(delta)
         self._bytes_since_full += delta_bytes
+        self._deltas_since_full += 1
         self.version = v
         self._owed = False
         self.store.put_status(model_version=v, shared_published_at=now)
@@ -512,11 +526,12 @@ class VersionedPublisher:
             self.log.trim()
             self._need_full = self._no_base = False
             self._full_at = now
-            self._rows_since_full = self._bytes_since_full = 0
+            self._rows_since_full = self._bytes_since_full = self._deltas_since_full = 0
             self._full_bytes = vectors.nbytes + sum(len(b) for b in snapshot_extra.values())
             self._i2i_dirty = np.ones(mirror.n, dtype=bool)
         else:
             self._rows_since_full += delta.n
+            self._deltas_since_full += 1
             self._bytes_since_full += delta_bytes
             self._mark_i2i(mark, mirror.n)
         self._context, self._bias = context, bias

@@ -439,3 +439,32 @@ def test_no_shared_rows_version_while_a_full_snapshot_is_due(stores) -> None:
     assert pub.publish_shared(now=2.0) is None  # the item version writes the full one
     published = pub.publish_items(now=3.0)
     assert published is not None and published.full and published.shared_rows > 0
+
+
+def test_a_full_snapshot_comes_before_the_deltas_outnumber_what_redis_keeps(stores) -> None:
+    """Many small versions (shared-rows ones) since the last full snapshot: the next item
+    version is full before trimming to ``keep_deltas`` could drop a delta that the oldest kept
+    full snapshot needs; a worker starting then loads and follows."""
+    writer, reader = stores
+    model = new_model()
+    rng = np.random.default_rng(15)
+    learn(model, rng, 200, 300)
+    pub = VersionedPublisher(writer, model, DeltaConfig(
+        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, keep_deltas=10))
+    assert pub.publish_items(now=1.0).full
+    shared = 0
+    for t in range(30):
+        learn(model, rng, 5, 300, n=4)
+        if pub.publish_shared(now=2.0 + t) is None:
+            break
+        shared += 1
+    assert shared == 9  # FULL_AT_DELTAS x keep_deltas: then the item version is due, full
+    published = pub.publish_items(now=40.0)
+    assert published is not None and published.full
+    assert pub.publish_shared(now=41.0) is None  # nothing changed since
+    learn(model, rng, 5, 300, n=4)
+    assert pub.publish_shared(now=42.0) is not None  # shared-rows versions again
+    pub.publish_users(model.known_users())
+    late = IndexFollower(reader)
+    assert late.refresh() and late.version == pub.version
+    check_users(late, reader, model, model.known_users())
