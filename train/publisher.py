@@ -6,7 +6,7 @@ work that grows with what changed (see :mod:`train.deltas` for the content):
   rows plus the changed shared user rows, the context table and the bias; a full snapshot at the
   start, after Redis lost our keys, every ``full_snapshot_s`` and once the deltas since the
   last one weigh ``full_after_bytes`` times it (or ``full_after_rows``);
-- between them, every ``publish_shared_s`` (0: never), a version of the changed shared user
+- between them, every ``publish_shared_s`` (0, the default: never), a version of the changed shared user
   rows only (:meth:`train.deltas.VersionedPublisher.publish_shared`): cheap to build and to
   apply, it is what moves the vectors of users who did nothing themselves;
 - the records (own part + shared keys) of users active since the last cycle, every
