@@ -516,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-max-age-s", type=float, default=5.0,
                         help="e2e: FMSTREAM_ITEM_MAX_AGE_S")
     parser.add_argument("--keep-logs", action="store_true", help="e2e: keep trainer/worker logs")
+    parser.add_argument("--worker-slice-us", type=int, default=None,
+                        help="e2e: FMSTREAM_WORKER_SLICE_US (the worker's scheduler slice; "
+                        "default: the settings' default)")
     parser.add_argument("--redis-persistence", choices=["none", "aof"], default=None,
                         help="e2e: FMSTREAM_REDIS_PERSISTENCE of the bench's Redis (default: "
                         "the settings' default, none); 'aof' measures the AOF bytes by kind "

@@ -463,6 +463,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         **({} if args.offline_i2i_s is None else {"offline_i2i_s": args.offline_i2i_s}),
         **({} if args.publish_shared_s is None
            else {"publish_shared_s": args.publish_shared_s}),
+        **({} if args.worker_slice_us is None else {"worker_slice_us": args.worker_slice_us}),
     )
     aof_on = settings.redis_persistence == "aof"
     procs = {}
@@ -657,6 +658,7 @@ def part_e2e(args: argparse.Namespace) -> None:
         f"{settings.publish_active_s}, swap_poll_s={settings.swap_poll_s}, "
         f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
         f"item_max_age_s={settings.item_max_age_s}, trainer_nice={settings.trainer_nice}, "
+        f"worker_slice_us={settings.worker_slice_us}, "
         f"{args.rate:,} events/s, {args.inflight} requests in flight. Setup (profiles of "
         f"{args.users:,} users applied, first version served) {setup_s:.0f} s. "
         + ("" if settled else "Versions had NOT settled 120 s after the producer stopped "

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
+import platform
+import sys
 import threading
 
 import redis
@@ -49,6 +53,86 @@ def lower_priority(nice: int) -> int:
     log.info("running at niceness %d (FMSTREAM_TRAINER_NICE=%d): serving workers, Redis "
              "and the broker on this host get a core first", now, nice)
     return now
+
+
+SYS_SCHED_ATTR = {"x86_64": (314, 315), "aarch64": (274, 275)}
+"""``sched_setattr`` / ``sched_getattr`` syscall numbers (glibc wraps neither)."""
+SLICE_MIN_US, SLICE_MAX_US = 100, 100_000
+"""The custom slices Linux accepts for a normal (EEVDF) task."""
+
+
+class _SchedAttr(ctypes.Structure):
+    """``struct sched_attr`` (include/uapi/linux/sched/types.h), version 1 (56 bytes)."""
+
+    _fields_ = [("size", ctypes.c_uint32), ("policy", ctypes.c_uint32),
+                ("flags", ctypes.c_uint64), ("nice", ctypes.c_int32),
+                ("priority", ctypes.c_uint32), ("runtime", ctypes.c_uint64),
+                ("deadline", ctypes.c_uint64), ("period", ctypes.c_uint64),
+                ("util_min", ctypes.c_uint32), ("util_max", ctypes.c_uint32)]
+
+
+def thread_slice_us(tid: int = 0) -> int | None:
+    """The scheduler slice in microseconds of thread ``tid`` (0: the calling thread) as the
+    kernel reports it (its ``sched_runtime``), or None where it cannot be read (not Linux
+    x86_64/aarch64, no such thread)."""
+    numbers = SYS_SCHED_ATTR.get(platform.machine())
+    if sys.platform != "linux" or numbers is None:
+        return None
+    attr = _SchedAttr()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(numbers[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+        return None
+    return int(attr.runtime) // 1000
+
+
+def request_slice(us: int) -> bool:
+    """Ask the scheduler for time slices of ``us`` microseconds for the calling thread and the
+    threads it starts afterwards (``FMSTREAM_WORKER_SLICE_US``); True when in force.
+
+    Linux >= 6.12 (EEVDF) takes a normal task's ``sched_runtime`` as its slice: a shorter one
+    gives the task an earlier virtual deadline, so a worker thread woken by a request gets a
+    core before a thread of the trainer that is mid-slice, while over time each still gets
+    the CPU share its niceness gives (no privileges needed: it is not a priority). Elsewhere
+    (an older kernel that ignores it, not Linux) it logs why and changes nothing. Threads
+    inherit the slice: call before the worker's threads start.
+
+    Raises:
+        ValueError: ``us`` neither 0 nor within the kernel's range.
+    """
+    if us == 0:
+        return False
+    if not SLICE_MIN_US <= us <= SLICE_MAX_US:
+        raise ValueError(f"slice must be 0 (the kernel's default) or {SLICE_MIN_US}.."
+                         f"{SLICE_MAX_US} us, got {us}")
+    numbers = SYS_SCHED_ATTR.get(platform.machine())
+    if sys.platform != "linux" or numbers is None:
+        log.warning("FMSTREAM_WORKER_SLICE_US=%d ignored: sched_setattr needs Linux on "
+                    "x86_64/aarch64 (here %s %s)", us, sys.platform, platform.machine())
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def set_slice(tid: int) -> int:
+        attr = _SchedAttr(size=ctypes.sizeof(_SchedAttr), policy=os.SCHED_OTHER,
+                          nice=os.getpriority(os.PRIO_PROCESS, tid), runtime=us * 1000)
+        return 0 if libc.syscall(numbers[0], tid, ctypes.byref(attr), 0) == 0 else (
+            ctypes.get_errno())
+
+    err = set_slice(0)
+    if err:
+        log.warning("FMSTREAM_WORKER_SLICE_US=%d not in force: sched_setattr failed (%s)",
+                    us, os.strerror(err))
+        return False
+    if thread_slice_us() != us:  # kernels before 6.12 accept the call and ignore the slice
+        log.warning("FMSTREAM_WORKER_SLICE_US=%d not in force: this kernel (%s) ignores "
+                    "custom slices (Linux >= 6.12 takes them)", us, platform.release())
+        return False
+    # threads started before (a BLAS pool at import): the same slice; later ones inherit it
+    me = threading.get_native_id()
+    for tid in (int(t) for t in os.listdir("/proc/self/task") if int(t) != me):
+        if set_slice(tid) not in (0, errno.ESRCH):  # ESRCH: the thread ended meanwhile
+            log.warning("thread %d keeps the kernel's slice (sched_setattr refused)", tid)
+    log.info("scheduler slice %d us for the serving threads (FMSTREAM_WORKER_SLICE_US)", us)
+    return True
 
 
 def feature_schema(settings: Settings) -> FeatureSchema:

@@ -188,8 +188,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     _preflight(settings, redis=True,
                topics=[settings.topic_requests, settings.topic_responses, settings.topic_dlq],
                groups=[settings.serving_group])
-    from fmstream.app import configure_threads, run_worker
+    from fmstream.app import configure_threads, request_slice, run_worker
 
+    request_slice(settings.worker_slice_us)  # before any thread starts: they inherit it
     configure_threads(settings)
     stop = _stop_on_signals()
     with _credential_watch(settings, stop, redis=True):

@@ -205,6 +205,12 @@ class Settings(BaseSettings):
         "Redis and the broker, they get a core before the trainer; no effect on a host of "
         "its own; 0 = none"
     )
+    worker_slice_us: int = Field(
+        0, ge=0, le=100_000, description="scheduler time slice `fmstream serve` asks for its "
+        "threads (Linux >= 6.12 EEVDF, sched_setattr; no privileges): a slice shorter than "
+        "the kernel's ~3 ms gets a waking worker thread a core sooner on a host shared with "
+        "the trainer, Redis and the broker, at the same CPU share; 0 = the kernel's default"
+    )
 
     # --- publisher ------------------------------------------------------------------------
     # 0.1 / 0.5 (and swap_poll_s 0.1): the cadences the 1M-user e2e freshness is measured at
@@ -281,6 +287,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _connections_consistent(self) -> Settings:
         self.kafka_config()  # raises ValueError on a SASL setting without the rest
+        return self
+
+    @model_validator(mode="after")
+    def _slice_in_range(self) -> Settings:
+        if self.worker_slice_us and not 100 <= self.worker_slice_us <= 100_000:
+            raise ValueError(f"worker_slice_us must be 0 (the kernel's default) or 100..100000 "
+                             f"(the slices Linux accepts), got {self.worker_slice_us}")
         return self
 
     def __repr_args__(self):  # noqa: ANN204 - pydantic's signature

@@ -89,3 +89,142 @@ def test_a_bad_niceness_is_refused_with_the_settings_name(
     )
     assert done.returncode != 0
     assert "trainer_nice" in (done.stdout + done.stderr).lower()
+
+
+# --- FMSTREAM_WORKER_SLICE_US: the serving threads' scheduler slice ---------------------------
+
+
+def _kernel_takes_slices() -> bool:
+    """Linux >= 6.12 (EEVDF custom slices) on an architecture the helper knows."""
+    import platform
+
+    from fmstream.app import SYS_SCHED_ATTR
+
+    if sys.platform != "linux" or platform.machine() not in SYS_SCHED_ATTR:
+        return False
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return (major, minor) >= (6, 12)
+
+
+def _in_a_thread(fn):  # noqa: ANN001, ANN202 - runs fn on a fresh thread, returns its result
+    """Scheduler attributes are per thread: the test changes a throw-away thread's only."""
+    import threading
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(60)
+    return out[0]
+
+
+def test_request_slice_sets_every_thread_of_the_process_and_those_started_later() -> None:
+    code = (
+        "import threading, time\n"
+        "from fmstream.app import request_slice, thread_slice_us\n"
+        "stop = threading.Event()\n"
+        "early = threading.Thread(target=stop.wait); early.start()\n"
+        "ok = request_slice(300)\n"
+        "seen = []\n"
+        "late = threading.Thread(target=lambda: seen.append(thread_slice_us())); late.start()\n"
+        "late.join()\n"
+        "print(ok, thread_slice_us(), thread_slice_us(early.native_id), seen[0])\n"
+        "stop.set()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True, timeout=120)
+    if _kernel_takes_slices():
+        assert out.stdout.split() == ["True", "300", "300", "300"], out.stderr
+    else:
+        assert out.stdout.split()[0] == "False", out.stderr
+
+
+def test_request_slice_zero_changes_nothing_and_bad_values_are_refused() -> None:
+    from fmstream.app import request_slice, thread_slice_us
+
+    def body() -> tuple[bool, int | None, int | None]:
+        before = thread_slice_us()
+        return request_slice(0), before, thread_slice_us()
+
+    ok, before, after = _in_a_thread(body)
+    assert ok is False and before == after
+    for bad in (-1, 99, 100_001):
+        with pytest.raises(ValueError, match=r"slice must be 0 .*100\.\.100000 us"):
+            request_slice(bad)
+
+
+def test_request_slice_reports_a_refused_syscall(monkeypatch, caplog) -> None:
+    """A kernel without the call (ENOSYS here: a syscall number no kernel has) is logged and
+    reported as not in force; the thread keeps its slice."""
+    import platform
+
+    from fmstream import app
+
+    if platform.machine() not in app.SYS_SCHED_ATTR:
+        pytest.fail(f"no sched_setattr number known for {platform.machine()}")
+    monkeypatch.setitem(app.SYS_SCHED_ATTR, platform.machine(), (4095, 4094))
+
+    def body() -> bool:
+        return app.request_slice(300)
+
+    with caplog.at_level("WARNING", logger="fmstream.app"):
+        assert _in_a_thread(body) is False
+    assert "sched_setattr failed" in caplog.text
+
+
+def test_request_slice_elsewhere_is_a_logged_no_op(monkeypatch, caplog) -> None:
+    import platform
+
+    from fmstream import app
+
+    monkeypatch.setattr(platform, "machine", lambda: "s390x")
+    with caplog.at_level("WARNING", logger="fmstream.app"):
+        assert _in_a_thread(lambda: app.request_slice(300)) is False
+    assert "FMSTREAM_WORKER_SLICE_US=300 ignored" in caplog.text
+
+
+def test_the_worker_runs_every_thread_at_the_configured_slice(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from fmstream.app import thread_slice_us
+
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "fmstream.cli", "-v", "serve"], cwd=REPO_ROOT,
+            env=_env(settings, FMSTREAM_WORKER_SLICE_US="250"),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        said = ("scheduler slice 250 us" if _kernel_takes_slices()
+                else "FMSTREAM_WORKER_SLICE_US=250 not in force")
+        # the request loop's Kafka clients run IO threads of their own: wait for them
+        while (said not in log.read_text(errors="replace")
+               or len(os.listdir(f"/proc/{proc.pid}/task")) < 4):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        slices = {tid: thread_slice_us(tid) for tid in tids}
+        if _kernel_takes_slices():
+            assert set(slices.values()) == {250}, slices
+        else:
+            assert 250 not in slices.values(), slices
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("value", ["-1", "99", "100001", "short"])
+def test_a_bad_slice_is_refused_with_the_settings_name(settings: Settings, value: str) -> None:
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "fmstream.cli", "serve"], cwd=REPO_ROOT,
+        env=_env(settings, FMSTREAM_WORKER_SLICE_US=value), capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    assert done.returncode != 0
+    assert "worker_slice_us" in (done.stdout + done.stderr).lower()
