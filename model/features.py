@@ -444,9 +444,10 @@ class FeatureSpace:
         """Count sightings of ``keys`` (flat, padding allowed) at event time ``now``.
 
         ``mult`` gives how many sightings each entry stands for (default 1), or a function
-        that returns them (called only when a key is still waiting for admission: usually
-        none is). Values reaching their field's ``min_count`` get a fresh row. Returns the
-        number of rows admitted.
+        ``mult(at)`` that returns them for the entries at positions ``at`` only (called only
+        when a key is still waiting for admission, with those keys' positions). Values
+        reaching their field's ``min_count`` get a fresh row. Returns the number of rows
+        admitted.
         """
         if now > self.watermark:
             self.watermark = now
@@ -472,9 +473,8 @@ class FeatureSpace:
         if mult is None:
             counts = np.bincount(run, minlength=uniq.size)
         else:
-            if callable(mult):
-                mult = mult()
-            counts = np.bincount(run, weights=np.asarray(mult).take(at).take(order),
+            at_mult = mult(at) if callable(mult) else np.asarray(mult).take(at)
+            counts = np.bincount(run, weights=np.asarray(at_mult).take(order),
                                  minlength=uniq.size)
         total = np.minimum(
             self.key_count[uniq].astype(np.int64) + counts.astype(np.int64), 2**31 - 1
@@ -656,6 +656,10 @@ class Catalog:
         Raises:
             FeatureError: an id that is neither a string nor a number.
         """
+        if isinstance(known, np.ndarray) and known.dtype == np.int64:
+            missing = (known < 0).nonzero()[0]
+            if missing.size == 0:  # all known: nothing to number (``known`` itself, no copy)
+                return known, []
         ents = self.lookup(ids) if known is None else np.array(known, dtype=np.int64)
         missing = np.flatnonzero(ents < 0)
         new: dict[str, int] = {}

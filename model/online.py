@@ -487,14 +487,20 @@ class OnlineFM:
         i_cnt = np.bincount(i_inv[:b], minlength=ii.size)
         seen = i_cnt.nonzero()[0]
 
-        def sightings() -> np.ndarray:  # per key below (only needed while some wait)
-            return np.concatenate(
-                [
-                    np.repeat(np.bincount(u_inv, minlength=uu.size), ukeys.shape[1]),
-                    np.repeat(i_cnt[seen], ikeys.shape[1]),
-                    np.ones(ck.size, dtype=np.int64),
-                ]
-            )
+        n_uk, n_ik = ukeys.size, seen.size * ikeys.shape[1]
+
+        def sightings(at: np.ndarray) -> np.ndarray:
+            """Sightings of the keys at positions ``at`` below (only needed while some wait):
+            a user's keys count its events, an item's its events, a context key 1."""
+            got = np.ones(at.size, dtype=np.int64)
+            j = (at < n_uk).nonzero()[0]
+            if j.size:
+                u_cnt = np.bincount(u_inv, minlength=uu.size)
+                got[j] = u_cnt.take(at.take(j) // ukeys.shape[1])
+            j = ((at >= n_uk) & (at < n_uk + n_ik)).nonzero()[0]
+            if j.size:
+                got[j] = i_cnt.take(seen.take((at.take(j) - n_uk) // ikeys.shape[1]))
+            return got
 
         space.row_log = [] if pick > 1 else None  # rows the candidates had when drawn
         try:

