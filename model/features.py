@@ -399,9 +399,11 @@ class FeatureSpace:
         same slice of the token columns): values still without a key get one now, in the order
         :meth:`encode_tokens` creates them. Same result as ``encode_tokens(..., create=True)``.
         """
-        lo = int(keys.min()) if keys.size else 1
+        lo = int(np.minimum.reduce(keys, axis=None)) if keys.size else 1  # = keys.min()
         if lo > 0:  # every value has a key, none missing: nothing to create or to pack
-            return keys, np.ones(keys.shape, dtype=np.float32)
+            ones = np.empty(keys.shape, dtype=np.float32)
+            ones.fill(1.0)
+            return keys, ones
         if lo < 0:
             keys = keys.copy()
             for c, i in enumerate(self._fields_of(side)):
@@ -465,11 +467,11 @@ class FeatureSpace:
             return 0
         pend = keys.take(at)
         # np.unique(pend, return_inverse=True) by one stable sort (ascending uniq, as it)
-        order = np.argsort(pend, kind="stable")
+        order = pend.argsort(kind="stable")
         srt = pend.take(order)
         first = _run_starts(srt)
         uniq = srt[first]
-        run = np.cumsum(first) - 1
+        run = first.cumsum() - 1
         if mult is None:
             counts = np.bincount(run, minlength=uniq.size)
         else:
@@ -661,7 +663,7 @@ class Catalog:
             if missing.size == 0:  # all known: nothing to number (``known`` itself, no copy)
                 return known, []
         ents = self.lookup(ids) if known is None else np.array(known, dtype=np.int64)
-        missing = np.flatnonzero(ents < 0)
+        missing = (ents < 0).nonzero()[0]
         new: dict[str, int] = {}
         for j in missing.tolist():
             u = _id_str(ids[j])
@@ -867,7 +869,7 @@ def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np
     n = ents.size
     if n == 0:
         return
-    order = np.argsort(ents, kind="stable")
+    order = ents.argsort(kind="stable")
     e = ents.take(order)  # sorted: an entity's events are one run, in event order
     start = _run_starts(e).nonzero()[0]
     if start.size == n:  # one event per entity (no sort order needed)
@@ -880,11 +882,11 @@ def _ring_append(ring: np.ndarray, count: np.ndarray, ents: np.ndarray, vals: np
     per[-1] = n
     per -= start
     uniq = e.take(start)
-    rank = np.arange(n) - np.repeat(start, per)  # position among this entity's events
+    rank = np.arange(n) - start.repeat(per)  # position among this entity's events
     slot = (count.take(e) + rank) % h
     k = vals.take(order)
-    if int(per.max()) > h:  # only the newest h of a burst survive
-        last = rank >= np.repeat(per, per) - h
+    if int(np.maximum.reduce(per)) > h:  # only the newest h of a burst survive
+        last = rank >= per.repeat(per) - h
         e, slot, k = e[last], slot[last], k[last]
     ring[e, slot] = k
     count[uniq] += per

@@ -504,7 +504,7 @@ class OnlineFM:
 
         space.row_log = [] if pick > 1 else None  # rows the candidates had when drawn
         try:
-            now = float(t.max())
+            now = float(np.maximum.reduce(t))  # = t.max()
             space.observe(
                 np.concatenate([ukeys.ravel(), ikeys.take(seen, axis=0).ravel(),
                                 ck.ravel()]),
@@ -906,7 +906,7 @@ class OnlineFM:
             at += n_ent
         indptr = np.empty(m + 1, dtype=np.int64)
         indptr[0] = 0
-        live_run = np.cumsum(live, dtype=np.int64)
+        live_run = live.cumsum(dtype=np.int64)
         live_run.take(ends, out=indptr[1:])
         at = live.nonzero()[0]
         uniq, cols = self._table.unique(self._space.key_row.take(keys.take(at)))

@@ -13,6 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 EPS = 1e-8
+
+try:  # what np.einsum calls without `optimize` (its Python checks cost ~1 µs a call)
+    from numpy._core.multiarray import c_einsum as einsum
+except ImportError:  # pragma: no cover - numpy moved it: the public function, same results
+    einsum = np.einsum
 _UINT_OF_WIDTH = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
 
 
@@ -201,11 +206,11 @@ class RowTable:
             acc *= np.float32(decay)
         if counts is None:
             acc[:, 0] += gw * gw
-            acc[:, 1] += np.einsum("ij,ij->i", gv, gv) / np.float32(self.dim)
+            acc[:, 1] += einsum("ij,ij->i", gv, gv) / np.float32(self.dim)
         else:
             inv_n = (1.0 / np.maximum(counts, 1.0)).astype(np.float32)
             acc[:, 0] += gw * gw * inv_n
-            acc[:, 1] += np.einsum("ij,ij->i", gv, gv) * (inv_n / np.float32(self.dim))
+            acc[:, 1] += einsum("ij,ij->i", gv, gv) * (inv_n / np.float32(self.dim))
         set_rows(self.acc, rows, acc)
         scale = np.sqrt(acc)
         scale += np.float32(EPS)

@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from model import fm as fmath
+from model.optim import einsum
 
 try:  # scipy's compiled CSR/CSC products, called without the sparse-matrix objects' checks
     from scipy.sparse import _sparsetools as _kernels
@@ -520,11 +521,11 @@ def softmax_step_gradients(
     # entity terms: V = Σ x v, a = Σ x w − ½ Σ x² |v|² + ½ |V|² (two compiled gathers)
     agg = _gather(indptr, cols, x, vals, np.zeros((m, d1), dtype=np.float32))  # [Σ x w | Σ x v]
     v = vals[:, 1:]
-    sq = np.einsum("rd,rd->r", v, v)
+    sq = einsum("rd,rd->r", v, v)
     s2 = _gather(indptr, cols, x2, sq[:, None], np.zeros((m, 1), dtype=np.float32))[:, 0]
     # V contiguous: ndarray.take of a strided view copies the whole array first (4 takes)
     V = np.ascontiguousarray(agg[:, 1:])
-    a = agg[:, 0] + f32(0.5) * (np.einsum("md,md->m", V, V) - s2)
+    a = agg[:, 0] + f32(0.5) * (einsum("md,md->m", V, V) - s2)
 
     # distinct shared entities (ascending) and their merged log-Q bias
     inv_q = np.bincount(
@@ -539,7 +540,7 @@ def softmax_step_gradients(
     for j in range(1, ev_fixed.shape[1]):
         P += V.take(ev_fixed[:, j], axis=0)
     VP = V.take(ev_item, axis=0)  # (E, d) the positives' item vectors
-    z_pos = a.take(ev_item) + np.einsum("ed,ed->e", P, VP)
+    z_pos = a.take(ev_item) + einsum("ed,ed->e", P, VP)
     z_pos -= np.asarray(logq_pos, dtype=np.float32).reshape(-1)
     # z − z_pos of every (event, shared entity) in one product: [P | 1 | −z_pos] · [V | b | 1]
     # (each row stabilised by its positive's logit: exp(z − z_pos) <= 1 unless a negative
@@ -559,7 +560,7 @@ def softmax_step_gradients(
     with np.errstate(over="ignore"):  # overflow: the rows redone below
         np.exp(c, out=c)
         c[hit_ev, hit_col] = 0.0
-        norm = c.sum(axis=1)
+        norm = np.add.reduce(c, axis=1)  # = c.sum(axis=1), without the method's wrapper
     norm += f32(1.0)  # the positive: exp(z_pos − z_pos)
     bad = (~np.isfinite(norm)).nonzero()[0]
     top = None  # the stabiliser relative to z_pos, where not 0
@@ -577,7 +578,7 @@ def softmax_step_gradients(
     logn = np.log(norm)
     if top is not None:
         logn += top
-    total = float(logn.sum(dtype=np.float64))
+    total = float(np.add.reduce(logn, dtype=np.float64))
     inv_norm = f32(1.0) / norm
     c *= inv_norm[:, None]  # c_neg
     # c_pos = exp(−top) / norm − 1 (top = 0: exactly 1 / norm − 1)
@@ -587,7 +588,7 @@ def softmax_step_gradients(
     dP = c @ VS  # (E, d)
     dP += c_pos[:, None] * VP
     dq = np.bincount(ev_item, weights=c_pos, minlength=m).astype(np.float32)
-    mass = c.sum(axis=0)  # each shared entity's Σ c: its dq as a negative
+    mass = np.add.reduce(c, axis=0)  # each shared entity's Σ c: its dq as a negative
     ctp = c.T @ P  # (U, d): its Σ c P
     us_item = us
     skipped = None
@@ -612,7 +613,8 @@ def softmax_step_gradients(
     n_fix = ev_fixed.size  # dP once per fixed entity of its event (event-major: same order)
     src = np.concatenate([ctp, P, dP.repeat(ev_fixed.shape[1], axis=0)])
     dst = np.concatenate([us_item, ev_item, ev_fixed.ravel()])
-    w = np.ones(n_ui + n_ev + n_fix, dtype=np.float32)
+    w = np.empty(n_ui + n_ev + n_fix, dtype=np.float32)
+    w.fill(1.0)
     w[n_ui : n_ui + n_ev] = c_pos
     _scatter(np.arange(dst.size + 1), dst, w, src, dV)
     gent[:, 1:] = dV
