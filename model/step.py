@@ -609,14 +609,18 @@ def softmax_step_gradients(
     gent[:, 0] = dq
     dV = dq[:, None] * V  # (m, d) contiguous: the scatter below adds into it
     # one scatter, in this order: shared entities (c.T P), positives (c_pos P), each event's
-    # users and contexts (dP)
-    n_fix = ev_fixed.size  # dP once per fixed entity of its event (event-major: same order)
-    src = np.concatenate([ctp, P, dP.repeat(ev_fixed.shape[1], axis=0)])
+    # users and contexts (dP: one source row each event, added to its ev_fixed.shape[1] fixed
+    # entities in turn: the same additions in the same order as one copy per entity)
+    n_fix = ev_fixed.size
+    src = np.concatenate([ctp, P, dP])
     dst = np.concatenate([us_item, ev_item, ev_fixed.ravel()])
+    ptr = np.concatenate(
+        [np.arange(n_ui + n_ev), np.arange(n_ui + n_ev, dst.size + 1, ev_fixed.shape[1])]
+    )
     w = np.empty(n_ui + n_ev + n_fix, dtype=np.float32)
     w.fill(1.0)
     w[n_ui : n_ui + n_ev] = c_pos
-    _scatter(np.arange(dst.size + 1), dst, w, src, dV)
+    _scatter(ptr, dst, w, src, dV)
     gent[:, 1:] = dV
 
     grad = _scatter(indptr, cols, x, gent, np.zeros((n_rows, d1), dtype=np.float32))
