@@ -52,7 +52,8 @@ def test_einsum_alias_equals_numpy_einsum(shape) -> None:
     w = rng.normal(size=shape).astype(np.float32)[:, ::-1]  # a strided operand too
     for a, b in ((v, v), (v, w), (v[:, 1:], v[:, 1:])):
         got = einsum("ij,ij->i", a, b)
-        np.testing.assert_array_equal(got.view(np.uint32), np.einsum("ij,ij->i", a, b).view(np.uint32))
+        want = np.einsum("ij,ij->i", a, b)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("n_fixed", [1, 2, 3])
