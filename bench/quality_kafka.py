@@ -17,13 +17,15 @@ for every interval the bench produces the interval's events to ``fm.events`` (ke
 ``fmstream replay`` does, with the same label / ts / hour context the in-process FM learns) and
 one *marker* per partition (a label-0 event of a user ``__mark<n>_<p>``: a pairwise loss skips
 it). Kafka keeps each partition's order, so once every marker user has a record in Redis and
-the worker serves a version at or above the records' stamps, the served model has applied and
-published every event before the boundary. Then each user is asked ``u2i`` with ``k`` = 10 and
-``exclude_item_ids`` = the protocol's excluded items, through :class:`serving.client.FmClient`.
+the worker serves an *item version* at or above the records' stamps (``item_version``, the
+version contract: a shared-rows version above the stamp may still serve older items), the
+served model has applied and published every event before the boundary. Then each user is
+asked ``u2i`` with ``k`` = 10 and ``exclude_item_ids`` = the protocol's excluded items, through
+:class:`serving.client.FmClient`.
 
 Besides HR the bench compares the two FMs' lists user by user at the same boundaries
 (:func:`overlap`: shared items of the top-10, identical lists, same top-1) and counts answers
-naming a version older than the one that holds the interval's last event (must be 0). The two
+naming an item version older than the one that holds the interval's last event (must be 0). The two
 FMs do not see identical batches: the trainer learns what each poll hands over (sizes set by
 kafka-python, events of 6 partitions merged by record timestamp, :mod:`train.align`), the
 in-process model learns the whole history in one call and each interval in one call, both cut
@@ -95,7 +97,7 @@ class KafkaFM(Model):
         self.requests = 0
         self.versions: set[int] = set()
         self.awaited = 0  # the marker records' newest stamp at the last boundary
-        self.stale_answers = 0  # answers naming a version below it (must stay 0)
+        self.stale_answers = 0  # answers naming an item version below it (must stay 0)
         self.retried = 0  # requests asked again after no answer within timeout_s
 
     def produce_profiles(self) -> None:
@@ -144,7 +146,9 @@ class KafkaFM(Model):
         t0 = time.monotonic()
         while True:
             got = self.store.get_user_vectors(self.marks)
-            served = self.store.worker_versions().values()
+            # the version contract: item_version >= the records' stamp (a shared-rows version
+            # at or above the stamp may still serve the items of an older item version)
+            served = self.store.worker_item_versions().values()
             if got.found.all() and served and min(served) >= int(got.versions.max()):
                 self.awaited = int(got.versions.max())
                 break
@@ -178,7 +182,7 @@ class KafkaFM(Model):
                 raise RuntimeError(f"u2i for {reqs[row]['user_id']} failed: {a!r}")
             version = int(a.model_version or 0)
             self.versions.add(version)
-            self.stale_answers += version < self.awaited
+            self.stale_answers += int(a.item_version or 0) < self.awaited
             for item in a.items:
                 s[row, index[item.item_id]] = item.score
         self.requests += len(reqs)

@@ -62,6 +62,7 @@ class LagReport:
     partitions: list[PartitionLag]
     status: dict = field(default_factory=dict)
     workers: dict[str, int] = field(default_factory=dict)
+    worker_items: dict[str, int] = field(default_factory=dict)  # the item version behind each
     groups: dict[str, GroupState] = field(default_factory=dict)
     health: dict[str, GroupHealth] | None = None
     window_s: float = 0.0  # seconds of readings the health covers
@@ -106,8 +107,10 @@ class LagReport:
             "total_lag": {g: v["total_lag"] for g, v in groups.items()},
             "ages": self.ages(),
             "model_version": self.status.get("model_version"),
+            "item_version": self.status.get("item_version"),
             "live_hit_rate": self.live_hit_rate(),
             "worker_versions": self.workers,
+            "worker_item_versions": self.worker_items,
             "health": None if self.health is None else {
                 "window_s": round(self.window_s, 3),
                 "commit_log": self.commit_log,
@@ -143,7 +146,9 @@ def version_warnings(
     return out
 
 
-def _read_status(settings: Settings, problems: list[str]) -> tuple[dict, dict[str, int]]:
+def _read_status(
+    settings: Settings, problems: list[str]
+) -> tuple[dict, dict[str, int], dict[str, int]]:
     from serving.store import VectorStore
     from stream.connect import explain_redis_error, redis_client
 
@@ -159,14 +164,14 @@ def _read_status(settings: Settings, problems: list[str]) -> tuple[dict, dict[st
             deltas = {int(v) for v in client.zrange(keys.items_deltas(), 0, -1)}
             available = set(store.item_versions()) | deltas | ({head} if head else set())
             problems.extend(version_warnings(workers, head, available))
-        return store.get_status(), workers
+        return store.get_status(), workers, store.worker_item_versions() if workers else {}
     except Exception as exc:  # noqa: BLE001 - Kafka lag is still worth showing without Redis
         explained = explain_redis_error(conn, exc)
         if explained is not None:
             raise explained from None  # wrong credentials: fail, don't show a half report
         problems.append(f"Redis at {conn.display_url()} unreadable: {type(exc).__name__}: "
                         f"{settings.redact(str(exc))}")
-        return {}, {}
+        return {}, {}, {}
 
 
 def read_lag(
@@ -193,8 +198,8 @@ def read_lag(
         if own:
             reader.close()
     problems: list[str] = []
-    status, workers = _read_status(settings, problems)
-    return LagReport(at, parts, status, workers, states, problems=problems)
+    status, workers, worker_items = _read_status(settings, problems)
+    return LagReport(at, parts, status, workers, worker_items, states, problems=problems)
 
 
 @dataclass(frozen=True)
@@ -390,12 +395,16 @@ def render(report: LagReport, problems: Sequence[str] = (), *, window_s: float |
         fresh.add_row(k, _fmt_age(v))
     version = report.status.get("model_version")
     fresh.add_row("model_version (Redis)", "-" if version is None else f"v{version}")
+    items_at = report.status.get("item_version")
+    fresh.add_row("item_version (Redis)", "-" if items_at is None else f"v{items_at}")
     for cohort, rate in report.live_hit_rate().items():
         fresh.add_row(f"live HR@10 {cohort}", "-" if rate is None else f"{rate:.3f}")
     for worker, served in sorted(report.workers.items()):
         behind = "" if version is None or served >= int(version) else \
             f" ({int(version) - served} behind)"
-        fresh.add_row(f"worker {worker}", f"v{served}{behind}")
+        items = report.worker_items.get(worker)
+        shown = f"v{served}" if items is None or items == served else f"v{served} (items v{items})"
+        fresh.add_row(f"worker {worker}", f"{shown}{behind}")
     if not report.workers:
         fresh.add_row("workers", "none reporting")
     parts: list = [table, groups, fresh]

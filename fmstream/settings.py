@@ -221,8 +221,9 @@ class Settings(BaseSettings):
     )
     publish_items_s: float = Field(0.5, gt=0, description="cadence of item versions")
     publish_shared_s: float = Field(
-        0.0, ge=0, description="cadence of versions carrying only the changed shared user rows, "
-        "between item versions (moves inactive users' vectors; 0 = none)"
+        0.1, ge=0, description="cadence of versions carrying only the changed shared user rows, "
+        "between item versions (moves inactive users' vectors; 0 = none). Such a version "
+        "names the item version whose items it serves (item_version, README 'Versions')"
     )
     offline_i2i_s: float = Field(
         1.0, gt=0, description="cadence of incremental offline i2i refreshes"

@@ -124,6 +124,9 @@ class Pending:
     items: list[tuple[str, float]] | None = None
     version: int | None = None
     fallback: str | None = None
+    item_version: int | None = None
+    """The item version whose items the answer's state served (beside ``version``; see
+    :class:`serving.follow.ServingState`)."""
 
     @property
     def request_id(self) -> str:
@@ -148,6 +151,7 @@ class Pending:
                 "request_id": self.request.request_id,
                 "items": [{"item_id": i, "score": s} for i, s in self.items or ()],
                 "model_version": self.version,
+                "item_version": self.item_version,
                 "error": None
                 if self.error is None
                 else {"code": self.error.code, "message": str(self.error)},
@@ -329,6 +333,9 @@ class Answerer:
         todo = [p for p in pendings if not p.done and admit(p, state, self.config, now_ms)]
         if todo and state is not None:  # admit() fails every pending without a state
             self._answer_isolated(todo, state)
+            for p in todo:  # the answers name the state's version: its item version beside
+                if p.version is not None:
+                    p.item_version = state.item_version
 
     def _answer_isolated(self, todo: list[Pending], state: ServingState) -> None:
         """Answer the batch together; if that fails, answer the unanswered ones one by one so a

@@ -76,6 +76,10 @@ class ItemDelta:
         parts: the parts form (:mod:`serving.item_parts`): ``vectors`` are the items' own
             parts, ``extra`` carries their keys (``item_keys``) and the changed shared item
             rows (``item_rows``); the reader recomposes the items they touch.
+        item_version: the item version whose items ``version`` serves (None: ``version``
+            itself, an item version). A shared-rows version (no item row, only shared user
+            rows) names the item version it descends from: its items are that version's, its
+            user side is newer (the version contract, README "Versions").
     """
 
     version: int
@@ -87,6 +91,7 @@ class ItemDelta:
     rows: np.ndarray | None = None
     base_n: int = 0
     parts: bool = False
+    item_version: int | None = None
     composed: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
     """A reader's cache, not wire data: the positions (``touched``) and vectors (``vectors``)
     the first index copy composed from this parts delta, written as they are by the second
@@ -94,6 +99,12 @@ class ItemDelta:
 
     def __post_init__(self) -> None:
         what = f"delta v{self.version}"
+        if self.item_version is None:
+            object.__setattr__(self, "item_version", int(self.version))
+        elif not 0 <= int(self.item_version) <= int(self.version):
+            raise IndexInputError(
+                f"{what}: item_version must be in 0..{self.version}, got {self.item_version}"
+            )
         if self.parts:
             # parts form (serving/item_parts.py): vectors are own parts, positional only
             blob = self.extra.get(ITEM_KEYS)
@@ -167,6 +178,8 @@ def encode_delta(delta: ItemDelta) -> bytes:
         head["base_n"] = int(delta.base_n)
     if delta.parts:
         head["kind"] = "parts"
+    if delta.item_version != delta.version:  # a shared-rows version (absent: an item version)
+        head["item_version"] = int(delta.item_version)
     header = orjson.dumps(head)
     parts = [DELTA_MAGIC, _HEAD.pack(len(header)), header, ids, vec, rows]
     parts += [delta.extra[name] for name in names]
@@ -192,6 +205,7 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
         extra_sizes: Mapping[str, int] = h["extra"]
         rows_len = h.get("rows_bytes")
         kind = h.get("kind", "vectors")
+        item_version = h.get("item_version", version)
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise SnapshotCorrupt(f"item delta v{version}: bad header ({exc})") from None
     if not isinstance(extra_sizes, Mapping):
@@ -199,6 +213,8 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
     sizes = (n, dim, ids_len, vec_len, rows_len or 0, *extra_sizes.values())
     if not all(type(x) is int and x >= 0 for x in sizes):
         raise SnapshotCorrupt(f"item delta v{version}: sizes must be non-negative integers")
+    if type(item_version) is not int:
+        raise SnapshotCorrupt(f"item delta v{version}: item_version must be an integer")
     if kind not in ("vectors", "parts"):
         raise SnapshotCorrupt(f"item delta v{version}: unknown kind {kind!r}; republish")
     if (
@@ -252,6 +268,7 @@ def decode_delta(raw: bytes, version: int) -> ItemDelta:
             rows=rows,
             base_n=int(h.get("base_n", 0)),
             parts=kind == "parts",
+            item_version=item_version,
         )
     except IndexInputError as exc:
         raise SnapshotCorrupt(f"item delta v{version}: {exc}") from None

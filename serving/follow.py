@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import redis
 
 from model.compose import ContextTable
 from model.errors import SnapshotError as ModelSnapshotError
@@ -54,6 +55,88 @@ PAUSE_MAX_S = 0.02
 versions never starve under a steady request load; a 100k-item apply has ~10 slices)."""
 
 
+NOTICE_RETRY_S = 1.0
+"""Longest a wait sleeps after its subscription failed, before the caller's next refresh and
+a new subscription (shorter when the poll interval is)."""
+
+
+class VersionNotices:
+    """Wakes a follower when the publisher announces a version (Redis pub/sub on
+    ``items:notice``), instead of it finding the version at its next poll.
+
+    :meth:`wait` blocks up to the poll interval on its own connection (off the request path; no
+    round trip per request) and returns early on a notice. A notice is only a hint: a lost one
+    (published while this connection was down, a Redis restart, a publisher that does not
+    announce) costs at most one poll interval, since the caller refreshes after every wait
+    anyway. A broken subscription is dropped and made again at the next wait; meanwhile the
+    wait is a plain sleep (of the interval, at most :data:`NOTICE_RETRY_S`: never a busy loop).
+    """
+
+    def __init__(self, client, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._pubsub = None
+        self.received = 0
+        """Notices that woke a wait."""
+        self.failures = 0
+        """Waits whose subscription failed (then slept the interval)."""
+        self.denied = False
+        """Redis refused the subscription (an ACL without the channel): polling only."""
+        self._failing = False
+
+    def wait(self, stop: threading.Event, timeout: float) -> bool:
+        """Until a notice, ``stop`` or ``timeout`` seconds. True when a notice came."""
+        deadline = time.monotonic() + timeout
+        if self.denied:
+            stop.wait(timeout)
+            return False
+        try:
+            pubsub = self._pubsub
+            if pubsub is None:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self._pubsub = pubsub
+                pubsub.subscribe(self.channel)
+            while not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # blocks in a socket read (the GIL released); a subscribe confirmation
+                # returns None early: wait again for what is left
+                msg = pubsub.get_message(timeout=min(left, 0.5))
+                if msg is not None and msg.get("type") == "message":
+                    while pubsub.get_message(timeout=0) is not None:  # the queued ones too
+                        pass
+                    self.received += 1
+                    self._failing = False
+                    return True
+            return False
+        except redis.ResponseError as exc:  # NOPERM: not a broken connection, never retried
+            self.denied = True
+            self.close()
+            log.warning("version notices refused by Redis (%s): polling every %.2f s; grant "
+                        "the Redis user the channel %s (README 'Security')", exc, timeout,
+                        self.channel)
+            stop.wait(max(0.0, deadline - time.monotonic()))
+            return False
+        except Exception as exc:  # noqa: BLE001 - a notice is a hint: fall back to the poll
+            self.failures += 1
+            if not self._failing:
+                log.warning("version notices unavailable (%s: %s); polling every %.2f s until "
+                            "they are back", type(exc).__name__, exc, timeout)
+                self._failing = True
+            self.close()
+            stop.wait(min(NOTICE_RETRY_S, max(0.0, deadline - time.monotonic())))
+            return False
+
+    def close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+
+
 @dataclass(frozen=True)
 class ServingState:
     """What one batch of requests is answered from: swapped as a single reference."""
@@ -62,6 +145,13 @@ class ServingState:
     context: ContextTable | None
     users: SharedRows | None = None
     """Shared user rows of this version: composes user vectors (see serving/users.py)."""
+    item_version: int | None = None
+    """The item version whose items this state serves (None given: :attr:`version`). Below
+    :attr:`version` when the newest version is a shared-rows one (its user side is newer)."""
+
+    def __post_init__(self) -> None:
+        if self.item_version is None:
+            object.__setattr__(self, "item_version", self.loaded.snapshot.version)
 
     @property
     def version(self) -> int:
@@ -83,6 +173,7 @@ class ItemCopy:
         self.ids: list[str] = list(snapshot.item_ids)
         self.row_of: dict[str, int] = dict(snapshot.row_of)
         self.version = snapshot.version
+        self.item_version = snapshot.version  # a full snapshot is always an item version
         self.bias = float(snapshot.bias)
         self.extra = dict(snapshot.extra)
         blob = self.extra.pop(USER_ROWS, None)
@@ -313,6 +404,7 @@ class ItemCopy:
         self.ids.extend(new_ids)
         self.row_of.update(zip(new_ids, range(start, start + len(new_ids)), strict=True))
         self.version = delta.version
+        self.item_version = int(delta.item_version)  # type: ignore[arg-type]
         self.bias = float(delta.bias)
         extra = dict(delta.extra)
         blob = extra.pop(USER_ROWS, None)
@@ -355,8 +447,9 @@ class IndexFollower:
         store: the :class:`serving.store.VectorStore` to read.
         kind: ``"flat"`` (exact) or ``"hnsw"`` (graph candidates, exact re-scoring).
         graphs: the HNSW graph keeper (required for ``"hnsw"``).
-        poll_s: how often :meth:`run` looks for a new version.
-        keep_deltas: passed to the :class:`DeltaLog` (only reads here).
+        poll_s: how often :meth:`run` looks for a new version (at the latest: a version
+            notice wakes it at once, see :class:`VersionNotices`).
+        notices: wait on the publisher's version notices between polls (:meth:`wait`).
     """
 
     def __init__(
@@ -367,6 +460,7 @@ class IndexFollower:
         graphs: GraphKeeper | None = None,
         poll_s: float = 0.2,
         on_change=None,
+        notices: bool = True,
     ) -> None:
         if kind == "hnsw" and graphs is None:
             graphs = GraphKeeper()
@@ -375,6 +469,9 @@ class IndexFollower:
         self.graphs = graphs
         self.poll_s = poll_s
         self.log = DeltaLog(store.redis, store.key)
+        self.notices = (
+            VersionNotices(store.redis, store.key("items", "notice")) if notices else None
+        )
         self.on_change = on_change
         self._cond = threading.Condition()
         self._refresh_lock = threading.Lock()
@@ -462,13 +559,30 @@ class IndexFollower:
     # --- following -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Refresh every ``poll_s`` until ``stop``; errors are logged, never raised."""
-        while not stop.is_set():
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - keep serving the held version, retry next tick
-                log.exception("item index refresh failed; still serving v%s", self.version)
-            stop.wait(self.poll_s)
+        """Refresh on every version notice, at least every ``poll_s``, until ``stop``; errors
+        are logged, never raised. The notice subscription is closed on the way out."""
+        try:
+            while not stop.is_set():
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - keep serving the held version, retry next
+                    log.exception("item index refresh failed; still serving v%s", self.version)
+                self.wait(stop, self.poll_s)
+        finally:
+            self.close()
+
+    def wait(self, stop: threading.Event, timeout: float) -> bool:
+        """Between two refreshes: until a version notice, ``stop`` or ``timeout`` (the poll).
+        True when a notice ended it."""
+        if self.notices is None:
+            stop.wait(timeout)
+            return False
+        return self.notices.wait(stop, timeout)
+
+    def close(self) -> None:
+        """Drop the notice subscription (its connection)."""
+        if self.notices is not None:
+            self.notices.close()
 
     def refresh(self) -> bool:
         """Move to the store's newest version if it differs. Returns True when it moved."""
@@ -652,8 +766,9 @@ class IndexFollower:
 
     def _state_of(self, copy: ItemCopy) -> ServingState:
         return ServingState(
-            copy.loaded(), self._parse_context(copy.extra.get("context")), copy.users
+            copy.loaded(), self._parse_context(copy.extra.get("context")), copy.users,
+            copy.item_version,
         )
 
 
-__all__ = ["IndexFollower", "ItemCopy", "ServingState"]
+__all__ = ["IndexFollower", "ItemCopy", "ServingState", "VersionNotices"]

@@ -15,13 +15,16 @@ key                        type    value
 ``items:{v}:chunk:{i}``    string  i-th slice of the float32 ``(n, dim)`` vector bytes
 ``items:{v}:ids:{i}``      string  i-th slice of the orjson list of item ids
 ``items:{v}:extra:{name}`` string  opaque blob shipped with the snapshot (e.g. ``context``)
+``items:notice``           channel pub/sub: the publisher announces each version it made current
+                                   (wakes the workers' followers; the poll stays the fallback)
 ``i2i:current``            string  current offline i2i version (only moves forward)
 ``i2i:versions``           zset    offline i2i versions written
 ``i2i:{v}``                hash    item id -> orjson ``[[item_id, score], ...]``
 ``popular``                string  orjson ``[[item_id, score], ...]``, best first
 ``status``                 hash    publisher/trainer progress (model_version, *_published_at)
 ``workers``                set     worker ids that reported a version
-``worker:{id}``            string  the item version a worker serves (expires: dead workers vanish)
+``worker:{id}``            string  the version a worker serves (expires: dead workers vanish)
+``worker_items:{id}``      string  the item version behind it (same expiry; <= ``worker:{id}``)
 ``trainer:lease``          string  the trainer lease (holder token, expiring)
 ========================== ======= =====================================================
 
@@ -89,6 +92,9 @@ class RedisKeys:
     def items_deltas(self) -> str:
         return self.key("items", "deltas")
 
+    def items_notice(self) -> str:
+        return self.key("items", "notice")
+
     def items_version_prefix(self, version: int) -> str:
         """Prefix of every key of one snapshot version (for a SCAN when its manifest is gone)."""
         return self.key("items", version, "")
@@ -113,6 +119,9 @@ class RedisKeys:
 
     def worker(self, worker_id: str) -> str:
         return self.key("worker", worker_id)
+
+    def worker_items(self, worker_id: str) -> str:
+        return self.key("worker_items", worker_id)
 
     def trainer_lease(self) -> str:
         return self.key("trainer", "lease")

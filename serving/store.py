@@ -376,10 +376,16 @@ class VectorStore:
         raw = self.redis.hgetall(self.keys.status())
         return {k.decode(): _to_number(v) for k, v in sorted(raw.items())}
 
-    def set_worker_version(self, worker_id: str, version: int, ttl_s: float = 30.0) -> None:
-        """Record the item version a worker serves; it expires unless refreshed within ttl_s."""
+    def set_worker_version(
+        self, worker_id: str, version: int, ttl_s: float = 30.0, item_version: int | None = None
+    ) -> None:
+        """Record the version a worker serves and the item version behind it (None: the
+        version itself); both expire unless refreshed within ttl_s."""
+        px = max(1, int(ttl_s * 1000))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.worker(worker_id), int(version), px=max(1, int(ttl_s * 1000)))
+        pipe.set(self.keys.worker(worker_id), int(version), px=px)
+        pipe.set(self.keys.worker_items(worker_id),
+                 int(version if item_version is None else item_version), px=px)
         pipe.sadd(self.keys.workers(), worker_id)
         pipe.execute()
 
@@ -392,6 +398,17 @@ class VectorStore:
         dead = [w for w, val in zip(ids, values, strict=True) if val is None]
         if dead:
             self.redis.srem(self.keys.workers(), *dead)
+        return {w: int(val) for w, val in zip(ids, values, strict=True) if val is not None}
+
+    def worker_item_versions(self) -> dict[str, int]:
+        """Live workers and the item version behind the version each serves (the version
+        contract: a worker whose item version is >= the stamp of an event's user record
+        answers from a model that learned everything before that event). A worker that
+        reported no item version (older code) is left out."""
+        ids = sorted(m.decode() for m in self.redis.smembers(self.keys.workers()))
+        if not ids:
+            return {}
+        values = self.redis.mget([self.keys.worker_items(w) for w in ids])
         return {w: int(val) for w, val in zip(ids, values, strict=True) if val is not None}
 
 

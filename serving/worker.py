@@ -627,20 +627,31 @@ class Worker:
         return swapped
 
     def follow_loop(self, stop: threading.Event) -> None:
-        """Refresh the index every ``swap_poll_s`` until ``stop``; errors never kill it."""
-        while not stop.is_set():
-            try:
-                self.refresh()
-                self._report()
-            except Exception:  # noqa: BLE001 - keep serving the old index, retry next tick
-                log.exception("index refresh failed; still serving the previous version")
-            stop.wait(self.config.swap_poll_s)
+        """Refresh the index on every version notice and at least every ``swap_poll_s``
+        (:class:`serving.follow.VersionNotices`) until ``stop``; errors never kill it."""
+        wait = getattr(self.index, "wait", None)
+        try:
+            while not stop.is_set():
+                try:
+                    self.refresh()
+                    self._report()
+                except Exception:  # noqa: BLE001 - keep serving the old index, retry next tick
+                    log.exception("index refresh failed; still serving the previous version")
+                if wait is not None:
+                    wait(stop, self.config.swap_poll_s)
+                else:
+                    stop.wait(self.config.swap_poll_s)
+        finally:
+            close = getattr(self.index, "close", None)
+            if close is not None:
+                close()
 
     def _report(self) -> None:
         """List this worker and its version in Redis (expires unless renewed), once serving."""
         state = self.state
         if state is not None and self.serving.is_set():
-            self.store.set_worker_version(self.worker_id, state.version)
+            self.store.set_worker_version(self.worker_id, state.version,
+                                          item_version=state.item_version)
 
     # --- the request loop ------------------------------------------------------------------
 

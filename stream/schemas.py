@@ -588,6 +588,10 @@ class Response(BaseModel):
     request_id: str
     items: list[ScoredItem] = Field(default_factory=list)
     model_version: int | None = None
+    item_version: int | None = None
+    """The item version whose items answered (<= ``model_version``; below it when the answer
+    came from a shared-rows version). "Everything learned before event e" holds once it is
+    >= the version stamped on e's user record. None: an older worker."""
     error: ErrorInfo | None = None
     fallback: Literal["popular"] | None = None
 

@@ -37,9 +37,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SECURE_PORTS = {"kafka_port": 19192, "kafka_controller_port": 19193, "sasl_port": 19194,
                 "redis_port": 16479}
 USER = "fmstream-app"
-# What README "Security" says the Redis user needs: its key prefix, no admin commands.
-REDIS_ACL = "resetkeys ~fmsec:* resetchannels -@all +@read +@write +@scripting +@keyspace " \
-    "+@connection -@admin -@dangerous"
+# What README "Security" says the Redis user needs: its key prefix (keys, and channels for the
+# version notices), no admin commands.
+REDIS_ACL = "resetkeys ~fmsec:* resetchannels &fmsec:* -@all +@read +@write +@scripting " \
+    "+@keyspace +@connection +publish +subscribe +unsubscribe -@admin -@dangerous"
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ class PublishConfig:
     publish_active_s: float = 0.1
     publish_all_s: float = 60.0
     publish_items_s: float = 0.5
-    publish_shared_s: float = 0.0  # shared-rows versions between item versions (0: none)
+    publish_shared_s: float = 0.1  # shared-rows versions between item versions (0: none)
     offline_i2i_s: float = 60.0
     offline_i2i_k: int = 20
     history_len: int = 50

@@ -27,7 +27,12 @@ the items touched. In the *vectors* form:
 
 Between item versions, :meth:`~VersionedPublisher.publish_shared` makes versions of the changed
 shared user rows only (the inactive users' freshness; ``train.publisher`` runs it every
-``publish_shared_s``).
+``publish_shared_s``). The version contract: every version has an ``item_version``, the item
+version whose items it serves (itself for an item version; for a shared-rows version the last
+item version, named in its delta); an item version always follows a shared-rows version, so a
+client that needs everything learned before an event waits for ``item_version`` >= the stamp
+of the event's user record. Each version made current is announced on ``items:notice``
+(workers wake at once; their poll stays the fallback).
 
 User records (:mod:`serving.users`) are written only for users whose own data changed; workers
 compose every user's vector with the shared rows of the version they serve.
@@ -51,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import redis
 
 from model.compose import aggregate, compose_item
 from model.online import OnlineFM
@@ -188,7 +194,13 @@ class VersionedPublisher:
         self.key = _key_fn(store)
         self.log = DeltaLog(store.redis, self.key, keep=self.config.keep_deltas)
         self.version = self._start_version(version_floor)
+        # the newest item version (its items are what every version since serves); a
+        # shared-rows version after it owes the next item version (a client waiting for
+        # item_version >= a record's stamp must see one come, even if no item changed)
+        self.item_version = self.version
+        self._items_owed = False
         self._owed = False  # records were stamped with the next version: it must come
+        self._notices = True  # announce versions on items:notice (off once Redis denies it)
         self._need_full = True
         self._no_base = True  # nothing of ours in Redis yet: the first version is full only
         self._full_at = 0.0
@@ -246,6 +258,13 @@ class VersionedPublisher:
                 floor,
             )
         return start
+
+    @property
+    def owes(self) -> bool:
+        """Whether a version is owed: records were stamped with the next version, or a
+        shared-rows version came since the last item version (the next item version must
+        come, even if nothing changed: clients wait for ``item_version``)."""
+        return self._owed or self._items_owed
 
     def request_full(self) -> None:
         """The next :meth:`publish_items` also writes a full snapshot."""
@@ -317,7 +336,8 @@ class VersionedPublisher:
             extra["context"] = context
         if shared is not None:
             extra[USER_ROWS] = shared[0]
-        if not (full or force or self._owed or rows.size or extra or bias != self._bias):
+        if not (full or force or self._owed or self._items_owed or rows.size or extra
+                or bias != self._bias):
             return None
         v = self.version + 1
         delta = ItemDelta(
@@ -402,7 +422,8 @@ class VersionedPublisher:
             extra[USER_ROWS] = shared[0]
         if item_rows is not None:
             extra[ITEM_ROWS] = encode_rows(*item_rows)
-        if not (full or force or self._owed or cand.size or extra or bias != self._bias):
+        if not (full or force or self._owed or self._items_owed or cand.size or extra
+                or bias != self._bias):
             return None
         extra[ITEM_KEYS] = encode_item_keys(skeys, sweights)
         v = self.version + 1
@@ -488,6 +509,7 @@ class VersionedPublisher:
         delta = ItemDelta(
             v, [], np.zeros((0, width), dtype=np.float32), self._bias, extra, now,
             rows=np.zeros(0, dtype=np.int64), base_n=mirror.n, parts=parts,
+            item_version=self.item_version,  # its items are the last item version's
         )
         delta_bytes = self.log.put(delta)
         mirror.apply(delta)
@@ -495,6 +517,8 @@ class VersionedPublisher:
         self._deltas_since_full += 1
         self.version = v
         self._owed = False
+        self._items_owed = True  # the item side drained here ships with the next item version
+        self._notify(v)
         self.store.put_status(model_version=v, shared_published_at=now)
         self.last = PublishedVersion(
             v, 0, 0 if shared is None else shared[1], False, delta_bytes,
@@ -535,10 +559,11 @@ class VersionedPublisher:
             self._bytes_since_full += delta_bytes
             self._mark_i2i(mark, mirror.n)
         self._context, self._bias = context, bias
-        self.version = v
-        self._owed = False
+        self.version = self.item_version = v
+        self._owed = self._items_owed = False
+        self._notify(v)
         self._publish_popular()
-        self.store.put_status(model_version=v, items_published_at=now)
+        self.store.put_status(model_version=v, item_version=v, items_published_at=now)
         self.last = PublishedVersion(
             v, delta.n, 0 if shared is None else shared[1], full, delta_bytes,
             time.perf_counter() - started, candidates=int(cand.size), held=held,
@@ -598,6 +623,21 @@ class VersionedPublisher:
         self._pending[ents[go | ~moved]] = np.inf
         ship[old_at] = go
         return ship
+
+    def _notify(self, v: int) -> None:
+        """Announce version ``v`` (now current) on ``items:notice``: wakes the workers'
+        followers at once instead of at their next poll (a lost notice costs one poll). A
+        Redis user not allowed the channel (an ACL without ``&{prefix}*``) stops the notices,
+        with one warning: workers then find versions by their poll."""
+        if not self._notices:
+            return
+        try:
+            self.store.redis.publish(self.key("items", "notice"), str(v))
+        except redis.ResponseError as exc:  # NOPERM: denied by an ACL (not a lost connection)
+            self._notices = False
+            log.warning("version notices off (%s): workers find versions by their poll; grant "
+                        "the Redis user the channel %s (README 'Security')", exc,
+                        self.key("items", "notice"))
 
     def _shared_changes(self, changed: np.ndarray, full: bool) -> tuple[bytes, int] | None:
         """The shared user rows to ship: new keys, rows written, keys now reading another row.

@@ -6,9 +6,11 @@ work that grows with what changed (see :mod:`train.deltas` for the content):
   rows plus the changed shared user rows, the context table and the bias; a full snapshot at the
   start, after Redis lost our keys, every ``full_snapshot_s`` and once the deltas since the
   last one weigh ``full_after_bytes`` times it (or ``full_after_rows``);
-- between them, every ``publish_shared_s`` (0, the default: never), a version of the changed shared user
-  rows only (:meth:`train.deltas.VersionedPublisher.publish_shared`): cheap to build and to
-  apply, it is what moves the vectors of users who did nothing themselves;
+- between them, every ``publish_shared_s`` (default 0.1 s; 0: never), a version of the changed
+  shared user rows only (:meth:`train.deltas.VersionedPublisher.publish_shared`): cheap to
+  build and to apply, it is what moves the vectors of users who did nothing themselves. It
+  names the item version it descends from (``item_version``: its items are that version's),
+  and the next item version always follows it (README "Versions");
 - the records (own part + shared keys) of users active since the last cycle, every
   ``publish_active_s``: workers compose every user's exact vector with the shared rows;
 - the offline i2i table refreshed incrementally: every ``offline_i2i_s`` the neighbours of at
@@ -209,7 +211,10 @@ class Publisher:
         if users_due:
             self.publish_active_users(now, ahead=True)
         t1 = time.perf_counter()
-        if (self._items_dirty or self._active) and now - self.times.items >= s.publish_items_s:
+        # a version is owed: records were stamped with it, or a shared-rows version came
+        # since the last item version (clients wait for item_version >= a record's stamp)
+        dirty = self._items_dirty or bool(self._active) or self.versions.owes
+        if dirty and now - self.times.items >= s.publish_items_s:
             self.publish_items(now)
             t2 = time.perf_counter()
             if self._active:
@@ -219,7 +224,7 @@ class Publisher:
             t1 = time.perf_counter()
         elif (
             s.publish_shared_s > 0
-            and (self._items_dirty or self._active)
+            and dirty
             and now - self.times.shared >= s.publish_shared_s
         ):
             self.times.shared = now

@@ -54,6 +54,8 @@ def _report(**kw) -> LagReport:
     now = 1_700_000_000.0
     status = {"model_version": 9, "trainer_event_time": now - 12.0, "checkpoint_at": now - 2.0,
               "items_published_at": now - 1.0, "live_hit_rate_warm": "0.125"}
+    status["item_version"] = 8
+    kw.setdefault("worker_items", {"w1": 8, "w2": 8})
     return LagReport(now, parts, status, {"w1": 9, "w2": 8}, **kw)
 
 
@@ -85,13 +87,15 @@ def test_render_shows_lag_health_and_versions() -> None:
     out = io.StringIO()
     Console(file=out, width=160).print(render(report, ["over a threshold"]))
     text = out.getvalue()
-    for expected in ("consumer lag", "WARN ev[0]: lag did not fall", "v9", "v8 (1 behind)",
+    for expected in ("consumer lag", "WARN ev[0]: lag did not fall", "v9 (items v8)",
+                     "v8 (1 behind)", "item_version (Redis)",
                      "over a threshold", "never", "live HR@10 warm", "0.125"):
         assert expected in text, expected
     data = report.to_json()
     assert data["partitions"][1]["committed"] is None and data["partitions"][1]["lag"] == 5
     assert data["health"]["groups"]["tr"]["status"] == "WARN"
     assert data["live_hit_rate"] == {"warm": 0.125, "cold": None}
+    assert data["item_version"] == 8 and data["worker_item_versions"] == {"w1": 8, "w2": 8}
 
 
 def _exported_names() -> set[str]:
@@ -191,7 +195,7 @@ def state(settings: Settings, kafka_io: KafkaIO, redis_client: redis.Redis,
         model_version=7, trainer_event_time=now - 12, checkpoint_at=now - 3,
         users_published_at=now - 1, items_published_at=now - 2, i2i_published_at=now - 40)
     store.set_worker_version("w1", 7, ttl_s=3600)  # a loaded box may take long to get there
-    store.set_worker_version("w2", 6, ttl_s=3600)
+    store.set_worker_version("w2", 6, ttl_s=3600, item_version=5)
     _use(monkeypatch, settings)
     yield settings
 
@@ -215,6 +219,7 @@ def test_lag_json_has_lag_ages_versions_and_exit_codes(
         state.partitions_events + 2 * state.partitions_profiles)
     assert data["model_version"] == 7
     assert data["worker_versions"] == {"w1": 7, "w2": 6}
+    assert data["worker_item_versions"] == {"w1": 7, "w2": 5}
     ages = data["ages"]
     # ages are read between `before` and `after`, whatever the load: bounds from those clocks
     for age, stamp in (("event_time_freshness_s", "trainer_event_time"),
@@ -235,7 +240,8 @@ def test_lag_json_has_lag_ages_versions_and_exit_codes(
     monkeypatch.setenv("COLUMNS", "220")  # rich shortens long group names to fit 80 columns
     code, out = _lag(capsys)
     assert code == 0
-    for expected in (state.trainer_group, "v7", "v6 (1 behind)", "event_time_freshness_s"):
+    for expected in (state.trainer_group, "v7", "v6 (items v5) (1 behind)",
+                     "event_time_freshness_s"):
         assert expected in out, expected
 
 

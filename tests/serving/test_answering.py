@@ -145,6 +145,24 @@ def test_error_replies_encode_exactly_as_the_response_model() -> None:
                                          model_version=2, fallback="popular"))
 
 
+def test_answers_name_the_item_version_beside_the_version(world) -> None:
+    """The version contract on the wire: an answer names its state's version and the item
+    version whose items answered (older when the state is a shared-rows version); errors made
+    from a state name both, errors before any state neither."""
+    store, state, _ = world
+    assert state.item_version == state.version == VERSION  # an item version: itself
+    shared = ServingState(state.loaded, None, None, VERSION - 2)
+    ok, bad = ask(store, shared, {"type": "u2i", "user_id": "u1", "k": 3},
+                  {"type": "i2i", "item_id": "nope", "k": 3})
+    for p in (ok, bad):
+        wire = orjson.loads(p.encode())
+        assert (wire["model_version"], wire["item_version"]) == (VERSION, VERSION - 2)
+        assert Response.model_validate(wire).item_version == VERSION - 2
+    assert ok.error is None and code(bad) == "unknown_item"
+    (early,) = ask(store, None, {"type": "u2i", "user_id": "u1", "k": 3})
+    assert code(early) == "not_ready" and orjson.loads(early.encode())["item_version"] is None
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 

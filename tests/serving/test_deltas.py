@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
+import orjson
 import pytest
 
-from serving.deltas import ItemDelta, decode_delta, delta_rows, encode_delta, plan_delta
+from serving.deltas import (
+    DELTA_MAGIC,
+    ItemDelta,
+    decode_delta,
+    delta_rows,
+    encode_delta,
+    plan_delta,
+)
 from serving.errors import IndexInputError, SnapshotCorrupt, SnapshotError
 from serving.follow import ItemCopy
 from serving.graph import GraphKeeper
@@ -44,6 +54,34 @@ def test_decode_rejects_corrupt_truncated_and_wrong_version() -> None:
         decode_delta(bytes(flipped), 2)
     with pytest.raises(SnapshotCorrupt, match="not an fmstream delta"):
         decode_delta(b"junk", 2)
+
+
+def test_a_delta_names_its_item_version_itself_unless_a_shared_rows_version_says_older() -> None:
+    """The version contract on the wire: an item version's header has no ``item_version`` (it
+    is the version itself; deltas written before the field decode so); a shared-rows version
+    names the older item version whose items it serves; the field is checked."""
+    item = delta(5, ["a"])
+    assert item.item_version == 5
+    raw = encode_delta(item)
+    assert b"item_version" not in raw and decode_delta(raw, 5).item_version == 5
+    shared = decode_delta(encode_delta(delta(9, [], item_version=6)), 9)
+    assert shared.version == 9 and shared.item_version == 6
+    for bad in (10, -1):
+        with pytest.raises(IndexInputError, match="item_version must be in 0..9"):
+            delta(9, [], item_version=bad)
+    for value, says in (("6", "must be an integer"), (99, "must be in 0..9")):
+        with pytest.raises(SnapshotCorrupt, match=f"item_version {says}"):
+            decode_delta(with_header(encode_delta(delta(9, [], item_version=6)),
+                                     item_version=value), 9)
+
+
+def with_header(raw: bytes, **fields) -> bytes:
+    """``raw`` (an encoded delta) with header fields replaced (not covered by the checksum)."""
+    start = len(DELTA_MAGIC) + 4
+    (n,) = struct.unpack_from("<I", raw, len(DELTA_MAGIC))
+    head = orjson.loads(raw[start : start + n]) | fields
+    header = orjson.dumps(head)
+    return DELTA_MAGIC + struct.pack("<I", len(header)) + header + raw[start + n :]
 
 
 def test_delta_validates_shapes() -> None:

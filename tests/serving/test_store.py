@@ -173,10 +173,15 @@ def test_popular_status_and_workers(store: VectorStore, writer: StoreWriter) -> 
     writer.put_status(model_version=8)
     assert store.get_status() == {"model_version": 8, "items_published_at": 1234.5, "note": "ok"}
     store.set_worker_version("w1", 8, ttl_s=0.3)
-    store.set_worker_version("w2", 7, ttl_s=30)
+    store.set_worker_version("w2", 7, ttl_s=30, item_version=5)  # a shared-rows version
     assert store.worker_versions() == {"w1": 8, "w2": 7}
+    assert store.worker_item_versions() == {"w1": 8, "w2": 5}  # none given: the version
     time.sleep(0.5)
     assert store.worker_versions() == {"w2": 7}  # w1 stopped refreshing: gone
+    assert store.worker_item_versions() == {"w2": 5}
+    store.redis.set(store.keys.worker("old"), 4)  # a worker of before the item version
+    store.redis.sadd(store.keys.workers(), "old")
+    assert store.worker_item_versions() == {"w2": 5}  # unknown: left out, not guessed
 
 
 def test_rejects_a_decoding_client(settings: Settings) -> None:

@@ -248,7 +248,10 @@ def test_not_ready_before_any_snapshot_then_serves_once_published(
             later = client.request({"type": "u2i", "user_id": "u1", "k": 5}, timeout=20)
             assert later.error is None and len(later.items) == 5
             assert later.model_version == publisher.version
+            assert later.item_version == publisher.versions.item_version
             assert store.worker_versions() == {"test-worker": publisher.version}
+            assert store.worker_item_versions() == {
+                "test-worker": publisher.versions.item_version}
     finally:
         running.close()
 

@@ -380,6 +380,7 @@ def test_shared_rows_versions_move_inactive_users_and_leave_the_items_to_the_nex
     assert follower.refresh()
     inactive = [f"u{k}" for k in range(10, 200)]
     items = model.known_items()
+    published = first
     for step in range(3):
         shipped = shipped_of(follower, items)
         learn(model, rng, 10, 300)  # u0..u9 active: the segment rows of everyone move
@@ -387,6 +388,8 @@ def test_shared_rows_versions_move_inactive_users_and_leave_the_items_to_the_nex
         shared = pub.publish_shared(now=2.0 + step)
         assert shared is not None and shared.rows == 0 and shared.shared_rows > 0
         assert not shared.full and follower.refresh() and follower.version == shared.version
+        # the version contract: its items are the last item version's, and it says so
+        assert follower.current().item_version == published.version == pub.item_version
         check_users(follower, reader, model, inactive)
         # the items stay as the last item version shipped them
         np.testing.assert_array_equal(shipped_of(follower, items), shipped)
@@ -396,10 +399,42 @@ def test_shared_rows_versions_move_inactive_users_and_leave_the_items_to_the_nex
         assert published.shared_rows == 0  # shipped by the shared-rows version already
         pub.publish_users([f"u{k}" for k in range(10)])
         assert follower.refresh()
+        assert follower.current().item_version == published.version == follower.version
         check_exact(follower, reader, model, pub)
     late = IndexFollower(reader)  # full v1 + item deltas + shared-rows deltas
     assert late.refresh()
     check_exact(late, reader, model, pub)
+    learn(model, rng, 10, 300)
+    shared = pub.publish_shared(now=9.0)
+    assert shared is not None
+    later = IndexFollower(reader)  # ...ending at a shared-rows version: its item version
+    assert later.refresh() and later.version == shared.version
+    assert later.current().item_version == published.version < shared.version
+
+
+def test_an_item_version_always_follows_a_shared_rows_version(stores) -> None:
+    """A client waiting for ``item_version >= stamp`` (the version contract) must see one come:
+    after a shared-rows version the next :meth:`publish_items` makes an item version even when
+    no item changed (only records were stamped); then nothing is owed."""
+    writer, reader = stores
+    model = new_model()
+    learn(model, np.random.default_rng(16), 200, 300)
+    pub = VersionedPublisher(writer, model)
+    first = pub.publish_items(now=1.0)
+    assert first is not None and pub.item_version == first.version
+    assert pub.publish_users(["u1"], ahead=True) == []
+    owed = pub.publish_shared(now=2.0)  # only the record's stamp: no row changed
+    assert owed is not None and owed.shared_rows == 0 and pub.item_version == first.version
+    follower = IndexFollower(reader)
+    assert follower.refresh() and follower.version == owed.version
+    assert follower.current().item_version == first.version
+    stamp = int(reader.get_user_vectors(["u1"]).versions[0])
+    assert stamp == owed.version
+    items = pub.publish_items(now=2.5)
+    assert items is not None and items.rows == 0 and pub.item_version == items.version > stamp
+    assert follower.refresh() and follower.current().item_version == items.version
+    assert pub.publish_items(now=3.0) is None  # nothing changed, nothing owed
+    assert reader.get_status()["item_version"] == items.version
 
 
 def test_a_shared_rows_version_carries_records_written_ahead_and_new_keys(stores) -> None:

@@ -62,6 +62,7 @@ def test_shared_rows_versions_come_between_item_versions(
     assert shared.rows == 0 and shared.shared_rows >= 1 and not shared.full
     assert follower.refresh()
     state = follower.current()
+    assert state.item_version == first < state.version  # its items: the last item version's
     got = reader.get_user_vectors(inactive + ["u0", "u1"], shared=state.users)
     np.testing.assert_allclose(got.vectors, model.user_vectors(inactive + ["u0", "u1"]),
                                rtol=3e-5, atol=3e-5)
@@ -70,9 +71,29 @@ def test_shared_rows_versions_come_between_item_versions(
     learn(model, pub, ["u3"])
     pub.tick(100.5)  # the item version (it carries the shared rows too)
     assert pub.version == first + 2 and pub.versions.last.rows > 0
+    assert pub.versions.item_version == pub.version
+    assert follower.refresh() and follower.current().item_version == first + 2
     assert pub.times.shared == 100.5
     pub.tick(100.55)  # shared cadence counts from the item version
     assert pub.version == first + 2
+
+
+def test_the_item_version_owed_after_a_shared_rows_version_comes_at_the_item_cadence(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A shared-rows version made for records alone (nothing for the items left to ship):
+    the next item cadence still makes an item version (clients wait for item_version)."""
+    model, pub, reader = setup(redis_client, settings, 0.1)
+    first = pub.version
+    pub.profiles_changed(["u5"])  # a record to write, no row changed
+    pub._items_dirty = False  # only the record is due (e.g. a user whose id row expired)
+    pub.tick(100.2)  # the record, stamped ahead: the shared-rows version gives its stamp
+    assert pub.version == first + 1 and pub.versions.item_version == first
+    assert int(reader.get_user_vectors(["u5"]).versions[0]) == first + 1
+    pub.tick(100.6)
+    assert pub.version == first + 2 and pub.versions.item_version == first + 2
+    pub.tick(101.2)
+    assert pub.version == first + 2  # nothing owed any more
 
 
 def test_no_shared_rows_versions_when_the_cadence_is_zero(
