@@ -10,11 +10,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import redis
+from pydantic import SecretStr
 
 from fmstream.settings import Settings
 from serving.deltas import DeltaLog
 from serving.follow import IndexFollower, VersionNotices
 from serving.store import VectorStore
+from stream.connect import redis_client as connect_redis
 from tests.kafka_helpers import wait_for
 from tests.serving.test_deltas import evolve
 from tests.train.test_deltas_publish import learn, new_model
@@ -100,9 +102,10 @@ def test_without_a_notice_the_poll_moves_the_follower(
         thread.join(10)
 
 
-def test_notices_down_fall_back_to_sleeping_the_poll() -> None:
+def test_notices_down_fall_back_to_sleeping_the_poll(settings: Settings) -> None:
     """Redis away: each wait fails, sleeps (never spins) and says no notice came."""
-    client = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens on port 1
+    away = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})  # nothing there
+    client = connect_redis(away.redis_config(), socket_connect_timeout=0.2)
     notices = VersionNotices(client, "fm:items:notice")
     stop = threading.Event()
     assert notices.wait(stop, 0.05) is False and notices.wait(stop, 0.05) is False
@@ -149,9 +152,8 @@ def denied(redis_client: redis.Redis, settings: Settings) -> Iterator[redis.Redi
     name = f"fresh-nochannels-{threading.get_ident()}"
     redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", ">pw", "~*",
                                  "resetchannels", "+@all")
-    kw = redis_client.connection_pool.connection_kwargs
-    client = redis.Redis(host=kw.get("host", "127.0.0.1"), port=kw["port"], username=name,
-                         password="pw", socket_timeout=10)
+    user = settings.model_copy(update={"redis_username": name, "redis_password": SecretStr("pw")})
+    client = connect_redis(user.redis_config(), socket_timeout=10)
     yield client
     client.close()
     redis_client.execute_command("ACL", "DELUSER", name)
