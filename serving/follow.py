@@ -470,7 +470,7 @@ class IndexFollower:
         self.poll_s = poll_s
         self.log = DeltaLog(store.redis, store.key)
         self.notices = (
-            VersionNotices(store.redis, store.key("items", "notice")) if notices else None
+            VersionNotices(store.redis, store.keys.items_notice()) if notices else None
         )
         self.on_change = on_change
         self._cond = threading.Condition()

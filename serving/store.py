@@ -389,12 +389,14 @@ class VectorStore:
         pipe.sadd(self.keys.workers(), worker_id)
         pipe.execute()
 
-    def worker_versions(self) -> dict[str, int]:
-        """Live workers and the item version each serves (expired workers are forgotten)."""
+    def _worker_values(self, key_of: Callable[[str], str]) -> tuple[list[str], list]:
+        """The listed workers and the value of ``key_of(worker)`` for each (None: expired)."""
         ids = sorted(m.decode() for m in self.redis.smembers(self.keys.workers()))
-        if not ids:
-            return {}
-        values = self.redis.mget([self.keys.worker(w) for w in ids])
+        return ids, (self.redis.mget([key_of(w) for w in ids]) if ids else [])
+
+    def worker_versions(self) -> dict[str, int]:
+        """Live workers and the version each serves (expired workers are forgotten)."""
+        ids, values = self._worker_values(self.keys.worker)
         dead = [w for w, val in zip(ids, values, strict=True) if val is None]
         if dead:
             self.redis.srem(self.keys.workers(), *dead)
@@ -405,10 +407,7 @@ class VectorStore:
         contract: a worker whose item version is >= the stamp of an event's user record
         answers from a model that learned everything before that event). A worker that
         reported no item version (older code) is left out."""
-        ids = sorted(m.decode() for m in self.redis.smembers(self.keys.workers()))
-        if not ids:
-            return {}
-        values = self.redis.mget([self.keys.worker_items(w) for w in ids])
+        ids, values = self._worker_values(self.keys.worker_items)
         return {w: int(val) for w, val in zip(ids, values, strict=True) if val is not None}
 
 

@@ -201,6 +201,7 @@ class VersionedPublisher:
         self._items_owed = False
         self._owed = False  # records were stamped with the next version: it must come
         self._notices = True  # announce versions on items:notice (off once Redis denies it)
+        self._notice_channel = store.keys.items_notice()
         self._need_full = True
         self._no_base = True  # nothing of ours in Redis yet: the first version is full only
         self._full_at = 0.0
@@ -336,8 +337,7 @@ class VersionedPublisher:
             extra["context"] = context
         if shared is not None:
             extra[USER_ROWS] = shared[0]
-        if not (full or force or self._owed or self._items_owed or rows.size or extra
-                or bias != self._bias):
+        if not (full or force or self.owes or rows.size or extra or bias != self._bias):
             return None
         v = self.version + 1
         delta = ItemDelta(
@@ -422,8 +422,7 @@ class VersionedPublisher:
             extra[USER_ROWS] = shared[0]
         if item_rows is not None:
             extra[ITEM_ROWS] = encode_rows(*item_rows)
-        if not (full or force or self._owed or self._items_owed or cand.size or extra
-                or bias != self._bias):
+        if not (full or force or self.owes or cand.size or extra or bias != self._bias):
             return None
         extra[ITEM_KEYS] = encode_item_keys(skeys, sweights)
         v = self.version + 1
@@ -632,12 +631,12 @@ class VersionedPublisher:
         if not self._notices:
             return
         try:
-            self.store.redis.publish(self.key("items", "notice"), str(v))
+            self.store.redis.publish(self._notice_channel, str(v))
         except redis.ResponseError as exc:  # NOPERM: denied by an ACL (not a lost connection)
             self._notices = False
             log.warning("version notices off (%s): workers find versions by their poll; grant "
                         "the Redis user the channel %s (README 'Security')", exc,
-                        self.key("items", "notice"))
+                        self._notice_channel)
 
     def _shared_changes(self, changed: np.ndarray, full: bool) -> tuple[bytes, int] | None:
         """The shared user rows to ship: new keys, rows written, keys now reading another row.

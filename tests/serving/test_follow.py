@@ -6,9 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-import redis
 
-from fmstream.settings import Settings
 from serving.deltas import DeltaLog, ItemDelta, encode_delta
 from serving.follow import IndexFollower
 from serving.graph import GraphKeeper
@@ -20,16 +18,6 @@ from train.store_writer import StoreWriter
 pytestmark = pytest.mark.integration
 
 DIM = 6
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis, settings: Settings) -> VectorStore:
-    return VectorStore(redis_client, settings.redis_keys())
-
-
-@pytest.fixture
-def writer(redis_client: redis.Redis, settings: Settings) -> StoreWriter:
-    return StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
 
 
 def same(follower: IndexFollower, full: ItemSnapshot) -> None:

@@ -28,16 +28,6 @@ pytestmark = pytest.mark.integration
 FOREVER_S = 3600.0  # a poll that never comes within a test: only a notice can wake the follower
 
 
-@pytest.fixture
-def store(redis_client: redis.Redis, settings: Settings) -> VectorStore:
-    return VectorStore(redis_client, settings.redis_keys())
-
-
-@pytest.fixture
-def writer(redis_client: redis.Redis, settings: Settings) -> StoreWriter:
-    return StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
-
-
 def subscribers(store: VectorStore) -> int:
     ((_, n),) = store.redis.pubsub_numsub(store.key("items", "notice"))
     return int(n)

@@ -18,16 +18,6 @@ from stream.connect import redis_client
 from train.store_writer import StoreWriter
 
 
-@pytest.fixture
-def store(redis_client: redis.Redis, settings: Settings) -> VectorStore:
-    return VectorStore(redis_client, settings.redis_keys())
-
-
-@pytest.fixture
-def writer(redis_client: redis.Redis, settings: Settings) -> StoreWriter:
-    return StoreWriter(redis_client, settings.redis_keys(), settings.keep_versions)
-
-
 def snapshot(version: int, n: int = 50, dim: int = 6, seed: int = 0) -> ItemSnapshot:
     rng = np.random.default_rng(seed)
     return ItemSnapshot(
