@@ -172,7 +172,8 @@ class Settings(BaseSettings):
     )
     kafka_fast_records: bool = Field(
         True, description="trainer parses fetched v2 record batches with stream/record_parse.py "
-        "(same records as kafka-python's parser, ~2x less CPU); false: kafka-python's own"
+        "(same records as kafka-python's parser, ~2x less CPU); false: kafka-python's record "
+        "reader (either way an unreadable batch is dead-lettered, never retried forever)"
     )
     checkpoint_dir: Path = Field(Path(".fmstream/checkpoints"))
     checkpoint_every_events: int = Field(50_000, ge=1)
@@ -404,6 +405,7 @@ class Settings(BaseSettings):
             reply_prefixes=tuple(
                 p.strip() for p in self.reply_topic_prefixes.split(",") if p.strip()
             ),
+            input_topics=(self.topic_events, self.topic_users, self.topic_items),
             max_message_bytes=self.max_message_bytes,
             max_k=self.max_k,
             session_timeout_ms=self.worker_session_timeout_ms,

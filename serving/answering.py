@@ -176,8 +176,8 @@ def check_reply_to(topic: str, config: ServingConfig) -> str:
     """``topic`` if a reply may go there, else raise :class:`InvalidRequest` saying why.
 
     Allowed: a legal Kafka topic name (``[a-zA-Z0-9._-]``, 1 to 249 characters, not ``.`` or
-    ``..``), not internal (``__*``), and either the response topic or a name starting with one
-    of ``config.reply_prefixes``.
+    ``..``), not internal (``__*``), not the request, dead-letter or an input topic, and either
+    the response topic or a name starting with one of ``config.reply_prefixes``.
     """
     if not isinstance(topic, str) or not TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
         raise InvalidRequest(
@@ -186,6 +186,11 @@ def check_reply_to(topic: str, config: ServingConfig) -> str:
         )
     if topic.startswith("__"):
         raise InvalidRequest(f"reply_to may not be an internal topic, got {topic!r}")
+    if topic in (config.topic_requests, config.topic_dlq, *config.input_topics):
+        # whatever the prefixes allow: an answer written into an input topic is read as input
+        # (a request answered again, a garbage profile kept for good on a compacted topic)
+        raise InvalidRequest(f"reply_to may not be one of fmstream's own input or dead-letter "
+                             f"topics, got {topic!r}")
     if topic != config.topic_responses and not any(
         p and topic.startswith(p) for p in config.reply_prefixes
     ):

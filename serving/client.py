@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from serving.config import ClientConfig
 from serving.errors import ClientClosed, ClientError, ClientTimeout
 from stream.connect import kafka_consumer, kafka_producer
+from stream.record_parse import use_fast_records
 from stream.schemas import DecodeError, Request, Response, dumps, loads_object
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class FmClient:
             fetch_min_bytes=1,
             client_id="fmstream-client",
         )
+        # a record kafka-python cannot read on the reply topic (a binary header key, a codec
+        # it lacks) is skipped, not a reply thread stuck in poll() for good
+        use_fast_records(self._consumer)
         try:
             self._assign_at_end(connect_timeout)
             self._producer = kafka_producer(

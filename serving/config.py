@@ -21,6 +21,8 @@ class ServingConfig:
         group: the serving consumer group.
         reply_prefixes: a ``reply_to`` other than ``topic_responses`` must start with one of
             these (empty: only ``topic_responses`` is allowed).
+        input_topics: the system's other topics (events, profiles); like ``topic_requests``
+            and ``topic_dlq``, never a ``reply_to``, whatever the prefixes allow.
         max_message_bytes: larger requests are refused (an error reply when their request id
             can be read, else a dead letter).
         max_k: largest ``k`` a request may ask for.
@@ -35,6 +37,7 @@ class ServingConfig:
     topic_dlq: str = "fm.dlq"
     group: str = "fmstream-serving"
     reply_prefixes: tuple[str, ...] = ("fm.replies.",)
+    input_topics: tuple[str, ...] = ("fm.events", "fm.users", "fm.items")
     max_message_bytes: int = 65536
     max_k: int = 1000
     session_timeout_ms: int = 10_000

@@ -51,13 +51,14 @@ from serving.answering import (
     decode_request,
 )
 from serving.config import ServingConfig
-from serving.errors import InternalError, ServingError
+from serving.errors import InternalError, InvalidRequest, ServingError
 from serving.follow import IndexFollower as DeltaFollower
 from serving.graph import GraphKeeper
 from serving.index import configure_faiss
 from serving.timing import BatchTimes, PathLog, thread_clock
 from stream.consume import dead_letter_for, dead_letter_key, flatten
-from stream.schemas import dumps
+from stream.record_parse import unreadable_reason, use_fast_records
+from stream.schemas import UnreadableBatch, dumps
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,47 @@ class _RetryLater(Exception):
     """Nothing could be sent for a record now (the broker away): answer its batch again."""
 
 
+REPLY_TOPICS_REFRESH_S = 1.0
+"""At most this often the worker lists the broker's topics to look up a ``reply_to`` it has not
+seen (one metadata request, ~ms)."""
+
+
+class ReplyTopics:
+    """Which ``reply_to`` topics exist, so that a reply never waits on a missing one.
+
+    kafka-python's ``send`` to a topic the broker does not have (auto-creation off, a name that
+    collides with another, no Describe right) blocks for ``max_block_ms`` (5 s) and fails: every
+    such request stalled the whole worker for 5 s (a flood of them, minutes). Here a topic
+    not seen before costs one listing of the broker's topics, at most one per
+    :data:`REPLY_TOPICS_REFRESH_S`; a topic still missing after it is reported at once. A
+    listing that fails says nothing (the send decides, as before).
+    """
+
+    def __init__(self, consumer: KafkaConsumer, refresh_s: float = REPLY_TOPICS_REFRESH_S,
+                 clock=time.monotonic) -> None:
+        self.consumer = consumer
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self.known: set[str] = set()
+        self.listed_at = -float("inf")
+
+    def missing(self, topics: set[str]) -> set[str]:
+        """The topics of ``topics`` the broker does not list (empty if it cannot be asked)."""
+        unknown = topics - self.known
+        if not unknown:
+            return set()
+        now = self.clock()
+        if now - self.listed_at >= self.refresh_s:
+            self.listed_at = now
+            try:
+                self.known = set(self.consumer.topics())
+            except KafkaError as exc:
+                log.warning("could not list the broker's topics (%r); sending as is", exc)
+                return set()
+            unknown = topics - self.known
+        return unknown
+
+
 class _Replies:
     """Sends replies and dead letters, tracks them until acknowledged, commits what they cover."""
 
@@ -235,6 +277,7 @@ class _Replies:
         self.owned: set[TopicPartition] = set()  # the assignment as last seen
         self.fresh: set[TopicPartition] = set()  # assigned, not yet anchored
         self.lost = False  # a commit said this consumer is not the owner any more
+        self.reply_topics = ReplyTopics(consumer)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -269,6 +312,20 @@ class _Replies:
         return self.dead_letter(record, "reply", first, f"reply to {p.reply_to!r} failed: "
                                                         f"{first!r}")
 
+    def _refuse_missing_reply_topics(self, outcomes: list[Pending | Rejected]) -> None:
+        """Answer ``invalid_request`` on the response topic to requests whose ``reply_to``
+        the broker does not have (instead of a 5-s wait per request and a dead letter)."""
+        default = self.worker.config.topic_responses
+        wanted = {o.reply_to for o in outcomes if isinstance(o, Pending) and o.reply_to != default}
+        missing = self.reply_topics.missing(wanted) if wanted else set()
+        for o in outcomes:
+            if isinstance(o, Pending) and o.reply_to in missing:
+                o.reply_to = default
+                o.fail(InvalidRequest(
+                    f"reply_to {o.request.reply_to!r} is not a topic of the broker; create it "
+                    f"first (workers never create reply topics), or leave reply_to out"))
+                o.item_version = None
+
     def send(self, records: Sequence[ConsumerRecord], outcomes: list[Pending | Rejected],
              started: float) -> None:
         """Send one batch's replies and dead letters (``outcomes`` aligned with ``records``)."""
@@ -279,6 +336,7 @@ class _Replies:
             tp = TopicPartition(r.topic, r.partition)
             first.setdefault(tp, r.offset)
             upto[tp] = r.offset + 1
+        self._refuse_missing_reply_topics(outcomes)
         try:
             for record, outcome in zip(records, outcomes, strict=True):
                 if isinstance(outcome, Rejected):
@@ -546,10 +604,12 @@ class _Handover(AsyncConsumerRebalanceListener):
         return None  # not the owner any more: nothing may be committed
 
 
-def _decode(value: bytes | None, config: ServingConfig) -> Pending | Rejected:
+def _decode(record: ConsumerRecord, config: ServingConfig) -> Pending | Rejected:
     """:func:`decode_request`, and a dead letter if it fails unexpectedly (never raises)."""
+    if record.value is None and (why := unreadable_reason(record)) is not None:
+        return Rejected("decode", UnreadableBatch(why), why)  # a batch Kafka's client can't read
     try:
-        return decode_request(value, config)
+        return decode_request(record.value, config)
     except Exception as exc:  # noqa: BLE001 - one odd message never stops the loop
         log.exception("decoding a request failed")
         return Rejected("decode", exc, f"request could not be decoded: {exc!r}")
@@ -684,6 +744,9 @@ class Worker:
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
             max_poll_interval_ms=REBALANCE_TIMEOUT_MS,
         )
+        # a batch kafka-python cannot read (a codec it lacks, a binary header key) becomes one
+        # dead letter; with kafka-python's own parser it hung poll() for good
+        use_fast_records(consumer)
         replies = _Replies(self, consumer, producer)
         self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
         try:
@@ -750,7 +813,7 @@ class Worker:
     def handle(self, records: Sequence[ConsumerRecord]) -> list[Pending | Rejected]:
         """Decode and answer a batch of request records: one outcome per record, in order."""
         started = time.perf_counter()
-        outcomes = [_decode(r.value, self.config) for r in records]
+        outcomes = [_decode(r, self.config) for r in records]
         self._decode_s = time.perf_counter() - started
         pendings = [o for o in outcomes if isinstance(o, Pending)]
         with self.index.pinned() as state:  # the whole batch uses one version

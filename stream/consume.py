@@ -22,12 +22,14 @@ from pydantic import ValidationError
 
 from stream.config import KafkaConfig
 from stream.connect import kafka_consumer, kafka_producer
+from stream.record_parse import unreadable_reason
 from stream.schemas import (
     DeadLetter,
     DecodeError,
     Event,
     EventColumns,
     MessageInvalid,
+    UnreadableBatch,
     describe_validation_error,
     dumps,
     loads_object,
@@ -64,6 +66,9 @@ def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> Kafk
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,
+        # A transactional producer's aborted records are not messages: never learn or answer
+        # them (kafka-python's default, read_uncommitted, hands them over like any other).
+        isolation_level="read_committed",
     )
     config.update(overrides)
     return kafka_consumer(kafka, **config)
@@ -81,6 +86,15 @@ DEAD_LETTER_VALUE_BYTES = 64 << 10
 DEAD_LETTER_KEY_BYTES = 1024
 """Original key bytes kept (in the letter and as the letter's own Kafka key)."""
 DEAD_LETTER_REASON_CHARS = 2000
+
+
+def null_value_error(record: ConsumerRecord) -> DecodeError:
+    """Why a record with a null value cannot be used: a tombstone, or a batch the client could
+    not read (:mod:`stream.record_parse`)."""
+    reason = unreadable_reason(record)
+    if reason is not None:
+        return UnreadableBatch(reason)
+    return DecodeError("empty message (null value)")
 
 
 def dead_letter_id(record: ConsumerRecord) -> str:
@@ -164,6 +178,8 @@ def decode_records(
             )
             continue
         try:
+            if record.value is None:
+                raise null_value_error(record)
             obj = loads_object(record.value)
         except DecodeError as exc:
             dead_letters.send(record, "decode", exc, str(exc))
@@ -198,7 +214,7 @@ def decode_events(
             continue
         try:
             if value is None:
-                raise DecodeError("empty message (null value)")
+                raise null_value_error(record)
             try:
                 obj = loads(value)
             except json_error as exc:
@@ -247,7 +263,9 @@ def decode_event_columns(
                                 f"{max_bytes} bytes"))
                 continue
             try:
-                objs.append(loads_object(value) if value is None else orjson.loads(value))
+                if value is None:
+                    raise null_value_error(records[j])
+                objs.append(orjson.loads(value))
             except DecodeError as exc:
                 letters.append((j, "decode", exc, str(exc)))
                 continue

@@ -628,6 +628,11 @@ class DecodeError(ValueError):
     """The bytes are not a JSON object (stage ``decode``)."""
 
 
+class UnreadableBatch(DecodeError):
+    """A record batch the Kafka client could not read (a codec it lacks, a corrupt payload);
+    stands for all of the batch's records that were not read (stage ``decode``)."""
+
+
 def dumps(message: BaseModel | Event | dict[str, Any]) -> bytes:
     """Encode a message (or a plain dict) as compact UTF-8 JSON."""
     if isinstance(message, BaseModel):

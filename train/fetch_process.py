@@ -379,8 +379,7 @@ class _Child:
             spec.kafka, spec.group, max_poll_records=spec.max_poll_records,
             check_crcs=spec.check_crcs, reconnect_backoff_max_ms=spec.reconnect_backoff_max_ms,
         )
-        if spec.fast_records:
-            use_fast_records(self.consumer)
+        use_fast_records(self.consumer, inline=spec.fast_records)
         self.producer = make_producer(spec.kafka)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
         self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,

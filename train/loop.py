@@ -281,8 +281,7 @@ class Trainer:
                 check_crcs=config.check_crcs,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             )
-            if config.fast_records:
-                use_fast_records(self.consumer)
+            use_fast_records(self.consumer, inline=config.fast_records)
             self.refresh_assignment()
             self.fetcher = Fetcher(
                 self.consumer,

@@ -247,6 +247,19 @@ def test_the_allow_list_follows_the_config() -> None:
         check_reply_to("fm.responses", custom)
 
 
+def test_no_prefix_opens_fmstreams_own_topics_to_replies() -> None:
+    broad = ServingConfig(reply_prefixes=("fm.", ""))  # an operator's broad prefix
+    for topic in ("fm.requests", "fm.dlq", "fm.events", "fm.users", "fm.items"):
+        with pytest.raises(InvalidRequest, match="own input or dead-letter topics"):
+            check_reply_to(topic, broad)
+    assert check_reply_to("fm.replies.x", broad) == "fm.replies.x"
+    assert check_reply_to("fm.responses", broad) == "fm.responses"
+    renamed = ServingConfig(reply_prefixes=("a.",), input_topics=("a.clicks",))
+    with pytest.raises(InvalidRequest, match="own input"):
+        check_reply_to("a.clicks", renamed)
+    assert check_reply_to("fm.events", ServingConfig(reply_prefixes=("fm.",), input_topics=()))
+
+
 def test_oversized_requests_get_an_error_reply_when_their_id_can_be_read() -> None:
     big = {"request_id": "big-1", "type": "u2i", "user_id": "u",
            "exclude_item_ids": [f"item-{j}" for j in range(2000)], "reply_to": "fm.replies.c"}

@@ -37,7 +37,7 @@ from serving.config import ServingConfig
 from serving.errors import ClientTimeout
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
-from serving.worker import Membership, Worker, _Replies
+from serving.worker import Membership, ReplyTopics, Worker, _Replies
 from tests.kafka_helpers import KafkaIO, consume_all, wait_for
 from train.store_writer import StoreWriter
 
@@ -317,3 +317,40 @@ def test_a_broker_away_at_send_time_answers_the_batch_again() -> None:
                              value=b"{}", timestamp=1)
     replies.send([record], [decode_request(record.value, worker.config)], 0.0)
     assert consumer.seeks == [(TopicPartition("fm.requests", 0), 7)] and not replies.sent
+
+
+# --- reply topics: a missing one is found without waiting on it -----------------------------
+
+
+class ListingConsumer:
+    """Stand-in for the one consumer call ``ReplyTopics`` makes (``topics()``)."""
+
+    def __init__(self, topics: set[str]) -> None:
+        self.existing = set(topics)
+        self.calls = 0
+        self.fail = False
+
+    def topics(self) -> set[str]:
+        self.calls += 1
+        if self.fail:
+            raise KafkaTimeoutError("broker away")
+        return set(self.existing)
+
+
+def test_reply_topics_lists_the_broker_at_most_once_per_interval() -> None:
+    now = [0.0]
+    consumer = ListingConsumer({"fm.responses", "fm.replies.a"})
+    topics = ReplyTopics(consumer, refresh_s=1.0, clock=lambda: now[0])
+    assert topics.missing({"fm.replies.a"}) == set() and consumer.calls == 1
+    assert topics.missing({"fm.replies.a"}) == set() and consumer.calls == 1  # known: no call
+    # a flood of missing names within the interval: no listing, no wait, all missing
+    assert topics.missing({f"fm.replies.x{n}" for n in range(100)}) == {
+        f"fm.replies.x{n}" for n in range(100)}
+    assert consumer.calls == 1
+    consumer.existing.add("fm.replies.new")
+    now[0] = 1.5  # the next interval: a new name is looked up again and found
+    assert topics.missing({"fm.replies.new", "fm.replies.gone"}) == {"fm.replies.gone"}
+    assert consumer.calls == 2
+    consumer.fail = True  # a listing that fails says nothing: send as before
+    now[0] = 3.0
+    assert topics.missing({"fm.replies.other"}) == set() and consumer.calls == 3

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from kafka import TopicPartition
+from kafka import codec as kafka_codec
 from kafka import errors as Errors
 from kafka.consumer.fetcher import Fetcher
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
@@ -19,7 +20,12 @@ from kafka.record.util import calc_crc32c
 
 from fmstream.settings import Settings
 from stream.connect import kafka_consumer
-from stream.record_parse import FastPartitionRecords, use_fast_records
+from stream.record_parse import (
+    FastPartitionRecords,
+    PlainPartitionRecords,
+    unreadable_reason,
+    use_fast_records,
+)
 from tests.kafka_helpers import KafkaIO, wait_for
 
 TP = TopicPartition("t", 3)
@@ -123,26 +129,132 @@ def test_legacy_batches_take_kafka_pythons_records() -> None:
     assert [r.value for r in got] == [b"v%d" % j for j in range(20)]
 
 
-def test_a_corrupt_batch_fails_as_kafka_pythons_does() -> None:
+def test_a_crc_failure_raises_as_kafka_pythons_does_and_is_refetched_not_spun() -> None:
     data = bytearray(_v2_batch([(j, 1_700_000_000_000, b"k", b"value", []) for j in range(5)]))
     data[-3] ^= 0xFF  # inside the last record's value: only the batch CRC can tell
-    for cls in (FastPartitionRecords, Fetcher.PartitionRecords):
+    for cls in (FastPartitionRecords, PlainPartitionRecords, Fetcher.PartitionRecords):
         with pytest.raises(Errors.CorruptRecordError, match="failed crc check"):
             _parse(cls, bytes(data))
-    # without the CRC check: a record whose length field lies, then trailing garbage
+    # kafka-python keeps its exhausted iterator after the error: the fetcher asks it again and
+    # again for ever (poll() hung at 100% CPU); ours is drained, so the fetcher refetches
+    theirs = Fetcher.PartitionRecords(0, TP, MemoryRecords(bytes(data)), check_crcs=True)
+    with pytest.raises(Errors.CorruptRecordError):
+        theirs.take(10)
+    assert theirs and theirs.take(10) == []  # still "has records", yields none: the spin
+    ours = FastPartitionRecords(0, TP, MemoryRecords(bytes(data)), check_crcs=True)
+    with pytest.raises(Errors.CorruptRecordError):
+        ours.take(10)
+    assert not ours
+
+
+def _unreadable(records: list) -> list[str]:
+    return [unreadable_reason(r) for r in records if unreadable_reason(r) is not None]
+
+
+@pytest.mark.parametrize("cls", [FastPartitionRecords, PlainPartitionRecords])
+def test_a_batch_whose_structure_lies_is_one_unreadable_record_after_the_good_ones(cls) -> None:
     header = DefaultRecordBatch.HEADER_STRUCT.size
-    bad_length = bytearray(_v2_batch([(0, 1_700_000_000_000, b"k", b"value", [])]))
+    bad_length = bytearray(_v2_batch([(0, 1_700_000_000_000, b"k", b"value", [])],
+                                     base_offset=40))
     bad_length[header] += 2  # length varint (single byte, zigzag): one more than written
-    extra = _v2_batch([(0, 1_700_000_000_000, b"k", b"value", [])])
-    for cls in (FastPartitionRecords, Fetcher.PartitionRecords):
+    good = _v2_batch([(j, 1_700_000_000_000, b"k", b"v%d" % j, []) for j in range(3)],
+                     base_offset=41)
+    for fetch_cls in (Fetcher.PartitionRecords,):  # kafka-python gives up on the partition
         with pytest.raises(Errors.CorruptRecordError, match="Invalid record size|invalid record"):
-            _parse(cls, bytes(bad_length), check_crcs=False)
+            _parse(fetch_cls, bytes(bad_length) + good, check_crcs=False, fetch_offset=40)
+    got, nexts = _parse(cls, bytes(bad_length) + good, check_crcs=False, fetch_offset=40)
+    assert [r.offset for r in got] == [40, 41, 42, 43] and nexts[-1] == 44
+    assert got[0].key is None and got[0].value is None
+    (why,) = _unreadable(got)
+    assert "offsets 40-40 of t/3" in why and ("record size" in why or "invalid" in why)
+    assert [r.value for r in got[1:]] == [b"v0", b"v1", b"v2"]
+    # a batch that claims bytes after its last record: the records are read, the rest ignored
+    extra = _v2_batch([(0, 1_700_000_000_000, b"k", b"value", [])])
     truncated = bytearray(extra)
     struct.pack_into(">i", truncated, 8, len(extra) - 12 + 5)  # batch claims 5 more bytes...
     truncated += b"\x00" * 5  # ...that are not records
-    for cls in (FastPartitionRecords, Fetcher.PartitionRecords):
-        with pytest.raises(Errors.CorruptRecordError, match="unconsumed bytes"):
-            _parse(cls, bytes(truncated), check_crcs=False)
+    got, _ = _parse(FastPartitionRecords, bytes(truncated), check_crcs=False)
+    assert [(r.offset, r.value) for r in got] == [(0, b"value")]
+
+
+def _with_codec(data: bytes, codec: int) -> bytes:
+    """``data`` (one batch) relabelled as compressed with ``codec``, CRC made right again."""
+    out = bytearray(data)
+    attrs_at = DefaultRecordBatch.ATTRIBUTES_OFFSET
+    attrs = (struct.unpack_from(">h", out, attrs_at)[0] & ~0x07) | codec
+    struct.pack_into(">h", out, attrs_at, attrs)
+    struct.pack_into(">I", out, DefaultRecordBatch.CRC_OFFSET,
+                     calc_crc32c(memoryview(out)[attrs_at:]))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("cls", [FastPartitionRecords, PlainPartitionRecords])
+def test_a_batch_that_cannot_be_decompressed_is_one_unreadable_record(cls, monkeypatch) -> None:
+    values = [b"value %d " % j + b"x" * 300 for j in range(4)]  # compressible
+    records = [(j, 1_700_000_000_000 + j, b"k", v, []) for j, v in enumerate(values)]
+    after = _v2_batch([(0, 1_700_000_000_100, b"k", b"after", [])], base_offset=14)
+    # snappy without python-snappy (a deployment that lacks it), and an unknown codec id
+    snappy = _v2_batch(records, base_offset=10, compression=DefaultRecordBatch.CODEC_SNAPPY)
+    assert DefaultRecordBatch(snappy).compression_type == DefaultRecordBatch.CODEC_SNAPPY
+    monkeypatch.setattr(kafka_codec, "snappy", None)
+    with pytest.raises(Errors.UnsupportedCodecError):
+        _parse(Fetcher.PartitionRecords, snappy + after, fetch_offset=10)
+    for batch, want in ((snappy, "(snappy) could not be read: UnsupportedCodecError"),
+                        (_with_codec(_v2_batch(records, base_offset=10), 6),
+                         "(codec 6) could not be read: UnsupportedCodecError"),
+                        (_with_codec(_v2_batch(records, base_offset=10), 1),  # not gzip data
+                         "(gzip) could not be read:")):
+        got, nexts = _parse(cls, batch + after, fetch_offset=10)
+        assert [r.offset for r in got] == [13, 14] and nexts[-1] == 15
+        (why,) = _unreadable(got)
+        assert "offsets 10-13 of t/3" in why and want in why, why
+        assert got[1].value == b"after"
+    monkeypatch.undo()
+    got = _same_as_kafka_python(snappy + after, fetch_offset=10)
+    assert [r.value for r in got] == [*values, b"after"]
+
+
+def test_a_header_key_that_is_not_utf8_does_not_stop_the_partition() -> None:
+    records = [(0, 1_700_000_000_000, b"k", b"v0", [("\udcff\udcfe", b"binary key")]),
+               (1, 1_700_000_000_000, b"k", b"v1", [])]
+    builder_records = []
+    for offset_delta, ts, key, value, headers in records:
+        builder_records.append((offset_delta, ts, key, value, headers))
+    data = _v2_batch_raw_header_keys(builder_records)
+    with pytest.raises(Errors.CorruptRecordError):  # kafka-python's own parser
+        _parse(Fetcher.PartitionRecords, data)
+    got, _ = _parse(FastPartitionRecords, data)
+    assert [r.value for r in got] == [b"v0", b"v1"]
+    assert got[0].headers == [("\udcff\udcfe", b"binary key")]
+    assert got[0].headers[0][0].encode("utf-8", "surrogateescape") == b"\xff\xfe"
+    assert got[0].serialized_header_size == 2 + len(b"binary key")
+    got, _ = _parse(PlainPartitionRecords, data)  # kafka-python's reader: dead-lettered
+    assert [r.offset for r in got] == [1] and "UnicodeDecodeError" in _unreadable(got)[0]
+
+
+def _v2_batch_raw_header_keys(records: list[Record]) -> bytes:
+    """:func:`_v2_batch` whose header keys are written as the raw bytes ``surrogateescape``
+    names (kafka-python's builder would encode them as UTF-8 and refuse the surrogates)."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=0, is_transactional=0, producer_id=-1,
+        producer_epoch=-1, base_sequence=-1, batch_size=1 << 30,
+    )
+    marker = []
+    for offset_delta, ts, key, value, headers in records:
+        named = []
+        for n, (h_key, h_value) in enumerate(headers):
+            raw = h_key.encode("utf-8", "surrogateescape")
+            placeholder = ("\x01" * len(raw))  # same length in UTF-8, swapped below
+            marker.append((placeholder.encode(), raw))
+            named.append((placeholder if n == 0 else h_key, h_value))
+        builder.append(offset_delta, ts, key, value, named)
+    data = bytearray(builder.build())
+    for placeholder, raw in marker:
+        at = bytes(data).index(placeholder)
+        data[at:at + len(raw)] = raw
+    struct.pack_into(">I", data, DefaultRecordBatch.CRC_OFFSET,
+                     calc_crc32c(memoryview(data)[DefaultRecordBatch.ATTRIBUTES_OFFSET:]))
+    return bytes(data)
 
 
 _bytes_or_none = st.one_of(st.none(), st.binary(max_size=300))
