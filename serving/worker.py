@@ -693,8 +693,8 @@ class Worker:
         try:
             while not stop.is_set():
                 try:
-                    self.refresh()
-                    self._report()
+                    if not self.refresh():  # a swap reports itself: one write per version
+                        self._report()
                 except Exception:  # noqa: BLE001 - keep serving the old index, retry next tick
                     log.exception("index refresh failed; still serving the previous version")
                 if wait is not None:

@@ -672,18 +672,20 @@ class VersionedPublisher:
     # --- users -----------------------------------------------------------------------------
 
     def publish_users(
-        self, user_ids: Sequence[str], now: float | None = None, *, ahead: bool = False
+        self, user_ids: Sequence[str], now: float | None = None, *, ahead: bool = False,
+        known_only: bool = False,
     ) -> list[str]:
         """Write the records (own part + shared keys) of ``user_ids``.
 
         A record is stamped with the first version that carries every shared row it reads as
         of now: the current version, or (``ahead=True``: written before the next
-        :meth:`publish_items`) the next one. With ``ahead``, users reading a shared key no
-        version has shipped yet are not written but returned (write them after the next
-        version), so a worker never lacks a row a record names.
+        :meth:`publish_items`) the next one. With ``ahead`` or ``known_only`` (stamped with the
+        current version, written right after it), users reading a shared key no version has
+        shipped yet are not written but returned (write them after the next version), so a
+        worker never lacks a row a record names.
 
         Returns:
-            The users left for later (always empty without ``ahead``).
+            The users left for later (always empty without ``ahead`` or ``known_only``).
         """
         now = time.time() if now is None else now
         users = list(user_ids)
@@ -693,7 +695,7 @@ class VersionedPublisher:
             part = users[start : start + _USER_BATCH]
             with self._lock:
                 own, keys, weights = self.model.user_parts(part)
-            if ahead:
+            if ahead or known_only:
                 known = (keys == 0) | np.isin(keys, self._shared_keys)
                 ok = known.all(axis=1)
                 later += [u for u, good in zip(part, ok.tolist(), strict=True) if not good]

@@ -204,15 +204,37 @@ class Publisher:
                 return
         # users whose own id row expired now read the fallback row: their records change
         self._active.update(self.model.drain_expired_users())
+        users_due = self._active and now - self.times.users >= s.publish_active_s
+        # a version is owed: records are (or will be) stamped with it, or a shared-rows version
+        # came since the last item version (clients wait for item_version >= a record's stamp)
+        dirty = self._items_dirty or bool(self._active) or self.versions.owes
+        items_due = dirty and now - self.times.items >= s.publish_items_s
+        t0 = time.perf_counter()
+        if (not items_due and s.publish_shared_s > 0 and dirty
+                and now - self.times.shared >= s.publish_shared_s):
+            # A shared-rows version first (no catalogue scan: ~2 ms), then the records, stamped
+            # with it: the rows moving inactive users' vectors do not wait for the records'
+            # writes (bench/RESULTS.md 'tail', 12-01), and an active user's record is served
+            # as soon as it is written (stamped with a version already current).
+            self.times.shared = now
+            made = self.versions.publish_shared(now)
+            if made is None and users_due:  # nothing but the records to ship: stamped ahead,
+                self.publish_active_users(now, ahead=True)  # then the version they are owed
+                made = self.versions.publish_shared(now)
+            t1 = time.perf_counter()
+            self._spent["shared"] += t1 - t0
+            if made is not None:
+                self._shared_versions += 1
+                if self._active:  # those naming a key no version carries yet: the next tick
+                    self.publish_active_users(now, known_only=True)
+            self._spent["users"] += time.perf_counter() - t1
+            self._after_versions(now)
+            return
         # Users first (freshness: a click is not held up by a big item version), except those
         # naming a shared key no version carries yet: they go right after the next version.
-        users_due = self._active and now - self.times.users >= s.publish_active_s
-        t0 = time.perf_counter()
         if users_due:
             self.publish_active_users(now, ahead=True)
         t1 = time.perf_counter()
-        # a version is owed: records were stamped with it, or a shared-rows version came
-        # since the last item version (clients wait for item_version >= a record's stamp)
         dirty = self._items_dirty or bool(self._active) or self.versions.owes
         if dirty and now - self.times.items >= s.publish_items_s:
             self.publish_items(now)
@@ -222,22 +244,13 @@ class Publisher:
             self._spent["items"] += t2 - t1
             self.times.shared = now  # an item version carries the shared rows too
             t1 = time.perf_counter()
-        elif (
-            s.publish_shared_s > 0
-            and dirty
-            and now - self.times.shared >= s.publish_shared_s
-        ):
-            self.times.shared = now
-            if self.versions.publish_shared(now) is not None:
-                self._shared_versions += 1
-                t2 = time.perf_counter()
-                if self._active:  # those waiting for a shared key this version shipped
-                    self.publish_active_users(now)
-                self._spent["shared"] += t2 - t1
-            else:
-                self._spent["shared"] += time.perf_counter() - t1
-            t1 = time.perf_counter()
         self._spent["users"] += t1 - t0
+        self._after_versions(now)
+
+    def _after_versions(self, now: float) -> None:
+        """The end of a tick: the offline i2i when due, the wall-time report."""
+        s = self.config
+        t1 = time.perf_counter()
         if now - self.times.i2i >= s.offline_i2i_s:
             self.publish_offline_i2i(now)
             self._spent["i2i"] += time.perf_counter() - t1
@@ -303,12 +316,16 @@ class Publisher:
         self._history_skip = max(0, snap.n_positives - self._positives_seen)
         return written
 
-    def publish_active_users(self, now: float, *, ahead: bool = False) -> int:
+    def publish_active_users(
+        self, now: float, *, ahead: bool = False, known_only: bool = False
+    ) -> int:
         """Records of users active since the last cycle (see ``VersionedPublisher.publish_users``;
-        with ``ahead`` those naming a not yet shipped shared key stay for after the next version).
+        with ``ahead`` or ``known_only`` those naming a not yet shipped shared key stay for
+        after the next version).
         """
         users = sorted(self._active)
-        self._active = set(self.versions.publish_users(users, now, ahead=ahead))
+        self._active = set(
+            self.versions.publish_users(users, now, ahead=ahead, known_only=known_only))
         self.times.users = now
         self.store.put_status(users_published_at=now)
         return len(users) - len(self._active)
