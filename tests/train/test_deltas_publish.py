@@ -162,6 +162,33 @@ def test_records_written_ahead_of_a_version_wait_for_keys_no_version_carries(sto
                                atol=3e-5)
 
 
+def test_records_stamped_with_the_current_version_wait_for_keys_it_does_not_carry(
+    stores,
+) -> None:
+    """``known_only`` (records written right after a version, stamped with it): a user
+    reading a key created after that version's build waits for the next version."""
+    writer, reader = stores
+    model = new_model()
+    learn(model, np.random.default_rng(5), 200, 300)
+    pub = VersionedPublisher(writer, model)
+    first = pub.publish_items(now=1.0)
+    assert first is not None
+    model.upsert_users(["fresh", "u1"], [{"segment": "brand-new"}, {"segment": "s1"}])
+    later = pub.publish_users(["fresh", "u1"], known_only=True)
+    assert later == ["fresh"] and not pub.owes  # no version is owed: stamped with v itself
+    assert reader.redis.get(reader.keys.user("fresh")) is None
+    assert reader.get_user_vectors(["u1"]).versions.tolist() == [first.version]
+    shared = pub.publish_shared(now=1.1)
+    assert shared is not None and shared.shared_rows >= 1
+    assert pub.publish_users(later, known_only=True) == []
+    follower = IndexFollower(reader)
+    follower.refresh()
+    got = reader.get_user_vectors(["fresh"], shared=follower.current().users)
+    assert got.found.all() and got.versions.tolist() == [shared.version]
+    np.testing.assert_allclose(got.vectors, model.user_vectors(["fresh"]), rtol=3e-5,
+                               atol=3e-5)
+
+
 def shipped_of(follower: IndexFollower, ids: list[str]) -> np.ndarray:
     snap = follower.current().loaded.snapshot
     return snap.vectors[[snap.row_of[i] for i in ids]]

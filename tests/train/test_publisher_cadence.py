@@ -123,3 +123,32 @@ def test_a_user_with_a_new_segment_value_is_written_right_after_the_shared_versi
     assert got.found.all() and int(got.versions[0]) <= follower.version
     np.testing.assert_allclose(got.vectors, model.user_vectors(["newbie"]), rtol=3e-5,
                                atol=3e-5)
+
+
+def test_a_shared_rows_version_is_current_before_the_records_stamped_with_it(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """In a tick making a shared-rows version, the version goes first and the records after
+    it, stamped with it: the rows moving inactive users' vectors never wait for the records'
+    writes, and a record is never written before the version it names."""
+    model, pub, reader = setup(redis_client, settings, 0.1)
+    first = pub.version
+    writes: list[tuple[int, int | None]] = []  # (stamp, the current version when written)
+    put = pub.store.put_user_records
+
+    def watched(user_ids, version, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        writes.append((version, reader.current_item_version()))
+        return put(user_ids, version, *args, **kwargs)
+
+    pub.store.put_user_records = watched
+    learn(model, pub, ["u0", "u1"])  # rows moved and records due
+    pub.tick(100.2)  # both cadences due (records, shared rows)
+    assert pub.version == first + 1 and pub.versions.item_version == first
+    assert writes == [(first + 1, first + 1)]
+    got = reader.get_user_vectors(["u0", "u1"])
+    assert got.found.all() and set(got.versions.tolist()) == {first + 1}
+    writes.clear()
+    learn(model, pub, ["u2"])
+    pub.tick(100.5)  # an item version: records first, stamped ahead (unchanged)
+    assert pub.version == first + 2 and pub.versions.item_version == first + 2
+    assert writes == [(first + 2, first + 1)]
