@@ -14,7 +14,8 @@ work that grows with what changed (see :mod:`train.deltas` for the content):
 - the records (own part + shared keys) of users active since the last cycle, every
   ``publish_active_s``: workers compose every user's exact vector with the shared rows;
 - the offline i2i table refreshed incrementally: every ``offline_i2i_s`` the neighbours of at
-  most ``offline_i2i_per_tick`` items (changed items first, then round-robin) are recomputed;
+  most ``offline_i2i_per_tick`` items (changed items first, then round-robin) are recomputed,
+  :data:`I2I_SLICE` items per tick of the publisher thread (after the tick's versions);
 - popular items (the fallback for users with neither vector nor profile) and a status hash.
 
 When Redis no longer holds our version (``FLUSHALL``, a new empty Redis) everything is
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 REPORT_S = 10.0
 """How often the publisher logs where its time went."""
 SPENT = ("items", "shared", "users", "i2i", "history")
+I2I_SLICE = 32
+"""Most items whose offline neighbours one tick recomputes: an ``offline_i2i_s`` cadence's
+budget (``offline_i2i_per_tick``, 128) is spread over the next ticks, so a version due
+meanwhile waits for a slice (~1/4 of the search), not for the whole budget: at 100k items a
+whole budget took the publisher thread 240-350 ms of wall a second on the loaded e2e
+(bench/RESULTS.md 'tail', 12-01)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class Publisher:
             model_lock=model_lock,
         )
         self.republished = 0
+        self._i2i_left = 0  # items of this i2i cadence's budget not refreshed yet
         # positives handed to applied() so far, and how many of the next ones a history
         # republish already wrote (the model had learned them; their hand-over was in flight)
         # (positives the model learned before this publisher existed are never handed over)
@@ -248,11 +256,18 @@ class Publisher:
         self._after_versions(now)
 
     def _after_versions(self, now: float) -> None:
-        """The end of a tick: the offline i2i when due, the wall-time report."""
+        """The end of a tick: a slice of the offline i2i (see :data:`I2I_SLICE`), the
+        wall-time report."""
         s = self.config
         t1 = time.perf_counter()
         if now - self.times.i2i >= s.offline_i2i_s:
-            self.publish_offline_i2i(now)
+            self.times.i2i = now
+            self._i2i_left = s.offline_i2i_per_tick
+        if self._i2i_left > 0:
+            part = min(I2I_SLICE, self._i2i_left)
+            self._i2i_left -= part
+            if self.versions.refresh_i2i(part):
+                self.store.put_status(i2i_published_at=now)
             self._spent["i2i"] += time.perf_counter() - t1
         self._report(now)
 

@@ -14,7 +14,7 @@ from model.online import OnlineFM, TrainConfig
 from serving.follow import IndexFollower
 from serving.store import VectorStore
 from train.config import PublishConfig
-from train.publisher import Publisher
+from train.publisher import I2I_SLICE, Publisher
 from train.store_writer import StoreWriter
 
 pytestmark = pytest.mark.integration
@@ -152,3 +152,44 @@ def test_a_shared_rows_version_is_current_before_the_records_stamped_with_it(
     pub.tick(100.5)  # an item version: records first, stamped ahead (unchanged)
     assert pub.version == first + 2 and pub.versions.item_version == first + 2
     assert writes == [(first + 2, first + 1)]
+
+
+def test_the_offline_i2i_budget_is_spread_over_ticks_after_their_versions(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A cadence's i2i budget goes out I2I_SLICE items per tick (a version due meanwhile
+    waits for a slice, not the whole budget), all of it within the cadence."""
+    keys = settings.redis_keys()
+    writer, reader = StoreWriter(redis_client, keys, 3), VectorStore(redis_client, keys)
+    model = OnlineFM(FeatureSchema.from_dict({"user": {"segment": {}}}),
+                     TrainConfig(dim=4, seed=3))
+    users = [f"u{j}" for j in range(80)]
+    model.upsert_users(users, [{"segment": f"s{j % 3}"} for j in range(80)])
+    model.learn_many(users, [f"i{j}" for j in range(80)])
+    pub = Publisher(PublishConfig(publish_active_s=0.1, publish_items_s=0.5,
+                                  publish_shared_s=0.1, offline_i2i_s=1.0,
+                                  offline_i2i_per_tick=I2I_SLICE + 8, lost_check_s=1e9),
+                    writer, model)
+    pub.profiles_changed(users)
+    pub.tick(100.0)  # an empty Redis: everything, a whole i2i budget at once
+    current = int(reader.redis.get(keys.i2i_current()))
+    assert reader.redis.hlen(keys.i2i(current)) == I2I_SLICE + 8
+    calls: list[tuple[int, int]] = []  # (budget, the version current when it ran)
+    refresh = pub.versions.refresh_i2i
+
+    def watched(budget=None):  # noqa: ANN001, ANN202
+        calls.append((budget, pub.version))
+        return refresh(budget)
+
+    pub.versions.refresh_i2i = watched
+    learn(model, pub, ["u0", "u1"])
+    pub.tick(101.0)  # the item version first, then the first slice
+    assert calls == [(I2I_SLICE, pub.version)] and pub.versions.item_version == pub.version
+    learn(model, pub, ["u2"])
+    pub.tick(101.2)  # a shared-rows version, then the rest of the budget
+    assert calls[1:] == [(8, pub.version)] and pub.versions.item_version < pub.version
+    pub.tick(101.25)
+    pub.tick(101.9)
+    assert len(calls) == 2  # the budget is spent until the next cadence
+    pub.tick(102.0)
+    assert len(calls) == 3 and calls[2][0] == I2I_SLICE
