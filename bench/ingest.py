@@ -150,6 +150,17 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_faults() -> tuple[int, float]:
+    """The calling thread's minor page faults and system CPU seconds so far (/proc; zeros
+    where unreadable). Copy-on-write after a checkpoint fork shows here: the trainer thread's
+    first write to each page the forked writer still shares is a fault and a page copy."""
+    try:
+        fields = Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0.0
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
                      pids: dict[str, int] | None = None) -> dict[str, float]:
     """The trainer from scratch until ``n`` events are applied and checkpointed.
@@ -194,6 +205,7 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
     pids = pids or {}
     services0 = {name: process_cpu_s(pid) for name, pid in pids.items()}
     proc0, thread0 = time.process_time(), time.thread_time()
+    faults0, sys0 = thread_faults()
     t1 = time.perf_counter()
     try:
         while not trainer.progress.events_applied:  # the first batch: the pipeline fills
@@ -211,6 +223,8 @@ def run_trainer_once(settings: Settings, n: int, *, publish: bool = True,
         for name, pid in pids.items():
             out[f"cpu_{name}"] = process_cpu_s(pid) - services0[name]
         out["cpu_trainer"] = time.thread_time() - thread0
+        faults1, sys1 = thread_faults()
+        out["trainer_minor_faults"], out["cpu_trainer_sys"] = faults1 - faults0, sys1 - sys0
         out["cpu_process"] = time.process_time() - proc0
         out["cpu_fetch"] = trainer.fetcher.cpu_s
         out["fetch_process"] = float(trainer.consumer is None)
@@ -478,6 +492,9 @@ def main() -> None:
             for piece in CPU_PIECES:
                 rows.append(row(f"    trainer thread CPU: {piece}", full[f"cpu_piece_{piece}"],
                                 cpu=True))
+            rows.append(row(f"    trainer thread CPU: of it, system time "
+                            f"({full['trainer_minor_faults']:,} minor page faults)",
+                            full["cpu_trainer_sys"], cpu=True))
     for name in ("broker", "redis"):
         if f"cpu_{name}" in full:
             rows.append(row(f"  CPU: {'Kafka broker' if name == 'broker' else 'Redis'} "
@@ -514,6 +531,8 @@ def main() -> None:
         cpu_fetch_thread_run_us=threaded["cpu_process"] * us if threaded else "n/a",
         cpu_us_per_event=full["cpu_process"] * us,
         cpu_trainer_us=full["cpu_trainer"] * us,
+        cpu_trainer_sys_us=full["cpu_trainer_sys"] * us,
+        trainer_minor_faults=int(full["trainer_minor_faults"]),
         cpu_fetch_us=full["cpu_fetch"] * us,
         cpu_publisher_us=full["cpu_publisher"] * us,
         cpu_ckpt_writer_us=full["cpu_ckpt_writer"] * us,
@@ -544,6 +563,9 @@ def main() -> None:
         "hit-rate sampling + ranking, bookkeeping = the rest of applying a poll, checkpoint, "
         "handover = telling the publisher thread (checkpoint = the trainer thread's part: the "
         "fork of a background writer and installing its file, or a whole inline write); "
+        "'of it, system time' = the trainer thread's kernel CPU over the run (inside the pieces "
+        "above), with its minor page faults: mostly copy-on-write, the first write to each "
+        "page after each checkpoint fork (/proc/thread-self/stat); "
         "checkpoint writers = CPU of the forked children that write the files (from wait4); "
         "the fetch process's CPU by piece "
         "(FetchProcess.cpu_pieces, its main thread): poll = kafka-python (fetches, record "
