@@ -45,7 +45,7 @@ class TrainerConfig:
     checkpoint_dir: Path
     topics: Topics = field(default_factory=Topics)
     group: str = "fmstream-trainer"
-    checkpoint_every_events: int = 50_000
+    checkpoint_every_events: int = 1_000_000
     checkpoint_every_s: float = 10.0
     max_poll_records: int = 8192
     max_message_bytes: int = 65536
