@@ -63,6 +63,7 @@ class LagReport:
     status: dict = field(default_factory=dict)
     workers: dict[str, int] = field(default_factory=dict)
     worker_items: dict[str, int] = field(default_factory=dict)  # the item version behind each
+    worker_groups: dict[str, dict] = field(default_factory=dict)  # each one's group membership
     groups: dict[str, GroupState] = field(default_factory=dict)
     health: dict[str, GroupHealth] | None = None
     window_s: float = 0.0  # seconds of readings the health covers
@@ -111,6 +112,7 @@ class LagReport:
             "live_hit_rate": self.live_hit_rate(),
             "worker_versions": self.workers,
             "worker_item_versions": self.worker_items,
+            "worker_groups": self.worker_groups,
             "health": None if self.health is None else {
                 "window_s": round(self.window_s, 3),
                 "commit_log": self.commit_log,
@@ -146,9 +148,23 @@ def version_warnings(
     return out
 
 
+def _group_note(report: LagReport, worker: str) -> str:
+    """`` — out of the group 35 s, 1 consumer renewal`` (nothing for a healthy member)."""
+    group = report.worker_groups.get(worker)
+    if not group:
+        return ""
+    notes = []
+    if not group.get("member"):
+        notes.append(f"not a group member for {float(group.get('out_s') or 0):.0f} s")
+    renewals = int(group.get("renewals") or 0)
+    if renewals:
+        notes.append(f"{renewals} consumer renewal{'s' if renewals != 1 else ''}")
+    return f" — {', '.join(notes)}" if notes else ""
+
+
 def _read_status(
     settings: Settings, problems: list[str]
-) -> tuple[dict, dict[str, int], dict[str, int]]:
+) -> tuple[dict, dict[str, int], dict[str, int], dict[str, dict]]:
     from serving.store import VectorStore
     from stream.connect import explain_redis_error, redis_client
 
@@ -164,14 +180,17 @@ def _read_status(
             deltas = {int(v) for v in client.zrange(keys.items_deltas(), 0, -1)}
             available = set(store.item_versions()) | deltas | ({head} if head else set())
             problems.extend(version_warnings(workers, head, available))
-        return store.get_status(), workers, store.worker_item_versions() if workers else {}
+        if not workers:
+            return store.get_status(), workers, {}, {}
+        return (store.get_status(), workers, store.worker_item_versions(),
+                store.worker_groups())
     except Exception as exc:  # noqa: BLE001 - Kafka lag is still worth showing without Redis
         explained = explain_redis_error(conn, exc)
         if explained is not None:
             raise explained from None  # wrong credentials: fail, don't show a half report
         problems.append(f"Redis at {conn.display_url()} unreadable: {type(exc).__name__}: "
                         f"{settings.redact(str(exc))}")
-        return {}, {}, {}
+        return {}, {}, {}, {}
 
 
 def read_lag(
@@ -198,8 +217,9 @@ def read_lag(
         if own:
             reader.close()
     problems: list[str] = []
-    status, workers, worker_items = _read_status(settings, problems)
-    return LagReport(at, parts, status, workers, worker_items, states, problems=problems)
+    status, workers, worker_items, worker_groups = _read_status(settings, problems)
+    return LagReport(at, parts, status, workers, worker_items, worker_groups, states,
+                     problems=problems)
 
 
 @dataclass(frozen=True)
@@ -404,7 +424,7 @@ def render(report: LagReport, problems: Sequence[str] = (), *, window_s: float |
             f" ({int(version) - served} behind)"
         items = report.worker_items.get(worker)
         shown = f"v{served}" if items is None or items == served else f"v{served} (items v{items})"
-        fresh.add_row(f"worker {worker}", f"{shown}{behind}")
+        fresh.add_row(f"worker {worker}", f"{shown}{behind}{_group_note(report, worker)}")
     if not report.workers:
         fresh.add_row("workers", "none reporting")
     parts: list = [table, groups, fresh]

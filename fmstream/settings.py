@@ -281,6 +281,13 @@ class Settings(BaseSettings):
     worker_session_timeout_ms: int = Field(
         10_000, ge=1000, description="a dead worker's partitions move after this long"
     )
+    worker_watchdog_s: float = Field(
+        45.0, ge=0,
+        description="a worker not a stable group member with its partitions for this long makes "
+        "a new Kafka consumer; one whose request loop is stuck in a Kafka call this long exits "
+        "with status 75 for its supervisor to restart it (keep it above the 30-s rebalance "
+        "timeout plus the session timeout; 0 = off)",
+    )
 
     # --- robustness (issue 9: reply_to allow-list) ------------------------------------------
     reply_topic_prefixes: str = Field(
@@ -418,6 +425,7 @@ class Settings(BaseSettings):
             hnsw_ef_search=self.hnsw_ef_search,
             hnsw_rebuild_s=self.hnsw_rebuild_s,
             swap_poll_s=self.swap_poll_s,
+            watchdog_s=self.worker_watchdog_s,
         )
 
     def client_config(self) -> ClientConfig:

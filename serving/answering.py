@@ -127,6 +127,8 @@ class Pending:
     item_version: int | None = None
     """The item version whose items the answer's state served (beside ``version``; see
     :class:`serving.follow.ServingState`)."""
+    i2i_version: int | None = None
+    """Offline i2i only: the version of the precomputed table the items came from."""
 
     @property
     def request_id(self) -> str:
@@ -152,6 +154,7 @@ class Pending:
                 "items": [{"item_id": i, "score": s} for i, s in self.items or ()],
                 "model_version": self.version,
                 "item_version": self.item_version,
+                "i2i_version": self.i2i_version,
                 "error": None
                 if self.error is None
                 else {"code": self.error.code, "message": str(self.error)},
@@ -517,20 +520,23 @@ class _Batch:
             self.reply(p, found)
 
     def i2i_offline(self, todo: list[Pending]) -> None:
-        """The precomputed table (named by its own version)."""
+        """The precomputed table. The answer names the batch's state like every answer
+        (``model_version`` and its ``item_version``: the version contract) and the table's own
+        version as ``i2i_version`` (a table keeps the number it was started at)."""
         version, tables = self.store.get_offline_i2i([p.request.item_id for p in todo])
         for p, table in zip(todo, tables, strict=True):
+            p.i2i_version = version
             if table is None:
                 p.fail(
                     UnknownItem(
                         f"item {p.request.item_id!r} has no offline neighbours "
                         "(unknown, or the table is not built yet)"
                     ),
-                    version,
+                    self.version,
                 )
                 continue
             excl = self.exclusions(p)
-            p.answer([(i, s) for i, s in table if i not in excl][: p.request.k], version)
+            p.answer([(i, s) for i, s in table if i not in excl][: p.request.k], self.version)
 
     def i2i_history(self, todo: list[Pending]) -> None:
         """Neighbours of the user's recent items merged by best score, history excluded."""

@@ -30,6 +30,11 @@ class ServingConfig:
         threads: faiss intra-op threads of the serving process.
         index_kind / hnsw_*: the item index (see ``serving/index.py``, ``serving/graph.py``).
         swap_poll_s: how often the worker looks for a newer item snapshot.
+        watchdog_s: the request loop's bound (``serving.worker.Watchdog``): a worker that has
+            not been a stable group member with its partitions positioned for this long closes
+            its Kafka consumer and joins with a new one; a request loop that has not come back
+            from a Kafka call for this long exits the process (status
+            ``serving.worker.EXIT_STUCK``) for its supervisor to restart it. 0: off.
     """
 
     topic_requests: str = "fm.requests"
@@ -47,6 +52,7 @@ class ServingConfig:
     hnsw_ef_search: int = 64
     hnsw_rebuild_s: float = 300.0
     swap_poll_s: float = 0.1
+    watchdog_s: float = 45.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ key                        type    value
 ``workers``                set     worker ids that reported a version
 ``worker:{id}``            string  the version a worker serves (expires: dead workers vanish)
 ``worker_items:{id}``      string  the item version behind it (same expiry; <= ``worker:{id}``)
+``worker_group:{id}``      string  orjson ``{"member": bool, "out_s": float, "renewals": int}``:
+                                   whether the worker is a stable member of the serving group,
+                                   seconds since it last was, consumers it renewed (same expiry)
 ``trainer:lease``          string  the trainer lease (holder token, expiring)
 ========================== ======= =====================================================
 
@@ -122,6 +125,9 @@ class RedisKeys:
 
     def worker_items(self, worker_id: str) -> str:
         return self.key("worker_items", worker_id)
+
+    def worker_group(self, worker_id: str) -> str:
+        return self.key("worker_group", worker_id)
 
     def trainer_lease(self) -> str:
         return self.key("trainer", "lease")

@@ -12,6 +12,11 @@ fmstream_dead_letters_total          counter   request records dead-lettered (no
 fmstream_model_version               gauge     item snapshot version this worker serves
 fmstream_index_age_seconds           gauge     now - creation time of the served snapshot
 fmstream_index_swaps_total           counter   snapshots swapped in
+fmstream_worker_group_member         gauge     1 while a stable member of the serving group with
+                                               its partitions positioned, else 0
+fmstream_worker_out_of_group_seconds gauge     seconds since it last was one (0 while it is)
+fmstream_worker_consumer_renewals_total counter Kafka consumers the watchdog replaced (not a
+                                               member for ``FMSTREAM_WORKER_WATCHDOG_S``)
 ==================================== ========= ==============================================
 
 plus ``kafka_consumergroup_lag`` / ``kafka_consumergroup_lag_sum`` of the serving group (every
@@ -59,7 +64,18 @@ class _WorkerState(Collector):
                        else time.time() - state.loaded.snapshot.created_at)
         swaps = CounterMetricFamily("fmstream_index_swaps", "Item snapshots swapped in")
         swaps.add_metric([], self.worker.swaps)
-        yield from (version, age, swaps)
+        group = self.worker.group_report()
+        member = GaugeMetricFamily("fmstream_worker_group_member",
+                                   "1 while a stable member of the serving group with its "
+                                   "partitions positioned, else 0")
+        member.add_metric([], 1.0 if group["member"] else 0.0)
+        out = GaugeMetricFamily("fmstream_worker_out_of_group_seconds",
+                                "Seconds since this worker was last a stable group member")
+        out.add_metric([], float(group["out_s"]))
+        renewals = CounterMetricFamily("fmstream_worker_consumer_renewals",
+                                       "Kafka consumers the watchdog replaced")
+        renewals.add_metric([], float(group["renewals"]))
+        yield from (version, age, swaps, member, out, renewals)
 
 
 class WorkerMetrics:

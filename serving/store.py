@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -377,15 +377,19 @@ class VectorStore:
         return {k.decode(): _to_number(v) for k, v in sorted(raw.items())}
 
     def set_worker_version(
-        self, worker_id: str, version: int, ttl_s: float = 30.0, item_version: int | None = None
+        self, worker_id: str, version: int, ttl_s: float = 30.0, item_version: int | None = None,
+        group: Mapping[str, bool | float | int] | None = None,
     ) -> None:
         """Record the version a worker serves and the item version behind it (None: the
-        version itself); both expire unless refreshed within ttl_s."""
+        version itself), and its group membership (``group``: ``member``, ``out_s``,
+        ``renewals``; see :meth:`worker_groups`); all expire unless refreshed within ttl_s."""
         px = max(1, int(ttl_s * 1000))
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.worker(worker_id), int(version), px=px)
         pipe.set(self.keys.worker_items(worker_id),
                  int(version if item_version is None else item_version), px=px)
+        if group is not None:
+            pipe.set(self.keys.worker_group(worker_id), orjson.dumps(dict(group)), px=px)
         pipe.sadd(self.keys.workers(), worker_id)
         pipe.execute()
 
@@ -401,6 +405,22 @@ class VectorStore:
         if dead:
             self.redis.srem(self.keys.workers(), *dead)
         return {w: int(val) for w, val in zip(ids, values, strict=True) if val is not None}
+
+    def worker_groups(self) -> dict[str, dict]:
+        """Live workers' group membership as each last reported it: ``member`` (a stable member
+        of the serving group with its partitions positioned), ``out_s`` (seconds since it last
+        was one), ``renewals`` (Kafka consumers its watchdog replaced). A worker that reported
+        none (older code) is left out."""
+        ids, values = self._worker_values(self.keys.worker_group)
+        out = {}
+        for w, val in zip(ids, values, strict=True):
+            try:
+                parsed = orjson.loads(val) if val is not None else None
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                out[w] = parsed
+        return out
 
     def worker_item_versions(self) -> dict[str, int]:
         """Live workers and the item version behind the version each serves (the version

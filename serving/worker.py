@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +83,9 @@ BLAS_THRESHOLD = 200
 """faiss uses BLAS for a flat search when ``queries x dim`` reaches this: from ~6 queries at
 d=34 (measured on 2 cores, 100k items: 1 query 1.0 ms scanning vs 5.0 ms with BLAS, 16 queries
 22 ms vs 12 ms; faiss' own default, 128000, never uses BLAS for request-sized batches)."""
+CLOSE_TIMEOUT_MS = 5000
+"""How long closing a consumer may take (leaving the group); a watchdog renewal or shutdown
+never waits longer for a consumer that is stuck."""
 SEND_MAX_BLOCK_MS = 5000
 """How long ``producer.send`` may block (metadata of a new reply topic, a full buffer): a
 reply topic that cannot be reached costs one dead letter, not a stalled worker."""
@@ -176,15 +180,123 @@ class Membership:
         return False
 
 
+EXIT_STUCK = 75
+"""Exit status of a worker whose request loop the watchdog found stuck in a Kafka call
+(``EX_TEMPFAIL``: a temporary failure; its supervisor restarts it)."""
+
+
+def exit_stuck(message: str) -> None:
+    """Log ``message`` and end the process at once with :data:`EXIT_STUCK` (no cleanup: the
+    thread that would do it is the stuck one). Replies not committed are answered again by the
+    partitions' next owners (at least once)."""
+    log.critical("%s", message)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001, S110 - exiting anyway
+            pass
+    sys.stderr.flush()
+    os._exit(EXIT_STUCK)
+
+
+class Watchdog:
+    """Bounds how long a worker may go without being a stable group member, and how long its
+    request loop may stay inside one Kafka call; needs nothing of kafka-python.
+
+    The request loop reports each turn (:meth:`turn`: after every poll, whether this worker was
+    a stable member with its partitions positioned; a stable member assigned nothing counts as
+    healthy: more workers than partitions) and each bounded wait of its own (:meth:`alive`).
+
+    - Not a healthy member for ``limit_s`` while the loop turns (the group dropped it and the
+      consumer does not rejoin, a join that never completes, partitions never positioned):
+      :meth:`overdue` is True and the loop closes its consumer and joins with a new one.
+    - The loop has not come back for ``limit_s`` (a poll that never returns): the watchdog's own
+      thread (:meth:`watch`) calls ``on_stuck`` (default :func:`exit_stuck`: exit with
+      :data:`EXIT_STUCK` for the supervisor to restart the worker).
+
+    ``limit_s`` must exceed the longest legitimate join: the rebalance timeout
+    (:data:`REBALANCE_TIMEOUT_MS`) plus a session timeout. 0 turns both off.
+    """
+
+    def __init__(self, limit_s: float, *, on_stuck: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = float(limit_s)
+        self.on_stuck = on_stuck or exit_stuck
+        self.clock = clock
+        now = clock()
+        self.turned_at = now  # the loop last came back (a poll returned, a bounded wait)
+        self.healthy_at = now  # it was last a healthy member (or chose not to be one yet)
+        self.member = False
+        self.renewals = 0
+        self.where = "starting"
+
+    @property
+    def enabled(self) -> bool:
+        return self.limit_s > 0
+
+    def alive(self, where: str) -> None:
+        """The loop is responsive (between two bounded Kafka calls of its own)."""
+        self.turned_at, self.where = self.clock(), where
+
+    def waiting(self, where: str) -> None:
+        """The loop is responsive and not a member by choice (e.g. no request topic yet)."""
+        self.turned_at = self.healthy_at = self.clock()
+        self.where, self.member = where, False
+
+    def turn(self, healthy: bool) -> None:
+        """A poll returned; ``healthy``: a stable member with its partitions positioned."""
+        now = self.clock()
+        self.turned_at, self.where, self.member = now, "poll", healthy
+        if healthy:
+            self.healthy_at = now
+
+    def unhealthy_s(self) -> float:
+        """Seconds since this worker was last a healthy member (0 while it is one)."""
+        return 0.0 if self.member else max(0.0, self.clock() - self.healthy_at)
+
+    def overdue(self) -> bool:
+        """True when the consumer should be replaced (not a healthy member for the limit)."""
+        return self.enabled and not self.member and self.clock() - self.healthy_at > self.limit_s
+
+    def renewed(self) -> None:
+        """A new consumer was made: its join gets the whole limit again."""
+        self.renewals += 1
+        self.turned_at = self.healthy_at = self.clock()
+
+    def stuck(self) -> str | None:
+        """Why the process must end (the loop has not come back for the limit), else None."""
+        silent = self.clock() - self.turned_at
+        if not self.enabled or silent <= self.limit_s:
+            return None
+        return (f"worker watchdog: the request loop has not come back from Kafka for "
+                f"{silent:.0f} s (in: {self.where}; limit {self.limit_s:.0f} s); exiting with "
+                f"status {EXIT_STUCK} so that its supervisor restarts the worker")
+
+    def watch(self, done: threading.Event) -> None:
+        """Thread body: until ``done``, check the loop every tenth of the limit (at most 1 s)
+        and call ``on_stuck`` once it has not come back for the limit."""
+        if not self.enabled:
+            return
+        tick = min(1.0, self.limit_s / 10)
+        while not done.wait(tick):
+            message = self.stuck()
+            if message is not None:
+                self.on_stuck(message)
+                return
+
+
 def _transient(error: BaseException | None) -> bool:
     """A send failure that answering again later can cure (the broker away, a timeout)."""
     return isinstance(error, KafkaTimeoutError) or bool(getattr(error, "retriable", False))
 
 
-def _wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Event) -> None:
+def _wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Event,
+                         watchdog: Watchdog | None = None) -> None:
     """Block until ``topic`` has partitions in the consumer's metadata (or ``stop``)."""
     announced = False
     while not stop.is_set():
+        if watchdog is not None:
+            watchdog.waiting(f"waiting for the request topic {topic}")
         if consumer.partitions_for_topic(topic):
             return
         if not announced:
@@ -266,8 +378,10 @@ class ReplyTopics:
 class _Replies:
     """Sends replies and dead letters, tracks them until acknowledged, commits what they cover."""
 
-    def __init__(self, worker: Worker, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+    def __init__(self, worker: Worker, consumer: KafkaConsumer, producer: KafkaProducer,
+                 *, alive: Callable[[str], None] | None = None) -> None:
         self.worker = worker
+        self.alive = alive or (lambda where: None)  # the watchdog: each bounded call returned
         self.consumer = consumer
         self.producer = producer
         self.sent: deque[_SentBatch] = deque()
@@ -550,6 +664,7 @@ class _Replies:
         offsets = {}
         try:
             for tp in sorted(self.fresh & assigned):
+                self.alive("positioning the assigned partitions")
                 position = self.consumer.position(tp, timeout_ms=5000)
                 if position is None:
                     return False
@@ -629,6 +744,8 @@ class Worker:
             of ``store``: full snapshot, then deltas); refreshed every ``config.swap_poll_s`` by
             a background thread.
         worker_id: the name this worker is listed under in Redis.
+        watchdog: bounds the time out of the group and inside one Kafka call (default: a
+            :class:`Watchdog` of ``config.watchdog_s`` that exits the process when stuck).
     """
 
     def __init__(
@@ -639,6 +756,7 @@ class Worker:
         *,
         index: IndexFollower | None = None,
         worker_id: str | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -660,6 +778,7 @@ class Worker:
         self.dead_letters = 0
         self.metrics = None  # a serving.metrics.WorkerMetrics while /metrics is served
         self.membership: Membership | None = None  # while running
+        self.watchdog = watchdog or Watchdog(config.watchdog_s)
         # where the request path's time goes, logged every 10 s (read by bench/scale.py e2e)
         self.path_log = PathLog()
         self._decode_s = 0.0
@@ -707,11 +826,20 @@ class Worker:
                 close()
 
     def _report(self) -> None:
-        """List this worker and its version in Redis (expires unless renewed), once serving."""
+        """List this worker, its version and its group membership in Redis (expires unless
+        renewed), once serving."""
         state = self.state
         if state is not None and self.serving.is_set():
             self.store.set_worker_version(self.worker_id, state.version,
-                                          item_version=state.item_version)
+                                          item_version=state.item_version,
+                                          group=self.group_report())
+
+    def group_report(self) -> dict[str, bool | float | int]:
+        """This worker's group membership as the watchdog last saw it: ``member``, ``out_s``
+        (seconds out of the group, 0 while a member), ``renewals`` (consumers replaced)."""
+        watchdog = self.watchdog
+        return {"member": watchdog.member, "out_s": round(watchdog.unhealthy_s(), 1),
+                "renewals": watchdog.renewals}
 
     # --- the request loop ------------------------------------------------------------------
 
@@ -730,6 +858,37 @@ class Worker:
         follower.start()
         # linger 0: a reply leaves at once (the batch is already formed by the poll).
         producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS)
+        watchdog = self.watchdog
+        watching = threading.Event()  # set: the watchdog stops (shutdown, or run() is over)
+        threading.Thread(target=watchdog.watch, args=(watching,), daemon=True,
+                         name="fmstream-watchdog").start()
+        consumer = self._consumer()
+        try:
+            replies, membership = self._join(consumer, producer, stop)
+            while not stop.is_set():
+                if watchdog.overdue():
+                    consumer = self._renew(consumer)
+                    replies, membership = self._join(consumer, producer, stop)
+                    continue
+                try:
+                    self._step(consumer, replies, membership, ready)
+                except KafkaError as exc:  # the broker away: positions stay, retry shortly
+                    watchdog.turn(False)
+                    log.warning("Kafka call failed (%r); retrying", exc)
+                    stop.wait(0.2)
+                except Exception:  # noqa: BLE001 - never die on one batch
+                    watchdog.turn(False)
+                    log.exception("request loop failed; carrying on")
+                    stop.wait(0.2)
+            watching.set()  # a shutdown that hangs is for the supervisor's kill, not status 75
+            replies.drain()
+        finally:
+            watching.set()
+            consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
+            producer.close()
+
+    def _consumer(self) -> KafkaConsumer:
+        """A new consumer of the serving group (not subscribed yet)."""
         consumer = self.clients.consumer(
             self.config.group,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
@@ -747,27 +906,40 @@ class Worker:
         # a batch kafka-python cannot read (a codec it lacks, a binary header key) becomes one
         # dead letter; with kafka-python's own parser it hung poll() for good
         use_fast_records(consumer)
-        replies = _Replies(self, consumer, producer)
+        return consumer
+
+    def _join(self, consumer: KafkaConsumer, producer: KafkaProducer, stop: threading.Event
+              ) -> tuple[_Replies, Membership]:
+        """Subscribe ``consumer`` to the request topic (joined by its next poll)."""
+        replies = _Replies(self, consumer, producer, alive=self.watchdog.alive)
         self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
+        # Join the group only once the topic's partitions are in metadata: a member that joins
+        # before (a topic created a moment ago) is assigned nothing until the next metadata
+        # refresh, minutes later.
+        _wait_for_partitions(consumer, self.config.topic_requests, stop, self.watchdog)
+        consumer.subscribe([self.config.topic_requests], listener=_Handover(replies))
+        return replies, membership
+
+    def _renew(self, consumer: KafkaConsumer) -> KafkaConsumer:
+        """Close ``consumer`` (it has not been a healthy member for the watchdog's limit) and
+        make a new one. What the old one answered and did not commit is answered again by the
+        partitions' next owners, as after any rebalance that drops a member."""
+        watchdog = self.watchdog
         try:
-            # Join the group only once the topic's partitions are in metadata: a member that
-            # joins before (a topic created a moment ago) is assigned nothing until the next
-            # metadata refresh, minutes later.
-            _wait_for_partitions(consumer, self.config.topic_requests, stop)
-            consumer.subscribe([self.config.topic_requests], listener=_Handover(replies))
-            while not stop.is_set():
-                try:
-                    self._step(consumer, replies, membership, ready)
-                except KafkaError as exc:  # the broker away: positions stay, retry shortly
-                    log.warning("Kafka call failed (%r); retrying", exc)
-                    stop.wait(0.2)
-                except Exception:  # noqa: BLE001 - never die on one batch
-                    log.exception("request loop failed; carrying on")
-                    stop.wait(0.2)
-            replies.drain()
-        finally:
-            consumer.close(autocommit=False)
-            producer.close()
+            state = consumer.group_metadata().state
+        except Exception as exc:  # noqa: BLE001 - only for the log line
+            state = repr(exc)
+        log.warning("worker watchdog: not a stable group member with its partitions for %.0f s "
+                    "(group state %s, limit %.0f s); closing the Kafka consumer and joining "
+                    "with a new one (renewal %d)", watchdog.unhealthy_s(), state,
+                    watchdog.limit_s, watchdog.renewals + 1)
+        watchdog.alive("closing the consumer")
+        try:
+            consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
+        except Exception as exc:  # noqa: BLE001 - the new consumer joins anyway
+            log.warning("closing the old consumer failed: %r", exc)
+        watchdog.renewed()
+        return self._consumer()
 
     def _step(self, consumer: KafkaConsumer, replies: _Replies, membership: Membership,
               ready: threading.Event | None) -> None:
@@ -781,9 +953,12 @@ class Worker:
         if replies.lost or not membership.check():
             # A zombie answers nothing: what it polled and what it has in flight belong to
             # the group's current owners (answered from the committed offsets).
+            self.watchdog.turn(False)
             replies.drop(records)
             return
-        if replies.follow() and not self.serving.is_set():
+        positioned = replies.follow()
+        self.watchdog.turn(positioned or not replies.owned)  # assigned nothing: a spare member
+        if positioned and not self.serving.is_set():
             self.serving.set()
             self._report()
             if ready is not None:
@@ -822,4 +997,7 @@ class Worker:
         return outcomes
 
 
-__all__ = ["BLAS_THRESHOLD", "KafkaClients", "Pending", "ServingError", "ServingState", "Worker"]
+__all__ = [
+    "BLAS_THRESHOLD", "EXIT_STUCK", "KafkaClients", "Pending", "ServingError", "ServingState",
+    "Watchdog", "Worker",
+]

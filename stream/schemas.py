@@ -592,6 +592,10 @@ class Response(BaseModel):
     """The item version whose items answered (<= ``model_version``; below it when the answer
     came from a shared-rows version). "Everything learned before event e" holds once it is
     >= the version stamped on e's user record. None: an older worker."""
+    i2i_version: int | None = None
+    """Offline i2i answers (``"source": "offline"``) only: the version of the precomputed
+    table the items came from (a table is refreshed in place and keeps the number of the
+    version it was started at, so it is no model version). None on every other answer."""
     error: ErrorInfo | None = None
     fallback: Literal["popular"] | None = None
 

@@ -84,6 +84,10 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         kafka_bootstrap=f"{fm_services.LOOPBACK}:{ports['kafka_port']}",
         redis_url=f"redis://{fm_services.LOOPBACK}:{ports['redis_port']}/0",
         checkpoint_dir=run_dir / "checkpoints",
+        # In-process workers share pytest's process: a request loop stuck for the watchdog's
+        # limit would end the whole session (status 75). A larger bound than the default keeps
+        # that for a real hang; the watchdog's own tests set theirs.
+        worker_watchdog_s=120.0,
         **ports,
     )
     try:

@@ -98,6 +98,21 @@ def test_render_shows_lag_health_and_versions() -> None:
     assert data["item_version"] == 8 and data["worker_item_versions"] == {"w1": 8, "w2": 8}
 
 
+def test_render_shows_a_worker_out_of_its_group_and_its_renewals() -> None:
+    from rich.console import Console
+
+    groups = {"w1": {"member": False, "out_s": 35.2, "renewals": 1},
+              "w2": {"member": True, "out_s": 0.0, "renewals": 0}}
+    report = _report(worker_groups=groups)
+    out = io.StringIO()
+    Console(file=out, width=200).print(render(report, []))
+    lines = {line.split("│")[1].strip(): line for line in out.getvalue().splitlines()
+             if line.count("│") >= 3 and "worker w" in line}
+    assert "not a group member for 35 s, 1 consumer renewal" in lines["worker w1"]
+    assert "group member" not in lines["worker w2"] and "renewal" not in lines["worker w2"]
+    assert report.to_json()["worker_groups"] == groups
+
+
 def _exported_names() -> set[str]:
     """Every sample name a trainer and a worker export (from stand-ins, no Kafka)."""
     from prometheus_client import generate_latest
@@ -119,7 +134,9 @@ def _exported_names() -> set[str]:
         if metrics == "trainer":
             TrainerMetrics(registry).bind(trainer, publisher).records.labels("t").inc()
         else:
-            wm = WorkerMetrics(registry).bind(SimpleNamespace(state=None, swaps=0))
+            group = {"member": False, "out_s": 12.5, "renewals": 2}
+            wm = WorkerMetrics(registry).bind(SimpleNamespace(state=None, swaps=0,
+                                                              group_report=lambda: group))
             wm.errors.labels("unknown_user").inc()
         lag = GroupLagCollector(KafkaConfig("127.0.0.1:1"), "g", ["t"])
         lag.partitions = [PartitionLag("g", "t", 0, 3, 5)]
@@ -142,7 +159,9 @@ def test_dashboard_and_scrape_config_name_what_is_exported() -> None:
                    "fmstream_model_version", "fmstream_request_seconds_bucket",
                    "fmstream_trainer_batch_seconds_bucket", "fmstream_request_errors_total",
                    "fmstream_dead_letters_total", "fmstream_event_time_lag_seconds",
-                   "fmstream_live_hit_rate"):
+                   "fmstream_live_hit_rate", "fmstream_worker_group_member",
+                   "fmstream_worker_out_of_group_seconds",
+                   "fmstream_worker_consumer_renewals_total"):
         assert needed in names, needed
     # the live quality has its panel, by cohort (issue 11: operators watch quality)
     live = [p for p in dashboard["panels"]

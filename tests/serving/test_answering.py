@@ -163,6 +163,25 @@ def test_answers_name_the_item_version_beside_the_version(world) -> None:
     assert code(early) == "not_ready" and orjson.loads(early.encode())["item_version"] is None
 
 
+def test_offline_i2i_answers_name_the_table_as_i2i_version(world) -> None:
+    """An offline i2i answer keeps the version contract (``model_version`` the batch's state,
+    ``item_version`` <= it, that state's item version) and names the precomputed table (here
+    v5, older than the state) as ``i2i_version``; other answers carry no ``i2i_version``."""
+    store, state, _ = world
+    shared = ServingState(state.loaded, None, None, VERSION - 2)
+    off, miss, online = ask(store, shared,
+                            {"type": "i2i", "item_id": "i1", "source": "offline", "k": 3},
+                            {"type": "i2i", "item_id": "nope", "source": "offline", "k": 3},
+                            {"type": "i2i", "item_id": "i1", "k": 3})
+    for p in (off, miss):
+        wire = Response.model_validate(orjson.loads(p.encode()))
+        assert (wire.model_version, wire.item_version, wire.i2i_version) == (VERSION,
+                                                                             VERSION - 2, 5)
+        assert wire.item_version <= wire.model_version
+    assert off.error is None and code(miss) == "unknown_item"
+    assert orjson.loads(online.encode())["i2i_version"] is None
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 
@@ -335,7 +354,8 @@ def test_i2i_offline_and_history(world) -> None:
                           {"type": "i2i", "item_id": "i1", "source": "offline", "k": 3},
                           {"type": "i2i_history", "user_id": "u1", "k": 4},
                           {"type": "i2i_history", "user_id": "u2", "k": 4})
-    assert off.version == 5 and [i for i, _ in off.items] == ["i2", "i3", "i4"]
+    assert off.i2i_version == 5 and [i for i, _ in off.items] == ["i2", "i3", "i4"]
+    assert (off.version, off.item_version) == (state.version, state.item_version)
     assert len(hist.items) == 4 and not {i for i, _ in hist.items} & {"i3", "i4", "i5"}
     assert none.fallback == "popular"
 

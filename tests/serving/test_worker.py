@@ -301,7 +301,9 @@ def test_i2i_offline_reads_the_precomputed_table(served: Served) -> None:
     version, [table] = served.store.get_offline_i2i(["i5"])
     assert table is not None and len(table) == served.settings.offline_i2i_k
     response = served.ask(type="i2i", item_id="i5", k=6, source="offline")
-    assert response.error is None and response.model_version == version
+    assert response.error is None and response.i2i_version == version
+    assert response.item_version is not None and response.model_version is not None
+    assert response.item_version <= response.model_version  # the serving state's pair
     assert [(i.item_id, i.score) for i in response.items] == [
         (i, pytest.approx(s)) for i, s in table[:6]
     ]
