@@ -73,6 +73,14 @@ broker holds a rebalance open this long for every member to rejoin, and a member
 poll for this long leaves the group. A worker polls every <= 100 ms (a batch of requests takes
 well under a second), so 30 s instead of the default 300 s: one starved or hung member delays a
 rebalance of the whole group by at most 30 s (seen as members stuck "rebalancing" > 90 s)."""
+JOIN_POLL_MS = 3000
+"""The poll timeout while the consumer joins the group. kafka-python 3.0.12 awaits its
+JoinGroup + SyncGroup only inside ``poll()`` and discards a join that completed between two
+polls (``join_group_async`` starts a new one when the cached task is done), so polls shorter
+than a join, spaced by the loop's own work, never join: measured with joins of 0.3 s, polls of
+100 ms 0.5 s apart gave 35 joins (generation 34) in 20 s and never a stable member; polls of
+1 s: stable at the first (bench/RESULTS.md 'watchdog'). A poll returns as soon as requests
+arrive, so this costs only the idle time after a join."""
 POLL_MAX_RECORDS = 512
 """Requests answered together at most (one Redis round trip and one search per type)."""
 FETCH_MAX_WAIT_MS = 100
@@ -136,6 +144,7 @@ class Membership:
         self.joined_at = time.monotonic()
         self.paused_since: float | None = None
         self.pauses = 0
+        self.late_join_logged = False
 
     def _heartbeat_at(self) -> float:
         coordinator = getattr(self.consumer, "_coordinator", None)
@@ -152,6 +161,12 @@ class Membership:
                         and coordinator.need_rejoin())
         except Exception:  # noqa: BLE001 - an internal of kafka-python changed: no early commit
             return False
+
+    def joining(self) -> bool:
+        """True while the consumer is not a stable member or is about to rejoin (its next
+        poll sends or awaits a JoinGroup)."""
+        return self.consumer.group_metadata().state is not MemberState.STABLE \
+            or self.rejoin_pending()
 
     def check(self) -> bool:
         """True while this consumer may answer for its assignment."""
@@ -173,6 +188,12 @@ class Membership:
             self.pauses += 1
             log.warning("not a stable group member (state %s, last heartbeat %.1f s ago): "
                         "answering nothing until it rejoins", meta.state, silent)
+        elif self.generation == -1 and not self.late_join_logged and silent >= self.session_s:
+            # never seen stable: without this line a worker dropped before its first stable
+            # poll (a loaded box at start) said nothing at all
+            self.late_join_logged = True
+            log.warning("not a stable group member yet, %.0f s after subscribing (state %s): "
+                        "answering nothing until it joins", silent, meta.state)
         if meta.state is MemberState.STABLE and silent >= self.session_s:
             coordinator = getattr(self.consumer, "_coordinator", None)
             if coordinator is not None:  # heartbeats stopped: the group dropped us; rejoin
@@ -949,7 +970,11 @@ class Worker:
             # partitions move (else their next owner answers it again)
             replies.drain(timeout_s=5.0)
         # short polls while replies are in flight, so their offsets are committed soon
-        records = flatten(consumer.poll(timeout_ms=10 if replies.sent else 100))
+        if membership.joining():
+            timeout_ms = JOIN_POLL_MS  # the join is awaited inside poll() only
+        else:
+            timeout_ms = 10 if replies.sent else 100
+        records = flatten(consumer.poll(timeout_ms=timeout_ms))
         if replies.lost or not membership.check():
             # A zombie answers nothing: what it polled and what it has in flight belong to
             # the group's current owners (answered from the committed offsets).

@@ -135,8 +135,8 @@ def _exported_names() -> set[str]:
             TrainerMetrics(registry).bind(trainer, publisher).records.labels("t").inc()
         else:
             group = {"member": False, "out_s": 12.5, "renewals": 2}
-            wm = WorkerMetrics(registry).bind(SimpleNamespace(state=None, swaps=0,
-                                                              group_report=lambda: group))
+            worker = SimpleNamespace(state=None, swaps=0, group_report=group.copy)
+            wm = WorkerMetrics(registry).bind(worker)
             wm.errors.labels("unknown_user").inc()
         lag = GroupLagCollector(KafkaConfig("127.0.0.1:1"), "g", ["t"])
         lag.partitions = [PartitionLag("g", "t", 0, 3, 5)]

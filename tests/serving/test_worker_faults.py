@@ -37,7 +37,8 @@ from serving.config import ServingConfig
 from serving.errors import ClientTimeout
 from serving.index import ItemSnapshot
 from serving.store import VectorStore
-from serving.worker import Membership, ReplyTopics, Worker, _Replies
+from serving.timing import PathLog
+from serving.worker import JOIN_POLL_MS, Membership, ReplyTopics, Watchdog, Worker, _Replies
 from tests.kafka_helpers import KafkaIO, consume_all, wait_for
 from train.store_writer import StoreWriter
 
@@ -98,6 +99,39 @@ def test_a_member_answers_only_while_stable_with_fresh_heartbeats() -> None:
     assert not member.check() and consumer._coordinator.rejoin_requested == 1  # made to rejoin
     consumer._coordinator.heartbeat.last_receive = time.monotonic()
     assert member.check() and member.pauses == 2  # the rebalance, then the silence
+
+
+def test_a_member_never_seen_stable_says_so_once_after_a_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer = FakeConsumer()
+    consumer._coordinator.state = MemberState.UNJOINED
+    consumer._coordinator.heartbeat.last_receive = float("-inf")
+    member = Membership(consumer, session_timeout_ms=3000)
+    with caplog.at_level(logging.WARNING, logger="serving.worker"):
+        assert not member.check()
+        assert "not a stable group member yet" not in caplog.text  # within its first session
+        member.joined_at = time.monotonic() - 3.2
+        assert not member.check() and not member.check()
+    assert caplog.text.count("not a stable group member yet, 3 s after subscribing") == 1
+
+
+def test_a_joining_member_polls_long_enough_to_see_its_join_complete() -> None:
+    """kafka-python awaits a join only inside poll() and drops one that completed between two
+    polls: while not a stable member (or about to rejoin) the loop polls JOIN_POLL_MS."""
+    consumer = FakeConsumer()
+    timeouts: list[int] = []
+    consumer.poll = lambda timeout_ms: timeouts.append(timeout_ms) or {}
+    member = Membership(consumer, session_timeout_ms=3000)
+    worker = SimpleNamespace(metrics=None, dead_letters=0, config=ServingConfig(),
+                             watchdog=Watchdog(0), serving=threading.Event(),
+                             path_log=PathLog())
+    replies = _Replies(worker, consumer, RefusingProducer(0, RuntimeError()))
+    for state, rejoin in ((MemberState.REBALANCING, False), (MemberState.UNJOINED, False),
+                          (MemberState.STABLE, True), (MemberState.STABLE, False)):
+        consumer._coordinator.state, consumer._coordinator.rejoin = state, rejoin
+        Worker._step(worker, consumer, replies, member, None)
+    assert timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, JOIN_POLL_MS, 100]
 
 
 def test_rejoin_pending_only_for_a_stable_member_asked_to_rejoin() -> None:
