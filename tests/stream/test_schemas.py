@@ -96,10 +96,10 @@ def test_events_round_trip_through_the_codec(user, item, label, context) -> None
 def test_response_carries_null_error_as_in_the_contract() -> None:
     body = loads_object(dumps(Response(request_id="r1", model_version=3)))
     assert body == {"request_id": "r1", "items": [], "model_version": 3, "item_version": None,
-                    "error": None, "fallback": None}
-    # additive: a response of before item_version (an older worker) still reads, as None
+                    "i2i_version": None, "error": None, "fallback": None}
+    # additive: a response of before item_version / i2i_version (an older worker) still reads
     old = Response.model_validate({"request_id": "r1", "model_version": 3, "error": None})
-    assert old.item_version is None
+    assert old.item_version is None and old.i2i_version is None
 
 
 # The event rules, case by case (the schema's rules as they stood when the pydantic model and the
