@@ -11,6 +11,7 @@ Each test asserts ``applied + dead-lettered == sent`` (events) or
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -185,7 +186,7 @@ def test_a_batch_the_trainer_cannot_decompress_is_dead_lettered_and_the_partitio
         first = next(o for tp, o in kafka_io.end_offsets(s.topic_events).items()
                      if tp.partition == 0)
         kcat(s, s.topic_events, [event(f"s{n}") for n in range(50)], "-z", "snappy",
-             partition=0)
+             "-X", "linger.ms=1000", partition=0)  # linger: one batch of 50
         kcat(s, s.topic_events, [event(f"after{n}") for n in range(5)], partition=0)
         applied = trainer.settle(kafka_io) - before - 6
         dead = letters(kafka_io, s, dlq_start)
@@ -279,17 +280,28 @@ def test_a_request_batch_the_worker_cannot_decompress_is_one_dead_letter(
     workers = start_workers(s, store, 1)
     try:
         answers = Answers(s, kafka_io)
-        for codec in ("snappy", "lz4", "zstd"):
-            kcat(s, s.topic_requests, [request(f"{codec}-{n}") for n in range(30)],
-                 "-z", codec, partition=0)
-        kcat(s, s.topic_requests, [request(f"after-{n}") for n in range(3)], partition=0)
-        got = answers.wait({f"after-{n}" for n in range(3)})
-        assert set(got) == {f"after-{n}" for n in range(3)}
+        sent = {codec: [f"{codec}-{n}" for n in range(30)] for codec in ("snappy", "lz4", "zstd")}
+        for codec, ids in sent.items():
+            # linger: one batch of 30 (librdkafka may still send a batch uncompressed, or split it)
+            kcat(s, s.topic_requests, [request(i) for i in ids], "-z", codec,
+                 "-X", "linger.ms=1000", partition=0)
+        after = {f"after-{n}" for n in range(3)}
+        kcat(s, s.topic_requests, [request(i) for i in sorted(after)], partition=0)
+        got = answers.wait(after)
         dead = answers.letters()
-        assert [d["id"] for d in dead] == [f"{s.topic_requests}/0/{o}" for o in (29, 59, 89)]
-        for d, codec in zip(dead, ("snappy", "lz4", "zstd"), strict=True):
-            assert d["stage"] == "decode" and d["error_class"] == "UnreadableBatch"
-            assert f"({codec}) could not be read: UnsupportedCodecError" in d["reason"]
+        unread = 0
+        for d in dead:
+            assert d["stage"] == "decode" and d["error_class"] == "UnreadableBatch", d
+            m = re.search(r"record batch at offsets (\d+)-(\d+) of .* \((\w+)\) could not be "
+                          r"read: UnsupportedCodecError", d["reason"])
+            assert m, d["reason"]
+            assert d["id"] == f"{s.topic_requests}/0/{m[2]}"
+            unread += int(m[2]) - int(m[1]) + 1
+        # every codec's compressed batches are dead letters, nothing else is
+        assert {re.search(r"\((\w+)\) could not", d["reason"])[1] for d in dead} == set(sent)
+        answered = set(got) - after
+        assert answered <= {i for ids in sent.values() for i in ids}  # sent uncompressed
+        assert len(answered) + unread == 90  # every request answered or one batch's letter
         assert workers[0].thread.is_alive()
     finally:
         for w in workers:
