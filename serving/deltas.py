@@ -365,8 +365,10 @@ class DeltaLog:
         """Delta versions in Redis, ascending."""
         return [int(v) for v in self.redis.zrange(self._key("items", "deltas"), 0, -1)]
 
-    def put(self, delta: ItemDelta, *, move_pointer: bool = True) -> int:
-        """Write delta ``v`` and (by default) move ``items:current`` forward to ``v``.
+    def put(self, delta: ItemDelta, *, move_pointer: bool = True, trim: bool = True) -> int:
+        """Write delta ``v`` and (by default) move ``items:current`` forward to ``v``, then
+        :meth:`trim` (``trim=False``: the caller trims later, e.g. after announcing ``v``:
+        trimming drops only older deltas, and costs 2-3 round trips).
 
         Returns:
             The bytes written.
@@ -379,7 +381,8 @@ class DeltaLog:
         pipe.execute()
         if move_pointer and not self._cas_forward(keys=[self._key("items", "current")], args=[v]):
             logger.warning("item delta v%d written but Redis points at a newer version", v)
-        self.trim()
+        if trim:
+            self.trim()
         logger.debug("item delta v%d: %d rows, %d bytes", v, delta.n, len(blob))
         return len(blob)
 

@@ -347,7 +347,7 @@ class VersionedPublisher:
         delta_bytes = 0
         if mirror is not None:
             # followers at v - 1 step forward even when a full snapshot of v is written too
-            delta_bytes = self.log.put(delta, move_pointer=not full)
+            delta_bytes = self.log.put(delta, move_pointer=not full, trim=False)
             mirror.apply(delta)
         else:  # nothing of ours to build on: every item is new, the version is a full one
             mirror = self._mirror = ItemCopy(
@@ -432,7 +432,7 @@ class VersionedPublisher:
         )
         delta_bytes = 0
         if mirror is not None:
-            delta_bytes = self.log.put(delta, move_pointer=not full)
+            delta_bytes = self.log.put(delta, move_pointer=not full, trim=False)
             mirror.apply(delta)
         else:  # nothing of ours to build on: every item is new, the version is a full one
             assert item_rows is not None or not skeys.any()
@@ -510,7 +510,7 @@ class VersionedPublisher:
             rows=np.zeros(0, dtype=np.int64), base_n=mirror.n, parts=parts,
             item_version=self.item_version,  # its items are the last item version's
         )
-        delta_bytes = self.log.put(delta)
+        delta_bytes = self.log.put(delta, trim=False)  # trimmed after the notice
         mirror.apply(delta)
         self._bytes_since_full += delta_bytes
         self._deltas_since_full += 1
@@ -518,6 +518,7 @@ class VersionedPublisher:
         self._owed = False
         self._items_owed = True  # the item side drained here ships with the next item version
         self._notify(v)
+        self.log.trim()  # after the notice: it only drops older deltas (2-3 round trips)
         self.store.put_status(model_version=v, shared_published_at=now)
         self.last = PublishedVersion(
             v, 0, 0 if shared is None else shared[1], False, delta_bytes,
@@ -546,7 +547,6 @@ class VersionedPublisher:
             snapshot = ItemSnapshot(v, list(mirror.ids), vectors, bias, snapshot_extra, now)
             if not self.store.put_item_snapshot(snapshot):
                 log.warning("full snapshot v%d not taken (Redis has a newer version?)", v)
-            self.log.trim()
             self._need_full = self._no_base = False
             self._full_at = now
             self._rows_since_full = self._bytes_since_full = self._deltas_since_full = 0
@@ -561,6 +561,9 @@ class VersionedPublisher:
         self.version = self.item_version = v
         self._owed = self._items_owed = False
         self._notify(v)
+        # after the notice (v's data is all written): trimming only drops older deltas, and a
+        # full snapshot's trim (deltas not newer than the oldest kept full) waits for it too
+        self.log.trim()
         self._publish_popular()
         self.store.put_status(model_version=v, item_version=v, items_published_at=now)
         self.last = PublishedVersion(

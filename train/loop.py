@@ -8,7 +8,8 @@ Guarantees (see README "Trainer guarantees"):
   isolated by bisecting its batch.
 - Publishing runs in its own thread (:mod:`train.publish_thread`): the loop only hands over what
   changed, so a slow Redis never stalls training. The publisher reads the model under
-  :attr:`Trainer.model_lock`, which the loop holds while it changes the model.
+  :attr:`Trainer.model_lock`, which the loop holds while it changes the model and hands to a
+  waiting publisher between two optimiser steps of a poll (:mod:`train.model_lock`).
 - Kafka positions live inside the model checkpoint. On start the newest valid checkpoint is
   restored and every partition is sought to its stored position, so an event is applied once
   even across kill -9. Group commits follow checkpoints (for lag monitoring) and never lead them.
@@ -65,6 +66,7 @@ from train.fetch import (
     tp_key,
 )
 from train.fetch_process import FetchProcess, FetchSpec
+from train.model_lock import ModelLock
 from train.publish_thread import PublisherThread
 from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
 
@@ -254,7 +256,9 @@ class Trainer:
         self.topics = config.topics.training
         self._assigned: set[TopicPartition] = set()
         self._assigned_at = 0.0
-        self.model_lock = threading.Lock()  # held while the model changes (publisher reads)
+        # held while the model changes (publisher reads); handed to a waiting reader between
+        # two optimiser steps of a poll (train/model_lock.py)
+        self.model_lock = ModelLock()
         self.consumer = None
         self.fetcher: Fetcher[DecodedBatch] | FetchProcess
         if config.fetch_process:
@@ -653,12 +657,20 @@ class Trainer:
                 log.exception("live hit rate: sampling failed (training goes on)")
             live[0] += time.thread_time() - c0
 
+        def before_step(where: slice) -> None:
+            """Between two steps (never inside one): a reader waiting for the model (the
+            publisher) gets it now, so a version waits for one step, not the whole poll."""
+            if where.start:
+                self.model_lock.let_waiters_in()
+            if sampled:
+                test_then_train(where)
+
         live = [0.0]
         sampled = self.live_budget.due(self.cpu["live"], self.cpu["learn"])
         c0 = time.thread_time()
         try:
             self.learner.learn(users, items, labels, contexts=events.contexts, ts=ts,
-                               before_step=test_then_train if sampled else None)
+                               before_step=before_step)
         finally:
             c1 = time.thread_time()
             try:

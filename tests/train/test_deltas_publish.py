@@ -4,6 +4,7 @@ every user's vector stays exact without rewriting inactive users, and versions o
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -530,3 +531,46 @@ def test_a_full_snapshot_comes_before_the_deltas_outnumber_what_redis_keeps(stor
     late = IndexFollower(reader)
     assert late.refresh() and late.version == pub.version
     check_users(late, reader, model, model.known_users())
+
+
+def test_deltas_are_trimmed_after_each_version_is_announced(stores) -> None:
+    """The trim runs after the notice now (off the path to the workers): every kind of version
+    still leaves at most ``keep_deltas`` deltas, its own among them, announced on the channel."""
+    writer, _ = stores
+    model = new_model()
+    rng = np.random.default_rng(16)
+    learn(model, rng, 200, 300)
+    sub = writer.redis.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(writer.keys.items_notice())
+    try:
+        _wait_subscribed(writer.redis, writer.keys.items_notice())
+        pub = VersionedPublisher(writer, model, DeltaConfig(
+            full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, keep_deltas=4))
+        assert pub.publish_items(now=1.0).full
+        made, fulls = [], []
+        for t in range(12):
+            learn(model, rng, 5, 300, n=4)
+            got = pub.publish_shared(now=2.0 + t) if t % 3 else None
+            got = got or pub.publish_items(now=2.0 + t)  # (a full is due: no shared-rows one)
+            assert got is not None
+            made.append(got.version)
+            fulls += [got.version] if got.full else []
+            kept = pub.log.versions()
+            assert kept[-1] == got.version and len(kept) <= 4
+        assert fulls  # a full snapshot's trim too (deltas not newer than the oldest full)
+        heard: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(heard) < len(made) + 1 and time.monotonic() < deadline:
+            msg = sub.get_message(timeout=0.5)
+            if msg is not None:
+                heard.append(int(msg["data"]))
+        assert heard[1:] == made
+    finally:
+        sub.close()
+
+
+def _wait_subscribed(client: redis.Redis, channel: str) -> None:
+    deadline = time.monotonic() + 30
+    while not dict(client.pubsub_numsub(channel)).get(channel.encode()):
+        assert time.monotonic() < deadline, "the test never subscribed"
+        time.sleep(0.01)
