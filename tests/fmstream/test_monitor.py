@@ -167,6 +167,12 @@ def test_dashboard_and_scrape_config_name_what_is_exported() -> None:
     live = [p for p in dashboard["panels"]
             if any("fmstream_live_hit_rate" in t["expr"] for t in p.get("targets", ()))]
     assert len(live) == 1 and "cohort" in live[0]["targets"][0]["expr"]
+    # the worker watchdog's view has its panel (a worker out of its group is visible)
+    group = [p for p in dashboard["panels"]
+             if any("fmstream_worker_out_of_group_seconds" in t["expr"]
+                    for t in p.get("targets", ()))]
+    assert len(group) == 1 and any("fmstream_worker_consumer_renewals_total" in t["expr"]
+                                   for t in group[0]["targets"])
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", ())}
     datasource = (ROOT / "infra" / "grafana" / "provisioning" / "datasources"
