@@ -108,7 +108,12 @@ class FastPartitionRecords(_Base):
                 self.next_fetch_offset = batch.next_offset
                 batch = records.next_batch()
                 continue
-            yield from self._v2_records(tp, batch)
+            try:
+                batch._maybe_uncompress()
+            except Exception as err:  # noqa: BLE001 - any codec's error: the batch can't be read
+                yield self._unreadable(tp, batch, batch.base_offset, _codec_why(err))
+            else:
+                yield from self._v2_records(tp, batch)
             batch = records.next_batch()
         if last_batch is not None and last_batch.magic == 2:
             self.next_fetch_offset = last_batch.next_offset
@@ -146,13 +151,8 @@ class FastPartitionRecords(_Base):
         )
 
     def _v2_records(self, tp, batch: DefaultRecordBatch) -> Iterator:
-        """The records of one v2 data batch, as kafka-python's ``_read_msg`` reads them; what
-        cannot be read ends as one unreadable-batch record."""
-        try:
-            batch._maybe_uncompress()
-        except Exception as err:  # noqa: BLE001 - any codec's error: the batch cannot be read
-            yield self._unreadable(tp, batch, batch.base_offset, _codec_why(err))
-            return
+        """The records of one uncompressed v2 data batch, as kafka-python's ``_read_msg`` reads
+        them; what cannot be read ends as one unreadable-batch record."""
         buf = batch._buffer
         pos = batch._pos
         end = len(buf)
@@ -306,11 +306,6 @@ class PlainPartitionRecords(FastPartitionRecords):
     a header key that is not UTF-8, becomes one unreadable-batch record)."""
 
     def _v2_records(self, tp, batch: DefaultRecordBatch) -> Iterator:
-        try:
-            batch._maybe_uncompress()
-        except Exception as err:  # noqa: BLE001 - any codec's error: the batch cannot be read
-            yield self._unreadable(tp, batch, batch.base_offset, _codec_why(err))
-            return
         first = batch.base_offset
         try:
             for record in batch:
