@@ -25,18 +25,20 @@ class Ev:
         self.user_id, self.item_id, self.label = user_id, item_id, label
 
 
-def setup(redis_client: redis.Redis, settings: Settings, shared_s: float
-          ) -> tuple[OnlineFM, Publisher, VectorStore]:
+def setup(redis_client: redis.Redis, settings: Settings, shared_s: float, *, n_users: int = 40,
+          n_items: int = 7, **config: float) -> tuple[OnlineFM, Publisher, VectorStore]:
+    """A model of ``n_users`` users (3 segments) who liked ``n_items`` items, and its publisher
+    (``config``: more :class:`PublishConfig` fields) after its first tick."""
     keys = settings.redis_keys()
     writer, reader = StoreWriter(redis_client, keys, 3), VectorStore(redis_client, keys)
     model = OnlineFM(FeatureSchema.from_dict({"user": {"segment": {}}}),
                      TrainConfig(dim=4, seed=3))
-    users = [f"u{j}" for j in range(40)]
-    model.upsert_users(users, [{"segment": f"s{j % 3}"} for j in range(40)])
-    model.learn_many(users, [f"i{j % 7}" for j in range(40)])
-    pub = Publisher(PublishConfig(publish_active_s=0.1, publish_items_s=0.5,
-                                  publish_shared_s=shared_s, offline_i2i_s=1e9,
-                                  lost_check_s=1e9), writer, model)
+    users = [f"u{j}" for j in range(n_users)]
+    model.upsert_users(users, [{"segment": f"s{j % 3}"} for j in range(n_users)])
+    model.learn_many(users, [f"i{j % n_items}" for j in range(n_users)])
+    pub = Publisher(PublishConfig(**{"publish_active_s": 0.1, "publish_items_s": 0.5,
+                                     "publish_shared_s": shared_s, "offline_i2i_s": 1e9,
+                                     "lost_check_s": 1e9, **config}), writer, model)
     pub.profiles_changed(users)
     pub.tick(100.0)  # an empty Redis: everything (the first version, full)
     return model, pub, reader
@@ -160,18 +162,9 @@ def test_the_offline_i2i_budget_is_spread_over_ticks_after_their_versions(
     """A cadence's i2i budget goes out I2I_SLICE items per tick (a version due meanwhile
     waits for a slice, not the whole budget), all of it within the cadence."""
     keys = settings.redis_keys()
-    writer, reader = StoreWriter(redis_client, keys, 3), VectorStore(redis_client, keys)
-    model = OnlineFM(FeatureSchema.from_dict({"user": {"segment": {}}}),
-                     TrainConfig(dim=4, seed=3))
-    users = [f"u{j}" for j in range(80)]
-    model.upsert_users(users, [{"segment": f"s{j % 3}"} for j in range(80)])
-    model.learn_many(users, [f"i{j}" for j in range(80)])
-    pub = Publisher(PublishConfig(publish_active_s=0.1, publish_items_s=0.5,
-                                  publish_shared_s=0.1, offline_i2i_s=1.0,
-                                  offline_i2i_per_tick=I2I_SLICE + 8, lost_check_s=1e9),
-                    writer, model)
-    pub.profiles_changed(users)
-    pub.tick(100.0)  # an empty Redis: everything, a whole i2i budget at once
+    # the first tick: an empty Redis, everything, a whole i2i budget at once
+    model, pub, reader = setup(redis_client, settings, 0.1, n_users=80, n_items=80,
+                               offline_i2i_s=1.0, offline_i2i_per_tick=I2I_SLICE + 8)
     current = int(reader.redis.get(keys.i2i_current()))
     assert reader.redis.hlen(keys.i2i(current)) == I2I_SLICE + 8
     calls: list[tuple[int, int]] = []  # (budget, the version current when it ran)
