@@ -15,6 +15,7 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -32,6 +33,7 @@ from tests.kafka_helpers import KafkaIO, wait_for
 from tests.test_hostile import (
     SCHEMA,
     STREAM,
+    Running,
     _all_committed,
     _since,
     checkpoint_meta,
@@ -207,6 +209,16 @@ def store(settings: Settings, redis_client: redis.Redis) -> VectorStore:
     return publish(settings, redis_client)
 
 
+@contextmanager
+def running_worker(s: Settings, store: VectorStore) -> Iterator[Running]:
+    """One worker serving ``store`` for the ``with`` block."""
+    (worker,) = start_workers(s, store, 1)
+    try:
+        yield worker
+    finally:
+        worker.close()
+
+
 def request(rid: str, **fields: object) -> bytes:
     return j({"request_id": rid, "type": "i2i", "item_id": "i1", "k": 2, **fields})
 
@@ -240,8 +252,7 @@ def test_a_worker_answers_every_codec_and_header_and_only_committed_transactions
     settings: Settings, store: VectorStore, kafka_io: KafkaIO
 ) -> None:
     s = settings
-    workers = start_workers(s, store, 1)
-    try:
+    with running_worker(s, store) as worker:
         answers = Answers(s, kafka_io)
         want: set[str] = set()
         for p, codec in enumerate(CODECS):
@@ -265,10 +276,7 @@ def test_a_worker_answers_every_codec_and_header_and_only_committed_transactions
         assert set(got) == want, set(got) ^ want  # no aborted request answered
         assert all(len(v) == 1 and v[0]["error"] is None for v in got.values())
         assert answers.letters() == []
-        assert workers[0].thread.is_alive()
-    finally:
-        for w in workers:
-            w.close()
+        assert worker.thread.is_alive()
 
 
 def test_a_request_batch_the_worker_cannot_decompress_is_one_dead_letter(
@@ -277,8 +285,7 @@ def test_a_request_batch_the_worker_cannot_decompress_is_one_dead_letter(
     for lib in ("snappy", "lz4", "lz4f", "lz4framed", "zstd"):  # a client without the libraries
         monkeypatch.setattr(kafka_codec, lib, None)
     s = settings
-    workers = start_workers(s, store, 1)
-    try:
+    with running_worker(s, store) as worker:
         answers = Answers(s, kafka_io)
         sent = {codec: [f"{codec}-{n}" for n in range(30)] for codec in ("snappy", "lz4", "zstd")}
         for codec, ids in sent.items():
@@ -302,18 +309,14 @@ def test_a_request_batch_the_worker_cannot_decompress_is_one_dead_letter(
         answered = set(got) - after
         assert answered <= {i for ids in sent.values() for i in ids}  # sent uncompressed
         assert len(answered) + unread == 90  # every request answered or one batch's letter
-        assert workers[0].thread.is_alive()
-    finally:
-        for w in workers:
-            w.close()
+        assert worker.thread.is_alive()
 
 
 def test_a_client_reads_its_answers_past_a_record_kafka_python_cannot_read(
     settings: Settings, store: VectorStore, kafka_io: KafkaIO
 ) -> None:
     s = settings
-    workers = start_workers(s, store, 1)
-    try:
+    with running_worker(s, store):
         with FmClient(s) as client:
             # someone else's records on the response topic: a binary header key, and a batch
             # whose codec this process lacks (kafka-python's parser hung the reply thread)
@@ -325,9 +328,6 @@ def test_a_client_reads_its_answers_past_a_record_kafka_python_cannot_read(
                 for n in range(3):
                     answer = client.request({"type": "i2i", "item_id": "i1", "k": 2}, timeout=30)
                     assert answer.error is None and len(answer.items) == 2, n
-    finally:
-        for w in workers:
-            w.close()
 
 
 def test_replies_never_go_to_fmstreams_own_topics_nor_wait_on_missing_ones(
@@ -335,8 +335,7 @@ def test_replies_never_go_to_fmstreams_own_topics_nor_wait_on_missing_ones(
 ) -> None:
     # an operator's broad prefix ("fm.") covers the request, event and profile topics too
     s = settings.model_copy(update={"reply_topic_prefixes": "fm."})
-    workers = start_workers(s, store, 1)
-    try:
+    with running_worker(s, store):
         answers = Answers(s, kafka_io)
         own = [s.topic_requests, s.topic_events, s.topic_users, s.topic_items, s.topic_dlq]
         ends = {t: kafka_io.end_offsets(t) for t in own if t != s.topic_dlq}
@@ -365,9 +364,6 @@ def test_replies_never_go_to_fmstreams_own_topics_nor_wait_on_missing_ones(
             extra = len(own) + len(flood) if t == s.topic_requests else 0  # the requests
             assert sum(after.values()) - sum(before.values()) == extra, t
         assert not any(t.startswith("fm.replies.missing") for t in kafka_io_topics(kafka_io))
-    finally:
-        for w in workers:
-            w.close()
 
 
 def kafka_io_topics(kafka_io: KafkaIO) -> set[str]:
