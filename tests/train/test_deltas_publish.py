@@ -41,6 +41,20 @@ def learn(model: OnlineFM, rng: np.random.Generator, users: int, items: int, n: 
     model.learn_many(u, i, contexts=[{"hour": str(k % 24)} for k in range(n)])
 
 
+def trained(seed: int) -> tuple[OnlineFM, np.random.Generator]:
+    """A model that learned one batch over every user and item; the generator, to go on."""
+    model = new_model()
+    rng = np.random.default_rng(seed)
+    learn(model, rng, 200, 300)
+    return model, rng
+
+
+def deltas_only(**fields: object) -> DeltaConfig:
+    """A config whose full snapshots never come by time, rows or bytes (unless ``fields`` say)."""
+    return DeltaConfig(**{"full_every_s": 1e9, "full_after_rows": 1e9, "full_after_bytes": 1e9,
+                          **fields})
+
+
 @pytest.fixture
 def stores(redis_client: redis.Redis, settings: Settings) -> tuple[StoreWriter, VectorStore]:
     keys = settings.redis_keys()
@@ -65,10 +79,7 @@ def check_exact(
     assert pub._mirror is not None
     np.testing.assert_array_equal(snap.vectors, pub._mirror.vectors())
     assert snap.bias == pytest.approx(model.bias)
-    users = model.known_users()
-    got = reader.get_user_vectors(users, shared=state.users)
-    assert got.found.all()
-    np.testing.assert_allclose(got.vectors, model.user_vectors(users), rtol=3e-5, atol=3e-5)
+    check_users(follower, reader, model, model.known_users())
 
 
 @pytest.mark.parametrize("form", ["parts", "vectors"])
@@ -76,11 +87,8 @@ def test_deltas_equal_the_model_at_every_version_for_items_and_all_users(
     stores, form: str
 ) -> None:
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(0)
-    learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(
-        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, form=form))
+    model, rng = trained(0)
+    pub = VersionedPublisher(writer, model, deltas_only(form=form))
     first = pub.publish_items(now=1.0)
     assert first is not None and first.full and first.version == 1
     pub.publish_users(model.known_users())  # every user once
@@ -120,8 +128,7 @@ def test_a_delta_ships_only_the_items_that_read_changed_rows(stores) -> None:
 
 def test_versions_continue_above_the_checkpoint_after_redis_loss(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(2), 200, 300)
+    model, _ = trained(2)
     pub = VersionedPublisher(writer, model)
     for t in range(3):
         learn(model, np.random.default_rng(t), 200, 300)
@@ -143,8 +150,7 @@ def test_versions_continue_above_the_checkpoint_after_redis_loss(stores) -> None
 
 def test_records_written_ahead_of_a_version_wait_for_keys_no_version_carries(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(4), 200, 300)
+    model, _ = trained(4)
     pub = VersionedPublisher(writer, model)
     pub.publish_items(now=1.0)
     model.upsert_users(["fresh", "u1"], [{"segment": "brand-new"}, {"segment": "s1"}])
@@ -169,8 +175,7 @@ def test_records_stamped_with_the_current_version_wait_for_keys_it_does_not_carr
     """``known_only`` (records written right after a version, stamped with it): a user
     reading a key created after that version's build waits for the next version."""
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(5), 200, 300)
+    model, _ = trained(5)
     pub = VersionedPublisher(writer, model)
     first = pub.publish_items(now=1.0)
     assert first is not None
@@ -199,13 +204,14 @@ def relative_change(now: np.ndarray, then: np.ndarray) -> np.ndarray:
     return np.linalg.norm(now - then, axis=1) / np.linalg.norm(then, axis=1)
 
 
-def test_rows_over_the_tolerance_ship_next_version_and_the_rest_wait(stores) -> None:
-    writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(6)
-    learn(model, rng, 200, 300)
+def a_version_then_small_moves(
+    writer: StoreWriter, reader: VectorStore, *, seed: int, tolerance: float, max_age_s: float
+) -> tuple[VersionedPublisher, IndexFollower, list[str], np.ndarray, np.ndarray]:
+    """A first version (vectors form) a worker follows, then a few events: the publisher, the
+    worker, the item ids and their vectors before and after the events."""
+    model, rng = trained(seed)
     pub = VersionedPublisher(
-        writer, model, DeltaConfig(tolerance=0.02, max_age_s=1e6, form="vectors")
+        writer, model, DeltaConfig(tolerance=tolerance, max_age_s=max_age_s, form="vectors")
     )
     pub.publish_items(now=0.0)
     follower = IndexFollower(reader)
@@ -213,6 +219,13 @@ def test_rows_over_the_tolerance_ship_next_version_and_the_rest_wait(stores) -> 
     ids, before = model.item_vectors()
     learn(model, rng, 200, 300, n=8)
     _, after = model.item_vectors()
+    return pub, follower, ids, before, after
+
+
+def test_rows_over_the_tolerance_ship_next_version_and_the_rest_wait(stores) -> None:
+    writer, reader = stores
+    pub, follower, ids, before, after = a_version_then_small_moves(
+        writer, reader, seed=6, tolerance=0.02, max_age_s=1e6)
     moved = relative_change(after, before)
     tol = float(np.median(moved))  # half the rows each way
     pub.config = replace(pub.config, tolerance=tol)
@@ -229,18 +242,8 @@ def test_rows_over_the_tolerance_ship_next_version_and_the_rest_wait(stores) -> 
 
 def test_a_row_under_the_tolerance_ships_by_its_max_age(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(7)
-    learn(model, rng, 200, 300)
-    pub = VersionedPublisher(
-        writer, model, DeltaConfig(tolerance=1e9, max_age_s=10.0, form="vectors")
-    )
-    pub.publish_items(now=0.0)
-    follower = IndexFollower(reader)
-    assert follower.refresh()
-    ids, before = model.item_vectors()
-    learn(model, rng, 200, 300, n=8)
-    _, after = model.item_vectors()
+    pub, follower, ids, before, after = a_version_then_small_moves(
+        writer, reader, seed=7, tolerance=1e9, max_age_s=10.0)
     first = pub.publish_items(now=1.0)  # every change is under the tolerance: all held
     assert first is not None and first.rows == 0 and first.held > 0
     assert pub.publish_items(now=5.9) is None  # nothing new, nothing due (max age x [0.5, 1])
@@ -254,12 +257,9 @@ def test_a_row_under_the_tolerance_ships_by_its_max_age(stores) -> None:
 
 def test_held_rows_never_mix_versions_a_full_snapshot_equals_the_deltas_path(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(8)
-    learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(tolerance=0.05, max_age_s=3.0,
-                                                        full_every_s=1e9, full_after_rows=1e9,
-                                                        full_after_bytes=1e9, form="vectors"))
+    model, rng = trained(8)
+    pub = VersionedPublisher(
+        writer, model, deltas_only(tolerance=0.05, max_age_s=3.0, form="vectors"))
     pub.publish_items(now=0.0)
     follower = IndexFollower(reader)
     assert follower.refresh()
@@ -295,9 +295,7 @@ class CountingLock:
 
 def test_a_version_waits_for_the_trainers_lock_once_for_all_its_reads(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(9)
-    learn(model, rng, 200, 300)
+    model, rng = trained(9)
     lock = CountingLock()
     pub = VersionedPublisher(writer, model, model_lock=lock)
     pub.publish_items(now=1.0)
@@ -314,8 +312,7 @@ def test_a_version_waits_for_the_trainers_lock_once_for_all_its_reads(stores) ->
 
 def test_records_written_ahead_get_their_version_even_when_nothing_else_changed(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(10), 200, 300)
+    model, _ = trained(10)
     pub = VersionedPublisher(writer, model)
     pub.publish_items(now=1.0)
     assert pub.publish_items(now=2.0) is None  # nothing changed, nothing owed: no version
@@ -336,11 +333,8 @@ def test_a_full_snapshot_comes_once_the_deltas_since_the_last_weigh_as_much(
     """``full_after_bytes``: the deltas written since the last full snapshot reach that many
     times its bytes -> the next version is full too (not before); each full is exact."""
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(11)
-    learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(
-        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=0.5, form=form))
+    model, rng = trained(11)
+    pub = VersionedPublisher(writer, model, deltas_only(full_after_bytes=0.5, form=form))
     keys = settings.redis_keys()
 
     def full_bytes(v: int) -> int:
@@ -396,11 +390,8 @@ def test_shared_rows_versions_move_inactive_users_and_leave_the_items_to_the_nex
     the next item version ships them and every item and user is exact again, also for a new
     worker replaying the deltas (shared-rows ones included) from the full snapshot."""
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(11)
-    learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(
-        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, form=form))
+    model, rng = trained(11)
+    pub = VersionedPublisher(writer, model, deltas_only(form=form))
     first = pub.publish_items(now=1.0)
     assert first is not None and first.full
     pub.publish_users(model.known_users())
@@ -445,8 +436,7 @@ def test_an_item_version_always_follows_a_shared_rows_version(stores) -> None:
     after a shared-rows version the next :meth:`publish_items` makes an item version even when
     no item changed (only records were stamped); then nothing is owed."""
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(16), 200, 300)
+    model, _ = trained(16)
     pub = VersionedPublisher(writer, model)
     first = pub.publish_items(now=1.0)
     assert first is not None and pub.item_version == first.version
@@ -470,8 +460,7 @@ def test_a_shared_rows_version_carries_records_written_ahead_and_new_keys(stores
     even when nothing else changed; a user naming a segment value no version shipped yet is
     written once a shared-rows version ships its row."""
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(12), 200, 300)
+    model, _ = trained(12)
     pub = VersionedPublisher(writer, model)
     assert pub.publish_shared(now=0.5) is None  # nothing of ours in Redis yet: items first
     pub.publish_items(now=1.0)
@@ -493,8 +482,7 @@ def test_a_shared_rows_version_carries_records_written_ahead_and_new_keys(stores
 
 def test_no_shared_rows_version_while_a_full_snapshot_is_due(stores) -> None:
     writer, reader = stores
-    model = new_model()
-    learn(model, np.random.default_rng(13), 200, 300)
+    model, _ = trained(13)
     pub = VersionedPublisher(writer, model)
     pub.publish_items(now=1.0)
     pub.request_full()
@@ -509,11 +497,8 @@ def test_a_full_snapshot_comes_before_the_deltas_outnumber_what_redis_keeps(stor
     version is full before trimming to ``keep_deltas`` could drop a delta that the oldest kept
     full snapshot needs; a worker starting then loads and follows."""
     writer, reader = stores
-    model = new_model()
-    rng = np.random.default_rng(15)
-    learn(model, rng, 200, 300)
-    pub = VersionedPublisher(writer, model, DeltaConfig(
-        full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, keep_deltas=10))
+    model, rng = trained(15)
+    pub = VersionedPublisher(writer, model, deltas_only(keep_deltas=10))
     assert pub.publish_items(now=1.0).full
     shared = 0
     for t in range(30):
@@ -537,15 +522,12 @@ def test_deltas_are_trimmed_after_each_version_is_announced(stores) -> None:
     """The trim runs after the notice now (off the path to the workers): every kind of version
     still leaves at most ``keep_deltas`` deltas, its own among them, announced on the channel."""
     writer, _ = stores
-    model = new_model()
-    rng = np.random.default_rng(16)
-    learn(model, rng, 200, 300)
+    model, rng = trained(16)
     sub = writer.redis.pubsub(ignore_subscribe_messages=True)
     sub.subscribe(writer.keys.items_notice())
     try:
         _wait_subscribed(writer.redis, writer.keys.items_notice())
-        pub = VersionedPublisher(writer, model, DeltaConfig(
-            full_every_s=1e9, full_after_rows=1e9, full_after_bytes=1e9, keep_deltas=4))
+        pub = VersionedPublisher(writer, model, deltas_only(keep_deltas=4))
         assert pub.publish_items(now=1.0).full
         made, fulls = [], []
         for t in range(12):
