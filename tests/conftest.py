@@ -11,7 +11,6 @@ next ``settings`` brings it back.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import uuid
 import warnings
@@ -32,6 +31,7 @@ from fmstream import services as fm_services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
 from stream.connect import redis_client as connect_redis  # noqa: E402
 from tests.kafka_helpers import KafkaIO, delete_topics  # noqa: E402
+from tests.process_helpers import hermetic_settings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +64,12 @@ def _session_ports(preferred: dict[str, int] = PREFERRED_PORTS) -> dict[str, int
     return ports
 
 
-def _hermetic_settings(**values: object) -> Settings:
-    """``Settings(**values)`` ignoring any ``FMSTREAM_*`` variable of the developer's shell."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.upper().startswith("FMSTREAM_"):
-                mp.delenv(name)
-        return Settings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Start Kafka and Redis for the session (via ``services.up``); yields their base Settings."""
     run_dir = tmp_path_factory.mktemp("services")
     ports = _session_ports()
-    base = _hermetic_settings(
+    base = hermetic_settings(
         run_dir=run_dir,
         kafka_libs=REPO_ROOT / "infra" / "kafka" / "target" / "libs",
         kafka_bootstrap=f"{fm_services.LOOPBACK}:{ports['kafka_port']}",

@@ -11,9 +11,7 @@ searched for the passwords.
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +30,7 @@ from fmstream import services as svc
 from fmstream.settings import Settings
 from tests.certs import make_certs
 from tests.kafka_helpers import wait_for
+from tests.process_helpers import cli_env, hermetic_settings, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECURE_PORTS = {"kafka_port": 19192, "kafka_controller_port": 19193, "sasl_port": 19194,
@@ -55,14 +54,6 @@ class SecureStack:
         return (self.kafka_password, self.redis_password, self.key_password)
 
 
-def _hermetic(**values: object) -> Settings:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.upper().startswith("FMSTREAM_"):
-                mp.delenv(name)
-        return Settings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureStack]:
     """A SASL_SSL (SCRAM) broker and an ACL + TLS Redis of their own, for this module only."""
@@ -82,7 +73,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
         kafka_users={USER: kafka_pw}, redis_users={USER: redis_pw}, redis_tls=True,
         redis_acl=REDIS_ACL, kafka_super_users=(USER,),  # the broker authorizes (ACLs)
     )
-    settings = _hermetic(
+    settings = hermetic_settings(
         run_dir=run_dir,
         kafka_libs=REPO_ROOT / "infra" / "kafka" / "target" / "libs",
         kafka_heap="384m",
@@ -139,16 +130,7 @@ def stack(secure_stack: SecureStack, tmp_path: Path) -> SecureStack:
 
 
 def _env(settings: Settings, **override: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FMSTREAM_")}
-    env.update(settings.to_env())
-    for name, value in override.items():
-        if value == "":
-            env.pop(name, None)
-        else:
-            env[name] = value
-    env["PYTHONUNBUFFERED"] = "1"
-    env["COLUMNS"] = "200"
-    return env
+    return cli_env(settings, columns=200, **override)
 
 
 def _fmstream(*args: str) -> list[str]:
@@ -242,12 +224,7 @@ def test_train_serve_query_lag_through_sasl_ssl_and_acl_tls_redis(stack: SecureS
         assert report["total_lag"][s.trainer_group] == 0
         assert report["model_version"] is not None and not report["problems"]
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, 30)
     outputs.append(log_file.read_text())
     assert worker.returncode == 0, outputs[-1]
     assert_no_secret(stack, *outputs)

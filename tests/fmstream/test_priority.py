@@ -4,25 +4,17 @@ real Kafka and Redis; bad values are refused with the setting's name."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fmstream.app import lower_priority
 from fmstream.settings import Settings
+from tests.process_helpers import cli_env, stop_process, wait_for_log
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FMSTREAM_")}
-    env.update(settings.to_env())
-    env.update(PYTHONUNBUFFERED="1", COLUMNS="250", **extra)
-    return env
 
 
 def _children(pid: int) -> list[int]:
@@ -54,27 +46,18 @@ def test_the_trainer_and_its_fetch_child_run_at_the_configured_niceness(
     with log.open("wb") as out:
         proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "fmstream.cli", "-v", "train"], cwd=REPO_ROOT,
-            env=_env(settings, FMSTREAM_TRAINER_NICE="7", FMSTREAM_TRAINER_FETCH_PROCESS="true"),
+            env=cli_env(settings, FMSTREAM_TRAINER_NICE="7", FMSTREAM_TRAINER_FETCH_PROCESS="true"),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     try:
-        deadline = time.monotonic() + 120
-        while ("running at niceness" not in log.read_text(errors="replace")
-               or not _children(proc.pid)):
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
+        wait_for_log(proc, log, lambda text: "running at niceness" in text
+                     and bool(_children(proc.pid)))
         assert os.getpriority(os.PRIO_PROCESS, proc.pid) == want
         kids = _children(proc.pid)
         assert kids and all(os.getpriority(os.PRIO_PROCESS, k) == want for k in kids)
         assert f"running at niceness {want} (FMSTREAM_TRAINER_NICE=7)" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
     assert os.getpriority(os.PRIO_PROCESS, 0) == base
 
 
@@ -84,7 +67,7 @@ def test_a_bad_niceness_is_refused_with_the_settings_name(
 ) -> None:
     done = subprocess.run(  # noqa: S603
         [sys.executable, "-m", "fmstream.cli", "train"], cwd=REPO_ROOT,
-        env=_env(settings, FMSTREAM_TRAINER_NICE=value), capture_output=True, text=True,
+        env=cli_env(settings, FMSTREAM_TRAINER_NICE=value), capture_output=True, text=True,
         timeout=120, check=False,
     )
     assert done.returncode != 0
@@ -191,19 +174,15 @@ def test_the_worker_runs_every_thread_at_the_configured_slice(
     with log.open("wb") as out:
         proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "fmstream.cli", "-v", "serve"], cwd=REPO_ROOT,
-            env=_env(settings, FMSTREAM_WORKER_SLICE_US="250"),
+            env=cli_env(settings, FMSTREAM_WORKER_SLICE_US="250"),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     try:
-        deadline = time.monotonic() + 120
         said = ("scheduler slice 250 us" if _kernel_takes_slices()
                 else "FMSTREAM_WORKER_SLICE_US=250 not in force")
         # the request loop's Kafka clients run IO threads of their own: wait for them
-        while (said not in log.read_text(errors="replace")
-               or len(os.listdir(f"/proc/{proc.pid}/task")) < 4):
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
+        wait_for_log(proc, log, lambda text: said in text
+                     and len(os.listdir(f"/proc/{proc.pid}/task")) >= 4)
         tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
         slices = {tid: thread_slice_us(tid) for tid in tids}
         if _kernel_takes_slices():
@@ -211,19 +190,14 @@ def test_the_worker_runs_every_thread_at_the_configured_slice(
         else:
             assert 250 not in slices.values(), slices
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("value", ["-1", "99", "100001", "short"])
 def test_a_bad_slice_is_refused_with_the_settings_name(settings: Settings, value: str) -> None:
     done = subprocess.run(  # noqa: S603
         [sys.executable, "-m", "fmstream.cli", "serve"], cwd=REPO_ROOT,
-        env=_env(settings, FMSTREAM_WORKER_SLICE_US=value), capture_output=True, text=True,
+        env=cli_env(settings, FMSTREAM_WORKER_SLICE_US=value), capture_output=True, text=True,
         timeout=120, check=False,
     )
     assert done.returncode != 0

@@ -1,0 +1,71 @@
+"""Settings and ``fmstream`` child processes for tests, free of the developer's shell.
+
+A test's ``Settings`` and its child processes must see only what the test chose, never an
+``FMSTREAM_*`` variable exported in the shell that runs pytest::
+
+    settings = hermetic_settings(run_dir=tmp_path)
+    proc = subprocess.Popen([...], env=cli_env(settings, FMSTREAM_TRAINER_NICE="7"))
+    wait_for_log(proc, log_path, lambda text: "ready" in text)
+    stop_process(proc)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fmstream.settings import Settings
+
+
+def hermetic_settings(**values: object) -> Settings:
+    """``Settings(**values)`` ignoring any ``FMSTREAM_*`` variable of the developer's shell."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.upper().startswith("FMSTREAM_"):
+                mp.delenv(name)
+        return Settings(**values)  # type: ignore[arg-type]
+
+
+def cli_env(settings: Settings, *, columns: int = 250, **override: str) -> dict[str, str]:
+    """The environment of an ``fmstream`` command run with ``settings``: this process's
+    environment without its ``FMSTREAM_*`` variables, every setting as ``FMSTREAM_<FIELD>``, then
+    ``override`` (an empty value removes the variable); unbuffered output, ``columns`` wide (log
+    lines never wrapped)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FMSTREAM_")}
+    env.update(settings.to_env())
+    for name, value in override.items():
+        if value == "":
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = str(columns)
+    return env
+
+
+def wait_for_log(
+    proc: subprocess.Popen, log: Path, ready: Callable[[str], bool], timeout_s: float = 120
+) -> None:
+    """Wait until ``ready(log text)`` holds; fail with the log's tail if ``proc`` exits first or
+    ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not ready(log.read_text(errors="replace")):
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (a clean stop), SIGKILL if it is still running after ``timeout_s``; reaped."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
