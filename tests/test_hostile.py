@@ -34,20 +34,20 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from kafka import TopicPartition
 
-from fmstream.app import new_worker, run_trainer
+from fmstream.app import run_trainer
 from fmstream.settings import Settings
 from model.checkpoint import CheckpointError, latest_checkpoint
 from model.online import OnlineFM, TrainConfig
 from model.schema import FeatureSchema
 from serving.answering import Pending, decode_request
 from serving.store import VectorStore
-from serving.worker import Worker
 from stream.consume import make_producer
 from stream.lag import group_lag
 from stream.replay import produce_profiles
 from stream.schemas import DecodeError, MessageInvalid, loads_object, parse_event
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO, wait_for
+from tests.worker_helpers import RunningWorker, launch_worker
 from train.publisher import Publisher
 from train.store_writer import StoreWriter
 
@@ -182,17 +182,6 @@ def expected_request(value: bytes | None, s: Settings) -> tuple[str, str | None]
 # --- a served model and running workers --------------------------------------------------------
 
 
-@dataclass
-class Running:
-    worker: Worker
-    stop: threading.Event
-    thread: threading.Thread
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-
-
 def publish(settings: Settings, redis_client: redis.Redis) -> VectorStore:
     model = OnlineFM(FeatureSchema.load(SCHEMA), TrainConfig(dim=8, seed=3))
     events = list(STREAM.events(1500))
@@ -203,19 +192,10 @@ def publish(settings: Settings, redis_client: redis.Redis) -> VectorStore:
     return VectorStore(redis_client, settings.redis_keys())
 
 
-def start_workers(settings: Settings, store: VectorStore, n: int) -> list[Running]:
-    running = []
-    readies = []
-    for k in range(n):
-        worker = new_worker(settings, store, worker_id=f"hostile-{k}")
-        stop, ready = threading.Event(), threading.Event()
-        thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"ready": ready},
-                                  daemon=True, name=f"hostile-worker-{k}")
-        thread.start()
-        running.append(Running(worker, stop, thread))
-        readies.append(ready)
-    for ready in readies:
-        assert ready.wait(90), "a worker never got its partitions"
+def start_workers(settings: Settings, store: VectorStore, n: int) -> list[RunningWorker]:
+    running = [launch_worker(settings, store, f"hostile-{k}") for k in range(n)]
+    for r in running:
+        r.wait_ready(90)
     wait_for(lambda: all(r.worker.state is not None for r in running), 60, "the index")
     return running
 

@@ -33,13 +33,13 @@ from tests.kafka_helpers import KafkaIO, wait_for
 from tests.test_hostile import (
     SCHEMA,
     STREAM,
-    Running,
     _all_committed,
     _since,
     checkpoint_meta,
     publish,
     start_workers,
 )
+from tests.worker_helpers import RunningWorker
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +210,7 @@ def store(settings: Settings, redis_client: redis.Redis) -> VectorStore:
 
 
 @contextmanager
-def running_worker(s: Settings, store: VectorStore) -> Iterator[Running]:
+def running_worker(s: Settings, store: VectorStore) -> Iterator[RunningWorker]:
     """One worker serving ``store`` for the ``with`` block."""
     (worker,) = start_workers(s, store, 1)
     try:

@@ -10,7 +10,6 @@ go through Kafka with :class:`FmClient`, or as raw bytes where the client would 
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ import orjson
 import pytest
 import redis
 
-from fmstream.app import new_worker
 from fmstream.settings import Settings
 from model.online import OnlineFM, TrainConfig
 from model.schema import FeatureSchema
@@ -32,6 +30,7 @@ from serving.worker import BLAS_THRESHOLD, Pending, Worker
 from stream.schemas import Request, Response, ScoredItem, dumps, parse_event
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO
+from tests.worker_helpers import start_worker
 from train.publisher import Publisher
 from train.store_writer import StoreWriter
 
@@ -92,36 +91,6 @@ def train_model(stream: SyntheticStream, n_events: int = 6000) -> tuple[OnlineFM
     return model, events
 
 
-@dataclass
-class RunningWorker:
-    worker: Worker
-    stop: threading.Event
-    thread: threading.Thread
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the worker did not stop"
-
-
-def start_worker(settings: Settings, store: VectorStore) -> RunningWorker:
-    """``Worker.run`` in a thread; returns once it is assigned partitions at their end."""
-    worker = new_worker(settings, store, worker_id="test-worker")
-    stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=worker.run,
-        args=(stop,),
-        kwargs={"ready": ready},
-        daemon=True,
-        name="worker-under-test",
-    )
-    thread.start()
-    if not ready.wait(60):
-        stop.set()
-        raise AssertionError("the worker never got its partitions")
-    return RunningWorker(worker, stop, thread)
-
-
 def wait_for_version(worker: Worker, version: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while worker.state is None or worker.state.version < version:
@@ -139,7 +108,7 @@ def served(settings: Settings, redis_client: redis.Redis) -> Iterator[Served]:
     publisher = Publisher(settings.publish_config(), writer, model)
     publisher.applied([parse_event(e) for e in events])  # histories
     publisher.publish_all()
-    running = start_worker(settings, store)
+    running = start_worker(settings, store, "test-worker")
     try:
         wait_for_version(running.worker, publisher.version)
         with FmClient(settings) as client:
@@ -230,7 +199,7 @@ def test_not_ready_before_any_snapshot_then_serves_once_published(
 ) -> None:
     settings = settings.model_copy(update={"swap_poll_s": 0.05})
     store = VectorStore(redis_client, settings.redis_keys())
-    running = start_worker(settings, store)
+    running = start_worker(settings, store, "test-worker")
     try:
         with FmClient(settings) as client:
             early = client.request({"type": "u2i", "user_id": "u1"}, timeout=20)

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,7 +28,6 @@ from kafka.errors import (
 from kafka.structs import MemberState, TopicPartition
 
 from fmstream import services as fm_services
-from fmstream.app import new_worker
 from fmstream.settings import Settings
 from serving.answering import decode_request
 from serving.client import FmClient
@@ -40,6 +38,7 @@ from serving.store import VectorStore
 from serving.timing import PathLog
 from serving.worker import JOIN_POLL_MS, Membership, ReplyTopics, Watchdog, Worker, _Replies
 from tests.kafka_helpers import KafkaIO, consume_all, wait_for
+from tests.worker_helpers import start_worker
 from train.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -163,31 +162,6 @@ def test_a_refused_commit_drops_the_batches_in_flight_and_seeks_back() -> None:
 # --- real Kafka -----------------------------------------------------------------------------
 
 
-@dataclass
-class Running:
-    worker: Worker
-    stop: threading.Event
-    thread: threading.Thread
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the worker did not stop"
-
-
-def start(settings: Settings, store: VectorStore, name: str, wait: bool = True) -> Running:
-    worker = new_worker(settings, store, worker_id=name)
-    stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"ready": ready},
-                              daemon=True, name=name)
-    thread.start()
-    running = Running(worker, stop, thread)
-    if wait and not ready.wait(180):  # a bound on state, generous for a loaded box
-        running.close()
-        raise AssertionError(f"{name} never got its partitions")
-    return running
-
-
 def publish_items(settings: Settings, redis_client: redis.Redis) -> VectorStore:
     rng = np.random.default_rng(8)
     vectors = rng.standard_normal((N_ITEMS, 10)).astype(np.float32)
@@ -206,7 +180,7 @@ def test_answers_resume_after_a_broker_restart(settings: Settings, redis_client:
     """The worker (and the client) reconnect by themselves; the time from the broker being back
     to the first answer is logged (bench/robust.py measures it repeatedly), not asserted."""
     store = publish_items(settings, redis_client)
-    running = start(settings, store, "restart-worker")
+    running = start_worker(settings, store, "restart-worker")
     try:
         wait_for(lambda: running.worker.state is not None, 30, "the index")
         with FmClient(settings) as client:
@@ -242,7 +216,7 @@ def test_two_workers_starting_under_load_answer_every_request_once(
     for start_no in range(5):
         s = settings.model_copy(update={"serving_group": f"{settings.serving_group}.{start_no}",
                                         "worker_session_timeout_ms": 6000})
-        first = start(s, store, f"a{start_no}")
+        first = start_worker(s, store, f"a{start_no}")
         second = None
         stop_load = threading.Event()
         mine: list[str] = []
@@ -264,7 +238,7 @@ def test_two_workers_starting_under_load_answer_every_request_once(
         try:
             wait_for(lambda mine=mine, first=first: len(mine) >= 10
                      and first.worker.answered >= 5, 120, "answers before the second joins")
-            second = start(s, store, f"b{start_no}")  # returns once it owns partitions
+            second = start_worker(s, store, f"b{start_no}")  # returns once it owns partitions
             # load goes on until the new member answered some of it (the handover happened)
             # and 100 requests were sent: observable state, not a clock
             wait_for(lambda mine=mine, second=second: len(mine) >= 100
