@@ -25,7 +25,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -643,6 +643,41 @@ def wait_kafka(
         time.sleep(0.2)
 
 
+def _start_owned(
+    name: str,
+    pid_file: Path,
+    marker: str,
+    ports: list[tuple[int, str]],
+    settings: Settings,
+    wait: Callable[[int], None],
+    launch: Callable[[], tuple[int, Path]],
+    where: str,
+    log_file: Path,
+) -> int:
+    """The start of either service: the process started from this ``run_dir`` if there is one
+    (once ``wait(pid)`` says it is ready); else, with every one of ``ports`` free (each with the
+    setting that moves it), ``launch()`` (its pid and output file) and ``wait(pid)``. A process
+    that exits while starting loses its pid file; the error shows the end of its output."""
+    pid = _owned_pid(pid_file, marker)
+    if pid is not None:
+        wait(pid)
+        return pid
+    for port, what in ports:
+        if not port_free(port):
+            raise PortInUseError(
+                f"port {port} is already taken by a process not started from {settings.run_dir}; "
+                f"stop it or choose another port with {what}"
+            )
+    pid, out_file = launch()
+    logger.info("started %s (pid %s) on %s; log %s", name, pid, where, log_file)
+    try:
+        wait(pid)
+    except ServiceStartError as exc:
+        pid_file.unlink(missing_ok=True)
+        raise ServiceStartError(f"{exc}\n{out_file}:\n{_tail(out_file)}") from None
+    return pid
+
+
 def start_kafka(
     settings: Settings,
     *,
@@ -662,50 +697,26 @@ def start_kafka(
         MissingDependencyError, ServiceStartError, ServiceTimeoutError.
     """
     pid_file = _kafka_pid_file(settings)
-    pid = _owned_pid(pid_file, _KAFKA_MARKER)
-    if pid is not None:
-        wait_kafka(
-            _local_kafka(settings),
-            timeout_s=timeout_s,
-            pid=pid,
-            log_file=kafka_log_file(settings),
-        )
-        return pid
     ports = [
         (settings.kafka_port, "FMSTREAM_KAFKA_PORT"),
         (settings.kafka_controller_port, "FMSTREAM_KAFKA_CONTROLLER_PORT"),
     ]
     if security is not None:
         ports.append((security.kafka_sasl_port, "LocalSecurity.kafka_sasl_port"))
-    for port, what in ports:
-        if not port_free(port):
-            raise PortInUseError(
-                f"port {port} is already taken by a process not started from {settings.run_dir}; "
-                f"stop it or choose another port with {what}"
-            )
-    libs = ensure_kafka_jars(settings)
-    props = _prepare_kafka(settings, libs, security)
-    args = [*_java_args(settings, libs), "kafka.Kafka", str(props)]
-    pid = _spawn(args, _kafka_out_file(settings), pid_file, cwd=kafka_dir(settings))
-    logger.info(
-        "started Kafka (pid %s) on %s; log %s",
-        pid,
-        _local_bootstrap(settings),
-        kafka_log_file(settings),
-    )
-    try:
-        wait_kafka(
-            _local_kafka(settings),
-            timeout_s=timeout_s,
-            pid=pid,
-            log_file=kafka_log_file(settings),
-        )
-    except ServiceStartError as exc:
-        pid_file.unlink(missing_ok=True)
-        raise ServiceStartError(
-            f"{exc}\n{_kafka_out_file(settings)}:\n{_tail(_kafka_out_file(settings))}"
-        ) from None
-    return pid
+
+    def wait(pid: int) -> None:
+        wait_kafka(_local_kafka(settings), timeout_s=timeout_s, pid=pid,
+                   log_file=kafka_log_file(settings))
+
+    def launch() -> tuple[int, Path]:
+        libs = ensure_kafka_jars(settings)
+        props = _prepare_kafka(settings, libs, security)
+        args = [*_java_args(settings, libs), "kafka.Kafka", str(props)]
+        out_file = _kafka_out_file(settings)
+        return _spawn(args, out_file, pid_file, cwd=kafka_dir(settings)), out_file
+
+    return _start_owned("Kafka", pid_file, _KAFKA_MARKER, ports, settings, wait, launch,
+                        _local_bootstrap(settings), kafka_log_file(settings))
 
 
 def stop_kafka(
@@ -873,45 +884,27 @@ def start_redis(
         PortInUseError, MissingDependencyError, ServiceStartError, ServiceTimeoutError.
     """
     pid_file = _redis_pid_file(settings)
-    pid = _owned_pid(pid_file, _REDIS_MARKER)
-    if pid is not None:
-        wait_redis(
-            _local_redis(settings), timeout_s=timeout_s, pid=pid,
-            log_file=redis_log_file(settings),
+
+    def wait(pid: int) -> None:
+        wait_redis(_local_redis(settings), timeout_s=timeout_s, pid=pid,
+                   log_file=redis_log_file(settings))
+
+    def launch() -> tuple[int, Path]:
+        server = _require_binary(
+            "redis-server",
+            "install Debian's redis-server (`make redis` or `apt-get install redis-server`)",
         )
-        return pid
-    if not port_free(settings.redis_port):
-        raise PortInUseError(
-            f"port {settings.redis_port} is already taken by a process not started from "
-            f"{settings.run_dir}; stop it or choose another port with FMSTREAM_REDIS_PORT"
-        )
-    server = _require_binary(
-        "redis-server",
-        "install Debian's redis-server (`make redis` or `apt-get install redis-server`)",
-    )
-    home = redis_dir(settings).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    conf = home / "redis.conf"
-    conf.write_text(_redis_conf(settings, security))
-    conf.chmod(0o600)  # it may hold ACL passwords
-    pid = _spawn([server, str(conf)], home / "redis.out", pid_file, cwd=home)
-    logger.info(
-        "started Redis (pid %s) on port %s; log %s",
-        pid,
-        settings.redis_port,
-        redis_log_file(settings),
-    )
-    try:
-        wait_redis(
-            _local_redis(settings), timeout_s=timeout_s, pid=pid,
-            log_file=redis_log_file(settings),
-        )
-    except ServiceStartError as exc:
-        pid_file.unlink(missing_ok=True)
-        raise ServiceStartError(
-            f"{exc}\n{home / 'redis.out'}:\n{_tail(home / 'redis.out')}"
-        ) from None
-    return pid
+        home = redis_dir(settings).resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        conf = home / "redis.conf"
+        conf.write_text(_redis_conf(settings, security))
+        conf.chmod(0o600)  # it may hold ACL passwords
+        out_file = home / "redis.out"
+        return _spawn([server, str(conf)], out_file, pid_file, cwd=home), out_file
+
+    return _start_owned("Redis", pid_file, _REDIS_MARKER,
+                        [(settings.redis_port, "FMSTREAM_REDIS_PORT")], settings, wait, launch,
+                        f"port {settings.redis_port}", redis_log_file(settings))
 
 
 def stop_redis(
@@ -1054,37 +1047,50 @@ def _warn_if_elsewhere(settings: Settings) -> None:
         )
 
 
-def _ensure_kafka(settings: Settings, timeout_s: float, security: LocalSecurity | None) -> State:
-    ours = _owned_pid(_kafka_pid_file(settings), _KAFKA_MARKER)
-    if ours is None and port_open(settings.kafka_port):
+def _ensure(
+    called: str,
+    ours: int | None,
+    port: int,
+    setting: str,
+    probe: Callable[[], None],
+    where: str,
+    start: Callable[[], int],
+) -> State:
+    """Reuse the service ``called`` that answers ``probe()`` on ``port`` though not started from
+    this ``run_dir`` (another process on the port: an error naming ``setting``); else
+    ``start()``, which only waits until ours is ready when ``ours`` runs."""
+    if ours is None and port_open(port):
         try:
-            wait_kafka(_local_kafka(settings), timeout_s=min(timeout_s, 15.0))
+            probe()
         except ServiceTimeoutError:
             raise PortInUseError(
-                f"port {settings.kafka_port} answers but not as a Kafka broker; stop that process "
-                "or choose another port with FMSTREAM_KAFKA_PORT"
+                f"port {port} answers but not as {called}; stop that process or choose another "
+                f"port with {setting}"
             ) from None
-        logger.info("reusing the Kafka broker already on %s", _local_bootstrap(settings))
+        logger.info("reusing %s already on %s", called, where)
         return "reused"
-    # when ours runs: only waits until it is ready
-    start_kafka(settings, timeout_s=timeout_s, security=security)
+    start()
     return "started" if ours is None else "reused"
+
+
+def _ensure_kafka(settings: Settings, timeout_s: float, security: LocalSecurity | None) -> State:
+    return _ensure(
+        "a Kafka broker", _owned_pid(_kafka_pid_file(settings), _KAFKA_MARKER),
+        settings.kafka_port, "FMSTREAM_KAFKA_PORT",
+        lambda: wait_kafka(_local_kafka(settings), timeout_s=min(timeout_s, 15.0)),
+        _local_bootstrap(settings),
+        lambda: start_kafka(settings, timeout_s=timeout_s, security=security),
+    )
 
 
 def _ensure_redis(settings: Settings, timeout_s: float, security: LocalSecurity | None) -> State:
-    ours = _owned_pid(_redis_pid_file(settings), _REDIS_MARKER)
-    if ours is None and port_open(settings.redis_port):
-        try:
-            wait_redis(_local_redis(settings), timeout_s=min(timeout_s, 10.0))
-        except ServiceTimeoutError:
-            raise PortInUseError(
-                f"port {settings.redis_port} answers but not as Redis; stop that process or "
-                "choose another port with FMSTREAM_REDIS_PORT"
-            ) from None
-        logger.info("reusing the Redis already on port %s", settings.redis_port)
-        return "reused"
-    start_redis(settings, timeout_s=timeout_s, security=security)
-    return "started" if ours is None else "reused"
+    return _ensure(
+        "Redis", _owned_pid(_redis_pid_file(settings), _REDIS_MARKER),
+        settings.redis_port, "FMSTREAM_REDIS_PORT",
+        lambda: wait_redis(_local_redis(settings), timeout_s=min(timeout_s, 10.0)),
+        f"port {settings.redis_port}",
+        lambda: start_redis(settings, timeout_s=timeout_s, security=security),
+    )
 
 
 def up(

@@ -60,6 +60,28 @@ def test_start_redis_refuses_a_port_held_by_another_process(tmp_path: Path) -> N
     assert not (tmp_path / "redis" / "redis.pid").exists()
 
 
+def test_start_kafka_refuses_a_port_held_by_another_process(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind((svc.LOOPBACK, 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        taken = Settings(run_dir=tmp_path, kafka_port=_free_port(), kafka_controller_port=port)
+        with pytest.raises(svc.PortInUseError, match="FMSTREAM_KAFKA_CONTROLLER_PORT"):
+            svc.start_kafka(taken, timeout_s=2.0)
+    assert not (tmp_path / "kafka" / "kafka.pid").exists()
+
+
+def test_up_refuses_a_port_that_answers_but_not_as_redis(tmp_path: Path) -> None:
+    with socket.socket() as squatter:  # accepts connections, never answers
+        squatter.bind((svc.LOOPBACK, 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        taken = Settings(run_dir=tmp_path, redis_port=port)
+        with pytest.raises(svc.PortInUseError, match="not as Redis.*FMSTREAM_REDIS_PORT"):
+            svc.up(taken, timeout_s=1.0)
+    assert not (tmp_path / "redis" / "redis.pid").exists()
+
+
 # --- against the session's services ---------------------------------------------------------
 
 
