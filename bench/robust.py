@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/ro
     sys.path.insert(0, str(ROOT))
 
 from bench.common import print_table, record, summary_line  # noqa: E402
-from bench.serve import bench_settings  # noqa: E402
+from bench.serve import bench_settings, start_worker, stop_workers  # noqa: E402
 from fmstream import app, services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
 from serving.client import FmClient  # noqa: E402
@@ -52,23 +51,6 @@ from stream.connect import kafka_consumer, kafka_producer  # noqa: E402
 log = logging.getLogger("bench.robust")
 
 N_ITEMS = 1000
-
-
-def spawn(settings: Settings, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **settings.to_env()}
-    return subprocess.Popen([sys.executable, "-m", "fmstream.cli", "-v", "serve"], env=env,
-                            cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def listed(store: VectorStore, proc: subprocess.Popen) -> bool:
@@ -87,7 +69,7 @@ def wait_listed(store: VectorStore, proc: subprocess.Popen, timeout_s: float = 1
 
 def restarts(settings: Settings, store: VectorStore, run_dir: Path, n: int) -> list[list]:
     rows = []
-    worker = spawn(settings, run_dir / "restart-worker.log")
+    worker = start_worker(settings, run_dir / "restart-worker.log")
     try:
         wait_listed(store, worker)
         with FmClient(settings) as client:
@@ -109,7 +91,7 @@ def restarts(settings: Settings, store: VectorStore, run_dir: Path, n: int) -> l
                              response.error is None])
         assert worker.poll() is None, "the worker died"
     finally:
-        stop([worker])
+        stop_workers([worker])
     return rows
 
 
@@ -121,7 +103,7 @@ def starts(settings: Settings, store: VectorStore, run_dir: Path, n: int, rate: 
     for start_no in range(n):
         s = settings.model_copy(update={"serving_group": f"bench-start-{start_no}"})
         sent: list[str] = []
-        a = spawn(s, run_dir / f"start{start_no}-a.log")
+        a = start_worker(s, run_dir / f"start{start_no}-a.log")
         b = None
         stop_load = threading.Event()
 
@@ -139,7 +121,7 @@ def starts(settings: Settings, store: VectorStore, run_dir: Path, n: int, rate: 
         try:
             wait_listed(store, a)
             loader.start()
-            b = spawn(s, run_dir / f"start{start_no}-b.log")
+            b = start_worker(s, run_dir / f"start{start_no}-b.log")
             wait_listed(store, b)
             time.sleep(load_s)
         finally:
@@ -147,7 +129,7 @@ def starts(settings: Settings, store: VectorStore, run_dir: Path, n: int, rate: 
             loader.join(10)
             producer.flush()
         counts = wait_answers(settings, set(sent), timeout_s=60)
-        stop([p for p in (a, b) if p is not None])
+        stop_workers([p for p in (a, b) if p is not None])
         answered = sum(1 for rid in sent if counts.get(rid))
         twice = sum(1 for rid in sent if counts.get(rid, 0) > 1)
         rows.append(["2-worker start", "", start_no + 1, len(sent), answered, twice, "",

@@ -147,7 +147,9 @@ def service_pid(settings: Settings, name: str) -> int | None:
         return None
 
 
-def start_worker(settings: Settings, log_path: Path, profile: Path | None) -> subprocess.Popen:
+def start_worker(
+    settings: Settings, log_path: Path, profile: Path | None = None
+) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env()}
     cmd = [sys.executable]
     if profile is not None:
