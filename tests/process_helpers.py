@@ -23,12 +23,17 @@ import pytest
 from fmstream.settings import Settings
 
 
+def drop_fmstream_env(mp: pytest.MonkeyPatch) -> None:
+    """Unset every ``FMSTREAM_*`` variable of the developer's shell (until ``mp`` undoes it)."""
+    for name in list(os.environ):
+        if name.upper().startswith("FMSTREAM_"):
+            mp.delenv(name)
+
+
 def hermetic_settings(**values: object) -> Settings:
     """``Settings(**values)`` ignoring any ``FMSTREAM_*`` variable of the developer's shell."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.upper().startswith("FMSTREAM_"):
-                mp.delenv(name)
+        drop_fmstream_env(mp)
         return Settings(**values)  # type: ignore[arg-type]
 
 

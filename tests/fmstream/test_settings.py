@@ -13,6 +13,7 @@ from fmstream import services as svc
 from fmstream.settings import Settings, UnknownSettingError, check_environment, redact_urls_in
 from stream.config import KafkaConfig
 from stream.connect import RedisConfig, redact_url
+from tests.process_helpers import drop_fmstream_env
 
 KAFKA_PW = "kafka-pw-Zq81"
 REDIS_PW = "redis-pw-Xw42"
@@ -22,11 +23,7 @@ URL_PW = "url-pw-Lk07"
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No ``FMSTREAM_*`` variable of the developer's shell leaks into these tests."""
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("FMSTREAM_"):
-            monkeypatch.delenv(name)
+    drop_fmstream_env(monkeypatch)
     return monkeypatch
 
 
