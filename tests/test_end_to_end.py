@@ -4,7 +4,6 @@ from our client and from kcat (a Kafka client we did not write)."""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fmstream.app import run_trainer, run_worker
 from fmstream.settings import Settings
 from serving.client import FmClient
 from serving.store import VectorStore
@@ -22,6 +20,7 @@ from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import wait_for
+from tests.worker_helpers import trainer_and_worker
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +35,8 @@ def loop(settings: Settings) -> Iterator[Settings]:
         "dim": 16, "schema_path": ROOT / "config" / "synthetic.toml",
         "publish_items_s": 0.5, "publish_active_s": 0.2, "checkpoint_every_s": 1.0,
     })
-    stop = threading.Event()
-    ready = threading.Event()
-    threads = [
-        threading.Thread(target=run_trainer, args=(settings, stop), daemon=True),
-        threading.Thread(target=run_worker, args=(settings, stop, ready), daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    assert ready.wait(60), "the worker got no partitions of the request topic"
-    yield settings
-    stop.set()
-    for t in threads:
-        t.join(60)
+    with trainer_and_worker(settings):
+        yield settings
 
 
 

@@ -5,14 +5,21 @@
         ...
     finally:
         running.close()  # fails the test if the worker does not stop
+
+or the whole pipeline, ``fmstream train`` and ``fmstream serve`` by their entry points::
+
+    with trainer_and_worker(settings):
+        ...
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from fmstream.app import new_worker
+from fmstream.app import new_worker, run_trainer, run_worker
 from fmstream.settings import Settings
 from serving.store import VectorStore
 from serving.worker import Worker
@@ -55,3 +62,21 @@ def start_worker(
     running = launch_worker(settings, store, worker_id)
     running.wait_ready(timeout_s)
     return running
+
+
+@contextmanager
+def trainer_and_worker(settings: Settings, timeout_s: float = 60) -> Iterator[None]:
+    """The trainer and a worker (``run_trainer``, ``run_worker``) on daemon threads for the
+    block, entered once the worker owns partitions of the request topic."""
+    stop, ready = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=run_trainer, args=(settings, stop), daemon=True),
+               threading.Thread(target=run_worker, args=(settings, stop, ready), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        assert ready.wait(timeout_s), "the worker got no partitions of the request topic"
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)

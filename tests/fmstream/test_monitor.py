@@ -11,7 +11,6 @@ import json
 import math
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import stream.metrics
 from fmstream import cli
-from fmstream.app import run_trainer, run_worker
 from fmstream.health import GroupHealth, PartitionHealth, Status
 from fmstream.monitor import LagReport, exceeded, render
 from fmstream.settings import Settings
@@ -39,6 +37,7 @@ from stream.lag import PartitionLag
 from stream.replay import produce_events
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO, wait_for
+from tests.worker_helpers import trainer_and_worker
 from train.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,16 +362,8 @@ def stack(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setti
         "checkpoint_every_events": 1000, "checkpoint_every_s": 3600.0,
         "publish_items_s": 0.2, "publish_active_s": 0.2,
     })
-    stop, ready = threading.Event(), threading.Event()
-    threads = [threading.Thread(target=run_trainer, args=(settings, stop), daemon=True),
-               threading.Thread(target=run_worker, args=(settings, stop, ready), daemon=True)]
-    for t in threads:
-        t.start()
-    assert ready.wait(60), "the worker got no partitions of the request topic"
-    yield settings
-    stop.set()
-    for t in threads:
-        t.join(60)
+    with trainer_and_worker(settings):
+        yield settings
 
 
 def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io: KafkaIO) -> None:
