@@ -66,11 +66,20 @@ def wait_for_log(
         time.sleep(0.2)
 
 
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 60) -> None:
+    """SIGTERM to each (a clean stop, all at once), SIGKILL to any still running ``timeout_s``
+    later; every one reaped."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    """SIGTERM (a clean stop), SIGKILL if it is still running after ``timeout_s``; reaped."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    """:func:`stop_processes` of one."""
+    stop_processes([proc], timeout_s)

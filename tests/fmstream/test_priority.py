@@ -17,6 +17,16 @@ from tests.process_helpers import cli_env, stop_process, wait_for_log
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _start(settings: Settings, log: Path, command: str, **env: str) -> subprocess.Popen:
+    """``fmstream -v COMMAND`` with the test's settings and ``env``, its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "fmstream.cli", "-v", command], cwd=REPO_ROOT,
+            env=cli_env(settings, **env), stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -43,12 +53,8 @@ def test_the_trainer_and_its_fetch_child_run_at_the_configured_niceness(
     base = os.getpriority(os.PRIO_PROCESS, 0)
     want = min(19, base + 7)
     log = tmp_path / "trainer.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "fmstream.cli", "-v", "train"], cwd=REPO_ROOT,
-            env=cli_env(settings, FMSTREAM_TRAINER_NICE="7", FMSTREAM_TRAINER_FETCH_PROCESS="true"),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+    proc = _start(settings, log, "train", FMSTREAM_TRAINER_NICE="7",
+                  FMSTREAM_TRAINER_FETCH_PROCESS="true")
     try:
         wait_for_log(proc, log, lambda text: "running at niceness" in text
                      and bool(_children(proc.pid)))
@@ -171,12 +177,7 @@ def test_the_worker_runs_every_thread_at_the_configured_slice(
     from fmstream.app import thread_slice_us
 
     log = tmp_path / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "fmstream.cli", "-v", "serve"], cwd=REPO_ROOT,
-            env=cli_env(settings, FMSTREAM_WORKER_SLICE_US="250"),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+    proc = _start(settings, log, "serve", FMSTREAM_WORKER_SLICE_US="250")
     try:
         said = ("scheduler slice 250 us" if _kernel_takes_slices()
                 else "FMSTREAM_WORKER_SLICE_US=250 not in force")

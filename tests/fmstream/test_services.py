@@ -7,6 +7,8 @@ import json
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,15 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((svc.LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _squatter() -> Iterator[int]:
+    """A loopback port held by a socket that accepts connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind((svc.LOOPBACK, 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
 
 
 def _kcat() -> str:
@@ -50,10 +61,7 @@ def test_ensure_topics_without_broker_says_how_to_start_one(tmp_path: Path) -> N
 
 
 def test_start_redis_refuses_a_port_held_by_another_process(tmp_path: Path) -> None:
-    with socket.socket() as squatter:
-        squatter.bind((svc.LOOPBACK, 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
+    with _squatter() as port:
         taken = Settings(run_dir=tmp_path, redis_port=port)
         with pytest.raises(svc.PortInUseError, match="FMSTREAM_REDIS_PORT"):
             svc.start_redis(taken, timeout_s=2.0)
@@ -61,10 +69,7 @@ def test_start_redis_refuses_a_port_held_by_another_process(tmp_path: Path) -> N
 
 
 def test_start_kafka_refuses_a_port_held_by_another_process(tmp_path: Path) -> None:
-    with socket.socket() as squatter:
-        squatter.bind((svc.LOOPBACK, 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
+    with _squatter() as port:
         taken = Settings(run_dir=tmp_path, kafka_port=_free_port(), kafka_controller_port=port)
         with pytest.raises(svc.PortInUseError, match="FMSTREAM_KAFKA_CONTROLLER_PORT"):
             svc.start_kafka(taken, timeout_s=2.0)
@@ -72,10 +77,7 @@ def test_start_kafka_refuses_a_port_held_by_another_process(tmp_path: Path) -> N
 
 
 def test_up_refuses_a_port_that_answers_but_not_as_redis(tmp_path: Path) -> None:
-    with socket.socket() as squatter:  # accepts connections, never answers
-        squatter.bind((svc.LOOPBACK, 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
+    with _squatter() as port:
         taken = Settings(run_dir=tmp_path, redis_port=port)
         with pytest.raises(svc.PortInUseError, match="not as Redis.*FMSTREAM_REDIS_PORT"):
             svc.up(taken, timeout_s=1.0)

@@ -22,6 +22,7 @@ from serving.store import VectorStore
 from stream.lag import group_lag
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import consume_all, wait_for
+from tests.process_helpers import stop_processes
 from train.publisher import Publisher
 from train.store_writer import StoreWriter
 
@@ -141,11 +142,4 @@ def test_kill_one_of_two_workers_under_load(settings: Settings, redis_client, tm
                     f"{rid} (partition {partition}, offset {offset}) answered {count} times "
                     f"though the group had committed up to {committed[partition]}")
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop_processes(workers, 20)
