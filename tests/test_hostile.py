@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,6 +458,28 @@ def checkpoint_meta(s: Settings) -> dict[str, Any] | None:
     return None
 
 
+def wait_checkpoint_past_all(
+    s: Settings, kafka_io: KafkaIO, trainer: threading.Thread,
+    probe: Callable[[int], tuple[bytes, bytes]], what: str,
+) -> int:
+    """Send ``probe(p)`` (key, value) to every partition ``p`` of the events topic and wait until
+    a checkpoint covers every partition's end (the trainer went past everything sent before);
+    the ``trainer`` thread must still run. Returns how many probes were sent."""
+    parts = sorted({tp.partition for tp in kafka_io.end_offsets(s.topic_events)})
+    for p in parts:
+        kafka_io.produce(s.topic_events, [probe(p)], partition=p)
+    ends = {f"{tp.topic}|{tp.partition}": o
+            for tp, o in kafka_io.end_offsets(s.topic_events).items()}
+
+    def covered() -> bool:
+        m = checkpoint_meta(s)
+        return m is not None and all(m["positions"].get(k, 0) >= o for k, o in ends.items())
+
+    wait_for(covered, 120, what, poll_s=0.5)
+    assert trainer.is_alive()
+    return len(parts)
+
+
 def event_round(s: Settings, kafka_io: KafkaIO, trainer: TrainerRun,
                 messages: list[tuple[bytes | None, bytes | None]], stages: list[str]) -> None:
     """Send ``messages`` then a valid event on every partition; wait until the trainer's
@@ -466,19 +488,9 @@ def event_round(s: Settings, kafka_io: KafkaIO, trainer: TrainerRun,
     applied_before = 0 if before is None else int(before["events_applied"])
     dlq_start = kafka_io.end_offsets(s.topic_dlq)
     meta = kafka_io.produce(s.topic_events, messages, timeout_s=60)
-    parts = sorted({tp.partition for tp in kafka_io.end_offsets(s.topic_events)})
-    for p in parts:
-        kafka_io.produce(s.topic_events, [(b"u1", j({"user_id": f"u{p}", "item_id": "i1"}))],
-                         partition=p)
-    ends = {f"{tp.topic}|{tp.partition}": o
-            for tp, o in kafka_io.end_offsets(s.topic_events).items()}
-
-    def covered() -> bool:
-        m = checkpoint_meta(s)
-        return m is not None and all(m["positions"].get(k, 0) >= o for k, o in ends.items())
-
-    wait_for(covered, 120, "a checkpoint covering the round", poll_s=0.5)
-    assert trainer.thread.is_alive()
+    probes = wait_checkpoint_past_all(s, kafka_io, trainer.thread,
+                                      lambda p: (b"u1", j({"user_id": f"u{p}", "item_id": "i1"})),
+                                      "a checkpoint covering the round")
     after = checkpoint_meta(s)
     applied = int(after["events_applied"]) - applied_before
     letters = [orjson.loads(r.value) for r in
@@ -491,8 +503,8 @@ def event_round(s: Settings, kafka_io: KafkaIO, trainer: TrainerRun,
             assert letter is None, letter
         else:
             assert letter is not None and letter["stage"] == stage, (stage, letter)
-    assert applied - len(parts) + len(letters) == len(messages)
-    assert applied - len(parts) == sum(stage == "applied" for stage in stages)
+    assert applied - probes + len(letters) == len(messages)
+    assert applied - probes == sum(stage == "applied" for stage in stages)
 
 
 _events = st.fixed_dictionaries(

@@ -38,6 +38,7 @@ from tests.test_hostile import (
     checkpoint_meta,
     publish,
     start_workers,
+    wait_checkpoint_past_all,
 )
 from tests.worker_helpers import RunningWorker
 
@@ -108,19 +109,9 @@ class Trainer:
     def settle(self, kafka_io: KafkaIO) -> int:
         """Send a valid event to every partition, wait until a checkpoint covers them (the
         trainer went past everything sent before) and return the events applied so far."""
-        s = self.s
-        parts = sorted({tp.partition for tp in kafka_io.end_offsets(s.topic_events)})
-        for p in parts:
-            kafka_io.produce(s.topic_events, [(b"probe", event(f"probe{p}"))], partition=p)
-        ends = {f"{tp.topic}|{tp.partition}": o
-                for tp, o in kafka_io.end_offsets(s.topic_events).items()}
-
-        def covered() -> bool:
-            m = checkpoint_meta(s)
-            return m is not None and all(m["positions"].get(k, 0) >= o for k, o in ends.items())
-
-        wait_for(covered, 120, "a checkpoint past everything sent", poll_s=0.5)
-        assert self.thread.is_alive()
+        wait_checkpoint_past_all(self.s, kafka_io, self.thread,
+                                 lambda p: (b"probe", event(f"probe{p}")),
+                                 "a checkpoint past everything sent")
         return self.applied()
 
 
