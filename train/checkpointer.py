@@ -122,6 +122,11 @@ class BackgroundCheckpoint:
         """A child was started and not reaped yet."""
         return self._pid is not None
 
+    @property
+    def pid(self) -> int | None:
+        """The writing child's pid while it runs (until reaped), else None."""
+        return self._pid
+
     def start(
         self, model: OnlineFM, metadata: Callable[[], dict[str, Any]], token: Any = None
     ) -> None:

@@ -136,7 +136,7 @@ def test_the_writer_dies_with_its_parent(tmp_path: Path) -> None:
         os.environ["FMSTREAM_TEST_BLOCK_FD"] = str(r)
         bg = BackgroundCheckpoint({str(tmp_path)!r}, writer=_blocked)
         bg.start(_model(), dict)
-        print(bg._pid, flush=True)
+        print(bg.pid, flush=True)
         sys.stdin.read()  # until the test kills us
         """
     )
