@@ -27,6 +27,17 @@ def _start(settings: Settings, log: Path, command: str, **env: str) -> subproces
         )
 
 
+def _assert_refused(settings: Settings, command: str, setting: str, value: str) -> None:
+    """``fmstream COMMAND`` with ``FMSTREAM_<SETTING>=value`` exits non-zero naming the setting."""
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "fmstream.cli", command], cwd=REPO_ROOT,
+        env=cli_env(settings, **{f"FMSTREAM_{setting.upper()}": value}), capture_output=True,
+        text=True, timeout=120, check=False,
+    )
+    assert done.returncode != 0
+    assert setting in (done.stdout + done.stderr).lower()
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -71,13 +82,7 @@ def test_the_trainer_and_its_fetch_child_run_at_the_configured_niceness(
 def test_a_bad_niceness_is_refused_with_the_settings_name(
     settings: Settings, value: str
 ) -> None:
-    done = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "fmstream.cli", "train"], cwd=REPO_ROOT,
-        env=cli_env(settings, FMSTREAM_TRAINER_NICE=value), capture_output=True, text=True,
-        timeout=120, check=False,
-    )
-    assert done.returncode != 0
-    assert "trainer_nice" in (done.stdout + done.stderr).lower()
+    _assert_refused(settings, "train", "trainer_nice", value)
 
 
 # --- FMSTREAM_WORKER_SLICE_US: the serving threads' scheduler slice ---------------------------
@@ -196,10 +201,4 @@ def test_the_worker_runs_every_thread_at_the_configured_slice(
 
 @pytest.mark.parametrize("value", ["-1", "99", "100001", "short"])
 def test_a_bad_slice_is_refused_with_the_settings_name(settings: Settings, value: str) -> None:
-    done = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "fmstream.cli", "serve"], cwd=REPO_ROOT,
-        env=cli_env(settings, FMSTREAM_WORKER_SLICE_US=value), capture_output=True, text=True,
-        timeout=120, check=False,
-    )
-    assert done.returncode != 0
-    assert "worker_slice_us" in (done.stdout + done.stderr).lower()
+    _assert_refused(settings, "serve", "worker_slice_us", value)
