@@ -396,15 +396,47 @@ class ReplyTopics:
         return unknown
 
 
+class ReplyToProducer:
+    """The producer of replies to ``reply_to`` topics (not the response topic), made on first use.
+
+    Not idempotent, one request in flight (retries keep the order; a retry may repeat a reply,
+    which the client drops by request id): kafka-python 3.0.12's idempotent producer takes any
+    produce error it cannot retry (a reply topic this worker may Describe but not Write, under
+    an ACL) for a fatal one and fails every send after it, every answer and dead letter of the
+    worker, for good. A topic the client names must not do that to the worker's own outputs
+    (the response topic, the dead letters), so it gets a producer of its own, where such an
+    error fails that reply's batch only.
+    """
+
+    def __init__(self, make: Callable[[], KafkaProducer]) -> None:
+        self._make = make
+        self.producer: KafkaProducer | None = None
+
+    def get(self) -> KafkaProducer:
+        if self.producer is None:
+            self.producer = self._make()
+        return self.producer
+
+    def flush(self, timeout: float) -> None:
+        if self.producer is not None:
+            self.producer.flush(timeout=timeout)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
+
+
 class _Replies:
     """Sends replies and dead letters, tracks them until acknowledged, commits what they cover."""
 
     def __init__(self, worker: Worker, consumer: KafkaConsumer, producer: KafkaProducer,
-                 *, alive: Callable[[str], None] | None = None) -> None:
+                 *, alive: Callable[[str], None] | None = None,
+                 reply_to: ReplyToProducer | None = None) -> None:
         self.worker = worker
         self.alive = alive or (lambda where: None)  # the watchdog: each bounded call returned
         self.consumer = consumer
         self.producer = producer
+        self.reply_to = reply_to  # None: replies to reply_to topics go through ``producer``
         self.sent: deque[_SentBatch] = deque()
         self.acked: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
@@ -434,14 +466,17 @@ class _Replies:
         """Send the reply of ``p``; a reply the producer refuses becomes an ``internal`` error
         reply, then a dead letter (raises :class:`_RetryLater` if the broker is away)."""
         key = p.request_id.encode()
+        producer = self.producer
+        if self.reply_to is not None and p.reply_to != self.worker.config.topic_responses:
+            producer = self.reply_to.get()
         try:
-            return _Out(self.producer.send(p.reply_to, key=key, value=p.encode()), record, p)
+            return _Out(producer.send(p.reply_to, key=key, value=p.encode()), record, p)
         except KafkaError as exc:
             first = exc
         if not _transient(first) and p.error is None:  # e.g. the answer is too large
             p.fail(InternalError(f"the answer could not be sent: {first!r}"), p.version)
             try:
-                return _Out(self.producer.send(p.reply_to, key=key, value=p.encode()), record, p)
+                return _Out(producer.send(p.reply_to, key=key, value=p.encode()), record, p)
             except KafkaError as exc:
                 first = exc
         return self.dead_letter(record, "reply", first, f"reply to {p.reply_to!r} failed: "
@@ -640,6 +675,8 @@ class _Replies:
         """Wait for every message in flight, then commit what is acknowledged (synchronously)."""
         try:
             self.producer.flush(timeout=timeout_s)
+            if self.reply_to is not None:
+                self.reply_to.flush(timeout_s)
         except Exception as exc:  # noqa: BLE001 - the unacknowledged are answered again later
             log.warning("replies not acknowledged within %.0f s: %r", timeout_s, exc)
         self.settle()
@@ -724,6 +761,8 @@ class _Handover(AsyncConsumerRebalanceListener):
         try:
             if replies.sent:
                 replies.producer.flush(timeout=5.0)
+                if replies.reply_to is not None:
+                    replies.reply_to.flush(5.0)
             offsets = {tp: OffsetAndMetadata(o, "", -1)
                        for tp, o in replies.acknowledged().items() if tp in revoked}
             if offsets:
@@ -879,17 +918,20 @@ class Worker:
         follower.start()
         # linger 0: a reply leaves at once (the batch is already formed by the poll).
         producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS)
+        reply_to = ReplyToProducer(lambda: self.clients.producer(
+            linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS, enable_idempotence=False,
+            max_in_flight_requests_per_connection=1))
         watchdog = self.watchdog
         watching = threading.Event()  # set: the watchdog stops (shutdown, or run() is over)
         threading.Thread(target=watchdog.watch, args=(watching,), daemon=True,
                          name="fmstream-watchdog").start()
         consumer = self._consumer()
         try:
-            replies, membership = self._join(consumer, producer, stop)
+            replies, membership = self._join(consumer, producer, stop, reply_to)
             while not stop.is_set():
                 if watchdog.overdue():
                     consumer = self._renew(consumer)
-                    replies, membership = self._join(consumer, producer, stop)
+                    replies, membership = self._join(consumer, producer, stop, reply_to)
                     continue
                 try:
                     self._step(consumer, replies, membership, ready)
@@ -907,6 +949,7 @@ class Worker:
             watching.set()
             consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
             producer.close()
+            reply_to.close()
 
     def _consumer(self) -> KafkaConsumer:
         """A new consumer of the serving group (not subscribed yet)."""
@@ -929,10 +972,11 @@ class Worker:
         use_fast_records(consumer)
         return consumer
 
-    def _join(self, consumer: KafkaConsumer, producer: KafkaProducer, stop: threading.Event
-              ) -> tuple[_Replies, Membership]:
+    def _join(self, consumer: KafkaConsumer, producer: KafkaProducer, stop: threading.Event,
+              reply_to: ReplyToProducer | None = None) -> tuple[_Replies, Membership]:
         """Subscribe ``consumer`` to the request topic (joined by its next poll)."""
-        replies = _Replies(self, consumer, producer, alive=self.watchdog.alive)
+        replies = _Replies(self, consumer, producer, alive=self.watchdog.alive,
+                           reply_to=reply_to)
         self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
         # Join the group only once the topic's partitions are in metadata: a member that joins
         # before (a topic created a moment ago) is assigned nothing until the next metadata

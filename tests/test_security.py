@@ -481,3 +481,100 @@ def test_a_principal_without_rights_is_refused_clearly(stack: SecureStack) -> No
         assert "Traceback" not in out, out[-3000:]
         for secret in (*stack.secrets, password):
             assert secret not in out
+
+
+@pytest.mark.integration
+def test_a_reply_topic_the_worker_may_not_write_costs_its_request_not_the_worker(
+    stack: SecureStack, tmp_path: Path
+) -> None:
+    """``reply_to`` a topic the worker's user may Describe but not Write (an ACL): the broker
+    lists it, so the worker sends, and the broker refuses the write. That request ends as a
+    dead letter (stage ``reply``, the authorization error in its reason); the requests around
+    it, and after it, are answered, and the worker keeps running."""
+    from kafka.admin import (
+        ACL,
+        ACLOperation,
+        ACLPermissionType,
+        ACLResourcePatternType,
+        NewTopic,
+        ResourcePattern,
+        ResourceType,
+    )
+    from kafka.admin._users import UserScramCredentialDeletion, UserScramCredentialUpsertion
+    from kafka.structs import TopicPartition
+
+    from stream.connect import kafka_admin
+    from tests.kafka_helpers import KafkaIO
+
+    s = stack.settings
+    user, password = f"replier-{secrets.token_hex(4)}", f"replierpw-{secrets.token_hex(8)}"
+    denied = f"fm.replies.readonly-{secrets.token_hex(4)}"  # within the default prefixes
+    admin = kafka_admin(s.kafka_config())
+    io = KafkaIO(s)  # the stack's own (super) user: requests in, answers and letters out
+    log_file = tmp_path / "serve.log"
+    try:
+        assert admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password)]) == {user: None}
+        _grant_all(admin, user)
+        result = admin.create_acls([ACL(
+            f"User:{user}", "*", ACLOperation.WRITE, ACLPermissionType.DENY,
+            ResourcePattern(ResourceType.TOPIC, denied, ACLResourcePatternType.LITERAL))])
+        assert not result.get("failed"), result
+        admin.create_topics([NewTopic(denied, 1, 1)])
+        with log_file.open("w") as out:
+            worker = subprocess.Popen(  # noqa: S603
+                _fmstream("-v", "serve"), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env=_env(s, FMSTREAM_KAFKA_USERNAME=user, FMSTREAM_KAFKA_PASSWORD=password),
+            )
+        try:
+            def request(rid: str, **fields: object) -> tuple[bytes, bytes]:
+                return rid.encode(), orjson.dumps(
+                    {"request_id": rid, "type": "i2i", "item_id": "i1", "k": 2, **fields})
+
+            def answers() -> dict[str, dict]:
+                return {b["request_id"]: b for b in (
+                    orjson.loads(r.value) for r in io.consume_all(s.topic_responses))}
+
+            probes: list[str] = []
+
+            def serving() -> bool:  # the worker starts at the end: ask until it answers
+                assert worker.poll() is None, log_file.read_text()[-3000:]
+                probes.append(f"probe-{len(probes)}")
+                io.produce(s.topic_requests, [request(probes[-1])], partition=0)
+                return bool(set(probes) & set(answers()))
+
+            wait_for(serving, 180, "the worker to answer as the new user", poll_s=1.0)
+            dlq_start = io.end_offsets(s.topic_dlq)
+            sent = [request(f"denied-{n}", reply_to=denied) if n % 3 == 1 else
+                    request(f"good-{n}") for n in range(12)]
+            io.produce(s.topic_requests, sent, partition=0)
+            good = {f"good-{n}" for n in range(12) if n % 3 != 1}
+            wait_for(lambda: good <= set(answers()), 120, "the good requests answered")
+
+            def letters() -> list[dict]:
+                return [orjson.loads(r.value) for r in io.consume_all(s.topic_dlq)
+                        if r.offset >= dlq_start.get(TopicPartition(r.topic, r.partition), 0)]
+
+            wait_for(lambda: len(letters()) >= 4, 120, "a dead letter per denied request")
+            io.produce(s.topic_requests, [request("after")], partition=0)
+            wait_for(lambda: "after" in answers(), 120, "a request after them answered")
+            assert worker.poll() is None, log_file.read_text()[-3000:]
+            dead, got = letters(), answers()
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    finally:
+        io.close()
+        admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, "SCRAM-SHA-512")])
+        admin.close()
+    assert worker.returncode == 0, log_file.read_text()[-3000:]
+    assert all(got[r]["error"]["code"] == "not_ready" for r in good | {"after"})  # no model
+    assert not any(r.startswith("denied") for r in got), got.keys()  # nowhere else either
+    assert sorted(d["id"].rsplit("/", 1)[0] for d in dead) == [f"{s.topic_requests}/0"] * 4
+    for d in dead:
+        assert d["stage"] == "reply" and d["error_class"] == "TopicAuthorizationFailedError", d
+        assert f"reply to {denied!r} failed" in d["reason"], d
