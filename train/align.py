@@ -20,7 +20,9 @@ Rules (:meth:`EventAligner.take`):
 * a partition *constrains* while it may hold earlier records than those buffered: it has lag
   (records on the broker not yet polled) or its lag is unknown. Only records with a key at or
   below every constraining partition's newest buffered key go out; a constraining partition
-  with nothing buffered holds everything back;
+  with nothing buffered holds everything back. Lag counts what the consumer can fetch: records
+  of a transaction still open are not (:class:`StableLags`), so a producer that died
+  mid-transaction on one partition does not hold the others back;
 * held back while records keep arriving (the consumer is working through other partitions'
   fetched chunks; a backlog of 6 partitions needs about 5 chunks buffered), but at most
   ``max_wait_s`` without a new record, ``max_hold_s`` in all, or until ``max_buffered`` records
@@ -34,12 +36,16 @@ records still buffered when it stops are fetched again by the next trainer.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from operator import attrgetter
 from typing import Any
 
 import numpy as np
+from kafka.errors import KafkaError
+
+log = logging.getLogger(__name__)
 
 _TIMESTAMP = attrgetter("timestamp")
 
@@ -118,12 +124,7 @@ class EventAligner:
         if not self.buffered:
             self._held_since = None
             return []
-        bound = np.iinfo(np.int64).max
-        for tp, lag in lags.items():
-            if lag == 0:
-                continue  # everything it has is buffered: it constrains nothing
-            keys = self._keys.get(tp)
-            bound = min(bound, int(keys[-1]) if keys is not None and keys.size else -1 << 62)
+        bound = self._bound(lags)
         parts = [tp for tp, keys in self._keys.items() if keys.size]
         if not any(self._keys[tp][0] <= bound for tp in parts):
             now = self._clock()
@@ -158,6 +159,28 @@ class EventAligner:
         self.more = any(k.size and k[0] <= bound for k in self._keys.values())
         return out
 
+    def holds_back(self, lags: Mapping[Partition, int | None]) -> bool:
+        """Would :meth:`take` under ``lags`` keep some buffered record back for a partition
+        that may still have earlier ones (its bounds aside)?"""
+        bound = self._bound(lags)
+        return any(keys.size and keys[-1] > bound for keys in self._keys.values())
+
+    def holds(self, partition: Partition) -> bool:
+        """Are records of ``partition`` buffered (polled, not handed over yet)?"""
+        keys = self._keys.get(partition)
+        return keys is not None and bool(keys.size)
+
+    def _bound(self, lags: Mapping[Partition, int | None]) -> int:
+        """The newest key that may go out: every constraining partition's newest buffered key
+        at most (one with nothing buffered holds everything back)."""
+        bound = np.iinfo(np.int64).max
+        for tp, lag in lags.items():
+            if lag == 0:
+                continue  # everything it has is buffered: it constrains nothing
+            keys = self._keys.get(tp)
+            bound = min(bound, int(keys[-1]) if keys is not None and keys.size else -1 << 62)
+        return bound
+
     def clear(self, partitions: Iterable[Partition] | None = None) -> None:
         """Forget buffered records (of ``partitions``; all by default), e.g. after a seek."""
         for tp in list(self._records) if partitions is None else list(partitions):
@@ -165,13 +188,18 @@ class EventAligner:
             self._keys.pop(tp, None)
 
 
-def aligned_records(aligner: EventAligner, consumer: Any, polled: Mapping[Partition, list[Any]]
-                    ) -> list[Any]:
+def aligned_records(aligner: EventAligner, consumer: Any, polled: Mapping[Partition, list[Any]],
+                    stable: StableLags | None = None) -> list[Any]:
     """One poll through ``aligner``: the poll's records of other topics, then the aligned
-    topic's records that may go out now (each partition in offset order)."""
+    topic's records that may go out now (each partition in offset order). With ``stable``, a
+    partition that would hold records back is asked for its last stable offset first
+    (:class:`StableLags`)."""
     others = aligner.push(polled)
     parts = [tp for tp in consumer.assignment() if tp.topic == aligner.topic]
-    return others + aligner.take(consumer_lags(consumer, parts))
+    lags = consumer_lags(consumer, parts)
+    if stable is not None and aligner.holds_back(lags):
+        lags = stable.refine(lags)
+    return others + aligner.take(lags)
 
 
 def consumer_lags(consumer: Any, partitions: Iterable[Partition]) -> dict[Partition, int | None]:
@@ -183,3 +211,73 @@ def consumer_lags(consumer: Any, partitions: Iterable[Partition]) -> dict[Partit
         pos = None if high is None else consumer.position(tp, timeout_ms=0)
         out[tp] = None if pos is None else max(0, high - pos)
     return out
+
+
+class StableLags:
+    """Lags to the last stable offset (LSO): the records a ``read_committed`` consumer can
+    still fetch.
+
+    kafka-python keeps the high watermark of fetch responses but not their LSO, so
+    ``highwater - position`` (:func:`consumer_lags`) also counts the records of a transaction
+    still open on the partition, which a read_committed consumer cannot fetch until it ends
+    (a producer that died mid-transaction: up to its ``transaction.timeout.ms``, 1 minute by
+    default). The aligner took such a partition for one with records still to come and held
+    every other partition's records back up to its wait (events elsewhere 1.11-1.16 s from
+    produce to the model instead of 0.24-0.38 s, bench/RESULTS.md 'hostile wire').
+
+    :meth:`refine` asks the broker for the LSO (``end_offsets`` of a read_committed consumer)
+    of the partitions with a lag, only when the aligner would hold records back, and once per
+    (position, high watermark) of a partition: the LSO moves only when a transaction ends,
+    which appends its marker and so moves the high watermark the next fetch response reports.
+    Asks are at least ``min_interval_s`` apart; meanwhile, and when the broker does not answer,
+    a partition keeps its high-watermark lag (it holds back, as without this class).
+
+    Args:
+        consumer: the ``KafkaConsumer`` (read_committed; with read_uncommitted the LSO asked
+            is the high watermark and nothing changes).
+        min_interval_s: shortest time between two asks.
+        timeout_ms: longest one ask may block.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, consumer: Any, *, min_interval_s: float = 0.1, timeout_ms: int = 500,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.consumer = consumer
+        self.min_interval_s, self.timeout_ms = min_interval_s, timeout_ms
+        self._clock = clock
+        self._asked_at = -float("inf")
+        self._stable: dict[Partition, tuple[int, int, int]] = {}  # (position, high, LSO)
+        self.asks = 0  # ListOffsets requests made
+        self.failed = 0  # of which the broker did not answer in time
+
+    def refine(self, lags: Mapping[Partition, int | None]) -> dict[Partition, int | None]:
+        """``lags`` (from :func:`consumer_lags`) with each positive one cut to the LSO."""
+        out = dict(lags)
+        seen: dict[Partition, tuple[int, int]] = {}
+        for tp, lag in lags.items():
+            if not lag:
+                continue
+            high = self.consumer.highwater(tp)
+            pos = self.consumer.position(tp, timeout_ms=0)
+            if high is None or pos is None:
+                continue
+            seen[tp] = (pos, high)
+        ask = [tp for tp, state in seen.items() if self._stable.get(tp, (None, None))[:2] != state]
+        now = self._clock()
+        if ask and now - self._asked_at >= self.min_interval_s:
+            self._asked_at = now
+            self.asks += 1
+            try:
+                stable = self.consumer.end_offsets(ask, timeout_ms=self.timeout_ms)
+            except KafkaError as exc:
+                self.failed += 1
+                log.debug("last stable offsets of %s not known (%r)", ask, exc)
+            else:
+                for tp, lso in stable.items():
+                    if tp in seen and lso is not None:
+                        self._stable[tp] = (*seen[tp], int(lso))
+        for tp, (pos, high) in seen.items():
+            known = self._stable.get(tp)
+            if known is not None and known[:2] == (pos, high):
+                out[tp] = max(0, min(high, known[2]) - pos)
+        return out

@@ -33,7 +33,7 @@ from kafka.errors import KafkaError
 from stream.config import Topics
 from stream.consume import Decoded, decode_event_columns, decode_records
 from stream.schemas import EventColumns, ItemProfile, UserProfile
-from train.align import EventAligner, aligned_records
+from train.align import EventAligner, StableLags, aligned_records
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,54 @@ def decode_poll(
     )
 
 
+class HandedEnds:
+    """Where each partition's records handed over end, moved past what a ``read_committed``
+    consumer skips.
+
+    A batch ends a partition at its last record + 1 (:attr:`DecodedBatch.ends`). Transaction
+    markers (control records) and the records of aborted transactions are never handed over,
+    so a partition whose log ends with them stayed behind in the checkpoint (and in ``fmstream
+    lag``) until its next committed record, although the consumer's position was past them.
+    :meth:`moved` gives, for every assigned partition the aligner holds nothing of, its
+    position when that is past the last end handed over: every record before it was handed
+    over (in this batch or an earlier one, which the trainer applies first), so a checkpoint
+    may carry it, and a trainer restarted from it skips only what was never handed over.
+    Partitions with no end yet (no record handed over, no start position) are left alone.
+
+    Args:
+        positions: the start positions (``topic|partition`` -> next offset, see
+            :func:`tp_key`), the ends handed over before this fetcher.
+    """
+
+    def __init__(self, positions: Mapping[str, int] | None = None) -> None:
+        self._ends: dict[tuple[str, int], int] = {}
+        for key, pos in (positions or {}).items():
+            topic, part = key.rsplit("|", 1)
+            self._ends[(topic, int(part))] = int(pos)
+
+    def moved(self, consumer: Any, ends: Mapping[tuple[str, int], int],
+              held: Callable[[Any], bool] = lambda tp: False) -> dict[tuple[str, int], int]:
+        """The partitions whose end moves past skipped offsets, and their new ends.
+
+        Args:
+            consumer: the ``KafkaConsumer`` that polled.
+            ends: the ends of the batch about to be handed over (none: no records).
+            held: whether records of a partition are polled but not handed over yet (the
+                aligner's :meth:`~train.align.EventAligner.holds`).
+        """
+        self._ends.update(ends)
+        out: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            key = (tp.topic, tp.partition)
+            last = self._ends.get(key)
+            if last is None or held(tp):
+                continue
+            pos = consumer.position(tp, timeout_ms=0)
+            if pos is not None and pos > last:
+                out[key] = self._ends[key] = pos
+        return out
+
+
 def partition_counts(records: Sequence[ConsumerRecord], rows: Any) -> dict[int, int]:
     """How many of ``records[rows]`` each partition holds."""
     counts = getattr(records, "partition_counts", None)
@@ -160,6 +208,10 @@ class Fetcher(Generic[B]):
         timings: a dict where ``poll`` and ``decode`` seconds are accumulated.
         aligner: hands one topic's records over in timestamp order across partitions
             (:mod:`train.align`); None: each poll as kafka-python returns it.
+        positions: the start positions (``topic|partition`` -> next offset): a batch's ends
+            move past skipped offsets from there (:class:`HandedEnds`; ``decode`` returns a
+            batch with an ``ends`` dict, and is called with no records for such a move).
+            None: batches are handed over as ``decode`` makes them.
     """
 
     def __init__(
@@ -173,9 +225,12 @@ class Fetcher(Generic[B]):
         poll_timeout_ms: int = 200,
         timings: dict[str, float] | None = None,
         aligner: EventAligner | None = None,
+        positions: Mapping[str, int] | None = None,
     ) -> None:
         self.consumer = consumer
         self._aligner = aligner
+        self._stable = StableLags(consumer) if aligner is not None else None
+        self._ends = HandedEnds(positions) if positions is not None else None
         self._decode = decode
         self._may_fetch = may_fetch
         self._before_poll = before_poll
@@ -299,26 +354,41 @@ class Fetcher(Generic[B]):
                 finally:
                     self.timings["poll"] += time.perf_counter() - t0
                 if self._aligner is not None:
-                    records = aligned_records(self._aligner, self.consumer, polled)
+                    records = aligned_records(self._aligner, self.consumer, polled,
+                                              self._stable)
+                    held = self._aligner.holds
                 else:
                     records = [r for batch in polled.values() for r in batch]
-                if not records:
+                    held = _holds_nothing
+                if records:
+                    self._caught_up.clear()
+                t0 = time.perf_counter()
+                batch = self._decode(records) if records else None
+                moved = {} if self._ends is None else self._ends.moved(
+                    self.consumer, batch.ends if batch else {}, held)
+                if batch is None and moved:  # only past markers / aborted records
+                    batch = self._decode([])
+                self.timings["decode"] += time.perf_counter() - t0
+                if batch is None:
                     # caught up unless the aligner still holds records back for a while
                     if self._aligner is not None and self._aligner.buffered:
                         self._caught_up.clear()
                     else:
                         self._caught_up.set()
                     continue
+                if moved:
+                    batch.ends.update(moved)
                 self._caught_up.clear()
-                t0 = time.perf_counter()
-                batch = self._decode(records)
-                self.timings["decode"] += time.perf_counter() - t0
                 put_while_busy(self._queue, batch, self._stop, self._run_calls)
         except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread by get()
             log.exception("fetch thread failed")
             self._failed = exc
         finally:
             self.cpu_s = time.thread_time() - cpu0
+
+
+def _holds_nothing(tp: Any) -> bool:
+    return False
 
 
 def _run_call(fn: Callable[[Any], Any], consumer: Any, future: Future) -> None:

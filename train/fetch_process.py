@@ -43,10 +43,11 @@ import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
 from stream.config import KafkaConfig, Topics
-from train.align import EventAligner, aligned_records
+from train.align import EventAligner, StableLags, aligned_records
 from train.fetch import (
     DecodedBatch,
     FetchFailed,
+    HandedEnds,
     decode_poll,
     grow_assignment,
     log_commit_failure,
@@ -385,6 +386,8 @@ class _Child:
         self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,
                                     max_wait_s=spec.align_wait_s,
                                     max_hold_s=max(10.0, spec.align_wait_s))
+        self.stable = StableLags(self.consumer)  # lags to the LSO (open transactions)
+        self.ends = HandedEnds(spec.positions)  # ends past markers and aborted records
         self.assigned: set = set()
         self.assigned_at = 0.0
         self.cpu0 = time.process_time()
@@ -437,20 +440,29 @@ class _Child:
             self.poll_s += time.perf_counter() - t0
             c1 = time.thread_time()
             self.cpu_pieces["poll"] += c1 - c0
-        records = aligned_records(self.aligner, self.consumer, polled)  # in event-time order
+        # in event-time order
+        records = aligned_records(self.aligner, self.consumer, polled, self.stable)
         c2 = time.thread_time()
         self.cpu_pieces["align"] += c2 - c1
-        if not records:
+        if records:
+            self.caught_up.clear()
+        t0 = time.perf_counter()
+        sent = self.dead_letters.count
+        batch = decode_poll(records, self.dead_letters, self.spec.topics,
+                            self.spec.max_message_bytes) if records else None
+        # past markers and aborted records (with or without records)
+        moved = self.ends.moved(self.consumer, batch.ends if batch else {}, self.aligner.holds)
+        if batch is None and not moved:
             if self.aligner.buffered:  # held back for a while: not idle yet
                 self.caught_up.clear()
             else:
                 self.caught_up.set()
             return None
+        if batch is None:
+            batch = decode_poll([], self.dead_letters, self.spec.topics,
+                                self.spec.max_message_bytes)
+        batch.ends.update(moved)
         self.caught_up.clear()
-        t0 = time.perf_counter()
-        sent = self.dead_letters.count
-        batch = decode_poll(records, self.dead_letters, self.spec.topics,
-                            self.spec.max_message_bytes)
         batch = batch._replace(event_records=RecordBlock(list(batch.event_records)),
                                dead_letters=self.dead_letters.count - sent)
         self.decode_s += time.perf_counter() - t0

@@ -295,6 +295,7 @@ class Trainer:
                 depth=config.fetch_depth,
                 timings=self.timings,
                 aligner=EventAligner(config.topics.events, max_records=config.max_poll_records),
+                positions=dict(self.progress.positions),
             )
         if config.fetch_process:  # spawned now (it polls only while the lease is ours)
             self.fetcher.start()
@@ -517,15 +518,19 @@ class Trainer:
             self._apply_profiles(batch.items, self.model.upsert_items, "item_id")
             applied = self._apply_events(batch.events, batch.event_records)
         positions, counts = self.progress.positions, self.progress.applied
+        moved = 0
         for (topic, partition), end in batch.ends.items():
-            positions[tp_key(topic, partition)] = end
+            key = tp_key(topic, partition)
+            moved += positions.get(key) != end
+            positions[key] = end
         if len(applied):
             for partition, n in partition_counts(batch.event_records, applied.rows).items():
                 key = tp_key(self.config.topics.events, partition)
                 counts[key] = counts.get(key, 0) + n
         self._fetched_dead_letters += batch.dead_letters
         self.progress.dead_letters = self._dead_letters_restored + self.dead_letter_count
-        self._since_checkpoint += batch.n_records
+        # a batch with no records moves positions past markers / aborted records: checkpoint it
+        self._since_checkpoint += batch.n_records or min(moved, 1)
         t2, c2 = time.perf_counter(), time.thread_time()
         self.timings["update"] += t2 - t1
         self.cpu["bookkeeping"] += c2 - c1 - (self.cpu["learn"] + self.cpu["live"] - learned)

@@ -2,12 +2,13 @@
 //
 //   java -cp 'infra/kafka/target/libs/*' tests/java/TxnProducer.java BOOTSTRAP < script
 //
-// The script on stdin is sections, each a line "@MODE TOPIC PARTITION" followed by "key|value"
-// lines (a key "-" is a null key), sent to TOPIC/PARTITION in order:
+// The script on stdin is sections, each a line "@MODE TOPIC PARTITION [TIMEOUT_MS]" followed by
+// "key|value" lines (a key "-" is a null key), sent to TOPIC/PARTITION in order:
 //   @abort       one transaction, aborted once every record is acknowledged
 //   @commit      one transaction, committed
 //   @open        a transaction left open: the process ends without committing it (the broker
-//                aborts it after transaction.timeout.ms = 10 s); must be the last section
+//                aborts it after transaction.timeout.ms: TIMEOUT_MS, default 10 s); must be the
+//                last section
 //   @idempotent  an idempotent, non-transactional producer (acks=all)
 // It prints "sent MODE N" per section.
 import java.io.BufferedReader;
@@ -48,7 +49,7 @@ public class TxnProducer {
             p.put("enable.idempotence", "true");
             if (txn) {
                 p.put("transactional.id", "fmstream-hostile-" + UUID.randomUUID());
-                p.put("transaction.timeout.ms", "10000");
+                p.put("transaction.timeout.ms", heads.get(s).length > 3 ? heads.get(s)[3] : "10000");
             }
             KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(p);
             if (txn) {

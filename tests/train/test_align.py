@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
-from train.align import EventAligner, consumer_lags
+from train.align import EventAligner, StableLags, consumer_lags
 
 A, B, C = (TopicPartition("ev", p) for p in range(3))
 PROFILES = TopicPartition("users", 0)
@@ -154,3 +155,77 @@ def test_consumer_lags_from_highwater_and_position() -> None:
             return {A: 7, B: 0, C: 4}[tp]
 
     assert consumer_lags(Consumer(), [A, B, C]) == {A: 3, B: None, C: 0}
+
+
+class LsoConsumer:
+    """A consumer's view for :class:`StableLags`: high watermarks, positions and the broker's
+    last stable offsets (``end_offsets`` of a read_committed consumer); counts the asks."""
+
+    def __init__(self, high: dict, pos: dict, lso: dict) -> None:
+        self.high, self.pos, self.lso = high, pos, lso
+        self.asked: list[list[TopicPartition]] = []
+        self.fail = False
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.high[tp]
+
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
+        return self.pos[tp]
+
+    def end_offsets(self, tps: list[TopicPartition], timeout_ms: int | None = None) -> dict:
+        self.asked.append(sorted(tps))
+        if self.fail:
+            raise KafkaTimeoutError("no answer")
+        return {tp: self.lso[tp] for tp in tps}
+
+
+def test_an_open_transaction_is_no_lag_once_its_lso_is_known() -> None:
+    # A: a transaction open from offset 7 (high watermark 10); B: 3 committed records to fetch
+    c = LsoConsumer({A: 10, B: 5, C: 4}, {A: 7, B: 2, C: 4}, {A: 7, B: 5, C: 4})
+    clock = Clock()
+    stable = StableLags(c, min_interval_s=0.1, clock=clock)
+    lags = consumer_lags(c, [A, B, C])
+    assert lags == {A: 3, B: 3, C: 0}
+    assert stable.refine(lags) == {A: 0, B: 3, C: 0}
+    assert c.asked == [[A, B]]  # only partitions with a lag
+    clock.now = 1.0
+    assert stable.refine(lags) == {A: 0, B: 3, C: 0}
+    assert len(c.asked) == 1  # same position and high watermark: the LSO cannot have moved
+    # the transaction commits: its marker moves the high watermark, the LSO is asked again
+    c.high[A], c.lso[A] = 11, 11
+    assert stable.refine(consumer_lags(c, [A, B, C])) == {A: 4, B: 3, C: 0}
+    assert c.asked[-1] == [A]
+
+
+def test_stable_lags_ask_at_most_every_interval_and_keep_the_lag_meanwhile() -> None:
+    c = LsoConsumer({A: 10}, {A: 7}, {A: 7})
+    clock = Clock()
+    stable = StableLags(c, min_interval_s=0.1, clock=clock)
+    assert stable.refine({A: 3}) == {A: 0}
+    c.high[A] = 12  # another record in the open transaction
+    clock.now = 0.05
+    assert stable.refine({A: 5}) == {A: 5}  # too soon to ask: held back as without the LSO
+    clock.now = 0.1
+    assert stable.refine({A: 5}) == {A: 0}
+    assert len(c.asked) == 2 and stable.asks == 2
+
+
+def test_stable_lags_keep_the_high_watermark_lag_when_the_broker_does_not_answer() -> None:
+    c = LsoConsumer({A: 10, B: None}, {A: 7, B: 0}, {A: 7})
+    c.fail = True
+    stable = StableLags(c, min_interval_s=0.0, clock=Clock())
+    assert stable.refine({A: 3, B: None}) == {A: 3, B: None}
+    assert stable.failed == 1
+    c.fail = False
+    assert stable.refine({A: 3, B: None}) == {A: 0, B: None}  # B's lag is unknown: not asked
+    assert c.asked == [[A], [A]]
+
+
+def test_holds_back_says_whether_a_take_would_keep_records_back() -> None:
+    al = EventAligner("ev", max_records=100, clock=Clock())
+    al.push({A: recs(A, [1, 5]), B: recs(B, [3])})
+    assert al.holds(A) and al.holds(B) and not al.holds(C)
+    assert not al.holds_back({A: 0, B: 0, C: 0})
+    assert al.holds_back({A: 0, B: 2, C: 0})  # A's 5 waits for B's next records
+    assert al.holds_back({A: 0, B: 0, C: None})  # C may have anything: all wait
+    assert not al.holds_back({A: 4, B: 0, C: 0})  # A's own lag holds nothing back
