@@ -561,12 +561,7 @@ def test_a_reply_topic_the_worker_may_not_write_costs_its_request_not_the_worker
             assert worker.poll() is None, log_file.read_text()[-3000:]
             dead, got = letters(), answers()
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker, 30)
     finally:
         io.close()
         admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, "SCRAM-SHA-512")])
