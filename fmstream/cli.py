@@ -20,6 +20,8 @@ EXIT_SETTINGS = 2
 """Exit status when the settings are invalid (unknown FMSTREAM_* variable, bad value)."""
 EXIT_CONNECT = 3
 """Exit status when Kafka or Redis refuses the credentials or TLS."""
+EXIT_SERVICE = 1
+"""Exit status when a local service cannot be started or reached (``fmstream.services``)."""
 
 
 def _settings_epilog() -> str:
@@ -352,10 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. Exit status: the command's, or 2 for invalid settings, 3 when Kafka or
-    Redis refuses the credentials or TLS (a one-line message on stderr, never a secret)."""
+    """Run one command. Exit status: the command's, or 1 when a local service cannot be started
+    or reached, 2 for invalid settings, 3 when Kafka or Redis refuses the credentials or TLS
+    (a one-line message on stderr, never a secret)."""
     from pydantic import ValidationError
 
+    from fmstream.services import ServiceError
     from stream.connect import ConnectError
 
     args = build_parser().parse_args(argv)
@@ -375,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectError as exc:
         print(f"fmstream {args.command}: {settings.redact(str(exc))}", file=sys.stderr)
         return EXIT_CONNECT
+    except ServiceError as exc:  # a port taken, a broker that does not answer: one line
+        print(f"fmstream {args.command}: {settings.redact(str(exc))}", file=sys.stderr)
+        return EXIT_SERVICE
 
 
 if __name__ == "__main__":

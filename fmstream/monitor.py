@@ -69,6 +69,7 @@ class LagReport:
     window_s: float = 0.0  # seconds of readings the health covers
     commit_log: bool | None = None  # whether commits were observed (else derived)
     problems: list[str] = field(default_factory=list)  # what could not be read
+    status_at: float | None = None  # when ``status`` was read (ages count from it; else ``at``)
 
     def total(self, group: str) -> int:
         """The group's lag over all its partitions."""
@@ -76,9 +77,13 @@ class LagReport:
 
     def ages(self) -> dict[str, float | None]:
         """Seconds since each published/applied thing (None: never)."""
+        # from the moment the status was read, not ``at`` (before the Kafka reads): a publish
+        # stamped while Kafka was read is younger than ``at`` and showed a negative age
+        now = self.at if self.status_at is None else self.status_at
+
         def age(key: str) -> float | None:
             v = self.status.get(key)
-            return None if not v else round(self.at - float(v), 3)
+            return None if not v else round(now - float(v), 3)
 
         return {name: age(key) for name, key in AGE_KEYS.items()}
 
@@ -219,7 +224,7 @@ def read_lag(
     problems: list[str] = []
     status, workers, worker_items, worker_groups = _read_status(settings, problems)
     return LagReport(at, parts, status, workers, worker_items, worker_groups, states,
-                     problems=problems)
+                     problems=problems, status_at=time.time())
 
 
 @dataclass(frozen=True)

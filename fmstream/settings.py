@@ -49,8 +49,14 @@ class Settings(BaseSettings):
         super().__init__(**values)
 
     # --- infrastructure -------------------------------------------------------------------
-    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        description="Kafka bootstrap servers (unset: `up`'s broker, 127.0.0.1:FMSTREAM_KAFKA_PORT)",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL (unset: `up`'s Redis, redis://127.0.0.1:FMSTREAM_REDIS_PORT/0)",
+    )
     redis_prefix: str = Field("fm:", description="prefix of every Redis key fmstream writes")
     run_dir: Path = Field(Path(".fmstream"), description="local services' data, logs and pids")
     kafka_port: int = Field(9092, description="port of the local broker started by `up`")
@@ -295,6 +301,20 @@ class Settings(BaseSettings):
         description="comma-separated prefixes a request's reply_to may start with (besides "
         "topic_responses, always allowed); empty: only topic_responses",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_addresses(cls, data: Any) -> Any:
+        """Without an address of their own, the clients talk to the local services of ``up``:
+        ``FMSTREAM_KAFKA_PORT=23092`` alone moves the broker and every client's bootstrap."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("kafka_bootstrap") is None:
+            data["kafka_bootstrap"] = f"127.0.0.1:{data.get('kafka_port', 9092)}"
+        if data.get("redis_url") is None:
+            data["redis_url"] = f"redis://127.0.0.1:{data.get('redis_port', 6379)}/0"
+        return data
 
     @model_validator(mode="after")
     def _connections_consistent(self) -> Settings:

@@ -453,3 +453,27 @@ def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io
     assert _value(mw, "fmstream_worker_batch_seconds_count") >= 1
     assert _value(mw, "fmstream_index_swaps_total") >= 0
     assert _value(mw, "fmstream_lag_refresh_age_seconds") < 5
+
+
+def test_publish_ages_count_from_the_status_read_so_a_publish_during_the_read_is_not_negative(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The publisher stamps i2i every second, so a stamp often lands while ``fmstream lag``
+    reads Kafka (~1 s): its age counts from the status read, not from before the Kafka reads
+    (``i2i_publish_age_s`` showed -1.2 s)."""
+    from fmstream.monitor import read_lag
+    from stream.lag import LagReader
+
+    writer = StoreWriter(redis_client, settings.redis_keys(), 1)
+
+    class PublishedDuringTheRead(LagReader):
+        def read(self, groups):  # noqa: ANN001, ANN202 - LagReader's signature
+            out = super().read(groups)
+            writer.put_status(i2i_published_at=time.time())  # the publisher, meanwhile
+            return out
+
+    with PublishedDuringTheRead(settings.kafka_config()) as reader:
+        report = read_lag(settings, reader=reader)
+    age = report.ages()["i2i_publish_age_s"]
+    assert age is not None and 0 <= age < 60
+    assert report.to_json()["ages"]["i2i_publish_age_s"] == age

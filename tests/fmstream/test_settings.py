@@ -64,6 +64,34 @@ def test_known_variables_are_read(clean_env) -> None:
     assert settings.redis_config().client_kwargs()["password"] == REDIS_PW
 
 
+def test_the_local_ports_alone_move_every_client_to_the_services_of_up(clean_env) -> None:
+    """``FMSTREAM_KAFKA_PORT`` / ``_REDIS_PORT`` start ``up``'s services elsewhere, and clients
+    without an address of their own follow them (``up`` made its topics on 9092 before: a
+    15-s wait and a traceback); an address that is set still wins."""
+    assert Settings(kafka_port=1234, redis_port=5678).kafka_bootstrap == "127.0.0.1:1234"
+    clean_env.setenv("FMSTREAM_KAFKA_PORT", "23092")
+    clean_env.setenv("FMSTREAM_REDIS_PORT", "23379")
+    settings = Settings()
+    assert settings.kafka_bootstrap == "127.0.0.1:23092"
+    assert settings.redis_url == "redis://127.0.0.1:23379/0"
+    clean_env.setenv("FMSTREAM_KAFKA_BOOTSTRAP", "kafka.internal:9093")
+    clean_env.setenv("FMSTREAM_REDIS_URL", "redis://redis.internal:6380/0")
+    settings = Settings()
+    assert settings.kafka_bootstrap == "kafka.internal:9093"
+    assert settings.redis_url == "redis://redis.internal:6380/0"
+
+
+def test_a_broker_that_does_not_answer_is_one_line_and_exit_1(clean_env, capsys) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clean_env.setenv("FMSTREAM_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+    assert cli.main(["topics"]) == cli.EXIT_SERVICE
+    err = capsys.readouterr().err
+    assert f"fmstream topics: no Kafka broker answers at 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
 def test_a_typo_in_a_value_is_an_error_too(clean_env) -> None:
     clean_env.setenv("FMSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSLL")
     with pytest.raises(ValidationError, match="kafka_security_protocol"):
