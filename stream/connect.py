@@ -309,6 +309,20 @@ def _call(sock: socket.socket, api_key: int, version: int, correlation: int,
     return payload[4:]  # after the correlation id
 
 
+def _mechanisms(body: bytes) -> list[str]:
+    """The mechanisms a SaslHandshake response lists (after its error code); [] if none."""
+    try:
+        (n,) = struct.unpack(">i", body[:4])
+        out, at = [], 4
+        for _ in range(max(n, 0)):
+            (size,) = struct.unpack(">h", body[at : at + 2])
+            out.append(body[at + 2 : at + 2 + size].decode("utf-8", "replace"))
+            at += 2 + size
+        return out
+    except struct.error:
+        return []
+
+
 def _sasl_probe(sock: socket.socket, conn: KafkaConfig, host: str) -> None:
     """Authenticate on ``sock`` or raise :class:`AuthenticationFailed`."""
     from kafka.net.sasl import get_sasl_mechanism
@@ -317,9 +331,17 @@ def _sasl_probe(sock: socket.socket, conn: KafkaConfig, host: str) -> None:
     body = _call(sock, _SASL_HANDSHAKE, 1, 1, struct.pack(">h", len(mech)) + mech)
     (error,) = struct.unpack(">h", body[:2])
     if error != 0:
+        offered = _mechanisms(body[2:])
+        if not offered:  # a PLAINTEXT or SSL listener answers "illegal SASL state", no list
+            raise ProtocolMismatch(
+                f"Kafka at {conn.describe()} offers no SASL mechanism on this listener "
+                f"(error {error}): the listener expects another security protocol; check "
+                "FMSTREAM_KAFKA_SECURITY_PROTOCOL (and the port of FMSTREAM_KAFKA_BOOTSTRAP)"
+            )
         raise AuthenticationFailed(
             f"Kafka at {conn.describe()} does not offer SASL mechanism {conn.sasl_mechanism} "
-            f"(error {error}); check FMSTREAM_KAFKA_SASL_MECHANISM"
+            f"(error {error}; it offers {', '.join(offered)}); check "
+            "FMSTREAM_KAFKA_SASL_MECHANISM"
         )
     mechanism = get_sasl_mechanism(conn.sasl_mechanism)(host=host, **conn.client_config())
     correlation = 2
