@@ -1,7 +1,7 @@
 """The ``fmstream`` command: a thin shell over services, trainer, worker, replay, query and lag.
 
-Every setting comes from ``FMSTREAM_*`` environment variables (see ``fmstream --help``); the
-few flags below override them for one run.
+Every setting comes from an FMSTREAM_* environment variable (all of them are listed below with
+their defaults); the few flags of each command override them for one run.
 """
 
 from __future__ import annotations
