@@ -156,7 +156,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream import services
 
-    services.down(settings)
+    result = services.down(settings)  # "stopped" / "not running" (never started from here)
+    print(f"kafka {result['kafka']}, redis {result['redis']} ({settings.run_dir})")
     return 0
 
 

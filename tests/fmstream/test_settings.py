@@ -92,6 +92,12 @@ def test_a_broker_that_does_not_answer_is_one_line_and_exit_1(clean_env, capsys)
     assert "Traceback" not in err
 
 
+def test_down_says_what_it_stopped(clean_env, capsys, tmp_path) -> None:
+    clean_env.setenv("FMSTREAM_RUN_DIR", str(tmp_path))  # nothing was started from here
+    assert cli.main(["down"]) == 0
+    assert f"kafka not running, redis not running ({tmp_path})" in capsys.readouterr().out
+
+
 def test_a_typo_in_a_value_is_an_error_too(clean_env) -> None:
     clean_env.setenv("FMSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSLL")
     with pytest.raises(ValidationError, match="kafka_security_protocol"):
