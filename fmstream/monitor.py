@@ -96,6 +96,14 @@ class LagReport:
             out[cohort] = None if v in (None, "") else float(v)
         return out
 
+    def live_samples(self) -> dict[str, int | None]:
+        """How many sampled positives each cohort's live HR@10 is over (None: not reported)."""
+        out: dict[str, int | None] = {}
+        for cohort in ("warm", "cold"):
+            v = self.status.get(f"live_samples_{cohort}")
+            out[cohort] = None if v in (None, "") else int(float(v))
+        return out
+
     def to_json(self) -> dict:
         """Everything as plain JSON types (``fmstream lag --json``)."""
         groups = {}
@@ -115,6 +123,7 @@ class LagReport:
             "model_version": self.status.get("model_version"),
             "item_version": self.status.get("item_version"),
             "live_hit_rate": self.live_hit_rate(),
+            "live_samples": self.live_samples(),
             "worker_versions": self.workers,
             "worker_item_versions": self.worker_items,
             "worker_groups": self.worker_groups,
@@ -422,8 +431,11 @@ def render(report: LagReport, problems: Sequence[str] = (), *, window_s: float |
     fresh.add_row("model_version (Redis)", "-" if version is None else f"v{version}")
     items_at = report.status.get("item_version")
     fresh.add_row("item_version (Redis)", "-" if items_at is None else f"v{items_at}")
+    samples = report.live_samples()
     for cohort, rate in report.live_hit_rate().items():
-        fresh.add_row(f"live HR@10 {cohort}", "-" if rate is None else f"{rate:.3f}")
+        n = samples.get(cohort)
+        over = "" if n is None else f" (n {n:,})"
+        fresh.add_row(f"live HR@10 {cohort}", "-" if rate is None else f"{rate:.3f}{over}")
     for worker, served in sorted(report.workers.items()):
         behind = "" if version is None or served >= int(version) else \
             f" ({int(version) - served} behind)"

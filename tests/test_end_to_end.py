@@ -56,6 +56,7 @@ def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
     # the trainer's test-then-train hit rate reaches the status hash (`fmstream lag` shows it)
     wait_for(lambda: "live_hit_rate_warm" in store.get_status(), 60, "a live hit rate")
     assert 0.0 < float(store.get_status()["live_hit_rate_warm"]) <= 1.0
+    assert 0 < int(store.get_status()["live_samples_warm"]) <= 2000  # its window
 
     def served_newest() -> bool:
         newest = int(store.get_status().get("model_version", 0))

@@ -139,6 +139,7 @@ class TrainerStats:
     newest_event_ts: float | None
     checkpoint_age_s: float  # since the last checkpoint (or the start)
     live_hit_rate: dict[str, float] = field(default_factory=dict)  # cohort -> test-then-train HR@10
+    live_samples: dict[str, int] = field(default_factory=dict)  # cohort -> samples behind the rate
 
 
 class BatchObserver(Protocol):
@@ -160,6 +161,7 @@ class Progress:
     newest_event_ts: float | None = None
     published_version: int = 0  # the publisher's newest version: versions resume above it
     live_hit_rate: dict[str, float] = field(default_factory=dict)  # cohort -> HR@10 (sampled)
+    live_samples: dict[str, int] = field(default_factory=dict)  # cohort -> samples in its window
 
     def to_metadata(self) -> dict[str, Any]:
         return {
@@ -342,6 +344,7 @@ class Trainer:
             newest_event_ts=self.progress.newest_event_ts,
             checkpoint_age_s=time.monotonic() - self._last_checkpoint,
             live_hit_rate=self.live.rates(),
+            live_samples=self.live.counts(),
         )
 
     @property
@@ -686,6 +689,7 @@ class Trainer:
             self.cpu["learn"] += c1 - c0 - live[0]
             self.cpu["live"] += live[0] + c2 - c1
         self.progress.live_hit_rate = self.live.rates()
+        self.progress.live_samples = self.live.counts()
         self.progress.events_applied += len(events)
         newest = float(ts.max())
         if self.progress.newest_event_ts is None or newest > self.progress.newest_event_ts:
@@ -864,6 +868,7 @@ def _copy_progress(progress: Progress) -> Progress:
         positions=dict(progress.positions),
         applied=dict(progress.applied),
         live_hit_rate=dict(progress.live_hit_rate),
+        live_samples=dict(progress.live_samples),
     )
 
 

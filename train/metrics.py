@@ -21,6 +21,8 @@ fmstream_model_version               gauge     the item snapshot version last pu
 fmstream_live_hit_rate               gauge     test-then-train HR@10 of sampled incoming
                                                positives, by ``k`` and ``cohort`` (warm, cold;
                                                NaN before the first sample; model/live.py)
+fmstream_live_hit_rate_samples       gauge     sampled positives behind that rate, by
+                                               ``cohort`` (at most its window, 2,000)
 ==================================== ========= ==============================================
 """
 
@@ -78,6 +80,10 @@ class TrainerMetrics:
                                    "Share of sampled incoming positives whose item was in the "
                                    "user's top-k before the model learned them",
                                    ["k", "cohort"], registry=registry)
+        self.live_samples = Gauge("fmstream_live_hit_rate_samples",
+                                  "Sampled positives behind fmstream_live_hit_rate (its window: "
+                                  "a rate over few samples is noise)", ["cohort"],
+                                  registry=registry)
         self._dead_seen = 0
         self._applied_seen = 0
 
@@ -107,6 +113,9 @@ class TrainerMetrics:
         for cohort in ("warm", "cold"):
             self.live_hit_rate.labels("10", cohort).set_function(
                 lambda c=cohort: trainer_stats().live_hit_rate.get(c, math.nan)
+            )
+            self.live_samples.labels(cohort).set_function(
+                lambda c=cohort: float(trainer_stats().live_samples.get(c, 0))
             )
         stats = trainer_stats()
         self._dead_seen = stats.dead_letters

@@ -188,6 +188,10 @@ class Publisher:
                 for cohort, rate in getattr(progress, "live_hit_rate", {}).items()
                 if rate == rate  # NaN (no sample yet) is not written
             },
+            **{
+                f"live_samples_{cohort}": n
+                for cohort, n in getattr(progress, "live_samples", {}).items()
+            },
         )
 
     # --- cadences --------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def _report(**kw) -> LagReport:
              PartitionLag("sv", "rq", 0, 7, 7)]
     now = 1_700_000_000.0
     status = {"model_version": 9, "trainer_event_time": now - 12.0, "checkpoint_at": now - 2.0,
-              "items_published_at": now - 1.0, "live_hit_rate_warm": "0.125"}
+              "items_published_at": now - 1.0, "live_hit_rate_warm": "0.125",
+              "live_samples_warm": "1999"}
     status["item_version"] = 8
     kw.setdefault("worker_items", {"w1": 8, "w2": 8})
     return LagReport(now, parts, status, {"w1": 9, "w2": 8}, **kw)
@@ -88,12 +89,13 @@ def test_render_shows_lag_health_and_versions() -> None:
     text = out.getvalue()
     for expected in ("consumer lag", "WARN ev[0]: lag did not fall", "v9 (items v8)",
                      "v8 (1 behind)", "item_version (Redis)",
-                     "over a threshold", "never", "live HR@10 warm", "0.125"):
+                     "over a threshold", "never", "live HR@10 warm", "0.125 (n 1,999)"):
         assert expected in text, expected
     data = report.to_json()
     assert data["partitions"][1]["committed"] is None and data["partitions"][1]["lag"] == 5
     assert data["health"]["groups"]["tr"]["status"] == "WARN"
     assert data["live_hit_rate"] == {"warm": 0.125, "cold": None}
+    assert data["live_samples"] == {"warm": 1999, "cold": None}
     assert data["item_version"] == 8 and data["worker_item_versions"] == {"w1": 8, "w2": 8}
 
 
@@ -441,6 +443,9 @@ def test_metrics_lag_equals_kafka_consumer_groups_tool(stack: Settings, kafka_io
     # The rest of the trainer's and the worker's metrics.
     # the 300 events came after the first 1000 were applied: their users are warm
     assert 0.0 <= _value(mt, "fmstream_live_hit_rate", k="10", cohort="warm") <= 1.0
+    # the rate says how many samples it is over (every 16th positive of 1300: at most 82)
+    assert 1 <= _value(mt, "fmstream_live_hit_rate_samples", cohort="warm") \
+        + _value(mt, "fmstream_live_hit_rate_samples", cohort="cold") <= 1300 // 16 + 1
     assert _value(mt, "fmstream_trainer_batch_seconds_count") >= 1
     assert _value(mt, "fmstream_trainer_records_total", topic=s.topic_events) == 1300
     assert 0 <= _value(mt, "fmstream_event_time_lag_seconds") < 3600
