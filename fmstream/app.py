@@ -36,6 +36,20 @@ def configure_threads(settings: Settings) -> None:
     threadpool_limits(settings.threads)
 
 
+def configure_thread(settings: Settings) -> None:
+    """:func:`configure_threads` for a thread started later. OpenMP's thread count is a
+    per-thread setting (``omp_set_num_threads`` sets the calling thread's), so a thread that
+    searches with faiss (the trainer's publisher thread: offline i2i) sets its own, or faiss
+    runs its searches with one OpenMP thread per core: in the 1M e2e a second OpenMP thread
+    spun beside the publisher's i2i searches (publisher process CPU 159 -> 135 ms a second with
+    one thread, 100k users x 100k items; bench/RESULTS.md 'tail', 12-01)."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(settings.threads)
+    threadpool_limits(settings.threads, user_api="openmp")
+
+
 def lower_priority(nice: int) -> int:
     """Add ``nice`` to this process's niceness (``FMSTREAM_TRAINER_NICE``); returns the niceness
     now in force. Children started afterwards (the fetch process, checkpoint writers) inherit it.
@@ -217,7 +231,8 @@ def run_trainer(
         publisher = Publisher(settings.publish_config(), writer, trainer.model,
                               version_floor=trainer.progress.published_version,
                               model_lock=trainer.model_lock)
-        background = PublisherThread(publisher).start()  # publishing off the training path
+        background = PublisherThread(  # publishing off the training path
+            publisher, on_start=lambda: configure_thread(settings)).start()
         trainer.sink = background
         try:
             with serve_trainer_metrics(settings.trainer_metrics_port, settings.kafka_config(),

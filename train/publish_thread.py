@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stream.schemas import EventColumns
@@ -75,9 +75,12 @@ class PublisherThread:
             called only from the publisher thread, wrapped in a ``GuardedSink``.
         interval_s: the thread's turn (it also ticks the sink's cadences this often).
         max_events: most applied events waiting for the thread (oldest dropped beyond).
+        on_start: called first in the new thread (per-thread settings: OpenMP's thread count
+            is the calling thread's, see ``fmstream.app.configure_thread``).
     """
 
-    def __init__(self, sink: Any, *, interval_s: float = 0.05, max_events: int = 200_000) -> None:
+    def __init__(self, sink: Any, *, interval_s: float = 0.05, max_events: int = 200_000,
+                 on_start: Callable[[], None] | None = None) -> None:
         # Redis errors pause publishing (history kept, bounded), never the thread.
         self.sink = sink if isinstance(sink, GuardedSink) else GuardedSink(sink)
         self.interval_s = interval_s
@@ -96,6 +99,7 @@ class PublisherThread:
         self.dropped = 0
         self.busy_s = 0.0  # seconds the thread spent publishing
         self.cpu_s = 0.0  # CPU seconds the thread used so far
+        self._on_start = on_start
         self._thread = threading.Thread(target=self._run, daemon=True, name="fmstream-publish")
 
     # --- the trainer's side (cheap) ----------------------------------------------------------
@@ -191,6 +195,15 @@ class PublisherThread:
     def _run(self) -> None:
         cpu0 = time.thread_time()
         try:
+            if self._on_start is not None:
+                try:
+                    self._on_start()
+                except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread
+                    log.exception("publisher thread could not start")
+                    with self._lock:
+                        self._failed = exc
+                        self._done.notify_all()
+                    return
             self._turns()
         finally:
             self.cpu_s = time.thread_time() - cpu0

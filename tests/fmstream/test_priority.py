@@ -202,3 +202,24 @@ def test_the_worker_runs_every_thread_at_the_configured_slice(
 @pytest.mark.parametrize("value", ["-1", "99", "100001", "short"])
 def test_a_bad_slice_is_refused_with_the_settings_name(settings: Settings, value: str) -> None:
     _assert_refused(settings, "serve", "worker_slice_us", value)
+
+
+def test_a_thread_configured_later_runs_faiss_with_the_settings_threads() -> None:
+    """OpenMP's thread count is per thread: a thread started after ``configure_threads`` (the
+    trainer's publisher) gets one OpenMP thread per core unless it calls
+    ``configure_thread`` itself."""
+    code = ("import threading, faiss; from fmstream.app import configure_threads, "
+            "configure_thread; from fmstream.settings import Settings; s = Settings(); "
+            "configure_threads(s); got = []\n"
+            "def plain(): got.append(faiss.omp_get_max_threads())\n"
+            "def configured(): configure_thread(s); got.append(faiss.omp_get_max_threads())\n"
+            "for f in (plain, configured):\n"
+            "    t = threading.Thread(target=f); t.start(); t.join()\n"
+            "print(faiss.omp_get_max_threads(), *got)")
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().startswith("FMSTREAM_") and k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True, timeout=120, env=env)
+    main, plain, configured = (int(x) for x in out.stdout.split())
+    assert (main, configured) == (1, 1)
+    assert plain == os.cpu_count()  # what the publisher's searches ran with before

@@ -102,6 +102,35 @@ def test_a_publisher_bug_surfaces_in_the_trainer() -> None:
     thread.close()
 
 
+def test_on_start_runs_in_the_publisher_thread_before_it_publishes() -> None:
+    sink = Sink()
+    seen: list[tuple[str, int]] = []
+    thread = PublisherThread(sink, interval_s=0.01, on_start=lambda: seen.append(
+        (threading.current_thread().name, len(sink.calls)))).start()
+    try:
+        thread.applied([ev("a")])
+        assert thread.flush(timeout=30)
+    finally:
+        thread.close()
+    assert seen == [("fmstream-publish", 0)]
+    assert ("applied", ["a"]) in sink.calls
+
+
+def test_an_on_start_failure_surfaces_in_the_trainer() -> None:
+    def fails() -> None:
+        raise OSError("no such thread setting")
+
+    sink = Sink()
+    thread = PublisherThread(sink, interval_s=0.01, on_start=fails).start()
+    with pytest.raises(PublisherFailed, match="no such thread setting"):
+        thread.applied([ev("a")])  # raises here once the thread has failed,
+        thread.flush(timeout=30)  # else here: the hand-over is never delivered
+    with pytest.raises(PublisherFailed, match="no such thread setting"):
+        thread.applied([ev("b")])
+    thread.close()
+    assert sink.calls == []  # nothing was published
+
+
 class Consumer:
     """A consumer that remembers which thread called it."""
 
