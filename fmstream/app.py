@@ -12,6 +12,7 @@ import threading
 
 import redis
 
+from fmstream.errors import PriorityError
 from fmstream.settings import Settings
 from model.online import OnlineFM, TrainConfig
 from model.schema import FeatureSchema
@@ -60,7 +61,8 @@ def lower_priority(nice: int) -> int:
     ``cpu.weight`` instead, where this has no effect.
     """
     if nice < 0:
-        raise ValueError(f"nice must be >= 0 (only lowering is allowed), got {nice}")
+        raise PriorityError(f"nice must be >= 0 (only lowering is allowed), got {nice}: set "
+                            "FMSTREAM_TRAINER_NICE to 0 or more")
     if nice == 0:
         return os.getpriority(os.PRIO_PROCESS, 0)
     now = os.nice(nice)
@@ -111,13 +113,13 @@ def request_slice(us: int) -> bool:
     inherit the slice: call before the worker's threads start.
 
     Raises:
-        ValueError: ``us`` neither 0 nor within the kernel's range.
+        PriorityError: ``us`` neither 0 nor within the kernel's range (a ``ValueError``).
     """
     if us == 0:
         return False
     if not SLICE_MIN_US <= us <= SLICE_MAX_US:
-        raise ValueError(f"slice must be 0 (the kernel's default) or {SLICE_MIN_US}.."
-                         f"{SLICE_MAX_US} us, got {us}")
+        raise PriorityError(f"slice must be 0 (the kernel's default) or {SLICE_MIN_US}.."
+                            f"{SLICE_MAX_US} us, got {us}: set FMSTREAM_WORKER_SLICE_US in range")
     numbers = SYS_SCHED_ATTR.get(platform.machine())
     if sys.platform != "linux" or numbers is None:
         log.warning("FMSTREAM_WORKER_SLICE_US=%d ignored: sched_setattr needs Linux on "

@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from fmstream.errors import CredentialWatchError
 from stream.connect import ConnectError, Unreachable
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class CredentialWatch:
         refusals: int = 2,
     ) -> None:
         if every_s <= 0 or refusals < 1:
-            raise ValueError(f"every_s must be > 0 and refusals >= 1 ({every_s}, {refusals})")
+            raise CredentialWatchError(
+                f"every_s must be > 0 and refusals >= 1, got every_s={every_s}, "
+                f"refusals={refusals}: check FMSTREAM_CREDENTIALS_CHECK_S")
         self.checks = list(checks)
         self.stop = stop
         self.every_s = every_s

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kafka.errors import KafkaError
 
+from fmstream.errors import NoSamplesError
 from fmstream.health import Commit, GroupHealth, Reading, Status, evaluate_group
 from fmstream.settings import Settings
 from stream.connect import explain_kafka_error
@@ -470,7 +471,8 @@ def plot_history(history: Sequence[HistoryPoint], path: Path, *,
     import matplotlib.pyplot as plt
 
     if not history:
-        raise ValueError("no samples to plot")
+        raise NoSamplesError("no samples to plot: the lag window took none; give a longer "
+                             "--window or a shorter --interval")
     end = history[-1].ts
     xs = [p.ts - end for p in history]
     fig, (ax_lag, ax_age) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)

@@ -37,6 +37,7 @@ import kafka.errors as kafka_errors
 import redis
 from kafka.admin import KafkaAdminClient
 
+from fmstream.errors import FmstreamError
 from fmstream.settings import Settings
 from stream import connect
 from stream.config import KafkaConfig
@@ -67,7 +68,7 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 # --- errors ---------------------------------------------------------------------------------
 
 
-class ServiceError(RuntimeError):
+class ServiceError(FmstreamError, RuntimeError):
     """Base of every error raised while starting, waiting for or stopping local services."""
 
 

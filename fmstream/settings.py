@@ -18,13 +18,14 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fmstream.errors import FmstreamError
 from stream.config import SaslMechanism, SecurityProtocol
 from stream.connect import RedisConfig, redact_url
 
 ENV_PREFIX = "FMSTREAM_"
 
 
-class UnknownSettingError(ValueError):
+class UnknownSettingError(FmstreamError, ValueError):
     """An ``FMSTREAM_*`` environment variable names no setting (a typo must not fall back to a
     default such as plaintext Kafka)."""
 

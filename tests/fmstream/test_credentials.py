@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from fmstream.credentials import CredentialWatch
+from fmstream.errors import CredentialWatchError
 from stream.connect import AuthenticationFailed, TlsFailed, Unreachable
 
 
@@ -59,5 +60,8 @@ def test_the_thread_stops_the_process_and_exits() -> None:
 
 @pytest.mark.parametrize(("every_s", "refusals"), [(0, 2), (-1, 2), (1, 0)])
 def test_bad_parameters_are_refused(every_s: float, refusals: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(CredentialWatchError,
+                       match=rf"every_s must be > 0 and refusals >= 1, got every_s={every_s}, "
+                             rf"refusals={refusals}: check FMSTREAM_CREDENTIALS_CHECK_S") as exc:
         CredentialWatch([ok], threading.Event(), every_s=every_s, refusals=refusals)
+    assert isinstance(exc.value, ValueError)

@@ -26,8 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import stream.metrics
 from fmstream import cli
+from fmstream.errors import NoSamplesError
 from fmstream.health import GroupHealth, PartitionHealth, Status
-from fmstream.monitor import LagReport, exceeded, render
+from fmstream.monitor import LagReport, exceeded, plot_history, render
 from fmstream.settings import Settings
 from serving.store import VectorStore
 from stream.config import KafkaConfig
@@ -482,3 +483,9 @@ def test_publish_ages_count_from_the_status_read_so_a_publish_during_the_read_is
     age = report.ages()["i2i_publish_age_s"]
     assert age is not None and 0 <= age < 60
     assert report.to_json()["ages"]["i2i_publish_age_s"] == age
+
+
+def test_plot_without_samples_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(NoSamplesError, match="no samples to plot: .*longer --window") as exc:
+        plot_history([], tmp_path / "lag.png")
+    assert isinstance(exc.value, ValueError) and not (tmp_path / "lag.png").exists()

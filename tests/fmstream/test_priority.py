@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fmstream.app import lower_priority
+from fmstream.errors import PriorityError
 from fmstream.settings import Settings
 from tests.process_helpers import cli_env, stop_process, wait_for_log
 
@@ -53,8 +54,10 @@ def test_lower_priority_only_lowers() -> None:
                          text=True, check=True, timeout=120)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert out.stdout.split() == [str(base), str(min(19, base + 4)), str(min(19, base + 4))]
-    with pytest.raises(ValueError, match="only lowering"):
+    with pytest.raises(PriorityError,
+                       match="only lowering.*got -1: set FMSTREAM_TRAINER_NICE") as exc:
         lower_priority(-1)
+    assert isinstance(exc.value, ValueError)  # callers that caught ValueError still do
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # nothing changed here
 
 
@@ -142,8 +145,10 @@ def test_request_slice_zero_changes_nothing_and_bad_values_are_refused() -> None
     ok, before, after = _in_a_thread(body)
     assert ok is False and before == after
     for bad in (-1, 99, 100_001):
-        with pytest.raises(ValueError, match=r"slice must be 0 .*100\.\.100000 us"):
+        with pytest.raises(PriorityError, match=rf"slice must be 0 .*100\.\.100000 us, got {bad}: "
+                           "set FMSTREAM_WORKER_SLICE_US") as exc:
             request_slice(bad)
+        assert isinstance(exc.value, ValueError)
 
 
 def test_request_slice_reports_a_refused_syscall(monkeypatch, caplog) -> None:
