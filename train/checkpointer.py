@@ -37,6 +37,7 @@ from typing import Any
 
 from model.checkpoint import pending_path, prune_checkpoints, write_pending
 from model.online import OnlineFM
+from train.errors import CheckpointBusy
 
 Writer = Callable[[Path, OnlineFM, dict[str, Any]], None]
 """``write_pending``'s signature; tests pass one that fails to prove the failure paths."""
@@ -135,11 +136,13 @@ class BackgroundCheckpoint:
         call (the fork copies the process as it is).
 
         Raises:
-            RuntimeError: a child is still running (at most one in flight).
+            CheckpointBusy: a child is still running (at most one in flight; a
+                ``RuntimeError``).
             OSError: the temp file or the fork could not be made (nothing is running then).
         """
         if self._pid is not None:
-            raise RuntimeError("a background checkpoint is still running")
+            raise CheckpointBusy(f"a background checkpoint is still running (pid {self._pid}): "
+                                 "wait for poll() to return its result, or cancel() it")
         pending = pending_path(self.directory)
         parent = os.getpid()
         writer = self.writer or write_pending

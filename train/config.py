@@ -10,6 +10,7 @@ from pathlib import Path
 
 from model.learner import LearnPolicy
 from stream.config import KafkaConfig, Topics
+from train.errors import TrainConfigError
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.fetch_depth < 1:
-            raise ValueError(
-                f"fetch_depth: decoded polls kept ready must be >= 1, got {self.fetch_depth}"
+            raise TrainConfigError(
+                f"fetch_depth: decoded polls kept ready must be >= 1, got {self.fetch_depth}: "
+                "set FMSTREAM_TRAINER_FETCH_DEPTH to 1 or more"
             )
 
 

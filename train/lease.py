@@ -15,6 +15,8 @@ import uuid
 
 import redis
 
+from train.errors import TrainError
+
 log = logging.getLogger(__name__)
 
 # Extend only if we still hold it; a plain SET would steal a lease someone else took over.
@@ -32,7 +34,7 @@ return 0
 """
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(TrainError, RuntimeError):
     """Another instance holds the lease now: stop without writing checkpoints."""
 
 

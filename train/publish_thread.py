@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stream.schemas import EventColumns
+from train.errors import TrainError
 from train.resilience import GuardedSink
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class LockedModel:
         return locked
 
 
-class PublisherFailed(RuntimeError):
+class PublisherFailed(TrainError, RuntimeError):
     """The publisher thread stopped on an unexpected error (the cause is chained)."""
 
 

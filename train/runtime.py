@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 
+from train.errors import TrainConfigError
+
 GC_THRESHOLDS = (50_000, 20, 100)
 """Young pass every 50,000 net allocations (was 700), middle every 20 young passes (10), full
 every 100 middle ones (10), and never before the heap grew by 25% since the last full pass
@@ -22,7 +24,8 @@ every 100 middle ones (10), and never before the heap grew by 25% since the last
 def relax_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> tuple[int, int, int]:
     """Set the collector's thresholds for this process; returns the previous ones."""
     if len(thresholds) != 3 or min(thresholds) < 1:
-        raise ValueError(f"relax_gc: three thresholds >= 1 expected, got {thresholds!r}")
+        raise TrainConfigError(f"relax_gc: three thresholds >= 1 expected, got {thresholds!r} "
+                               "(a 0 turns collection off: pass GC_THRESHOLDS or omit them)")
     previous = gc.get_threshold()
     gc.set_threshold(*thresholds)
     return previous  # type: ignore[return-value]

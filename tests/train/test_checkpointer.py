@@ -21,6 +21,7 @@ from model.checkpoint import checkpoint_files, install_pending, load_checkpoint,
 from model.codec import dumps_json
 from model.errors import CheckpointError
 from train.checkpointer import CHILD_NICE, EXIT_FAILED, BackgroundCheckpoint
+from train.errors import CheckpointBusy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,8 +112,10 @@ def test_one_writer_at_a_time_and_cancel(tmp_path: Path) -> None:
         bg = BackgroundCheckpoint(tmp_path, writer=_blocked)
         bg.start(_model(), dict)
         assert bg.poll() is None and bg.running
-        with pytest.raises(RuntimeError, match="still running"):
+        with pytest.raises(CheckpointBusy, match=rf"still running \(pid {bg.pid}\): wait for "
+                           r"poll\(\) .* or cancel\(\) it") as exc:
             bg.start(_model(), dict)
+        assert isinstance(exc.value, RuntimeError)
         assert len(os.listdir(tmp_path)) == 1  # the running writer's temp file
         done = bg.cancel()
         assert done is not None and not done.ok and done.status == -signal.SIGKILL
