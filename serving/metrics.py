@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stream.config import KafkaConfig
-from stream.metrics import GroupLagCollector, new_registry, running, serve_http
+from stream.metrics import serve_process_metrics
 
 if TYPE_CHECKING:
     from kafka.consumer.fetcher import ConsumerRecord
@@ -141,19 +141,13 @@ def serve_worker_metrics(
 
     Does nothing (yields None) when ``port`` is 0.
     """
-    if not port:
-        yield None
-        return
-    registry = new_registry()
-    metrics = WorkerMetrics(registry).bind(worker)
-    lag = GroupLagCollector(kafka, group, [requests_topic])
-    registry.register(lag)
-    with running(lag), serve_http(registry, port):
+    def attach(metrics: WorkerMetrics | None) -> None:
         worker.metrics = metrics
-        try:
-            yield metrics
-        finally:
-            worker.metrics = None
+
+    with serve_process_metrics(port, kafka, group, [requests_topic],
+                               lambda registry: WorkerMetrics(registry).bind(worker),
+                               attach) as metrics:
+        yield metrics
 
 
 __all__ = ["LATENCY_BUCKETS", "WorkerMetrics", "serve_worker_metrics"]

@@ -14,8 +14,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -170,4 +171,40 @@ def running(collector: GroupLagCollector) -> Iterator[GroupLagCollector]:
         collector.stop()
 
 
-__all__ = ["GroupLagCollector", "LAG_REFRESH_S", "new_registry", "running", "serve_http"]
+M = TypeVar("M")
+
+
+@contextmanager
+def serve_process_metrics(
+    port: int,
+    kafka: KafkaConfig,
+    group: str,
+    topics: Sequence[str],
+    build: Callable[[CollectorRegistry], M],
+    attach: Callable[[M | None], None],
+) -> Iterator[M | None]:
+    """Export a process's metrics and its group's lag on ``port`` while the block runs.
+
+    ``build`` makes the process's metrics on a fresh registry (:func:`new_registry`); ``attach``
+    hands them to the process once the server is up, and ``None`` when the block exits. Does
+    nothing (yields None, attaches nothing) when ``port`` is 0.
+    """
+    if not port:
+        yield None
+        return
+    registry = new_registry()
+    metrics = build(registry)
+    lag = GroupLagCollector(kafka, group, list(topics))
+    registry.register(lag)
+    with running(lag), serve_http(registry, port):
+        attach(metrics)
+        try:
+            yield metrics
+        finally:
+            attach(None)
+
+
+__all__ = [
+    "GroupLagCollector", "LAG_REFRESH_S", "new_registry", "running", "serve_http",
+    "serve_process_metrics",
+]

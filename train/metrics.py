@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream.config import KafkaConfig
-from stream.metrics import GroupLagCollector, new_registry, running, serve_http
+from stream.metrics import serve_process_metrics
 
 if TYPE_CHECKING:
     from train.loop import Trainer, TrainerStats
@@ -147,19 +147,14 @@ def serve_trainer_metrics(
 
     Does nothing (yields None) when ``port`` is 0.
     """
-    if not port:
-        yield None
-        return
-    registry = new_registry()
-    metrics = TrainerMetrics(registry).bind(trainer.stats, publish_stats)
-    lag = GroupLagCollector(kafka, trainer.config.group, list(trainer.topics))
-    registry.register(lag)
-    with running(lag), serve_http(registry, port):
+    def attach(metrics: TrainerMetrics | None) -> None:
         trainer.metrics = metrics
-        try:
-            yield metrics
-        finally:
-            trainer.metrics = None
+
+    with serve_process_metrics(port, kafka, trainer.config.group, list(trainer.topics),
+                               lambda registry: TrainerMetrics(registry).bind(
+                                   trainer.stats, publish_stats),
+                               attach) as metrics:
+        yield metrics
 
 
 __all__ = ["BATCH_BUCKETS", "TrainerMetrics", "serve_trainer_metrics"]
