@@ -67,21 +67,21 @@ def main() -> None:
     tracemalloc.stop()
     rss = rss_bytes() - rss0
 
-    t, sp, us, it = fm._table, fm._space, fm._users, fm._items
-    n_ids = us.n + it.n
-    rows_used = t.n_live
+    use = fm.memory_use()
+    n_ids = use.ids
+    rows_used = use.rows_live
     param_used = rows_used * (d + 1) * 4 + rows_used * 2 * 4
-    arrays = t.nbytes() + sp.nbytes() + us.nbytes() + it.nbytes()
+    arrays = use.arrays_bytes
     python_objs = traced - arrays
     rows = [
         (
             "parameters (w, v) float32 + row-wise Adagrad 2 x float32",
             f"{(d + 1) * 4 + 8}",
-            f"{(t.params.nbytes + t.acc.nbytes) / n_ids:.1f}",
+            f"{use.params_bytes / n_ids:.1f}",
         ),
-        ("scratch (dedupe) int32", "4", f"{t._scratch.nbytes / n_ids:.1f}"),
-        ("key arrays (row, count, field)", "10", f"{sp.nbytes() / n_ids:.1f}"),
-        ("catalog arrays (id key, counts)", "12", f"{(us.nbytes() + it.nbytes()) / n_ids:.1f}"),
+        ("scratch (dedupe) int32", "4", f"{use.scratch_bytes / n_ids:.1f}"),
+        ("key arrays (row, count, field)", "10", f"{use.keys_bytes / n_ids:.1f}"),
+        ("catalog arrays (id key, counts)", "12", f"{use.catalog_bytes / n_ids:.1f}"),
         ("python: id dict + str + int + lists", "-", f"{python_objs / n_ids:.1f}"),
         (
             "all-in, tracemalloc",
@@ -92,23 +92,24 @@ def main() -> None:
     ]
     columns = ("component", "bytes/id in use", "bytes/id allocated")
     print_table(
-        f"memory per id: {n_ids:,} ids, dim {d} (rows capacity {t.capacity:,})", columns, rows
+        f"memory per id: {n_ids:,} ids, dim {d} (rows capacity {use.rows_capacity:,})", columns,
+        rows,
     )
     summary = summary_line(
         bytes_per_id=traced / n_ids,
         bytes_per_id_rss=rss / n_ids,
-        bytes_per_id_params=(t.params.nbytes + t.acc.nbytes) / n_ids,
+        bytes_per_id_params=use.params_bytes / n_ids,
         bytes_per_id_python=python_objs / n_ids,
         ids=n_ids,
         dim=d,
-        rows_capacity=t.capacity,
+        rows_capacity=use.rows_capacity,
         peak_traced_mb=peak / 2**20,
         build_s=build_s,
     )
     notes = (
         f"{n:,} user ids + {args.items} items registered through learn_many (negatives=1, "
         f"batches of {args.batch}); bytes/id = bytes / (users + items). Capacity doubling: "
-        f"{t.capacity:,} rows allocated for {rows_used:,} live rows."
+        f"{use.rows_capacity:,} rows allocated for {rows_used:,} live rows."
     )
     record("memory", columns, rows, summary, notes)
     print(notes)

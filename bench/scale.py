@@ -190,7 +190,7 @@ def part_publish(args: argparse.Namespace) -> None:
         ents_all = np.arange(args.items)
         rng = np.random.default_rng(1)
         table = model._table  # the bench plays the trainer: it writes rows as an update would
-        id_rows = model._space.key_row[model._items.ent_key[ents_all]].astype(np.int64)
+        id_rows = model.id_rows_at("item", ents_all)
         summary: dict[str, float] = {}
         for n in args.changed:
             samples = []
@@ -397,8 +397,7 @@ def part_users(args: argparse.Namespace) -> None:
         for lo in range(0, len(users), 200_000):
             part = users[lo : lo + 200_000]
             _, ukeys, uw = model.user_parts(part)
-            own_rows = model._space.key_row[model._users.ent_key[
-                np.arange(lo, lo + len(part))]].astype(np.int64)
+            own_rows = model.id_rows_at("user", np.arange(lo, lo + len(part)))
             rows = model.key_rows(ukeys)
             hit = (changed[rows] & (uw != 0)).any(axis=1) | changed[own_rows]
             affected += int(hit.sum())

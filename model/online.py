@@ -275,6 +275,24 @@ class RecentSnapshot:
                                                                        strict=True)]
 
 
+@dataclass(frozen=True)
+class MemoryUse:
+    """What the model's arrays hold (see :meth:`OnlineFM.memory_use`); bytes are of capacity."""
+
+    ids: int  # users + items known
+    rows_live: int  # parameter rows in use
+    rows_capacity: int  # parameter rows allocated
+    params_bytes: int  # (w, v) float32 and the row-wise Adagrad state
+    scratch_bytes: int  # the row table's dedupe scratch (int32 per row)
+    keys_bytes: int  # the feature space's per-key arrays (row, count, field)
+    catalog_bytes: int  # the user and item catalogues' arrays (id key, counts, profiles)
+
+    @property
+    def arrays_bytes(self) -> int:
+        """Every array above together."""
+        return self.params_bytes + self.scratch_bytes + self.keys_bytes + self.catalog_bytes
+
+
 class OnlineFM:
     """One Factorization Machine trained online from mini-batches of events.
 
@@ -1250,6 +1268,24 @@ class OnlineFM:
             base=base,
             w=p[:, 0].copy(),
             v=p[:, 1:].copy(),
+        )
+
+    def id_rows_at(self, side: Literal["user", "item"], ents: np.ndarray) -> np.ndarray:
+        """The parameter row each user (or item) at catalogue positions ``ents`` reads for its
+        id key now (int64): its own row, or the fallback / hash-bucket row it shares."""
+        catalog = self._users if side == "user" else self._items
+        keys = catalog.ent_key[np.asarray(ents, dtype=np.int64)]
+        return self._space.key_row[keys].astype(np.int64)
+
+    def memory_use(self) -> MemoryUse:
+        """Ids known, parameter rows used and allocated, and the bytes each array family holds."""
+        table = self._table
+        params = int(table.params.nbytes + table.acc.nbytes)
+        return MemoryUse(
+            ids=self._users.n + self._items.n, rows_live=table.n_live,
+            rows_capacity=table.capacity, params_bytes=params,
+            scratch_bytes=table.nbytes() - params, keys_bytes=int(self._space.nbytes()),
+            catalog_bytes=int(self._users.nbytes() + self._items.nbytes()),
         )
 
     # ------------------------------------------------------------------------ catalog

@@ -199,3 +199,35 @@ def test_default_ts_is_now() -> None:
     fm = OnlineFM(config=TrainConfig(dim=4))
     fm.learn_many(["u"], ["a"])
     assert fm._space.watermark > 1.6e9
+
+
+def test_id_rows_at_are_the_rows_each_id_key_reads_and_a_learn_writes() -> None:
+    fm = OnlineFM(FeatureSchema.ids_only(), TrainConfig(dim=4, negatives=1))
+    fm.learn_many(["u0", "u1", "u2"], ["i0", "i1", "i0"])
+    fm.drain_changed_rows()
+    ents = np.arange(fm.n_items)
+    items = fm.id_rows_at("item", ents)
+    assert items.dtype == np.int64 and items.tolist() == fm.key_rows(
+        fm.item_keys_at(ents)[0][:, 0]).tolist()
+    own = fm.item_own_rows(ents)
+    assert (items[own >= 0] == own[own >= 0]).all()
+    fm.learn_many(["u9"], ["i1"])
+    changed = fm.drain_changed_rows()
+    u9 = fm.id_rows_at("user", np.array([fm.known_users().index("u9")]))
+    assert changed[u9].all()  # the row a learn wrote for u9's id
+    users = fm.id_rows_at("user", np.arange(len(fm.known_users())))
+    assert len(set(users.tolist())) == 4 and not set(users.tolist()) & set(items.tolist())
+
+
+def test_memory_use_counts_ids_rows_and_array_bytes() -> None:
+    dim = 8
+    fm = OnlineFM(FeatureSchema.ids_only(), TrainConfig(dim=dim, negatives=1))
+    fm.learn_many([f"u{j}" for j in range(50)], [f"i{j % 7}" for j in range(50)])
+    use = fm.memory_use()
+    assert use.ids == len(fm.known_users()) + len(fm.known_items()) == 57
+    assert use.ids <= use.rows_live <= use.rows_capacity
+    assert use.params_bytes == use.rows_capacity * (dim + 1 + 2) * 4  # (w, v) + 2 Adagrad
+    assert use.scratch_bytes == use.rows_capacity * 4
+    assert use.keys_bytes > 0 and use.catalog_bytes > 0
+    assert use.arrays_bytes == (use.params_bytes + use.scratch_bytes + use.keys_bytes
+                                + use.catalog_bytes)
