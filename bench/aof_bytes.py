@@ -104,8 +104,14 @@ class AofWindow:
     handles: list[tuple[BinaryIO, int]]
     seen: set[str] = field(default_factory=set)
     missed: int = 0
-    _done: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    poll_s: float = 0.05
+    _done: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the window owns its watcher: it starts with the window, stop() ends it
+        self._thread = threading.Thread(target=self._watch, args=(self.poll_s,), daemon=True)
+        self._thread.start()
 
     @staticmethod
     def _incr_files(directory: Path) -> list[str]:
@@ -133,10 +139,8 @@ class AofWindow:
             raise RuntimeError(f"no incremental AOF file in {directory} (appendonly off?)")
         handle = open(directory / files[-1], "rb")  # noqa: SIM115 - closed by stop()
         offset = os.fstat(handle.fileno()).st_size
-        window = cls(client, directory, prefix.encode(), [(handle, offset)], set(files))
-        window._thread = threading.Thread(target=window._watch, args=(poll_s,), daemon=True)
-        window._thread.start()
-        return window
+        return cls(client, directory, prefix.encode(), [(handle, offset)], set(files),
+                   poll_s=poll_s)
 
     def _open_new(self) -> None:
         for name in self._incr_files(self.directory):
