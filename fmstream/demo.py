@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fmstream import services
 from fmstream.settings import Settings
+from stream.schemas import Response
 
 console = Console()
 CONFIG = Path(__file__).resolve().parent.parent / "config"
@@ -63,15 +64,24 @@ def _wait_caught_up(settings: Settings, produced: int, timeout: float = 300.0) -
     raise TimeoutError("the trainer/worker did not catch up in time; see .fmstream/logs")
 
 
-def _show(title: str, resp, names: dict[str, str]) -> None:
-    """One answer: a heading naming the model version that answered, then its items."""
+def show_answer(title: str, resp: Response, names: dict[str, str],
+                out: Console | None = None) -> None:
+    """Print one answer: a heading naming the model version that answered, then its items.
+
+    Args:
+        title: what was asked (printed verbatim, never read as rich markup).
+        resp: the worker's response.
+        names: display names by item id (an id without one is printed as is).
+        out: where to print (default: the demo's console).
+    """
+    out = console if out is None else out
     # escaped: "[model v3]" is rich markup syntax and would vanish; a heading line, not a table
     # title, so that it is not wrapped to the table's width
-    console.print(escape(f"{title}  [model v{resp.model_version}"
-                         + (f", fallback={resp.fallback}" if resp.fallback else "") + "]"),
-                  style="bold")
+    out.print(escape(f"{title}  [model v{resp.model_version}"
+                     + (f", fallback={resp.fallback}" if resp.fallback else "") + "]"),
+              style="bold")
     if resp.error:
-        console.print(f"[red]{escape(title)}: {resp.error.code}: {escape(resp.error.message)}")
+        out.print(f"[red]{escape(title)}: {resp.error.code}: {escape(resp.error.message)}")
         return
     table = Table()
     table.add_column("#", justify="right")
@@ -79,7 +89,7 @@ def _show(title: str, resp, names: dict[str, str]) -> None:
     table.add_column("score", justify="right")
     for n, item in enumerate(resp.items, 1):
         table.add_row(str(n), names.get(item.item_id, item.item_id), f"{item.score:.3f}")
-    console.print(table)
+    out.print(table)
 
 
 def run_demo(settings: Settings, *, events: int | None = None) -> int:
@@ -131,16 +141,16 @@ def run_demo(settings: Settings, *, events: int | None = None) -> int:
                 label = "" if settings.movielens else f" (planted cluster {data.user_cluster(u)})"
                 resp = client.request({"type": "u2i", "user_id": u, "k": 10,
                                        "exclude_seen": True}, timeout=10)
-                _show(f"u2i for user {u}{label}", resp, names)
+                show_answer(f"u2i for user {u}{label}", resp, names)
             resp = client.request({"type": "i2i", "item_id": item, "k": 10}, timeout=10)
-            _show(f"i2i for {names.get(item, item)}", resp, names)
+            show_answer(f"i2i for {names.get(item, item)}", resp, names)
             resp = client.request({"type": "i2i_history", "user_id": users[0], "k": 5},
                                   timeout=10)
-            _show(f"i2i_history for user {users[0]}", resp, names)
+            show_answer(f"i2i_history for user {users[0]}", resp, names)
             cands = [i.item_id for i in resp.items][:3] + [item]
             resp = client.request({"type": "rank", "user_id": users[0], "item_ids": cands,
                                    "context": {"hour": "20"}}, timeout=10)
-            _show(f"rank for user {users[0]} (context hour=20)", resp, names)
+            show_answer(f"rank for user {users[0]} (context hour=20)", resp, names)
         from fmstream.monitor import read_lag, render
 
         console.print(render(read_lag(settings)))
