@@ -754,7 +754,9 @@ def _local_kafka(settings: Settings) -> KafkaConfig:
 # --- Redis ----------------------------------------------------------------------------------
 
 
-def _redis_conf(settings: Settings, security: LocalSecurity | None = None) -> str:
+def redis_conf(settings: Settings, security: LocalSecurity | None = None) -> str:
+    """The redis.conf text :func:`start_redis` writes for ``settings`` (port, TLS and ACL users
+    when ``security`` is given, persistence)."""
     home = redis_dir(settings).resolve()
 
     def quoted(path: Path | str) -> str:
@@ -898,7 +900,7 @@ def start_redis(
         home = redis_dir(settings).resolve()
         home.mkdir(parents=True, exist_ok=True)
         conf = home / "redis.conf"
-        conf.write_text(_redis_conf(settings, security))
+        conf.write_text(redis_conf(settings, security))
         conf.chmod(0o600)  # it may hold ACL passwords
         out_file = home / "redis.out"
         return _spawn([server, str(conf)], out_file, pid_file, cwd=home), out_file

@@ -186,7 +186,7 @@ def test_redis_with_aof_keeps_data_and_rewrites_only_past_the_configured_size(
         "run_dir": tmp_path, "redis_port": port, "redis_persistence": "aof",
         "redis_aof_rewrite_min_mb": 100, "redis_url": f"redis://{svc.LOOPBACK}:{port}/0",
     })
-    conf = svc._redis_conf(own).splitlines()
+    conf = svc.redis_conf(own).splitlines()
     assert "auto-aof-rewrite-min-size 100mb" in conf and "appendonly yes" in conf
     svc.start_redis(own)
     client = connect_redis(own.redis_config())
