@@ -1288,6 +1288,15 @@ class OnlineFM:
             catalog_bytes=int(self._users.nbytes() + self._items.nbytes()),
         )
 
+    @property
+    def params(self) -> np.ndarray:
+        """The parameter table, float32 ``(capacity, dim + 1)`` (``w`` then ``v`` per row), as a
+        read-only view: rows change only through learning. A later growth of the table makes a
+        new array; read the property again after learning."""
+        view = self._table.params.view()
+        view.flags.writeable = False
+        return view
+
     # ------------------------------------------------------------------------ catalog
     @property
     def bias(self) -> float:

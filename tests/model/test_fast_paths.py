@@ -196,7 +196,7 @@ def test_fused_pick_trains_what_separate_picking_trains(loss, context, schema, c
         assert np.array_equal(fused._table.drain_dirty(), plain._table.drain_dirty())
     n = plain._table.n_rows
     assert fused._table.n_rows == n
-    np.testing.assert_allclose(fused._table.params[:n], plain._table.params[:n], atol=1e-5)
+    np.testing.assert_allclose(fused.params[:n], plain.params[:n], atol=1e-5)
     np.testing.assert_allclose(fused._table.acc[:n], plain._table.acc[:n], rtol=1e-4, atol=1e-9)
     assert fused.bias == pytest.approx(plain.bias, abs=1e-6)
     if fresh or schema is CHURN:  # the rows-before path ran
@@ -223,7 +223,7 @@ def test_fused_pick_handles_steps_without_positives(empty) -> None:
     ctx = [{"hour": "1"}] * n
     assert fused.learn_many(*args, contexts=ctx, ts=2e9) == pytest.approx(
         plain.learn_many(*args, contexts=ctx, ts=2e9), rel=1e-6)
-    np.testing.assert_allclose(fused._table.params, plain._table.params, atol=1e-6)
+    np.testing.assert_allclose(fused.params, plain.params, atol=1e-6)
 
 
 def test_fused_pick_replay_equals_separate_picking() -> None:
@@ -233,7 +233,7 @@ def test_fused_pick_replay_equals_separate_picking() -> None:
         assert fused.replay_many(u, i, ctx) == pytest.approx(plain.replay_many(u, i, ctx),
                                                              rel=1e-5, abs=1e-6)
     n = plain._table.n_rows
-    np.testing.assert_allclose(fused._table.params[:n], plain._table.params[:n], atol=1e-5)
+    np.testing.assert_allclose(fused.params[:n], plain.params[:n], atol=1e-5)
 
 
 @pytest.mark.parametrize("entries", [1, 2])
@@ -248,7 +248,7 @@ def test_terms_before_recompose_entities_with_the_earliest_logged_rows(entries) 
     indptr = np.concatenate([[0], np.cumsum(live.sum(axis=1))]).astype(np.int64)
     rows = fm._space.key_row[slot_keys].astype(np.int64)
     uniq, cols = np.unique(rows, return_inverse=True)
-    terms = entity_terms(fm._table.params[uniq], indptr, cols, x)
+    terms = entity_terms(fm.params[uniq], indptr, cols, x)
     ka, kb = int(keys[1, 0]), int(keys[4, 0])  # two items' id keys
     if entries == 1:
         log = [(np.array([min(ka, kb), max(ka, kb)]), np.array([2, 3]))]
@@ -260,7 +260,7 @@ def test_terms_before_recompose_entities_with_the_earliest_logged_rows(entries) 
     before = rows.copy()
     for k, r in want.items():
         before[slot_keys == k] = r
-    expect = entity_terms(fm._table.params[before], indptr, np.arange(before.size), x)
+    expect = entity_terms(fm.params[before], indptr, np.arange(before.size), x)
     np.testing.assert_allclose(got.V, expect.V, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got.a, expect.a, rtol=1e-6, atol=1e-7)
     assert not np.allclose(got.V, terms.V)  # the logged rows made a difference

@@ -137,9 +137,9 @@ def test_unadmitted_values_share_the_learned_fallback() -> None:
     schema = FeatureSchema.from_dict({"user": {"user_id": {"min_count": 1000}}})
     fm = _fm(schema, lr=0.1)
     fb = _fallback_row(fm, "user_id")
-    before = fm._table.params[fb].copy()
+    before = fm.params[fb].copy()
     fm.learn_many([f"u{j}" for j in range(50)], [f"i{j % 5}" for j in range(50)], ts=np.ones(50))
-    assert not np.array_equal(before, fm._table.params[fb])  # trained by unadmitted users
+    assert not np.array_equal(before, fm.params[fb])  # trained by unadmitted users
     e = fm.user_vectors(["u1", "u2", "never-seen"])
     assert np.array_equal(e[0], e[1]) and np.array_equal(e[0], e[2])
 

@@ -175,11 +175,11 @@ def test_model_updates_only_the_kept_negatives_rows() -> None:
     # users (3 rows) + positives (3) + at most 4 kept negatives' id rows, vs ~40 draws' rows
     assert n_sub <= 3 + 3 + 4 < n_full
     # rows not updated keep their parameters and accumulators exactly
-    before = sub._table.params.copy(), sub._table.acc.copy()
+    before = sub.params.copy(), sub._table.acc.copy()
     sub.learn_many(users, pos, ts=3.0)
     changed = sub._table.drain_dirty()
     untouched = np.setdiff1d(np.arange(1, sub._table.n_rows), changed)
-    np.testing.assert_array_equal(sub._table.params[untouched], before[0][untouched])
+    np.testing.assert_array_equal(sub.params[untouched], before[0][untouched])
     np.testing.assert_array_equal(sub._table.acc[untouched], before[1][untouched])
 
 
@@ -189,7 +189,7 @@ def test_model_with_neg_updates_learns_and_is_reproducible() -> None:
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
     assert cluster_precision(fm, users, items, useg, icat) > 0.8
     again, *_ = train_planted(cfg)
-    np.testing.assert_array_equal(fm._table.params, again._table.params)
+    np.testing.assert_array_equal(fm.params, again.params)
 
 
 def test_neg_updates_survives_a_checkpoint() -> None:
@@ -202,7 +202,7 @@ def test_neg_updates_survives_a_checkpoint() -> None:
     assert b.config.neg_updates == 8 and b.config.neg_update_by == "uniform"
     a.learn_many(users[30:], items[30:], ts=2.0)
     b.learn_many(users[30:], items[30:], ts=2.0)
-    np.testing.assert_array_equal(a._table.params, b._table.params)
+    np.testing.assert_array_equal(a.params, b.params)
 
 
 def test_set_rows_equals_fancy_assignment() -> None:

@@ -133,10 +133,10 @@ def _run(seed: int) -> OnlineFM:
 def test_seeded_training_is_reproducible() -> None:
     a, b, c = _run(5), _run(5), _run(6)
     n = a._table.n_rows
-    assert np.array_equal(a._table.params[:n], b._table.params[:n])
+    assert np.array_equal(a.params[:n], b.params[:n])
     assert np.array_equal(a._table.acc[:n], b._table.acc[:n])
     assert a.bias == b.bias
-    assert not np.array_equal(a._table.params[:n], c._table.params[: c._table.n_rows][:n])
+    assert not np.array_equal(a.params[:n], c.params[: c._table.n_rows][:n])
 
 
 def test_explicit_negatives_push_scores_down() -> None:
@@ -231,3 +231,15 @@ def test_memory_use_counts_ids_rows_and_array_bytes() -> None:
     assert use.keys_bytes > 0 and use.catalog_bytes > 0
     assert use.arrays_bytes == (use.params_bytes + use.scratch_bytes + use.keys_bytes
                                 + use.catalog_bytes)
+
+
+def test_params_is_a_read_only_view_of_the_live_table() -> None:
+    fm = OnlineFM(FeatureSchema.ids_only(), TrainConfig(dim=4, negatives=1))
+    fm.learn_many(["u0", "u1"], ["i0", "i1"])
+    before = fm.params.copy()
+    assert before.dtype == np.float32 and before.shape[1] == 5
+    with pytest.raises(ValueError, match="read-only"):
+        fm.params[0, 0] = 1.0
+    np.testing.assert_array_equal(fm.params, before)
+    fm.learn_many(["u0"], ["i1"])
+    assert not np.array_equal(fm.params[: before.shape[0]], before)  # a learn shows through

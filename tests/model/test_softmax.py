@@ -89,14 +89,14 @@ def test_softmax_learns_planted_clusters(sampling: str) -> None:
 def test_softmax_skips_explicit_negatives_and_replays() -> None:
     fm = OnlineFM(None, TrainConfig(dim=4, loss="softmax", negatives=8, seed=0))
     fm.learn_many(["a", "b"], ["x", "y"], ts=1.0)  # items known
-    before = fm._table.params.copy()
+    before = fm.params.copy()
     assert fm.learn_many(["a", "b"], ["y", "x"], labels=np.zeros(2), ts=2.0) == 0.0
-    np.testing.assert_array_equal(fm._table.params, before)
+    np.testing.assert_array_equal(fm.params, before)
     n_pos = fm.n_positives
     loss = fm.replay_many(["a", "b"], ["x", "y"])
     assert np.isfinite(loss) and loss > 0
     assert fm.n_positives == n_pos  # replay changes parameters only
-    assert not np.array_equal(fm._table.params, before)
+    assert not np.array_equal(fm.params, before)
 
 
 def test_softmax_with_one_known_item_has_no_negatives() -> None:
@@ -110,7 +110,7 @@ def test_softmax_is_seeded_and_reproducible() -> None:
     cfg = TrainConfig(dim=4, loss="softmax", seed=3, negatives=16, neg_sampling="popularity")
     a, *_ = train_planted(cfg)
     b, *_ = train_planted(cfg)
-    np.testing.assert_array_equal(a._table.params, b._table.params)
+    np.testing.assert_array_equal(a.params, b.params)
 
 
 def test_softmax_loss_is_validated() -> None:
@@ -264,7 +264,7 @@ def test_softmax_model_equals_the_plain_kernel_model(monkeypatch, schema_name: s
     monkeypatch.setattr(online, "softmax_step_gradients", plain_softmax_gradients)
     ref = train()
     n = ref._table.n_rows
-    np.testing.assert_allclose(fast._table.params[:n], ref._table.params[:n], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.params[:n], ref.params[:n], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast._table.acc[:n], ref._table.acc[:n], rtol=1e-3, atol=1e-7)
 
 

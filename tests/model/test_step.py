@@ -133,7 +133,7 @@ def trained(loss: str, reference: bool, **cfg: object) -> OnlineFM:
 )
 def test_fast_step_trains_the_model_the_reference_trains(loss: str, cfg: dict) -> None:
     fast, ref = trained(loss, False, **cfg), trained(loss, True, **cfg)
-    pf, pr = fast._table.params, ref._table.params
+    pf, pr = fast.params, ref.params
     assert pf.shape == pr.shape
     np.testing.assert_allclose(fast.item_vectors()[1], ref.item_vectors()[1], atol=2e-4)
     # latent vectors of every row; w of item rows (user/context w: see below)
