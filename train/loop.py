@@ -56,6 +56,7 @@ from stream.schemas import EventColumns
 from train.align import EventAligner
 from train.checkpointer import BackgroundCheckpoint, ChildResult
 from train.config import TrainerConfig
+from train.errors import TrainConfigError
 from train.fetch import (
     DecodedBatch,
     Fetcher,
@@ -99,12 +100,13 @@ class CpuShare:
     whatever the catalogue or poll size; the first call is always admitted.
 
     Raises:
-        ValueError: ``share`` not in (0, 1].
+        TrainConfigError: ``share`` not in (0, 1] (a ``ValueError``).
     """
 
     def __init__(self, share: float) -> None:
         if not 0 < share <= 1:
-            raise ValueError(f"the live metric's CPU share must be in (0, 1], got {share!r}")
+            raise TrainConfigError(f"the live metric's CPU share must be in (0, 1], got {share!r}: "
+                                   "set FMSTREAM_LIVE_CPU_SHARE in range")
         self.share = float(share)
         self.admitted = 0
         self.skipped = 0

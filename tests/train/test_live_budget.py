@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from train.errors import TrainConfigError
 from train.loop import CpuShare
 
 
@@ -29,8 +30,10 @@ def test_share_one_samples_every_poll() -> None:
 
 @pytest.mark.parametrize("share", [0.0, -0.1, 1.5, float("nan")])
 def test_a_share_outside_0_1_is_refused_with_its_value(share: float) -> None:
-    with pytest.raises(ValueError, match="CPU share must be in"):
+    with pytest.raises(TrainConfigError, match=r"CPU share must be in \(0, 1\], got "
+                       rf"{share!r}: set FMSTREAM_LIVE_CPU_SHARE") as exc:
         CpuShare(share)
+    assert isinstance(exc.value, ValueError)
 
 
 @pytest.mark.parametrize("value", ["0", "1.5"])
