@@ -351,6 +351,14 @@ class _SentBatch:
     retried: bool = field(default=False)
 
 
+def _size(p: Pending) -> str:
+    """The size of ``p``'s reply, for a dead letter's reason (a refusal may be for its size)."""
+    try:
+        return f"{len(p.encode())} bytes"
+    except Exception as exc:  # noqa: BLE001 - an answer that cannot be encoded
+        return f"not encodable: {exc!r}"
+
+
 class _RetryLater(Exception):
     """Nothing could be sent for a record now (the broker away): answer its batch again."""
 
@@ -479,8 +487,8 @@ class _Replies:
                 return _Out(producer.send(p.reply_to, key=key, value=p.encode()), record, p)
             except KafkaError as exc:
                 first = exc
-        return self.dead_letter(record, "reply", first, f"reply to {p.reply_to!r} failed: "
-                                                        f"{first!r}")
+        return self.dead_letter(record, "reply", first, f"reply to {p.reply_to!r} "
+                                                        f"({_size(p)}) failed: {first!r}")
 
     def _refuse_missing_reply_topics(self, outcomes: list[Pending | Rejected]) -> None:
         """Answer ``invalid_request`` on the response topic to requests whose ``reply_to``
@@ -562,8 +570,8 @@ class _Replies:
         try:
             letters = [
                 self.dead_letter(o.record, "reply", o.future.exception,
-                                 f"reply to {o.pending.reply_to!r} failed: "
-                                 f"{o.future.exception!r}")
+                                 f"reply to {o.pending.reply_to!r} ({_size(o.pending)}) "
+                                 f"failed: {o.future.exception!r}")
                 if o.pending is not None else o
                 for o in failed
             ]
@@ -916,8 +924,16 @@ class Worker:
             target=self.follow_loop, args=(stop,), daemon=True, name="fmstream-follow"
         )
         follower.start()
-        # linger 0: a reply leaves at once (the batch is already formed by the poll).
-        producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS)
+        # linger 0: a reply leaves at once (the batch is already formed by the poll). Not
+        # idempotent: kafka-python 3.0.12's idempotent producer takes any produce error it
+        # cannot retry (an answer over the response topic's max.message.bytes, a dead letter
+        # over the dead-letter topic's) for a fatal one and fails every later send of the
+        # worker for good. Without it such an error fails that record's batch only. Order and
+        # exactly-once on the wire are not needed: the worker commits a batch once all its
+        # sends are acknowledged, and a retry's repeat is dropped by request id (by the client)
+        # or letter id (dead letters), as after any rewind.
+        producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS,
+                                         enable_idempotence=False)
         reply_to = ReplyToProducer(lambda: self.clients.producer(
             linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS, enable_idempotence=False,
             max_in_flight_requests_per_connection=1))

@@ -572,4 +572,5 @@ def test_a_reply_topic_the_worker_may_not_write_costs_its_request_not_the_worker
     assert sorted(d["id"].rsplit("/", 1)[0] for d in dead) == [f"{s.topic_requests}/0"] * 4
     for d in dead:
         assert d["stage"] == "reply" and d["error_class"] == "TopicAuthorizationFailedError", d
-        assert f"reply to {denied!r} failed" in d["reason"], d
+        assert d["reason"].startswith(f"reply to {denied!r} ("), d
+        assert " bytes) failed: TopicAuthorizationFailedError" in d["reason"], d
