@@ -226,7 +226,8 @@ def run_trainer(
     if not lease.acquire(stop):
         return None
     writer = store_writer(settings)
-    producer = make_producer(settings.kafka_config())
+    # not idempotent: a letter the topic refuses must not make the producer fatal (resilience)
+    producer = make_producer(settings.kafka_config(), enable_idempotence=False)
     try:
         trainer = Trainer(settings.trainer_config(), dead_letter_producer=producer, lease=lease,
                           new_model=lambda: new_model(settings))

@@ -381,7 +381,8 @@ class _Child:
             check_crcs=spec.check_crcs, reconnect_backoff_max_ms=spec.reconnect_backoff_max_ms,
         )
         use_fast_records(self.consumer, inline=spec.fast_records)
-        self.producer = make_producer(spec.kafka)
+        # not idempotent: a letter the topic refuses must not make it fatal (DeadLetterOutbox)
+        self.producer = make_producer(spec.kafka, enable_idempotence=False)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
         self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,
                                     max_wait_s=spec.align_wait_s,

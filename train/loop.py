@@ -204,7 +204,8 @@ class Trainer:
 
     Args:
         config: topics, group, checkpoint cadence and folder, message size limit.
-        dead_letter_producer: an idempotent producer (acks=all) for the dead-letter topic.
+        dead_letter_producer: a producer (acks=all, not idempotent: see
+            :class:`~train.resilience.DeadLetterOutbox`) for the dead-letter topic.
         sink: the publisher (may also be set later through :attr:`sink`); Redis errors it raises
             pause publishing, never training.
         lease: the trainer lease (``train.lease.Lease``), held by the caller; renewed here.

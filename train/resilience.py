@@ -34,11 +34,11 @@ from typing import Any
 import redis
 from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from stream.connect import RedisConfig
-from stream.consume import dead_letter_for, dead_letter_key
-from stream.schemas import dumps
+from stream.consume import DEAD_LETTER_REASON_CHARS, dead_letter_for, dead_letter_key
+from stream.schemas import DeadLetter, dumps
 from train.lease import LeaseLost
 
 log = logging.getLogger(__name__)
@@ -132,12 +132,34 @@ class LeaseKeeper:
         return self._proven_at + self.ttl_s - self._margin - self._clock()
 
 
+REFUSED_FOR_SIZE = (MessageSizeTooLargeError, RecordListTooLargeError)
+"""Produce errors that sending the same letter again can never cure: the letter is over the
+dead-letter topic's ``max.message.bytes`` (an operator may lower it below a letter's ~100 KB)."""
+
+
+def letter_without_payload(value: bytes, error: BaseException) -> bytes:
+    """The dead letter ``value`` again without the source record's bytes (their length and
+    sha256 stay), its reason saying why: what is left of a letter is a few hundred bytes."""
+    letter = DeadLetter.model_validate_json(value)
+    note = (f"[this letter ({len(value)} bytes) was refused by the dead-letter topic "
+            f"({type(error).__name__}): sent again without the record's bytes] ")
+    return dumps(letter.model_copy(update={
+        "reason": (note + letter.reason)[:DEAD_LETTER_REASON_CHARS],
+        "value_b64": "", "value_truncated": letter.value_length > 0,
+    }))
+
+
 class DeadLetterOutbox:
     """The dead-letter sink of the trainer: a letter stays here until the broker acked it.
 
     Same interface as :class:`stream.consume.DeadLetters` (``send``, ``flush``, ``count``), but
     :meth:`flush` returns False instead of raising when the broker is away, and re-sends any
-    letter whose delivery failed, so a checkpoint never covers an unacknowledged dead letter.
+    letter whose delivery failed, so a checkpoint never covers an unacknowledged dead letter. A
+    letter the topic refuses for its size (:data:`REFUSED_FOR_SIZE`) goes again without the
+    record's bytes (:func:`letter_without_payload`), or it would be re-sent for ever and hold
+    the trainer's intake (the fetcher flushes before it hands a batch over). The producer must
+    not be idempotent: kafka-python's idempotent producer turns such a refusal into a fatal
+    state that fails every later send.
     Thread-safe: the fetch thread sends (decode, validate) while the trainer thread sends
     (apply) and flushes; a flush covers every letter sent before it.
     """
@@ -193,7 +215,13 @@ class DeadLetterOutbox:
             for entry in waiting:
                 future = entry[2]
                 if future is None or future.failed():
-                    if future is not None:
+                    if future is not None and isinstance(future.exception, REFUSED_FOR_SIZE):
+                        log.error("dead letter of %d bytes refused by %s (%r): re-sending it "
+                                  "without the record's bytes; raise the topic's "
+                                  "max.message.bytes to keep them", len(entry[1]), self._topic,
+                                  future.exception)
+                        entry[1] = letter_without_payload(entry[1], future.exception)
+                    elif future is not None:
                         log.warning(
                             "dead letter delivery failed (%r); re-sending", future.exception
                         )

@@ -207,3 +207,49 @@ def test_an_invalid_inline_profile_is_not_hidden_by_a_valid_one_in_the_same_poll
     assert model.user_profile("q1") == {"segment": "s3"}
     assert model.user_profile("q2") == {"segment": "s2"}
     assert model.user_profile("q3") == {"segment": "s4"}
+
+
+def test_a_letter_over_the_dead_letter_topics_limit_goes_without_the_records_bytes(
+    settings: Settings,
+) -> None:
+    """An operator lowered the dead-letter topic's ``max.message.bytes`` below a letter: the
+    letter goes again without the record's bytes (length and sha256 kept) and the trainer goes
+    on. Before: the letter was re-sent for ever, the fetcher never handed a batch over again,
+    and kafka-python's idempotent producer turned the refusal into a fatal state that failed
+    every later letter too."""
+    from tests.serving.test_worker_refusals import limit_topic
+
+    settings = _small(settings)
+    limit_topic(settings, settings.topic_dlq, 4096)
+    big = b"not json " + b"x" * 20_000  # its letter carries ~27 kB of base64
+    small = b"[1, 2, 3]"
+    producer = make_producer(settings.kafka_config())
+    events = list(STREAM.events(1000))
+    produce_events(producer, settings.topics(), events[:500])
+    sent = producer.send(settings.topic_events, key=b"u1", value=big).get(timeout=30)
+    produce_events(producer, settings.topics(), events[500:])
+    producer.send(settings.topic_events, key=b"u2", value=small).get(timeout=30)
+    producer.close()
+
+    stop, result = threading.Event(), []
+    thread = threading.Thread(target=lambda: result.append(
+        run_trainer(settings, stop, idle_exit_s=3.0)), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    if thread.is_alive():  # the old code: intake held by the letter it re-sent for ever
+        stop.set()
+        thread.join(timeout=60)
+        pytest.fail("the trainer never went idle: a refused dead letter held its intake")
+    [progress] = result
+    assert progress.events_applied == 1000 and progress.dead_letters == 2
+    _, meta = latest_checkpoint(settings.checkpoint_dir)
+    assert meta["events_applied"] == 1000
+    letters = {orjson.loads(m.value)["id"]: orjson.loads(m.value)
+               for m in consume_all(settings, settings.topic_dlq, expect=2)}
+    slim = letters.pop(f"{settings.topic_events}/{sent.partition}/{sent.offset}")
+    assert slim["value_b64"] == "" and slim["value_truncated"] is True
+    assert slim["value_length"] == len(big)
+    assert slim["value_sha256"] == hashlib.sha256(big).hexdigest()
+    assert "refused by the dead-letter topic" in slim["reason"] and "JSON" in slim["reason"]
+    [other] = letters.values()
+    assert base64.b64decode(other["value_b64"]) == small  # a letter that fits keeps its bytes
