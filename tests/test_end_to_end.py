@@ -4,7 +4,6 @@ from our client and from kcat (a Kafka client we did not write)."""
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +51,6 @@ def test_u2i_returns_the_users_planted_cluster(loop: Settings) -> None:
     store = VectorStore(redis_client(settings.redis_config()), settings.redis_keys())
     wait_for(lambda: int(store.get_status().get("events_applied", 0)) >= 20_000, 120,
               "the trainer to apply the whole stream")
-    time.sleep(1.5)  # the next publish cycle covers the last batch
     # the trainer's test-then-train hit rate reaches the status hash (`fmstream lag` shows it)
     wait_for(lambda: "live_hit_rate_warm" in store.get_status(), 60, "a live hit rate")
     assert 0.0 < float(store.get_status()["live_hit_rate_warm"]) <= 1.0

@@ -2,8 +2,9 @@
 failure.
 
 Messages say what was expected, what arrived and what to do. A type that replaces a plain
-``ValueError`` or ``RuntimeError`` also subclasses it, so callers that caught those still do.
-(``train.fetch.FetchFailed`` is still a plain ``RuntimeError``.)
+``ValueError`` or ``RuntimeError`` also subclasses it, so callers that caught those still do
+(``train.fetch.FetchFailed``, ``LeaseLost``, ``PublisherFailed`` live beside the code that raises
+them and derive from :class:`TrainError` too).
 """
 
 from __future__ import annotations

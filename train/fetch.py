@@ -34,6 +34,7 @@ from stream.config import Topics
 from stream.consume import Decoded, decode_event_columns, decode_records
 from stream.schemas import EventColumns, ItemProfile, UserProfile
 from train.align import EventAligner, StableLags, aligned_records
+from train.errors import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,9 @@ def partition_counts(records: Sequence[ConsumerRecord], rows: Any) -> dict[int, 
 B = TypeVar("B")
 
 
-class FetchFailed(RuntimeError):
-    """The fetch thread stopped on an unexpected error (the cause is chained)."""
+class FetchFailed(TrainError, RuntimeError):
+    """The fetch thread stopped on an unexpected error (the cause is chained): the trainer
+    stops; restart it (it resumes from its checkpoint) once the cause is fixed."""
 
 
 class Fetcher(Generic[B]):

@@ -10,6 +10,7 @@ import pytest
 from stream.config import KafkaConfig
 from train.config import TrainerConfig
 from train.errors import CheckpointBusy, TrainConfigError, TrainError
+from train.fetch import FetchFailed
 from train.lease import LeaseLost
 from train.publish_thread import PublisherFailed
 
@@ -19,6 +20,7 @@ from train.publish_thread import PublisherFailed
     (CheckpointBusy, RuntimeError),
     (LeaseLost, RuntimeError),
     (PublisherFailed, RuntimeError),
+    (FetchFailed, RuntimeError),
 ])
 def test_each_error_is_a_train_error_and_what_it_replaced(
     error: type[Exception], builtin: type[Exception]
