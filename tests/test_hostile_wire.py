@@ -62,10 +62,13 @@ def kcat(s: Settings, topic: str, lines: list[bytes], *args: str | bytes,
                    timeout=60)
 
 
-def java(s: Settings, sections: list[tuple[str, str, int, list[str]]]) -> None:
+def java(s: Settings, sections: list[tuple[str, str, int, list[str]]],
+         timeout_ms: int | None = None) -> None:
     """Send ``(mode, topic, partition, ["key|value", ...])`` sections with Kafka's Java
-    producer (modes: abort, commit, idempotent; see the Java file)."""
-    script = "".join(f"@{mode} {topic} {p}\n" + "".join(f"{line}\n" for line in lines)
+    producer (modes: abort, commit, open, idempotent; see the Java file); its transactions
+    time out after ``timeout_ms`` (None: the Java file's default, 10 s)."""
+    timeout = "" if timeout_ms is None else f" {timeout_ms}"
+    script = "".join(f"@{mode} {topic} {p}{timeout}\n" + "".join(f"{line}\n" for line in lines)
                      for mode, topic, p, lines in sections)
     done = subprocess.run(["java", "-cp", f"{KAFKA_LIBS}/*", str(JAVA_PRODUCER),
                            s.kafka_bootstrap], input=script.encode(), capture_output=True,

@@ -200,14 +200,18 @@ class PublisherThread:
                 try:
                     self._on_start()
                 except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread
-                    log.exception("publisher thread could not start")
-                    with self._lock:
-                        self._failed = exc
-                        self._done.notify_all()
+                    self._fail(exc, "publisher thread could not start")
                     return
             self._turns()
         finally:
             self.cpu_s = time.thread_time() - cpu0
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        """Log ``exc`` and keep it for the trainer's thread (its next call raises it)."""
+        log.exception(what)
+        with self._lock:
+            self._failed = exc
+            self._done.notify_all()
 
     def _turns(self) -> None:
         cpu0 = time.thread_time()
@@ -219,10 +223,7 @@ class PublisherThread:
             try:
                 self._deliver(events, profiles, checkpoint)
             except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread
-                log.exception("publisher thread failed")
-                with self._lock:
-                    self._failed = exc
-                    self._done.notify_all()
+                self._fail(exc, "publisher thread failed")
                 return
             finally:
                 self.busy_s += time.perf_counter() - t0

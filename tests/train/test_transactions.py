@@ -11,7 +11,6 @@ as the trainer's fetchers see them, against the real broker:
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -24,7 +23,8 @@ from stream.consume import make_consumer
 from stream.lag import group_lag
 from tests.kafka_helpers import KafkaIO, wait_for
 from tests.test_hostile import checkpoint_meta
-from tests.test_hostile_wire import JAVA_PRODUCER, KAFKA_LIBS, Trainer, trainer_settings
+from tests.test_hostile_wire import Trainer, trainer_settings
+from tests.test_hostile_wire import java as send_with_java
 from train.align import EventAligner
 from train.fetch import Fetcher, grow_assignment, seek_to_positions
 from train.fetch_process import FetchProcess, FetchSpec
@@ -39,15 +39,8 @@ def java(s: Settings, sections: list[tuple[str, int, list[bytes]]], timeout_ms: 
          ) -> None:
     """Send ``(mode, partition, values)`` sections to the events topic (null keys) with Kafka's
     Java producer; transactions time out after ``timeout_ms``."""
-    script = "".join(f"@{mode} {s.topic_events} {p} {timeout_ms}\n"
-                     + "".join(f"-|{v.decode()}\n" for v in values)
-                     for mode, p, values in sections)
-    done = subprocess.run(["java", "-cp", f"{KAFKA_LIBS}/*", str(JAVA_PRODUCER),
-                           s.kafka_bootstrap], input=script.encode(), capture_output=True,
-                          timeout=180, check=False)
-    out = done.stdout.decode()
-    assert done.returncode == 0, (out, done.stderr.decode()[-3000:])
-    assert out.count("sent ") == len(sections), out
+    send_with_java(s, [(mode, s.topic_events, p, [f"-|{v.decode()}" for v in values])
+                       for mode, p, values in sections], timeout_ms=timeout_ms)
 
 
 def event(user: str) -> bytes:
