@@ -60,6 +60,12 @@ def tp_key(topic: str, partition: int) -> str:
     return f"{topic}|{partition}"
 
 
+def parse_tp_key(key: str) -> tuple[str, int]:
+    """``(topic, partition)`` of a :func:`tp_key`."""
+    topic, part = key.rsplit("|", 1)
+    return topic, int(part)
+
+
 def grow_assignment(
     consumer: Any, topics: Sequence[str], assigned: set
 ) -> tuple[set, list, list[str]]:
@@ -153,10 +159,7 @@ class HandedEnds:
     """
 
     def __init__(self, positions: Mapping[str, int] | None = None) -> None:
-        self._ends: dict[tuple[str, int], int] = {}
-        for key, pos in (positions or {}).items():
-            topic, part = key.rsplit("|", 1)
-            self._ends[(topic, int(part))] = int(pos)
+        self._ends = {parse_tp_key(key): int(pos) for key, pos in (positions or {}).items()}
 
     def moved(self, consumer: Any, ends: Mapping[tuple[str, int], int],
               held: Callable[[Any], bool] = lambda tp: False) -> dict[tuple[str, int], int]:

@@ -62,6 +62,7 @@ from train.fetch import (
     Fetcher,
     decode_poll,
     grow_assignment,
+    parse_tp_key,
     partition_counts,
     seek_to_positions,
     tp_key,
@@ -844,9 +845,9 @@ class Trainer:
         """
         offsets = {}
         for key, pos in positions.items():
-            topic, part = key.rsplit("|", 1)
-            if self.consumer is None or TopicPartition(topic, int(part)) in self._assigned:
-                offsets[(topic, int(part))] = pos
+            topic, part = parse_tp_key(key)
+            if self.consumer is None or TopicPartition(topic, part) in self._assigned:
+                offsets[(topic, part)] = pos
         if not offsets:
             return
         if final:
