@@ -404,47 +404,17 @@ class ReplyTopics:
         return unknown
 
 
-class ReplyToProducer:
-    """The producer of replies to ``reply_to`` topics (not the response topic), made on first use.
-
-    Not idempotent, one request in flight (retries keep the order; a retry may repeat a reply,
-    which the client drops by request id): kafka-python 3.0.12's idempotent producer takes any
-    produce error it cannot retry (a reply topic this worker may Describe but not Write, under
-    an ACL) for a fatal one and fails every send after it, every answer and dead letter of the
-    worker, for good. A topic the client names must not do that to the worker's own outputs
-    (the response topic, the dead letters), so it gets a producer of its own, where such an
-    error fails that reply's batch only.
-    """
-
-    def __init__(self, make: Callable[[], KafkaProducer]) -> None:
-        self._make = make
-        self.producer: KafkaProducer | None = None
-
-    def get(self) -> KafkaProducer:
-        if self.producer is None:
-            self.producer = self._make()
-        return self.producer
-
-    def flush(self, timeout: float) -> None:
-        if self.producer is not None:
-            self.producer.flush(timeout=timeout)
-
-    def close(self) -> None:
-        if self.producer is not None:
-            self.producer.close()
-
-
 class _Replies:
     """Sends replies and dead letters, tracks them until acknowledged, commits what they cover."""
 
     def __init__(self, worker: Worker, consumer: KafkaConsumer, producer: KafkaProducer,
-                 *, alive: Callable[[str], None] | None = None,
-                 reply_to: ReplyToProducer | None = None) -> None:
+                 *, alive: Callable[[str], None] | None = None) -> None:
         self.worker = worker
         self.alive = alive or (lambda where: None)  # the watchdog: each bounded call returned
         self.consumer = consumer
+        # one producer for every reply (response topic and reply_to topics) and dead letter;
+        # not idempotent, so a write the broker refuses for good fails that batch only (Worker.run)
         self.producer = producer
-        self.reply_to = reply_to  # None: replies to reply_to topics go through ``producer``
         self.sent: deque[_SentBatch] = deque()
         self.acked: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
@@ -475,8 +445,6 @@ class _Replies:
         reply, then a dead letter (raises :class:`_RetryLater` if the broker is away)."""
         key = p.request_id.encode()
         producer = self.producer
-        if self.reply_to is not None and p.reply_to != self.worker.config.topic_responses:
-            producer = self.reply_to.get()
         try:
             return _Out(producer.send(p.reply_to, key=key, value=p.encode()), record, p)
         except KafkaError as exc:
@@ -683,8 +651,6 @@ class _Replies:
         """Wait for every message in flight, then commit what is acknowledged (synchronously)."""
         try:
             self.producer.flush(timeout=timeout_s)
-            if self.reply_to is not None:
-                self.reply_to.flush(timeout_s)
         except Exception as exc:  # noqa: BLE001 - the unacknowledged are answered again later
             log.warning("replies not acknowledged within %.0f s: %r", timeout_s, exc)
         self.settle()
@@ -769,8 +735,6 @@ class _Handover(AsyncConsumerRebalanceListener):
         try:
             if replies.sent:
                 replies.producer.flush(timeout=5.0)
-                if replies.reply_to is not None:
-                    replies.reply_to.flush(5.0)
             offsets = {tp: OffsetAndMetadata(o, "", -1)
                        for tp, o in replies.acknowledged().items() if tp in revoked}
             if offsets:
@@ -927,27 +891,28 @@ class Worker:
         # linger 0: a reply leaves at once (the batch is already formed by the poll). Not
         # idempotent: kafka-python 3.0.12's idempotent producer takes any produce error it
         # cannot retry (an answer over the response topic's max.message.bytes, a dead letter
-        # over the dead-letter topic's) for a fatal one and fails every later send of the
-        # worker for good. Without it such an error fails that record's batch only. Order and
-        # exactly-once on the wire are not needed: the worker commits a batch once all its
-        # sends are acknowledged, and a retry's repeat is dropped by request id (by the client)
-        # or letter id (dead letters), as after any rewind.
+        # over the dead-letter topic's, a reply_to topic this worker may Describe but not Write
+        # under an ACL) for a fatal one and fails every later send of the worker for good.
+        # Without it such an error fails that record's batch only (the sender has no transaction
+        # manager to make it fatal), so replies to client-named reply_to topics share this one
+        # producer (tests/test_security.py: a reply_to the worker may not write costs that
+        # request a dead letter, nothing more). Order and exactly-once on the wire are not
+        # needed: the worker commits a batch once all its sends are acknowledged, and a retry's
+        # repeat is dropped by request id (by the client) or letter id (dead letters), as after
+        # any rewind.
         producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS,
                                          enable_idempotence=False)
-        reply_to = ReplyToProducer(lambda: self.clients.producer(
-            linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS, enable_idempotence=False,
-            max_in_flight_requests_per_connection=1))
         watchdog = self.watchdog
         watching = threading.Event()  # set: the watchdog stops (shutdown, or run() is over)
         threading.Thread(target=watchdog.watch, args=(watching,), daemon=True,
                          name="fmstream-watchdog").start()
         consumer = self._consumer()
         try:
-            replies, membership = self._join(consumer, producer, stop, reply_to)
+            replies, membership = self._join(consumer, producer, stop)
             while not stop.is_set():
                 if watchdog.overdue():
                     consumer = self._renew(consumer)
-                    replies, membership = self._join(consumer, producer, stop, reply_to)
+                    replies, membership = self._join(consumer, producer, stop)
                     continue
                 try:
                     self._step(consumer, replies, membership, ready)
@@ -965,7 +930,6 @@ class Worker:
             watching.set()
             consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
             producer.close()
-            reply_to.close()
 
     def _consumer(self) -> KafkaConsumer:
         """A new consumer of the serving group (not subscribed yet)."""
@@ -988,11 +952,10 @@ class Worker:
         use_fast_records(consumer)
         return consumer
 
-    def _join(self, consumer: KafkaConsumer, producer: KafkaProducer, stop: threading.Event,
-              reply_to: ReplyToProducer | None = None) -> tuple[_Replies, Membership]:
+    def _join(self, consumer: KafkaConsumer, producer: KafkaProducer, stop: threading.Event
+              ) -> tuple[_Replies, Membership]:
         """Subscribe ``consumer`` to the request topic (joined by its next poll)."""
-        replies = _Replies(self, consumer, producer, alive=self.watchdog.alive,
-                           reply_to=reply_to)
+        replies = _Replies(self, consumer, producer, alive=self.watchdog.alive)
         self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
         # Join the group only once the topic's partitions are in metadata: a member that joins
         # before (a topic created a moment ago) is assigned nothing until the next metadata

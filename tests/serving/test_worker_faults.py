@@ -40,7 +40,6 @@ from serving.worker import (
     JOIN_POLL_MS,
     Membership,
     ReplyTopics,
-    ReplyToProducer,
     Watchdog,
     Worker,
     _Replies,
@@ -333,30 +332,6 @@ def test_a_broker_away_at_send_time_answers_the_batch_again() -> None:
                              value=b"{}", timestamp=1)
     replies.send([record], [decode_request(record.value, worker.config)], 0.0)
     assert consumer.seeks == [(TopicPartition("fm.requests", 0), 7)] and not replies.sent
-
-
-def test_replies_to_a_client_named_topic_go_through_a_producer_of_their_own() -> None:
-    # kafka-python's idempotent producer fails every later send once one write is refused for
-    # good (a reply_to topic the worker may not write): such replies never share it
-    main, other = RefusingProducer(0, RuntimeError()), RefusingProducer(0, RuntimeError())
-    made: list[RefusingProducer] = []
-    config = ServingConfig()
-    worker = SimpleNamespace(metrics=None, dead_letters=0, config=config)
-    consumer = FakeConsumer()
-    consumer.topics = lambda: {"fm.responses", "fm.replies.mine"}  # the broker has both
-    replies = _Replies(worker, consumer, main,
-                       reply_to=ReplyToProducer(lambda: made.append(other) or other))
-    records, pendings = [], []
-    for n, extra in enumerate(["", ', "reply_to": "fm.replies.mine"']):
-        value = b'{"request_id": "r%d", "type": "u2i"%s}' % (n, extra.encode())
-        records.append(SimpleNamespace(topic="fm.requests", partition=0, offset=n,
-                                       key=b"r%d" % n, value=value, timestamp=1))
-        pendings.append(decode_request(value, config))
-        pendings[-1].answer([("i1", 1.0)], 3)
-    replies.send(records, pendings, 0.0)
-    assert [(t, k) for t, k, _ in main.sent] == [("fm.responses", b"r0")]
-    assert [(t, k) for t, k, _ in other.sent] == [("fm.replies.mine", b"r1")]
-    assert made == [other]  # made once, on first use
 
 
 # --- reply topics: a missing one is found without waiting on it -----------------------------
