@@ -279,7 +279,8 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream.monitor import lag_command
 
-    _preflight(settings)
+    # Redis too: wrong or unchecked credentials fail closed here, before a half report
+    _preflight(settings, redis=True)
     return lag_command(settings, args)
 
 

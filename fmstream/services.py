@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from xml.sax.saxutils import escape
 
 import kafka.errors as kafka_errors
@@ -40,7 +40,7 @@ from kafka.admin import KafkaAdminClient
 from fmstream.errors import FmstreamError
 from fmstream.settings import Settings
 from stream import connect
-from stream.config import KafkaConfig
+from stream.config import KafkaConfig, secret_value
 from stream.connect import RedisConfig
 
 logger = logging.getLogger(__name__)
@@ -756,7 +756,8 @@ def _local_kafka(settings: Settings) -> KafkaConfig:
 
 def redis_conf(settings: Settings, security: LocalSecurity | None = None) -> str:
     """The redis.conf text :func:`start_redis` writes for ``settings`` (port, TLS and ACL users
-    when ``security`` is given, persistence)."""
+    when ``security`` is given, else the settings' Redis password as ``requirepass`` or, with
+    ``FMSTREAM_REDIS_USERNAME``, as that ACL user's; persistence)."""
     home = redis_dir(settings).resolve()
 
     def quoted(path: Path | str) -> str:
@@ -764,6 +765,13 @@ def redis_conf(settings: Settings, security: LocalSecurity | None = None) -> str
 
     secured: list[str] = []
     port = [f"port {settings.redis_port}"]
+    password = _redis_password(settings.redis_config())
+    if security is None and password is not None:
+        # the settings' password is the server's too: a Redis that checks none is refused by
+        # every command (stream.connect.check_redis), and it would protect nothing
+        user = settings.redis_config().user()
+        secured = [f"requirepass {quoted(password)}"] if user is None else [
+            "user default off", f"user {user} on {quoted('>' + password)} ~* &* +@all"]
     if security is not None:
         # Only the ACL users may connect: the default user is switched off.
         secured = ["user default off"] + [
@@ -796,6 +804,17 @@ def redis_conf(settings: Settings, security: LocalSecurity | None = None) -> str
             "",
         ]
     )
+
+
+def _redis_password(conn: RedisConfig) -> str | None:
+    """The Redis password of ``conn`` in clear (the field's, else the URL's), or None."""
+    if conn.password is not None:
+        return secret_value(conn.password)
+    try:
+        in_url = urlsplit(conn.url).password
+    except ValueError:
+        return None
+    return None if in_url is None else unquote(in_url)
 
 
 def _redis_persistence_conf(settings: Settings) -> list[str]:

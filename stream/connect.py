@@ -76,6 +76,12 @@ class NotAuthorized(ConnectError):
     """The broker authenticated the principal but its ACLs deny it a topic or group it needs."""
 
 
+class PasswordNotChecked(ConnectError):
+    """A Redis password is configured, but the server checks none for that user (no
+    ``requirepass``): it takes any password, and connections without one too. Failing closed:
+    the settings say Redis is protected and it is not."""
+
+
 # --- configs --------------------------------------------------------------------------------
 
 
@@ -148,6 +154,26 @@ class RedisConfig:
                 ssl_cert_reqs="required",
             )
         return kwargs
+
+    def password_setting(self) -> str | None:
+        """Where the configured password comes from (a setting's name), None when there is none."""
+        if self.password is not None:
+            return "FMSTREAM_REDIS_PASSWORD"
+        try:
+            in_url = urlsplit(self.url).password
+        except ValueError:
+            return None
+        return "the password in FMSTREAM_REDIS_URL" if in_url else None
+
+    def user(self) -> str | None:
+        """The ACL user to authenticate as (the field, else the URL's), None for ``default``."""
+        user = self.username
+        if not user:
+            try:
+                user = urlsplit(self.url).username
+            except ValueError:
+                user = None
+        return None if not user or user == "default" else user
 
     def client_url(self) -> str:
         """The URL to connect with: ``rediss://`` when TLS is asked for by ``ssl``."""
@@ -246,6 +272,12 @@ def explain_redis_error(conn: RedisConfig, exc: BaseException) -> ConnectError |
     if isinstance(exc, auth_errors) or any(
         marker in text for marker in ("WRONGPASS", "NOAUTH", "invalid username-password")
     ):
+        if conn.password_setting() is None and not conn.user():
+            return AuthenticationFailed(
+                f"Redis at {where} requires a password ({type(exc).__name__}) and none is set; "
+                "set FMSTREAM_REDIS_PASSWORD (and FMSTREAM_REDIS_USERNAME for an ACL user)",
+                service="redis",
+            )
         return AuthenticationFailed(
             f"Redis at {where} refused the credentials ({type(exc).__name__}); check "
             "FMSTREAM_REDIS_USERNAME and FMSTREAM_REDIS_PASSWORD (or the URL's user/password)",
@@ -513,10 +545,49 @@ def check_redis(conn: RedisConfig, *, timeout_s: float = 5.0) -> None:
         ) from None
     finally:
         client.close()
+    _check_password_is_checked(conn, timeout_s)
+
+
+def _check_password_is_checked(conn: RedisConfig, timeout_s: float) -> None:
+    """Raise :class:`PasswordNotChecked` when a password is configured for the ``default``
+    user and the server lets a connection without any credentials in.
+
+    redis-py 8 authenticates with ``HELLO 3 AUTH default <password>``, which a server without
+    ``requirepass`` accepts whatever the password (the old ``AUTH <password>`` was refused with
+    "called without any password configured"): without this probe such a misconfiguration
+    passed silently, and the operator believed Redis protected. A named ACL user is not probed
+    (its password is checked unless that user was made ``nopass``, which only an admin can
+    see).
+    """
+    import redis
+
+    setting = conn.password_setting()
+    if setting is None or conn.user():
+        return
+    parts = urlsplit(conn.client_url())
+    bare_url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    kwargs = {k: v for k, v in conn.client_kwargs().items() if k not in ("username", "password")}
+    bare = redis.Redis.from_url(bare_url, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s, **kwargs)
+    try:
+        opened = bool(bare.ping())
+    except (redis.RedisError, OSError):
+        opened = False  # refused without credentials (NOAUTH): the password is what lets us in
+    finally:
+        bare.close()
+    if opened:
+        raise PasswordNotChecked(
+            f"Redis at {conn.display_url()} checks no password (it lets in a connection "
+            f"without one), but a password is set ({setting}): it protects nothing. Set it in "
+            "Redis (requirepass, or an ACL user with FMSTREAM_REDIS_USERNAME), or drop "
+            f"{setting} for a Redis that is meant to be open",
+            service="redis",
+        )
 
 
 __all__ = [
-    "AuthenticationFailed", "ConnectError", "ProtocolMismatch", "KafkaConfig", "RedisConfig",
+    "AuthenticationFailed", "ConnectError", "PasswordNotChecked", "ProtocolMismatch",
+    "KafkaConfig", "RedisConfig",
     "SaslMechanism", "SecurityProtocol", "TlsFailed", "Unreachable", "check_kafka",
     "check_redis", "explain_kafka_error", "explain_redis_error", "kafka_admin",
     "kafka_consumer", "kafka_producer", "redact_url", "redis_client",

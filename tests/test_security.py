@@ -242,6 +242,9 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
     s = stack.settings
     wrong_kafka = {"FMSTREAM_KAFKA_PASSWORD": "wrong-kafka-secret-1"}
     wrong_redis = {"FMSTREAM_REDIS_PASSWORD": "wrong-redis-secret-2"}
+    no_redis_password = {"FMSTREAM_REDIS_USERNAME": "", "FMSTREAM_REDIS_PASSWORD": ""}
+    redis_needs_one = "requires a password (AuthenticationError) and none is set; set " \
+        "FMSTREAM_REDIS_PASSWORD"
     no_ca = {"FMSTREAM_KAFKA_SSL_CAFILE": ""}
     no_sasl = {"FMSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "FMSTREAM_KAFKA_SASL_MECHANISM": "",
                "FMSTREAM_KAFKA_USERNAME": "", "FMSTREAM_KAFKA_PASSWORD": ""}
@@ -257,6 +260,10 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
         (("train",), wrong_redis, "Redis at"),
         (("serve",), wrong_redis, "Redis at"),
         (("lag",), wrong_redis, "Redis at"),
+        (("lag", "--json"), wrong_redis, "refused the credentials"),
+        (("train",), no_redis_password, redis_needs_one),
+        (("serve",), no_redis_password, redis_needs_one),
+        (("lag",), no_redis_password, redis_needs_one),
         (("serve",), no_ca, "TLS to Kafka"),
         (("train",), no_sasl, "expects another security protocol"),
     ]
@@ -286,6 +293,50 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
         for secret in (*stack.secrets, *wrong):
             if secret and secret in output:
                 problems.append("a password")
+        if problems:
+            failures.append(f"{args} {list(override)}: {', '.join(problems)}\n{output[-2000:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.integration
+def test_a_password_redis_does_not_check_fails_closed(settings: Settings) -> None:
+    """A Redis password is set, but the Redis (the session's, no ``requirepass``) checks none:
+    redis-py's ``HELLO 3 AUTH default <password>`` is accepted whatever the password, so every
+    command used to run on as if Redis were protected. Each process that talks to Redis exits 3
+    at start with one line naming the setting, no traceback, no password."""
+    password = f"unchecked-{secrets.token_hex(8)}"
+    in_field = {"FMSTREAM_REDIS_PASSWORD": password}
+    url = f"redis://:{password}@127.0.0.1:{settings.redis_port}/0"
+    in_url = {"FMSTREAM_REDIS_URL": url}
+    cases = [
+        (("train",), in_field, "(FMSTREAM_REDIS_PASSWORD)"),
+        (("serve",), in_field, "(FMSTREAM_REDIS_PASSWORD)"),
+        (("lag",), in_field, "(FMSTREAM_REDIS_PASSWORD)"),
+        (("lag", "--json"), in_field, "(FMSTREAM_REDIS_PASSWORD)"),
+        (("train",), in_url, "(the password in FMSTREAM_REDIS_URL)"),
+    ]
+    procs = [subprocess.Popen(  # noqa: S603
+        _fmstream("-v", *args), cwd=REPO_ROOT, env=_env(settings, **override),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args, override, _ in cases]
+    failures = []
+    for (args, override, setting), proc in zip(cases, procs, strict=True):
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            failures.append(f"{args} {list(override)}: still running after 120 s\n{output}")
+            continue
+        problems = []
+        if proc.returncode != 3:
+            problems.append(f"exit {proc.returncode}")
+        if f"fmstream {args[0]}: Redis at" not in output or "checks no password" not in output \
+                or f"a password is set {setting}" not in output:
+            problems.append("no clear line naming the setting")
+        if "Traceback" in output:
+            problems.append("a traceback")
+        if password in output:
+            problems.append("the password")
         if problems:
             failures.append(f"{args} {list(override)}: {', '.join(problems)}\n{output[-2000:]}")
     assert not failures, "\n\n".join(failures)

@@ -220,3 +220,34 @@ def test_kafka_restart_keeps_messages(
     values = [r.value for r in kafka_io.consume_all(settings.topic_events, expect=2,
                                                      timeout_s=120)]
     assert values == [b"before-restart", b"after-restart"]
+
+
+@pytest.mark.parametrize("username", [None, "fmapp"], ids=["requirepass", "acl-user"])
+def test_a_local_redis_started_with_a_password_in_the_settings_requires_it(
+    services: Settings, tmp_path: Path, username: str | None
+) -> None:
+    """``fmstream up`` with ``FMSTREAM_REDIS_PASSWORD`` set: its Redis requires that password
+    (it used to start an open Redis, which the start-up probe now refuses: the settings said
+    Redis was protected)."""
+    from pydantic import SecretStr
+
+    from stream.connect import AuthenticationFailed, check_redis
+
+    port = _free_port()
+    password = 'pw with "quotes" and spaces'
+    own = services.model_copy(update={
+        "run_dir": tmp_path, "redis_port": port, "redis_url": f"redis://{svc.LOOPBACK}:{port}/0",
+        "redis_username": username, "redis_password": SecretStr(password),
+    })
+    svc.start_redis(own)
+    try:
+        check_redis(own.redis_config())  # accepted, and the password is checked
+        anonymous = own.model_copy(update={"redis_username": None, "redis_password": None})
+        with pytest.raises(AuthenticationFailed, match="requires a password"):
+            check_redis(anonymous.redis_config())
+        wrong = own.model_copy(update={"redis_password": SecretStr("wrong")})
+        with pytest.raises(AuthenticationFailed, match="refused the credentials"):
+            check_redis(wrong.redis_config())
+        assert (svc.redis_dir(own) / "redis.conf").stat().st_mode & 0o777 == 0o600
+    finally:
+        svc.stop_redis(own)
