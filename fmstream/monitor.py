@@ -177,6 +177,24 @@ def _group_note(report: LagReport, worker: str) -> str:
     return f" — {', '.join(notes)}" if notes else ""
 
 
+def dead_letter_warnings(status: Mapping[str, str], topic: str, now: float) -> list[str]:
+    """A warning while the trainer reports that the dead-letter topic takes no letters (the
+    status hash's ``dlq_*`` fields): its intake is held at them until the topic does."""
+    try:
+        since = float(status.get("dlq_blocked_since") or 0)
+        waiting = int(float(status.get("dlq_waiting") or 0))
+    except ValueError:
+        return []
+    if since <= 0:
+        return []
+    from stream.consume import dead_letter_fix
+
+    error = status.get("dlq_error") or "no acknowledgement"
+    return [f"trainer: dead-letter topic {topic} has taken no letters for "
+            f"{max(0.0, now - since):.0f} s ({error}; {waiting} waiting): the trainer holds its "
+            f"intake until it does; to fix: {dead_letter_fix(topic, error)}"]
+
+
 def _read_status(
     settings: Settings, problems: list[str]
 ) -> tuple[dict, dict[str, int], dict[str, int], dict[str, dict]]:
@@ -233,8 +251,10 @@ def read_lag(
             reader.close()
     problems: list[str] = []
     status, workers, worker_items, worker_groups = _read_status(settings, problems)
+    status_at = time.time()
+    problems.extend(dead_letter_warnings(status, settings.topic_dlq, status_at))
     return LagReport(at, parts, status, workers, worker_items, worker_groups, states,
-                     problems=problems, status_at=time.time())
+                     problems=problems, status_at=status_at)
 
 
 @dataclass(frozen=True)

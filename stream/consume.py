@@ -132,6 +132,17 @@ def dead_letter_for(
     )
 
 
+def dead_letter_fix(topic: str, error: str) -> str:
+    """What an operator does about a dead-letter topic that refuses letters with ``error``."""
+    if error == "TopicAuthorizationFailedError":
+        return (f"grant the trainer's Kafka user (FMSTREAM_KAFKA_USERNAME) Write on topic "
+                f"{topic} (README, Security)")
+    if error in ("UnknownTopicOrPartitionError", "KafkaTimeoutError"):
+        return (f"create topic {topic} (`fmstream topics`), or let the broker create topics "
+                "(auto.create.topics.enable)")
+    return f"check the broker and topic {topic} (FMSTREAM_TOPIC_DLQ)"
+
+
 class DeadLetters:
     """Sends unusable messages to the dead-letter topic; :meth:`flush` waits for the acks."""
 

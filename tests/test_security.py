@@ -625,3 +625,125 @@ def test_a_reply_topic_the_worker_may_not_write_costs_its_request_not_the_worker
         assert d["stage"] == "reply" and d["error_class"] == "TopicAuthorizationFailedError", d
         assert d["reason"].startswith(f"reply to {denied!r} ("), d
         assert " bytes) failed: TopicAuthorizationFailedError" in d["reason"], d
+
+
+def _metric(port: int, name: str) -> float | None:
+    """One unlabelled sample of the process's /metrics page (None: not there)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fetch_process", ["true", "false"], ids=["fetch-process", "fetch-thread"])
+def test_a_dead_letter_topic_the_trainer_may_not_write_holds_intake_visibly_and_resumes(
+    stack: SecureStack, tmp_path: Path, fetch_process: str,
+) -> None:
+    """An ACL denies the trainer's user Write on the dead-letter topic, and a bad event arrives
+    among valid ones. The trainer checkpoints and commits nothing past the letter it cannot
+    deliver (no loss), and says so: one log line naming the topic and the fix, the metrics
+    ``fmstream_dead_letters_waiting`` / ``fmstream_dead_letter_topic_blocked_seconds``, and a
+    warning in ``fmstream lag``. Once Write is granted it resumes by itself: the letter is
+    delivered, every valid event applied, the warning gone."""
+    from kafka.admin import (
+        ACL,
+        ACLFilter,
+        ACLOperation,
+        ACLPermissionType,
+        ACLResourcePatternType,
+        ResourcePattern,
+        ResourcePatternFilter,
+        ResourceType,
+    )
+    from kafka.admin._users import UserScramCredentialDeletion, UserScramCredentialUpsertion
+
+    from stream.connect import kafka_admin
+    from tests.kafka_helpers import KafkaIO
+
+    s = stack.settings
+    dlq = s.topic_dlq
+    user, password = f"dlqblocked-{secrets.token_hex(4)}", f"dlqblockedpw-{secrets.token_hex(8)}"
+    deny = (f"User:{user}", "*", ACLOperation.WRITE, ACLPermissionType.DENY)
+    admin = kafka_admin(s.kafka_config())
+    io = KafkaIO(s)  # the stack's own (super) user
+    metrics_port = svc.os_picked_port()
+    log_file = tmp_path / "train.log"
+    valid = [(f"u{n}", {"user_id": f"u{n}", "item_id": f"i{n % 3}", "label": 1, "ts": 1e9 + n})
+             for n in range(12)]
+    try:
+        assert admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password)]) == {user: None}
+        _grant_all(admin, user)
+        result = admin.create_acls([ACL(*deny, ResourcePattern(
+            ResourceType.TOPIC, dlq, ACLResourcePatternType.LITERAL))])
+        assert not result.get("failed"), result
+        io.produce_json(s.topic_events, valid[:6], partition=0)
+        io.produce(s.topic_events, [(b"bad", b"{not json")], partition=0)  # offset 6
+        io.produce_json(s.topic_events, valid[6:], partition=0)
+        with log_file.open("w") as out:
+            trainer = subprocess.Popen(  # noqa: S603
+                _fmstream("-v", "train"), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env=_env(s, FMSTREAM_KAFKA_USERNAME=user, FMSTREAM_KAFKA_PASSWORD=password,
+                         FMSTREAM_TRAINER_METRICS_PORT=str(metrics_port),
+                         FMSTREAM_TRAINER_FETCH_PROCESS=fetch_process,
+                         FMSTREAM_CHECKPOINT_EVERY_S="2"),
+            )
+        try:
+            def printed() -> str:  # log lines may be wrapped: compare with spaces collapsed
+                return " ".join(log_file.read_text().split())
+
+            def metric(name: str) -> float | None:
+                assert trainer.poll() is None, log_file.read_text()[-3000:]
+                try:
+                    return _metric(metrics_port, name)
+                except OSError:  # not serving /metrics yet
+                    return None
+
+            def lag_problems() -> list[str]:
+                lag = run(s, "lag", "--json")
+                assert lag.returncode == 0, lag.output
+                return orjson.loads(lag.output.strip().splitlines()[-1])["problems"]
+
+            wait_for(lambda: (metric("fmstream_dead_letter_topic_blocked_seconds") or 0) > 0,
+                     180, "the trainer to report the dead-letter topic blocked", poll_s=1.0)
+            assert metric("fmstream_dead_letters_waiting") == 1
+            assert (f"dead-letter topic {dlq} takes no letters (TopicAuthorizationFailedError)"
+                    in printed()), log_file.read_text()[-3000:]
+            assert f"grant the trainer's Kafka user (FMSTREAM_KAFKA_USERNAME) Write on topic " \
+                f"{dlq}" in printed()
+            warned = wait_for(
+                lambda: [p for p in lag_problems() if f"dead-letter topic {dlq}" in p], 60,
+                "fmstream lag to warn about the dead-letter topic", poll_s=1.0)
+            assert "TopicAuthorizationFailedError; 1 waiting" in warned[0], warned
+            assert io.consume_all(dlq) == []  # nothing got through, nothing was committed
+            assert trainer.poll() is None
+
+            # grant Write (remove the deny): the trainer resumes by itself
+            [(_, deleted, error)] = admin.delete_acls([ACLFilter(*deny, ResourcePatternFilter(
+                ResourceType.TOPIC, dlq, ACLResourcePatternType.LITERAL))])
+            assert error is not None and not error.errno and len(deleted) == 1, (deleted, error)
+            wait_for(lambda: metric("fmstream_trainer_events_applied_total") == len(valid)
+                     and metric("fmstream_dead_letter_topic_blocked_seconds") == 0, 180,
+                     "every valid event applied and the dead-letter topic unblocked", poll_s=1.0)
+            assert metric("fmstream_dead_letters_waiting") == 0
+            letters = [orjson.loads(r.value) for r in io.consume_all(dlq, expect=1)]
+            assert [d["id"] for d in letters] == [f"{s.topic_events}/0/6"], letters
+            wait_for(lambda: not [p for p in lag_problems() if "dead-letter" in p], 60,
+                     "the lag warning to go", poll_s=1.0)
+            assert f"dead-letter topic {dlq} takes letters again" in printed()
+        finally:
+            stop_process(trainer, 60)
+    finally:
+        io.close()
+        admin.delete_acls([ACLFilter(*deny, ResourcePatternFilter(
+            ResourceType.TOPIC, dlq, ACLResourcePatternType.LITERAL))])
+        admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, "SCRAM-SHA-512")])
+        admin.close()
+    out = log_file.read_text()
+    assert trainer.returncode == 0, out[-3000:]
+    assert f"applied {len(valid)} events, 1 dead letters" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for secret in (*stack.secrets, password):
+        assert secret not in out

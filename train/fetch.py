@@ -270,6 +270,11 @@ class Fetcher(Generic[B]):
         self._thread.start()
         return self
 
+    def dead_letter_block(self) -> None:
+        """None: this fetcher sends its dead letters through the trainer's outbox (whose
+        checkpoints wait for them), it keeps none of its own."""
+        return None
+
     def get(self, timeout: float) -> B | None:
         """The next decoded batch, or None if none arrives within ``timeout`` seconds."""
         try:

@@ -54,6 +54,7 @@ from train.fetch import (
     put_while_busy,
     seek_to_positions,
 )
+from train.resilience import DeadLetterBlock
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,15 @@ class FetchProcess:
         self._batches: Any = ctx.Queue(maxsize=depth)
         self._control: Any = ctx.Queue()
         self._replies: Any = ctx.Queue()
+        # the child's dead-letter outbox while its topic takes no letters (DeadLetterBlock):
+        # since (epoch s, 0 = not blocked), letters waiting; and the error's class name
+        self._dlq_block: Any = ctx.Array("d", 2)
+        self._dlq_error: Any = ctx.Array("c", 64)
         self._proc = ctx.Process(
             target=_child_main,
             args=(spec, self._batches, self._control, self._replies, self._allowed, self._stop,
-                  self._ready, self._caught_up, os.getpid()),
+                  self._ready, self._caught_up, os.getpid(),
+                  _SharedBlock(self._dlq_block, self._dlq_error)),
             daemon=True,
             name="fmstream-fetch",
         )
@@ -245,6 +251,11 @@ class FetchProcess:
         """The child's last poll found nothing and every batch before it is handed over
         (nothing is being decoded or waiting for the queue)."""
         return self._caught_up.is_set()
+
+    def dead_letter_block(self) -> DeadLetterBlock | None:
+        """The child's dead letters the topic does not take (its intake is held at them), as
+        the child last reported; None while they go through."""
+        return _SharedBlock(self._dlq_block, self._dlq_error).read()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until the child has its consumer and partitions (True), or ``timeout``."""
@@ -338,6 +349,29 @@ class FetchProcess:
 # --- the child ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _SharedBlock:
+    """A :class:`~train.resilience.DeadLetterBlock` in shared memory (the child writes it)."""
+
+    numbers: Any  # multiprocessing Array("d", 2): since (0 = none), waiting
+    error: Any  # multiprocessing Array("c", 64): the error's class name
+
+    def write(self, block: DeadLetterBlock | None) -> None:
+        with self.numbers.get_lock():
+            if block is None:
+                self.numbers[0], self.numbers[1] = 0.0, 0.0
+                return
+            self.error.value = block.error.encode()[:63]
+            self.numbers[0], self.numbers[1] = block.since, float(block.waiting)
+
+    def read(self) -> DeadLetterBlock | None:
+        with self.numbers.get_lock():
+            since, waiting = self.numbers[0], self.numbers[1]
+            error = self.error.value.decode("ascii", "replace")
+        return None if since <= 0 else DeadLetterBlock(since, int(waiting), error)
+
+
+
 def _die_with_parent(parent: int) -> None:
     with contextlib.suppress(Exception):  # Linux only; the getppid check covers the rest
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -347,14 +381,15 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _child_main(spec: FetchSpec, batches: Any, control: Any, replies: Any, allowed: Any,
-                stop: Any, ready: Any, caught_up: Any, parent: int) -> None:
+                stop: Any, ready: Any, caught_up: Any, parent: int, block: _SharedBlock) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when to stop
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s fetch %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # as the CLI sets it for the trainer
     try:
-        _Child(spec, batches, control, replies, allowed, stop, parent, caught_up).run(ready)
+        _Child(spec, batches, control, replies, allowed, stop, parent, caught_up,
+               block).run(ready)
     except BaseException as exc:  # noqa: BLE001 - reported to the trainer, which stops
         log.exception("fetch process failed")
         with contextlib.suppress(Exception):
@@ -363,7 +398,7 @@ def _child_main(spec: FetchSpec, batches: Any, control: Any, replies: Any, allow
 
 class _Child:
     def __init__(self, spec: FetchSpec, batches: Any, control: Any, replies: Any, allowed: Any,
-                 stop: Any, parent: int, caught_up: Any) -> None:
+                 stop: Any, parent: int, caught_up: Any, block: _SharedBlock) -> None:
         from threadpoolctl import threadpool_limits
 
         from stream.consume import make_consumer, make_producer
@@ -384,6 +419,8 @@ class _Child:
         # not idempotent: a letter the topic refuses must not make it fatal (DeadLetterOutbox)
         self.producer = make_producer(spec.kafka, enable_idempotence=False)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
+        self.block = block  # what the trainer shows of a dead-letter topic that takes none
+        self.blocked = False  # whether ``block`` holds one
         self.aligner = EventAligner(spec.topics.events, max_records=spec.max_poll_records,
                                     max_wait_s=spec.align_wait_s,
                                     max_hold_s=max(10.0, spec.align_wait_s))
@@ -471,12 +508,17 @@ class _Child:
         return batch
 
     def _hand_over(self, batch: DecodedBatch) -> None:
-        # A letter is acknowledged before the trainer can checkpoint past its message.
+        # A letter is acknowledged before the trainer can checkpoint past its message: a topic
+        # that takes none holds the intake here (the outbox logs why and what to fix).
         while batch.dead_letters and not self.dead_letters.flush(timeout=5.0):
+            self.block.write(self.dead_letters.blocked())
+            self.blocked = True
             if self.stop.is_set():
                 return
-            log.warning("dead letters not acknowledged yet; retrying before handing over")
             self._run_controls()
+        if self.blocked:
+            self.block.write(None)
+            self.blocked = False
         item = (batch, time.process_time() - self.cpu0, self.poll_s, self.decode_s,
                 dict(self.cpu_pieces))
         put_while_busy(self.batches, item, self.stop, self._run_controls)

@@ -70,7 +70,7 @@ from train.fetch import (
 from train.fetch_process import FetchProcess, FetchSpec
 from train.model_lock import ModelLock
 from train.publish_thread import PublisherThread
-from train.resilience import DeadLetterOutbox, GuardedSink, LeaseKeeper
+from train.resilience import DeadLetterBlock, DeadLetterOutbox, GuardedSink, LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ takes a batch from the fetcher (unpickling when it is a process), ``learn`` is t
 applying a batch (profiles, positions, counts), ``checkpoint`` writing checkpoints (with
 background checkpoints: forking the writer and installing its file; the writer's own CPU is
 :attr:`Trainer.checkpoint_child_cpu_s`), ``handover`` telling the publisher what changed."""
+DLQ_REPORT_S = 5.0
+"""While the dead-letter topic takes no letters, the status hash's ``dlq_*`` fields are refreshed
+this often (the letters waiting); the change itself is reported at once."""
 
 
 class CpuShare:
@@ -130,6 +133,10 @@ class EventSink(Protocol):
 
     def checkpointed(self, progress: Progress) -> None: ...
 
+    def report(self, fields: Mapping[str, str | int | float]) -> None:
+        """Status fields for ``fmstream lag`` (the newest of each wins)."""
+        ...
+
     def tick(self, now: float) -> None: ...
 
 
@@ -143,6 +150,10 @@ class TrainerStats:
     checkpoint_age_s: float  # since the last checkpoint (or the start)
     live_hit_rate: dict[str, float] = field(default_factory=dict)  # cohort -> test-then-train HR@10
     live_samples: dict[str, int] = field(default_factory=dict)  # cohort -> samples behind the rate
+    # dead letters the dead-letter topic has not taken, holding the intake (0: none), and for
+    # how long it has taken none (0.0: it takes them)
+    dead_letters_waiting: int = 0
+    dead_letters_blocked_s: float = 0.0
 
 
 class BatchObserver(Protocol):
@@ -258,6 +269,10 @@ class Trainer:
             self.lease = LeaseKeeper(renew_lease or (lambda: None), lease_ttl_s)
         self.dead_letters = DeadLetterOutbox(dead_letter_producer, config.topics.dlq)
         self._dead_letters_restored = self.progress.dead_letters
+        # the status hash says the dead-letter topic takes none (True at start: the first step
+        # clears what a trainer stopped while blocked left there)
+        self._dlq_reported = True
+        self._dlq_reported_at = 0.0
         self._fetched_dead_letters = 0  # sent by a fetch process (acknowledged before handed)
         self.topics = config.topics.training
         self._assigned: set[TopicPartition] = set()
@@ -342,6 +357,7 @@ class Trainer:
 
     def stats(self) -> TrainerStats:
         """What the trainer has done so far (for metrics; cheap, safe from any thread)."""
+        block = self.dead_letter_block()
         return TrainerStats(
             events_applied=self.progress.events_applied,
             dead_letters=self.dead_letter_count,
@@ -349,7 +365,33 @@ class Trainer:
             checkpoint_age_s=time.monotonic() - self._last_checkpoint,
             live_hit_rate=self.live.rates(),
             live_samples=self.live.counts(),
+            dead_letters_waiting=0 if block is None else block.waiting,
+            dead_letters_blocked_s=0.0 if block is None else max(0.0, time.time() - block.since),
         )
+
+    def dead_letter_block(self) -> DeadLetterBlock | None:
+        """Dead letters the topic has not taken (this process's and the fetch process's): the
+        intake (fetch process) or the checkpoints (fetch thread) wait for them; None: none."""
+        return DeadLetterBlock.merge(self.dead_letters.blocked(),
+                                     self.fetcher.dead_letter_block())
+
+    def _report_dead_letters(self) -> None:
+        """Tell ``fmstream lag`` (the status hash, through the sink) when the dead-letter topic
+        stops or starts taking letters again, and refresh it every ``DLQ_REPORT_S`` meanwhile."""
+        block = self.dead_letter_block()
+        now = time.monotonic()
+        if block is None and not self._dlq_reported:
+            return
+        if block is not None and self._dlq_reported and now - self._dlq_reported_at < DLQ_REPORT_S:
+            return
+        if self._sink is None:
+            return
+        self._dlq_reported, self._dlq_reported_at = block is not None, now
+        if block is None:
+            self._sink.report({"dlq_blocked_since": 0.0, "dlq_waiting": 0, "dlq_error": ""})
+        else:
+            self._sink.report({"dlq_blocked_since": block.since, "dlq_waiting": block.waiting,
+                               "dlq_error": block.error})
 
     @property
     def sink(self) -> EventSink | None:
@@ -481,6 +523,7 @@ class Trainer:
             self._reap_checkpoint()
         if self._checkpoint_due():
             self.checkpoint()
+        self._report_dead_letters()
         if self._sink is not None:
             t0, c0 = time.perf_counter(), time.thread_time()
             self._sink.tick(time.time())
@@ -728,11 +771,15 @@ class Trainer:
                 self._reap_checkpoint()
                 if self.background.running:
                     return False
-            if not self.dead_letters.flush(timeout=30.0 if final else 5.0):
-                log.warning(
-                    "checkpoint deferred: %d dead letters not acknowledged by the broker",
-                    self.dead_letters.pending,
-                )
+            # while the topic takes no letters (an ACL, a missing topic) a short wait: the
+            # fetch thread's events are still applied meanwhile, only checkpoints wait
+            blocked = self.dead_letters.blocked() is not None
+            if not self.dead_letters.flush(timeout=30.0 if final else 0.5 if blocked else 5.0):
+                if not blocked:  # then the outbox's own line (every 60 s) says it
+                    log.warning(
+                        "checkpoint deferred: %d dead letters not acknowledged by the broker",
+                        self.dead_letters.pending,
+                    )
                 return self._defer_checkpoint()
             if not self.lease.keep(force=True):  # never write after the lease may have passed on
                 log.warning("checkpoint deferred: the trainer lease is not provably ours")

@@ -23,6 +23,11 @@ fmstream_live_hit_rate               gauge     test-then-train HR@10 of sampled 
                                                NaN before the first sample; model/live.py)
 fmstream_live_hit_rate_samples       gauge     sampled positives behind that rate, by
                                                ``cohort`` (at most its window, 2,000)
+fmstream_dead_letters_waiting        gauge     dead letters the dead-letter topic has not
+                                               acknowledged for good (an ACL denies Write, the
+                                               topic is missing): the intake waits for them
+fmstream_dead_letter_topic_blocked_seconds gauge since the dead-letter topic took none of
+                                               them (0 while letters go through)
 ==================================== ========= ==============================================
 """
 
@@ -84,6 +89,14 @@ class TrainerMetrics:
                                   "Sampled positives behind fmstream_live_hit_rate (its window: "
                                   "a rate over few samples is noise)", ["cohort"],
                                   registry=registry)
+        self.dead_letters_waiting = Gauge(
+            "fmstream_dead_letters_waiting",
+            "Dead letters the dead-letter topic has not acknowledged (the trainer's intake "
+            "waits for them; 0 while letters go through)", registry=registry)
+        self.dead_letter_blocked = Gauge(
+            "fmstream_dead_letter_topic_blocked_seconds",
+            "Seconds since the dead-letter topic last took the letters waiting (0 while they "
+            "go through): grant Write on it, or create it", registry=registry)
         self._dead_seen = 0
         self._applied_seen = 0
 
@@ -117,6 +130,9 @@ class TrainerMetrics:
             self.live_samples.labels(cohort).set_function(
                 lambda c=cohort: float(trainer_stats().live_samples.get(c, 0))
             )
+        self.dead_letters_waiting.set_function(
+            lambda: float(trainer_stats().dead_letters_waiting))
+        self.dead_letter_blocked.set_function(lambda: trainer_stats().dead_letters_blocked_s)
         stats = trainer_stats()
         self._dead_seen = stats.dead_letters
         self._applied_seen = stats.events_applied

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from stream.schemas import EventColumns
@@ -93,6 +93,7 @@ class PublisherThread:
         self._n_events = 0
         self._profiles: list[str] = []
         self._checkpoint: Any = None
+        self._report: dict[str, Any] = {}  # status fields, the newest of each
         self._posted = 0  # hand-overs recorded (trainer side)
         self._delivered = 0  # hand-overs the thread has passed to the sink
         self._done = threading.Condition(self._lock)
@@ -137,6 +138,14 @@ class PublisherThread:
         report = copy.copy(progress)
         with self._lock:
             self._checkpoint = report
+            self._posted += 1
+        self._wake.set()
+
+    def report(self, fields: Mapping[str, Any]) -> None:
+        """Status fields for the sink (the newest value of each wins)."""
+        self._check()
+        with self._lock:
+            self._report.update(fields)
             self._posted += 1
         self._wake.set()
 
@@ -185,13 +194,14 @@ class PublisherThread:
 
     # --- the publisher thread ----------------------------------------------------------------
 
-    def _take(self) -> tuple[list[Sequence[Any]], list[str], Any, int]:
+    def _take(self) -> tuple[list[Sequence[Any]], list[str], Any, dict[str, Any], int]:
         with self._lock:
             events, self._events = list(self._events), deque()
             self._n_events = 0
             profiles, self._profiles = self._profiles, []
             checkpoint, self._checkpoint = self._checkpoint, None
-            return events, profiles, checkpoint, self._posted
+            report, self._report = self._report, {}
+            return events, profiles, checkpoint, report, self._posted
 
     def _run(self) -> None:
         cpu0 = time.thread_time()
@@ -218,10 +228,10 @@ class PublisherThread:
         while True:
             self._wake.wait(self.interval_s)
             self._wake.clear()
-            events, profiles, checkpoint, posted = self._take()
+            events, profiles, checkpoint, report, posted = self._take()
             t0 = time.perf_counter()
             try:
-                self._deliver(events, profiles, checkpoint)
+                self._deliver(events, profiles, checkpoint, report)
             except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread
                 self._fail(exc, "publisher thread failed")
                 return
@@ -234,7 +244,8 @@ class PublisherThread:
                 if self._stopping.is_set() and self._delivered >= self._posted:
                     return
 
-    def _deliver(self, events: list[Sequence[Any]], profiles: list[str], checkpoint: Any) -> None:
+    def _deliver(self, events: list[Sequence[Any]], profiles: list[str], checkpoint: Any,
+                 report: dict[str, Any] | None = None) -> None:
         sink = self.sink
         if profiles:
             sink.profiles_changed(list(dict.fromkeys(profiles)))
@@ -249,6 +260,8 @@ class PublisherThread:
                 sink.applied(chunk(slice(start, start + HISTORY_CHUNK)))
         if checkpoint is not None:
             sink.checkpointed(checkpoint)
+        if report:
+            sink.report(report)
         sink.tick(time.time())
 
 

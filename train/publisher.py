@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +193,10 @@ class Publisher:
                 for cohort, n in getattr(progress, "live_samples", {}).items()
             },
         )
+
+    def report(self, fields: Mapping[str, str | int | float]) -> None:
+        """Set status fields for ``fmstream lag`` (e.g. the dead-letter topic's ``dlq_*``)."""
+        self.store.put_status(**fields)
 
     # --- cadences --------------------------------------------------------------------------
 

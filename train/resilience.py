@@ -28,7 +28,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -37,7 +38,12 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from stream.connect import RedisConfig
-from stream.consume import DEAD_LETTER_REASON_CHARS, dead_letter_for, dead_letter_key
+from stream.consume import (
+    DEAD_LETTER_REASON_CHARS,
+    dead_letter_fix,
+    dead_letter_for,
+    dead_letter_key,
+)
 from stream.schemas import DeadLetter, dumps
 from train.lease import LeaseLost
 
@@ -149,6 +155,29 @@ def letter_without_payload(value: bytes, error: BaseException) -> bytes:
     }))
 
 
+BLOCKED_LOG_EVERY_S = 60.0
+"""While the dead-letter topic takes no letters, the outbox repeats its error line this often."""
+
+
+@dataclass(frozen=True)
+class DeadLetterBlock:
+    """The dead-letter topic has not acknowledged letters since ``since`` (epoch seconds):
+    ``waiting`` letters wait, the last error was ``error`` (its class name)."""
+
+    since: float
+    waiting: int
+    error: str
+
+    @staticmethod
+    def merge(*blocks: DeadLetterBlock | None) -> DeadLetterBlock | None:
+        """One block for several outboxes (the oldest start, the letters of all), or None."""
+        found = [b for b in blocks if b is not None]
+        if not found:
+            return None
+        first = min(found, key=lambda b: b.since)
+        return DeadLetterBlock(first.since, sum(b.waiting for b in found), first.error)
+
+
 class DeadLetterOutbox:
     """The dead-letter sink of the trainer: a letter stays here until the broker acked it.
 
@@ -162,6 +191,12 @@ class DeadLetterOutbox:
     state that fails every later send.
     Thread-safe: the fetch thread sends (decode, validate) while the trainer thread sends
     (apply) and flushes; a flush covers every letter sent before it.
+
+    A topic that takes no letter for good (an ACL denies Write, the topic is missing with
+    auto-create off) holds the intake at the first unacknowledged letter, which is the no-loss
+    rule; it is made visible: one error line naming the topic and the fix (again every
+    :data:`BLOCKED_LOG_EVERY_S`), :meth:`blocked` for the metrics and ``fmstream lag``, and a
+    line when letters go through again (the retries go on by themselves).
     """
 
     def __init__(self, producer: KafkaProducer, topic: str) -> None:
@@ -170,6 +205,9 @@ class DeadLetterOutbox:
         self._pending: list[list[Any]] = []  # [key, value, future | None]
         self._lock = threading.Lock()
         self.count = 0
+        self._blocked_since: float | None = None  # epoch s of the first flush that failed
+        self._blocked_logged = 0.0  # monotonic s of the last error line
+        self._last_error: BaseException | None = None  # the newest send or delivery failure
         try:  # learn the topic's partitions now, so send() never blocks on metadata later
             producer.partitions_for(topic)
         except KafkaError as exc:
@@ -196,7 +234,9 @@ class DeadLetterOutbox:
         try:
             entry[2] = self._producer.send(self._topic, key=entry[0], value=entry[1])
         except KafkaError as exc:  # e.g. metadata unavailable: keep it, flush() re-sends
-            log.warning("dead letter not sent yet (%r); will retry", exc)
+            self._last_error = exc
+            if self._blocked_since is None:  # else the blocked line says it
+                log.warning("dead letter not sent yet (%r); will retry", exc)
             entry[2] = None
 
     @property
@@ -204,11 +244,50 @@ class DeadLetterOutbox:
         """Dead letters not yet acknowledged by the broker."""
         return len(self._pending)
 
+    def blocked(self) -> DeadLetterBlock | None:
+        """Since when the topic has taken none of the letters waiting (the last flush failed),
+        how many wait, and the last error; None while letters go through."""
+        since = self._blocked_since
+        if since is None:
+            return None
+        error = self._last_error
+        return DeadLetterBlock(since, self.pending,
+                               "" if error is None else type(error).__name__)
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every letter sent before this call is acknowledged; False if not within
         ``timeout``. (Letters sent meanwhile by another thread are for records not applied yet:
         no checkpoint written now covers them.)"""
+        done = self._flush(timeout)
+        if not done:
+            self._note_blocked()
+        elif self._blocked_since is not None:
+            log.warning("dead-letter topic %s takes letters again after %.0f s: intake resumes",
+                        self._topic, time.time() - self._blocked_since)
+            self._blocked_since = None
+        return done
+
+    def _note_blocked(self) -> None:
+        now = time.monotonic()
+        first = self._blocked_since is None
+        if first:
+            self._blocked_since = time.time()
+        elif now - self._blocked_logged < BLOCKED_LOG_EVERY_S:
+            return
+        self._blocked_logged = now
+        error = self._last_error
+        name = "no acknowledgement" if error is None else type(error).__name__
+        log.error(
+            "dead-letter topic %s takes no letters (%s) for %.0f s: %d dead letters wait, and "
+            "the trainer holds its intake at them (nothing past an unacknowledged letter is "
+            "checkpointed or committed, so no message is lost). To fix: %s; the trainer "
+            "resumes by itself once the topic takes them",
+            self._topic, name, time.time() - self._blocked_since, self.pending,
+            dead_letter_fix(self._topic, name))
+
+    def _flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
+        warned = False
         with self._lock:
             waiting = list(self._pending)
         while waiting:
@@ -222,9 +301,12 @@ class DeadLetterOutbox:
                                   future.exception)
                         entry[1] = letter_without_payload(entry[1], future.exception)
                     elif future is not None:
-                        log.warning(
-                            "dead letter delivery failed (%r); re-sending", future.exception
-                        )
+                        self._last_error = future.exception
+                        if self._blocked_since is None and not warned:  # once; then the
+                            warned = True  # blocked line (flush) says it
+                            log.warning(
+                                "dead letter delivery failed (%r); re-sending", future.exception
+                            )
                     self._send(entry)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -270,6 +352,7 @@ class GuardedSink:
         self._queued: deque[Sequence[Any]] = deque()
         self._n_queued = 0
         self._checkpoint: Any = None  # the newest checkpoint report not yet delivered
+        self._report: dict[str, Any] = {}  # status fields not yet delivered (newest wins)
         self._max_queued = max_queued
         self.dropped = 0
         self.down_since: float | None = None
@@ -342,6 +425,16 @@ class GuardedSink:
         self._checkpoint = progress
         if self._call("checkpointed", self.sink.checkpointed, progress):
             self._checkpoint = None
+
+    def report(self, fields: Mapping[str, Any]) -> None:
+        """Status fields (the newest of each wins), kept until Redis takes them; a sink without
+        ``report`` (a test's) takes none."""
+        deliver = getattr(self.sink, "report", None)
+        if deliver is None:
+            return
+        self._report.update(fields)
+        if self._call("report", deliver, dict(self._report)):
+            self._report.clear()
 
     def tick(self, now: float) -> None:
         self._call("tick", self.sink.tick, now)

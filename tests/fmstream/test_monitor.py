@@ -28,7 +28,7 @@ import stream.metrics
 from fmstream import cli
 from fmstream.errors import NoSamplesError
 from fmstream.health import GroupHealth, PartitionHealth, Status
-from fmstream.monitor import LagReport, exceeded, plot_history, render
+from fmstream.monitor import LagReport, dead_letter_warnings, exceeded, plot_history, render
 from fmstream.settings import Settings
 from serving.store import VectorStore
 from stream.config import KafkaConfig
@@ -489,3 +489,17 @@ def test_plot_without_samples_is_refused_with_what_to_do(tmp_path: Path) -> None
     with pytest.raises(NoSamplesError, match="no samples to plot: .*longer --window") as exc:
         plot_history([], tmp_path / "lag.png")
     assert isinstance(exc.value, ValueError) and not (tmp_path / "lag.png").exists()
+
+
+def test_a_blocked_dead_letter_topic_is_a_warning_until_the_trainer_clears_it() -> None:
+    blocked = {"dlq_blocked_since": "100.0", "dlq_waiting": "3",
+               "dlq_error": "TopicAuthorizationFailedError"}
+    [line] = dead_letter_warnings(blocked, "fm.dlq", now=142.4)
+    assert line.startswith("trainer: dead-letter topic fm.dlq has taken no letters for 42 s "
+                           "(TopicAuthorizationFailedError; 3 waiting)")
+    assert "grant the trainer's Kafka user (FMSTREAM_KAFKA_USERNAME) Write on topic fm.dlq" in line
+    missing = dict(blocked, dlq_error="KafkaTimeoutError")
+    assert "create topic fm.dlq" in dead_letter_warnings(missing, "fm.dlq", now=142.4)[0]
+    cleared = {"dlq_blocked_since": "0.0", "dlq_waiting": "0", "dlq_error": ""}
+    assert dead_letter_warnings(cleared, "fm.dlq", now=1.0) == []
+    assert dead_letter_warnings({}, "fm.dlq", now=1.0) == []  # a trainer of before this field

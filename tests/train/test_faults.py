@@ -819,3 +819,30 @@ def test_kill_9_while_a_background_checkpoint_is_written_loses_and_repeats_nothi
     assert not [p.name for p in s.checkpoint_dir.iterdir() if p.name.endswith(".tmp")]
     lags = group_lag(s.kafka_config(), s.trainer_group, [s.topic_events])
     assert [p.lag for p in lags] == [0] * len(lags)  # the final checkpoint's commit
+
+
+def test_guarded_sink_keeps_status_reports_until_redis_answers() -> None:
+    clock = FakeClock()
+
+    class Sink:
+        def __init__(self) -> None:
+            self.up = False
+            self.reports: list[dict] = []
+
+        def report(self, fields: dict) -> None:
+            if not self.up:
+                raise redis.ConnectionError("down")
+            self.reports.append(dict(fields))
+
+    inner = Sink()
+    sink = GuardedSink(inner, backoff_s=0.5, clock=clock)
+    sink.report({"dlq_blocked_since": 5.0, "dlq_waiting": 1})
+    clock.now += 1
+    sink.report({"dlq_waiting": 2})  # merged with what waits: the newest value of each
+    assert inner.reports == []
+    inner.up = True
+    clock.now += 10
+    sink.report({"dlq_error": "TopicAuthorizationFailedError"})
+    assert inner.reports == [{"dlq_blocked_since": 5.0, "dlq_waiting": 2,
+                              "dlq_error": "TopicAuthorizationFailedError"}]
+    GuardedSink(object()).report({"x": 1})  # a sink without report() takes none
