@@ -52,6 +52,7 @@ from serving.answering import (
     decode_request,
 )
 from serving.config import ServingConfig
+from serving.coordinator import GroupCoordinator
 from serving.errors import InternalError, InvalidRequest, ServingError
 from serving.follow import IndexFollower as DeltaFollower
 from serving.graph import GraphKeeper
@@ -134,11 +135,14 @@ class Membership:
     Read after every poll: the group state must be stable and the last successful heartbeat (or
     the join) younger than the session timeout less :data:`HEARTBEAT_MARGIN_S`. A member whose
     heartbeats stopped for a whole session is made to rejoin. The heartbeat time comes from
-    kafka-python's coordinator (``_coordinator.heartbeat``); without it, the state alone decides.
+    kafka-python's coordinator through :class:`serving.coordinator.GroupCoordinator`; without
+    it, the state alone decides.
     """
 
-    def __init__(self, consumer: KafkaConsumer, session_timeout_ms: int) -> None:
+    def __init__(self, consumer: KafkaConsumer, session_timeout_ms: int,
+                 coordinator: GroupCoordinator | None = None) -> None:
         self.consumer = consumer
+        self.coordinator = GroupCoordinator(consumer) if coordinator is None else coordinator
         self.session_s = session_timeout_ms / 1000
         self.generation = -1
         self.joined_at = time.monotonic()
@@ -147,20 +151,14 @@ class Membership:
         self.late_join_logged = False
 
     def _heartbeat_at(self) -> float:
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        heartbeat = getattr(coordinator, "heartbeat", None)
-        received = getattr(heartbeat, "last_receive", None)
+        received = self.coordinator.last_heartbeat()
         return self.joined_at if received is None else max(received, self.joined_at)
 
     def rejoin_pending(self) -> bool:
         """True when the group is rebalancing and the next poll will rejoin it: the moment to
         commit everything answered, so the partitions' next owners start exactly after it."""
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        try:
-            return bool(coordinator is not None and coordinator.state is MemberState.STABLE
-                        and coordinator.need_rejoin())
-        except Exception:  # noqa: BLE001 - an internal of kafka-python changed: no early commit
-            return False
+        return self.consumer.group_metadata().state is MemberState.STABLE \
+            and self.coordinator.rejoin_needed()
 
     def joining(self) -> bool:
         """True while the consumer is not a stable member or is about to rejoin (its next
@@ -195,9 +193,7 @@ class Membership:
             log.warning("not a stable group member yet, %.0f s after subscribing (state %s): "
                         "answering nothing until it joins", silent, meta.state)
         if meta.state is MemberState.STABLE and silent >= self.session_s:
-            coordinator = getattr(self.consumer, "_coordinator", None)
-            if coordinator is not None:  # heartbeats stopped: the group dropped us; rejoin
-                coordinator.request_rejoin()
+            self.coordinator.request_rejoin()  # heartbeats stopped: the group dropped us
         return False
 
 
@@ -718,18 +714,17 @@ class _Handover(AsyncConsumerRebalanceListener):
     twice on a clean handover).
 
     kafka-python awaits this on its IO loop before JoinGroup, while the request loop is inside
-    ``poll()``; the commit uses the coordinator's own pre-rebalance commit
-    (``_commit_offsets_sync_async``, what auto-commit uses), so it is skipped if a kafka-python
-    release drops it (then only the early drain of the request loop remains).
+    ``poll()``; the commit is :meth:`GroupCoordinator.commit_in_listener`, skipped if a
+    kafka-python release drops it (then only the early drain of the request loop remains).
     """
 
-    def __init__(self, replies: _Replies) -> None:
+    def __init__(self, replies: _Replies, coordinator: GroupCoordinator) -> None:
         self.replies = replies
+        self.coordinator = coordinator
 
     async def on_partitions_revoked(self, revoked) -> None:
         replies = self.replies
-        commit = getattr(getattr(replies.consumer, "_coordinator", None),
-                         "_commit_offsets_sync_async", None)
+        commit = self.coordinator.commit_in_listener()
         if commit is None or not revoked:
             return
         try:
@@ -956,12 +951,14 @@ class Worker:
               ) -> tuple[_Replies, Membership]:
         """Subscribe ``consumer`` to the request topic (joined by its next poll)."""
         replies = _Replies(self, consumer, producer, alive=self.watchdog.alive)
-        self.membership = membership = Membership(consumer, self.config.session_timeout_ms)
+        coordinator = GroupCoordinator(consumer)
+        self.membership = membership = Membership(consumer, self.config.session_timeout_ms,
+                                                  coordinator)
         # Join the group only once the topic's partitions are in metadata: a member that joins
         # before (a topic created a moment ago) is assigned nothing until the next metadata
         # refresh, minutes later.
         _wait_for_partitions(consumer, self.config.topic_requests, stop, self.watchdog)
-        consumer.subscribe([self.config.topic_requests], listener=_Handover(replies))
+        consumer.subscribe([self.config.topic_requests], listener=_Handover(replies, coordinator))
         return replies, membership
 
     def _renew(self, consumer: KafkaConsumer) -> KafkaConsumer:

@@ -57,28 +57,35 @@ N_ITEMS = 300
 
 
 class FakeCoordinator:
+    """Stands in for :class:`serving.coordinator.GroupCoordinator` (the one reader of
+    kafka-python's private coordinator, tested on a real consumer in test_coordinator.py)."""
+
     def __init__(self) -> None:
-        self.heartbeat = SimpleNamespace(last_receive=time.monotonic())
-        self.state = MemberState.STABLE
+        self.last_receive = time.monotonic()
         self.rejoin_requested = 0
         self.rejoin = False
 
-    def request_rejoin(self) -> None:
-        self.rejoin_requested += 1
+    def last_heartbeat(self) -> float:
+        return self.last_receive
 
-    def need_rejoin(self) -> bool:
+    def rejoin_needed(self) -> bool:
         return self.rejoin
+
+    def request_rejoin(self) -> bool:
+        self.rejoin_requested += 1
+        return True
 
 
 class FakeConsumer:
     def __init__(self) -> None:
-        self._coordinator = FakeCoordinator()
+        self.coordinator = FakeCoordinator()
+        self.state = MemberState.STABLE
         self.generation = 1
         self.seeks: list[tuple[TopicPartition, int]] = []
         self.assigned = {TopicPartition("t", 0)}
 
     def group_metadata(self):
-        return SimpleNamespace(state=self._coordinator.state, generation_id=self.generation)
+        return SimpleNamespace(state=self.state, generation_id=self.generation)
 
     def assignment(self):
         return set(self.assigned)
@@ -87,23 +94,27 @@ class FakeConsumer:
         self.seeks.append((tp, offset))
 
 
+def member_of(consumer: FakeConsumer) -> Membership:
+    return Membership(consumer, session_timeout_ms=3000, coordinator=consumer.coordinator)
+
+
 def test_a_member_answers_only_while_stable_with_fresh_heartbeats() -> None:
     consumer = FakeConsumer()
-    member = Membership(consumer, session_timeout_ms=3000)
+    member = member_of(consumer)
     assert member.check()
-    consumer._coordinator.state = MemberState.REBALANCING
+    consumer.state = MemberState.REBALANCING
     assert not member.check()
-    consumer._coordinator.state = MemberState.STABLE
+    consumer.state = MemberState.STABLE
     consumer.generation = 2
     assert member.check()  # a new generation counts as a fresh join
     # heartbeats stop (the process was stalled, the broker dropped it): a zombie
-    consumer._coordinator.heartbeat.last_receive = time.monotonic() - 2.5
+    consumer.coordinator.last_receive = time.monotonic() - 2.5
     member.joined_at = time.monotonic() - 2.5
-    assert not member.check() and consumer._coordinator.rejoin_requested == 0
-    consumer._coordinator.heartbeat.last_receive = time.monotonic() - 4
+    assert not member.check() and consumer.coordinator.rejoin_requested == 0
+    consumer.coordinator.last_receive = time.monotonic() - 4
     member.joined_at = time.monotonic() - 4
-    assert not member.check() and consumer._coordinator.rejoin_requested == 1  # made to rejoin
-    consumer._coordinator.heartbeat.last_receive = time.monotonic()
+    assert not member.check() and consumer.coordinator.rejoin_requested == 1  # made to rejoin
+    consumer.coordinator.last_receive = time.monotonic()
     assert member.check() and member.pauses == 2  # the rebalance, then the silence
 
 
@@ -111,9 +122,9 @@ def test_a_member_never_seen_stable_says_so_once_after_a_session(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     consumer = FakeConsumer()
-    consumer._coordinator.state = MemberState.UNJOINED
-    consumer._coordinator.heartbeat.last_receive = float("-inf")
-    member = Membership(consumer, session_timeout_ms=3000)
+    consumer.state = MemberState.UNJOINED
+    consumer.coordinator.last_receive = float("-inf")
+    member = member_of(consumer)
     with caplog.at_level(logging.WARNING, logger="serving.worker"):
         assert not member.check()
         assert "not a stable group member yet" not in caplog.text  # within its first session
@@ -128,25 +139,25 @@ def test_a_joining_member_polls_long_enough_to_see_its_join_complete() -> None:
     consumer = FakeConsumer()
     timeouts: list[int] = []
     consumer.poll = lambda timeout_ms: timeouts.append(timeout_ms) or {}
-    member = Membership(consumer, session_timeout_ms=3000)
+    member = member_of(consumer)
     worker = SimpleNamespace(metrics=None, dead_letters=0, config=ServingConfig(),
                              watchdog=Watchdog(0), serving=threading.Event(),
                              path_log=PathLog())
     replies = _Replies(worker, consumer, RefusingProducer(0, RuntimeError()))
     for state, rejoin in ((MemberState.REBALANCING, False), (MemberState.UNJOINED, False),
                           (MemberState.STABLE, True), (MemberState.STABLE, False)):
-        consumer._coordinator.state, consumer._coordinator.rejoin = state, rejoin
+        consumer.state, consumer.coordinator.rejoin = state, rejoin
         Worker._step(worker, consumer, replies, member, None)
     assert timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, JOIN_POLL_MS, 100]
 
 
 def test_rejoin_pending_only_for_a_stable_member_asked_to_rejoin() -> None:
     consumer = FakeConsumer()
-    member = Membership(consumer, session_timeout_ms=3000)
+    member = member_of(consumer)
     assert not member.rejoin_pending()
-    consumer._coordinator.rejoin = True
+    consumer.coordinator.rejoin = True
     assert member.rejoin_pending()
-    consumer._coordinator.state = MemberState.UNJOINED
+    consumer.state = MemberState.UNJOINED
     assert not member.rejoin_pending()
 
 
