@@ -184,7 +184,12 @@ def test_a_consumer_that_stops_rejoining_is_replaced_within_the_limit(
 ) -> None:
     """The worker's first consumer stops polling kafka-python (nothing rejoins the group) and
     the broker drops the member: within the watchdog's limit the worker closes that consumer,
-    joins with a new one and answers again; the renewal shows in its report and metric."""
+    joins with a new one and answers again; the renewal shows in its report and metric.
+
+    The replacement's join may stall too on a loaded box (seen: a rebalance right after its
+    join that it never completed, stuck "rebalancing" for over a minute); the watchdog renews
+    that one as well, as it would in production, so the test counts renewals (at least one,
+    one consumer each) instead of expecting exactly two consumers."""
     store = publish_items(settings, redis_client)
     deaf = threading.Event()
     clients = FaultyClients(settings, deaf.is_set, "deaf")
@@ -199,14 +204,18 @@ def test_a_consumer_that_stops_rejoining_is_replaced_within_the_limit(
         wait_for(lambda: dog.renewals >= 1, limit_s + 60, "the watchdog's renewal")
         wait_for(lambda: (m := members(settings)) and not set(m) & set(gone), 60,
                  "the new consumer in the group")
-        wait_for(lambda: answered(client, "i2"), 60, "an answer from the new consumer")
-        assert len(clients.made) == 2 and clients.made[0].faulty_polls > 0
+        # generous: a replacement whose join stalls is renewed after limit_s, then joins
+        wait_for(lambda: answered(client, "i2"), 180, "an answer from a new consumer")
+        # a member again (not read at one instant: a rebalance right after a join makes it a
+        # non-member for a few seconds)
+        group = wait_for(lambda: (g := running.worker.group_report())["member"] and g, 60,
+                         "the worker a group member again")
+        renewals = group["renewals"]
+        assert renewals >= 1 and renewals == dog.renewals
+        assert len(clients.made) == 1 + renewals and clients.made[0].faulty_polls > 0
         assert not running.stuck
-        report = wait_for(lambda: store.worker_groups().get("wd", {}).get("renewals"), 30,
-                          "the renewal in the worker's report")
-        assert report == 1
-        group = running.worker.group_report()
-        assert group["member"] and group["renewals"] == 1
+        wait_for(lambda: store.worker_groups().get("wd", {}).get("renewals") == renewals, 30,
+                 "the renewals in the worker's report")
     assert "closing the Kafka consumer and joining with a new one (renewal 1)" in caplog.text
 
 
