@@ -238,7 +238,7 @@ def run_trainer(
             publisher, on_start=lambda: configure_thread(settings)).start()
         trainer.sink = background
         try:
-            with serve_trainer_metrics(settings.trainer_metrics_port, settings.kafka_config(),
+            with serve_trainer_metrics(settings.trainer_metrics(), settings.kafka_config(),
                                        trainer, publisher.stats):
                 progress = trainer.run(stop, idle_exit_s=idle_exit_s)
         finally:
@@ -291,6 +291,6 @@ def run_worker(settings: Settings, stop: threading.Event,
     from serving.metrics import serve_worker_metrics
 
     worker = new_worker(settings)
-    with serve_worker_metrics(settings.worker_metrics_port, settings.kafka_config(),
+    with serve_worker_metrics(settings.worker_metrics(), settings.kafka_config(),
                               settings.serving_group, settings.topic_requests, worker):
         worker.run(stop, ready=ready)

@@ -33,7 +33,7 @@ class UnknownSettingError(FmstreamError, ValueError):
 if TYPE_CHECKING:
     from serving.config import ClientConfig, ServingConfig
     from serving.keys import RedisKeys
-    from stream.config import KafkaConfig, Topics
+    from stream.config import KafkaConfig, MetricsEndpoint, Topics
     from train.config import PublishConfig, TrainerConfig
 
 
@@ -199,6 +199,11 @@ class Settings(BaseSettings):
         "often; refused twice in a row: stop and exit 3 (0 = off)"
     )
     trainer_metrics_port: int = Field(0, description="Prometheus port of the trainer (0 = off)")
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="the address the trainer's and the workers' "
+        "/metrics bind: 127.0.0.1 = this host only; 0.0.0.0 (or ::) = every interface, for a "
+        "Prometheus elsewhere (docker-compose sets it)"
+    )
 
     # ingest (issue 10): where the trainer's work runs
     trainer_fetch_process: bool = Field(
@@ -423,6 +428,18 @@ class Settings(BaseSettings):
         from serving.keys import RedisKeys
 
         return RedisKeys(self.redis_prefix)
+
+    def trainer_metrics(self) -> MetricsEndpoint:
+        """Where the trainer serves ``/metrics``."""
+        from stream.config import MetricsEndpoint
+
+        return MetricsEndpoint(port=self.trainer_metrics_port, host=self.metrics_host)
+
+    def worker_metrics(self) -> MetricsEndpoint:
+        """Where a worker serves ``/metrics``."""
+        from stream.config import MetricsEndpoint
+
+        return MetricsEndpoint(port=self.worker_metrics_port, host=self.metrics_host)
 
     def serving_config(self) -> ServingConfig:
         """What ``serving.worker.Worker`` needs."""

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a serving worker (``/metrics`` on ``FMSTREAM_WORKER_METRICS_PORT``).
+"""Prometheus metrics of a serving worker (``/metrics`` on ``FMSTREAM_WORKER_METRICS_PORT``,
+bound to ``FMSTREAM_METRICS_HOST``).
 
 ==================================== ========= ==============================================
 name                                 type      meaning
@@ -35,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from stream.config import KafkaConfig
+from stream.config import KafkaConfig, MetricsEndpoint
 from stream.metrics import serve_process_metrics
 
 if TYPE_CHECKING:
@@ -135,16 +136,17 @@ class WorkerMetrics:
 
 @contextmanager
 def serve_worker_metrics(
-    port: int, kafka: KafkaConfig, group: str, requests_topic: str, worker: Worker
+    endpoint: MetricsEndpoint, kafka: KafkaConfig, group: str, requests_topic: str,
+    worker: Worker,
 ) -> Iterator[WorkerMetrics | None]:
-    """Export the worker's metrics and its group's lag on ``port`` while the block runs.
+    """Export the worker's metrics and its group's lag on ``endpoint`` while the block runs.
 
-    Does nothing (yields None) when ``port`` is 0.
+    Does nothing (yields None) when ``endpoint.port`` is 0.
     """
     def attach(metrics: WorkerMetrics | None) -> None:
         worker.metrics = metrics
 
-    with serve_process_metrics(port, kafka, group, [requests_topic],
+    with serve_process_metrics(endpoint, kafka, group, [requests_topic],
                                lambda registry: WorkerMetrics(registry).bind(worker),
                                attach) as metrics:
         yield metrics

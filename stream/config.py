@@ -109,6 +109,21 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where a process serves Prometheus ``/metrics`` (``stream.metrics.serve_process_metrics``).
+
+    Attributes:
+        port: the TCP port; 0: no endpoint.
+        host: the address the server binds: ``127.0.0.1`` (this host only, the default) or an
+            interface's address; ``0.0.0.0`` / ``::`` for every interface (a Prometheus in
+            another container or on another host).
+    """
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Topics:
     """The topic names of the contract (DESIGN.md)."""
 

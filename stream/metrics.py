@@ -27,7 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from stream.config import KafkaConfig
+from stream.config import KafkaConfig, MetricsEndpoint
 from stream.lag import LagReader, PartitionLag
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,11 @@ class GroupLagCollector(Collector):
 
 
 @contextmanager
-def serve_http(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> Iterator[int]:
-    """Serve ``registry`` on ``http://addr:port/metrics`` until the block exits; yields the port."""
-    server, thread = start_http_server(port, addr=addr, registry=registry)
-    log.info("Prometheus metrics on http://%s:%d/metrics", addr, server.server_port)
+def serve_http(registry: CollectorRegistry, endpoint: MetricsEndpoint) -> Iterator[int]:
+    """Serve ``registry`` on ``http://host:port/metrics`` until the block exits; yields the port
+    (the one the system picked when ``endpoint.port`` is 0)."""
+    server, thread = start_http_server(endpoint.port, addr=endpoint.host, registry=registry)
+    log.info("Prometheus metrics on http://%s:%d/metrics", endpoint.host, server.server_port)
     try:
         yield server.server_port
     finally:
@@ -176,27 +177,27 @@ M = TypeVar("M")
 
 @contextmanager
 def serve_process_metrics(
-    port: int,
+    endpoint: MetricsEndpoint,
     kafka: KafkaConfig,
     group: str,
     topics: Sequence[str],
     build: Callable[[CollectorRegistry], M],
     attach: Callable[[M | None], None],
 ) -> Iterator[M | None]:
-    """Export a process's metrics and its group's lag on ``port`` while the block runs.
+    """Export a process's metrics and its group's lag on ``endpoint`` while the block runs.
 
     ``build`` makes the process's metrics on a fresh registry (:func:`new_registry`); ``attach``
     hands them to the process once the server is up, and ``None`` when the block exits. Does
-    nothing (yields None, attaches nothing) when ``port`` is 0.
+    nothing (yields None, attaches nothing) when ``endpoint.port`` is 0.
     """
-    if not port:
+    if not endpoint.port:
         yield None
         return
     registry = new_registry()
     metrics = build(registry)
     lag = GroupLagCollector(kafka, group, list(topics))
     registry.register(lag)
-    with running(lag), serve_http(registry, port):
+    with running(lag), serve_http(registry, endpoint):
         attach(metrics)
         try:
             yield metrics

@@ -1,4 +1,5 @@
-"""The trainer's Prometheus metrics (``/metrics`` on ``FMSTREAM_TRAINER_METRICS_PORT``).
+"""The trainer's Prometheus metrics (``/metrics`` on ``FMSTREAM_TRAINER_METRICS_PORT``, bound to
+``FMSTREAM_METRICS_HOST``).
 
 Consumer lag carries the names that Kafka-exporter dashboards already query
 (``kafka_consumergroup_lag{consumergroup,topic,partition}``, see :mod:`stream.metrics`); every
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from stream.config import KafkaConfig
+from stream.config import KafkaConfig, MetricsEndpoint
 from stream.metrics import serve_process_metrics
 
 if TYPE_CHECKING:
@@ -154,19 +155,19 @@ class TrainerMetrics:
 
 @contextmanager
 def serve_trainer_metrics(
-    port: int,
+    endpoint: MetricsEndpoint,
     kafka: KafkaConfig,
     trainer: Trainer,
     publish_stats: Callable[[], PublishStats],
 ) -> Iterator[TrainerMetrics | None]:
-    """Export the trainer's metrics and its group's lag on ``port`` while the block runs.
+    """Export the trainer's metrics and its group's lag on ``endpoint`` while the block runs.
 
-    Does nothing (yields None) when ``port`` is 0.
+    Does nothing (yields None) when ``endpoint.port`` is 0.
     """
     def attach(metrics: TrainerMetrics | None) -> None:
         trainer.metrics = metrics
 
-    with serve_process_metrics(port, kafka, trainer.config.group, list(trainer.topics),
+    with serve_process_metrics(endpoint, kafka, trainer.config.group, list(trainer.topics),
                                lambda registry: TrainerMetrics(registry).bind(
                                    trainer.stats, publish_stats),
                                attach) as metrics:

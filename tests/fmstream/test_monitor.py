@@ -185,6 +185,9 @@ def test_dashboard_and_scrape_config_name_what_is_exported() -> None:
     for port, var in (("9100", "FMSTREAM_TRAINER_METRICS_PORT"),
                       ("9101", "FMSTREAM_WORKER_METRICS_PORT")):
         assert f'{var}: "{port}"' in compose and port in scrape
+    # Prometheus scrapes from its own container: both bind every interface there (the
+    # default, 127.0.0.1, would refuse it)
+    assert compose.count('FMSTREAM_METRICS_HOST: "0.0.0.0"') == 2
 
 
 # --- the command ------------------------------------------------------------------------------

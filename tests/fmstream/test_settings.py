@@ -11,7 +11,7 @@ from pydantic import SecretStr, ValidationError
 from fmstream import cli
 from fmstream import services as svc
 from fmstream.settings import Settings, UnknownSettingError, check_environment, redact_urls_in
-from stream.config import KafkaConfig
+from stream.config import KafkaConfig, MetricsEndpoint
 from stream.connect import RedisConfig, redact_url
 from tests.process_helpers import drop_fmstream_env
 
@@ -62,6 +62,19 @@ def test_known_variables_are_read(clean_env) -> None:
     settings = Settings()
     assert settings.kafka_config().security_protocol == "SSL"
     assert settings.redis_config().client_kwargs()["password"] == REDIS_PW
+
+
+def test_metrics_bind_loopback_unless_told_and_both_processes_share_the_host(clean_env) -> None:
+    clean_env.setenv("FMSTREAM_TRAINER_METRICS_PORT", "9100")
+    clean_env.setenv("FMSTREAM_WORKER_METRICS_PORT", "9101")
+    assert Settings().trainer_metrics() == MetricsEndpoint(9100, "127.0.0.1")
+    clean_env.setenv("FMSTREAM_METRICS_HOST", "0.0.0.0")  # what compose sets
+    settings = Settings()
+    assert settings.trainer_metrics() == MetricsEndpoint(9100, "0.0.0.0")
+    assert settings.worker_metrics() == MetricsEndpoint(9101, "0.0.0.0")
+    clean_env.setenv("FMSTREAM_METRICS_HOST", "")
+    with pytest.raises(ValidationError):
+        Settings()
 
 
 def test_the_local_ports_alone_move_every_client_to_the_services_of_up(clean_env) -> None:
