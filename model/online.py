@@ -26,7 +26,15 @@ import numpy as np
 
 from model.compose import ContextTable, aggregate, compose_item, compose_user, split_user
 from model.errors import ConfigError, FeatureError, InputError
-from model.features import PAD, Catalog, FeatureSpace, IdIndex, canon, ring_newest_first
+from model.features import (
+    PAD,
+    Catalog,
+    FeatureSpace,
+    IdIndex,
+    canon,
+    ring_newest_first,
+    tokenize_column,
+)
 from model.optim import EPS, RowTable, scratch_unique
 from model.sampler import NegativeSampler
 from model.schema import FeatureSchema, FieldSpec
@@ -1296,6 +1304,50 @@ class OnlineFM:
         view = self._table.params.view()
         view.flags.writeable = False
         return view
+
+    @property
+    def n_rows(self) -> int:
+        """Parameter rows handed out so far: ``params[:n_rows]`` holds every row in use (rows
+        freed by expiry inside it are handed out again first); the rest is spare capacity."""
+        return self._table.n_rows
+
+    def _field(self, field: str) -> tuple[int, FieldSpec]:
+        i = self._space.index_of.get(field)
+        if i is None:
+            raise FeatureError(f"no field {field!r} in the schema (fields: "
+                               f"{', '.join(s.name for s in self._space.specs)})")
+        return i, self._space.specs[i]
+
+    def fallback_row(self, field: str) -> int:
+        """The row of :attr:`params` that every value of a vocabulary field (an id field, or a
+        categorical field without hashing) reads until it is admitted to a row of its own.
+
+        Raises:
+            FeatureError: no such field, or a field of fixed rows (hashed, numeric): no fallback.
+        """
+        i, spec = self._field(field)
+        if self._space.fallback_key[i] < 0:
+            raise FeatureError(f"field {field!r} has fixed rows ({spec.kind}, hash buckets "
+                               f"{spec.hash_buckets}): no fallback row")
+        return int(self._space.fallback_row[i])
+
+    def feature_row(self, field: str, value: Any) -> int:
+        """The row of :attr:`params` that one value of a categorical or numeric profile or
+        context field reads now: its own row once admitted, else the field's fallback row
+        (hashed and numeric fields: the value's fixed row). Like scoring, creates nothing.
+
+        Raises:
+            FeatureError: no such field, an id, multi-valued or history field, or a value of
+                the wrong type for the field.
+        """
+        i, spec = self._field(field)
+        if spec.is_id or spec.kind not in ("categorical", "numeric") or value is None:
+            got = ("no value" if value is None else "an id field" if spec.is_id
+                   else f"a {spec.kind} field")
+            raise FeatureError(f"feature_row reads one value of a categorical or numeric "
+                               f"field; got {got} ({field!r})")
+        keys, _ = self._space.map_tokens(i, tokenize_column(spec, [value]), create=False)
+        return int(self._space.key_row[keys[0, 0]])
 
     # ------------------------------------------------------------------------ catalog
     @property

@@ -62,7 +62,7 @@ def reference_negatives(fm: OnlineFM, ukeys, uw, owner, positives, k):
     """The former path: float64 E_user, E_item of every candidate, argmax per group; and the
     gap between each group's two best scores (for rounding-level ties)."""
     m = fm.config.neg_candidates
-    neg, valid = fm._sampler.sample(fm._items.counts, fm._items.n, positives, k * m,
+    neg, valid = fm._sampler.sample(fm._items.counts, fm.n_items, positives, k * m,
                                     fm.config.neg_pool)
     e_user = compose_user(*fm._side(ukeys, uw)).astype(np.float64)
     e_item = compose_item(*fm._side(*fm._items.keys_of(neg.ravel()))).astype(np.float64)
@@ -88,7 +88,7 @@ def test_hard_negatives_equal_the_float64_argmax(schema, context, seed, b) -> No
     ents = fm._users.lookup([f"u{j}" for j in rng.integers(0, 12, b)])
     uu, owner = np.unique(ents, return_inverse=True)
     ukeys, uw = fm._users.keys_of(uu)
-    positives = rng.integers(0, fm._items.n, b)
+    positives = rng.integers(0, fm.n_items, b)
     state = fm._sampler.rng.bit_generator.state
     neg, valid = fm._negatives(ukeys, uw, owner, positives, k)
     fm._sampler.rng.bit_generator.state = state
@@ -194,8 +194,8 @@ def test_fused_pick_trains_what_separate_picking_trains(loss, context, schema, c
         assert lf == pytest.approx(lp, rel=1e-5, abs=1e-6)
         # the same rows written (rows only unpicked candidates read are left alone)
         assert np.array_equal(fused._table.drain_dirty(), plain._table.drain_dirty())
-    n = plain._table.n_rows
-    assert fused._table.n_rows == n
+    n = plain.n_rows
+    assert fused.n_rows == n
     np.testing.assert_allclose(fused.params[:n], plain.params[:n], atol=1e-5)
     np.testing.assert_allclose(fused._table.acc[:n], plain._table.acc[:n], rtol=1e-4, atol=1e-9)
     assert fused.bias == pytest.approx(plain.bias, abs=1e-6)
@@ -232,7 +232,7 @@ def test_fused_pick_replay_equals_separate_picking() -> None:
     for u, i, _, ctx, _ in steps:
         assert fused.replay_many(u, i, ctx) == pytest.approx(plain.replay_many(u, i, ctx),
                                                              rel=1e-5, abs=1e-6)
-    n = plain._table.n_rows
+    n = plain.n_rows
     np.testing.assert_allclose(fused.params[:n], plain.params[:n], atol=1e-5)
 
 

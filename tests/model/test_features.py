@@ -25,14 +25,11 @@ def _fm(schema: FeatureSchema, **kw) -> OnlineFM:
 
 
 def _row(fm: OnlineFM, field: str, value: str) -> int:
-    sp = fm._space
-    i = sp.index_of[field]
-    key = sp.vocab[i].get(value, int(sp.fallback_key[i]))
-    return int(sp.key_row[key])
+    return fm.feature_row(field, value)
 
 
 def _fallback_row(fm: OnlineFM, field: str) -> int:
-    return int(fm._space.fallback_row[fm._space.index_of[field]])
+    return fm.fallback_row(field)
 
 
 def test_canon_and_hash_are_stable() -> None:
@@ -89,9 +86,10 @@ def test_new_value_mid_stream_gets_its_own_row() -> None:
     fm.learn_many(["u1"], ["i1"], contexts=[{"hour": "1"}], ts=[1.0])
     assert _row(fm, "hour", "1") != _fallback_row(fm, "hour")
     assert _row(fm, "hour", "2") == _fallback_row(fm, "hour")  # unseen
+    keys = fm.stats()["keys"]
     before = fm.score(["u1"], ["i1"], [{"hour": "2"}])
     fm.score(["u1"], ["i1"], [{"hour": "3"}])  # scoring never creates anything
-    assert "3" not in fm._space.vocab[fm._space.index_of["hour"]]
+    assert fm.stats()["keys"] == keys
     fm.learn_many(["u2"], ["i2"], contexts=[{"hour": "2"}], ts=[2.0])
     r2 = _row(fm, "hour", "2")
     assert r2 not in (_fallback_row(fm, "hour"), _row(fm, "hour", "1"))
@@ -105,11 +103,11 @@ def test_growth_is_amortised_by_doubling() -> None:
     for start in range(0, 6000, 500):
         ids = [f"u{j}" for j in range(start, start + 500)]
         fm.learn_many(ids, ids, ts=np.full(500, 1.0))
-        caps.add(fm._table.capacity)
+        caps.add(fm.memory_use().rows_capacity)
     # 12000 new rows over 12 batches: only a handful of reallocations, each a doubling
     assert all(b == 2 * a for a, b in zip(sorted(caps), sorted(caps)[1:], strict=False))
     assert len(caps) <= 5
-    assert fm._table.n_live >= 12000
+    assert fm.memory_use().rows_live >= 12000
 
 
 def test_admission_after_min_count_sightings() -> None:
@@ -177,11 +175,11 @@ def test_hashed_and_numeric_fields_have_fixed_rows() -> None:
         {"user": {"zip": {"hash_buckets": 4}, "age": {"kind": "numeric", "boundaries": [30]}}}
     )
     fm = _fm(schema)
-    n0 = fm._table.n_rows
+    n0 = fm.n_rows
     fm.upsert_users(
         [f"u{j}" for j in range(20)], [{"zip": f"z{j}", "age": j * 3} for j in range(20)]
     )
-    assert fm._table.n_rows == n0  # no rows for profiles; only events admit ids
+    assert fm.n_rows == n0  # no rows for profiles; only events admit ids
     keys, _ = fm._users.keys_of(np.arange(20))
     zips = {int(k) for k in keys[:, 1:].ravel()} - {0}
     base_zip = int(fm._space.base_key[fm._space.index_of["zip"]])
@@ -203,10 +201,10 @@ def test_bad_profile_changes_nothing() -> None:
         {"user": {"age": {"kind": "numeric", "boundaries": [1]}, "city": {}}}
     )
     fm = _fm(schema)
-    n_keys = fm._space.n_keys
+    n_keys = fm.stats()["keys"]
     with pytest.raises(FeatureError, match="age"):
         fm.upsert_users(["a", "b"], [{"city": "new-city"}, {"age": "not a number"}])
-    assert fm._space.n_keys == n_keys
+    assert fm.stats()["keys"] == n_keys
     assert not fm.has_user("a")
     with pytest.raises(FeatureError):
         fm.upsert_users(["a"], ["not a dict"])  # type: ignore[list-item]
@@ -381,3 +379,26 @@ def test_sighting_counts_are_computed_only_when_a_key_waits() -> None:
     assert sp.observe(np.array([key, 0]), 2.0, np.array([1, 0])) == 1  # admitted
     assert sp.observe(np.array([key, 0]), 3.0, mult) == 0
     assert calls == [[0]] and int(sp.key_count[key]) == 3
+
+
+def test_feature_rows_are_read_without_creating_anything() -> None:
+    schema = FeatureSchema.from_dict({
+        "user": {"zip": {"hash_buckets": 4}, "age": {"kind": "numeric", "boundaries": [30]},
+                 "tags": {"kind": "multi"}},
+        "context": {"hour": {}},
+    })
+    fm = _fm(schema)
+    fm.learn_many(["u1"], ["i1"], contexts=[{"hour": "1"}], ts=[1.0])
+    keys, n_rows = fm.stats()["keys"], fm.n_rows
+    assert fm.feature_row("hour", "never") == fm.fallback_row("hour")
+    assert fm.feature_row("age", 10) != fm.feature_row("age", 40)  # fixed rows, one per bucket
+    assert len({fm.feature_row("zip", f"z{j}") for j in range(50)}) <= 4  # 4 buckets
+    assert fm.feature_row("hour", "1") < fm.n_rows and fm.fallback_row("user_id") < fm.n_rows
+    assert (fm.stats()["keys"], fm.n_rows) == (keys, n_rows)
+    for field, value, why in (("nope", "x", "no field 'nope'"), ("user_id", "u1", "an id field"),
+                              ("tags", "a", "multi"), ("hour", None, "no value"),
+                              ("age", "old", "age")):
+        with pytest.raises(FeatureError, match=why):
+            fm.feature_row(field, value)
+    with pytest.raises(FeatureError, match="fixed rows"):
+        fm.fallback_row("zip")

@@ -264,7 +264,7 @@ def test_hard_negatives_keep_the_highest_scoring_of_their_candidates() -> None:
     neg, valid = fm._negatives(ukeys, uw, owner, positives, k)
     fm._sampler.rng.bit_generator.state = rng_state  # the same draws again, by hand
     cand, _ = fm._sampler.sample(
-        fm._items.counts, fm._items.n, positives, k * m, fm.config.neg_pool
+        fm._items.counts, fm.n_items, positives, k * m, fm.config.neg_pool
     )
     ids = fm.known_items()
     expect = np.empty((len(users), k), dtype=np.int64)
@@ -288,7 +288,7 @@ def test_one_candidate_is_plain_sampling() -> None:
     rng_state = fm._sampler.rng.bit_generator.state
     neg, _ = fm._negatives(ukeys, uw, np.arange(2), positives, 3)
     fm._sampler.rng.bit_generator.state = rng_state
-    plain, _ = fm._sampler.sample(fm._items.counts, fm._items.n, positives, 3, fm.config.neg_pool)
+    plain, _ = fm._sampler.sample(fm._items.counts, fm.n_items, positives, 3, fm.config.neg_pool)
     assert np.array_equal(neg, plain)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError):

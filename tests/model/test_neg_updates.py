@@ -178,7 +178,7 @@ def test_model_updates_only_the_kept_negatives_rows() -> None:
     before = sub.params.copy(), sub._table.acc.copy()
     sub.learn_many(users, pos, ts=3.0)
     changed = sub._table.drain_dirty()
-    untouched = np.setdiff1d(np.arange(1, sub._table.n_rows), changed)
+    untouched = np.setdiff1d(np.arange(1, sub.n_rows), changed)
     np.testing.assert_array_equal(sub.params[untouched], before[0][untouched])
     np.testing.assert_array_equal(sub._table.acc[untouched], before[1][untouched])
 

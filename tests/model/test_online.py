@@ -132,11 +132,11 @@ def _run(seed: int) -> OnlineFM:
 
 def test_seeded_training_is_reproducible() -> None:
     a, b, c = _run(5), _run(5), _run(6)
-    n = a._table.n_rows
+    n = a.n_rows
     assert np.array_equal(a.params[:n], b.params[:n])
     assert np.array_equal(a._table.acc[:n], b._table.acc[:n])
     assert a.bias == b.bias
-    assert not np.array_equal(a.params[:n], c.params[: c._table.n_rows][:n])
+    assert not np.array_equal(a.params[:n], c.params[: c.n_rows][:n])
 
 
 def test_explicit_negatives_push_scores_down() -> None:

@@ -263,7 +263,7 @@ def test_softmax_model_equals_the_plain_kernel_model(monkeypatch, schema_name: s
     fast = train()
     monkeypatch.setattr(online, "softmax_step_gradients", plain_softmax_gradients)
     ref = train()
-    n = ref._table.n_rows
+    n = ref.n_rows
     np.testing.assert_allclose(fast.params[:n], ref.params[:n], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast._table.acc[:n], ref._table.acc[:n], rtol=1e-3, atol=1e-7)
 
