@@ -5,9 +5,10 @@ kafka-python (the design's client) turns each record of a fetched batch into a `
 call, two deserializer calls, header sizes, ~15 more property reads): ~3 us of CPU per record,
 the biggest piece of the trainer's fetch process (bench/ingest.py 'fetch process CPU: poll').
 
-:func:`use_fast_records` gives one consumer a ``PartitionRecords`` whose ``_unpack_records``
-reads message-format v2 batches (uncompressed or after kafka-python's own decompression) with the
-varints inlined and builds the ``ConsumerRecord`` directly. Everything else is kafka-python's,
+:func:`use_fast_records` gives one consumer a ``PartitionRecords`` (kafka-python's, through the
+one door to its private fetcher, :mod:`stream.fetcher`) that reads message-format v2 batches
+(uncompressed or after kafka-python's own decompression) with the varints inlined and builds the
+``ConsumerRecord`` directly. Everything else is kafka-python's,
 unchanged: fetching, batch CRC checks, aborted-transaction and control-batch handling, offsets,
 metrics counts, CRC errors.
 Consumers with key/value deserializers and legacy (v0/v1) batches take kafka-python's own path.
@@ -33,13 +34,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from kafka import errors as Errors
-from kafka.consumer.fetcher import ConsumerRecord, Fetcher, IsolationLevel
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.util import decode_varint
 
-log = logging.getLogger(__name__)
+from stream.fetcher import PartitionRecords, payload, uncompress, use_records
 
-_Base: Any = Fetcher.PartitionRecords
+log = logging.getLogger(__name__)
 
 UNREADABLE_HEADER = "fmstream.unreadable-batch"
 """Header key of an unreadable-batch record; its value is the reason (UTF-8)."""
@@ -57,29 +58,12 @@ def unreadable_reason(record: Any) -> str | None:
     return None
 
 
-class FastPartitionRecords(_Base):
-    """kafka-python's ``PartitionRecords`` with a faster parse of v2 data batches, which turns a
-    batch it cannot read into one unreadable-batch record instead of raising."""
+class FastPartitionRecords(PartitionRecords):
+    """kafka-python's ``PartitionRecords`` (through :mod:`stream.fetcher`) with a faster parse of
+    v2 data batches, which turns a batch it cannot read into one unreadable-batch record instead
+    of raising."""
 
-    def take(self, n=None):
-        try:
-            return super().take(n)
-        except Exception:
-            # kafka-python keeps the exhausted iterator and its fetcher loops on it for good;
-            # dropped, the next poll refetches from the position (and raises again, if it must)
-            self.drain()
-            raise
-
-    def _unpack_records(self, tp, records, key_deserializer, value_deserializer) -> Iterator:
-        if key_deserializer is not None or value_deserializer is not None:
-            yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
-            return
-        try:
-            yield from self._unpack_fast(tp, records)
-        except StopIteration:  # as kafka-python: never let it end the generator silently
-            raise RuntimeError("StopIteration raised unpacking messageset") from None
-
-    def _unpack_fast(self, tp, records) -> Iterator:
+    def unpack(self, tp, records) -> Iterator:
         batch = records.next_batch()
         last_batch = None
         while batch is not None:
@@ -94,22 +78,12 @@ class FastPartitionRecords(_Base):
                 batch = records.next_batch()
                 continue
             self.leader_epoch = batch.leader_epoch
-            if (self.isolation_level == IsolationLevel.READ_COMMITTED
-                    and batch.has_producer_id()):
-                self._consume_aborted_transactions_up_to(batch.last_offset)
-                producer_id = batch.producer_id
-                if self._contains_abort_marker(batch):
-                    self.aborted_producer_ids.discard(producer_id)
-                elif self._is_batch_aborted(batch):
-                    self.next_fetch_offset = batch.next_offset
-                    batch = records.next_batch()
-                    continue
-            if batch.is_control_batch:
+            if self.skip_aborted(batch) or batch.is_control_batch:
                 self.next_fetch_offset = batch.next_offset
                 batch = records.next_batch()
                 continue
             try:
-                batch._maybe_uncompress()
+                uncompress(batch)
             except Exception as err:  # noqa: BLE001 - any codec's error: the batch can't be read
                 yield self._unreadable(tp, batch, batch.base_offset, _codec_why(err))
             else:
@@ -153,8 +127,7 @@ class FastPartitionRecords(_Base):
     def _v2_records(self, tp, batch: DefaultRecordBatch) -> Iterator:
         """The records of one uncompressed v2 data batch, as kafka-python's ``_read_msg`` reads
         them; what cannot be read ends as one unreadable-batch record."""
-        buf = batch._buffer
-        pos = batch._pos
+        buf, pos, count = payload(batch)
         end = len(buf)
         topic, partition, epoch = tp.topic, tp.partition, self.leader_epoch
         ts_type = batch.timestamp_type
@@ -163,7 +136,7 @@ class FastPartitionRecords(_Base):
         log_append_ts = batch.max_timestamp if ts_type == batch.LOG_APPEND_TIME else None
         new_record = tuple.__new__
         try:
-            for _ in range(batch._num_records):
+            for _ in range(count):
                 # zigzag varints: 1- and 2-byte values inline, longer via decode_varint
                 b = buf[pos]
                 if b < 0x80:
@@ -337,6 +310,7 @@ def _codec_why(err: BaseException) -> str:
 def use_fast_records(consumer: Any, *, inline: bool = True) -> Any:
     """Make ``consumer`` (a ``KafkaConsumer``) parse fetched records with
     :class:`FastPartitionRecords` (``inline=False``: :class:`PlainPartitionRecords`); returns
-    it. Only this consumer changes."""
-    consumer._fetcher.PartitionRecords = FastPartitionRecords if inline else PlainPartitionRecords
+    it. Only this consumer changes; where kafka-python's fetcher no longer has what
+    :mod:`stream.fetcher` needs, it keeps kafka-python's parser (logged once)."""
+    use_records(consumer, FastPartitionRecords if inline else PlainPartitionRecords)
     return consumer
