@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +233,33 @@ def test_train_serve_query_lag_through_sasl_ssl_and_acl_tls_redis(stack: SecureS
 # --- wrong credentials fail closed ----------------------------------------------------------
 
 
+def _each_exits_3(cases: list[tuple[tuple[str, ...], dict[str, str], str]],
+                  env_for: Callable[[dict[str, str]], dict[str, str]],
+                  problems_of: Callable[[tuple[str, ...], dict[str, str], str, str], list[str]],
+                  ) -> None:
+    """Run each ``(args, environment override, expected)`` case as an ``fmstream`` process, all
+    at once; each must exit 3 within 120 s without a traceback, and ``problems_of(args,
+    override, expected, output)`` names whatever else is wrong with its output."""
+    procs = [subprocess.Popen(  # noqa: S603
+        _fmstream("-v", *args), cwd=REPO_ROOT, env=env_for(override),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args, override, _ in cases]
+    failures = []
+    for (args, override, expected), proc in zip(cases, procs, strict=True):
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            failures.append(f"{args} {list(override)}: still running after 120 s\n{output}")
+            continue
+        problems = [] if proc.returncode == 3 else [f"exit {proc.returncode}"]
+        problems += ["a traceback"] if "Traceback" in output else []
+        problems += problems_of(args, override, expected, output)
+        if problems:
+            failures.append(f"{args} {list(override)}: {', '.join(problems)}\n{output[-2000:]}")
+    assert not failures, "\n\n".join(failures)
+
+
 @pytest.mark.integration
 def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message(
     stack: SecureStack,
@@ -267,35 +294,14 @@ def test_wrong_credentials_make_every_command_exit_non_zero_with_a_clear_message
         (("serve",), no_ca, "TLS to Kafka"),
         (("train",), no_sasl, "expects another security protocol"),
     ]
-    procs = []
-    for args, override, _ in cases:
-        procs.append(subprocess.Popen(  # noqa: S603
-            _fmstream("-v", *args), cwd=REPO_ROOT, env=_env(s, **override),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    failures = []
-    for (args, override, expected), proc in zip(cases, procs, strict=True):
-        try:
-            output, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            failures.append(f"{args} {list(override)}: still running after 120 s\n{output}")
-            continue
-        problems = []
-        if proc.returncode != 3:
-            problems.append(f"exit {proc.returncode}")
-        if expected not in output:
-            problems.append(f"no {expected!r}")
-        if "Traceback" in output:
-            problems.append("a traceback")
+
+    def problems(args, override, expected, output: str) -> list[str]:
+        found = [] if expected in output else [f"no {expected!r}"]
         wrong = [v for k, v in override.items() if k.endswith("PASSWORD")]
-        for secret in (*stack.secrets, *wrong):
-            if secret and secret in output:
-                problems.append("a password")
-        if problems:
-            failures.append(f"{args} {list(override)}: {', '.join(problems)}\n{output[-2000:]}")
-    assert not failures, "\n\n".join(failures)
+        return found + ["a password" for secret in (*stack.secrets, *wrong)
+                        if secret and secret in output]
+
+    _each_exits_3(cases, lambda override: _env(s, **override), problems)
 
 
 @pytest.mark.integration
@@ -315,31 +321,15 @@ def test_a_password_redis_does_not_check_fails_closed(settings: Settings) -> Non
         (("lag", "--json"), in_field, "(FMSTREAM_REDIS_PASSWORD)"),
         (("train",), in_url, "(the password in FMSTREAM_REDIS_URL)"),
     ]
-    procs = [subprocess.Popen(  # noqa: S603
-        _fmstream("-v", *args), cwd=REPO_ROOT, env=_env(settings, **override),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args, override, _ in cases]
-    failures = []
-    for (args, override, setting), proc in zip(cases, procs, strict=True):
-        try:
-            output, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            failures.append(f"{args} {list(override)}: still running after 120 s\n{output}")
-            continue
-        problems = []
-        if proc.returncode != 3:
-            problems.append(f"exit {proc.returncode}")
-        if f"fmstream {args[0]}: Redis at" not in output or "checks no password" not in output \
-                or f"a password is set {setting}" not in output:
-            problems.append("no clear line naming the setting")
-        if "Traceback" in output:
-            problems.append("a traceback")
-        if password in output:
-            problems.append("the password")
-        if problems:
-            failures.append(f"{args} {list(override)}: {', '.join(problems)}\n{output[-2000:]}")
-    assert not failures, "\n\n".join(failures)
+
+    def problems(args, override, setting, output: str) -> list[str]:
+        found = [] if (f"fmstream {args[0]}: Redis at" in output
+                       and "checks no password" in output
+                       and f"a password is set {setting}" in output) \
+            else ["no clear line naming the setting"]
+        return found + (["the password"] if password in output else [])
+
+    _each_exits_3(cases, lambda override: _env(settings, **override), problems)
 
 
 @pytest.mark.integration
