@@ -213,7 +213,7 @@ def run_trainer(
     settings: Settings, stop: threading.Event, *, idle_exit_s: float | None = None
 ):
     """Take the trainer lease (standby until free), then train and publish until ``stop``."""
-    from stream.consume import make_producer
+    from stream.consume import make_dead_letter_producer
     from train.lease import Lease
     from train.loop import Trainer
     from train.metrics import serve_trainer_metrics
@@ -226,8 +226,8 @@ def run_trainer(
     if not lease.acquire(stop):
         return None
     writer = store_writer(settings)
-    # not idempotent: a letter the topic refuses must not make the producer fatal (resilience)
-    producer = make_producer(settings.kafka_config(), enable_idempotence=False)
+    # not idempotent, short metadata wait (make_dead_letter_producer)
+    producer = make_dead_letter_producer(settings.kafka_config())
     try:
         trainer = Trainer(settings.trainer_config(), dead_letter_producer=producer, lease=lease,
                           new_model=lambda: new_model(settings))

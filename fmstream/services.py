@@ -119,6 +119,8 @@ class LocalSecurity:
         kafka_super_users: with any, the broker authorizes (KRaft's StandardAuthorizer): these
             SCRAM users (and the local plaintext/controller listeners' ANONYMOUS) may do
             everything, any other principal only what an ACL grants it.
+        kafka_auto_create_topics: the broker creates a topic a client asks about
+            (``auto.create.topics.enable``); False: a topic nobody created stays missing.
     """
 
     ca_file: Path
@@ -134,6 +136,7 @@ class LocalSecurity:
     redis_tls: bool = True
     redis_acl: str = "~* &* +@all"
     kafka_super_users: tuple[str, ...] = ()
+    kafka_auto_create_topics: bool = True
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -442,6 +445,8 @@ def _kafka_properties(
             "ssl.key.password": security.key_password,
             "ssl.client.auth": "none",
         }
+        if not security.kafka_auto_create_topics:
+            secured["auto.create.topics.enable"] = "false"
         if security.kafka_super_users:
             secured["authorizer.class.name"] = (
                 "org.apache.kafka.metadata.authorizer.StandardAuthorizer")

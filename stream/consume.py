@@ -56,6 +56,19 @@ def make_producer(kafka: KafkaConfig, **overrides) -> KafkaProducer:
     return kafka_producer(kafka, **config)
 
 
+DEAD_LETTER_MAX_BLOCK_MS = 2000
+"""How long a dead-letter producer's ``send`` waits for the topic's metadata (kafka-python's
+default is 60 s): a dead-letter topic that is missing (auto-create off) then costs its caller
+2 s, not a minute per letter, and is reported as blocked within seconds."""
+
+
+def make_dead_letter_producer(kafka: KafkaConfig) -> KafkaProducer:
+    """The trainer's dead-letter producer: not idempotent (a letter the topic refuses must not
+    make it fatal: train.resilience.DeadLetterOutbox), and a short metadata wait
+    (:data:`DEAD_LETTER_MAX_BLOCK_MS`)."""
+    return make_producer(kafka, enable_idempotence=False, max_block_ms=DEAD_LETTER_MAX_BLOCK_MS)
+
+
 def make_consumer(kafka: KafkaConfig, group_id: str | None, **overrides) -> KafkaConsumer:
     """A consumer with auto-commit off; the caller commits after its own bookkeeping.
 

@@ -3,10 +3,10 @@
 ``secure_stack`` (session; only these tests start it) runs a second local broker with a
 SASL_SSL listener (SCRAM-SHA-512 user created at format time, certificate signed by a CA this
 session makes with ``openssl``) and an authorizer (that user is a super user; others get only
-what ACLs grant), and a Redis that accepts only an ACL user, over TLS only. The
-commands run as subprocesses (``python -m fmstream.cli``) with their settings in ``FMSTREAM_*``
-variables, as deployed; every byte they print (logs at INFO included) and every /metrics page is
-searched for the passwords.
+what ACLs grant), which creates no topic by itself, and a Redis that accepts only an ACL user,
+over TLS only. The commands run as subprocesses (``python -m fmstream.cli``) with their
+settings in ``FMSTREAM_*`` variables, as deployed; every byte they print (logs at INFO
+included) and every /metrics page is searched for the passwords.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
         kafka_sasl_port=ports["sasl_port"], host="127.0.0.1", scram_mechanism="SCRAM-SHA-512",
         kafka_users={USER: kafka_pw}, redis_users={USER: redis_pw}, redis_tls=True,
         redis_acl=REDIS_ACL, kafka_super_users=(USER,),  # the broker authorizes (ACLs)
+        kafka_auto_create_topics=False,  # a topic nobody created stays missing (as in prod)
     )
     settings = hermetic_settings(
         run_dir=run_dir,
@@ -737,3 +738,91 @@ def test_a_dead_letter_topic_the_trainer_may_not_write_holds_intake_visibly_and_
     assert "Traceback" not in out, out[-3000:]
     for secret in (*stack.secrets, password):
         assert secret not in out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fetch_process", ["true", "false"], ids=["fetch-process", "fetch-thread"])
+def test_a_missing_dead_letter_topic_is_reported_within_seconds_and_intake_resumes_once_created(
+    stack: SecureStack, tmp_path: Path, fetch_process: str,
+) -> None:
+    """The dead-letter topic does not exist and the broker creates no topic by itself, and a bad
+    event arrives among valid ones. The trainer says so within seconds (kafka-python's producer
+    would wait 60 s for the topic's metadata per letter; the dead-letter producer waits
+    DEAD_LETTER_MAX_BLOCK_MS): the log line naming the topic and `fmstream topics`, the metrics,
+    the ``fmstream lag`` warning; nothing past the letter is lost. Once the topic is created it
+    resumes by itself: the letter is delivered, every valid event applied."""
+    from tests.kafka_helpers import KafkaIO
+
+    s = stack.settings.model_copy(update={"topic_dlq": f"{stack.settings.topic_dlq}.missing"})
+    dlq = s.topic_dlq
+    io = KafkaIO(s)
+    metrics_port = svc.os_picked_port()
+    log_file = tmp_path / "train.log"
+    valid = [(f"u{n}", {"user_id": f"u{n}", "item_id": f"i{n % 3}", "label": 1, "ts": 1e9 + n})
+             for n in range(12)]
+    try:
+        with log_file.open("w") as out:
+            trainer = subprocess.Popen(  # noqa: S603
+                _fmstream("-v", "train"), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env=_env(s, FMSTREAM_TRAINER_METRICS_PORT=str(metrics_port),
+                         FMSTREAM_TRAINER_FETCH_PROCESS=fetch_process,
+                         FMSTREAM_CHECKPOINT_EVERY_S="2"),
+            )
+        try:
+            def printed() -> str:  # log lines may be wrapped: compare with spaces collapsed
+                return " ".join(log_file.read_text().split())
+
+            def metric(name: str) -> float | None:
+                assert trainer.poll() is None, log_file.read_text()[-3000:]
+                try:
+                    return _metric(metrics_port, name)
+                except OSError:  # not serving /metrics yet
+                    return None
+
+            def lag_problems() -> list[str]:
+                lag = run(s, "lag", "--json")
+                assert lag.returncode == 0, lag.output
+                return orjson.loads(lag.output.strip().splitlines()[-1])["problems"]
+
+            # the trainer is up (serving /metrics) before the events arrive
+            wait_for(lambda: metric("fmstream_trainer_events_applied_total") is not None, 180,
+                     "the trainer to serve /metrics", poll_s=0.5)
+            io.produce_json(s.topic_events, valid[:6], partition=0)
+            io.produce(s.topic_events, [(b"bad", b"{not json")], partition=0)  # offset 6
+            io.produce_json(s.topic_events, valid[6:], partition=0)
+            # seconds, not a minute per letter (the old producer's metadata wait)
+            wait_for(lambda: (metric("fmstream_dead_letter_topic_blocked_seconds") or 0) > 0,
+                     30, "the trainer to report the missing dead-letter topic", poll_s=0.5)
+            assert metric("fmstream_dead_letters_waiting") == 1
+            assert f"dead-letter topic {dlq} takes no letters (KafkaTimeoutError)" in printed(), \
+                log_file.read_text()[-3000:]
+            assert f"create topic {dlq} (`fmstream topics`), or let the broker create topics" \
+                in printed()
+            warned = wait_for(
+                lambda: [p for p in lag_problems() if f"dead-letter topic {dlq}" in p], 60,
+                "fmstream lag to warn about the dead-letter topic", poll_s=1.0)
+            assert "KafkaTimeoutError; 1 waiting" in warned[0], warned
+            assert "`fmstream topics`" in warned[0], warned
+            if fetch_process == "true":  # the child holds the batch (a fetch thread's events
+                # are applied meanwhile, only the checkpoints wait)
+                assert metric("fmstream_trainer_events_applied_total") < len(valid)
+            assert trainer.poll() is None
+
+            assert dlq in svc.ensure_topics(s)  # what `fmstream topics` does
+            wait_for(lambda: metric("fmstream_trainer_events_applied_total") == len(valid)
+                     and metric("fmstream_dead_letter_topic_blocked_seconds") == 0, 180,
+                     "every valid event applied and the dead-letter topic unblocked", poll_s=1.0)
+            assert metric("fmstream_dead_letters_waiting") == 0
+            letters = [orjson.loads(r.value) for r in io.consume_all(dlq, expect=1)]
+            assert [d["id"] for d in letters] == [f"{s.topic_events}/0/6"], letters
+            wait_for(lambda: not [p for p in lag_problems() if "dead-letter" in p], 60,
+                     "the lag warning to go", poll_s=1.0)
+            assert f"dead-letter topic {dlq} takes letters again" in printed()
+        finally:
+            stop_process(trainer, 60)
+    finally:
+        io.close()
+    out = log_file.read_text()
+    assert trainer.returncode == 0, out[-3000:]
+    assert f"applied {len(valid)} events, 1 dead letters" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]

@@ -401,7 +401,7 @@ class _Child:
                  stop: Any, parent: int, caught_up: Any, block: _SharedBlock) -> None:
         from threadpoolctl import threadpool_limits
 
-        from stream.consume import make_consumer, make_producer
+        from stream.consume import make_consumer, make_dead_letter_producer
         from stream.record_parse import use_fast_records
         from train.resilience import DeadLetterOutbox
         from train.runtime import relax_gc
@@ -416,8 +416,8 @@ class _Child:
             check_crcs=spec.check_crcs, reconnect_backoff_max_ms=spec.reconnect_backoff_max_ms,
         )
         use_fast_records(self.consumer, inline=spec.fast_records)
-        # not idempotent: a letter the topic refuses must not make it fatal (DeadLetterOutbox)
-        self.producer = make_producer(spec.kafka, enable_idempotence=False)
+        # not idempotent, short metadata wait (make_dead_letter_producer)
+        self.producer = make_dead_letter_producer(spec.kafka)
         self.dead_letters = DeadLetterOutbox(self.producer, spec.topics.dlq)
         self.block = block  # what the trainer shows of a dead-letter topic that takes none
         self.blocked = False  # whether ``block`` holds one

@@ -208,6 +208,10 @@ class DeadLetterOutbox:
         self._blocked_since: float | None = None  # epoch s of the first flush that failed
         self._blocked_logged = 0.0  # monotonic s of the last error line
         self._last_error: BaseException | None = None  # the newest send or delivery failure
+        # the last send raised (no metadata: the topic is missing, the broker away): later
+        # letters are only queued (flush tries the oldest first) instead of each blocking for
+        # the producer's max_block_ms
+        self._unsendable = False
         try:  # learn the topic's partitions now, so send() never blocks on metadata later
             producer.partitions_for(topic)
         except KafkaError as exc:
@@ -217,7 +221,8 @@ class DeadLetterOutbox:
         """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
         letter = dead_letter_for(record, stage, error, reason)
         entry = [dead_letter_key(record), dumps(letter), None]
-        self._send(entry)
+        if not self._unsendable:  # else flush() sends it, after the oldest goes through
+            self._send(entry)
         with self._lock:
             self._pending.append(entry)
             self.count += 1
@@ -230,14 +235,19 @@ class DeadLetterOutbox:
             reason[:200],
         )
 
-    def _send(self, entry: list[Any]) -> None:
+    def _send(self, entry: list[Any]) -> bool:
+        """Hand ``entry`` to the producer; False (kept, flush() re-sends) if it raised."""
         try:
             entry[2] = self._producer.send(self._topic, key=entry[0], value=entry[1])
         except KafkaError as exc:  # e.g. metadata unavailable: keep it, flush() re-sends
             self._last_error = exc
+            self._unsendable = True
             if self._blocked_since is None:  # else the blocked line says it
                 log.warning("dead letter not sent yet (%r); will retry", exc)
             entry[2] = None
+            return False
+        self._unsendable = False
+        return True
 
     @property
     def pending(self) -> int:
@@ -307,7 +317,8 @@ class DeadLetterOutbox:
                             log.warning(
                                 "dead letter delivery failed (%r); re-sending", future.exception
                             )
-                    self._send(entry)
+                    if not self._send(entry):
+                        break  # one metadata wait per round, not one per letter
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
