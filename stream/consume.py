@@ -150,9 +150,13 @@ def dead_letter_fix(topic: str, error: str) -> str:
     if error == "TopicAuthorizationFailedError":
         return (f"grant the trainer's Kafka user (FMSTREAM_KAFKA_USERNAME) Write on topic "
                 f"{topic} (README, Security)")
-    if error in ("UnknownTopicOrPartitionError", "KafkaTimeoutError"):
+    if error == "UnknownTopicOrPartitionError":
         return (f"create topic {topic} (`fmstream topics`), or let the broker create topics "
                 "(auto.create.topics.enable)")
+    if error == "KafkaTimeoutError":  # no metadata in time: a missing topic or a broker away
+        return (f"create topic {topic} (`fmstream topics`), or let the broker create topics "
+                "(auto.create.topics.enable); if it exists, the broker did not answer in time: "
+                "check that it is reachable (FMSTREAM_KAFKA_BOOTSTRAP)")
     return f"check the broker and topic {topic} (FMSTREAM_TOPIC_DLQ)"
 
 
