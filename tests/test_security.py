@@ -627,6 +627,30 @@ def _metric(port: int, name: str) -> float | None:
     return None
 
 
+def _trainer_probes(s: Settings, log_file: Path, trainer: subprocess.Popen, metrics_port: int,
+                    ) -> tuple[Callable[[], str], Callable[[str], float | None],
+                               Callable[[], list[str]]]:
+    """What a test watches of a running ``fmstream train``: its log (wrapped lines joined), one
+    of its metrics (None until /metrics serves; the trainer must still run), and the problems
+    ``fmstream lag --json`` reports."""
+    def printed() -> str:  # log lines may be wrapped: compare with spaces collapsed
+        return " ".join(log_file.read_text().split())
+
+    def metric(name: str) -> float | None:
+        assert trainer.poll() is None, log_file.read_text()[-3000:]
+        try:
+            return _metric(metrics_port, name)
+        except OSError:  # not serving /metrics yet
+            return None
+
+    def lag_problems() -> list[str]:
+        lag = run(s, "lag", "--json")
+        assert lag.returncode == 0, lag.output
+        return orjson.loads(lag.output.strip().splitlines()[-1])["problems"]
+
+    return printed, metric, lag_problems
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("fetch_process", ["true", "false"], ids=["fetch-process", "fetch-thread"])
 def test_a_dead_letter_topic_the_trainer_may_not_write_holds_intake_visibly_and_resumes(
@@ -682,20 +706,7 @@ def test_a_dead_letter_topic_the_trainer_may_not_write_holds_intake_visibly_and_
                          FMSTREAM_CHECKPOINT_EVERY_S="2"),
             )
         try:
-            def printed() -> str:  # log lines may be wrapped: compare with spaces collapsed
-                return " ".join(log_file.read_text().split())
-
-            def metric(name: str) -> float | None:
-                assert trainer.poll() is None, log_file.read_text()[-3000:]
-                try:
-                    return _metric(metrics_port, name)
-                except OSError:  # not serving /metrics yet
-                    return None
-
-            def lag_problems() -> list[str]:
-                lag = run(s, "lag", "--json")
-                assert lag.returncode == 0, lag.output
-                return orjson.loads(lag.output.strip().splitlines()[-1])["problems"]
+            printed, metric, lag_problems = _trainer_probes(s, log_file, trainer, metrics_port)
 
             wait_for(lambda: (metric("fmstream_dead_letter_topic_blocked_seconds") or 0) > 0,
                      180, "the trainer to report the dead-letter topic blocked", poll_s=1.0)
@@ -769,20 +780,7 @@ def test_a_missing_dead_letter_topic_is_reported_within_seconds_and_intake_resum
                          FMSTREAM_CHECKPOINT_EVERY_S="2"),
             )
         try:
-            def printed() -> str:  # log lines may be wrapped: compare with spaces collapsed
-                return " ".join(log_file.read_text().split())
-
-            def metric(name: str) -> float | None:
-                assert trainer.poll() is None, log_file.read_text()[-3000:]
-                try:
-                    return _metric(metrics_port, name)
-                except OSError:  # not serving /metrics yet
-                    return None
-
-            def lag_problems() -> list[str]:
-                lag = run(s, "lag", "--json")
-                assert lag.returncode == 0, lag.output
-                return orjson.loads(lag.output.strip().splitlines()[-1])["problems"]
+            printed, metric, lag_problems = _trainer_probes(s, log_file, trainer, metrics_port)
 
             # the trainer is up (serving /metrics) before the events arrive
             wait_for(lambda: metric("fmstream_trainer_events_applied_total") is not None, 180,
