@@ -627,6 +627,23 @@ def _metric(port: int, name: str) -> float | None:
     return None
 
 
+def _assert_resumed(s: Settings, io, n_valid: int, printed: Callable[[], str],
+                    metric: Callable[[str], float | None],
+                    lag_problems: Callable[[], list[str]]) -> None:
+    """Once the dead-letter topic ``s.topic_dlq`` takes letters: every valid event applied, the
+    one letter (offset 6 of events partition 0) delivered, the lag warning gone, the log says so."""
+    dlq = s.topic_dlq
+    wait_for(lambda: metric("fmstream_trainer_events_applied_total") == n_valid
+             and metric("fmstream_dead_letter_topic_blocked_seconds") == 0, 180,
+             "every valid event applied and the dead-letter topic unblocked", poll_s=1.0)
+    assert metric("fmstream_dead_letters_waiting") == 0
+    letters = [orjson.loads(r.value) for r in io.consume_all(dlq, expect=1)]
+    assert [d["id"] for d in letters] == [f"{s.topic_events}/0/6"], letters
+    wait_for(lambda: not [p for p in lag_problems() if "dead-letter" in p], 60,
+             "the lag warning to go", poll_s=1.0)
+    assert f"dead-letter topic {dlq} takes letters again" in printed()
+
+
 def _trainer_probes(s: Settings, log_file: Path, trainer: subprocess.Popen, metrics_port: int,
                     ) -> tuple[Callable[[], str], Callable[[str], float | None],
                                Callable[[], list[str]]]:
@@ -726,15 +743,7 @@ def test_a_dead_letter_topic_the_trainer_may_not_write_holds_intake_visibly_and_
             [(_, deleted, error)] = admin.delete_acls([ACLFilter(*deny, ResourcePatternFilter(
                 ResourceType.TOPIC, dlq, ACLResourcePatternType.LITERAL))])
             assert error is not None and not error.errno and len(deleted) == 1, (deleted, error)
-            wait_for(lambda: metric("fmstream_trainer_events_applied_total") == len(valid)
-                     and metric("fmstream_dead_letter_topic_blocked_seconds") == 0, 180,
-                     "every valid event applied and the dead-letter topic unblocked", poll_s=1.0)
-            assert metric("fmstream_dead_letters_waiting") == 0
-            letters = [orjson.loads(r.value) for r in io.consume_all(dlq, expect=1)]
-            assert [d["id"] for d in letters] == [f"{s.topic_events}/0/6"], letters
-            wait_for(lambda: not [p for p in lag_problems() if "dead-letter" in p], 60,
-                     "the lag warning to go", poll_s=1.0)
-            assert f"dead-letter topic {dlq} takes letters again" in printed()
+            _assert_resumed(s, io, len(valid), printed, metric, lag_problems)
         finally:
             stop_process(trainer, 60)
     finally:
@@ -807,15 +816,7 @@ def test_a_missing_dead_letter_topic_is_reported_within_seconds_and_intake_resum
             assert trainer.poll() is None
 
             assert dlq in svc.ensure_topics(s)  # what `fmstream topics` does
-            wait_for(lambda: metric("fmstream_trainer_events_applied_total") == len(valid)
-                     and metric("fmstream_dead_letter_topic_blocked_seconds") == 0, 180,
-                     "every valid event applied and the dead-letter topic unblocked", poll_s=1.0)
-            assert metric("fmstream_dead_letters_waiting") == 0
-            letters = [orjson.loads(r.value) for r in io.consume_all(dlq, expect=1)]
-            assert [d["id"] for d in letters] == [f"{s.topic_events}/0/6"], letters
-            wait_for(lambda: not [p for p in lag_problems() if "dead-letter" in p], 60,
-                     "the lag warning to go", poll_s=1.0)
-            assert f"dead-letter topic {dlq} takes letters again" in printed()
+            _assert_resumed(s, io, len(valid), printed, metric, lag_problems)
         finally:
             stop_process(trainer, 60)
     finally:
