@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -24,12 +25,14 @@ from stream.config import KafkaConfig
 from stream.connect import kafka_consumer, kafka_producer
 from stream.record_parse import unreadable_reason
 from stream.schemas import (
+    MAX_EVENT_AHEAD_S,
     DeadLetter,
     DecodeError,
     Event,
     EventColumns,
     MessageInvalid,
     UnreadableBatch,
+    check_event_time,
     describe_validation_error,
     dumps,
     loads_object,
@@ -227,11 +230,14 @@ def decode_events(
     """Decode ``fm.events`` records with :func:`~stream.schemas.parse_event`, in order; the ones
     that fail are dead-lettered (stage ``decode`` or ``validate``) and the rest returned.
 
-    Each message is judged on its own: one bad message never fails the others.
+    Each message is judged on its own: one bad message never fails the others. An event whose
+    ``ts`` lies too far ahead of this consumer's clock is invalid
+    (:func:`~stream.schemas.check_event_time`).
     """
     out: list[Decoded[Event]] = []
     append = out.append
     loads, json_error = orjson.loads, orjson.JSONDecodeError
+    now = time.time()
     for record in records:
         value = record.value
         if value is not None and len(value) > max_bytes:
@@ -251,7 +257,9 @@ def decode_events(
             dead_letters.send(record, "decode", exc, str(exc))
             continue
         try:
-            append(Decoded(parse_event(obj), record))
+            event = parse_event(obj)
+            check_event_time(event.ts, now)
+            append(Decoded(event, record))
         except DecodeError as exc:
             dead_letters.send(record, "decode", exc, str(exc))
         except MessageInvalid as exc:
@@ -269,13 +277,18 @@ def decode_event_columns(
     A poll whose every record is present, within ``max_bytes`` and in the common shape is
     decoded by :func:`~stream.schemas.parse_event_values` (typed, in C); otherwise the JSON of
     every record is parsed in one C-level pass when all of them are valid, else record by record,
-    and judged by :func:`~stream.schemas.parse_events`.
+    and judged by :func:`~stream.schemas.parse_events`. Events whose ``ts`` lies too far ahead of
+    this consumer's clock are invalid (:func:`~stream.schemas.check_event_time`).
     """
     values = [r.value for r in records]
+    now = time.time()
     objs: list[Any] | None = None
     if values and None not in values and max(map(len, values)) <= max_bytes:
         columns = parse_event_values(values)
         if columns is not None:
+            columns, ahead = _ahead_of(columns, now)
+            for j, stage, exc, reason in ahead:
+                dead_letters.send(records[j], stage, exc, reason)
             return columns
         try:
             objs = list(map(orjson.loads, values))
@@ -311,9 +324,30 @@ def decode_event_columns(
     for j, exc in errors:
         stage = "validate" if isinstance(exc, MessageInvalid) else "decode"
         letters.append((j, stage, exc, str(exc)))
+    columns, ahead = _ahead_of(columns, now)
+    letters += ahead
     for j, stage, exc, reason in sorted(letters, key=lambda x: x[0]):
         dead_letters.send(records[j], stage, exc, reason)
     return columns
+
+
+def _ahead_of(
+    columns: EventColumns, now: float
+) -> tuple[EventColumns, list[tuple[int, str, BaseException, str]]]:
+    """``columns`` without the events whose ``ts`` lies too far ahead of ``now``, and a letter
+    (record index, stage, error, reason) for each of those. One vectorised comparison when none
+    is (an event without ``ts`` holds NaN, which never compares greater)."""
+    limit = now + MAX_EVENT_AHEAD_S
+    ahead = columns.ts > limit
+    if not ahead.any():
+        return columns, []
+    letters: list[tuple[int, str, BaseException, str]] = []
+    for j in np.flatnonzero(ahead).tolist():
+        try:
+            check_event_time(float(columns.ts[j]), now)
+        except MessageInvalid as exc:
+            letters.append((int(columns.rows[j]), "validate", exc, str(exc)))
+    return columns.select(~ahead), letters
 
 
 def flatten(polled: dict) -> list[ConsumerRecord]:

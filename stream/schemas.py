@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import chain, repeat
 from operator import attrgetter
 from typing import Annotated, Any, Literal, NamedTuple
@@ -35,6 +36,12 @@ from pydantic import (
 MAX_ID_LEN = 256
 MAX_FEATURES = 64
 MAX_LIST_VALUES = 256
+MAX_EVENT_AHEAD_S = 3600.0
+"""How far an event's ``ts`` may lie ahead of the consumer's clock (Kafka 4's own bound on a
+record's timestamp, ``log.message.timestamp.after.max.ms``, is one hour too). One event from the
+far future would move the trainer's newest event time for good (``fmstream_event_time_lag_seconds``
+negative, saved in every checkpoint) and, with ``expire_after_s``, expire every feature value at
+once; such an event is dead-lettered (stage ``validate``) instead."""
 
 
 def _id_from_json(value: Any) -> Any:
@@ -298,6 +305,22 @@ def parse_event(obj: Any) -> Event:
 _EMPTY: dict[str, Any] = Event._field_defaults["context"]
 
 
+def check_event_time(ts: float | None, now: float) -> None:
+    """Raise :class:`MessageInvalid` when an event's ``ts`` lies more than
+    :data:`MAX_EVENT_AHEAD_S` after ``now`` (the consumer's clock, seconds since epoch).
+
+    Not part of :func:`parse_event`, which judges a message by its bytes alone: this rule also
+    reads the clock (the consumers apply it where they decode, :mod:`stream.consume`).
+    """
+    if ts is not None and ts > now + MAX_EVENT_AHEAD_S:
+        when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise MessageInvalid(
+            f"ts: {ts} ({when}) lies more than {MAX_EVENT_AHEAD_S:.0f} s after the consumer's "
+            "clock; an event cannot come from the future: send its event time as seconds "
+            "since epoch (UTC) from a producer whose clock is set"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class EventColumns:
     """Events as columns (one poll's worth): what :func:`parse_events` returns and the trainer
@@ -326,6 +349,20 @@ class EventColumns:
         for j, (u, i, y, t, c) in enumerate(columns):
             yield Event(u, i, int(y), None if t != t else t, c,
                         None if users is None else users[j], None if items is None else items[j])
+
+    def select(self, keep: np.ndarray) -> EventColumns:
+        """The events where the boolean mask ``keep`` is True, as columns."""
+        idx = np.flatnonzero(keep).tolist()
+
+        def pick(values: list) -> list:
+            return [values[j] for j in idx]
+
+        return EventColumns(
+            pick(self.user_ids), pick(self.item_ids), self.labels[keep], self.ts[keep],
+            pick(self.contexts), self.rows[keep],
+            None if self.users is None else pick(self.users),
+            None if self.items is None else pick(self.items),
+        )
 
     def take(self, where: slice) -> EventColumns:
         """The events of ``where`` (a slice), as columns."""

@@ -44,7 +44,14 @@ from serving.store import VectorStore
 from stream.consume import make_producer
 from stream.lag import group_lag
 from stream.replay import produce_profiles
-from stream.schemas import DecodeError, MessageInvalid, loads_object, parse_event
+from stream.schemas import (
+    MAX_EVENT_AHEAD_S,
+    DecodeError,
+    MessageInvalid,
+    check_event_time,
+    loads_object,
+    parse_event,
+)
 from stream.synthetic import SyntheticStream
 from tests.kafka_helpers import KafkaIO, wait_for
 from tests.worker_helpers import RunningWorker, launch_worker
@@ -408,6 +415,16 @@ def event_catalogue(s: Settings) -> list[tuple[str, bytes | None, str]]:
         ("ts text", j({**e, "ts": "yesterday"}), "validate"),
         ("ts negative", j({**e, "ts": -5}), "validate"),
         ("ts far future", j({**e, "ts": 1e12}), "validate"),
+        # within the wire's range but from the future: it would move the trainer's newest event
+        # time (event-time lag) for good
+        ("ts in 3998 AD", j({**e, "ts": 6.4e10}), "validate"),
+        ("ts in two hours", j({**e, "ts": time.time() + 2 * 3600}), "validate"),
+        ("ts in 1970", j({**e, "ts": 1.0}), "applied"),
+        # a key given twice: the last one counts, on the fast (msgspec) path as on the general one
+        ("user twice, last blank", b'{"user_id": "u1", "user_id": " ", "item_id": "i1"}',
+         "validate"),
+        ("label twice, last valid", b'{"user_id": "u1", "item_id": "i1", "label": 7, "label": 0}',
+         "applied"),
         ("context text", j({**e, "context": "x"}), "validate"),
         ("boolean context", j({**e, "context": {"hour": True}}), "validate"),
         ("boolean in a list", j({**e, "context": {"hour": [False, "1"]}}), "validate"),
@@ -434,7 +451,7 @@ def expected_event(value: bytes | None, s: Settings) -> str:
     if value is None or len(value) > s.max_message_bytes:
         return "decode"
     try:
-        parse_event(loads_object(value))
+        check_event_time(parse_event(loads_object(value)).ts, time.time())
     except DecodeError:
         return "decode"
     except MessageInvalid:
@@ -505,6 +522,8 @@ def event_round(s: Settings, kafka_io: KafkaIO, trainer: TrainerRun,
             assert letter is not None and letter["stage"] == stage, (stage, letter)
     assert applied - probes + len(letters) == len(messages)
     assert applied - probes == sum(stage == "applied" for stage in stages)
+    newest = after.get("newest_event_ts")  # the event-time lag's reference: never the future
+    assert newest is not None and newest <= time.time() + MAX_EVENT_AHEAD_S, newest
 
 
 _events = st.fixed_dictionaries(

@@ -52,7 +52,7 @@ from model.live import LiveHitRate
 from model.online import OnlineFM
 from stream.consume import Decoded, make_consumer
 from stream.record_parse import use_fast_records
-from stream.schemas import EventColumns
+from stream.schemas import MAX_EVENT_AHEAD_S, EventColumns
 from train.align import EventAligner
 from train.checkpointer import BackgroundCheckpoint, ChildResult
 from train.config import TrainerConfig
@@ -164,6 +164,17 @@ class BatchObserver(Protocol):
     ) -> None: ...
 
 
+def _not_ahead(newest: float | None) -> float | None:
+    """A checkpoint's newest event time, or None when it lies in the future: written before
+    events from the future were refused (:func:`stream.schemas.check_event_time`), it would keep
+    the event-time lag negative for good; the next applied event sets it again."""
+    if newest is not None and newest > time.time() + MAX_EVENT_AHEAD_S:
+        log.warning("checkpoint's newest event time %.0f lies in the future (an event from "
+                    "before future events were refused); reset, the next event sets it", newest)
+        return None
+    return newest
+
+
 @dataclass
 class Progress:
     """What the trainer has applied; lives in checkpoint metadata so it survives restarts."""
@@ -194,7 +205,7 @@ class Progress:
             applied={k: int(v) for k, v in meta.get("applied", {}).items()},
             events_applied=int(meta.get("events_applied", 0)),
             dead_letters=int(meta.get("dead_letters", 0)),
-            newest_event_ts=meta.get("newest_event_ts"),
+            newest_event_ts=_not_ahead(meta.get("newest_event_ts")),
             published_version=int(meta.get("published_version", 0)),
         )
 

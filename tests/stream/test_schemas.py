@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,6 +22,7 @@ from stream.schemas import (
     dumps,
     loads_object,
     parse_event,
+    parse_event_values,
 )
 
 
@@ -339,3 +342,49 @@ def test_fast_path_takes_the_common_shape() -> None:
     assert math.isnan(columns.ts[3]) and columns.contexts[3] == {}
     assert parse_event_values(values + [b'{"user_id": "u9", "item_id": "i2", "x": 1}']) is None
     assert parse_event_values([]) is None
+
+
+def test_an_event_from_the_future_is_invalid_in_both_decoders() -> None:
+    """A ``ts`` more than MAX_EVENT_AHEAD_S after the consumer's clock is dead-lettered (stage
+    ``validate``, naming ts and its date) by the batch and the one-by-one decoder alike; one
+    within the bound, one without ts and one from 1970 are kept."""
+    from stream.consume import decode_event_columns, decode_events
+    from stream.schemas import MAX_EVENT_AHEAD_S
+
+    now = time.time()
+    values = [dumps({"user_id": "u1", "item_id": "i1", "ts": ts})
+              for ts in (now + MAX_EVENT_AHEAD_S / 2, now + 2 * MAX_EVENT_AHEAD_S, 6.4e10, 1.0)]
+    values.append(dumps({"user_id": "u2", "item_id": "i2"}))
+    for shape in ("common", "mixed"):
+        if shape == "mixed":  # a poll outside the fast path takes the general one
+            values.append(b"not json")
+        one, batch = _Letters(), _Letters()
+        expected = decode_events(_records(values), one, max_bytes=1000)  # type: ignore[arg-type]
+        columns = decode_event_columns(_records(values), batch, max_bytes=1000)  # type: ignore[arg-type]
+        assert columns.rows.tolist() == [d.record.offset for d in expected] == [0, 3, 4]
+        assert batch.sent == one.sent
+        future = [(offset, stage) for offset, stage, *_ in batch.sent if stage == "validate"]
+        assert future == [(1, "validate"), (2, "validate")]
+        assert batch.sent[1][3].startswith("ts: 64000000000.0 (3998-")
+
+
+def test_a_key_given_twice_counts_once_the_last_time_on_both_paths() -> None:
+    """JSON leaves duplicate keys to the parser: msgspec (the fast path) and orjson (the rules)
+    both keep the last, so a poll's verdicts do not depend on which path decoded it (msgspec
+    checks every occurrence, so an invalid first one sends the poll to the general path)."""
+    from stream.consume import decode_event_columns, decode_events
+
+    values = [b'{"user_id": "u1", "user_id": "u2", "item_id": "i1"}',
+              b'{"user_id": "u1", "item_id": "i1", "ts": 5.0, "ts": 6.0}',
+              b'{"user_id": "u1", "item_id": "i1", "label": 7, "label": 0}',
+              b'{"user_id": "u1", "user_id": " ", "item_id": "i1"}']
+    slow = [parse_event(orjson.loads(v)) for v in values[:3]]
+    assert [(e.user_id, e.label, e.ts) for e in slow] == [("u2", 1, None), ("u1", 1, 6.0),
+                                                         ("u1", 0, None)]
+    fast = parse_event_values(values[:2])
+    assert fast is not None and list(fast) == slow[:2]
+    one, batch = _Letters(), _Letters()
+    expected = decode_events(_records(values), one, max_bytes=1000)  # type: ignore[arg-type]
+    columns = decode_event_columns(_records(values), batch, max_bytes=1000)  # type: ignore[arg-type]
+    assert list(columns) == [d.message for d in expected] == slow
+    assert batch.sent == one.sent and [(o, st_) for o, st_, *_ in one.sent] == [(3, "validate")]

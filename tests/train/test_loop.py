@@ -253,3 +253,17 @@ def test_a_letter_over_the_dead_letter_topics_limit_goes_without_the_records_byt
     assert "refused by the dead-letter topic" in slim["reason"] and "JSON" in slim["reason"]
     [other] = letters.values()
     assert base64.b64decode(other["value_b64"]) == small  # a letter that fits keeps its bytes
+
+
+def test_a_checkpoint_with_a_newest_event_time_from_the_future_is_reset_on_load() -> None:
+    """Written before events from the future were refused, such a time would keep the event-time
+    lag negative for good: a loaded checkpoint drops it (the next event sets it again)."""
+    import time
+
+    from train.loop import Progress
+
+    now = time.time()
+    assert Progress.from_metadata({"newest_event_ts": 99_999_999_999.0}).newest_event_ts is None
+    assert Progress.from_metadata({"newest_event_ts": now}).newest_event_ts == now
+    assert Progress.from_metadata({"newest_event_ts": 881250949.0}).newest_event_ts == 881250949.0
+    assert Progress.from_metadata({}).newest_event_ts is None
