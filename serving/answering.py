@@ -578,9 +578,13 @@ class _Batch:
                     self.version,
                 )
                 continue
-            scored = [(i, r) for i in p.request.item_ids if (r := snapshot.row_of.get(i, -1)) >= 0]
+            asked = dict.fromkeys(p.request.item_ids)  # a repeated id is scored once
+            scored = [(i, r) for i in asked if (r := snapshot.row_of.get(i, -1)) >= 0]
             if not scored:
-                p.fail(UnknownItem("none of item_ids is in the index"), self.version)
+                p.fail(UnknownItem(
+                    f"none of the {len(asked)} item_ids (e.g. {next(iter(asked))!r}) is in "
+                    f"index v{self.version}; rank scores only items the trainer has published"
+                ), self.version)
                 continue
             row = self.user_row[p.request.user_id]
             q = user_queries(self.vecs.vectors[[row]], [p.request.context], self.state.context)[0]

@@ -107,13 +107,20 @@ def _check_features(features: dict[str, Any]) -> dict[str, Any]:
 
 
 def _no_bool_features(features: Any) -> Any:
-    """Booleans are not feature values (pydantic would take them as 1/0): refused before
-    coercion, naming the feature."""
+    """Booleans are not feature values (pydantic would take them as 1/0), nor are objects,
+    nulls or nested lists: refused before coercion with one reason naming the feature (the
+    union's coercion would give one line per member it tried)."""
     if isinstance(features, dict):
         for name, value in features.items():
             for v in value if isinstance(value, list) else [value]:
                 if isinstance(v, bool):
                     raise ValueError(f"feature {name!r}: expected string/number, got a boolean")
+                if not isinstance(v, str | int | float):
+                    raise ValueError(
+                        f"feature {name!r}: expected a string, a number or a list of those, "
+                        f"got {'a list holding ' if isinstance(value, list) else ''}"
+                        f"{type(v).__name__} {_got(v)}"
+                    )
     return features
 
 
@@ -576,14 +583,15 @@ class Request(_Message):
     type: RequestType
     user_id: Id | None = None
     item_id: Id | None = None
-    item_ids: list[Id] | None = Field(None, max_length=10_000)
+    item_ids: list[Id] | None = Field(None, min_length=1, max_length=10_000)
     k: Count = Field(10, ge=1)
     exclude_seen: bool = False
     exclude_item_ids: list[Id] = Field(default_factory=list, max_length=10_000)
     context: Features = Field(default_factory=dict)
     source: Literal["online", "offline"] = "online"
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=249)] | None = None
-    deadline_ms: Number | None = Field(None, gt=0, description="epoch ms after which to give up")
+    deadline_ms: Number | None = Field(None, gt=0, allow_inf_nan=False,
+                                       description="epoch ms after which to give up")
 
     def missing_field(self) -> str | None:
         """Name of the field this request type needs but lacks, or None."""

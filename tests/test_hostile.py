@@ -114,6 +114,11 @@ def request_catalogue(s: Settings) -> list[tuple[str, bytes | None, bytes | None
         ("bad utf-8", b'{"request_id": "h\xff\xfe", "type": "u2i"}', DEAD),
         ("NaN literal", b'{"request_id": "nan", "type": "u2i", "k": NaN}', DEAD),
         ("lone surrogate", b'{"request_id": "\\ud800", "type": "u2i"}', DEAD),
+        # not JSON numbers, whichever field holds them (as NaN above): never an endless deadline
+        ("Infinity literal", b'{"request_id": "inf", "type": "u2i", "user_id": "u1", '
+                             b'"deadline_ms": Infinity}', DEAD),
+        ("1e999", b'{"request_id": "big", "type": "u2i", "user_id": "u1", '
+                  b'"deadline_ms": 1e999}', DEAD),
     ]
     answered: list[tuple[dict, str]] = [
         ({"type": "teleport", "user_id": "u1"}, "invalid_request"),
@@ -134,6 +139,16 @@ def request_catalogue(s: Settings) -> list[tuple[str, bytes | None, bytes | None
         ({"type": "i2i", "item_id": ["i1"]}, "invalid_request"),
         ({"type": "rank", "user_id": "u1", "item_ids": "i1"}, "invalid_request"),
         ({"type": "rank", "user_id": "u1", "item_ids": [True]}, "invalid_request"),
+        ({"type": "rank", "user_id": "u1", "item_ids": []}, "invalid_request"),
+        ({"type": "rank", "user_id": "u1", "item_ids": [{"i": 1}]}, "invalid_request"),
+        ({"type": "rank", "user_id": "u1", "item_ids": [f"i{n}" for n in range(100_000)]},
+         "invalid_request"),  # ~1 MB
+        ({"type": "u2i", "user_id": 17}, OK),  # an integer id is its decimal text
+        ({"type": "u2i", "user_id": ["u1"]}, "invalid_request"),
+        ({**u, "context": {"hour": [["1"]]}}, "invalid_request"),
+        ({**u, "context": {"unknown_field": "v"}}, OK),  # a field the schema lacks: ignored
+        ({**u, "reply_to": s.topic_requests}, "invalid_request"),  # its own input
+        ({**u, "reply_to": s.topic_users}, "invalid_request"),
         ({**u, "exclude_item_ids": [f"i{n}" for n in range(10_001)]}, "invalid_request"),
         ({**u, "exclude_item_ids": [" "]}, "invalid_request"),
         ({**u, "context": "x"}, "invalid_request"),

@@ -321,6 +321,33 @@ def test_rank_scores_the_given_items_with_context_best_first(served: Served) -> 
         assert np.all(np.diff(got_scores) <= 0)
 
 
+def test_rank_scores_a_repeated_item_once_and_refuses_an_empty_list(
+    served: Served, kafka_io: KafkaIO
+) -> None:
+    """Sent as raw bytes (as kcat would): the client refuses an empty list itself."""
+    replies = raw_replies(
+        served.settings,
+        kafka_io,
+        [
+            ("rank-dup", b'{"request_id": "rank-dup", "type": "rank", "user_id": "u20", '
+                         b'"item_ids": ["i3", "i3", "i7", " i3 ", 3, "i7", "nope"]}'),
+            ("rank-empty", b'{"request_id": "rank-empty", "type": "rank", "user_id": "u20", '
+                           b'"item_ids": []}'),
+            ("rank-none", b'{"request_id": "rank-none", "type": "rank", "user_id": "u20", '
+                          b'"item_ids": ["nope-1", "nope-1", "nope-2"]}'),
+        ],
+        {"rank-dup", "rank-empty", "rank-none"},
+    )
+    dup = replies["rank-dup"]
+    assert dup["error"] is None, dup
+    got = [i["item_id"] for i in dup["items"]]
+    assert sorted(got) == ["i3", "i7"], got  # " i3 " is i3; 3 is "3", not an item
+    empty = replies["rank-empty"]["error"]
+    assert empty["code"] == "invalid_request" and "item_ids" in empty["message"], empty
+    none = replies["rank-none"]["error"]
+    assert none["code"] == "unknown_item" and "2 item_ids" in none["message"], none
+
+
 def test_rank_of_an_unknown_user_is_an_error(served: Served) -> None:
     response = served.ask(type="rank", user_id="nobody-at-all", item_ids=["i1"])
     assert response.error is not None and response.error.code == "unknown_user"
