@@ -165,7 +165,8 @@ def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from fmstream import services
 
     _preflight(settings)
-    services.ensure_topics(settings)
+    created = services.ensure_topics(settings, reply_topics=args.reply or ())
+    print(f"created {', '.join(created)}" if created else "every topic exists")
     return 0
 
 
@@ -309,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("up", cmd_up, "start local Kafka (KRaft) and Redis and create the topics")
     add("down", cmd_down, "stop the local services that `up` started")
-    add("topics", cmd_topics, "create the contract's topics on the configured Kafka")
+    p = add("topics", cmd_topics, "create the contract's topics on the configured Kafka")
+    p.add_argument("--reply", action="append", metavar="TOPIC",
+                   help="also create this reply topic for requests' reply_to (repeatable; it "
+                        "must start with a prefix of FMSTREAM_REPLY_TOPIC_PREFIXES; workers "
+                        "never create one)")
     p = add("train", cmd_train, "consume events and profiles, train the FM, publish vectors")
     p.add_argument("--idle-exit", type=float, default=None, metavar="S",
                    help="exit after S seconds without new records (default: run forever)")

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -982,21 +982,26 @@ def kafka_admin(kafka: KafkaConfig, *, timeout_s: float = 10.0) -> Iterator[Kafk
         admin.close()
 
 
-def _topic_spec(settings: Settings, name: str) -> dict[str, object]:
+def _topic_spec(settings: Settings, name: str, partitions: int) -> dict[str, object]:
     configs = {"cleanup.policy": "compact"} if name in settings.compacted_topics else {}
     # replication_factor -1: the broker's default (1 on a single node, more on a cluster).
     return {
-        "num_partitions": settings.topic_partitions[name],
+        "num_partitions": partitions,
         "replication_factor": -1,
         "configs": configs,
     }
 
 
-def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(
+    settings: Settings, *, timeout_s: float = 30.0, reply_topics: Sequence[str] = ()
+) -> list[str]:
     """Create every topic of ``settings.topic_partitions`` that is missing; idempotent.
 
     Profile topics (``settings.compacted_topics``) get ``cleanup.policy=compact``. Returns once
-    metadata shows every topic with a leader for every partition.
+    metadata shows every topic with a leader for every partition. ``reply_topics``: topics for
+    requests' ``reply_to`` (workers never create one), each with the response topic's partition
+    count; a name the workers would refuse (``serving.answering.check_reply_to``) raises
+    :class:`TopicError` saying why, before anything is created.
 
     Returns:
         The names of the topics this call created.
@@ -1005,13 +1010,24 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
         KafkaUnavailableError: no broker answers.
         TopicError: creation failed, timed out, or a topic exists with another partition count.
     """
-    wanted = settings.topic_partitions
+    wanted = dict(settings.topic_partitions)
+    if reply_topics:
+        from serving.answering import check_reply_to
+        from serving.errors import InvalidRequest
+
+        for name in reply_topics:
+            try:
+                check_reply_to(name, settings.serving_config())
+            except InvalidRequest as exc:
+                raise TopicError(f"not a reply topic: {exc} (FMSTREAM_REPLY_TOPIC_PREFIXES "
+                                 "says which names workers answer on)") from None
+            wanted.setdefault(name, settings.partitions_responses)
     deadline = time.monotonic() + timeout_s
     created: list[str] = []
     with kafka_admin(settings.kafka_config(), timeout_s=min(timeout_s, 15.0)) as admin:
         pending = set(wanted) - set(admin.list_topics())
         while pending:
-            spec = {name: _topic_spec(settings, name) for name in sorted(pending)}
+            spec = {name: _topic_spec(settings, name, wanted[name]) for name in sorted(pending)}
             result = admin.create_topics(spec, timeout_ms=10_000, raise_errors=False)
             retry: dict[str, str] = {}
             for topic in result["topics"]:
@@ -1038,6 +1054,7 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
             admin.wait_for_topics(list(wanted), timeout_ms=left_ms)
         except kafka_errors.KafkaTimeoutError as exc:
             raise TopicError(f"topics not visible in metadata: {exc}") from exc
+        # a reply topic may have any partition count (a client reads all of them)
         _check_partitions(settings, admin.describe_topics(list(wanted)))
     if created:
         logger.info("created topics %s at %s", ", ".join(created), settings.kafka_bootstrap)

@@ -143,7 +143,8 @@ class FmClient:
             raise ClientError(
                 f"reply topic {self.reply_topic!r} not found on {self.config.kafka.bootstrap} "
                 f"within {timeout:.1f}s; expected it to exist (create the topics with "
-                "`fmstream up` / `fmstream topics`, or pass an existing reply_topic)"
+                "`fmstream up` / `fmstream topics`, a reply topic with `fmstream topics --reply "
+                f"{self.reply_topic}`, or pass an existing reply_topic)"
             )
         tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)

@@ -19,7 +19,7 @@ from fmstream import services as svc
 from fmstream.settings import Settings
 from stream.connect import RedisConfig
 from stream.connect import redis_client as connect_redis
-from tests.kafka_helpers import KafkaIO
+from tests.kafka_helpers import KafkaIO, delete_topics
 
 
 def _free_port() -> int:
@@ -251,3 +251,36 @@ def test_a_local_redis_started_with_a_password_in_the_settings_requires_it(
         assert (svc.redis_dir(own) / "redis.conf").stat().st_mode & 0o777 == 0o600
     finally:
         svc.stop_redis(own)
+
+
+def test_topics_creates_a_reply_topic_and_refuses_names_workers_would_refuse(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fmstream topics --reply NAME`: the one way the README gives to make the topic a
+    request's ``reply_to`` names (workers never create one); a name workers would refuse to
+    answer on is refused before anything is created, saying why."""
+    from fmstream import cli
+
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            monkeypatch.setenv(f"FMSTREAM_{name.upper()}", str(value))
+    mine = f"fm.replies.{settings.topic_requests}"
+    try:
+        assert cli.main(["topics", "--reply", mine]) == 0
+        assert mine in capsys.readouterr().out
+        with svc.kafka_admin(settings.kafka_config()) as admin:
+            (described,) = admin.describe_topics([mine])
+        assert len(described["partitions"]) == settings.partitions_responses
+        assert cli.main(["topics", "--reply", mine]) == 0  # idempotent
+        assert "every topic exists" in capsys.readouterr().out
+        elsewhere = f"elsewhere.{settings.topic_requests}"
+        for bad, why in ((settings.topic_events, "input"), (settings.topic_requests, "input"),
+                         (elsewhere, "not allowed"), ("a b", "topic name")):
+            assert cli.main(["topics", "--reply", bad]) == cli.EXIT_SERVICE, bad
+            err = capsys.readouterr().err
+            assert "reply_to" in err and why in err and "FMSTREAM_REPLY_TOPIC_PREFIXES" in err, err
+        with svc.kafka_admin(settings.kafka_config()) as admin:
+            assert elsewhere not in admin.list_topics()
+    finally:
+        delete_topics(settings, [mine])
