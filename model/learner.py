@@ -26,13 +26,13 @@ Same seed + same inputs (in the same batches) + same thread count = identical mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from model import checks
 from model.errors import ConfigError, InputError
 from model.online import OnlineFM
 
@@ -56,28 +56,12 @@ class LearnPolicy:
     bootstrap_passes: int = 0
 
     def __post_init__(self) -> None:
-        def bad(what: str, got: Any) -> ConfigError:
-            return ConfigError(f"LearnPolicy.{what}, got {got!r}")
-
-        if not _is_int(self.step_events) or self.step_events < 1:
-            raise bad("step_events must be an integer >= 1", self.step_events)
-        if not (
-            isinstance(self.replay, int | float)
-            and not isinstance(self.replay, bool)
-            and math.isfinite(self.replay)
-            and self.replay >= 0
-        ):
-            raise bad("replay must be a finite number >= 0", self.replay)
-        if not _is_int(self.replay_buffer) or self.replay_buffer < 1:
-            raise bad("replay_buffer must be an integer >= 1", self.replay_buffer)
-        if not _is_int(self.seed) or self.seed < 0:
-            raise bad("seed must be an integer >= 0", self.seed)
-        if not _is_int(self.bootstrap_passes) or self.bootstrap_passes < 0:
-            raise bad("bootstrap_passes must be an integer >= 0", self.bootstrap_passes)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+        me = "LearnPolicy"
+        checks.integer(me, "step_events", self.step_events, 1)
+        checks.finite(me, "replay", self.replay, minimum=0)
+        checks.integer(me, "replay_buffer", self.replay_buffer, 1)
+        checks.integer(me, "seed", self.seed, 0)
+        checks.integer(me, "bootstrap_passes", self.bootstrap_passes, 0)
 
 
 class Learner:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from model import checks
 from model.compose import ContextTable, aggregate, compose_item, compose_user, split_user
 from model.errors import ConfigError, FeatureError, InputError
 from model.features import (
@@ -136,91 +137,31 @@ class TrainConfig:
     neg_update_by: Literal["uniform", "mass"] = "mass"
 
     def __post_init__(self) -> None:
-        def bad(what: str, got: Any) -> ConfigError:
-            return ConfigError(f"TrainConfig.{what}, got {got!r}")
-
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
-            raise bad("dim must be an integer >= 1", self.dim)
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr must be a finite number > 0", self.lr)
-        if not (isinstance(self.l2, int | float) and math.isfinite(self.l2) and self.l2 >= 0):
-            raise bad("l2 must be a finite number >= 0", self.l2)
-        if self.loss not in ("logistic", "bpr", "hinge", "softmax"):
-            raise bad("loss must be 'logistic', 'bpr', 'hinge' or 'softmax'", self.loss)
-        if (
-            isinstance(self.negatives, bool)
-            or not isinstance(self.negatives, int)
-            or (self.negatives < 0)
-        ):
-            raise bad("negatives must be an integer >= 0", self.negatives)
+        me = "TrainConfig"
+        checks.integer(me, "dim", self.dim, 1)
+        checks.finite(me, "lr", self.lr, above=0)
+        checks.finite(me, "l2", self.l2, minimum=0)
+        checks.choice(me, "loss", self.loss, ("logistic", "bpr", "hinge", "softmax"))
+        checks.integer(me, "negatives", self.negatives, 0)
         if self.loss != "logistic" and self.negatives < 1:
-            raise bad(f"negatives must be >= 1 for the loss {self.loss!r}", self.negatives)
-        if self.neg_sampling not in ("uniform", "popularity"):
-            raise bad("neg_sampling must be 'uniform' or 'popularity'", self.neg_sampling)
-        if not (
-            isinstance(self.neg_alpha, int | float)
-            and math.isfinite(self.neg_alpha)
-            and self.neg_alpha >= 0
-        ):
-            raise bad("neg_alpha must be a finite number >= 0", self.neg_alpha)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise bad("seed must be an integer >= 0", self.seed)
-        if not (
-            isinstance(self.init_std, int | float)
-            and math.isfinite(self.init_std)
-            and self.init_std >= 0
-        ):
-            raise bad("init_std must be a finite number >= 0", self.init_std)
-        if (
-            isinstance(self.neg_pool, bool)
-            or not isinstance(self.neg_pool, int)
-            or (self.neg_pool < 0)
-        ):
-            raise bad("neg_pool must be an integer >= 0", self.neg_pool)
-        if not (
-            isinstance(self.acc_decay, int | float)
-            and math.isfinite(self.acc_decay)
-            and 0.0 < self.acc_decay <= 1.0
-        ):
-            raise bad("acc_decay must be a number in (0, 1]", self.acc_decay)
-        if (
-            isinstance(self.recent_items, bool)
-            or not isinstance(self.recent_items, int)
-            or self.recent_items < 0
-        ):
-            raise bad("recent_items must be an integer >= 0", self.recent_items)
-        if (
-            isinstance(self.neg_candidates, bool)
-            or not isinstance(self.neg_candidates, int)
-            or self.neg_candidates < 1
-        ):
-            raise bad("neg_candidates must be an integer >= 1", self.neg_candidates)
-        if self.user_acc_decay is not None and not (
-            isinstance(self.user_acc_decay, int | float)
-            and not isinstance(self.user_acc_decay, bool)
-            and math.isfinite(self.user_acc_decay)
-            and 0.0 < self.user_acc_decay <= 1.0
-        ):
-            raise bad("user_acc_decay must be None or a number in (0, 1]", self.user_acc_decay)
-        if (
-            isinstance(self.neg_updates, bool)
-            or not isinstance(self.neg_updates, int)
-            or self.neg_updates < 0
-        ):
-            raise bad("neg_updates must be an integer >= 0", self.neg_updates)
+            raise ConfigError(f"TrainConfig.negatives must be >= 1 for the loss {self.loss!r}, "
+                              f"got {self.negatives!r}")
+        checks.choice(me, "neg_sampling", self.neg_sampling, ("uniform", "popularity"))
+        checks.finite(me, "neg_alpha", self.neg_alpha, minimum=0)
+        checks.integer(me, "seed", self.seed, 0)
+        checks.finite(me, "init_std", self.init_std, minimum=0)
+        checks.integer(me, "neg_pool", self.neg_pool, 0)
+        checks.fraction(me, "acc_decay", self.acc_decay)
+        checks.integer(me, "recent_items", self.recent_items, 0)
+        checks.integer(me, "neg_candidates", self.neg_candidates, 1)
+        checks.fraction(me, "user_acc_decay", self.user_acc_decay, optional=True)
+        checks.integer(me, "neg_updates", self.neg_updates, 0)
         if self.neg_updates and self.loss != "softmax":
-            raise bad("neg_updates applies to loss 'softmax' only (0 otherwise)",
-                      self.neg_updates)
-        if self.neg_update_by not in ("uniform", "mass"):
-            raise bad("neg_update_by must be 'uniform' or 'mass'", self.neg_update_by)
-        if self.step_scaling not in ("none", "count"):
-            raise bad("step_scaling must be 'none' or 'count'", self.step_scaling)
-        if not (
-            isinstance(self.hinge_margin, int | float)
-            and math.isfinite(self.hinge_margin)
-            and self.hinge_margin > 0
-        ):
-            raise bad("hinge_margin must be a finite number > 0", self.hinge_margin)
+            raise ConfigError("TrainConfig.neg_updates applies to loss 'softmax' only (0 "
+                              f"otherwise), got {self.neg_updates!r}")
+        checks.choice(me, "neg_update_by", self.neg_update_by, ("uniform", "mass"))
+        checks.choice(me, "step_scaling", self.step_scaling, ("none", "count"))
+        checks.finite(me, "hinge_margin", self.hinge_margin, above=0)
 
 
 @dataclass(frozen=True)
