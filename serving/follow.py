@@ -375,28 +375,12 @@ class ItemCopy:
             rows, changed, new, new_ids = plan_positional(delta, self.n)
             # ascending: the changed rows come first, the appended ones last (slices, no copy)
             split = changed.size
-            at: np.ndarray | slice = rows[:split]
-            if split and int(rows[split - 1]) - int(rows[0]) == split - 1:
-                at = slice(int(rows[0]), int(rows[split - 1]) + 1)  # a block: one memcpy
-            put, added = delta.vectors[:split], delta.vectors[split:]
+            at, put, added = rows[:split], delta.vectors[:split], delta.vectors[split:]
         else:
             rows, changed, new, new_ids = plan_delta(self.row_of, delta.item_ids, self.n)
             at, put, added = rows[changed], delta.vectors[changed], delta.vectors[new]
-        if self._flat is not None:
-            self._flat.set_rows(at, put)
-            if new.size:
-                self._flat.append(added)
-        else:
-            assert self._buf is not None
-            self._buf[at] = put
-            need = self.n + new.size
-            if need > self._buf.shape[0]:
-                grown = np.empty(
-                    (max(need, self._buf.shape[0] * 2), self._buf.shape[1]), dtype=np.float32
-                )
-                grown[: self.n] = self._buf[: self.n]
-                self._buf = grown
-            self._buf[self.n : need] = added
+        self._write_rows(at, put)
+        self._grow(added)
         self._finish(delta, new_ids)
 
     def _finish(self, delta: ItemDelta, new_ids: list[str]) -> None:
