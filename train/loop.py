@@ -782,10 +782,11 @@ class Trainer:
                 self._reap_checkpoint()
                 if self.background.running:
                     return False
-            # while the topic takes no letters (an ACL, a missing topic) a short wait: the
-            # fetch thread's events are still applied meanwhile, only checkpoints wait
+            # while the topic takes no letters (an ACL, a missing topic) only a look, no wait:
+            # the fetch thread's events are still applied meanwhile, only checkpoints wait (the
+            # outbox retries the oldest letter on its own thread, so no metadata wait either)
             blocked = self.dead_letters.blocked() is not None
-            if not self.dead_letters.flush(timeout=30.0 if final else 0.5 if blocked else 5.0):
+            if not self.dead_letters.flush(timeout=30.0 if final else 0.0 if blocked else 5.0):
                 if not blocked:  # then the outbox's own line (every 60 s) says it
                     log.warning(
                         "checkpoint deferred: %d dead letters not acknowledged by the broker",

@@ -196,7 +196,11 @@ class DeadLetterOutbox:
     auto-create off) holds the intake at the first unacknowledged letter, which is the no-loss
     rule; it is made visible: one error line naming the topic and the fix (again every
     :data:`BLOCKED_LOG_EVERY_S`), :meth:`blocked` for the metrics and ``fmstream lag``, and a
-    line when letters go through again (the retries go on by themselves).
+    line when letters go through again (the retries go on by themselves). Once a send found no
+    metadata (the topic missing, the broker away), the next letter is tried on a thread of the
+    outbox's own, one at a time: a ``send`` waits up to the producer's ``max_block_ms`` for
+    metadata, and a :meth:`flush` on a topic known to be unavailable must not hold its caller
+    (the trainer thread, at every checkpoint attempt) for that long.
     """
 
     def __init__(self, producer: KafkaProducer, topic: str) -> None:
@@ -212,6 +216,10 @@ class DeadLetterOutbox:
         # letters are only queued (flush tries the oldest first) instead of each blocking for
         # the producer's max_block_ms
         self._unsendable = False
+        # one thread sends at a time (a flush, a send, the retry thread): a letter is never
+        # handed to the producer twice; a flush never waits for this lock
+        self._send_lock = threading.Lock()
+        self._retry: threading.Thread | None = None  # tries the oldest letter while unsendable
         try:  # learn the topic's partitions now, so send() never blocks on metadata later
             producer.partitions_for(topic)
         except KafkaError as exc:
@@ -221,8 +229,12 @@ class DeadLetterOutbox:
         """Queue one dead letter for ``record`` that failed at ``stage`` (decode/validate/apply)."""
         letter = dead_letter_for(record, stage, error, reason)
         entry = [dead_letter_key(record), dumps(letter), None]
-        if not self._unsendable:  # else flush() sends it, after the oldest goes through
-            self._send(entry)
+        # else flush() sends it (after the oldest went through, while the topic is unsendable)
+        if not self._unsendable and self._send_lock.acquire(blocking=False):
+            try:
+                self._send(entry)
+            finally:
+                self._send_lock.release()
         with self._lock:
             self._pending.append(entry)
             self.count += 1
@@ -249,6 +261,27 @@ class DeadLetterOutbox:
         self._unsendable = False
         return True
 
+    def _retry_in_background(self, entry: list[Any]) -> None:
+        """Send ``entry`` on the retry thread (it may wait ``max_block_ms`` for metadata), unless
+        a send is in progress already."""
+        if self._retry is not None and self._retry.is_alive():
+            return
+        self._retry = threading.Thread(target=self._retry_send, args=(entry,),
+                                       name="dead-letter-retry", daemon=True)
+        self._retry.start()
+
+    def _retry_send(self, entry: list[Any]) -> None:
+        if not self._send_lock.acquire(blocking=False):
+            return  # another thread is sending: the next flush tries again
+        try:
+            if entry[2] is None or entry[2].failed():
+                self._send(entry)
+        except Exception as exc:  # noqa: BLE001 - e.g. the producer closed meanwhile
+            self._last_error = exc
+            log.debug("dead letter retry failed: %r", exc)
+        finally:
+            self._send_lock.release()
+
     @property
     def pending(self) -> int:
         """Dead letters not yet acknowledged by the broker."""
@@ -266,8 +299,10 @@ class DeadLetterOutbox:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every letter sent before this call is acknowledged; False if not within
-        ``timeout``. (Letters sent meanwhile by another thread are for records not applied yet:
-        no checkpoint written now covers them.)"""
+        ``timeout`` (0: only look, re-sending what failed, without waiting). (Letters sent
+        meanwhile by another thread are for records not applied yet: no checkpoint written now
+        covers them.) While the topic is unsendable (no metadata) the oldest letter is retried
+        on the outbox's retry thread, never on the caller's."""
         done = self._flush(timeout)
         if not done:
             self._note_blocked()
@@ -300,25 +335,44 @@ class DeadLetterOutbox:
         warned = False
         with self._lock:
             waiting = list(self._pending)
-        while waiting:
+        while True:
+            done = {id(e) for e in waiting if e[2] is not None and e[2].succeeded()}
+            if done:
+                waiting = [e for e in waiting if id(e) not in done]
+                with self._lock:
+                    self._pending = [e for e in self._pending if id(e) not in done]
+            if not waiting:
+                return True
             for entry in waiting:
                 future = entry[2]
-                if future is None or future.failed():
-                    if future is not None and isinstance(future.exception, REFUSED_FOR_SIZE):
-                        log.error("dead letter of %d bytes refused by %s (%r): re-sending it "
-                                  "without the record's bytes; raise the topic's "
-                                  "max.message.bytes to keep them", len(entry[1]), self._topic,
-                                  future.exception)
-                        entry[1] = letter_without_payload(entry[1], future.exception)
-                    elif future is not None:
-                        self._last_error = future.exception
-                        if self._blocked_since is None and not warned:  # once; then the
-                            warned = True  # blocked line (flush) says it
-                            log.warning(
-                                "dead letter delivery failed (%r); re-sending", future.exception
-                            )
-                    if not self._send(entry):
-                        break  # one metadata wait per round, not one per letter
+                if future is not None and not future.failed():
+                    continue  # in flight
+                if future is not None and isinstance(future.exception, REFUSED_FOR_SIZE):
+                    log.error("dead letter of %d bytes refused by %s (%r): re-sending it "
+                              "without the record's bytes; raise the topic's "
+                              "max.message.bytes to keep them", len(entry[1]), self._topic,
+                              future.exception)
+                    entry[1] = letter_without_payload(entry[1], future.exception)
+                elif future is not None:
+                    self._last_error = future.exception
+                    if self._blocked_since is None and not warned:  # once; then the
+                        warned = True  # blocked line (flush) says it
+                        log.warning(
+                            "dead letter delivery failed (%r); re-sending", future.exception
+                        )
+                if self._unsendable:  # no metadata: a send would hold this thread
+                    self._retry_in_background(entry)
+                    break  # one metadata wait at a time, the oldest letter first
+                if not self._send_lock.acquire(blocking=False):
+                    break  # another thread is sending (the retry thread): look again later
+                try:
+                    if entry[2] is not future:
+                        continue  # re-sent meanwhile by another thread
+                    sent = self._send(entry)
+                finally:
+                    self._send_lock.release()
+                if not sent:
+                    break  # it raised: the retry thread tries it next round
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -326,13 +380,9 @@ class DeadLetterOutbox:
                 self._producer.flush(timeout=left)
             except KafkaError:
                 return False
-            done = {id(e) for e in waiting if e[2] is not None and e[2].succeeded()}
-            waiting = [e for e in waiting if id(e) not in done]
-            with self._lock:
-                self._pending = [e for e in self._pending if id(e) not in done]
-            if waiting and time.monotonic() < deadline:
+            if time.monotonic() < deadline and not all(
+                    e[2] is not None and e[2].succeeded() for e in waiting):
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        return True
 
 
 class GuardedSink:

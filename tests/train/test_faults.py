@@ -742,6 +742,65 @@ def test_dead_letter_outbox_resends_what_the_broker_never_acked() -> None:
     assert letter["stage"] == "decode" and letter["reason"] == "not JSON"
 
 
+def test_a_flush_never_waits_on_its_callers_thread_for_a_topic_known_to_be_missing() -> None:
+    """The trainer thread flushes the outbox at every checkpoint attempt. A send to a topic with
+    no metadata (missing, auto-create off) waits the producer's ``max_block_ms`` (2 s) on the
+    thread that calls it; the outbox used to re-send the oldest letter on the flushing thread, so
+    every checkpoint attempt held the trainer that long. Once a send found no metadata, the
+    retries run on the outbox's own thread, one at a time, and the letter goes once the topic
+    exists."""
+    from kafka.errors import KafkaTimeoutError
+
+    class Fut:
+        def failed(self) -> bool:
+            return False
+
+        def succeeded(self) -> bool:
+            return True
+
+    class Producer:  # kafka-python's send blocks for metadata on the calling thread, then raises
+        def __init__(self) -> None:
+            self.missing = True
+            self.senders: list[str] = []  # the thread of every send
+            self.sent: list[bytes] = []
+
+        def partitions_for(self, topic: str) -> set[int]:
+            if self.missing:
+                raise KafkaTimeoutError("Failed to update metadata after 2.0 secs.")
+            return {0}
+
+        def send(self, topic: str, key: bytes | None, value: bytes) -> Fut:
+            self.senders.append(threading.current_thread().name)
+            if self.missing:
+                raise KafkaTimeoutError("Failed to update metadata after 2.0 secs.")
+            self.sent.append(value)
+            return Fut()
+
+        def flush(self, timeout: float) -> None:
+            pass
+
+    class Rec:
+        topic, partition, offset, timestamp, key, value = "t", 0, 5, 1, b"k", b"bad"
+
+    me = threading.current_thread().name
+    producer = Producer()
+    outbox = DeadLetterOutbox(producer, "dlq")  # type: ignore[arg-type]
+    outbox.send(Rec, "decode", ValueError("x"), "not JSON")  # type: ignore[arg-type]
+    assert producer.senders == [me]  # the first send finds out (one wait, then it is known)
+    # checkpoint attempts while it is missing: each only looks; retries go on elsewhere
+    _wait_for("the outbox to retry the letter three times",
+              lambda: not outbox.flush(timeout=0.0) and len(producer.senders) >= 4, 60)
+    assert outbox.blocked() is not None and outbox.pending == 1
+    assert not outbox.flush(timeout=0.5)  # a flush that may wait still sends nothing itself
+    assert me not in producer.senders[1:], producer.senders
+    producer.missing = False  # the topic is created
+    _wait_for("the letter to go through", lambda: outbox.flush(timeout=0.0), 60)
+    assert outbox.blocked() is None and outbox.pending == 0
+    assert me not in producer.senders[1:], producer.senders
+    assert len(producer.sent) == 1  # sent once, not once per flush
+    assert orjson.loads(producer.sent[0])["source_offset"] == 5
+
+
 # --- background checkpoints (a forked writer, train/checkpointer.py) -------------------------
 
 
