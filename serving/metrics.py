@@ -40,9 +40,8 @@ from stream.config import KafkaConfig, MetricsEndpoint
 from stream.metrics import serve_process_metrics
 
 if TYPE_CHECKING:
-    from kafka.consumer.fetcher import ConsumerRecord
-
     from serving.worker import Pending, Worker
+    from stream.fetcher import ConsumerRecord
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds; the target is a few milliseconds per request."""

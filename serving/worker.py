@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
@@ -59,6 +58,7 @@ from serving.graph import GraphKeeper
 from serving.index import configure_faiss
 from serving.timing import BatchTimes, PathLog, thread_clock
 from stream.consume import dead_letter_for, dead_letter_key, flatten
+from stream.fetcher import ConsumerRecord
 from stream.record_parse import unreadable_reason, use_fast_records
 from stream.schemas import UnreadableBatch, dumps
 

@@ -18,11 +18,11 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from stream.config import KafkaConfig
 from stream.connect import kafka_consumer, kafka_producer
+from stream.fetcher import ConsumerRecord
 from stream.record_parse import unreadable_reason
 from stream.schemas import (
     MAX_EVENT_AHEAD_S,

@@ -33,10 +33,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from kafka.consumer import fetcher as _fetcher_module
-from kafka.consumer.fetcher import IsolationLevel
+from kafka.consumer.fetcher import ConsumerRecord, IsolationLevel
 from kafka.record.default_records import DefaultRecordBatch
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ConsumerRecord", "PartitionRecords", "payload", "uncompress", "use_records"]
+
+# ConsumerRecord: the record every fmstream consumer reads (kafka-python's namedtuple: topic,
+# partition, offset, timestamp, key, value, headers, ...). kafka-python defines it in its private
+# fetcher module and exports it nowhere public: import it from here, never from kafka.consumer.
 
 WRITTEN_AGAINST = "3.0.12"
 """The kafka-python release whose private fetcher this module was written against."""

@@ -34,11 +34,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from kafka import errors as Errors
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.util import decode_varint
 
-from stream.fetcher import PartitionRecords, payload, uncompress, use_records
+from stream.fetcher import ConsumerRecord, PartitionRecords, payload, uncompress, use_records
 
 log = logging.getLogger(__name__)
 

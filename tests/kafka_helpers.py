@@ -19,12 +19,12 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 
 from fmstream.services import kafka_admin
 from fmstream.settings import Settings
 from stream.config import KafkaConfig
 from stream.connect import kafka_consumer, kafka_producer
+from stream.fetcher import ConsumerRecord
 
 Target = Settings | KafkaConfig | str
 """The test's Settings, a connection, or a (plaintext) bootstrap string."""

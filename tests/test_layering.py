@@ -65,3 +65,55 @@ def test_the_walker_sees_lazy_and_nested_imports(tmp_path: Path) -> None:
     src.write_text("import a.b\nfrom c.d import e\ndef f():\n    from fmstream import x\n"
                    "    import redis\nfrom . import local\n")
     assert imported_roots(src) == {"a", "c", "fmstream", "redis"}
+
+
+# kafka-python's private fetcher module is reached through one adapter, stream/fetcher.py (which
+# also exports its ConsumerRecord); only that adapter's own tests compare against kafka-python's
+# Fetcher directly.
+FETCHER_MODULE = "kafka.consumer.fetcher"
+FETCHER_ADAPTER = {"stream/fetcher.py", "tests/stream/test_fetcher.py",
+                   "tests/stream/test_record_parse.py"}
+WALKED = (*LOWER, "fmstream", "bench", "tests")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, dotted in full (``from a.b import c`` gives ``a.b`` and
+    ``a.b.c``: ``c`` may be a module), lazy imports too."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def project_modules() -> list[Path]:
+    return sorted(p for top in WALKED for p in (ROOT / top).rglob("*.py"))
+
+
+def test_only_the_adapter_imports_kafka_pythons_private_fetcher() -> None:
+    assert (ROOT / "stream" / "fetcher.py") in project_modules()
+    bad = [p.relative_to(ROOT).as_posix() for p in project_modules()
+           if p.relative_to(ROOT).as_posix() not in FETCHER_ADAPTER
+           and any(m == FETCHER_MODULE or m.startswith(FETCHER_MODULE + ".")
+                   for m in imported_modules(p))]
+    assert not bad, f"{bad} import {FETCHER_MODULE}: import ConsumerRecord from stream.fetcher"
+    adapter = imported_modules(ROOT / "stream" / "fetcher.py")
+    assert f"{FETCHER_MODULE}.ConsumerRecord" in adapter  # it is where the record type comes from
+
+
+def test_the_walker_sees_every_form_of_the_fetcher_import(tmp_path: Path) -> None:
+    forms = ("import kafka.consumer.fetcher\n", "from kafka.consumer.fetcher import X\n",
+             "from kafka.consumer import fetcher as f\n",
+             "def g():\n    from kafka.consumer.fetcher import ConsumerRecord\n")
+    for n, text in enumerate(forms):
+        src = tmp_path / f"m{n}.py"
+        src.write_text(text)
+        assert FETCHER_MODULE in imported_modules(src), text
+    src = tmp_path / "ok.py"
+    src.write_text("from stream.fetcher import ConsumerRecord\nfrom kafka.consumer import "
+                   "KafkaConsumer\n")
+    assert FETCHER_MODULE not in imported_modules(src)

@@ -27,11 +27,11 @@ from concurrent.futures import Future
 from operator import attrgetter
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 from stream.config import Topics
 from stream.consume import Decoded, decode_event_columns, decode_records
+from stream.fetcher import ConsumerRecord
 from stream.schemas import EventColumns, ItemProfile, UserProfile
 from train.align import EventAligner, StableLags, aligned_records
 from train.errors import TrainError

@@ -40,9 +40,9 @@ from operator import attrgetter
 from typing import Any
 
 import numpy as np
-from kafka.consumer.fetcher import ConsumerRecord
 
 from stream.config import KafkaConfig, Topics
+from stream.fetcher import ConsumerRecord
 from train.align import EventAligner, StableLags, aligned_records
 from train.fetch import (
     DecodedBatch,

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
@@ -51,6 +50,7 @@ from model.learner import Learner
 from model.live import LiveHitRate
 from model.online import OnlineFM
 from stream.consume import Decoded, make_consumer
+from stream.fetcher import ConsumerRecord
 from stream.record_parse import use_fast_records
 from stream.schemas import MAX_EVENT_AHEAD_S, EventColumns
 from train.align import EventAligner

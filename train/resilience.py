@@ -34,7 +34,6 @@ from typing import Any
 
 import redis
 from kafka import KafkaProducer
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from stream.connect import RedisConfig
@@ -44,6 +43,7 @@ from stream.consume import (
     dead_letter_for,
     dead_letter_key,
 )
+from stream.fetcher import ConsumerRecord
 from stream.schemas import DeadLetter, dumps
 from train.lease import LeaseLost
 

@@ -224,7 +224,7 @@ class _Letters:
 
 
 def _records(values: list[bytes | None]) -> list:
-    from kafka.consumer.fetcher import ConsumerRecord
+    from stream.fetcher import ConsumerRecord
 
     return [ConsumerRecord("fm.events", 0, -1, j, 0, 0, None, v, [], None, -1,
                            -1 if v is None else len(v), 0) for j, v in enumerate(values)]

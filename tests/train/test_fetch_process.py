@@ -153,7 +153,7 @@ def test_record_block_rebuilds_each_record_after_pickling() -> None:
     """Keys and values travel as two blobs; each record comes back as it was (None kept)."""
     import pickle
 
-    from kafka.consumer.fetcher import ConsumerRecord
+    from stream.fetcher import ConsumerRecord
 
     kv = [(b"k0", b'{"a": 1}'), (None, b"v1"), (b"", None), (b"k3", b""), (None, None),
           (b"k\x005", b"\xff\x00")]
