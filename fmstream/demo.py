@@ -92,6 +92,21 @@ def show_answer(title: str, resp: Response, names: dict[str, str],
     out.print(table)
 
 
+def _settled_lag(settings: Settings, timeout: float = 5.0):
+    """The lag report once the serving group's commit covers every request asked (an idle
+    worker commits what it answered at its next empty poll), or as it is after ``timeout``:
+    read at once, the last answers could still show as lag."""
+    from fmstream.monitor import read_lag
+
+    deadline = time.monotonic() + timeout
+    while True:
+        report = read_lag(settings)
+        serving = [p for p in report.partitions if p.group == settings.serving_group]
+        if not any(p.lag for p in serving) or time.monotonic() >= deadline:
+            return report
+        time.sleep(0.1)
+
+
 def run_demo(settings: Settings, *, events: int | None = None) -> int:
     """Run the demo; returns the exit status."""
     from serving.client import FmClient
@@ -151,9 +166,9 @@ def run_demo(settings: Settings, *, events: int | None = None) -> int:
             resp = client.request({"type": "rank", "user_id": users[0], "item_ids": cands,
                                    "context": {"hour": "20"}}, timeout=10)
             show_answer(f"rank for user {users[0]} (context hour=20)", resp, names)
-        from fmstream.monitor import read_lag, render
+        from fmstream.monitor import render
 
-        console.print(render(read_lag(settings)))
+        console.print(render(_settled_lag(settings)))
         return 0
     finally:
         for proc in procs.values():

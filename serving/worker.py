@@ -65,7 +65,8 @@ from stream.schemas import UnreadableBatch, dumps
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2
-"""Acknowledged offsets are committed at most this often (and at shutdown)."""
+"""Acknowledged offsets are committed at most this often while requests keep coming (and when
+a poll finds none, and at shutdown)."""
 METADATA_MAX_AGE_MS = 5_000
 """How often a worker refreshes topic metadata (a missed partition assignment heals then)."""
 REBALANCE_TIMEOUT_MS = 30_000
@@ -587,10 +588,12 @@ class _Replies:
 
     # --- commits ----------------------------------------------------------------------------
 
-    def commit(self, *, sync: bool = False) -> None:
-        """Commit the acknowledged offsets: async and at most every COMMIT_INTERVAL_S, or
-        ``sync`` (waits for the broker)."""
-        if not sync and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
+    def commit(self, *, sync: bool = False, idle: bool = False) -> None:
+        """Commit the acknowledged offsets: async and at most every COMMIT_INTERVAL_S, or at
+        once when ``idle`` (the poll found no request: no batch is coming to share the commit,
+        and an idle worker's group lag should read 0, not the last answers), or ``sync``
+        (waits for the broker)."""
+        if not (sync or idle) and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
             return
         owned = self.consumer.assignment()  # never commit for a partition handed over
         todo = {
@@ -1023,7 +1026,7 @@ class Worker:
                 answered - started - self._decode_s - self.answerer.store_s, sent - answered,
                 cpu1 - cpu0, runq1 - runq0, self.answerer.store_idle_s))
         replies.settle()
-        replies.commit()
+        replies.commit(idle=not records)
         self.path_log.maybe_log()
 
     def _busy(self) -> AbstractContextManager[None]:

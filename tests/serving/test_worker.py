@@ -225,6 +225,36 @@ def test_not_ready_before_any_snapshot_then_serves_once_published(
         running.close()
 
 
+def test_an_idle_worker_commits_what_it_answered_so_its_group_lag_reads_zero(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acknowledged offsets are committed at most every COMMIT_INTERVAL_S while requests keep
+    coming; when a poll finds none the worker commits at once, so ``fmstream lag`` of an idle
+    system reads 0 instead of its last answers (the demo's table showed the serving group at
+    lag 6, its six questions). With the interval out of the way (an hour), only the idle commit
+    can move the group's offsets to the end of the request topic."""
+    from stream.lag import group_lag
+    from tests.kafka_helpers import wait_for
+
+    def behind() -> list[tuple[int, int | None, int]]:
+        return [(p.partition, p.committed, p.log_end) for p in group_lag(
+            settings.kafka_config(), settings.serving_group, [settings.topic_requests]) if p.lag]
+
+    monkeypatch.setattr("serving.worker.COMMIT_INTERVAL_S", 3600.0)
+    store = VectorStore(redis_client, settings.redis_keys())
+    running = start_worker(settings, store, "idle-worker")
+    try:
+        with FmClient(settings) as client:
+            for n in range(3):  # answered (not_ready: nothing is published), then idle
+                answer = client.request({"type": "u2i", "user_id": f"u{n}"}, timeout=20)
+                assert answer.error is not None and answer.error.code == "not_ready"
+                wait_for(lambda: not behind(), 30, f"the group's commit to cover answer {n}",
+                         poll_s=0.05)
+            assert running.thread.is_alive()
+    finally:
+        running.close()
+
+
 def test_worker_configures_faiss_for_batched_search(served: Served) -> None:
     import faiss
 
