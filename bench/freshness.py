@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -48,6 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/fr
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 from bench.common import print_table, record, request_io, summary_line  # noqa: E402
+from bench.openloop import PoissonArrivals  # noqa: E402
 from bench.serve import bench_settings, cpu_seconds, service_pid, stop_workers  # noqa: E402
 from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
@@ -113,8 +115,16 @@ class Probe:
 class Loop:
     """Load requests and freshness probes over one producer and one reply reader (no threads)."""
 
-    def __init__(self, settings: Settings, users: int, items: int) -> None:
+    def __init__(self, settings: Settings, users: int, items: int,
+                 request_rate: float | None = None, seed: int = 0) -> None:
+        """``request_rate``: None keeps ``inflight_n`` requests in flight (closed loop); a rate
+        sends Poisson arrivals at that many requests/s whatever the answers do (open loop,
+        :class:`bench.openloop.PoissonArrivals`, gaps drawn from ``seed``), each request's
+        latency counted from its scheduled send time."""
         self.settings = settings
+        self.request_rate = request_rate
+        self.arrival_rng = np.random.default_rng(seed)
+        self.arrivals: PoissonArrivals | None = None  # the current (or last) phase's, open loop
         self.users = users
         self.items = items
         self.rng = np.random.default_rng(0)
@@ -134,6 +144,16 @@ class Loop:
         self.producer.send(self.settings.topic_requests, key=rid, value=value)
         return rid
 
+    def _load_request(self) -> bytes:
+        return self._request(f"u{int(self.rng.integers(self.users))}")
+
+    def _start_phase(self, seconds: float) -> float:
+        """The phase's end (perf_counter); open loop: its arrivals, drawn now."""
+        start = time.perf_counter()
+        if self.request_rate is not None:
+            self.arrivals = PoissonArrivals(self.request_rate, seconds, start, self.arrival_rng)
+        return start + seconds
+
     def _probe_event(self) -> Probe:
         user = f"probe-{self.prefix}-{self.n}"
         item = f"i{int(self.rng.integers(self.items))}"
@@ -150,8 +170,9 @@ class Loop:
         return Probe(user, produced)
 
     def run(self, seconds: float, inflight_n: int, probe_every: float | None) -> None:
-        """Keep ``inflight_n`` load requests in flight (and probes going) for ``seconds``."""
-        end = time.perf_counter() + seconds
+        """Keep ``inflight_n`` load requests in flight (open loop: send the phase's arrivals)
+        and probes going for ``seconds``."""
+        end = self._start_phase(seconds)
         probes: list[Probe] = []
         next_probe = time.perf_counter()
         while time.perf_counter() < end or (probes and time.perf_counter() < end + 10):
@@ -180,11 +201,23 @@ class Loop:
 
     def _load_and_answer(self, now: float, end: float, inflight_n: int,
                          probes: list[Probe]) -> None:
-        """Top the load up to ``inflight_n`` (until ``end``), take the answers, expire the rest."""
-        while now < end and len(self.inflight) < inflight_n:
-            user = f"u{int(self.rng.integers(self.users))}"
-            self.inflight[self._request(user)] = time.perf_counter()
-        for records in self.consumer.poll(timeout_ms=5).values():
+        """Top the load up to ``inflight_n`` (until ``end``), take the answers, expire the rest.
+        Open loop: send the arrivals due instead, each in flight since its scheduled time, and
+        wait for answers no longer than until the next arrival."""
+        if self.arrivals is None:
+            while now < end and len(self.inflight) < inflight_n:
+                user = f"u{int(self.rng.integers(self.users))}"
+                self.inflight[self._request(user)] = time.perf_counter()
+            poll_ms = 5
+        else:
+            for rid, scheduled in self.arrivals.send_due(time.perf_counter(),
+                                                         self._load_request, time.perf_counter):
+                self.inflight[rid] = scheduled
+            # whole ms, rounded up: a send is late by < 1 ms plus the poll's overshoot (both
+            # counted in the latency and in arrivals.lags) rather than spin on a 0-ms poll
+            wait = self.arrivals.wait_s(time.perf_counter())
+            poll_ms = 5 if wait >= 0.005 else math.ceil(wait * 1000)
+        for records in self.consumer.poll(timeout_ms=poll_ms).values():
             done = time.perf_counter()
             for r in records:
                 self._answer(r.key, r.value, done, probes)

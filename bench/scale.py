@@ -493,7 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--quiet-seconds", type=float, default=20.0)
     parser.add_argument("--probe-every", type=float, default=1.0)
-    parser.add_argument("--inflight", type=int, default=8)
+    parser.add_argument("--inflight", type=int, default=8,
+                        help="e2e: requests kept in flight (the closed loop; ignored with "
+                        "--request-rate)")
+    parser.add_argument("--request-rate", type=float, default=None,
+                        help="e2e: drive requests OPEN-loop at this many requests/s (Poisson "
+                        "arrivals scheduled in advance, latency from each scheduled send time, "
+                        "the same rate in both phases); default: the closed loop (--inflight)")
     parser.add_argument("--warmup", type=float, default=15.0, help="e2e: before measuring")
     parser.add_argument("--setup-timeout", type=float, default=900.0)
     parser.add_argument("--publish-items-s", type=float, default=0.5)
@@ -530,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(BGREWRITEAOF) halfway through the phase, the probes near it in rows "
                         "of their own)")
     args = parser.parse_args(argv)
+    if args.request_rate is not None and not args.request_rate > 0:
+        parser.error(f"--request-rate must be > 0 requests/s, got {args.request_rate}")
+    if args.request_rate is not None and args.part != "e2e":
+        parser.error("--request-rate drives the e2e part's requests: use it with --part e2e")
     if args.redis_aof_rewrite != "default" and args.redis_persistence != "aof":
         parser.error("--redis-aof-rewrite needs --redis-persistence aof (the default has no AOF)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

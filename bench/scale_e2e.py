@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import struct
 import tempfile
@@ -27,6 +28,7 @@ from bench.aof_bytes import table as aof_table
 from bench.common import print_table, record, summary_line
 from bench.freshness import (
     Loop,
+    Sample,
     end_offsets,
     latency_ms,
     pct,
@@ -36,6 +38,7 @@ from bench.freshness import (
     tear_down,
     wait_versions_settle,
 )
+from bench.openloop import PoissonArrivals
 from bench.scale import load_note, others
 from bench.serve import bench_settings, cpu_seconds, runq_seconds, service_pid, stop_workers
 from fmstream import services
@@ -69,8 +72,9 @@ class InactiveProbe:
 class ScaleLoop(Loop):
     """freshness.Loop plus inactive-user probes."""
 
-    def __init__(self, settings, users: int, items: int, store: VectorStore) -> None:
-        super().__init__(settings, users, items)
+    def __init__(self, settings, users: int, items: int, store: VectorStore,
+                 request_rate: float | None = None) -> None:
+        super().__init__(settings, users, items, request_rate=request_rate)
         self.store = store
         self.inactive: list[InactiveProbe] = []
         self.inactive_fresh: list[float] = []
@@ -177,7 +181,7 @@ class ScaleLoop(Loop):
 
     def run(self, seconds: float, inflight_n: int, probe_every: float | None) -> None:
         """Loop.run plus an inactive probe fired between two active ones."""
-        end = time.perf_counter() + seconds
+        end = self._start_phase(seconds)
         probes: list = []
         next_probe = time.perf_counter()
         next_fire = next_probe + (probe_every or 0) / 2
@@ -450,6 +454,55 @@ def rewrite_rows(fresh_at: list[tuple[float, float]], inactive_at: list[float],
     return rows
 
 
+LOAD_NOTE = (
+    "Load rows: 'answered' = requests answered (an answer, error or not) per second of the "
+    "phase; 'late' = how long after its scheduled time the client sent a request (open loop "
+    "only: every latency there runs from the scheduled time, so that lateness is in it); CPU "
+    "per answered request = the phase's CPU seconds of the worker, this client process and the "
+    "broker over the load requests answered (probes not counted; with versions the worker's "
+    "includes its follower, the client's its version and rewrite watchers, the broker's the "
+    "5,000 events/s: an upper bound there; without events, request work alone). "
+)
+
+
+def load_model(request_rate: float | None, inflight: int) -> str:
+    """How the bench's requests were driven, as the table and the record name it."""
+    if request_rate is None:
+        return f"closed loop, {inflight} in flight"
+    return f"open loop, Poisson {request_rate:g} req/s, latency from the scheduled send"
+
+
+def phase_load(samples: list[Sample], seconds: float, arrivals: PoissonArrivals | None,
+               cpu_s: dict[str, float]) -> dict:
+    """One phase's load figures: offered and answered rates, latency percentiles (answers
+    without error), failed and unanswered counts, the client's lateness, CPU per answer."""
+    answered = sum(1 for s in samples if np.isfinite(s.answered))
+    lat = latency_ms(samples)
+    lags = np.asarray(arrivals.lags if arrivals is not None else [], dtype=np.float64) * 1000
+    return {
+        "offered_rps": round(arrivals.offered_rate, 1) if arrivals is not None else None,
+        "answered_rps": round(answered / seconds, 1),
+        "p50_ms": round(pct(lat, 50), 1), "p99_ms": round(pct(lat, 99), 1),
+        "p999_ms": round(pct(lat, 99.9), 1),
+        "failed": sum(s.error is not None for s in samples),
+        "no_answer": sum(1 for s in samples if not np.isfinite(s.answered)),
+        "late_p99_ms": round(pct(lags, 99), 2) if lags.size else None,
+        "cpu_ms": {n: v * 1000 / max(answered, 1) for n, v in cpu_s.items()},
+    }
+
+
+def load_row(model: str, load: dict) -> list:
+    """A table row under a phase's requests row: the load it ran at and what it got."""
+    offered = ("" if load["offered_rps"] is None
+               else f"offered {load['offered_rps']:,.1f} req/s (drawn), ")
+    late = "" if load["late_p99_ms"] is None else f"; sent late p99 {load['late_p99_ms']} ms"
+    cpu = " / ".join(f"{v:.2f}" for v in load["cpu_ms"].values())
+    return [f"  load: {model}", "", "", "", "",
+            f"{offered}answered {load['answered_rps']:,.1f} req/s; p99.9 "
+            f"{load['p999_ms']} ms; {load['failed']} failed ({load['no_answer']} no answer)"
+            f"{late}; CPU ms per answered request worker / client / broker {cpu}"]
+
+
 def part_e2e(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     run_dir = Path(tempfile.mkdtemp(prefix="fmstream-bench-scale-e2e-"))
@@ -507,7 +560,7 @@ def part_e2e(args: argparse.Namespace) -> None:
             time.sleep(3.0)
         setup_s = time.perf_counter() - started
         log.info("serving and caught up after %.0f s", setup_s)
-        loop = ScaleLoop(settings, args.users, args.items, store)
+        loop = ScaleLoop(settings, args.users, args.items, store, request_rate=args.request_rate)
         n_probes = int(args.seconds / args.probe_every) + 1
         loop.prepare_inactive(n_probes)
         loop.run(args.warmup, args.inflight, None)  # profiles applied, records published
@@ -519,6 +572,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         redis_pid = service_pid(settings, "redis") or 0
         cpu0["redis"] = cpu_seconds(redis_pid)
         kafka_pid = service_pid(settings, "kafka") or 0
+        # CPU per answered request, each phase: the worker, this client, the broker
+        path_pids = {"worker": pids["worker"], "client": os.getpid(), "broker": kafka_pid}
+        path0 = {n: cpu_seconds(p) for n, p in path_pids.items()}
         # seconds each waited for a core (Redis: its event-loop thread, which answers reads)
         waits = {**pids, "redis": redis_pid, "broker": kafka_pid}
         runq0 = {n: runq_seconds(p, main_thread=n == "redis") for n, p in waits.items()}
@@ -538,13 +594,18 @@ def part_e2e(args: argparse.Namespace) -> None:
             time.perf_counter() + args.seconds / 2 if args.redis_aof_rewrite == "mid" else None,
         )
         versions_watch = VersionWatch(store)
+        sent0 = loop.n
         loop.run(args.seconds, args.inflight, args.probe_every)
         rewrite_windows = watch.stop()
         versions_watch.stop()
         loop.drain()
         busy = loop.take()
+        busy_arrivals = loop.arrivals
+        # probes' u2i requests on top of the load (loop.n also counts each active probe's event)
+        probe_rps = (loop.n - sent0 - len(busy) - len(loop.probe_walls)) / args.seconds
         at_quiet_end = worker_log.stat().st_size
         wall = time.perf_counter() - t0
+        path_busy_cpu = {n: cpu_seconds(p) - path0[n] for n, p in path_pids.items()}
         events = (end_offsets(offsets, settings.topic_events) - events0) / wall
         cpu = {n: (cpu_seconds(p) - cpu0[n]) / wall for n, p in pids.items()}
         cpu["redis"] = (cpu_seconds(redis_pid) - cpu0["redis"]) / wall
@@ -568,9 +629,12 @@ def part_e2e(args: argparse.Namespace) -> None:
         settled = wait_versions_settle(store, timeout_s=120)
         loop.inactive = []
         at_quiet = worker_log.stat().st_size
+        path0 = {n: cpu_seconds(p) for n, p in path_pids.items()}
         loop.run(args.quiet_seconds, args.inflight, None)
         loop.drain()
         quiet = loop.take()
+        path_quiet_cpu = {n: cpu_seconds(p) - path0[n] for n, p in path_pids.items()}
+        quiet_arrivals = loop.arrivals
         offsets.close()
         # the worker logs a window every 10 s: wait for the one that closes the quiet phase
         deadline = time.monotonic() + 15
@@ -593,6 +657,9 @@ def part_e2e(args: argparse.Namespace) -> None:
     fresh_ok = np.array([f for f in fresh if np.isfinite(f)])
     inact = np.array(inactive)
     ratio = pct(lat_busy, 99) / pct(lat_quiet, 99)
+    model = load_model(args.request_rate, args.inflight)
+    load_busy = phase_load(busy, args.seconds, busy_arrivals, path_busy_cpu)
+    load_quiet = phase_load(quiet, args.quiet_seconds, quiet_arrivals, path_quiet_cpu)
     cols = ["measure", "count", "p50", "p99", "max", "notes"]
     rows = [
         ["freshness, active (new user's click -> u2i from its own vector)", len(fresh),
@@ -613,7 +680,9 @@ def part_e2e(args: argparse.Namespace) -> None:
         [f"requests, {len(swaps)} versions in {args.seconds:.0f} s ({versions} published)",
          len(busy), f"{pct(lat_busy, 50):.1f} ms", f"{pct(lat_busy, 99):.1f} ms",
          f"{lat_busy.max() if len(lat_busy) else float('nan'):.0f} ms",
-         f"{failed} failed; events {events:,.0f}/s achieved"],
+         f"{failed} failed; events {events:,.0f}/s achieved; probes' own u2i requests "
+         f"{probe_rps:,.0f}/s on top of the load"],
+        load_row(model, load_busy),
         ["  of which near a version change", len(near), f"{pct(latency_ms(near), 50):.1f} ms",
          f"{pct(latency_ms(near), 99):.1f} ms", "", ""],
         [f"requests, no events, {quiet_versions} versions (0 unless the trainer lagged), "
@@ -621,8 +690,10 @@ def part_e2e(args: argparse.Namespace) -> None:
          f"{pct(lat_quiet, 50):.1f} ms", f"{pct(lat_quiet, 99):.1f} ms",
          f"{lat_quiet.max() if len(lat_quiet) else float('nan'):.0f} ms",
          f"p99 with versions / without = {ratio:.2f}"],
+        load_row(model, load_quiet),
     ]
-    title = f"Freshness at {args.users:,} users x {args.items:,} items (bench/scale.py --part e2e)"
+    title = (f"Freshness at {args.users:,} users x {args.items:,} items (bench/scale.py --part "
+             f"e2e; requests: {model})")
     print_table(title, cols, rows)
     aof_total = sum(aof_sizes.values())
     if aof_on:
@@ -659,19 +730,28 @@ def part_e2e(args: argparse.Namespace) -> None:
         f"item_delta_form={settings.item_delta_form}, item_tolerance={settings.item_tolerance}, "
         f"item_max_age_s={settings.item_max_age_s}, trainer_nice={settings.trainer_nice}, "
         f"worker_slice_us={settings.worker_slice_us}, "
-        f"{args.rate:,} events/s, {args.inflight} requests in flight. Setup (profiles of "
+        f"{args.rate:,} events/s, requests: {model}. Setup (profiles of "
         f"{args.users:,} users applied, first version served) {setup_s:.0f} s. "
         + ("" if settled else "Versions had NOT settled 120 s after the producer stopped "
            "(the trainer was still draining a backlog): the phase without events still had "
            "versions and a busy trainer. ")
         + f"Worker's own request path (serving/timing.py), with versions: {path_busy[0]}; "
         f"without: {path_quiet[0]}. "
-        f"{load_note()} at the end; sharing the box: {others()}. Wall "
+        + LOAD_NOTE
+        + f"{load_note()} at the end; sharing the box: {others()}. Wall "
         f"{time.perf_counter() - started:.0f} s. Worker, trainer and Redis logs: {run_dir} "
         + ("(kept)." if args.keep_logs else "(removed).")
     )
     print(notes)
     line = summary_line(
+        load_model="closed" if args.request_rate is None else "open",
+        probe_rps_busy=round(probe_rps, 1),
+        request_rate=args.inflight if args.request_rate is None else args.request_rate,
+        **{f"{k}_{phase}": v for phase, d in (("busy", load_busy), ("quiet", load_quiet))
+           for k, v in d.items() if k != "cpu_ms"},
+        **{f"cpu_ms_per_request_{n}_{phase}": round(v, 2)
+           for phase, d in (("busy", load_busy), ("quiet", load_quiet))
+           for n, v in d["cpu_ms"].items()},
         active_p50_s=round(pct(fresh_ok, 50), 2), active_p99_s=round(pct(fresh_ok, 99), 2),
         active_lost=lost, inactive_p50_s=round(pct(inact, 50), 2),
         inactive_p99_s=round(pct(inact, 99), 2), inactive_lost=inactive_lost, failed=failed,
@@ -691,7 +771,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     print(line)
     if not args.no_record:
         record(f"Scale: freshness at {args.users:,} users x {args.items:,} items "
-               "(bench/scale.py --part e2e)", cols, rows, line, notes)
+               f"(bench/scale.py --part e2e; requests: {model})", cols, rows, line, notes)
 
 
 __all__ = ["part_e2e"]
