@@ -97,10 +97,11 @@ def end_offsets(consumer: KafkaConsumer, topic: str) -> int:
 
 @dataclass
 class Sample:
-    sent: float
+    sent: float  # open loop: the scheduled send time
     answered: float
     version: int | None
     error: str | None
+    issued: float | None = None  # open loop: when the client actually sent it
 
 
 @dataclass
@@ -131,7 +132,8 @@ class Loop:
         self.producer, self.consumer = request_io(settings, "bench-freshness")
         self.prefix = uuid.uuid4().hex[:8]
         self.n = 0
-        self.inflight: dict[bytes, float] = {}  # load request id -> sent
+        self.inflight: dict[bytes, float] = {}  # load request id -> sent (open: scheduled)
+        self.issued: dict[bytes, float] = {}  # open loop: load request id -> actually sent
         self.probe_of: dict[bytes, Probe] = {}  # probe request id -> its probe
         self.samples: list[Sample] = []
         self.fresh: list[float] = []
@@ -153,6 +155,14 @@ class Loop:
         if self.request_rate is not None:
             self.arrivals = PoissonArrivals(self.request_rate, seconds, start, self.arrival_rng)
         return start + seconds
+
+    def _send_due(self) -> None:
+        """Open loop: send the arrivals due now, each in flight since its scheduled time."""
+        sent = self.arrivals.send_due(time.perf_counter(), self._load_request, time.perf_counter)
+        lags = self.arrivals.lags[len(self.arrivals.lags) - len(sent):]
+        for (rid, scheduled), lag in zip(sent, lags, strict=True):
+            self.inflight[rid] = scheduled
+            self.issued[rid] = scheduled + lag
 
     def _probe_event(self) -> Probe:
         user = f"probe-{self.prefix}-{self.n}"
@@ -210,9 +220,7 @@ class Loop:
                 self.inflight[self._request(user)] = time.perf_counter()
             poll_ms = 5
         else:
-            for rid, scheduled in self.arrivals.send_due(time.perf_counter(),
-                                                         self._load_request, time.perf_counter):
-                self.inflight[rid] = scheduled
+            self._send_due()
             # whole ms, rounded up: a send is late by < 1 ms plus the poll's overshoot (both
             # counted in the latency and in arrivals.lags) rather than spin on a 0-ms poll
             wait = self.arrivals.wait_s(time.perf_counter())
@@ -231,7 +239,8 @@ class Loop:
         resp = orjson.loads(value)
         error = resp["error"]["code"] if resp.get("error") else None
         if sent is not None:
-            self.samples.append(Sample(sent, done, resp.get("model_version"), error))
+            self.samples.append(Sample(sent, done, resp.get("model_version"), error,
+                                       self.issued.pop(key, None)))
             return
         probe.asking = None
         if probe not in probes:
@@ -245,10 +254,15 @@ class Loop:
     def _expire(self, now: float) -> None:
         late = [k for k, t in self.inflight.items() if now - t > ANSWER_TIMEOUT_S]
         for k in late:
-            self.samples.append(Sample(self.inflight.pop(k), float("nan"), None, "no answer"))
+            self.samples.append(Sample(self.inflight.pop(k), float("nan"), None, "no answer",
+                                       self.issued.pop(k, None)))
 
     def drain(self, seconds: float = 3.0) -> None:
-        """Wait for the load requests still in flight; the unanswered count as failed."""
+        """Wait for the load requests still in flight; the unanswered count as failed. Open
+        loop: the phase's arrivals not sent yet (due between the loop's last turn and the
+        phase's end) are sent first, late, their latency still from their schedule."""
+        if self.arrivals is not None:
+            self._send_due()
         end = time.perf_counter() + seconds
         while self.inflight and time.perf_counter() < end:
             for records in self.consumer.poll(timeout_ms=20).values():
@@ -256,7 +270,8 @@ class Loop:
                 for r in records:
                     self._answer(r.key, r.value, done, [])
         for k, t in list(self.inflight.items()):
-            self.samples.append(Sample(t, float("nan"), None, "no answer"))
+            self.samples.append(Sample(t, float("nan"), None, "no answer",
+                                       self.issued.pop(k, None)))
             del self.inflight[k]
 
     def take(self) -> list[Sample]:

@@ -89,8 +89,8 @@ def test_phase_load_counts_answers_failures_lateness_and_cpu_per_answer() -> Non
     a = PoissonArrivals(4.0, 1.0, 0.0, np.random.default_rng(0))
     a.lags = [0.001, 0.002, 0.010]
     samples = [
-        Sample(0.0, 0.010, 3, None),
-        Sample(0.1, 0.130, 3, None),
+        Sample(0.0, 0.010, 3, None, 0.005),
+        Sample(0.1, 0.130, 3, None, 0.105),
         Sample(0.2, 0.205, 3, "unknown_user"),  # answered with an error: answered, failed
         Sample(0.3, float("nan"), None, "no answer"),
     ]
@@ -100,10 +100,14 @@ def test_phase_load_counts_answers_failures_lateness_and_cpu_per_answer() -> Non
     assert load["p50_ms"] == pytest.approx(20.0)
     assert load["offered_rps"] == pytest.approx(len(a) / 1.0)
     assert load["late_p99_ms"] == pytest.approx(9.84)
+    assert load["p99_from_send_ms"] == pytest.approx(24.8)  # 5 and 25 ms from the send
     assert load["cpu_ms"] == pytest.approx({"worker": 2.0, "client": 1.0, "broker": 0.0})
     row = load_row(load_model(4.0, 8), load)
     assert "open loop, Poisson 4 req/s" in row[0]
     assert "2 failed (1 no answer)" in row[-1] and "sent late p99 9.84 ms" in row[-1]
-    closed = phase_load(samples, 2.0, None, {"worker": 0.0})
+    assert "p99 from the actual send 24.8 ms" in row[-1]
+    closed = phase_load([Sample(s.sent, s.answered, s.version, s.error) for s in samples], 2.0,
+                        None, {"worker": 0.0})
     assert closed["offered_rps"] is None and closed["late_p99_ms"] is None
+    assert closed["p99_from_send_ms"] is None
     assert load_row(load_model(None, 8), closed)[0] == "  load: closed loop, 8 in flight"
