@@ -30,7 +30,9 @@ Six parts (``--part``), each bounded in time:
   own vector) and *inactive* (users with a brand-new profile value who never click; one other
   user with that value clicks: the value's shared row is admitted and trained -> the first u2i
   answer for an inactive user that names a version carrying that row; the trigger's own record
-  tells which version that is). Request p99 with versions arriving vs without.
+  tells which version that is). Request p99 with versions arriving vs without, the requests
+  driven as a closed loop (``--inflight`` in flight, the default) or, with ``--request-rate``,
+  an open loop (Poisson arrivals, latency from each scheduled send: bench/openloop.py).
 
 Appends each part's table to bench/RESULTS.md with the load average and what else ran.
 """

@@ -2,8 +2,9 @@
 
 See the docstring of bench/scale.py. Processes: Kafka, Redis, ``fmstream train``, ``fmstream
 serve`` and ``fmstream replay --rate`` (synthetic users with a ``segment`` profile, items with a
-``category``). This process runs one loop: load requests (``--inflight`` in flight), active
-probes (a new user's first event) and inactive probes (see :class:`InactiveProbe`).
+``category``). This process runs one loop: load requests (``--inflight`` in flight, or
+``--request-rate`` Poisson arrivals a second: the open loop of bench/openloop.py), active probes
+(a new user's first event) and inactive probes (see :class:`InactiveProbe`).
 """
 
 from __future__ import annotations
