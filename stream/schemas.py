@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain, repeat
+from numbers import Real
 from operator import attrgetter
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -68,11 +69,22 @@ def _non_blank(value: str) -> str:
     return value
 
 
-def _not_bool(value: Any) -> Any:
-    """JSON ``true``/``false`` are not numbers (pydantic would take them as 1/0)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    return value
+def _json_number(value: Any) -> Any:
+    """A number field takes a JSON number (or null where optional), nothing else: pydantic's lax
+    mode would read ``"10"``, ``"1e2"`` as numbers and ``true`` as 1. An integer field (``k``)
+    also takes an integral number such as ``10.0`` or ``1e2``: JSON has one number type, so
+    ``10.0`` is the number 10 (``label`` is read the same way); ``1.5`` is refused."""
+    if value is None or (isinstance(value, Real) and not isinstance(value, bool)):
+        return value  # Real: also a numpy number a Python client put in its request
+    raise ValueError(f"expected a JSON number, got {_kind(value)}")
+
+
+def _json_bool(value: Any) -> Any:
+    """A boolean field takes JSON ``true``/``false`` only (lax pydantic took ``"yes"``, ``1``,
+    ``"off"``...)."""
+    if type(value) is bool:
+        return value
+    raise ValueError(f"expected true or false, got {_kind(value)}")
 
 
 Id = Annotated[
@@ -85,8 +97,12 @@ Id = Annotated[
 
 Scalar = str | int | float
 FeatureValue = Scalar | list[Scalar]
-Number = Annotated[float, BeforeValidator(_not_bool)]
-Count = Annotated[int, BeforeValidator(_not_bool)]
+Count = Annotated[int, BeforeValidator(_json_number)]
+"""An integer given as a JSON number (an integral one: ``10`` or ``10.0``); a string is refused."""
+OptionalNumber = Annotated[float | None, BeforeValidator(_json_number)]
+"""A JSON number or null; a string or a boolean is refused."""
+Flag = Annotated[bool, BeforeValidator(_json_bool)]
+"""JSON ``true`` or ``false``; nothing else."""
 
 
 def _check_features(features: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +189,15 @@ def _got(value: Any) -> str:
     return repr(value)[:60]
 
 
+_JSON_KINDS = {str: "a string", bool: "a boolean", int: "a number", float: "a number",
+               list: "a list", dict: "an object", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (``a string``, ``a boolean``, ...)."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
 def _check_id(obj: dict[str, Any], name: str) -> str:
     """An id field: a string (or integer, as its text) of 1 to MAX_ID_LEN characters.
 
@@ -208,7 +233,10 @@ def _check_label(obj: dict[str, Any]) -> int:
     kind = type(value)
     if (kind is int or kind is float) and (value == 0 or value == 1):
         return int(value)  # a boolean is not a number
-    raise MessageInvalid(f"label: Input should be 0 or 1 (got {_got(value)})")
+    if kind is int or kind is float:
+        raise MessageInvalid(f"label: Input should be 0 or 1 (got {_got(value)})")
+    raise MessageInvalid(f"label: expected the JSON number 0 or 1, got {_kind(value)} "
+                         f"{_got(value)}")
 
 
 def _check_ts(obj: dict[str, Any]) -> float | None:
@@ -220,15 +248,10 @@ def _check_ts(obj: dict[str, Any]) -> float | None:
         ts = value
     elif kind is int:  # not bool: a boolean is not a number
         ts = float(value) if abs(value) < 1e300 else math.inf
-    elif kind is str and value.isascii():
-        try:
-            ts = float(value)
-        except ValueError:
-            raise MessageInvalid(
-                f"ts: Input should be a valid number (got {_got(value)})"
-            ) from None
-    else:
-        raise MessageInvalid(f"ts: Input should be a valid number (got {_got(value)})")
+    else:  # a string is not a number either, even "12.5": the wire is strict (no coercion)
+        raise MessageInvalid(
+            f"ts: expected a JSON number (seconds since epoch), got {_kind(value)} {_got(value)}"
+        )
     if not 0.0 <= ts < 1e11:  # also False for NaN
         raise MessageInvalid(f"ts: must be finite seconds since epoch, got {ts}")
     return ts
@@ -585,12 +608,12 @@ class Request(_Message):
     item_id: Id | None = None
     item_ids: list[Id] | None = Field(None, min_length=1, max_length=10_000)
     k: Count = Field(10, ge=1)
-    exclude_seen: bool = False
+    exclude_seen: Flag = False
     exclude_item_ids: list[Id] = Field(default_factory=list, max_length=10_000)
     context: Features = Field(default_factory=dict)
     source: Literal["online", "offline"] = "online"
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=249)] | None = None
-    deadline_ms: Number | None = Field(None, gt=0, allow_inf_nan=False,
+    deadline_ms: OptionalNumber = Field(None, gt=0, allow_inf_nan=False,
                                        description="epoch ms after which to give up")
 
     def missing_field(self) -> str | None:

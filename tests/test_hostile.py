@@ -161,6 +161,12 @@ def request_catalogue(s: Settings) -> list[tuple[str, bytes | None, bytes | None
         ({**u, "deadline_ms": 1000.0}, "deadline_exceeded"),
         ({"type": "i2i", "item_id": "i1", "source": "psychic"}, "invalid_request"),
         ({**u, "exclude_seen": "maybe"}, "invalid_request"),
+        # strings are not numbers or booleans, even when they read as one (no lax coercion)
+        ({**u, "k": "10"}, "invalid_request"),
+        ({**u, "deadline_ms": "4102444800000"}, "invalid_request"),
+        ({**u, "exclude_seen": "yes"}, "invalid_request"),
+        ({**u, "exclude_seen": 1}, "invalid_request"),
+        ({**u, "k": 10.0}, OK),  # JSON has one number type: 10.0 is the integer 10
         ({**u, "reply_to": "bad topic!"}, "invalid_request"),
         ({**u, "reply_to": "."}, "invalid_request"),
         ({**u, "reply_to": ".."}, "invalid_request"),
@@ -246,8 +252,9 @@ def _all_committed(s: Settings, kafka_io: KafkaIO) -> bool:
 
 def request_round(s: Settings, kafka_io: KafkaIO, messages: list[tuple[bytes | None, bytes | None]],
                   expected: list[tuple[str, str | None]], codes: list[str | None] | None = None,
-                  *, exactly_once: bool = True) -> None:
-    """Send ``messages`` then one valid probe per partition; check every verdict and count."""
+                  *, exactly_once: bool = True) -> dict[str, dict]:
+    """Send ``messages`` then one valid probe per partition; check every verdict and count.
+    Returns the answers by request id."""
     wait_for(lambda: _all_committed(s, kafka_io), 90, "the earlier requests committed", poll_s=0.5)
     resp_start = kafka_io.end_offsets(s.topic_responses)
     dlq_start = kafka_io.end_offsets(s.topic_dlq)
@@ -301,6 +308,7 @@ def request_round(s: Settings, kafka_io: KafkaIO, messages: list[tuple[bytes | N
                 assert error is None, (rid, error)
             else:
                 assert error is not None and error["code"] == want, (rid, by_id[rid])
+    return by_id
 
 
 def catalogue_round(s: Settings, kafka_io: KafkaIO, *, exactly_once: bool = True) -> int:
@@ -374,6 +382,28 @@ def test_one_worker_answers_or_dead_letters_every_hostile_request(
             w.close()
 
 
+def test_a_string_k_is_answered_invalid_request_and_the_next_request_is_answered(
+    settings: Settings, store: VectorStore, kafka_io: KafkaIO
+) -> None:
+    """``"k": "10"`` (a string, which lax decoding read as 10) gets an ``invalid_request`` answer
+    naming the field, the expected type and what came; the valid request behind it on the same
+    partition is answered."""
+    workers = start_workers(settings, store, 1)
+    try:
+        bad = {"request_id": "k-text", "type": "u2i", "user_id": "u1", "k": "10"}
+        good = {"request_id": "k-after", "type": "u2i", "user_id": "u1", "k": 10}
+        by_id = request_round(settings, kafka_io, [(b"same", j(bad)), (b"same", j(good))],
+                              [("answered", "k-text"), ("answered", "k-after")],
+                              ["invalid_request", OK])
+        message = by_id["k-text"]["error"]["message"]
+        assert message.startswith("k: ") and "expected a JSON number, got a string" in message
+        assert "'10'" in message
+        assert len(by_id["k-after"]["items"]) == 10 and workers[0].thread.is_alive()
+    finally:
+        for w in workers:
+            w.close()
+
+
 def test_a_three_worker_group_survives_every_hostile_request(
     settings: Settings, store: VectorStore, kafka_io: KafkaIO
 ) -> None:
@@ -428,6 +458,8 @@ def event_catalogue(s: Settings) -> list[tuple[str, bytes | None, str]]:
         ("label yes", j({**e, "label": "yes"}), "validate"),
         ("boolean ts", j({**e, "ts": False}), "validate"),
         ("ts text", j({**e, "ts": "yesterday"}), "validate"),
+        ("ts as numeric text", j({**e, "ts": "881250949.0"}), "validate"),
+        ("label as numeric text", j({**e, "label": "1"}), "validate"),
         ("ts negative", j({**e, "ts": -5}), "validate"),
         ("ts far future", j({**e, "ts": 1e12}), "validate"),
         # within the wire's range but from the future: it would move the trainer's newest event

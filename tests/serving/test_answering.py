@@ -210,6 +210,15 @@ def test_requests_without_a_usable_id_are_rejected(raw: bytes | None, stage: str
     [
         ({"type": "teleport"}, "type"),
         ({"type": "u2i", "k": "ten"}, "k"),
+        # a string is not a number, nor a boolean (audit 2026-12-01: lax pydantic took them)
+        ({"type": "u2i", "k": "10"}, "k: Value error, expected a JSON number, got a string"),
+        ({"type": "u2i", "k": "1e2"}, "k"),
+        ({"type": "u2i", "deadline_ms": "4102444800000"},
+         "deadline_ms: Value error, expected a JSON number, got a string"),
+        ({"type": "u2i", "exclude_seen": "yes"},
+         "exclude_seen: Value error, expected true or false, got a string"),
+        ({"type": "u2i", "exclude_seen": "true"}, "exclude_seen"),
+        ({"type": "u2i", "exclude_seen": 1}, "exclude_seen"),
         ({"type": "u2i", "k": True}, "k"),
         ({"type": "u2i", "k": 0}, "k"),
         ({"type": "u2i", "user_id": "  "}, "user_id"),
@@ -225,6 +234,15 @@ def test_invalid_requests_with_an_id_get_invalid_request(extra: dict, field: str
     assert isinstance(out, Pending) and out.request_id == "r1"
     assert code(out) == "invalid_request" and field in str(out.error)
     assert out.reply_to == CONFIG.topic_responses
+
+
+@pytest.mark.parametrize(("extra", "k"), [({"k": 10.0}, 10), ({"k": 1e2}, 100), ({}, 10)])
+def test_k_is_any_json_number_without_a_fraction(extra: dict, k: int) -> None:
+    """JSON has one number type: ``10.0`` and ``1e2`` are the integers 10 and 100 (as ``label``
+    1.0 is 1 on events); ``1.5`` is refused (above)."""
+    out = decode_request(orjson.dumps({"request_id": "r1", "type": "u2i", "user_id": "u1",
+                                       **extra}), CONFIG)
+    assert isinstance(out, Pending) and out.error is None and out.request.k == k
 
 
 def test_integer_request_ids_are_their_decimal_text() -> None:

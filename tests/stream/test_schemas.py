@@ -121,7 +121,6 @@ _E = {"user_id": "u", "item_id": "i"}
         ({"user_id": -5}, Event("-5", "i")),  # integer ids as their text
         ({"label": 0.0}, Event("u", "i", 0)),
         ({"ts": 5}, Event("u", "i", 1, 5.0)),
-        ({"ts": "12.5"}, Event("u", "i", 1, 12.5)),
         ({"ts": None}, Event("u", "i")),
         ({"context": {"x": 1, "y": [0, "a", 2.5]}},
          Event("u", "i", context={"x": 1, "y": [0, "a", 2.5]})),
@@ -154,6 +153,8 @@ def test_event_rules_accept(extra: dict, expected: Event) -> None:
         ({"label": 1.5}, "label"),
         ({"label": None}, "label"),
         ({"ts": "nan"}, "ts"),
+        ({"ts": "12.5"}, "ts"),  # a string is not a number: no coercion (audit 2026-12-01)
+        ({"ts": "881250949"}, "ts"),
         ({"ts": "\u0661"}, "ts"),  # a non-ASCII digit
         ({"ts": -1}, "ts"),
         ({"ts": 10**12}, "ts"),
@@ -388,3 +389,50 @@ def test_a_key_given_twice_counts_once_the_last_time_on_both_paths() -> None:
     columns = decode_event_columns(_records(values), batch, max_bytes=1000)  # type: ignore[arg-type]
     assert list(columns) == [d.message for d in expected] == slow
     assert batch.sent == one.sent and [(o, st_) for o, st_, *_ in one.sent] == [(3, "validate")]
+
+
+# --- strict wire types: a string where a number is required is refused, on every decode path ---
+
+_STRING_NUMBERS = [
+    (b'{"user_id": "u1", "item_id": "i1", "ts": "881250949.0"}', "ts"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": "5"}', "ts"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": "1e2"}', "ts"),
+    (b'{"user_id": "u1", "item_id": "i1", "label": "1"}', "label"),
+    (b'{"user_id": "u1", "item_id": "i1", "label": "0"}', "label"),
+    (b'{"user_id": "u1", "item_id": "i1", "ts": {"s": 5}}', "ts"),
+]
+
+
+@pytest.mark.parametrize(("value", "field"), _STRING_NUMBERS)
+def test_a_string_number_in_an_event_is_invalid_on_every_path(value: bytes, field: str) -> None:
+    """The rules (:func:`parse_event`), the column checks of a poll (``parse_events``) and the
+    typed fast path (``parse_event_values``) all refuse it; the reason names the field, the
+    expected type and what came. Alone and beside valid events, in both consumers' decoders."""
+    from stream.consume import decode_event_columns, decode_events
+    from stream.schemas import parse_events
+
+    with pytest.raises(MessageInvalid) as info:
+        parse_event(orjson.loads(value))
+    reason = str(info.value)
+    assert reason.startswith(f"{field}: expected") and "number" in reason
+    assert "got a string" in reason or "got an object" in reason
+    assert parse_event_values([value]) is None
+    good = dumps({"user_id": "u2", "item_id": "i2", "ts": 5.0})
+    assert parse_event_values([good, value]) is None
+    columns, errors = parse_events([orjson.loads(good), orjson.loads(value)])
+    assert columns.user_ids == ["u2"] and [(j, str(e)) for j, e in errors] == [(1, reason)]
+    one, batch = _Letters(), _Letters()
+    kept = decode_events(_records([good, value, good]), one, max_bytes=1000)  # type: ignore[arg-type]
+    cols = decode_event_columns(_records([good, value, good]), batch, max_bytes=1000)  # type: ignore[arg-type]
+    assert [d.record.offset for d in kept] == cols.rows.tolist() == [0, 2]
+    assert one.sent == batch.sent == [(1, "validate", "MessageInvalid", reason)]
+
+
+def test_numbers_in_events_stay_numbers_on_every_path() -> None:
+    """What the contract allows is kept: an integer ``ts``, a ``label`` of 1.0, integer ids."""
+    values = [b'{"user_id": "u1", "item_id": "i1", "ts": 5}',
+              b'{"user_id": 7, "item_id": "i1", "ts": 5.5, "label": 1.0}']
+    expected = [Event("u1", "i1", 1, 5.0), Event("7", "i1", 1, 5.5)]
+    assert [parse_event(orjson.loads(v)) for v in values] == expected
+    fast = parse_event_values(values[:1])
+    assert fast is not None and list(fast) == expected[:1]
