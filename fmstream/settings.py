@@ -166,8 +166,9 @@ class Settings(BaseSettings):
     )
     replay: float = Field(0.0, ge=0, description="past positives replayed per new positive")
     replay_buffer: int = Field(20_000, ge=1, description="recent positives kept for replay")
-    live_sample_every: int = Field(16, ge=1, description="every n-th positive is scored "
-                                   "before it is learned (fmstream_live_hit_rate)")
+    live_sample_every: int = Field(1, ge=1, description="at most every n-th positive is scored "
+                                   "before it is learned (fmstream_live_hit_rate); a sampled "
+                                   "poll gives up to 64 of its positives, spread evenly")
     live_cpu_share: float = Field(0.03, gt=0, le=1, description="most of the trainer thread's "
                                   "CPU the live hit rate may take (polls beyond it not sampled)")
 

@@ -6,12 +6,12 @@ composed vector against the item vectors, as serving does, without context). War
 had a positive before the event, cold = not (profile or fallback rows only). Rates are over
 the last ``window`` sampled events of each cohort.
 
-Cheap by construction: at most ``max_per_batch`` events per batch, one matrix product for all
-of them, and the item vectors are recomposed only after ``item_refresh_events`` learned events
-(items new to the catalogue are composed as they appear), so ranks are against item vectors at
-most that stale. Items the
-user already consumed are not excluded (the model keeps no full history), which makes the live
-rate a lower bound of the bench's HR@k.
+Cheap by construction: at most ``max_per_batch`` positives per batch (spread evenly over its
+positives, at most every ``sample_every``-th), one matrix product for all of them, and the item
+vectors are recomposed only after ``item_refresh_events`` learned events (items new to the
+catalogue are composed as they appear), so ranks are against item vectors at most that stale.
+Items the user already consumed are not excluded (the model keeps no full history), which makes
+the live rate a lower bound of the bench's HR@k.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class LiveHitRate:
     def __init__(
         self,
         k: int = 10,
-        sample_every: int = 16,
+        sample_every: int = 1,
         max_per_batch: int = 64,
         window: int = 2000,
         item_refresh_events: int = 20_000,
@@ -45,6 +45,8 @@ class LiveHitRate:
         self.item_refresh_events = int(item_refresh_events)
         self._hits = {c: deque(maxlen=window) for c in COHORTS}
         self._seen = 0  # positives offered so far (sampling phase)
+        self.sampled = 0
+        """Positives sampled so far, in all (the windows hold only the newest)."""
         self._items: tuple[list[str], np.ndarray] | None = None
         self._items_at = 0  # model.n_updates when the item vectors were composed
         self._index: dict[str, int] = {}  # item id -> row of the composed item vectors
@@ -75,6 +77,13 @@ class LiveHitRate:
         """Take the sampled positives of a batch BEFORE it is learned (their users' vectors as
         of now; at most ``max_per_batch``, or ``limit`` when smaller); :meth:`score` ranks them.
 
+        The sample is a fixed number of the batch's positives, not a share of them: the
+        batch's fixed cost (the users' vectors, the item vectors' upkeep, one product) is paid
+        once for up to ``max_per_batch`` samples, so a CPU budget buys samples, not batches
+        (the trainer's polls under a paced stream hold tens of positives: one in 16 of them gave
+        three samples for the same fixed cost). They are spread evenly over the positives, at
+        most every ``sample_every``-th positive of the stream.
+
         Sampling the steps of a poll one by one and scoring once after the poll gives each
         step's events the model just before that step, for one pass over the item vectors.
         """
@@ -82,13 +91,18 @@ class LiveHitRate:
         pos = np.arange(n) if labels is None else np.flatnonzero(np.asarray(labels) >= 0.5)
         if pos.size == 0:
             return 0
-        # every sample_every-th positive of the stream, at most max_per_batch of this batch
-        offset = (-self._seen) % self.sample_every
-        self._seen += pos.size
         cap = self.max_per_batch if limit is None else min(limit, self.max_per_batch)
-        pick = pos[offset :: self.sample_every][:cap]
+        if cap <= 0:
+            self._seen += pos.size
+            return 0
+        offset = (-self._seen) % self.sample_every  # every sample_every-th of the stream
+        self._seen += pos.size
+        pick = pos[offset :: self.sample_every]
+        if pick.size > cap:  # cap of them, evenly spread over the batch
+            pick = pick[(np.arange(cap) * pick.size) // cap]
         if pick.size == 0:
             return 0
+        self.sampled += int(pick.size)
         ids, _ = self._item_vectors(model)
         if not ids:  # nothing known yet: nothing can be recommended, every sample misses
             self._hits["cold"].extend([False] * int(pick.size))

@@ -31,9 +31,11 @@ class TrainerConfig:
             as kafka-python's own parser, less CPU).
         policy: how polls become optimiser steps (model/learner.py); checkpointed with its
             replay state.
-        live_sample_every: every n-th positive is scored before it is learned (live HR@10).
+        live_sample_every: at most every n-th positive is scored before it is learned (live
+            HR@10); a sampled poll gives up to 64 of its positives, spread evenly.
         live_cpu_share: most of the trainer thread's CPU the live HR@10 may take: a poll is
-            sampled only while the metric's CPU so far is within this share (1 = every poll).
+            sampled only while the metric's CPU so far is within this share of the training
+            CPU so far (1 = every poll; a budget left unspent carries over to later polls).
         fetch_process: poll and decode in a child process (its own core, not the trainer's
             GIL; :mod:`train.fetch_process`) instead of a thread.
         fetch_depth: decoded polls kept ready ahead of the model update.
@@ -53,7 +55,7 @@ class TrainerConfig:
     check_crcs: bool = True
     fast_records: bool = True
     policy: LearnPolicy = field(default_factory=LearnPolicy)
-    live_sample_every: int = 16
+    live_sample_every: int = 1
     live_cpu_share: float = 0.03
     fetch_process: bool = False
     fetch_depth: int = 2

@@ -62,3 +62,20 @@ def test_unknown_items_and_empty_model_are_misses_not_errors() -> None:
     assert live.rates()["warm"] == 0.0
     with pytest.raises(ValueError):
         LiveHitRate(k=0)
+
+
+def test_a_batch_gives_a_fixed_number_of_its_positives_spread_evenly() -> None:
+    """The default samples a fixed number of a batch's positives (``max_per_batch``), not one
+    in 16: a poll of a paced stream (tens of positives) pays the batch's fixed cost for all of
+    them. A larger batch gives ``max_per_batch``, spread over it; ``sampled`` counts them all."""
+    fm = trained()
+    live = LiveHitRate(window=10)
+    users = [f"u{j % 10}" for j in range(200)]
+    items = [f"i{j % 40}" for j in range(200)]
+    labels = np.tile(np.array([1, 1, 0, 1], dtype=np.float32), 50)  # 150 positives
+    assert live.sample(fm, users[:40], items[:40], labels[:40]) == 30  # all 30 positives
+    got = live.sample(fm, users, items, labels)
+    assert got == live.max_per_batch == 64
+    assert live.sample(fm, users, items, labels, limit=5) == 5
+    live.score()
+    assert live.sampled == 30 + 64 + 5 and live.counts() == {"warm": 10, "cold": 0}  # window 10
