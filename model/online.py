@@ -306,6 +306,31 @@ class OnlineFM:
         """Set item profiles; same rules as :meth:`upsert_users`."""
         self._upsert(self._items, "item", item_ids, features, merge)
 
+    def clear_user_profiles(self, user_ids: Sequence[str]) -> list[str]:
+        """Remove the profile of each known user of ``user_ids`` (a tombstone on the compacted
+        profile topic: e.g. an erasure). Each keeps its id row and history and from now on
+        scores as a user without a profile; unknown ids are ignored (nothing is created).
+
+        Returns the known ids whose profile was removed, in first-seen order.
+        """
+        return self._clear(self._users, user_ids)
+
+    def clear_item_profiles(self, item_ids: Sequence[str]) -> list[str]:
+        """Remove the profiles of known items; same rules as :meth:`clear_user_profiles`."""
+        return self._clear(self._items, item_ids)
+
+    @staticmethod
+    def _clear(catalog: Catalog, ids: Sequence[str]) -> list[str]:
+        uids = list(dict.fromkeys(u if type(u) is str else canon(u) for u in ids))
+        known = [u for u in uids if u in catalog.index]
+        if known:
+            ents = np.fromiter(map(catalog.index.__getitem__, known), dtype=np.int64,
+                               count=len(known))
+            catalog.set_profiles(ents, np.zeros((len(known), 0), dtype=np.int32),
+                                 np.zeros((len(known), 0), dtype=np.float32),
+                                 [{} for _ in known])
+        return known
+
     def _upsert(
         self,
         catalog: Catalog,

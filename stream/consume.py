@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
@@ -197,8 +197,14 @@ def decode_records(
     dead_letters: DeadLetters,
     *,
     max_bytes: int,
+    tombstone: Callable[[bytes | None], Any] | None = None,
 ) -> list[Decoded[M]]:
-    """Decode and validate ``records`` as ``model``; dead-letter the ones that fail."""
+    """Decode and validate ``records`` as ``model``; dead-letter the ones that fail.
+
+    ``tombstone``: what a null value (a compacted topic's "delete this key") becomes, from the
+    record's key (it raises :class:`DecodeError` / :class:`MessageInvalid` for a key it cannot
+    use: the record is dead-lettered); None: a null value is dead-lettered.
+    """
     out: list[Decoded[M]] = []
     for record in records:
         size = len(record.value or b"")
@@ -207,6 +213,14 @@ def decode_records(
                 record, "decode", DecodeError("oversized"),
                 f"message of {size} bytes exceeds the limit of {max_bytes} bytes",
             )
+            continue
+        if record.value is None and tombstone is not None and unreadable_reason(record) is None:
+            try:
+                out.append(Decoded(tombstone(record.key), record))
+            except DecodeError as exc:
+                dead_letters.send(record, "decode", exc, str(exc))
+            except MessageInvalid as exc:
+                dead_letters.send(record, "validate", exc, str(exc))
             continue
         try:
             if record.value is None:

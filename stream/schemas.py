@@ -596,6 +596,40 @@ class ItemProfile(_Message):
     features: Features = Field(default_factory=dict)
 
 
+class UserTombstone(NamedTuple):
+    """A null value on ``fm.users`` keyed by a user id: on a compacted topic, "delete this key".
+    The trainer removes the user's profile (the user keeps its id row and history)."""
+
+    user_id: str
+
+
+class ItemTombstone(NamedTuple):
+    """A null value on ``fm.items`` keyed by an item id: the item's profile is removed."""
+
+    item_id: str
+
+
+def tombstone_id(key: bytes | None, name: str) -> str:
+    """The id a profile tombstone (null value) deletes: its key, read as an id (``name`` is
+    ``user_id`` or ``item_id``).
+
+    Raises:
+        DecodeError: no key, or a key that is not UTF-8. MessageInvalid: not a usable id.
+    """
+    if key is None:
+        raise DecodeError("a tombstone (null value) with no key: it names no profile to remove")
+    try:
+        text = bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"a tombstone (null value) whose key is not UTF-8: {bytes(key)[:60]!r}"
+                          ) from None
+    try:
+        return _check_id({name: text}, name)
+    except MessageInvalid as exc:
+        raise MessageInvalid(f"a tombstone (null value) whose key is not a {name}: {exc}"
+                             ) from None
+
+
 RequestType = Literal["u2i", "i2i", "i2i_history", "rank"]
 
 

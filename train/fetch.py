@@ -32,7 +32,14 @@ from kafka.errors import KafkaError
 from stream.config import Topics
 from stream.consume import Decoded, decode_event_columns, decode_records
 from stream.fetcher import ConsumerRecord
-from stream.schemas import EventColumns, ItemProfile, UserProfile
+from stream.schemas import (
+    EventColumns,
+    ItemProfile,
+    ItemTombstone,
+    UserProfile,
+    UserTombstone,
+    tombstone_id,
+)
 from train.align import EventAligner, StableLags, aligned_records
 from train.errors import TrainError
 
@@ -102,8 +109,8 @@ class DecodedBatch(NamedTuple):
 
     ends: dict[tuple[str, int], int]  # (topic, partition) -> next offset after this batch
     per_topic: dict[str, int]  # records polled, by topic
-    users: list[Decoded[UserProfile]]
-    items: list[Decoded[ItemProfile]]
+    users: list[Decoded[UserProfile | UserTombstone]]  # a tombstone: remove the profile
+    items: list[Decoded[ItemProfile | ItemTombstone]]
     events: EventColumns  # rows: indices into event_records
     event_records: Sequence[ConsumerRecord]  # the poll's records of the events topic
     dead_letters: int = 0  # letters a fetch *process* sent (and had acknowledged) for it
@@ -111,6 +118,14 @@ class DecodedBatch(NamedTuple):
     @property
     def n_records(self) -> int:
         return sum(self.per_topic.values())
+
+
+def _user_tombstone(key: bytes | None) -> UserTombstone:
+    return UserTombstone(tombstone_id(key, "user_id"))
+
+
+def _item_tombstone(key: bytes | None) -> ItemTombstone:
+    return ItemTombstone(tombstone_id(key, "item_id"))
 
 
 def decode_poll(
@@ -132,8 +147,10 @@ def decode_poll(
     return DecodedBatch(
         {tp: offset + 1 for tp, offset in last.items()},
         {topic: len(rs) for topic, rs in by_topic.items() if rs},
-        decode_records(by_topic[topics.users], UserProfile, dead_letters, max_bytes=max_bytes),
-        decode_records(by_topic[topics.items], ItemProfile, dead_letters, max_bytes=max_bytes),
+        decode_records(by_topic[topics.users], UserProfile, dead_letters, max_bytes=max_bytes,
+                       tombstone=_user_tombstone),
+        decode_records(by_topic[topics.items], ItemProfile, dead_letters, max_bytes=max_bytes,
+                       tombstone=_item_tombstone),
         decode_event_columns(events, dead_letters, max_bytes=max_bytes),
         events,
     )

@@ -49,10 +49,10 @@ from model.errors import CheckpointError, ModelError
 from model.learner import Learner
 from model.live import LiveHitRate
 from model.online import OnlineFM
-from stream.consume import Decoded, make_consumer
+from stream.consume import Decoded, dead_letter_id, make_consumer
 from stream.fetcher import ConsumerRecord
 from stream.record_parse import use_fast_records
-from stream.schemas import MAX_EVENT_AHEAD_S, EventColumns
+from stream.schemas import MAX_EVENT_AHEAD_S, EventColumns, ItemTombstone, UserTombstone
 from train.align import EventAligner
 from train.checkpointer import BackgroundCheckpoint, ChildResult
 from train.config import TrainerConfig
@@ -575,8 +575,10 @@ class Trainer:
         t1, c1 = time.perf_counter(), time.thread_time()
         learned = self.cpu["learn"] + self.cpu["live"]
         with self.model_lock:
-            users = self._apply_profiles(batch.users, self.model.upsert_users, "user_id")
-            self._apply_profiles(batch.items, self.model.upsert_items, "item_id")
+            users = self._apply_profiles(batch.users, self.model.upsert_users,
+                                         self.model.clear_user_profiles, "user_id")
+            self._apply_profiles(batch.items, self.model.upsert_items,
+                                 self.model.clear_item_profiles, "item_id")
             applied = self._apply_events(batch.events, batch.event_records)
         positions, counts = self.progress.positions, self.progress.applied
         moved = 0
@@ -603,20 +605,34 @@ class Trainer:
             self.timings["publish"] += time.perf_counter() - t2
             self.cpu["handover"] += time.thread_time() - c2
 
-    def _apply_profiles(self, decoded: list[Decoded], upsert, id_field: str) -> list[Decoded]:
+    def _apply_profiles(self, decoded: list[Decoded], upsert, clear, id_field: str
+                        ) -> list[Decoded]:
         """Upsert profiles in order; a profile the model rejects is dead-lettered (stage
-        ``apply``).
+        ``apply``). A tombstone (:class:`~stream.schemas.UserTombstone`,
+        :class:`~stream.schemas.ItemTombstone`) removes the profile: ``clear`` (logged at INFO).
 
         Each profile is judged on its own, whatever else its poll holds: the model keeps only
         the last profile of an id in one call (an invalid one followed by a valid one would
         vanish unjudged), so a run of profiles goes to the model in chunks without a repeated
-        id, in order.
+        id, in order; upserts and tombstones go in separate chunks, in order.
         """
         applied: list[Decoded] = []
         chunk: list[Decoded] = []
         ids: set[str] = set()
+        erasing = False
 
         def flush() -> None:
+            if not chunk:
+                return
+            if erasing:
+                keys = [getattr(d.message, id_field) for d in chunk]
+                cleared = clear(keys)
+                log.info("tombstone on the %s profile topic: profile removed for %d of %d "
+                         "ids (%s; the others are not known), e.g. %s",
+                         id_field[:-3], len(cleared), len(keys),
+                         dead_letter_id(chunk[0].record), keys[:3])
+                applied.extend(chunk)
+                return
             applied.extend(self._isolating(
                 chunk,
                 lambda ds: upsert(
@@ -626,9 +642,10 @@ class Trainer:
 
         for d in decoded:
             key = getattr(d.message, id_field)
-            if key in ids:
+            tomb = isinstance(d.message, UserTombstone | ItemTombstone)
+            if key in ids or tomb != erasing:
                 flush()
-                chunk, ids = [], set()
+                chunk, ids, erasing = [], set(), tomb
             chunk.append(d)
             ids.add(key)
         flush()

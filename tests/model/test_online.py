@@ -243,3 +243,36 @@ def test_params_is_a_read_only_view_of_the_live_table() -> None:
     np.testing.assert_array_equal(fm.params, before)
     fm.learn_many(["u0"], ["i1"])
     assert not np.array_equal(fm.params[: before.shape[0]], before)  # a learn shows through
+
+
+def test_clearing_a_profile_keeps_the_id_row_and_history_and_drops_the_profile_keys() -> None:
+    """``clear_user_profiles`` / ``clear_item_profiles`` (a tombstone on a profile topic): the
+    entity stays known with its id row and history; the shared keys its vector reads lose the
+    profile's and nothing else; unknown ids are ignored (nothing created); vectorised over ids."""
+    from model import FeatureSchema
+
+    schema = FeatureSchema.from_dict({"user": {"segment": {}}, "item": {"category": {}}})
+    fm = OnlineFM(schema, TrainConfig(dim=4, negatives=2))
+    fm.upsert_users(["u1", "u2"], [{"segment": "a"}, {"segment": "b"}])
+    fm.upsert_items(["i1", "i2"], [{"category": "x"}, {"category": "y"}])
+    fm.learn_many(["u1", "u2", "u1"], ["i1", "i2", "i2"], ts=1.0)
+    positives = fm.user_positives(["u1"]).tolist()
+
+    def reads(user: str) -> set[int]:
+        _, keys, weights = fm.user_parts([user])
+        return set(keys[0][weights[0] != 0].tolist())
+
+    before_u1, before_u2 = reads("u1"), reads("u2")
+    items_before = fm.item_keys_at(np.arange(2))
+    assert fm.clear_user_profiles(["u1", "ghost", "u1"]) == ["u1"]
+    assert fm.clear_item_profiles(["i1"]) == ["i1"]
+    assert fm.user_profile("u1") == {} and fm.user_profile("ghost") is None
+    assert fm.user_positives(["u1"]).tolist() == positives and fm.known_users() == ["u1", "u2"]
+    dropped = before_u1 - reads("u1")
+    assert len(dropped) == 1 and reads("u1") < before_u1  # the segment key, nothing else
+    assert reads("u2") == before_u2  # another user untouched
+    keys, weights = fm.item_keys_at(np.arange(2))
+    assert int((weights[0] != 0).sum()) == 1  # i1: its id key alone
+    assert keys[0][0] == items_before[0][0][0]
+    assert (keys[1] == items_before[0][1]).all() and fm.item_profile("i2") == {"category": "y"}
+    assert fm.clear_user_profiles([]) == []

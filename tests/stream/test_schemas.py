@@ -436,3 +436,37 @@ def test_numbers_in_events_stay_numbers_on_every_path() -> None:
     assert [parse_event(orjson.loads(v)) for v in values] == expected
     fast = parse_event_values(values[:1])
     assert fast is not None and list(fast) == expected[:1]
+
+
+# --- tombstones on the compacted profile topics -------------------------------------------------
+
+
+def test_a_profile_tombstone_decodes_to_its_key_and_a_keyless_one_is_a_dead_letter() -> None:
+    """A null value on ``fm.users`` / ``fm.items`` is a compacted topic's "delete this key": it
+    decodes to a tombstone naming the id of its key (stripped as ids are); with no key, a key
+    that is not UTF-8 or not an id, it is a dead letter naming why. Without ``tombstone`` (the
+    events topic) a null value stays a dead letter."""
+    from stream.consume import decode_records
+    from stream.fetcher import ConsumerRecord
+    from stream.schemas import ItemTombstone, UserProfile, UserTombstone, tombstone_id
+
+    def rec(key: bytes | None, value: bytes | None, offset: int) -> ConsumerRecord:
+        return ConsumerRecord("fm.users", 0, -1, offset, 0, 0, key, value, [], None,
+                              -1 if key is None else len(key), -1, 0)
+
+    records = [rec(b" u1 ", None, 0), rec(None, None, 1), rec(b"\xff", None, 2),
+               rec(b"   ", None, 3), rec(b"u2", b'{"user_id": "u2", "features": {}}', 4),
+               rec(b"u3", None, 5)]
+    letters = _Letters()
+    out = decode_records(records, UserProfile, letters, max_bytes=1000,  # type: ignore[arg-type]
+                         tombstone=lambda key: UserTombstone(tombstone_id(key, "user_id")))
+    assert [d.message for d in out] == [UserTombstone("u1"), UserProfile(user_id="u2"),
+                                        UserTombstone("u3")]
+    assert [(o, stage) for o, stage, *_ in letters.sent] == [(1, "decode"), (2, "decode"),
+                                                             (3, "validate")]
+    assert "no key" in letters.sent[0][3] and "not UTF-8" in letters.sent[1][3]
+    assert letters.sent[2][3].startswith("a tombstone (null value) whose key is not a user_id")
+    plain = _Letters()
+    assert decode_records(records[:1], UserProfile, plain, max_bytes=1000) == []  # type: ignore[arg-type]
+    assert plain.sent[0][1:3] == ("decode", "DecodeError")
+    assert ItemTombstone(tombstone_id(b"242", "item_id")).item_id == "242"

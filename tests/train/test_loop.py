@@ -191,6 +191,51 @@ def test_profile_verdicts_do_not_depend_on_what_else_the_poll_holds(settings: Se
     assert model.user_profile("p2") == {"segment": "s2"}
 
 
+def test_a_tombstone_on_a_profile_topic_removes_the_profile(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A null value on ``fm.users`` / ``fm.items`` (a compacted topic's "delete this key", e.g.
+    an erasure) removes that entity's profile: it keeps its id row and history and scores as
+    having no profile; logged at INFO, no dead letter (it was one). In order with upserts of the
+    same key; a tombstone for an unknown id creates nothing; one with an empty key is a dead
+    letter."""
+    settings = _small(settings).model_copy(
+        update={"schema_path": ROOT / "config" / "synthetic.toml"}
+    )
+    producer = make_producer(settings.kafka_config())
+    produce_profiles(producer, settings.topics(), STREAM.user_profiles(), STREAM.item_profiles())
+    events = list(STREAM.events(300))
+    produce_events(producer, settings.topics(), events)
+    erased = events[0]["user_id"]
+    again = next(e["user_id"] for e in events if e["user_id"] != erased)
+    producer.send(settings.topic_users, key=erased.encode(), value=None)
+    producer.send(settings.topic_users, key=again.encode(), value=None)
+    producer.send(settings.topic_users, key=again.encode(),
+                  value=orjson.dumps({"user_id": again, "features": {"segment": "s9"}}))
+    producer.send(settings.topic_users, key=b"never-seen", value=None)
+    producer.send(settings.topic_users, key=b"", value=None)  # (kafka-python sends no null+null)
+    producer.send(settings.topic_items, key=b"i3", value=None)
+    producer.close()
+
+    with caplog.at_level(logging.INFO, logger="train.loop"):
+        progress = _train(settings)
+
+    assert progress.events_applied == 300 and progress.dead_letters == 1
+    [letter] = consume_all(settings, settings.topic_dlq, expect=1)
+    body = orjson.loads(letter.value)
+    assert body["stage"] == "validate" and "tombstone" in body["reason"]
+    assert "user_id: an id must not be empty" in body["reason"]
+    model, _ = latest_checkpoint(settings.checkpoint_dir)
+    assert model.user_profile(erased) == {}  # known, with no profile
+    assert model.user_positives([erased])[0] > 0  # its history kept
+    assert model.user_profile(again) == {"segment": "s9"}  # the upsert after the tombstone
+    assert model.user_profile("never-seen") is None  # nothing created
+    assert model.item_profile("i3") == {} and model.item_profile("i4") == {"category": "c4"}
+    logged = [r.getMessage() for r in caplog.records if "tombstone" in r.getMessage()]
+    assert logged and all(r.levelname == "INFO" for r in caplog.records
+                          if "tombstone" in r.getMessage())
+
+
 def test_an_invalid_inline_profile_is_not_hidden_by_a_valid_one_in_the_same_poll(
     settings: Settings,
 ) -> None:
