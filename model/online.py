@@ -319,17 +319,40 @@ class OnlineFM:
         """Remove the profiles of known items; same rules as :meth:`clear_user_profiles`."""
         return self._clear(self._items, item_ids)
 
-    @staticmethod
-    def _clear(catalog: Catalog, ids: Sequence[str]) -> list[str]:
+    def _clear(self, catalog: Catalog, ids: Sequence[str]) -> list[str]:
         uids = list(dict.fromkeys(u if type(u) is str else canon(u) for u in ids))
         known = [u for u in uids if u in catalog.index]
         if known:
             ents = np.fromiter(map(catalog.index.__getitem__, known), dtype=np.int64,
                                count=len(known))
-            catalog.set_profiles(ents, np.zeros((len(known), 0), dtype=np.int32),
-                                 np.zeros((len(known), 0), dtype=np.float32),
-                                 [{} for _ in known])
+            self._set_profiles(catalog, ents, np.zeros((len(known), 0), dtype=np.int32),
+                               np.zeros((len(known), 0), dtype=np.float32), [{} for _ in known],
+                               catalog.n)
         return known
+
+    def _set_profiles(self, catalog: Catalog, ents: np.ndarray, keys: np.ndarray,
+                      weights: np.ndarray, raws: list[dict[str, Any]], known: int) -> None:
+        """``catalog.set_profiles``; on the item side, an item whose keys or weights changed
+        marks the row of its id key written (:meth:`drain_changed_rows`), as expiry marks the
+        fallback rows: no parameter moved, but its vector did, and the publisher finds the
+        items whose vector changed through the rows they read. Only those items (a repeated
+        identical profile marks nothing; items from ``known`` on are new: they ship anyway,
+        nothing is marked for them); an item whose id reads a shared row (not admitted
+        yet, hashed ids) marks that row, which makes its readers candidates of the next
+        version (composed and compared: only those that moved ship)."""
+        if catalog is not self._items or not len(ents):
+            catalog.set_profiles(ents, keys, weights, raws)
+            return
+        old = ents < known
+        old_k, old_w = catalog.prof_keys[ents[old]], catalog.prof_w[ents[old]]  # copies
+        catalog.set_profiles(ents, keys, weights, raws)
+        at = ents[old]
+        new_k, new_w = catalog.prof_keys[at], catalog.prof_w[at]
+        w = old_k.shape[1]  # profiles only widen (0 keys / weights pad them)
+        moved = (old_k != new_k[:, :w]).any(axis=1) | (old_w != new_w[:, :w]).any(axis=1)
+        moved |= (new_w[:, w:] != 0).any(axis=1)
+        if moved.any():
+            self._table.mark_dirty(self._space.key_row[catalog.ent_key[at[moved]]])
 
     def _upsert(
         self,
@@ -364,8 +387,9 @@ class OnlineFM:
         uids = list(final)
         raws = list(final.values())
         keys, weights = self._space.encode(side, raws, create=True)  # validates first
+        known = catalog.n
         ents = catalog.ensure(uids)
-        catalog.set_profiles(ents, keys.astype(np.int32), weights, raws)
+        self._set_profiles(catalog, ents, keys.astype(np.int32), weights, raws, known)
 
     # ------------------------------------------------------------------------ training
     def learn_many(

@@ -131,6 +131,11 @@ class EventSink(Protocol):
 
     def profiles_changed(self, user_ids: Sequence[str]) -> None: ...
 
+    def items_changed(self, item_ids: Sequence[str]) -> None:
+        """Item profiles were upserted or cleared (the model marked the rows of the items
+        whose vector moved): the next item version ships them, with no event needed."""
+        ...
+
     def checkpointed(self, progress: Progress) -> None: ...
 
     def report(self, fields: Mapping[str, str | int | float]) -> None:
@@ -577,8 +582,8 @@ class Trainer:
         with self.model_lock:
             users = self._apply_profiles(batch.users, self.model.upsert_users,
                                          self.model.clear_user_profiles, "user_id")
-            self._apply_profiles(batch.items, self.model.upsert_items,
-                                 self.model.clear_item_profiles, "item_id")
+            items = self._apply_profiles(batch.items, self.model.upsert_items,
+                                         self.model.clear_item_profiles, "item_id")
             applied = self._apply_events(batch.events, batch.event_records)
         positions, counts = self.progress.positions, self.progress.applied
         moved = 0
@@ -600,6 +605,8 @@ class Trainer:
         if self._sink is not None:
             if users:
                 self._sink.profiles_changed([d.message.user_id for d in users])
+            if items:
+                self._sink.items_changed([d.message.item_id for d in items])
             if len(applied):
                 self._sink.applied(applied)
             self.timings["publish"] += time.perf_counter() - t2

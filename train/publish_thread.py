@@ -92,6 +92,7 @@ class PublisherThread:
         self._events: deque[Sequence[Any]] = deque()
         self._n_events = 0
         self._profiles: list[str] = []
+        self._items: dict[str, None] = {}  # items whose profile changed (insertion order)
         self._checkpoint: Any = None
         self._report: dict[str, Any] = {}  # status fields, the newest of each
         self._posted = 0  # hand-overs recorded (trainer side)
@@ -130,6 +131,12 @@ class PublisherThread:
         self._check()
         with self._lock:
             self._profiles.extend(user_ids)
+            self._posted += 1
+
+    def items_changed(self, item_ids: Sequence[str]) -> None:
+        self._check()
+        with self._lock:
+            self._items.update(dict.fromkeys(item_ids))
             self._posted += 1
 
     def checkpointed(self, progress: Any) -> None:
@@ -194,14 +201,16 @@ class PublisherThread:
 
     # --- the publisher thread ----------------------------------------------------------------
 
-    def _take(self) -> tuple[list[Sequence[Any]], list[str], Any, dict[str, Any], int]:
+    def _take(self) -> tuple[list[Sequence[Any]], list[str], list[str], Any, dict[str, Any],
+                             int]:
         with self._lock:
             events, self._events = list(self._events), deque()
             self._n_events = 0
             profiles, self._profiles = self._profiles, []
+            items, self._items = list(self._items), {}
             checkpoint, self._checkpoint = self._checkpoint, None
             report, self._report = self._report, {}
-            return events, profiles, checkpoint, report, self._posted
+            return events, profiles, items, checkpoint, report, self._posted
 
     def _run(self) -> None:
         cpu0 = time.thread_time()
@@ -228,10 +237,10 @@ class PublisherThread:
         while True:
             self._wake.wait(self.interval_s)
             self._wake.clear()
-            events, profiles, checkpoint, report, posted = self._take()
+            events, profiles, items, checkpoint, report, posted = self._take()
             t0 = time.perf_counter()
             try:
-                self._deliver(events, profiles, checkpoint, report)
+                self._deliver(events, profiles, checkpoint, report, items)
             except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread
                 self._fail(exc, "publisher thread failed")
                 return
@@ -245,10 +254,12 @@ class PublisherThread:
                     return
 
     def _deliver(self, events: list[Sequence[Any]], profiles: list[str], checkpoint: Any,
-                 report: dict[str, Any] | None = None) -> None:
+                 report: dict[str, Any] | None = None, items: list[str] | None = None) -> None:
         sink = self.sink
         if profiles:
             sink.profiles_changed(list(dict.fromkeys(profiles)))
+        if items:
+            sink.items_changed(items)
         if events:
             if all(isinstance(batch, EventColumns) for batch in events):
                 merged: Any = EventColumns.concat(events)

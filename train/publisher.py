@@ -177,6 +177,14 @@ class Publisher:
         self._active.update(user_ids)
         self._items_dirty = True
 
+    def items_changed(self, item_ids: Sequence[str]) -> None:
+        """Item profiles changed (upserts, tombstones): an item version is due even with no
+        event. The items whose vector moved are found as an event's are: the model marked the
+        rows they read changed (:meth:`model.online.OnlineFM.drain_changed_rows`), and the parts
+        form compares every item's keys with what it shipped."""
+        if item_ids:
+            self._items_dirty = True
+
     def checkpointed(self, progress) -> None:
         self.store.put_status(
             checkpoint_at=time.time(),

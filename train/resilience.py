@@ -481,6 +481,10 @@ class GuardedSink:
         # In memory only in the publisher; never lose it to an outage.
         self.sink.profiles_changed(user_ids)
 
+    def items_changed(self, item_ids: Sequence[str]) -> None:
+        # In memory only in the publisher, like profiles_changed.
+        self.sink.items_changed(item_ids)
+
     def checkpointed(self, progress: Any) -> None:
         # Only the newest report matters (a status hash): keep it until Redis answers.
         self._checkpoint = progress

@@ -126,6 +126,28 @@ def test_a_delta_ships_only_the_items_that_read_changed_rows(stores) -> None:
     assert pub.publish_items(now=3.0) is None  # nothing changed: no version
 
 
+@pytest.mark.parametrize("form", ["parts", "vectors"])
+def test_an_item_profile_change_ships_that_item_alone_with_no_event(stores, form: str) -> None:
+    """A new category and a profile tombstone change two items' vectors though no parameter
+    row was written: the next version ships those two (the model marks the rows they read),
+    exactly; an upsert of the same profile again changes nothing and makes no version."""
+    writer, reader = stores
+    model, _ = trained(2)
+    pub = VersionedPublisher(writer, model, deltas_only(form=form))
+    assert pub.publish_items(now=1.0) is not None
+    pub.publish_users(model.known_users())
+    follower = IndexFollower(reader)
+    assert follower.refresh()
+    model.upsert_items(["i3"], [{"category": "c1"}])  # was c3
+    assert model.clear_item_profiles(["i4"]) == ["i4"]
+    published = pub.publish_items(now=2.0)
+    assert published is not None and not published.full and published.rows == 2
+    assert follower.refresh()
+    check_exact(follower, reader, model, pub)
+    model.upsert_items(["i5", "i3"], [{"category": "c0"}, {"category": "c1"}])  # as they are
+    assert pub.publish_items(now=3.0) is None
+
+
 def test_versions_continue_above_the_checkpoint_after_redis_loss(stores) -> None:
     writer, reader = stores
     model, _ = trained(2)

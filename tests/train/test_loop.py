@@ -7,18 +7,23 @@ import base64
 import hashlib
 import logging
 import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
+import redis
 
 from fmstream.app import run_trainer
 from fmstream.settings import Settings
 from model.checkpoint import latest_checkpoint
+from serving.follow import IndexFollower
+from serving.store import VectorStore
 from stream.consume import make_producer
 from stream.replay import produce_events, produce_profiles
 from stream.synthetic import SyntheticStream
-from tests.kafka_helpers import consume_all, end_offsets
+from tests.kafka_helpers import consume_all, end_offsets, wait_for
 from train.loop import CPU_PIECES
 
 pytestmark = pytest.mark.integration
@@ -234,6 +239,66 @@ def test_a_tombstone_on_a_profile_topic_removes_the_profile(
     logged = [r.getMessage() for r in caplog.records if "tombstone" in r.getMessage()]
     assert logged and all(r.levelname == "INFO" for r in caplog.records
                           if "tombstone" in r.getMessage())
+
+
+def test_an_item_profile_change_with_no_events_reaches_serving(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A running trainer, quiet after a warm-up (every event in a version, nothing owed): an
+    item profile upsert with a new category and an item profile tombstone on ``fm.items``, and
+    no event. A new item version comes and the served vectors of both items change; an item
+    left alone keeps its vector. (Before: only events made item versions, so an idle shop's
+    recategorised item kept its old vector until some event came.)"""
+    settings = _small(settings).model_copy(
+        update={"schema_path": ROOT / "config" / "synthetic.toml", "checkpoint_every_s": 0.5}
+    )
+    producer = make_producer(settings.kafka_config())
+    produce_profiles(producer, settings.topics(), STREAM.user_profiles(), STREAM.item_profiles())
+    n = 300
+    produce_events(producer, settings.topics(), list(STREAM.events(n)))
+    producer.flush()
+    reader = VectorStore(redis_client, settings.redis_keys())
+    follower = IndexFollower(reader)
+
+    def served(*items: str) -> tuple[int, np.ndarray]:
+        follower.refresh()
+        state = follower.current()
+        assert state is not None
+        snap = state.loaded.snapshot
+        return state.item_version, np.stack([snap.vectors[snap.row_of[i]] for i in items])
+
+    def quiet() -> bool:
+        """Every event applied and handed over (a checkpoint of them reported: its report
+        reaches the publisher after them), the newest version an item version, and none for
+        4 item cadences since that report (a version owed then would have come)."""
+        s = reader.get_status()
+        return (s.get("events_applied") == n and "items_published_at" in s
+                and s.get("model_version") == s.get("item_version")
+                and time.time() - max(s["items_published_at"], s["checkpoint_at"])
+                > 4 * settings.publish_items_s)
+
+    stop, result = threading.Event(), []
+    thread = threading.Thread(target=lambda: result.append(run_trainer(settings, stop)),
+                              daemon=True)
+    thread.start()
+    try:
+        wait_for(quiet, 120, "the trainer quiet after its warm-up")
+        v0, before = served("i3", "i4", "i0")
+        assert STREAM.clusters == 5  # i3 is in c3, i4 in c4
+        producer.send(settings.topic_items, key=b"i3",
+                      value=orjson.dumps({"item_id": "i3", "features": {"category": "c1"}}))
+        producer.send(settings.topic_items, key=b"i4", value=None)  # its profile removed
+        producer.close()
+        wait_for(lambda: served("i3")[0] > v0, 30, "an item version after the profile change")
+        v1, after = served("i3", "i4", "i0")
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not thread.is_alive() and result[0].events_applied == n
+    assert v1 > v0
+    assert not np.allclose(after[0], before[0])  # i3: the c1 row, not c3's
+    assert not np.allclose(after[1], before[1])  # i4: no category row any more
+    np.testing.assert_array_equal(after[2], before[2])  # i0: unchanged, not re-shipped
 
 
 def test_an_invalid_inline_profile_is_not_hidden_by_a_valid_one_in_the_same_poll(
