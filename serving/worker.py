@@ -65,8 +65,17 @@ from stream.schemas import UnreadableBatch, dumps
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2
-"""Acknowledged offsets are committed at most this often while requests keep coming (and when
-a poll finds none, and at shutdown)."""
+"""Acknowledged offsets are committed at most this often while requests keep coming (and once
+no request came for :data:`QUIET_COMMIT_S`, and at shutdown)."""
+QUIET_COMMIT_S = 0.1
+"""Once every reply is acknowledged and no request came for this long, what is acknowledged is
+committed at once (an idle worker's group lag reads 0, not its last answers). Not on every
+empty poll: at 10-100 requests/s that was one OffsetCommit (a write to the broker's offsets
+log) per request (bench/RESULTS.md 'idlecpu')."""
+IDLE_POLL_MS = 1000
+"""The poll timeout when nothing is in flight or uncommitted. A poll returns as soon as a
+request arrives, so this adds no latency; it only sets how often an idle loop turns (the
+watchdog, a shutdown and a new assignment are seen within it)."""
 METADATA_MAX_AGE_MS = 5_000
 """How often a worker refreshes topic metadata (a missed partition assignment heals then)."""
 REBALANCE_TIMEOUT_MS = 30_000
@@ -85,10 +94,12 @@ than a join, spaced by the loop's own work, never join: measured with joins of 0
 arrive, so this costs only the idle time after a join."""
 POLL_MAX_RECORDS = 512
 """Requests answered together at most (one Redis round trip and one search per type)."""
-FETCH_MAX_WAIT_MS = 100
+FETCH_MAX_WAIT_MS = 500
 """Broker-side wait of a fetch that finds no request. The broker answers a waiting fetch as soon
 as a request arrives (fetch_min_bytes=1), so this costs no latency; measured 5 vs 100 ms: same
-p50/p99, fewer empty fetches for the broker to serve while idle."""
+p50/p99, fewer empty fetches for the broker to serve while idle; 100 vs 500 ms: an idle worker
+0.021 -> 0.011 cores, its broker 0.054 -> 0.042 (bench/RESULTS.md 'idlecpu'). Group calls go to
+the coordinator's own connection, so heartbeats and commits never queue behind it."""
 BLAS_THRESHOLD = 200
 """faiss uses BLAS for a flat search when ``queries x dim`` reaches this: from ~6 queries at
 d=34 (measured on 2 cores, 100k items: 1 query 1.0 ms scanning vs 5.0 ms with BLAS, 16 queries
@@ -590,9 +601,9 @@ class _Replies:
 
     def commit(self, *, sync: bool = False, idle: bool = False) -> None:
         """Commit the acknowledged offsets: async and at most every COMMIT_INTERVAL_S, or at
-        once when ``idle`` (the poll found no request: no batch is coming to share the commit,
-        and an idle worker's group lag should read 0, not the last answers), or ``sync``
-        (waits for the broker)."""
+        once when ``idle`` (no request came for QUIET_COMMIT_S: no batch is coming to share the
+        commit, and an idle worker's group lag should read 0, not the last answers), or
+        ``sync`` (waits for the broker)."""
         if not (sync or idle) and time.monotonic() - self.last_commit < COMMIT_INTERVAL_S:
             return
         owned = self.consumer.assignment()  # never commit for a partition handed over
@@ -760,6 +771,21 @@ def _decode(record: ConsumerRecord, config: ServingConfig) -> Pending | Rejected
         return Rejected("decode", exc, f"request could not be decoded: {exc!r}")
 
 
+def _poll_ms(replies: _Replies, request_at: float, watchdog: Watchdog) -> int:
+    """The next poll's timeout for a member: 10 ms while replies are in flight (their
+    acknowledgements are settled between polls), until the quiet commit while acknowledged
+    offsets are uncommitted (``request_at``: when requests last came), else
+    :data:`IDLE_POLL_MS` (at most a quarter of the watchdog's limit)."""
+    if replies.sent:
+        return 10
+    if replies.uncommitted():
+        left_ms = int((QUIET_COMMIT_S - (time.monotonic() - request_at)) * 1000) + 1
+        return min(100, max(10, left_ms)) if left_ms > 0 else 100  # past it: a commit failed
+    if watchdog.enabled:
+        return max(10, min(IDLE_POLL_MS, int(watchdog.limit_s * 250)))
+    return IDLE_POLL_MS
+
+
 # --- the worker ----------------------------------------------------------------------------
 
 
@@ -812,6 +838,7 @@ class Worker:
         # where the request path's time goes, logged every 10 s (read by bench/scale.py e2e)
         self.path_log = PathLog()
         self._decode_s = 0.0
+        self._request_at = -float("inf")  # monotonic time of the last poll that found requests
         if hasattr(self.index, "timings"):
             self.index.timings = self.path_log
 
@@ -899,7 +926,7 @@ class Worker:
         # repeat is dropped by request id (by the client) or letter id (dead letters), as after
         # any rewind.
         producer = self.clients.producer(linger_ms=0, max_block_ms=SEND_MAX_BLOCK_MS,
-                                         enable_idempotence=False)
+                                         enable_idempotence=False, metrics_enabled=False)
         watchdog = self.watchdog
         watching = threading.Event()  # set: the watchdog stops (shutdown, or run() is over)
         threading.Thread(target=watchdog.watch, args=(watching,), daemon=True,
@@ -944,6 +971,9 @@ class Worker:
             # nothing until the next metadata refresh: every 5 s instead of kafka-python's 5 min.
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
             max_poll_interval_ms=REBALANCE_TIMEOUT_MS,
+            # kafka-python's own sensors (read by nothing here: serving/metrics.py keeps the
+            # worker's) cost ~6% of the request loop's Python time at 100 requests/s
+            metrics_enabled=False,
         )
         # a batch kafka-python cannot read (a codec it lacks, a binary header key) becomes one
         # dead letter; with kafka-python's own parser it hung poll() for good
@@ -992,12 +1022,14 @@ class Worker:
             # a clean handover: what this member answered is committed before the
             # partitions move (else their next owner answers it again)
             replies.drain(timeout_s=5.0)
-        # short polls while replies are in flight, so their offsets are committed soon
         if membership.joining():
             timeout_ms = JOIN_POLL_MS  # the join is awaited inside poll() only
         else:
-            timeout_ms = 10 if replies.sent else 100
+            timeout_ms = _poll_ms(replies, self._request_at, self.watchdog)
         records = flatten(consumer.poll(timeout_ms=timeout_ms))
+        now = time.monotonic()
+        if records:
+            self._request_at = now
         if replies.lost or not membership.check():
             # A zombie answers nothing: what it polled and what it has in flight belong to
             # the group's current owners (answered from the committed offsets).
@@ -1026,7 +1058,7 @@ class Worker:
                 answered - started - self._decode_s - self.answerer.store_s, sent - answered,
                 cpu1 - cpu0, runq1 - runq0, self.answerer.store_idle_s))
         replies.settle()
-        replies.commit(idle=not records)
+        replies.commit(idle=not replies.sent and now - self._request_at >= QUIET_COMMIT_S)
         self.path_log.maybe_log()
 
     def _busy(self) -> AbstractContextManager[None]:

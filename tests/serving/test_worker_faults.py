@@ -37,7 +37,9 @@ from serving.index import ItemSnapshot
 from serving.store import VectorStore
 from serving.timing import PathLog
 from serving.worker import (
+    IDLE_POLL_MS,
     JOIN_POLL_MS,
+    QUIET_COMMIT_S,
     Membership,
     ReplyTopics,
     Watchdog,
@@ -142,13 +144,53 @@ def test_a_joining_member_polls_long_enough_to_see_its_join_complete() -> None:
     member = member_of(consumer)
     worker = SimpleNamespace(metrics=None, dead_letters=0, config=ServingConfig(),
                              watchdog=Watchdog(0), serving=threading.Event(),
-                             path_log=PathLog())
+                             path_log=PathLog(), _request_at=-float("inf"))
     replies = _Replies(worker, consumer, RefusingProducer(0, RuntimeError()))
     for state, rejoin in ((MemberState.REBALANCING, False), (MemberState.UNJOINED, False),
                           (MemberState.STABLE, True), (MemberState.STABLE, False)):
         consumer.state, consumer.coordinator.rejoin = state, rejoin
         Worker._step(worker, consumer, replies, member, None)
-    assert timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, JOIN_POLL_MS, 100]
+    assert timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, JOIN_POLL_MS, IDLE_POLL_MS]
+
+
+def test_an_idle_member_polls_long_and_commits_once_requests_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member with nothing in flight polls IDLE_POLL_MS (1 s: a poll returns as soon as a
+    request arrives), not every 100 ms, and at most a quarter of the watchdog's limit. Its
+    acknowledged offsets are committed once no request came for QUIET_COMMIT_S, not on the
+    first empty poll after each answer (one OffsetCommit per request at 10-100 requests/s);
+    then it polls long again."""
+    monkeypatch.setattr("serving.worker.COMMIT_INTERVAL_S", 3600.0)  # only the quiet commit
+    consumer = FakeConsumer()
+    timeouts: list[int] = []
+    commits: list[dict] = []
+    consumer.poll = lambda timeout_ms: timeouts.append(timeout_ms) or {}
+    consumer.commit_async = lambda offsets, callback=None: commits.append(
+        {tp: o.offset for tp, o in offsets.items()})
+    member = member_of(consumer)
+    worker = SimpleNamespace(metrics=None, dead_letters=0, config=ServingConfig(),
+                             watchdog=Watchdog(0), serving=threading.Event(),
+                             path_log=PathLog(), _request_at=-float("inf"),
+                             _report=lambda: None)
+    replies = _Replies(worker, consumer, RefusingProducer(0, RuntimeError()))
+    replies.owned = consumer.assignment()  # positioned: nothing to anchor
+    Worker._step(worker, consumer, replies, member, None)
+    assert timeouts == [IDLE_POLL_MS] and not commits  # idle, nothing to commit
+    tp = TopicPartition("t", 0)
+    replies.acked[tp] = 5  # a reply acknowledged, requests came a moment ago
+    worker._request_at = time.monotonic()
+    Worker._step(worker, consumer, replies, member, None)
+    assert 10 <= timeouts[-1] <= 100 and not commits  # waits for the quiet commit
+    worker._request_at = time.monotonic() - QUIET_COMMIT_S  # no request since
+    Worker._step(worker, consumer, replies, member, None)
+    assert commits == [{tp: 5}]
+    Worker._step(worker, consumer, replies, member, None)
+    Worker._step(worker, consumer, replies, member, None)
+    assert timeouts[-2:] == [IDLE_POLL_MS, IDLE_POLL_MS] and commits == [{tp: 5}]
+    worker.watchdog = Watchdog(2.0)  # a short limit: polls come back well within it
+    Worker._step(worker, consumer, replies, member, None)
+    assert timeouts[-1] == 500
 
 
 def test_rejoin_pending_only_for_a_stable_member_asked_to_rejoin() -> None:
