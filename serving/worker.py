@@ -81,9 +81,10 @@ METADATA_MAX_AGE_MS = 5_000
 REBALANCE_TIMEOUT_MS = 30_000
 """kafka-python's ``max_poll_interval_ms``, which is also the JoinGroup *rebalance timeout*: the
 broker holds a rebalance open this long for every member to rejoin, and a member that does not
-poll for this long leaves the group. A worker polls every <= 100 ms (a batch of requests takes
-well under a second), so 30 s instead of the default 300 s: one starved or hung member delays a
-rebalance of the whole group by at most 30 s (seen as members stuck "rebalancing" > 90 s)."""
+poll for this long leaves the group. A worker polls at least every second (a batch of requests
+takes well under a second), so 30 s instead of the default 300 s: one starved or hung member
+delays a rebalance of the whole group by at most 30 s (seen as members stuck "rebalancing"
+> 90 s)."""
 JOIN_POLL_MS = 3000
 """The poll timeout while the consumer joins the group. kafka-python 3.0.12 awaits its
 JoinGroup + SyncGroup only inside ``poll()`` and discards a join that completed between two
