@@ -34,7 +34,7 @@ from queue import Empty
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, record, summary_line  # noqa: E402
-from bench.ingest import _free_port  # noqa: E402
+from bench.serve import bench_settings  # noqa: E402
 from fmstream import services  # noqa: E402
 from fmstream.settings import Settings  # noqa: E402
 
@@ -157,15 +157,9 @@ def main() -> None:
     configure_threads(Settings())  # as `fmstream train` runs
     relax_gc()
     tmp = Path(tempfile.mkdtemp(prefix="fmstream-live-"))
-    if args.reuse:
-        base = Settings()
-    else:
-        ports = {"kafka_port": _free_port(), "kafka_controller_port": _free_port(),
-                 "redis_port": _free_port()}
-        base = Settings(run_dir=tmp / "services",
-                        kafka_libs=ROOT / "infra" / "kafka" / "target" / "libs",
-                        kafka_bootstrap=f"127.0.0.1:{ports['kafka_port']}",
-                        redis_url=f"redis://127.0.0.1:{ports['redis_port']}/0", **ports)
+    # own services: the benches' private run dir and ports (bench.serve.bench_settings)
+    base = Settings() if args.reuse else bench_settings(tmp / "services",
+                                                        ports=(28092, 28093, 28379))
     tag = uuid.uuid4().hex[:8]
     update: dict[str, object] = {f"topic_{f}": f"bench.{f}.{tag}"
                                  for f in ("events", "users", "items", "requests", "responses",
